@@ -1,0 +1,1 @@
+"""placeholder; the proxy fixture lands with the proxy core."""

@@ -1,0 +1,90 @@
+"""`pgwarden` — one entry point for every verb in DESIGN.md.
+
+Each verb's implementation lives with the package that owns it and is imported lazily, so
+`pgwarden policy explain` does not pay for kopf and the proxy does not import the operator.
+Every implementation is `main(args: argparse.Namespace) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from pgwarden.errors import UserError
+
+
+def _verb(sub: argparse._SubParsersAction, name: str, target: str, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help)
+    p.set_defaults(_target=target)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pgwarden", description="Access control between AI agents and PostgreSQL.")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = _verb(sub, "proxy", "pgwarden.proxy.main:main", "run the PostgreSQL proxy standalone")
+    p.add_argument("--config", "-c", action="append", required=True, help="YAML file or folder (repeatable)")
+
+    p = _verb(sub, "operator", "pgwarden.operator.main:main", "run the Kubernetes operator (kopf)")
+    p.add_argument("--namespace", action="append", help="watch only these namespaces (default: cluster-wide)")
+    p.add_argument("--standalone", action="store_true", help="no peering (single replica, tests)")
+    p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint URL")
+
+    pol = sub.add_parser("policy", help="policy tools").add_subparsers(dest="policy_verb", required=True)
+    p = _verb(pol, "explain", "pgwarden.policy.explain:main", "print the decision for one statement as JSON")
+    p.add_argument("--config", "-c", action="append", required=True, help="YAML file or folder (repeatable)")
+    p.add_argument("--group", "-g", action="append", default=[], help="a group of the caller (repeatable)")
+    p.add_argument("--user", "-u", default="explain", help="the caller's subject")
+    p.add_argument("--service-account", default="", help="NAMESPACE/NAME of the caller's service account")
+    p.add_argument("--connection", help="DatabaseConnection name (default: the only one)")
+    p.add_argument("sql", help="the statement(s)")
+
+    p = _verb(sub, "inject", "pgwarden.operator.inject_cli:main", "print a manifest with the proxy sidecar injected")
+    p.add_argument("--connection", required=True, help="DatabaseConnection name")
+    p.add_argument("-f", "--filename", required=True, help="manifest file, or - for stdin")
+    p.add_argument("--image", help="proxy image (default: the release's)")
+
+    ap = sub.add_parser("approvals", help="the local approval queue").add_subparsers(dest="approvals_verb", required=True)
+    for name, help_ in (("list", "list approval requests"), ("approve", "approve a request"), ("deny", "deny a request")):
+        p = _verb(ap, name, "pgwarden.approvals.cli:main", help_)
+        p.add_argument("--db", help="the local approvals database (default: $PGWARDEN_APPROVALS_DB or ./pgwarden-data/approvals.db)")
+        if name == "list":
+            p.add_argument("--all", action="store_true", help="include decided requests")
+            p.add_argument("--json", action="store_true")
+        else:
+            p.add_argument("id", help="request id")
+            p.add_argument("--as", dest="as_user", required=True, help="your name (self-declared in local mode)")
+            p.add_argument("--reason", default="")
+
+    au = sub.add_parser("audit", help="audit log tools").add_subparsers(dest="audit_verb", required=True)
+    p = _verb(au, "verify", "pgwarden.audit.cli:verify_main", "check the audit log's hash chain")
+    p.add_argument("path", help="audit log file (rotated siblings are checked too)")
+
+    p = _verb(sub, "replay", "pgwarden.audit.cli:replay_main", "play back a recorded session")
+    p.add_argument("session", help="session id or recording file")
+    p.add_argument("--dir", help="recordings folder (default: $PGWARDEN_RECORDINGS or ./pgwarden-data/recordings)")
+    p.add_argument("--json", action="store_true")
+
+    p = _verb(sub, "demo", "pgwarden.demo:main", "run everything on an embedded PostgreSQL, no cluster")
+    p.add_argument("--keep", action="store_true", help="leave the proxy running after the scripted session")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, func_name = args._target.split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(func(args) or 0)
+    except UserError as e:
+        print(f"pgwarden: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

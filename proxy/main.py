@@ -1,0 +1,89 @@
+"""`pgwarden proxy --config FILE`: the standalone proxy (also what the sidecar runs).
+
+`start_proxy` is the one way to assemble a running proxy from YAML documents; the CLI, the demo
+and the test fixtures all use it, so what is tested is what runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+from pgwarden.proxy.config import ProxyConfig, parse_proxy_config
+from pgwarden.proxy.server import ProxyServer
+
+from pgwarden.errors import UserError
+from pgwarden.resources import Document, ResourceError, load_documents
+
+log = logging.getLogger("pgwarden.proxy")
+
+
+@dataclass
+class RunningProxy:
+    server: ProxyServer
+    config: ProxyConfig
+    health_runner: object | None = None
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def stop(self, drain_timeout: float | None = 0) -> None:
+        await self.server.drain(timeout=drain_timeout)
+        if self.health_runner is not None:
+            await self.health_runner.cleanup()  # type: ignore[attr-defined]
+
+
+def build_server(docs: list[Document]) -> ProxyServer:
+    """Validate the documents and assemble the proxy; raises ResourceError on bad config."""
+    config = parse_proxy_config(docs)
+    from pgwarden.proxy.hooks import build_hooks
+
+    hooks, token_auth = build_hooks(config, docs)
+    return ProxyServer(config=config, hooks=hooks, token_auth=token_auth)
+
+
+async def start_proxy(docs: list[Document]) -> RunningProxy:
+    server = build_server(docs)
+    await server.start()
+    runner = None
+    if server.config.health_port:
+        from pgwarden.proxy.health import start_health
+
+        runner = await start_health(server, server.config.health_host, server.config.health_port)
+    return RunningProxy(server=server, config=server.config, health_runner=runner)
+
+
+async def serve_forever(docs: list[Document]) -> None:
+    running = await start_proxy(docs)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining: no new connections; waiting up to %ss for statements in flight", running.config.drain_timeout)
+    await running.stop(drain_timeout=None)
+
+
+def install_uvloop() -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pure asyncio still works, somewhat slower
+        pass
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        docs = load_documents(args.config)
+        build_server(docs)  # validate before binding anything
+    except ResourceError as e:
+        raise UserError(f"invalid configuration: {e}") from e
+    install_uvloop()
+    asyncio.run(serve_forever(docs))
+    return 0

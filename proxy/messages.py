@@ -1,0 +1,354 @@
+"""PostgreSQL v3 wire messages as pure functions over bytes: framing, parsing, building.
+
+No sockets here, so the proxy's protocol handling is testable byte for byte. Reference:
+https://www.postgresql.org/docs/current/protocol-message-formats.html
+
+Hot-path note: framing uses a precompiled `struct` and never copies a message it does not need
+to look into; callers pass `memoryview`s or slices only where they decode.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+from pgwarden.errors import AgentError
+
+PROTOCOL_3 = 196608
+SSL_REQUEST = 80877103
+GSSENC_REQUEST = 80877104
+CANCEL_REQUEST = 80877102
+
+I32 = struct.Struct("!i")
+U32 = struct.Struct("!I")
+I16 = struct.Struct("!h")
+HEADER = struct.Struct("!cI")
+_unpack_len = U32.unpack_from
+
+# Frontend (client -> server) message types
+F_QUERY, F_PARSE, F_BIND, F_DESCRIBE, F_EXECUTE = b"Q", b"P", b"B", b"D", b"E"
+F_CLOSE, F_SYNC, F_FLUSH, F_TERMINATE, F_FUNCTION_CALL = b"C", b"S", b"H", b"X", b"F"
+F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL, F_PASSWORD = b"d", b"c", b"f", b"p"
+FRONTEND_TYPES = frozenset(b"QPBDECSHXFdcfp")
+
+# Backend (server -> client) message types
+B_AUTH, B_KEY_DATA, B_PARAM_STATUS, B_READY = b"R", b"K", b"S", b"Z"
+B_ROW_DESCRIPTION, B_DATA_ROW, B_COMMAND_COMPLETE, B_EMPTY_QUERY = b"T", b"D", b"C", b"I"
+B_ERROR, B_NOTICE, B_NOTIFICATION = b"E", b"N", b"A"
+B_PARSE_COMPLETE, B_BIND_COMPLETE, B_CLOSE_COMPLETE = b"1", b"2", b"3"
+B_PARAM_DESCRIPTION, B_NO_DATA, B_PORTAL_SUSPENDED = b"t", b"n", b"s"
+B_COPY_IN, B_COPY_OUT, B_COPY_BOTH, B_COPY_DATA, B_COPY_DONE = b"G", b"H", b"W", b"d", b"c"
+B_NEGOTIATE_VERSION = b"v"
+
+AUTH_OK, AUTH_CLEARTEXT, AUTH_MD5 = 0, 3, 5
+AUTH_SASL, AUTH_SASL_CONTINUE, AUTH_SASL_FINAL = 10, 11, 12
+
+
+# -- framing -------------------------------------------------------------------------------
+class FrameError(Exception):
+    """The peer sent bytes that are not a valid message stream."""
+
+
+def frames(buf: bytes | bytearray | memoryview, start: int, max_len: int) -> Iterator[tuple[int, int, int]]:
+    """Yield (type byte, payload start, message end) for each complete message from `start`.
+
+    Stops at the first incomplete message; the caller keeps the bytes from the last `end`.
+    Raises FrameError for a length below 4 or above `max_len` (a huge length prefix must not
+    make the proxy buffer gigabytes before noticing).
+    """
+    n = len(buf)
+    pos = start
+    while n - pos >= 5:
+        length = _unpack_len(buf, pos + 1)[0]
+        if length < 4 or length > max_len:
+            raise FrameError(f"message length {length} out of range (limit {max_len} bytes)")
+        end = pos + 1 + length
+        if end > n:
+            return
+        yield buf[pos], pos + 5, end
+        pos = end
+
+
+def message(kind: bytes, payload: bytes = b"") -> bytes:
+    return kind + U32.pack(len(payload) + 4) + payload
+
+
+def cstr(s: str) -> bytes:
+    return s.encode() + b"\0"
+
+
+# -- startup packets -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class StartupPacket:
+    code: int
+    params: dict[str, str]
+    # CancelRequest fields
+    pid: int = 0
+    secret: int = 0
+
+
+def startup_length(buf: bytes | bytearray) -> int | None:
+    """Length of the untyped startup packet at the start of buf, or None if incomplete."""
+    if len(buf) < 4:
+        return None
+    return int(_unpack_len(buf, 0)[0])
+
+
+def parse_startup(packet: bytes) -> StartupPacket:
+    """Parse an untyped startup packet (length included)."""
+    if len(packet) < 8:
+        raise FrameError("startup packet too short")
+    code = _unpack_len(packet, 4)[0]
+    if code == CANCEL_REQUEST:
+        if len(packet) != 16:
+            raise FrameError("malformed CancelRequest")
+        pid, secret = struct.unpack_from("!iI", packet, 8)
+        return StartupPacket(code, {}, pid, secret)
+    if code in (SSL_REQUEST, GSSENC_REQUEST):
+        if len(packet) != 8:
+            raise FrameError("malformed SSL/GSS request")
+        return StartupPacket(code, {})
+    if code != PROTOCOL_3:
+        major, minor = code >> 16, code & 0xFFFF
+        raise FrameError(f"unsupported frontend protocol {major}.{minor}: pgwarden speaks 3.0")
+    body = packet[8:]
+    if body == b"\0":
+        parts: list[bytes] = []
+    elif body.endswith(b"\0\0"):
+        parts = body[:-2].split(b"\0")
+    else:
+        raise FrameError("startup parameters are not terminated")
+    if len(parts) % 2:
+        raise FrameError("startup parameters are not name/value pairs")
+    params: dict[str, str] = {}
+    for i in range(0, len(parts), 2):
+        params[parts[i].decode("utf-8", "replace")] = parts[i + 1].decode("utf-8", "replace")
+    return StartupPacket(code, params)
+
+
+def build_startup(params: Mapping[str, str]) -> bytes:
+    body = U32.pack(PROTOCOL_3) + b"".join(cstr(k) + cstr(v) for k, v in params.items()) + b"\0"
+    return U32.pack(len(body) + 4) + body
+
+
+def build_cancel(pid: int, secret: int) -> bytes:
+    return struct.pack("!IIiI", 16, CANCEL_REQUEST, pid, secret)
+
+
+def build_ssl_request() -> bytes:
+    return struct.pack("!II", 8, SSL_REQUEST)
+
+
+# -- backend messages the proxy builds -----------------------------------------------------
+def auth_request(code: int, data: bytes = b"") -> bytes:
+    return message(B_AUTH, U32.pack(code) + data)
+
+
+def auth_sasl(mechanisms: Iterable[str]) -> bytes:
+    return auth_request(AUTH_SASL, b"".join(cstr(m) for m in mechanisms) + b"\0")
+
+
+def parameter_status(name: str, value: str) -> bytes:
+    return message(B_PARAM_STATUS, cstr(name) + cstr(value))
+
+
+def backend_key_data(pid: int, secret: int) -> bytes:
+    return message(B_KEY_DATA, struct.pack("!iI", pid, secret))
+
+
+def ready_for_query(status: bytes) -> bytes:
+    return message(B_READY, status)
+
+
+def error_fields(
+    severity: str, sqlstate: str, text: str, *, detail: str = "", hint: str = "", extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    fields = {"S": severity, "V": severity, "C": sqlstate, "M": text}
+    if detail:
+        fields["D"] = detail
+    if hint:
+        fields["H"] = hint
+    if extra:
+        fields.update(extra)
+    return fields
+
+
+def build_fields(kind: bytes, fields: Mapping[str, str]) -> bytes:
+    body = b"".join(k.encode() + cstr(v) for k, v in fields.items() if v is not None) + b"\0"
+    return message(kind, body)
+
+
+def error_response(
+    sqlstate: str, text: str, *, severity: str = "ERROR", detail: str = "", hint: str = ""
+) -> bytes:
+    return build_fields(B_ERROR, error_fields(severity, sqlstate, text, detail=detail, hint=hint))
+
+
+def error_response_from(err: AgentError) -> bytes:
+    """The one place an AgentError becomes an ErrorResponse."""
+    return error_response(err.sqlstate, err.message, severity=err.severity, detail=err.detail, hint=err.hint)
+
+
+def notice_response(text: str, *, detail: str = "", hint: str = "", sqlstate: str = "00000") -> bytes:
+    return build_fields(B_NOTICE, error_fields("NOTICE", sqlstate, text, detail=detail, hint=hint))
+
+
+def parse_fields(payload: bytes | memoryview) -> dict[str, str]:
+    """Fields of an ErrorResponse / NoticeResponse payload."""
+    data = bytes(payload)
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data) and data[pos] != 0:
+        code = chr(data[pos])
+        end = data.find(b"\0", pos + 1)
+        if end < 0:
+            raise FrameError("unterminated error field")
+        out[code] = data[pos + 1 : end].decode("utf-8", "replace")
+        pos = end + 1
+    return out
+
+
+# -- frontend messages the proxy reads -----------------------------------------------------
+def parse_query(payload: bytes | memoryview) -> str:
+    data = bytes(payload)
+    if not data.endswith(b"\0"):
+        raise FrameError("Query text is not terminated")
+    return data[:-1].decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class ParseMsg:
+    name: str
+    query: str
+    param_types: tuple[int, ...]
+
+
+def parse_parse(payload: bytes | memoryview) -> ParseMsg:
+    data = bytes(payload)
+    n1 = data.find(b"\0")
+    n2 = data.find(b"\0", n1 + 1) if n1 >= 0 else -1
+    if n1 < 0 or n2 < 0 or len(data) < n2 + 3:
+        raise FrameError("malformed Parse message")
+    count = I16.unpack_from(data, n2 + 1)[0]
+    if count < 0 or len(data) != n2 + 3 + 4 * count:
+        raise FrameError("malformed Parse parameter types")
+    types = struct.unpack_from(f"!{count}I", data, n2 + 3) if count else ()
+    return ParseMsg(
+        data[:n1].decode("utf-8", "replace"), data[n1 + 1 : n2].decode("utf-8", "replace"), tuple(types)
+    )
+
+
+@dataclass(frozen=True)
+class BindMsg:
+    portal: str
+    statement: str
+    param_formats: tuple[int, ...]
+    params: tuple[bytes | None, ...]
+    result_formats: tuple[int, ...]
+
+
+def parse_bind(payload: bytes | memoryview) -> BindMsg:
+    data = bytes(payload)
+    try:
+        n1 = data.index(b"\0")
+        n2 = data.index(b"\0", n1 + 1)
+        pos = n2 + 1
+        (nf,) = I16.unpack_from(data, pos)
+        pos += 2
+        fmts = struct.unpack_from(f"!{nf}h", data, pos) if nf else ()
+        pos += 2 * nf
+        (np_,) = I16.unpack_from(data, pos)
+        pos += 2
+        params: list[bytes | None] = []
+        for _ in range(np_):
+            (ln,) = I32.unpack_from(data, pos)
+            pos += 4
+            if ln == -1:
+                params.append(None)
+            else:
+                if ln < 0 or pos + ln > len(data):
+                    raise FrameError("malformed Bind parameter")
+                params.append(data[pos : pos + ln])
+                pos += ln
+        (nr,) = I16.unpack_from(data, pos)
+        pos += 2
+        rfmts = struct.unpack_from(f"!{nr}h", data, pos) if nr else ()
+        pos += 2 * nr
+    except (ValueError, struct.error) as e:
+        raise FrameError(f"malformed Bind message: {e}") from e
+    if pos != len(data) or nf < 0 or np_ < 0 or nr < 0:
+        raise FrameError("malformed Bind message")
+    return BindMsg(
+        data[:n1].decode("utf-8", "replace"), data[n1 + 1 : n2].decode("utf-8", "replace"),
+        tuple(fmts), tuple(params), tuple(rfmts),
+    )
+
+
+def parse_target(payload: bytes | memoryview) -> tuple[str, str]:
+    """Describe / Close: ('S' or 'P', name)."""
+    data = bytes(payload)
+    if len(data) < 2 or data[0:1] not in (b"S", b"P") or not data.endswith(b"\0"):
+        raise FrameError("malformed Describe/Close message")
+    return chr(data[0]), data[1:-1].decode("utf-8", "replace")
+
+
+def parse_execute(payload: bytes | memoryview) -> tuple[str, int]:
+    data = bytes(payload)
+    n = data.find(b"\0")
+    if n < 0 or len(data) != n + 5:
+        raise FrameError("malformed Execute message")
+    return data[:n].decode("utf-8", "replace"), I32.unpack_from(data, n + 1)[0]
+
+
+# -- backend messages the proxy reads ------------------------------------------------------
+@dataclass(frozen=True)
+class Field:
+    name: str
+    table_oid: int
+    attnum: int
+    type_oid: int
+    typlen: int
+    typmod: int
+    format: int
+
+
+_FIELD_TAIL = struct.Struct("!IhIhih")
+
+
+def parse_row_description(payload: bytes | memoryview) -> list[Field]:
+    data = bytes(payload)
+    (count,) = I16.unpack_from(data, 0)
+    pos = 2
+    out = []
+    for _ in range(count):
+        end = data.index(b"\0", pos)
+        name = data[pos:end].decode("utf-8", "replace")
+        pos = end + 1
+        out.append(Field(name, *_FIELD_TAIL.unpack_from(data, pos)))
+        pos += _FIELD_TAIL.size
+    return out
+
+
+def parse_data_row(payload: bytes | memoryview) -> list[bytes | None]:
+    data = bytes(payload)
+    (count,) = I16.unpack_from(data, 0)
+    pos = 2
+    out: list[bytes | None] = []
+    for _ in range(count):
+        (ln,) = I32.unpack_from(data, pos)
+        pos += 4
+        if ln < 0:
+            out.append(None)
+        else:
+            out.append(data[pos : pos + ln])
+            pos += ln
+    return out
+
+
+def command_tag_rows(tag: str) -> int | None:
+    """Row count from a CommandComplete tag ('SELECT 5', 'INSERT 0 3', 'UPDATE 2')."""
+    parts = tag.split()
+    if len(parts) >= 2 and parts[-1].isdigit():
+        return int(parts[-1])
+    return None

@@ -1,0 +1,468 @@
+"""The relay state machine of one authenticated session, as pure code over bytes.
+
+The asyncio shell (`server.py`) feeds it what each side sent and gives it two sinks. It:
+
+* frames client messages and asks the `Gate` about every statement (Query, Parse); a refused
+  statement is replaced upstream by a *sentinel* that fails in PostgreSQL's raw parser, and the
+  server's resulting ErrorResponse is swapped for ours. The server therefore goes through
+  exactly the state change a failing statement causes (an open transaction becomes aborted, an
+  extended-protocol batch is skipped until Sync, ReadyForQuery carries the true status), the
+  client and server never fall out of step, and nothing of the refused statement reaches the
+  server. Messages after a refused Parse are dropped until Sync (their parameters included).
+* keeps a queue of the responses it expects, so every server message can be tied to the
+  client message it answers: this is where results get their `RowRewriter` (masking) and
+  where outcomes are reported.
+* refuses FunctionCall (`F`), which could call any function by OID.
+
+Hot path: an unmasked DataRow costs one frame step and no copy; a client chunk whose messages
+are all forwarded unchanged is written upstream as the same bytes object.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pgwarden.proxy import messages as m
+
+from pgwarden.errors import AgentError, PolicyDenied, ProtocolViolation
+
+# A statement that fails in the raw parser: no catalog access, no side effects.
+SENTINEL_SQL = "pgwarden refused the statement that was sent here"
+_SENTINEL_QUERY = m.message(m.F_QUERY, m.cstr(SENTINEL_SQL))
+_SENTINEL_PARSE = m.message(m.F_PARSE, m.cstr("") + m.cstr(SENTINEL_SQL) + b"\0\0")
+
+# client message type bytes as ints (frames() yields ints)
+_Q, _P, _B, _D, _E, _C, _S, _H, _X, _F = (ord(c) for c in "QPBDECSHXF")
+_COPY_D, _COPY_C, _COPY_F = ord("d"), ord("c"), ord("f")
+# server message type bytes
+_T, _DR, _CC, _EQ, _ER, _Z = ord("T"), ord("D"), ord("C"), ord("I"), ord("E"), ord("Z")
+_PC, _BC, _CLC, _ND, _PS, _COPYOUT = ord("1"), ord("2"), ord("3"), ord("n"), ord("s"), ord("H")
+_NOTICE = ord("N")
+
+# kinds of expected responses
+QUERY, SYNC, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE = range(7)
+
+
+class RowRewriter(Protocol):
+    """Rewrites the rows of one result set (masking)."""
+
+    def rewrite(self, payload: bytes) -> bytes: ...
+
+    def copy_data(self, payload: bytes) -> bytes: ...
+
+
+class ResultPolicy(Protocol):
+    """What a statement's results must go through; produced by the gate with its verdict."""
+
+    def bind(self, index: int, fields: list[m.Field]) -> RowRewriter | None:
+        """A rewriter for result set `index` of the statement, or None to pass rows as they are."""
+        ...
+
+
+@dataclass
+class Verdict:
+    """The gate's answer for one statement. `None` from the gate means: forward, nothing else."""
+
+    error: AgentError | None = None
+    # hold the statement until this resolves to a final Verdict (approvals, durable audit)
+    wait: Awaitable[Verdict] | None = None
+    notice: bytes = b""
+    results: ResultPolicy | None = None
+    # opaque to the relay; handed back in outcome events (audit ids, timings)
+    context: Any = None
+
+
+class Gate(Protocol):
+    def query(self, sql: str) -> Verdict | None: ...
+
+    def parse(self, name: str, sql: str) -> Verdict | None: ...
+
+    def bind(self, bind: m.BindMsg) -> Verdict | None: ...
+
+
+class Observer(Protocol):
+    """Outcome events, for audit and recording."""
+
+    def statement_done(self, context: Any, tag: str, error: dict[str, str] | None) -> None: ...
+
+    def server_error(self, fields: dict[str, str]) -> None: ...
+
+
+@dataclass(slots=True)
+class Pending:
+    kind: int
+    replace_error: bytes | None = None
+    results: ResultPolicy | None = None
+    context: Any = None
+    # QUERY: index of the statement whose results are flowing; EXECUTE: portal name
+    index: int = 0
+    name: str = ""
+    target: str = ""
+    rewriter: RowRewriter | None = None
+
+
+@dataclass
+class _Prepared:
+    results: ResultPolicy | None = None
+    context: Any = None
+    fields: list[m.Field] | None = None
+
+
+@dataclass
+class _Portal:
+    statement: str
+    formats: tuple[int, ...]
+    fields: list[m.Field] | None = None
+
+
+@dataclass
+class RelayStats:
+    client_messages: int = 0
+    refused: int = 0
+    rows_rewritten: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class Relay:
+    def __init__(
+        self,
+        to_server: Callable[[bytes], None],
+        to_client: Callable[[bytes], None],
+        gate: Gate | None = None,
+        observer: Observer | None = None,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.to_server = to_server
+        self.to_client = to_client
+        self.gate = gate
+        self.observer = observer
+        self.max_message_bytes = max_message_bytes
+        self.pending: deque[Pending] = deque()
+        self.tx_status = b"I"
+        self.terminated = False
+        self.stats = RelayStats()
+        self._cbuf = b""
+        self._sbuf = b""
+        self._skip_until_sync = False
+        self._held: Awaitable[Verdict] | None = None
+        self._resolved: Verdict | None = None
+        self._statements: dict[str, _Prepared] = {}
+        self._portals: dict[str, _Portal] = {}
+        self._rewriter: RowRewriter | None = None
+
+    # -- state visible to the shell ----------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        """True while the server owes responses (a query is in flight)."""
+        return bool(self.pending)
+
+    @property
+    def held(self) -> bool:
+        return self._held is not None
+
+    # -- client -> server ------------------------------------------------------------------------
+    def client_data(self, data: bytes) -> Awaitable[Verdict] | None:
+        """Process bytes from the client. Returns an awaitable when a statement is held: the
+        shell awaits it, then calls resume() with its result. Raises ProtocolViolation."""
+        buf = self._cbuf + data if self._cbuf else data
+        self._cbuf = b""
+        if self._held is not None:
+            self._cbuf = buf
+            return None
+        return self._process_client(buf)
+
+    def resume(self, verdict: Verdict) -> Awaitable[Verdict] | None:
+        """Continue after a held statement resolved to `verdict`."""
+        self._held = None
+        self._resolved = verdict
+        buf, self._cbuf = self._cbuf, b""
+        return self._process_client(buf)
+
+    def _process_client(self, buf: bytes) -> Awaitable[Verdict] | None:
+        span_start = 0  # start of bytes to forward unchanged
+        pos = 0
+        out: list[bytes] = []
+        try:
+            for t, ps, end in m.frames(buf, 0, self.max_message_bytes):
+                self.stats.client_messages += 1
+                if self._skip_until_sync:
+                    if span_start < pos:
+                        out.append(buf[span_start:pos])
+                    if t == _S:
+                        self._skip_until_sync = False
+                        self.pending.append(Pending(SYNC))
+                        span_start = pos  # forward the Sync itself
+                    else:
+                        span_start = end
+                    pos = end
+                    continue
+                if t == _Q:
+                    verdict = self._decide(lambda: self.gate.query(m.parse_query(buf[ps : end - 1 + 1])) if self.gate else None)  # type: ignore[union-attr]
+                    if verdict is not None and verdict.wait is not None:
+                        return self._hold(buf, span_start, pos, out, verdict)
+                    entry = Pending(QUERY)
+                    if verdict is not None:
+                        entry.results, entry.context = verdict.results, verdict.context
+                        if verdict.notice:
+                            self._flush_out(out)
+                            self.to_client(verdict.notice)
+                        if verdict.error is not None:
+                            out.append(buf[span_start:pos])
+                            out.append(_SENTINEL_QUERY)
+                            span_start = end
+                            entry.replace_error = m.error_response_from(verdict.error)
+                            self.stats.refused += 1
+                    self.pending.append(entry)
+                elif t == _P:
+                    parse = m.parse_parse(buf[ps:end])
+                    verdict = self._decide(lambda: self.gate.parse(parse.name, parse.query) if self.gate else None)  # type: ignore[union-attr]
+                    if verdict is not None and verdict.wait is not None:
+                        return self._hold(buf, span_start, pos, out, verdict)
+                    entry = Pending(PARSE, name=parse.name)
+                    prepared = _Prepared()
+                    if verdict is not None:
+                        prepared.results, prepared.context = verdict.results, verdict.context
+                        if verdict.notice:
+                            self._flush_out(out)
+                            self.to_client(verdict.notice)
+                        if verdict.error is not None:
+                            out.append(buf[span_start:pos])
+                            out.append(_SENTINEL_PARSE)
+                            span_start = end
+                            entry.replace_error = m.error_response_from(verdict.error)
+                            self._skip_until_sync = True
+                            self.stats.refused += 1
+                            prepared = None  # type: ignore[assignment]
+                    if prepared is not None:
+                        self._statements[parse.name] = prepared
+                    self.pending.append(entry)
+                elif t == _B:
+                    bind = m.parse_bind(buf[ps:end])
+                    if self.gate is not None:
+                        verdict = self._decide(lambda: self.gate.bind(bind))  # type: ignore[union-attr]
+                        if verdict is not None and verdict.wait is not None:
+                            return self._hold(buf, span_start, pos, out, verdict)
+                        if verdict is not None and verdict.error is not None:
+                            # Refuse at Bind (e.g. approval bound to parameters): fail the batch.
+                            out.append(buf[span_start:pos])
+                            out.append(_SENTINEL_PARSE)
+                            span_start = end
+                            self.pending.append(Pending(PARSE, replace_error=m.error_response_from(verdict.error)))
+                            self._skip_until_sync = True
+                            self.stats.refused += 1
+                            pos = end
+                            continue
+                    self._portals[bind.portal] = _Portal(bind.statement, bind.result_formats)
+                    self.pending.append(Pending(BIND))
+                elif t == _E:
+                    portal, _max_rows = m.parse_execute(buf[ps:end])
+                    entry = Pending(EXECUTE, name=portal)
+                    p = self._portals.get(portal)
+                    if p is not None:
+                        prep = self._statements.get(p.statement)
+                        if prep is not None:
+                            entry.context = prep.context
+                            if prep.results is not None:
+                                entry.results = prep.results
+                                fields = p.fields or _with_formats(prep.fields, p.formats)
+                                if fields is None:
+                                    raise _MaskingBlind()
+                                entry.rewriter = prep.results.bind(0, fields)
+                    self.pending.append(entry)
+                elif t == _D:
+                    kind, name = m.parse_target(buf[ps:end])
+                    self.pending.append(Pending(DESCRIBE, target=kind, name=name))
+                elif t == _C:
+                    kind, name = m.parse_target(buf[ps:end])
+                    (self._statements if kind == "S" else self._portals).pop(name, None)
+                    self.pending.append(Pending(CLOSE))
+                elif t == _S:
+                    self.pending.append(Pending(SYNC))
+                elif t in (_H, _COPY_D, _COPY_C, _COPY_F):
+                    pass
+                elif t == _X:
+                    self.terminated = True
+                elif t == _F:
+                    out.append(buf[span_start:pos])
+                    out.append(_SENTINEL_QUERY)
+                    span_start = end
+                    err = PolicyDenied(
+                        "pgwarden refuses the FunctionCall protocol message: it can call any function by OID",
+                        hint="Call the function from SQL instead, where policy can check it.",
+                    )
+                    self.pending.append(Pending(QUERY, replace_error=m.error_response_from(err)))
+                    self.stats.refused += 1
+                else:
+                    raise ProtocolViolation(f"unexpected message type {chr(t)!r} from the client")
+                pos = end
+        except m.FrameError as e:
+            raise ProtocolViolation(f"invalid message from the client: {e}") from e
+        except _MaskingBlind as e:
+            raise ProtocolViolation(
+                "cannot tell which columns this portal returns, so masked values cannot be protected",
+                hint="Describe the statement or portal before executing it (every common driver does).",
+            ) from e
+        self._cbuf = buf[pos:] if pos < len(buf) else b""
+        if span_start == 0 and pos == len(buf) and not out:
+            if pos:
+                self.to_server(buf)  # the common case: the same bytes, no copy
+            return None
+        out.append(buf[span_start:pos])
+        self._flush_out(out)
+        return None
+
+    def _decide(self, ask: Callable[[], Verdict | None]) -> Verdict | None:
+        if self._resolved is not None:
+            v, self._resolved = self._resolved, None
+            return v
+        return ask()
+
+    def _hold(self, buf: bytes, span_start: int, pos: int, out: list[bytes], verdict: Verdict) -> Awaitable[Verdict]:
+        out.append(buf[span_start:pos])
+        self._flush_out(out)
+        if verdict.notice:
+            self.to_client(verdict.notice)
+        self._cbuf = buf[pos:]
+        assert verdict.wait is not None
+        self._held = verdict.wait
+        return verdict.wait
+
+    def _flush_out(self, out: list[bytes]) -> None:
+        data = b"".join(out)
+        out.clear()
+        if data:
+            self.to_server(data)
+
+    # -- server -> client ------------------------------------------------------------------------
+    def server_data(self, data: bytes) -> None:
+        buf = self._sbuf + data if self._sbuf else data
+        self._sbuf = b""
+        out: list[bytes] = []
+        span_start = 0
+        pos = 0
+        pending = self.pending
+        try:
+            for t, ps, end in m.frames(buf, 0, self.max_message_bytes):
+                if t == _DR:
+                    rw = self._rewriter
+                    if rw is not None:
+                        out.append(buf[span_start:pos])
+                        out.append(m.message(b"D", rw.rewrite(buf[ps:end])))
+                        self.stats.rows_rewritten += 1
+                        span_start = end
+                elif t == _CC or t == _EQ:
+                    head = pending[0] if pending else None
+                    self._rewriter = None
+                    if head is not None:
+                        if self.observer is not None:
+                            tag = bytes(buf[ps : end - 1]).decode() if t == _CC else ""
+                            self.observer.statement_done(head.context, tag, None)
+                        if head.kind == EXECUTE:
+                            pending.popleft()
+                        elif head.kind == QUERY:
+                            head.index += 1
+                elif t == _Z:
+                    self.tx_status = buf[ps : ps + 1]
+                    self._rewriter = None
+                    if pending:
+                        pending.popleft()
+                elif t == _T:
+                    head = pending[0] if pending else None
+                    if head is not None:
+                        fields = m.parse_row_description(buf[ps:end]) if self._wants_fields(head) else None
+                        if head.kind == QUERY:
+                            self._rewriter = head.results.bind(head.index, fields) if head.results and fields is not None else None
+                        elif head.kind == DESCRIBE:
+                            self._remember_fields(head, fields)
+                            pending.popleft()
+                elif t == _ER:
+                    fields_err = m.parse_fields(buf[ps:end])
+                    head = pending[0] if pending else None
+                    self._rewriter = None
+                    if head is not None and head.replace_error is not None:
+                        out.append(buf[span_start:pos])
+                        out.append(head.replace_error)
+                        span_start = end
+                        head.replace_error = None
+                    elif self.observer is not None:
+                        if head is not None:
+                            self.observer.statement_done(head.context, "", fields_err)
+                        else:
+                            self.observer.server_error(fields_err)
+                    if head is not None and head.kind != QUERY:
+                        # extended protocol: the server skips to Sync
+                        while pending and pending[0].kind != SYNC:
+                            pending.popleft()
+                elif t in (_PC, _BC, _CLC, _ND, _PS):
+                    if pending and pending[0].kind != QUERY:
+                        pending.popleft()
+                elif t == _COPYOUT:
+                    head = pending[0] if pending else None
+                    if head is not None and head.results is not None:
+                        self._rewriter = head.results.bind(head.index, [])
+                elif t == ord("d"):
+                    rw = self._rewriter
+                    if rw is not None:
+                        out.append(buf[span_start:pos])
+                        out.append(m.message(b"d", rw.copy_data(buf[ps:end])))
+                        span_start = end
+                pos = end
+        except m.FrameError as e:
+            raise ProtocolViolation(f"invalid message from the server: {e}") from e
+        if pos < len(buf):
+            self._sbuf = buf[pos:]
+        if span_start == 0 and not out:
+            if pos:
+                self.to_client(buf if pos == len(buf) else buf[:pos])
+            return
+        out.append(buf[span_start:pos])
+        data_out = b"".join(out)
+        if data_out:
+            self.to_client(data_out)
+
+    def _wants_fields(self, head: Pending) -> bool:
+        if head.kind == QUERY:
+            return head.results is not None
+        if head.kind == DESCRIBE:
+            if head.target == "S":
+                prep = self._statements.get(head.name)
+                return prep is not None and prep.results is not None
+            portal = self._portals.get(head.name)
+            if portal is None:
+                return False
+            prep = self._statements.get(portal.statement)
+            return prep is not None and prep.results is not None
+        return False
+
+    def _remember_fields(self, head: Pending, fields: list[m.Field] | None) -> None:
+        if fields is None:
+            return
+        if head.target == "S":
+            prep = self._statements.get(head.name)
+            if prep is not None:
+                prep.fields = fields
+        else:
+            portal = self._portals.get(head.name)
+            if portal is not None:
+                portal.fields = fields
+
+
+class _MaskingBlind(Exception):
+    pass
+
+
+def _with_formats(fields: list[m.Field] | None, formats: tuple[int, ...]) -> list[m.Field] | None:
+    """A statement's fields (described with format 0) with the result formats a Bind chose."""
+    if fields is None:
+        return None
+    if not formats:
+        return fields
+    if len(formats) == 1:
+        return [m.Field(f.name, f.table_oid, f.attnum, f.type_oid, f.typlen, f.typmod, formats[0]) for f in fields]
+    return [
+        m.Field(f.name, f.table_oid, f.attnum, f.type_oid, f.typlen, f.typmod, formats[i] if i < len(formats) else 0)
+        for i, f in enumerate(fields)
+    ]

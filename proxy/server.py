@@ -1,0 +1,338 @@
+"""The asyncio shell: accept clients, run the handshake, connect upstream, drive the Relay.
+
+One `ProxyServer` per process. Every failure in one session (bad bytes, auth failure, upstream
+gone) ends that session only, with an ErrorResponse that says what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pgwarden.proxy import messages as m
+from pgwarden.proxy import upstream as up
+from pgwarden.proxy.auth import TokenAuthenticator, authenticate
+from pgwarden.proxy.config import FORWARDED_STARTUP_PARAMS, ProxyConfig
+from pgwarden.proxy.relay import Gate, Observer, Relay, Verdict
+from pgwarden.proxy.wire import ConnectionClosed, Endpoint
+
+from pgwarden.errors import AgentError, AuthorizationFailed, ProtocolViolation, UpstreamUnavailable
+from pgwarden.subjects import Identity
+
+log = logging.getLogger("pgwarden.proxy")
+
+_session_ids = itertools.count(1)
+
+
+@dataclass
+class SessionInfo:
+    """What the gate and observers know about a session."""
+
+    id: str
+    identity: Identity
+    peer: str
+    application_name: str
+    started: float
+    params: dict[str, str]
+
+
+# Builds the per-session gate and observer (policy, masking, audit, recording); None = allow all.
+SessionHooks = Callable[[SessionInfo], tuple[Gate | None, Observer | None]]
+
+
+@dataclass
+class _Live:
+    relay: Relay | None = None
+    upstream: up.UpstreamSession | None = None
+    client: Endpoint | None = None
+    info: SessionInfo | None = None
+
+
+@dataclass
+class ProxyServer:
+    config: ProxyConfig
+    hooks: SessionHooks | None = None
+    token_auth: TokenAuthenticator | None = None
+    _server: asyncio.Server | None = None
+    _live: dict[tuple[int, int], _Live] = field(default_factory=dict)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    draining: bool = False
+    sessions_total: int = 0
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def active_sessions(self) -> int:
+        return len(self._live)
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        if not self.config.tls_enabled:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.config.tls_cert_file, self.config.tls_key_file)
+        return ctx
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tls = self._tls_context()
+        self._server = await loop.create_server(
+            self._make_endpoint, self.config.listen_host, self.config.listen_port, reuse_address=True
+        )
+        log.info("pgwarden proxy listening on %s:%s", self.config.listen_host, self.port)
+
+    def _make_endpoint(self) -> Endpoint:
+        ep = Endpoint()
+        task = asyncio.get_running_loop().create_task(self._serve(ep))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return ep
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop accepting; let statements in flight finish (up to the timeout); close the rest."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        deadline = time.monotonic() + (self.config.drain_timeout if timeout is None else timeout)
+        while time.monotonic() < deadline and any(
+            lv.relay is not None and lv.relay.busy for lv in self._live.values()
+        ):
+            await asyncio.sleep(0.05)
+        for lv in list(self._live.values()):
+            if lv.client is not None:
+                lv.client.write(
+                    m.error_response(
+                        "57P01", "pgwarden proxy is shutting down", severity="FATAL",
+                        hint="Reconnect; a new proxy instance will serve you.",
+                    )
+                )
+                lv.client.close()
+            if lv.upstream is not None:
+                lv.upstream.endpoint.close()
+        for t in list(self._tasks):
+            t.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.drain(timeout=0)
+
+    # -- one client ----------------------------------------------------------------------------
+    async def _serve(self, ep: Endpoint) -> None:
+        await asyncio.sleep(0)  # let connection_made run
+        key: tuple[int, int] | None = None
+        try:
+            async with asyncio.timeout(self.config.handshake_timeout):
+                startup = await self._startup(ep)
+                if startup is None:
+                    return
+                info, upstream = await self._login(ep, startup)
+            key = self._register(ep, upstream, info)
+            await self._relay(ep, upstream, info, key)
+        except AgentError as e:
+            ep.write(m.error_response_from(e))
+            ep.close()
+        except m.FrameError as e:
+            ep.write(m.error_response_from(ProtocolViolation(f"invalid startup message: {e}")))
+            ep.close()
+        except TimeoutError:
+            ep.write(m.error_response("08P01", "pgwarden: the connection handshake took too long", severity="FATAL"))
+            ep.close()
+        except (ConnectionClosed, ConnectionError, ssl.SSLError):
+            ep.close()
+        except asyncio.CancelledError:
+            ep.close()
+            raise
+        except Exception:  # a bug must end this session, never the process
+            log.exception("session failed")
+            ep.write(m.error_response("XX000", "pgwarden internal error; the session was closed", severity="FATAL"))
+            ep.close()
+        finally:
+            if key is not None:
+                lv = self._live.pop(key, None)
+                if lv is not None and lv.upstream is not None:
+                    lv.upstream.endpoint.close()
+
+    async def _startup(self, ep: Endpoint) -> m.StartupPacket | None:
+        while True:
+            pkt = m.parse_startup(await ep.read_startup(self.config.max_startup_bytes))
+            if pkt.code == m.SSL_REQUEST:
+                if self._tls is None:
+                    ep.write(b"N")
+                    continue
+                if ep.buf:
+                    raise ProtocolViolation("unencrypted bytes were sent after the SSLRequest")
+                ep.write(b"S")
+                await ep.start_tls(self._tls, server_side=True)
+                continue
+            if pkt.code == m.GSSENC_REQUEST:
+                ep.write(b"N")
+                continue
+            if pkt.code == m.CANCEL_REQUEST:
+                await self._cancel(pkt.pid, pkt.secret)
+                ep.close()
+                return None
+            return pkt
+
+    async def _login(self, ep: Endpoint, startup: m.StartupPacket) -> tuple[SessionInfo, up.UpstreamSession]:
+        params = startup.params
+        db = params.get("database") or params.get("user", "")
+        conn = self.config.connection
+        if db not in (conn.database, conn.name):
+            raise AuthorizationFailed(
+                f'database "{db}" is not served by this proxy',
+                hint=f"Connect with dbname={conn.database}.",
+                sqlstate="3D000",
+            )
+        peer = _peer(ep)
+        secure = ep.transport is not None and ep.transport.get_extra_info("sslcontext") is not None
+        secure = secure or peer.startswith(("127.", "::1", "unix"))
+        identity = await authenticate(
+            ep, params, {u.name: u for u in self.config.users}, self.token_auth, secure_channel=secure
+        )
+        forwarded = {k: v for k, v in params.items() if k in FORWARDED_STARTUP_PARAMS}
+        upstream = await up.connect(self.config, forwarded)
+        info = SessionInfo(
+            id=f"{int(time.time())}-{next(_session_ids)}-{secrets.token_hex(3)}",
+            identity=identity,
+            peer=peer,
+            application_name=params.get("application_name", ""),
+            started=time.time(),
+            params=forwarded,
+        )
+        return info, upstream
+
+    def _register(self, ep: Endpoint, upstream: up.UpstreamSession, info: SessionInfo) -> tuple[int, int]:
+        while True:
+            key = (secrets.randbits(31), secrets.randbits(32))
+            if key not in self._live:
+                break
+        self._live[key] = _Live(upstream=upstream, client=ep, info=info)
+        return key
+
+    async def _relay(self, ep: Endpoint, upstream: up.UpstreamSession, info: SessionInfo, key: tuple[int, int]) -> None:
+        uep = upstream.endpoint
+        hello = [m.auth_request(m.AUTH_OK)]
+        hello += [m.parameter_status(k, v) for k, v in upstream.parameters]
+        hello.append(m.backend_key_data(*key))
+        hello.append(m.ready_for_query(b"I"))
+        gate, observer = self.hooks(info) if self.hooks is not None else (None, None)
+        relay = Relay(uep.write, ep.write, gate=gate, observer=observer, max_message_bytes=self.config.max_message_bytes)
+        self._live[key].relay = relay
+        done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        def finish(reason: str) -> None:
+            if not done.done():
+                done.set_result(reason)
+
+        def on_client(data: bytes) -> None:
+            try:
+                waiting = relay.client_data(data)
+            except AgentError as e:
+                ep.write(m.error_response_from(e))
+                finish("protocol")
+                return
+            if waiting is not None:
+                self._hold(relay, waiting, ep, finish)
+            if relay.terminated:
+                finish("terminate")
+
+        def on_server(data: bytes) -> None:
+            try:
+                relay.server_data(data)
+            except AgentError as e:
+                ep.write(m.error_response_from(e))
+                finish("protocol")
+
+        # back-pressure: a slow client stops us reading the server, and vice versa
+        ep.on_pause_writing = lambda: uep.transport.pause_reading() if uep.transport else None
+        ep.on_resume_writing = lambda: uep.transport.resume_reading() if uep.transport else None
+        uep.on_pause_writing = lambda: ep.transport.pause_reading() if ep.transport else None
+        uep.on_resume_writing = lambda: ep.transport.resume_reading() if ep.transport else None
+        ep.on_lost = lambda exc: finish("client")
+        uep.on_lost = lambda exc: finish("upstream")
+        ep.write(b"".join(hello))
+        uep.on_data = on_server
+        ep.on_data = on_client
+        leftover = uep.take_buffer()
+        if leftover:
+            on_server(leftover)
+        leftover = ep.take_buffer()
+        if leftover:
+            on_client(leftover)
+        if ep.closed:
+            finish("client")
+        if uep.closed:
+            finish("upstream")
+        reason = await done
+        if reason == "client" and relay.busy:
+            # the client vanished mid-query: stop the work it left behind
+            await up.send_cancel(self.config, upstream.pid, upstream.secret)
+        if reason == "upstream" and not ep.closed:
+            ep.write(
+                m.error_response_from(
+                    UpstreamUnavailable(
+                        "the connection to the database was lost",
+                        hint="The database may have restarted; reconnect and retry.",
+                    )
+                )
+            )
+        uep.close()
+        ep.close()
+
+    def _hold(self, relay: Relay, waiting: Any, ep: Endpoint, finish: Callable[[str], None]) -> None:
+        """A statement is held (approval, durable audit): read nothing more until it resolves."""
+        if ep.transport is not None:
+            ep.transport.pause_reading()
+
+        def resolved(fut: asyncio.Future[Verdict]) -> None:
+            if fut.cancelled():
+                finish("cancelled")
+                return
+            exc = fut.exception()
+            if exc is None:
+                verdict = fut.result()
+            elif isinstance(exc, AgentError):
+                verdict = Verdict(error=exc)
+            else:  # fail closed: the held statement is refused, the session goes on
+                log.error("held statement failed: %r", exc)
+                verdict = Verdict(error=ProtocolViolation("pgwarden internal error while holding the statement"))
+            try:
+                again = relay.resume(verdict)
+            except AgentError as e:
+                ep.write(m.error_response_from(e))
+                finish("protocol")
+                return
+            if again is not None:
+                self._hold(relay, again, ep, finish)
+            elif ep.transport is not None and not ep.closed:
+                ep.transport.resume_reading()
+            if relay.terminated:
+                finish("terminate")
+
+        asyncio.ensure_future(waiting).add_done_callback(resolved)
+
+    async def _cancel(self, pid: int, secret: int) -> None:
+        lv = self._live.get((pid, secret))
+        if lv is None or lv.upstream is None:
+            return  # as PostgreSQL does: no answer either way
+        await up.send_cancel(self.config, lv.upstream.pid, lv.upstream.secret)
+
+
+def _peer(ep: Endpoint) -> str:
+    if ep.transport is None:
+        return ""
+    addr = ep.transport.get_extra_info("peername")
+    if isinstance(addr, tuple):
+        return f"{addr[0]}:{addr[1]}"
+    return "unix" if addr is not None or addr == "" else ""

@@ -200,7 +200,9 @@ class Relay:
                     pos = end
                     continue
                 if t == _Q:
-                    verdict = self._decide(lambda: self.gate.query(m.parse_query(buf[ps : end - 1 + 1])) if self.gate else None)  # type: ignore[union-attr]
+                    verdict = self._take_resolved()
+                    if verdict is None and self.gate is not None:
+                        verdict = self.gate.query(m.parse_query(buf[ps:end]))
                     if verdict is not None and verdict.wait is not None:
                         return self._hold(buf, span_start, pos, out, verdict)
                     entry = Pending(QUERY)
@@ -218,7 +220,9 @@ class Relay:
                     self.pending.append(entry)
                 elif t == _P:
                     parse = m.parse_parse(buf[ps:end])
-                    verdict = self._decide(lambda: self.gate.parse(parse.name, parse.query) if self.gate else None)  # type: ignore[union-attr]
+                    verdict = self._take_resolved()
+                    if verdict is None and self.gate is not None:
+                        verdict = self.gate.parse(parse.name, parse.query)
                     if verdict is not None and verdict.wait is not None:
                         return self._hold(buf, span_start, pos, out, verdict)
                     entry = Pending(PARSE, name=parse.name)
@@ -242,7 +246,7 @@ class Relay:
                 elif t == _B:
                     bind = m.parse_bind(buf[ps:end])
                     if self.gate is not None:
-                        verdict = self._decide(lambda: self.gate.bind(bind))  # type: ignore[union-attr]
+                        verdict = self._take_resolved() or self.gate.bind(bind)
                         if verdict is not None and verdict.wait is not None:
                             return self._hold(buf, span_start, pos, out, verdict)
                         if verdict is not None and verdict.error is not None:
@@ -314,11 +318,10 @@ class Relay:
         self._flush_out(out)
         return None
 
-    def _decide(self, ask: Callable[[], Verdict | None]) -> Verdict | None:
-        if self._resolved is not None:
-            v, self._resolved = self._resolved, None
-            return v
-        return ask()
+    def _take_resolved(self) -> Verdict | None:
+        """The verdict a held statement resolved to, once, when processing resumes at it."""
+        v, self._resolved = self._resolved, None
+        return v
 
     def _hold(self, buf: bytes, span_start: int, pos: int, out: list[bytes], verdict: Verdict) -> Awaitable[Verdict]:
         out.append(buf[span_start:pos])

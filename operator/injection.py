@@ -1,0 +1,314 @@
+"""Sidecar injection: pure functions from a pod (or workload) to its injected form.
+
+The admission webhook (`handlers/admission.py`) and `pgwarden inject` both call these, so the
+offline output is exactly what the cluster would run. Nothing here does I/O.
+
+What an injected pod gets:
+- the proxy as a native sidecar (an init container with `restartPolicy: Always`, Kubernetes
+  >= 1.29; Jobs complete because native sidecars do not block completion), or as a plain
+  container with the annotation `pgwarden.dev/sidecar-mode: container` for older clusters
+  (a Job's pod then never completes on its own: the proxy keeps running);
+- one projected volume, mounted into the proxy only, holding the policy bundle, the ProxyConfig,
+  the rotating credentials and a service-account token for the audience `pgwarden`;
+- PGHOST/PGPORT on every agent container (opt out: `pgwarden.dev/inject-env: "false"`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jsonpatch  # type: ignore[import-untyped]  # kopf's own dependency, used for its admission patches
+from pgwarden.operator.settings import InjectionSettings
+
+ANNOTATION_INJECT = "pgwarden.dev/inject"
+ANNOTATION_INJECTED = "pgwarden.dev/injected"
+ANNOTATION_SIDECAR_MODE = "pgwarden.dev/sidecar-mode"  # native (default) | container
+ANNOTATION_INJECT_ENV = "pgwarden.dev/inject-env"  # "false" to leave the agents' env alone
+CARRIED_ANNOTATIONS = (ANNOTATION_INJECT, ANNOTATION_SIDECAR_MODE, ANNOTATION_INJECT_ENV)
+
+PROXY_CONTAINER = "pgwarden-proxy"
+CONFIG_VOLUME = "pgwarden-proxy-config"
+TMP_VOLUME = "pgwarden-proxy-tmp"
+CONFIG_DIR = "/etc/pgwarden"
+BUNDLE_DIR = f"{CONFIG_DIR}/bundle"
+PROXY_CONFIG_FILE = f"{CONFIG_DIR}/proxy.yaml"
+CREDENTIALS_DIR = f"{CONFIG_DIR}/credentials"
+TOKEN_FILE = f"{CONFIG_DIR}/token"
+BUNDLE_KEY = "bundle.yaml"
+PROXY_CONFIG_KEY = "proxy.yaml"
+CREDENTIAL_KEYS = ("username", "password", "version", "host", "port", "database", "sslmode", "sslrootcert")
+
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob")
+
+
+class InjectionError(ValueError):
+    """The pod cannot be injected safely; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class InjectionTarget:
+    """What injection needs to know about the DatabaseConnection named in the annotation."""
+
+    connection: str
+    secret_name: str
+    bundle_name: str
+
+    @classmethod
+    def for_connection(cls, name: str, secret_name: str = "") -> InjectionTarget:
+        return cls(connection=name, secret_name=secret_name or f"{name}-pgwarden-credentials",
+                   bundle_name=bundle_configmap_name(name))
+
+
+def bundle_configmap_name(connection: str) -> str:
+    return f"{connection}-pgwarden-bundle"
+
+
+def wants_injection(meta: Mapping[str, Any]) -> str | None:
+    """The connection named by the pod's inject annotation, or None."""
+    value = (meta.get("annotations") or {}).get(ANNOTATION_INJECT)
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def is_injected(meta: Mapping[str, Any], spec: Mapping[str, Any]) -> bool:
+    if ANNOTATION_INJECTED in (meta.get("annotations") or {}):
+        return True
+    names = {c.get("name") for c in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]}
+    return PROXY_CONTAINER in names
+
+
+def proxy_container(target: InjectionTarget, settings: InjectionSettings, *, native: bool) -> dict[str, Any]:
+    def field_env(name: str, path: str) -> dict[str, Any]:
+        return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+    probe = {"httpGet": {"path": "/readyz", "port": "pgw-health"}, "periodSeconds": 5, "failureThreshold": 3}
+    container: dict[str, Any] = {
+        "name": PROXY_CONTAINER,
+        "image": settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["pgwarden"],
+        "args": ["proxy", "--config", BUNDLE_DIR, "--config", PROXY_CONFIG_FILE],
+        "ports": [
+            {"name": "pgw-postgres", "containerPort": settings.listen_port, "protocol": "TCP"},
+            {"name": "pgw-health", "containerPort": settings.health_port, "protocol": "TCP"},
+        ],
+        "env": [
+            field_env("POD_NAME", "metadata.name"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+            field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+            field_env("NODE_NAME", "spec.nodeName"),
+            {"name": "PGWARDEN_CONNECTION", "value": target.connection},
+        ],
+        "resources": settings.resources.as_k8s(),
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": settings.run_as_user,
+            "runAsGroup": settings.run_as_user,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "startupProbe": {"httpGet": {"path": "/healthz", "port": "pgw-health"}, "periodSeconds": 1, "failureThreshold": 60},
+        "readinessProbe": probe,
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "pgw-health"}, "periodSeconds": 10, "failureThreshold": 3},
+        "volumeMounts": [
+            {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": TMP_VOLUME, "mountPath": "/tmp"},
+        ],
+    }
+    if native:
+        container["restartPolicy"] = "Always"
+    return container
+
+
+def proxy_volumes(target: InjectionTarget, settings: InjectionSettings) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": CONFIG_VOLUME,
+            "projected": {
+                "defaultMode": 0o440,
+                "sources": [
+                    {"configMap": {"name": target.bundle_name, "items": [
+                        {"key": BUNDLE_KEY, "path": f"bundle/{BUNDLE_KEY}"},
+                        {"key": PROXY_CONFIG_KEY, "path": PROXY_CONFIG_KEY},
+                    ]}},
+                    {"secret": {"name": target.secret_name, "items": [
+                        {"key": k, "path": f"credentials/{k}"} for k in CREDENTIAL_KEYS
+                    ]}},
+                    {"serviceAccountToken": {"audience": settings.token_audience,
+                                             "expirationSeconds": settings.token_expiration_seconds,
+                                             "path": "token"}},
+                ],
+            },
+        },
+        {"name": TMP_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+    ]
+
+
+def _check_no_leak(spec: Mapping[str, Any], target: InjectionTarget) -> None:
+    """Refuse pods whose own containers could read the proxy's credentials."""
+    leaking = {CONFIG_VOLUME}
+    for v in spec.get("volumes") or []:
+        if v.get("name") == CONFIG_VOLUME:
+            raise InjectionError(f"the pod already defines a volume named {CONFIG_VOLUME!r}; rename it")
+        refs = [(v.get("secret") or {}).get("secretName")]
+        refs += [(s.get("secret") or {}).get("name") for s in (v.get("projected") or {}).get("sources") or []]
+        if target.secret_name in refs:
+            leaking.add(v.get("name"))
+    for c in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:
+        for m in c.get("volumeMounts") or []:
+            if m.get("name") in leaking:
+                raise InjectionError(
+                    f"container {c.get('name')!r} mounts the database credentials ({m.get('name')!r}); only the "
+                    "pgwarden proxy may hold them: remove that volume mount"
+                )
+        for src in c.get("envFrom") or []:
+            if (src.get("secretRef") or {}).get("name") == target.secret_name:
+                raise InjectionError(f"container {c.get('name')!r} reads the credentials Secret through envFrom; remove it")
+        for env in c.get("env") or []:
+            ref = ((env.get("valueFrom") or {}).get("secretKeyRef") or {}).get("name")
+            if ref == target.secret_name:
+                raise InjectionError(f"container {c.get('name')!r} reads the credentials Secret in env "
+                                     f"{env.get('name')!r}; remove it")
+
+
+def _set_env(container: dict[str, Any], values: Mapping[str, str]) -> None:
+    env = [e for e in container.get("env") or [] if e.get("name") not in values]
+    env += [{"name": k, "value": v} for k, v in values.items()]
+    container["env"] = env
+
+
+def inject_pod_spec(meta: Mapping[str, Any], spec: Mapping[str, Any], target: InjectionTarget,
+                    settings: InjectionSettings) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return injected copies of (metadata, spec); unchanged copies if already injected."""
+    new_meta, new_spec = copy.deepcopy(dict(meta)), copy.deepcopy(dict(spec))
+    if is_injected(meta, spec):
+        return new_meta, new_spec
+    _check_no_leak(spec, target)
+    annotations = new_meta.setdefault("annotations", {})
+    mode = annotations.get(ANNOTATION_SIDECAR_MODE, "native")
+    if mode not in ("native", "container"):
+        raise InjectionError(f"annotation {ANNOTATION_SIDECAR_MODE}={mode!r}: use native (Kubernetes >= 1.29) or container")
+    native = mode == "native"
+
+    agents = [c.get("name") for c in new_spec.get("containers") or []]
+    if str(annotations.get(ANNOTATION_INJECT_ENV, "true")).lower() != "false":
+        pg_env = {"PGHOST": settings.listen_host, "PGPORT": str(settings.listen_port)}
+        for c in [*(new_spec.get("initContainers") or []), *(new_spec.get("containers") or [])]:
+            _set_env(c, pg_env)
+
+    sidecar = proxy_container(target, settings, native=native)
+    if native:
+        new_spec["initContainers"] = [sidecar, *(new_spec.get("initContainers") or [])]
+    else:
+        new_spec["containers"] = [*(new_spec.get("containers") or []), sidecar]
+    new_spec["volumes"] = [*(new_spec.get("volumes") or []), *proxy_volumes(target, settings)]
+
+    annotations[ANNOTATION_INJECTED] = target.connection
+    if agents:
+        annotations.setdefault("kubectl.kubernetes.io/default-container", agents[0])
+    return new_meta, new_spec
+
+
+def inject_pod(pod: Mapping[str, Any], target: InjectionTarget, settings: InjectionSettings) -> dict[str, Any]:
+    """A Pod object with the proxy injected (a copy; the argument is not modified)."""
+    out = copy.deepcopy(dict(pod))
+    meta, spec = inject_pod_spec(pod.get("metadata") or {}, pod.get("spec") or {}, target, settings)
+    out["metadata"], out["spec"] = meta, spec
+    return out
+
+
+def pod_patch(pod: Mapping[str, Any], target: InjectionTarget, settings: InjectionSettings) -> list[dict[str, Any]]:
+    """The JSON patch (RFC 6902) that turns `pod` into its injected form; [] if nothing to do."""
+    ops: list[dict[str, Any]] = jsonpatch.JsonPatch.from_diff(dict(pod), inject_pod(pod, target, settings)).patch
+    return ops
+
+
+def pod_template_path(obj: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """Where a workload keeps its pod template (None for kinds without one)."""
+    kind = obj.get("kind")
+    if kind == "CronJob":
+        return ("spec", "jobTemplate", "spec", "template")
+    if kind in WORKLOAD_KINDS:
+        return ("spec", "template")
+    return None
+
+
+def _dig(obj: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(obj, Mapping):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def carry_annotations_patch(workload: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Merge patch copying the workload's own pgwarden annotations into its pod template, so
+    `kubectl annotate deployment X pgwarden.dev/inject=conn` rolls out injected pods. None when
+    the template already carries them."""
+    path = pod_template_path(workload)
+    if path is None:
+        return None
+    own = (workload.get("metadata") or {}).get("annotations") or {}
+    wanted = {k: own[k] for k in CARRIED_ANNOTATIONS if k in own}
+    if not wanted:
+        return None
+    template_ann = (_dig(workload, (*path, "metadata")) or {}).get("annotations") or {}
+    if all(template_ann.get(k) == v for k, v in wanted.items()):
+        return None
+    patch: dict[str, Any] = {"metadata": {"annotations": wanted}}
+    for key in reversed(path):
+        patch = {key: patch}
+    return patch
+
+
+def inject_manifest(obj: Mapping[str, Any], connection: str | None, targets: Mapping[str, InjectionTarget],
+                    settings: InjectionSettings) -> dict[str, Any]:
+    """Offline injection of one manifest (Pod or workload), as the cluster would do it.
+
+    `connection` forces the annotation (as `pgwarden inject --connection`); otherwise the
+    object's own annotation decides. Objects of other kinds come back unchanged.
+    """
+    out = copy.deepcopy(dict(obj))
+    kind = out.get("kind")
+    if kind == "Pod":
+        meta, spec = out.setdefault("metadata", {}), out.get("spec") or {}
+    else:
+        path = pod_template_path(out)
+        if path is None:
+            return out
+        if connection:
+            out.setdefault("metadata", {}).setdefault("annotations", {})[ANNOTATION_INJECT] = connection
+        carry = carry_annotations_patch(out)
+        if carry is not None:
+            _merge(out, carry)
+        template = _dig(out, path)
+        if not isinstance(template, dict):
+            return out
+        meta, spec = template.setdefault("metadata", {}), template.get("spec") or {}
+    if connection:
+        meta.setdefault("annotations", {})[ANNOTATION_INJECT] = connection
+    name = wants_injection(meta)
+    if name is None:
+        return out
+    target = targets.get(name) or InjectionTarget.for_connection(name)
+    new_meta, new_spec = inject_pod_spec(meta, spec, target, settings)
+    meta.clear()
+    meta.update(new_meta)
+    holder = out if kind == "Pod" else _dig(out, pod_template_path(out) or ())
+    holder["spec"] = new_spec
+    return out
+
+
+def _merge(base: dict[str, Any], patch: Mapping[str, Any]) -> None:
+    for k, v in patch.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        elif isinstance(v, Mapping):
+            base[k] = copy.deepcopy(dict(v))
+        else:
+            base[k] = v

@@ -1,0 +1,139 @@
+"""The operator's settings: one documented dataclass, built once at startup and passed explicitly.
+
+Nothing in `pgwarden.operator` reads the environment at import time. `OperatorSettings.from_env`
+is called by `pgwarden operator` (and by tests, which build the dataclass directly instead).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from pgwarden.resources import parse_duration
+
+DEFAULT_PROXY_IMAGE = "ghcr.io/pgwarden/pgwarden-proxy:0.1.0"
+
+
+@dataclass(frozen=True)
+class SidecarResources:
+    """Requests and limits of the injected proxy container (Kubernetes quantity strings)."""
+
+    cpu_request: str = "50m"
+    memory_request: str = "64Mi"
+    cpu_limit: str = "1"
+    memory_limit: str = "256Mi"
+
+    def as_k8s(self) -> dict[str, dict[str, str]]:
+        return {
+            "requests": {"cpu": self.cpu_request, "memory": self.memory_request},
+            "limits": {"cpu": self.cpu_limit, "memory": self.memory_limit},
+        }
+
+
+@dataclass(frozen=True)
+class InjectionSettings:
+    """How the proxy sidecar looks in every injected pod."""
+
+    image: str = DEFAULT_PROXY_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    resources: SidecarResources = field(default_factory=SidecarResources)
+    # the proxy listens here inside the pod; agents get PGHOST/PGPORT pointing at it
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 5432
+    health_port: int = 8081
+    # audience of the projected service-account token the proxy presents/validates
+    token_audience: str = "pgwarden"
+    token_expiration_seconds: int = 3600
+    # the UID the proxy runs as (non-root)
+    run_as_user: int = 65532
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """kopf's admission webhook server.
+
+    Without `certfile`/`pkeyfile` the operator generates a self-signed certificate at startup
+    (fine for one replica and for tests). With two replicas, mount one certificate into both
+    (cert-manager or the chart's Secret) so both present the same CA to the API server.
+    """
+
+    enabled: bool = True
+    addr: str = "0.0.0.0"
+    port: int = 9443
+    # the name the API server uses to reach the operator, e.g. pgwarden-webhook.pgwarden.svc
+    host: str | None = None
+    certfile: str | None = None
+    pkeyfile: str | None = None
+    cafile: str | None = None
+    # write the CA bundle here (e.g. for curl --cacert, or for tests)
+    cadump: str | None = None
+    # name of the Mutating/ValidatingWebhookConfiguration kopf keeps up to date; None: unmanaged
+    managed: str | None = "pgwarden.dev"
+
+
+@dataclass(frozen=True)
+class RotationSettings:
+    """Lower bounds for credential rotation.
+
+    The CRD and `parse_connection` insist on rotationInterval >= 1m so that kubelet can
+    propagate a Secret before the next rotation. Tests that want to see several rotations in
+    seconds lower `min_interval` here instead of weakening the public validation: the spec
+    keeps its units, and the operator scales them by `time_scale` (1.0 in production).
+    """
+
+    # multiply every rotationInterval / gracePeriod by this (tests: e.g. 0.05 turns 1m into 3s)
+    time_scale: float = 1.0
+    # how long a DB error waits before kopf retries (TemporaryError delay)
+    retry_delay: float = 30.0
+    # how often the timer looks at every DatabaseConnection even when nothing is due
+    check_interval: float = 30.0
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """Everything the operator needs to know that is not in a custom resource."""
+
+    injection: InjectionSettings = field(default_factory=InjectionSettings)
+    webhook: WebhookSettings = field(default_factory=WebhookSettings)
+    rotation: RotationSettings = field(default_factory=RotationSettings)
+    # kopf peering object name; None runs standalone (one replica, tests)
+    peering_name: str | None = "pgwarden"
+    # namespaces to watch; empty: cluster-wide
+    namespaces: tuple[str, ...] = ()
+    # PostgreSQL connect timeout for the admin connection, seconds
+    connect_timeout: float = 10.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
+        """Read PGWARDEN_* variables (the chart sets them); unknown ones are ignored."""
+        e = os.environ if env is None else env
+        s = cls()
+        inj = s.injection
+        inj = replace(
+            inj,
+            image=e.get("PGWARDEN_PROXY_IMAGE", inj.image),
+            image_pull_policy=e.get("PGWARDEN_PROXY_IMAGE_PULL_POLICY", inj.image_pull_policy),
+            resources=SidecarResources(
+                cpu_request=e.get("PGWARDEN_SIDECAR_CPU_REQUEST", inj.resources.cpu_request),
+                memory_request=e.get("PGWARDEN_SIDECAR_MEMORY_REQUEST", inj.resources.memory_request),
+                cpu_limit=e.get("PGWARDEN_SIDECAR_CPU_LIMIT", inj.resources.cpu_limit),
+                memory_limit=e.get("PGWARDEN_SIDECAR_MEMORY_LIMIT", inj.resources.memory_limit),
+            ),
+        )
+        wh = s.webhook
+        wh = replace(
+            wh,
+            enabled=e.get("PGWARDEN_WEBHOOK", "true").lower() not in ("0", "false", "no"),
+            addr=e.get("PGWARDEN_WEBHOOK_ADDR", wh.addr),
+            port=int(e.get("PGWARDEN_WEBHOOK_PORT", wh.port)),
+            host=e.get("PGWARDEN_WEBHOOK_HOST") or wh.host,
+            certfile=e.get("PGWARDEN_WEBHOOK_CERTFILE") or None,
+            pkeyfile=e.get("PGWARDEN_WEBHOOK_PKEYFILE") or None,
+            cafile=e.get("PGWARDEN_WEBHOOK_CAFILE") or None,
+            managed=e.get("PGWARDEN_WEBHOOK_MANAGED", wh.managed or "") or None,
+        )
+        rot = s.rotation
+        if "PGWARDEN_ROTATION_CHECK_INTERVAL" in e:
+            rot = replace(rot, check_interval=parse_duration(e["PGWARDEN_ROTATION_CHECK_INTERVAL"]))
+        return replace(s, injection=inj, webhook=wh, rotation=rot)

@@ -1,0 +1,182 @@
+"""The pod mutation: what an injected pod looks like, as pure functions."""
+
+from __future__ import annotations
+
+import copy
+
+import jsonpatch
+import pytest
+from pgwarden.operator import injection as inj
+from pgwarden.operator.settings import InjectionSettings
+
+SETTINGS = InjectionSettings(image="example.org/pgwarden-proxy:test")
+TARGET = inj.InjectionTarget.for_connection("orders-prod")
+
+
+def pod(annotations: dict[str, str] | None = None, **spec: object) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "agent", "namespace": "agents",
+                     "annotations": {"pgwarden.dev/inject": "orders-prod", **(annotations or {})}},
+        "spec": {"containers": [{"name": "agent", "image": "agent:1", "env": [{"name": "PGHOST", "value": "db.prod"}]}],
+                 **spec},
+    }
+
+
+def sidecar(p: dict) -> dict:
+    found = [c for c in p["spec"].get("initContainers", []) + p["spec"]["containers"] if c["name"] == inj.PROXY_CONTAINER]
+    assert len(found) == 1
+    return found[0]
+
+
+class TestNativeSidecar:
+    def test_is_first_init_container_with_restart_always(self) -> None:
+        out = inj.inject_pod(pod(initContainers=[{"name": "migrate", "image": "m"}]), TARGET, SETTINGS)
+        first = out["spec"]["initContainers"][0]
+        assert first["name"] == inj.PROXY_CONTAINER and first["restartPolicy"] == "Always"
+        assert [c["name"] for c in out["spec"]["containers"]] == ["agent"]
+
+    def test_runs_the_proxy_with_bundle_and_proxy_config(self) -> None:
+        c = sidecar(inj.inject_pod(pod(), TARGET, SETTINGS))
+        assert c["image"] == SETTINGS.image
+        assert c["command"] == ["pgwarden"]
+        assert c["args"] == ["proxy", "--config", "/etc/pgwarden/bundle", "--config", "/etc/pgwarden/proxy.yaml"]
+
+    def test_hardened(self) -> None:
+        sc = sidecar(inj.inject_pod(pod(), TARGET, SETTINGS))["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["runAsUser"] != 0
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+
+    def test_resources_and_probes(self) -> None:
+        c = sidecar(inj.inject_pod(pod(), TARGET, SETTINGS))
+        assert c["resources"]["requests"] and c["resources"]["limits"]
+        assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "pgw-health"}
+        assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "pgw-health"}
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports == {"pgw-postgres": 5432, "pgw-health": 8081}
+
+    def test_downward_api_env(self) -> None:
+        env = {e["name"]: e for e in sidecar(inj.inject_pod(pod(), TARGET, SETTINGS))["env"]}
+        assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+        assert env["SERVICE_ACCOUNT"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.serviceAccountName"
+        assert "PGHOST" not in env
+
+
+class TestVolumes:
+    def test_projected_volume_holds_bundle_credentials_and_token(self) -> None:
+        out = inj.inject_pod(pod(), TARGET, SETTINGS)
+        vol = next(v for v in out["spec"]["volumes"] if v["name"] == inj.CONFIG_VOLUME)
+        sources = vol["projected"]["sources"]
+        cm = next(s["configMap"] for s in sources if "configMap" in s)
+        assert cm["name"] == "orders-prod-pgwarden-bundle"
+        assert {i["path"] for i in cm["items"]} == {"bundle/bundle.yaml", "proxy.yaml"}
+        secret = next(s["secret"] for s in sources if "secret" in s)
+        assert secret["name"] == "orders-prod-pgwarden-credentials"
+        assert {"credentials/username", "credentials/password"} <= {i["path"] for i in secret["items"]}
+        token = next(s["serviceAccountToken"] for s in sources if "serviceAccountToken" in s)
+        assert token["audience"] == "pgwarden"
+
+    def test_credentials_mounted_into_the_proxy_only(self) -> None:
+        out = inj.inject_pod(pod(initContainers=[{"name": "init", "image": "i"}]), TARGET, SETTINGS)
+        for c in out["spec"]["containers"] + out["spec"]["initContainers"]:
+            mounts = {m["name"] for m in c.get("volumeMounts", [])}
+            assert (inj.CONFIG_VOLUME in mounts) == (c["name"] == inj.PROXY_CONTAINER)
+
+    def test_refuses_agent_mounting_the_credentials_secret(self) -> None:
+        p = pod(volumes=[{"name": "steal", "secret": {"secretName": TARGET.secret_name}}])
+        p["spec"]["containers"][0]["volumeMounts"] = [{"name": "steal", "mountPath": "/x"}]
+        with pytest.raises(inj.InjectionError, match="mounts the database credentials"):
+            inj.inject_pod(p, TARGET, SETTINGS)
+
+    def test_refuses_agent_env_from_the_credentials_secret(self) -> None:
+        p = pod()
+        p["spec"]["containers"][0]["envFrom"] = [{"secretRef": {"name": TARGET.secret_name}}]
+        with pytest.raises(inj.InjectionError, match="envFrom"):
+            inj.inject_pod(p, TARGET, SETTINGS)
+
+    def test_refuses_pre_declared_mount_of_our_volume(self) -> None:
+        p = pod()
+        p["spec"]["containers"][0]["volumeMounts"] = [{"name": inj.CONFIG_VOLUME, "mountPath": "/steal"}]
+        with pytest.raises(inj.InjectionError):
+            inj.inject_pod(p, TARGET, SETTINGS)
+
+
+class TestAgentEnv:
+    def test_pghost_pgport_on_agents(self) -> None:
+        out = inj.inject_pod(pod(initContainers=[{"name": "init", "image": "i"}]), TARGET, SETTINGS)
+        for c in out["spec"]["containers"] + out["spec"]["initContainers"][1:]:
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            assert env["PGHOST"] == "127.0.0.1" and env["PGPORT"] == "5432"
+            assert [e["name"] for e in c["env"]].count("PGHOST") == 1
+
+    def test_opt_out(self) -> None:
+        out = inj.inject_pod(pod({"pgwarden.dev/inject-env": "false"}), TARGET, SETTINGS)
+        assert out["spec"]["containers"][0]["env"] == [{"name": "PGHOST", "value": "db.prod"}]
+
+
+class TestModesAndIdempotence:
+    def test_container_fallback(self) -> None:
+        out = inj.inject_pod(pod({"pgwarden.dev/sidecar-mode": "container"}), TARGET, SETTINGS)
+        assert "initContainers" not in out["spec"]
+        c = out["spec"]["containers"][-1]
+        assert c["name"] == inj.PROXY_CONTAINER and "restartPolicy" not in c
+
+    def test_bad_mode(self) -> None:
+        with pytest.raises(inj.InjectionError, match="native"):
+            inj.inject_pod(pod({"pgwarden.dev/sidecar-mode": "sideways"}), TARGET, SETTINGS)
+
+    def test_marks_and_leaves_injected_pods_alone(self) -> None:
+        once = inj.inject_pod(pod(), TARGET, SETTINGS)
+        assert once["metadata"]["annotations"]["pgwarden.dev/injected"] == "orders-prod"
+        assert once["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == "agent"
+        assert inj.inject_pod(once, TARGET, SETTINGS) == once
+        assert inj.pod_patch(once, TARGET, SETTINGS) == []
+
+    def test_argument_not_modified(self) -> None:
+        p = pod()
+        before = copy.deepcopy(p)
+        inj.inject_pod(p, TARGET, SETTINGS)
+        assert p == before
+
+    def test_json_patch_applies_to_the_injected_pod(self) -> None:
+        p = pod()
+        ops = inj.pod_patch(p, TARGET, SETTINGS)
+        assert ops and all(op["op"] in ("add", "replace", "remove", "move", "copy") for op in ops)
+        assert jsonpatch.apply_patch(p, ops) == inj.inject_pod(p, TARGET, SETTINGS)
+
+
+class TestWorkloads:
+    def deployment(self) -> dict:
+        return {"apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "cursor-agent", "annotations": {"pgwarden.dev/inject": "orders-prod"}},
+                "spec": {"template": {"metadata": {"labels": {"app": "a"}},
+                                      "spec": {"containers": [{"name": "agent", "image": "a"}]}}}}
+
+    def test_carry_patch_for_deployment(self) -> None:
+        patch = inj.carry_annotations_patch(self.deployment())
+        assert patch == {"spec": {"template": {"metadata": {"annotations": {"pgwarden.dev/inject": "orders-prod"}}}}}
+
+    def test_carry_patch_for_cronjob(self) -> None:
+        cj = {"kind": "CronJob", "metadata": {"annotations": {"pgwarden.dev/inject": "c", "pgwarden.dev/sidecar-mode": "native"}},
+              "spec": {"jobTemplate": {"spec": {"template": {"spec": {}}}}}}
+        assert inj.carry_annotations_patch(cj) == {"spec": {"jobTemplate": {"spec": {"template": {"metadata": {
+            "annotations": {"pgwarden.dev/inject": "c", "pgwarden.dev/sidecar-mode": "native"}}}}}}}
+
+    def test_no_carry_when_already_there_or_not_annotated(self) -> None:
+        d = self.deployment()
+        d["spec"]["template"]["metadata"]["annotations"] = {"pgwarden.dev/inject": "orders-prod"}
+        assert inj.carry_annotations_patch(d) is None
+        d["metadata"]["annotations"] = {}
+        assert inj.carry_annotations_patch(d) is None
+        assert inj.carry_annotations_patch({"kind": "Service", "metadata": {"annotations": {"pgwarden.dev/inject": "x"}}}) is None
+
+    def test_inject_manifest_deployment(self) -> None:
+        out = inj.inject_manifest(self.deployment(), None, {}, SETTINGS)
+        tpl = out["spec"]["template"]
+        assert tpl["metadata"]["annotations"]["pgwarden.dev/injected"] == "orders-prod"
+        assert tpl["metadata"]["labels"] == {"app": "a"}
+        assert tpl["spec"]["initContainers"][0]["name"] == inj.PROXY_CONTAINER

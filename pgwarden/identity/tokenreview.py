@@ -1,0 +1,163 @@
+"""Kubernetes TokenReview: let the API server say whether a token is valid.
+
+Used for tokens of issuers not listed under `identity.oidc` — typically service-account tokens
+in a cluster whose issuer JWKS the proxy cannot reach. The API server checks signature, expiry,
+audience and whether the bound pod or secret still exists (which a JWKS check cannot).
+`TokenReviewer` is the seam: the default talks HTTP to the API server with aiohttp, tests point
+it at kmock's Kubernetes emulator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+
+from pgwarden.identity.config import TokenReviewConfig
+from pgwarden.identity.tokens import TokenRejected
+from pgwarden.subjects import Identity
+
+IN_CLUSTER_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+REVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
+
+
+class TokenReviewUnavailable(Exception):
+    """The API server could not be asked; the token is neither accepted nor known bad."""
+
+
+class TokenReviewer(Protocol):
+    async def review(self, token: str, audiences: tuple[str, ...]) -> Mapping[str, Any]:
+        """POST a TokenReview and return its `status`."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def identity_from_review(status: Mapping[str, Any], audiences: tuple[str, ...]) -> Identity:
+    """TokenReview status -> Identity (pure)."""
+    if not status.get("authenticated"):
+        why = status.get("error") or "the API server did not authenticate it"
+        raise TokenRejected(f"the Kubernetes API server rejected the token: {why}")
+    granted = status.get("audiences")
+    if audiences and isinstance(granted, list) and not set(granted) & set(audiences):
+        raise TokenRejected(f"the token is not meant for this proxy: its audience must include one of "
+                            f"{', '.join(audiences)}")
+    user = status.get("user") or {}
+    username = user.get("username")
+    if not isinstance(username, str) or not username:
+        raise TokenRejected("the API server authenticated the token but named no user")
+    groups = tuple(g for g in user.get("groups") or () if isinstance(g, str))
+    service_account = ""
+    parts = username.split(":")
+    if len(parts) == 4 and parts[:2] == ["system", "serviceaccount"]:
+        service_account = f"{parts[2]}/{parts[3]}"
+    return Identity(subject=username, groups=groups, issuer="kubernetes-tokenreview",
+                    service_account=service_account, method="tokenreview",
+                    claims={"tokenreview": {"user": dict(user)}})
+
+
+class KubernetesTokenReviewer:
+    """POST authentication.k8s.io/v1 TokenReview to the API server (in-cluster by default)."""
+
+    def __init__(self, config: TokenReviewConfig, *,
+                 session_factory: Callable[[], aiohttp.ClientSession] | None = None) -> None:
+        self.config = config
+        self._session_factory = session_factory
+        self._session: aiohttp.ClientSession | None = None
+
+    def _api_url(self) -> str:
+        if self.config.api_url:
+            return self.config.api_url.rstrip("/")
+        host = os.environ.get("KUBERNETES_SERVICE_HOST")
+        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        if not host:
+            raise TokenReviewUnavailable("tokenReview.apiUrl is not set and this is not a pod "
+                                         "(KUBERNETES_SERVICE_HOST is unset)")
+        if ":" in host:
+            host = f"[{host}]"
+        return f"https://{host}:{port}"
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            if self._session_factory is not None:
+                self._session = self._session_factory()
+            else:
+                ca = self.config.ca_file or (str(IN_CLUSTER_DIR / "ca.crt") if not self.config.api_url else "")
+                ctx = ssl.create_default_context(cafile=ca or None)
+                self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx),
+                                                      timeout=aiohttp.ClientTimeout(total=10))
+        return self._session
+
+    def _bearer(self) -> str:
+        path = self.config.token_file or (str(IN_CLUSTER_DIR / "token") if not self.config.api_url else "")
+        if not path:
+            return ""
+        try:
+            return Path(path).read_text().strip()
+        except OSError as e:
+            raise TokenReviewUnavailable(f"cannot read the proxy's own token {path}: {e.strerror}") from e
+
+    async def review(self, token: str, audiences: tuple[str, ...]) -> Mapping[str, Any]:
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                "spec": {"token": token, "audiences": list(audiences)}}
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        bearer = self._bearer()
+        if bearer:
+            headers["Authorization"] = f"Bearer {bearer}"
+        url = self._api_url() + REVIEW_PATH
+        try:
+            async with self._client().post(url, data=json.dumps(body), headers=headers) as resp:
+                text = await resp.text()
+                if resp.status not in (200, 201):
+                    raise TokenReviewUnavailable(f"TokenReview answered HTTP {resp.status}; the proxy's service "
+                                                 f"account needs 'create' on tokenreviews.authentication.k8s.io")
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise TokenReviewUnavailable(f"TokenReview request failed: {e or type(e).__name__}") from e
+        try:
+            status = json.loads(text).get("status") or {}
+        except (ValueError, AttributeError) as e:
+            raise TokenReviewUnavailable("TokenReview answer is not JSON") from e
+        return status
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class ReviewCache:
+    """Recent positive reviews by token hash: one API round trip per token per TTL, not per login."""
+
+    def __init__(self, ttl: float, size: int = 1024, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.size = size
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, Identity]] = OrderedDict()
+
+    @staticmethod
+    def key(token: str) -> str:
+        return hashlib.sha256(token.encode()).hexdigest()
+
+    def get(self, token: str) -> Identity | None:
+        k = self.key(token)
+        hit = self._entries.get(k)
+        if hit is None:
+            return None
+        if self._clock() - hit[0] > self.ttl:
+            del self._entries[k]
+            return None
+        return hit[1]
+
+    def put(self, token: str, identity: Identity) -> None:
+        self._entries[self.key(token)] = (self._clock(), identity)
+        self._entries.move_to_end(self.key(token))
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", help="recordings folder (default: $PGWARDEN_RECORDINGS or ./pgwarden-data/recordings)")
     p.add_argument("--json", action="store_true")
 
-    p = _verb(sub, "demo", "pgwarden.demo:main", "run everything on an embedded PostgreSQL, no cluster")
+    p = _verb(sub, "demo", "pgwarden.demo.run:main", "run everything on an embedded PostgreSQL, no cluster")
     p.add_argument("--keep", action="store_true", help="leave the proxy running after the scripted session")
     return parser
 

@@ -1,0 +1,93 @@
+"""Status bodies: conditions with typed reasons, observedGeneration and a phase (pure).
+
+Condition types per kind (the CRD enumerates them):
+- DatabaseConnection: Reachable, CredentialsReady, BundleReady
+- AccessPolicy / MaskingRule: Valid, Compiled
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+
+def iso(epoch: float | None = None) -> str:
+    t = dt.datetime.now(dt.UTC) if epoch is None else dt.datetime.fromtimestamp(epoch, dt.UTC)
+    return t.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def condition(type_: str, ok: bool | None, reason: str, message: str = "", generation: int | None = None) -> dict[str, Any]:
+    c: dict[str, Any] = {
+        "type": type_,
+        "status": "Unknown" if ok is None else ("True" if ok else "False"),
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": iso(),
+    }
+    if generation is not None:
+        c["observedGeneration"] = generation
+    return c
+
+
+def merge_conditions(previous: Iterable[Mapping[str, Any]] | None, updates: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Replace conditions by type; keep lastTransitionTime when the status did not change."""
+    out = {c.get("type"): dict(c) for c in previous or [] if isinstance(c, Mapping)}
+    for new in updates:
+        old = out.get(new["type"])
+        if old is not None and old.get("status") == new["status"] and old.get("lastTransitionTime"):
+            new = {**new, "lastTransitionTime": old["lastTransitionTime"]}
+        out[new["type"]] = new
+    return [out[k] for k in sorted(out, key=str)]
+
+
+def connection_phase(conditions: Iterable[Mapping[str, Any]]) -> str:
+    by = {c.get("type"): c.get("status") for c in conditions}
+    if by.get("Reachable") == "False" or by.get("CredentialsReady") == "False":
+        return "Error"
+    if by.get("BundleReady") == "False":
+        return "Degraded"
+    if by.get("Reachable") == "True" and by.get("CredentialsReady") == "True":
+        return "Ready"
+    return "Pending"
+
+
+def compiled_status(errors: list[str], warnings: list[str], digest: str | None, generation: int | None,
+                    previous: Iterable[Mapping[str, Any]] | None, published: bool) -> dict[str, Any]:
+    """Status of an AccessPolicy or MaskingRule after a bundle compilation."""
+    valid = not errors
+    conds = [
+        condition("Valid", valid, "Validated" if valid else "ValidationFailed",
+                  "; ".join(errors) if errors else ("; ".join(warnings) if warnings else "valid"), generation),
+        condition("Compiled", valid and published, "InBundle" if valid and published else "NotInBundle",
+                  f"in bundle {digest}" if valid and published else
+                  "the connection's last good bundle stays in place until every object is valid", generation),
+    ]
+    out: dict[str, Any] = {
+        "phase": "Valid" if valid else "Invalid",
+        "observedGeneration": generation,
+        "conditions": merge_conditions(previous, conds),
+        "warnings": warnings,
+        "errors": errors,
+    }
+    if digest and published:
+        out["bundleDigest"] = digest
+    return out
+
+
+def connection_status_example() -> dict[str, Any]:
+    """A fully populated DatabaseConnection status (used by the schema test)."""
+    conds = [condition("Reachable", True, "Connected", "PostgreSQL 16.2", 3),
+             condition("CredentialsReady", True, "Rotated", "pgw_c_b active, version 4", 3),
+             condition("BundleReady", True, "Published", "2 policies, 1 masking rule", 3)]
+    return {
+        "phase": connection_phase(conds),
+        "observedGeneration": 3,
+        "conditions": conds,
+        "serverVersion": "16.2",
+        "credentials": {"secretName": "c-pgwarden-credentials", "activeRole": "pgw_c_b", "version": 4,
+                        "rotatedAt": iso(0), "nextRotationAt": iso(3600), "graceEndsAt": iso(120),
+                        "lastAction": "rotate"},
+        "bundle": {"configMapName": "c-pgwarden-bundle", "digest": "0123456789abcdef", "updatedAt": iso(0),
+                   "policies": 2, "maskingRules": 1},
+    }

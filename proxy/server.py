@@ -45,12 +45,14 @@ class SessionInfo:
 
 
 # Builds the per-session gate and observer (policy, masking, audit, recording); None = allow all.
-SessionHooks = Callable[[SessionInfo], tuple[Gate | None, Observer | None]]
+# The second argument writes to the client at any time (NoticeResponse while a statement waits).
+SessionHooks = Callable[[SessionInfo, Callable[[bytes], None]], tuple[Gate | None, Observer | None]]
 
 
 @dataclass
 class _Live:
     relay: Relay | None = None
+    held: asyncio.Future[Verdict] | None = None
     upstream: up.UpstreamSession | None = None
     client: Endpoint | None = None
     info: SessionInfo | None = None
@@ -226,7 +228,7 @@ class ProxyServer:
         hello += [m.parameter_status(k, v) for k, v in upstream.parameters]
         hello.append(m.backend_key_data(*key))
         hello.append(m.ready_for_query(b"I"))
-        gate, observer = self.hooks(info) if self.hooks is not None else (None, None)
+        gate, observer = self.hooks(info, ep.write) if self.hooks is not None else (None, None)
         relay = Relay(uep.write, ep.write, gate=gate, observer=observer, max_message_bytes=self.config.max_message_bytes)
         self._live[key].relay = relay
         done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -243,7 +245,7 @@ class ProxyServer:
                 finish("protocol")
                 return
             if waiting is not None:
-                self._hold(relay, waiting, ep, finish)
+                self._hold(relay, waiting, ep, finish, self._live.get(key))
             if relay.terminated:
                 finish("terminate")
 
@@ -290,16 +292,20 @@ class ProxyServer:
         uep.close()
         ep.close()
 
-    def _hold(self, relay: Relay, waiting: Any, ep: Endpoint, finish: Callable[[str], None]) -> None:
+    def _hold(self, relay: Relay, waiting: Any, ep: Endpoint, finish: Callable[[str], None], live: _Live | None = None) -> None:
         """A statement is held (approval, durable audit): read nothing more until it resolves."""
         if ep.transport is not None:
             ep.transport.pause_reading()
 
         def resolved(fut: asyncio.Future[Verdict]) -> None:
-            if fut.cancelled():
-                finish("cancelled")
-                return
-            exc = fut.exception()
+            if live is not None:
+                live.held = None
+            if fut.cancelled():  # the client's CancelRequest withdrew the held statement
+                exc: BaseException | None = AgentError(
+                    "canceling statement due to user request; nothing was forwarded", sqlstate="57014"
+                )
+            else:
+                exc = fut.exception()
             if exc is None:
                 verdict = fut.result()
             elif isinstance(exc, AgentError):
@@ -314,18 +320,24 @@ class ProxyServer:
                 finish("protocol")
                 return
             if again is not None:
-                self._hold(relay, again, ep, finish)
+                self._hold(relay, again, ep, finish, live)
             elif ep.transport is not None and not ep.closed:
                 ep.transport.resume_reading()
             if relay.terminated:
                 finish("terminate")
 
-        asyncio.ensure_future(waiting).add_done_callback(resolved)
+        fut = asyncio.ensure_future(waiting)
+        if live is not None:
+            live.held = fut
+        fut.add_done_callback(resolved)
 
     async def _cancel(self, pid: int, secret: int) -> None:
         lv = self._live.get((pid, secret))
         if lv is None or lv.upstream is None:
             return  # as PostgreSQL does: no answer either way
+        if lv.held is not None:  # a statement waiting for approval or audit: withdraw it
+            lv.held.cancel()
+            return
         await up.send_cancel(self.config, lv.upstream.pid, lv.upstream.secret)
 
 

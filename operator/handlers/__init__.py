@@ -1,0 +1,1 @@
+"""Typed handler functions; `pgwarden.operator.main` registers them with kopf."""

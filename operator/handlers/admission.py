@@ -1,0 +1,63 @@
+"""Pod admission: inject the proxy into pods annotated `pgwarden.dev/inject: <connection>`.
+
+Failure policy (documented choice): Ignore. A pod admitted while the operator is down starts
+without the sidecar — and therefore without any database credentials, because they exist only
+in the proxy's volume. Failing closed by construction keeps an operator outage from blocking
+every pod creation in the cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import kopf
+from pgwarden.operator import injection
+from pgwarden.operator.runtime import Runtime
+
+
+def target_for(namespace: str, connection: str, known: Mapping[tuple[str, str], str]) -> injection.InjectionTarget:
+    """The connection must exist in the pod's namespace (a pod can only mount local Secrets)."""
+    secret = known.get((namespace, connection))
+    if secret is None:
+        raise kopf.AdmissionError(
+            f"pod annotation {injection.ANNOTATION_INJECT}={connection}: there is no DatabaseConnection {connection!r} "
+            f"in namespace {namespace}; create it there or fix the annotation", code=400)
+    return injection.InjectionTarget.for_connection(connection, secret)
+
+
+def mutate_pod(body: Mapping[str, Any], patch: MutableMapping[str, Any], runtime: Runtime,
+               known: Mapping[tuple[str, str], str], logger: logging.Logger | logging.LoggerAdapter) -> None:
+    meta, spec = body.get("metadata") or {}, body.get("spec") or {}
+    connection = injection.wants_injection(meta)
+    if connection is None or injection.is_injected(meta, spec):
+        return
+    namespace = meta.get("namespace") or "default"
+    target = target_for(namespace, connection, known)
+    try:
+        injected = injection.inject_pod(body, target, runtime.settings.injection)
+    except injection.InjectionError as e:
+        raise kopf.AdmissionError(f"pgwarden cannot inject this pod: {e}", code=400) from e
+
+    def replace(raw: MutableMapping[str, Any]) -> None:
+        raw["metadata"], raw["spec"] = injected["metadata"], injected["spec"]
+
+    patch.fns.append(replace)  # type: ignore[attr-defined]  # kopf.Patch: diffed into the JSON patch
+    logger.info(f"injecting the pgwarden proxy for connection {connection}")
+
+
+def mutate_workload(body: Mapping[str, Any], patch: MutableMapping[str, Any]) -> None:
+    """At creation, carry the workload's annotation into its pod template (Jobs' templates are
+    immutable afterwards, so this is the only moment for them)."""
+    carry = injection.carry_annotations_patch(body)
+    if carry is not None:
+        _merge(patch, carry)
+
+
+def _merge(dst: MutableMapping[str, Any], src: Mapping[str, Any]) -> None:
+    for k, v in src.items():
+        if isinstance(v, Mapping):
+            _merge(dst.setdefault(k, {}), v)
+        else:
+            dst[k] = v

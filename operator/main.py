@@ -1,0 +1,167 @@
+"""`pgwarden operator`: every kopf registration in one thin module.
+
+The handlers live in `handlers/` as typed functions; this module only wires kopf's arguments to
+them. `register()` takes the registry and the runtime explicitly, so tests run the real
+operator with their own settings (tiny rotation intervals) against kmock's emulator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from dataclasses import replace
+from typing import Any
+
+import kopf
+from pgwarden.operator import injection
+from pgwarden.operator.handlers import admission, connection, policies, workloads
+from pgwarden.operator.kube import Kube, load_api_config
+from pgwarden.operator.runtime import Runtime
+from pgwarden.operator.settings import OperatorSettings
+from pgwarden.operator.webhook_server import WebhookServer
+
+PGW = "pgwarden.dev"
+CONNECTIONS = (PGW, "v1alpha1", "databaseconnections")
+POLICIES = (PGW, "v1alpha1", "accesspolicies")
+MASKING = (PGW, "v1alpha1", "maskingrules")
+WORKLOADS = (("apps", "v1", "deployments"), ("apps", "v1", "statefulsets"), ("apps", "v1", "daemonsets"),
+             ("batch", "v1", "cronjobs"), ("batch", "v1", "jobs"))
+INJECT_PRESENT = {injection.ANNOTATION_INJECT: kopf.PRESENT}
+
+
+def configure_kopf(settings: kopf.OperatorSettings, ours: OperatorSettings) -> None:
+    """kopf's own settings, derived from ours."""
+    # keep kopf's bookkeeping in annotations: a structural CRD status would prune status.kopf
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PGW)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=PGW, key="last-handled-configuration")
+    settings.persistence.finalizer = f"{PGW}/finalizer"
+    settings.posting.level = logging.INFO
+    if ours.peering_name:
+        settings.peering.name = ours.peering_name
+        settings.peering.mandatory = True
+        settings.peering.clusterwide = not ours.namespaces
+    wh = ours.webhook
+    if wh.enabled:
+        settings.admission.server = WebhookServer(
+            addr=wh.addr, port=wh.port, host=wh.host, certfile=wh.certfile, pkeyfile=wh.pkeyfile, cafile=wh.cafile,
+            cadump=wh.cadump,
+        )
+        settings.admission.managed = wh.managed
+
+
+def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
+    ours = runtime.settings
+
+    @kopf.on.startup(registry=registry)
+    def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure_kopf(settings, ours)
+
+    @kopf.on.login(registry=registry)
+    def _login(**_: Any) -> kopf.ConnectionInfo:
+        c = runtime.kube.config
+        token = c.token
+        if c.token_file:
+            with open(c.token_file) as f:
+                token = f.read().strip()
+        return kopf.ConnectionInfo(server=c.server, token=token, ca_path=c.ca_file, certificate_path=c.cert_file,
+                                   private_key_path=c.key_file, insecure=c.insecure,
+                                   default_namespace=c.default_namespace)
+
+    @kopf.on.cleanup(registry=registry)
+    async def _cleanup(**_: Any) -> None:
+        await runtime.kube.close()
+
+    # -- DatabaseConnection ---------------------------------------------------------------
+    @kopf.index(*CONNECTIONS, registry=registry)
+    def pgwarden_connections(namespace: str, name: str, spec: Any, **_: Any) -> dict[tuple[str, str], str]:
+        secret = ((spec or {}).get("credentials") or {}).get("secretName") or f"{name}-pgwarden-credentials"
+        return {(namespace, name): secret}
+
+    @kopf.on.resume(*CONNECTIONS, registry=registry, id="reconcile")
+    @kopf.on.create(*CONNECTIONS, registry=registry, id="reconcile")
+    @kopf.on.update(*CONNECTIONS, registry=registry, id="reconcile", field="spec")
+    async def _connection(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
+        await connection.reconcile(body, patch, runtime, logger)
+
+    @kopf.timer(*CONNECTIONS, registry=registry, id="rotate", interval=ours.rotation.check_interval,
+                initial_delay=ours.rotation.check_interval)
+    async def _rotate(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
+        await connection.reconcile(body, patch, runtime, logger)
+
+    @kopf.on.delete(*CONNECTIONS, registry=registry, id="cleanup")
+    async def _connection_deleted(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+        await connection.delete(body, runtime, logger)
+
+    # -- AccessPolicy / MaskingRule -> bundle -----------------------------------------------
+    for resource in (POLICIES, MASKING):
+        @kopf.on.resume(*resource, registry=registry, id="compile")
+        @kopf.on.create(*resource, registry=registry, id="compile")
+        @kopf.on.update(*resource, registry=registry, id="compile", field="spec")
+        async def _compile(body: kopf.Body, old: Any, logger: logging.Logger, **_: Any) -> None:
+            previous = ((old or {}).get("connectionRef") or {}).get("name") if isinstance(old, dict) else None
+            await policies.on_change(body, runtime, logger, old_connection=previous)
+
+        @kopf.on.delete(*resource, registry=registry, id="compile-on-delete", optional=True)
+        async def _compile_deleted(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+            await policies.on_change(body, runtime, logger, deleted=True)
+
+    # -- injection ------------------------------------------------------------------------
+    if ours.webhook.enabled:
+        @kopf.on.mutate("", "v1", "pods", registry=registry, id="pgwarden-inject", operations=["CREATE"],
+                        ignore_failures=True, side_effects=False)
+        def _inject(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger,
+                    pgwarden_connections: kopf.Index[tuple[str, str], str], **_: Any) -> None:
+            known = {k: next(iter(v)) for k, v in pgwarden_connections.items()}
+            admission.mutate_pod(body, patch, runtime, known, logger)
+
+        for group, version, plural in WORKLOADS:
+            @kopf.on.mutate(group, version, plural, registry=registry, id="pgwarden-carry", operations=["CREATE"],
+                            ignore_failures=True, side_effects=False)
+            def _carry_at_admission(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+                admission.mutate_workload(body, patch)
+
+    # later annotations on existing workloads roll out through a template patch
+    for group, version, plural in WORKLOADS:
+        @kopf.on.resume(group, version, plural, registry=registry, id="pgwarden-carry", annotations=INJECT_PRESENT)
+        @kopf.on.create(group, version, plural, registry=registry, id="pgwarden-carry", annotations=INJECT_PRESENT)
+        @kopf.on.update(group, version, plural, registry=registry, id="pgwarden-carry", annotations=INJECT_PRESENT,
+                        field="metadata.annotations")
+        async def _carry(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+            await workloads.carry(body, runtime, logger)
+
+    # ApprovalRequest admission (issue 7) registers here too: a validating/mutating webhook on
+    # approvalrequests UPDATE, served by the same WebhookServer.
+
+
+def settings_from_args(args: argparse.Namespace) -> OperatorSettings:
+    s = OperatorSettings.from_env()
+    if getattr(args, "namespace", None):
+        s = replace(s, namespaces=tuple(args.namespace))
+    if getattr(args, "standalone", False):
+        s = replace(s, peering_name=None)
+    return s
+
+
+async def run(runtime: Runtime, *, liveness: str | None = None, stop_flag: asyncio.Event | None = None,
+              ready_flag: asyncio.Event | None = None) -> None:
+    registry = kopf.OperatorRegistry()
+    register(registry, runtime)
+    s = runtime.settings
+    await kopf.operator(
+        registry=registry,
+        clusterwide=not s.namespaces,
+        namespaces=list(s.namespaces),
+        standalone=s.peering_name is None,
+        peering_name=s.peering_name,
+        liveness_endpoint=liveness,
+        stop_flag=stop_flag,
+        ready_flag=ready_flag,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    runtime = Runtime(settings_from_args(args), Kube(load_api_config()))
+    asyncio.run(run(runtime, liveness=getattr(args, "liveness", None)))
+    return 0

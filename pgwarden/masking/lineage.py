@@ -1,0 +1,838 @@
+"""Lineage: which result columns can carry a masked column's value, decided from the parse tree.
+
+Masking by result-column *name* leaks through `upper(email)`, `row_to_json(c)`, a CTE, a view, a
+UNION branch. Here every expression gets a `Taint` by walking the pglast tree with the catalog:
+
+* CLEAR     — cannot carry a masked value;
+* DIRECT    — is exactly a masked column's value (any alias, `*`, a view/CTE/subquery column, a
+              UNION branch): gets the column's strategy;
+* DERIVED   — computed from masked values (functions, operators, casts, aggregates, JSON):
+              redacted whole, or the statement is denied (`derived: deny`);
+* WHOLEROW  — a row of a relation with masked columns (`c`, `c.*` as a value, `ROW(...)`):
+              follows `wholeRow`;
+* UNKNOWN   — what the analysis cannot follow (unknown relation, opaque function): treated
+              like DERIVED. Never passed in clear.
+
+The walk also denies, with a PolicyDenied (42501) that names the column and the way out:
+masked columns in WHERE / JOIN / ORDER BY / GROUP BY / HAVING / window / CASE WHEN / FILTER /
+LIMIT (an oracle: `WHERE ssn LIKE '1%'`) unless `allowInPredicates`; writes that copy a masked
+value elsewhere (INSERT … SELECT, UPDATE … SET, CREATE TABLE AS, SELECT INTO, COPY to a file);
+functions that run SQL given as text or keep a value as a side effect (`set_config`, `setval`,
+`pg_notify`, `pg_sleep` over masked data); code the analysis cannot see into (DO, CREATE
+FUNCTION / TRIGGER / RULE, CALL); and DDL that would rename or copy a masked column away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pglast import ast, enums
+
+from pgwarden.errors import PolicyDenied
+from pgwarden.masking.catalog import Catalog, Relation
+
+if TYPE_CHECKING:
+    from pgwarden.masking.subject import SubjectMasking
+
+CLEAR, DIRECT, DERIVED, WHOLEROW, UNKNOWN = range(5)
+
+
+@dataclass(frozen=True)
+class Taint:
+    kind: int = CLEAR
+    strategy: str | None = None
+    sources: frozenset[str] = frozenset()
+    type_oid: int = 0
+
+    @property
+    def tainted(self) -> bool:
+        return self.kind != CLEAR
+
+
+CLEAR_T = Taint()
+
+
+def union(a: Taint, b: Taint) -> Taint:
+    """Two values that may land in the same result column (set operations, ambiguity)."""
+    if not b.tainted:
+        return a
+    if not a.tainted:
+        return b
+    kind = max(a.kind, b.kind)
+    sources = a.sources | b.sources
+    if kind == DIRECT:
+        if a.kind == DIRECT and b.kind == DIRECT and a.strategy != b.strategy:
+            from pgwarden.masking.model import strongest
+
+            strat = strongest(a.strategy or "redact", b.strategy or "redact")
+        else:
+            strat = a.strategy if a.kind == DIRECT else b.strategy
+        typ = a.type_oid if a.type_oid == b.type_oid else 0
+        return Taint(DIRECT, strat, sources, typ)
+    return Taint(kind, None, sources)
+
+
+def derive(taints: Iterable[Taint]) -> Taint:
+    """An expression computed from `taints`: any masked input makes the output DERIVED."""
+    kind = CLEAR
+    sources: frozenset[str] = frozenset()
+    for t in taints:
+        if t.kind:
+            kind = max(kind, DERIVED if t.kind == DIRECT else t.kind)
+            sources |= t.sources
+    return CLEAR_T if kind == CLEAR else Taint(kind, None, sources)
+
+
+@dataclass
+class OutCol:
+    """One output column of a relation or query; `spread` stands for zero or more columns."""
+
+    name: str
+    taint: Taint
+    spread: bool = False
+
+
+def spread(t: Taint) -> list[OutCol]:
+    return [OutCol("?", t, True)]
+
+
+@dataclass
+class Rel:
+    """A FROM item as name resolution sees it; `columns` None means unknown."""
+
+    alias: str
+    schema: str | None
+    columns: list[OutCol] | None
+
+    def whole_row(self) -> Taint:
+        if self.columns is None:
+            return Taint(UNKNOWN, None, frozenset({self.alias}))
+        t = derive(c.taint for c in self.columns)
+        return Taint(WHOLEROW, None, t.sources) if t.tainted else CLEAR_T
+
+    def star(self) -> list[OutCol]:
+        if self.columns is None:
+            return spread(Taint(UNKNOWN, None, frozenset({self.alias})))
+        return list(self.columns)
+
+
+@dataclass
+class Scope:
+    parent: Scope | None = None
+    rels: list[Rel] = field(default_factory=list)
+    star: list[OutCol] = field(default_factory=list)
+    ctes: dict[str, list[OutCol] | None] = field(default_factory=dict)
+
+    def find_cte(self, name: str) -> tuple[bool, list[OutCol] | None]:
+        s: Scope | None = self
+        while s is not None:
+            if name in s.ctes:
+                return True, s.ctes[name]
+            s = s.parent
+        return False, None
+
+
+# -- the plan the proxy gets ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ColumnPlan:
+    """What to do with one result column: action None (clear), a strategy, or 'derived'."""
+
+    action: str | None
+    spread: bool = False
+    source: str = ""
+    type_oid: int = 0
+
+
+# SQL functions that run SQL given as text, or read a relation named by a string
+SQL_TEXT_FUNCTIONS = frozenset({
+    "query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema", "cursor_to_xml",
+    "cursor_to_xmlschema", "table_to_xml", "table_to_xmlschema", "table_to_xml_and_xmlschema",
+    "schema_to_xml", "schema_to_xmlschema", "schema_to_xml_and_xmlschema", "database_to_xml",
+    "database_to_xmlschema", "database_to_xml_and_xmlschema", "ts_stat", "dblink", "dblink_exec",
+    "dblink_open", "dblink_fetch", "dblink_send_query", "dblink_get_result", "query_to_json",
+})
+# functions that keep or signal a value outside the result (readable in clear afterwards)
+SIDE_EFFECT_FUNCTIONS = frozenset({
+    "set_config", "setval", "pg_notify", "pg_sleep", "pg_sleep_for", "pg_sleep_until",
+    "lo_from_bytea", "lo_put", "lowrite", "lo_import", "lo_export", "pg_logical_emit_message",
+    "pg_advisory_lock", "pg_advisory_xact_lock", "pg_try_advisory_lock", "pg_try_advisory_xact_lock",
+    "pg_advisory_lock_shared", "pg_try_advisory_lock_shared", "pg_advisory_xact_lock_shared",
+    "pg_try_advisory_xact_lock_shared", "pg_file_write", "pg_file_rename", "raise_error",
+})
+# relations whose columns hold samples of other tables' values (planner statistics)
+OPAQUE_RELATIONS = frozenset({
+    ("pg_catalog", "pg_stats"), ("pg_catalog", "pg_stats_ext"), ("pg_catalog", "pg_stats_ext_exprs"),
+    ("pg_catalog", "pg_statistic"), ("pg_catalog", "pg_statistic_ext_data"),
+})
+_OPAQUE_CODE = (ast.DoStmt, ast.CreateFunctionStmt, ast.CreateTrigStmt, ast.RuleStmt, ast.CallStmt,
+                ast.CreateEventTrigStmt)
+_SESSION_STMTS = (ast.DeclareCursorStmt, ast.FetchStmt, ast.ClosePortalStmt, ast.PrepareStmt,
+                  ast.ExecuteStmt, ast.DeallocateStmt)
+_HINT = ("Select other columns, or ask an administrator for an exemption "
+         "(MaskingRule exemptSubjects).")
+
+
+class Analyzer:
+    """One statement's walk; raises PolicyDenied at the first reason to refuse it."""
+
+    def __init__(self, masking: SubjectMasking, catalog: Catalog, search_path: Sequence[str],
+                 view_depth: int = 0, in_view: bool = False) -> None:
+        self.m = masking
+        self.catalog = catalog
+        self.search_path = tuple(search_path)
+        self.view_depth = view_depth
+        self.in_view = in_view
+
+    # -- denial --------------------------------------------------------------------------------
+
+    def deny(self, what: str, t: Taint | None = None, hint: str = _HINT) -> PolicyDenied:
+        rules = ", ".join(self.m.rule_names)
+        if t is not None and t.sources:
+            what = f"{what} ({', '.join(sorted(t.sources))} is masked)"
+        return PolicyDenied(f"masking rule {rules}: {what}", hint=hint)
+
+    def predicate(self, node: Any, scope: Scope, clause: str, outs: list[OutCol] | None = None) -> None:
+        if node is None:
+            return
+        t = self.clause_taint(node, scope, outs)
+        if t.tainted and not self.m.allow_in_predicates and not self.in_view:
+            raise self.deny(
+                f"a masked value used in {clause} would reveal it through which rows come back, or in which order",
+                t,
+                hint="Filter, join and sort on columns that are not masked, or ask for an exemption "
+                     "(MaskingRule exemptSubjects); allowInPredicates: true permits this at the "
+                     "risk of value-guessing queries.",
+            )
+
+    def clause_taint(self, node: Any, scope: Scope, outs: list[OutCol] | None) -> Taint:
+        """ORDER BY / GROUP BY items may name an output column by position or by its alias."""
+        if isinstance(node, (list, tuple)):
+            return derive(self.clause_taint(n, scope, outs) for n in node)
+        if isinstance(node, ast.SortBy):
+            return self.clause_taint(node.node, scope, outs)
+        if outs is not None and not any(o.spread for o in outs):
+            if isinstance(node, ast.A_Const) and isinstance(node.val, ast.Integer):
+                i = node.val.ival
+                return outs[i - 1].taint if 0 < i <= len(outs) else CLEAR_T
+            if isinstance(node, ast.ColumnRef) and len(node.fields) == 1 and isinstance(node.fields[0], ast.String):
+                name = node.fields[0].sval
+                by_out = [o.taint for o in outs if o.name == name]
+                t = self.expr(node, scope, allow_missing=True)
+                for b in by_out:
+                    t = union(t, b)
+                return t
+        elif outs is not None and isinstance(node, ast.A_Const):
+            return derive(o.taint for o in outs)
+        return self.expr(node, scope)
+
+    # -- statements ----------------------------------------------------------------------------
+
+    def statement(self, stmt: Any, session: Any) -> tuple[str, list[OutCol] | None, dict[str, Any]]:
+        """(kind, output columns, extra) with kind rows | copy | none | fetch | execute."""
+        if isinstance(stmt, ast.SelectStmt):
+            outs = self.select(stmt, None)
+            if stmt.intoClause is not None:
+                self.no_copy(outs, "SELECT INTO would copy masked values into a new table")
+                return "none", None, {}
+            return "rows", outs, {}
+        if isinstance(stmt, (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)):
+            outs = self.dml(stmt, None)
+            return ("rows", outs, {}) if outs else ("none", None, {})
+        if isinstance(stmt, ast.CopyStmt):
+            return self.copy(stmt)
+        if isinstance(stmt, ast.CreateTableAsStmt):
+            outs = self.query(stmt.query, None)
+            self.no_copy(outs, "CREATE TABLE AS would copy masked values into a new relation")
+            return "none", None, {}
+        if isinstance(stmt, ast.ViewStmt):
+            # a view is analysed again when it is read; only its own filters must be refused here
+            self.query(stmt.query, None)
+            return "none", None, {}
+        if isinstance(stmt, ast.ExplainStmt):
+            self.query(stmt.query, None)
+            return "rows", [OutCol("QUERY PLAN", CLEAR_T)], {}
+        if isinstance(stmt, _OPAQUE_CODE):
+            raise self.deny(
+                f"{type(stmt).__name__.replace('Stmt', '')} runs code the masking analysis cannot "
+                "see into, so it could move masked values", None,
+                hint="Ask an administrator to run it, or for an exemption (MaskingRule exemptSubjects).")
+        if isinstance(stmt, (ast.AlterTableStmt, ast.RenameStmt)):
+            self.check_alter(stmt)
+            return "none", None, {}
+        if isinstance(stmt, ast.DeclareCursorStmt):
+            outs = self.query(stmt.query, None)
+            return "none", None, {"declare": stmt.portalname, "outs": outs}
+        if isinstance(stmt, ast.FetchStmt):
+            return ("none" if stmt.ismove else "fetch"), None, {"cursor": stmt.portalname}
+        if isinstance(stmt, ast.PrepareStmt):
+            outs = self.query(stmt.query, None)
+            return "none", None, {"prepare": stmt.name, "outs": outs}
+        if isinstance(stmt, ast.ExecuteStmt):
+            return "execute", None, {"prepared": stmt.name}
+        return "none", None, {}
+
+    def query(self, node: Any, outer: Scope | None) -> list[OutCol]:
+        if isinstance(node, ast.SelectStmt):
+            return self.select(node, outer)
+        if isinstance(node, (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)):
+            return self.dml(node, outer)
+        if node is None:
+            return []
+        return spread(Taint(UNKNOWN, None, frozenset({type(node).__name__})))
+
+    def no_copy(self, outs: list[OutCol], what: str) -> None:
+        t = derive(o.taint for o in outs)
+        if t.tainted:
+            raise self.deny(what, t, hint="Leave masked columns out of the copied values, or ask for "
+                                          "an exemption (MaskingRule exemptSubjects).")
+
+    def check_alter(self, stmt: Any) -> None:
+        rv = getattr(stmt, "relation", None)
+        if not isinstance(rv, ast.RangeVar):
+            return
+        rel = self.relation(rv, Scope())
+        t = rel.whole_row()
+        if t.tainted:
+            raise self.deny(f"{type(stmt).__name__.replace('Stmt', '')} on a relation with masked columns "
+                            "could rename or copy them out of the masking rule", t,
+                            hint="Ask an administrator to change this table.")
+
+    # -- SELECT --------------------------------------------------------------------------------
+
+    def select(self, stmt: ast.SelectStmt, outer: Scope | None) -> list[OutCol]:
+        scope = Scope(parent=outer)
+        if stmt.withClause is not None:
+            self.with_clause(stmt.withClause, scope)
+        if stmt.op and stmt.op != enums.SetOperation.SETOP_NONE:
+            left = self.select(stmt.larg, scope)
+            right = self.select(stmt.rarg, scope)
+            outs = merge_positional(left, right)
+            for item in stmt.sortClause or ():
+                self.predicate(item, scope, "ORDER BY", outs)
+            self.predicate(stmt.limitCount, scope, "LIMIT")
+            self.predicate(stmt.limitOffset, scope, "OFFSET")
+            return outs
+        if stmt.valuesLists:
+            outs = []
+            for row in stmt.valuesLists:
+                cols = [OutCol(f"column{i + 1}", self.expr(v, scope)) for i, v in enumerate(row)]
+                outs = cols if not outs else merge_positional(outs, cols)
+            return outs
+        for item in stmt.fromClause or ():
+            self.from_item(item, scope)
+        self.predicate(stmt.whereClause, scope, "WHERE")
+        outs = self.targets(stmt.targetList or (), scope)
+        for item in stmt.groupClause or ():
+            self.predicate(item, scope, "GROUP BY", outs)
+        self.predicate(stmt.havingClause, scope, "HAVING")
+        for item in stmt.sortClause or ():
+            self.predicate(item, scope, "ORDER BY", outs)
+        for item in stmt.distinctClause or ():
+            if item is not None:
+                self.predicate(item, scope, "DISTINCT ON", outs)
+        for w in stmt.windowClause or ():
+            self.predicate(w.partitionClause, scope, "PARTITION BY", outs)
+            self.predicate(w.orderClause, scope, "window ORDER BY", outs)
+        self.predicate(stmt.limitCount, scope, "LIMIT")
+        self.predicate(stmt.limitOffset, scope, "OFFSET")
+        return outs
+
+    def with_clause(self, wc: ast.WithClause, scope: Scope) -> None:
+        for cte in wc.ctes or ():
+            name = cte.ctename
+            q = cte.ctequery
+            if wc.recursive and isinstance(q, ast.SelectStmt) and q.op and q.op != enums.SetOperation.SETOP_NONE:
+                scope.ctes[name] = None  # a self-reference while analysing the seed: unknown
+                outs = rename(self.select(q.larg, scope), cte.aliascolnames)
+                for _ in range(4):
+                    scope.ctes[name] = outs
+                    again = rename(self.select(q, scope), cte.aliascolnames)
+                    merged = merge_positional(outs, again)
+                    if [(o.taint, o.spread) for o in merged] == [(o.taint, o.spread) for o in outs]:
+                        break
+                    outs = merged
+                scope.ctes[name] = outs
+            else:
+                scope.ctes[name] = rename(self.query(q, scope), cte.aliascolnames)
+
+    def targets(self, items: Iterable[Any], scope: Scope) -> list[OutCol]:
+        outs: list[OutCol] = []
+        for rt in items:
+            val = rt.val if isinstance(rt, ast.ResTarget) else rt
+            if isinstance(val, ast.ColumnRef) and isinstance(val.fields[-1], ast.A_Star):
+                outs.extend(self.star(val, scope))
+                continue
+            if (isinstance(val, ast.A_Indirection) and val.indirection
+                    and isinstance(val.indirection[-1], ast.A_Star)):
+                rel = self.row_rel(val.arg, scope) if len(val.indirection) == 1 else None
+                if rel is not None:
+                    outs.extend(rel.star())
+                else:
+                    t = self.expr(val.arg, scope)
+                    outs.extend(spread(Taint(DERIVED, None, t.sources) if t.kind == DIRECT else t))
+                continue
+            t = self.expr(val, scope)
+            outs.append(OutCol(getattr(rt, "name", None) or output_name(val), t))
+        return outs
+
+    def star(self, ref: ast.ColumnRef, scope: Scope) -> list[OutCol]:
+        names = [f.sval for f in ref.fields[:-1]]
+        if not names:
+            return list(scope.star)
+        rel = self.find_rel(names, scope)
+        if rel is None:
+            return spread(Taint(UNKNOWN, None, frozenset({".".join(names)})))
+        return rel.star()
+
+    def row_rel(self, node: Any, scope: Scope) -> Rel | None:
+        """`(c).*`: the relation when `node` is a plain whole-row reference."""
+        if isinstance(node, ast.ColumnRef) and all(isinstance(f, ast.String) for f in node.fields):
+            names = [f.sval for f in node.fields]
+            if len(names) == 1 and self.lookup(names[0], scope) is not None:
+                return None
+            return self.find_rel(names, scope)
+        return None
+
+    # -- FROM ----------------------------------------------------------------------------------
+
+    def from_item(self, item: Any, scope: Scope) -> list[OutCol]:
+        """Add the item's relations to `scope`; returns its columns in `*` order."""
+        if isinstance(item, ast.RangeVar):
+            rel = self.relation(item, scope)
+            scope.rels.append(rel)
+            cols = rel.star()
+        elif isinstance(item, ast.JoinExpr):
+            cols = self.join(item, scope)
+        elif isinstance(item, ast.RangeSubselect):
+            sub = Scope(parent=scope)  # LATERAL or not: seeing earlier items can only add taint
+            outs = self.query(item.subquery, sub)
+            alias = item.alias.aliasname if item.alias else "?subquery"
+            rel = Rel(alias, None, rename(outs, item.alias.colnames if item.alias else None))
+            scope.rels.append(rel)
+            cols = rel.star()
+        elif isinstance(item, ast.RangeFunction):
+            taints = []
+            fname = "?function"
+            for pair in item.functions or ():
+                fn = pair[0] if isinstance(pair, (list, tuple)) else pair
+                taints.append(self.expr(fn, scope))
+                if isinstance(fn, ast.FuncCall):
+                    fname = fn.funcname[-1].sval
+            t = derive(taints)
+            alias = item.alias.aliasname if item.alias else fname
+            rel = Rel(alias, None, spread(t))
+            scope.rels.append(rel)
+            cols = rel.star()
+        elif isinstance(item, ast.RangeTableSample):
+            cols = self.from_item(item.relation, scope)
+            self.predicate(item.args, scope, "TABLESAMPLE")
+        else:  # XMLTABLE, JSON_TABLE and what a newer parser may add: columns of unknown lineage
+            t = self.generic(item, scope)
+            alias = getattr(getattr(item, "alias", None), "aliasname", None) or "?"
+            rel = Rel(alias, None, spread(t if t.tainted else CLEAR_T))
+            scope.rels.append(rel)
+            cols = rel.star()
+        scope.star.extend(cols)
+        return cols
+
+    def join(self, j: ast.JoinExpr, scope: Scope) -> list[OutCol]:
+        mark = len(scope.star)
+        left = self.from_item(j.larg, scope)
+        right = self.from_item(j.rarg, scope)
+        del scope.star[mark:]  # from_item appended both sides; the join decides the order
+        using = [u.sval for u in j.usingClause or ()]
+        if j.isNatural:
+            if any(c.spread for c in left + right):
+                cols = spread(derive(c.taint for c in left + right) if any(
+                    c.taint.tainted for c in left + right) else CLEAR_T)
+                for c in left + right:
+                    if c.taint.tainted and c.taint.kind == DIRECT:
+                        cols = spread(union(cols[0].taint, c.taint))
+                using = []
+            else:
+                rnames = {c.name for c in right}
+                using = [c.name for c in left if c.name in rnames]
+        if using:
+            merged = []
+            for name in using:
+                t = CLEAR_T
+                for c in left + right:
+                    if c.name == name or c.spread:
+                        t = union(t, c.taint)
+                merged.append(OutCol(name, t))
+            cols = merged + [c for c in left if c.name not in using or c.spread] + [
+                c for c in right if c.name not in using or c.spread]
+        elif not j.isNatural or not any(c.spread for c in left + right):
+            cols = left + right
+        self.predicate(j.quals, scope, "JOIN ON")
+        if j.alias is not None:
+            scope.rels.append(Rel(j.alias.aliasname, None, rename(cols, j.alias.colnames)))
+        if j.join_using_alias is not None:
+            scope.rels.append(Rel(j.join_using_alias.aliasname, None, [c for c in cols if c.name in using]))
+        return cols
+
+    def relation(self, rv: ast.RangeVar, scope: Scope) -> Rel:
+        alias = rv.alias.aliasname if rv.alias else rv.relname
+        colnames = rv.alias.colnames if rv.alias else None
+        if not rv.schemaname:
+            found, cte = scope.find_cte(rv.relname)
+            if found:
+                cols = cte if cte is not None else spread(Taint(UNKNOWN, None, frozenset({rv.relname})))
+                return Rel(alias, None, rename(list(cols), colnames))
+            rel, candidates = self.catalog.resolve(rv.relname, self.search_path)
+        else:
+            rel = self.catalog.get(rv.schemaname, rv.relname)
+            candidates = [rel] if rel else []
+        schema = None if rv.alias else (rel.schema if rel else rv.schemaname)
+        if rel is None:
+            return Rel(alias, schema, None)
+        cols = self.relation_columns(rel)
+        if not rv.schemaname:
+            # search_path may differ from what we were told: merge every same-named relation that
+            # masks something, so an unqualified name never resolves to fewer masks than it could
+            for other in candidates:
+                if other is rel:
+                    continue
+                ocols = {c.name: c.taint for c in self.relation_columns(other) if not c.spread}
+                if any(t.tainted for t in ocols.values()):
+                    cols = [OutCol(c.name, union(c.taint, ocols.get(c.name, CLEAR_T)), c.spread) for c in cols]
+                    extra = [t for n, t in ocols.items() if t.tainted and n not in {c.name for c in cols}]
+                    if extra:
+                        cols = [OutCol(c.name, union(c.taint, Taint(DERIVED, None, derive(extra).sources)),
+                                       c.spread) for c in cols]
+        return Rel(alias, schema, rename(cols, colnames))
+
+    def relation_columns(self, rel: Relation) -> list[OutCol]:
+        if (rel.schema, rel.name) in OPAQUE_RELATIONS and self.m.has_columns:
+            src = frozenset({rel.qualified})
+            return [OutCol(c, Taint(DERIVED, None, src)) for c in rel.columns]
+        if rel.view_sql is not None:
+            return self.view_columns(rel)
+        out = []
+        for i, c in enumerate(rel.columns):
+            strat = self.m.column_strategy(rel, c)
+            if strat is None:
+                out.append(OutCol(c, CLEAR_T))
+            else:
+                typ = rel.type_oids[i] if i < len(rel.type_oids) else 0
+                out.append(OutCol(c, Taint(DIRECT, strat, frozenset({f"{rel.qualified}.{c}"}), typ)))
+        return out
+
+    def view_columns(self, rel: Relation) -> list[OutCol]:
+        key = (self.catalog.version, rel.schema, rel.name)
+        hit = self.m.view_cache.get(key)
+        if hit is not None:
+            return list(hit)
+        unknown = Taint(UNKNOWN, None, frozenset({rel.qualified}))
+        if self.view_depth > 16:
+            return [OutCol(c, unknown) for c in rel.columns] or spread(unknown)
+        try:
+            from pglast import parse_sql
+
+            stmts = parse_sql(rel.view_sql or "")
+            sub = Analyzer(self.m, self.catalog, ("public",), self.view_depth + 1, in_view=True)
+            outs = sub.query(stmts[0].stmt, None) if len(stmts) == 1 else spread(unknown)
+        except PolicyDenied:
+            raise
+        except Exception:  # noqa: BLE001 - a definition we cannot parse is unknown, not clear
+            outs = spread(unknown)
+        if not rel.columns:
+            cols = outs
+        elif not any(o.spread for o in outs) and len(outs) == len(rel.columns):
+            cols = [OutCol(n, o.taint) for n, o in zip(rel.columns, outs, strict=True)]
+        else:  # shapes disagree: every view column may be any output
+            worst = derive(o.taint for o in outs)
+            cols = [OutCol(n, worst) for n in rel.columns]
+        self.m.view_cache[key] = cols
+        return list(cols)
+
+    # -- DML -----------------------------------------------------------------------------------
+
+    def dml(self, stmt: Any, outer: Scope | None) -> list[OutCol]:
+        scope = Scope(parent=outer)
+        if getattr(stmt, "withClause", None) is not None:
+            self.with_clause(stmt.withClause, scope)
+        if isinstance(stmt, ast.MergeStmt):
+            target = self.relation(stmt.relation, scope)
+            src_scope = Scope(parent=scope)
+            self.from_item(stmt.sourceRelation, src_scope)
+            t = derive([target.whole_row(), *(r.whole_row() for r in src_scope.rels)])
+            if t.tainted:
+                raise self.deny("MERGE over relations with masked columns is not analysed", t,
+                                hint="Use INSERT / UPDATE statements that leave masked columns out.")
+            return []
+        target = self.relation(stmt.relation, scope)
+        scope.rels.append(target)
+        scope.star.extend(target.star())
+        if isinstance(stmt, ast.InsertStmt):
+            name = stmt.relation.relname
+            if stmt.selectStmt is not None:
+                outs = self.query(stmt.selectStmt, Scope(parent=outer, ctes=scope.ctes))
+                self.no_copy(outs, f"INSERT into {name} would copy masked values")
+            occ = stmt.onConflictClause
+            if occ is not None:
+                scope.rels.append(Rel("excluded", None, [OutCol(c.name, CLEAR_T) for c in target.star()]))
+                for rt in occ.targetList or ():
+                    self.no_copy([OutCol("", self.expr(rt.val, scope))],
+                                 f"ON CONFLICT DO UPDATE of {name} would copy masked values")
+                self.predicate(occ.whereClause, scope, "ON CONFLICT WHERE")
+        elif isinstance(stmt, ast.UpdateStmt):
+            for item in stmt.fromClause or ():
+                self.from_item(item, scope)
+            self.predicate(stmt.whereClause, scope, "WHERE")
+            for rt in stmt.targetList or ():
+                val = rt.val.source if isinstance(rt.val, ast.MultiAssignRef) else rt.val
+                self.no_copy([OutCol("", self.expr(val, scope))],
+                             f"UPDATE … SET {rt.name} would copy masked values")
+        elif isinstance(stmt, ast.DeleteStmt):
+            for item in stmt.usingClause or ():
+                self.from_item(item, scope)
+            self.predicate(stmt.whereClause, scope, "WHERE")
+        return self.targets(stmt.returningList or (), scope)
+
+    # -- COPY ----------------------------------------------------------------------------------
+
+    def copy(self, stmt: ast.CopyStmt) -> tuple[str, list[OutCol] | None, dict[str, Any]]:
+        if stmt.is_from:
+            return "none", None, {}
+        opts = copy_options(stmt.options)
+        if stmt.query is not None:
+            outs = self.query(stmt.query, None)
+        else:
+            scope = Scope()
+            rel = self.relation(stmt.relation, scope)
+            cols = rel.star()
+            if stmt.attlist:
+                wanted = [a.sval for a in stmt.attlist]
+                by_name = {c.name: c for c in cols if not c.spread}
+                sp = [c.taint for c in cols if c.spread]
+                outs = [by_name.get(n) or OutCol(n, derive(sp) if sp else Taint(UNKNOWN)) for n in wanted]
+            else:
+                outs = cols
+        t = derive(o.taint for o in outs)
+        if stmt.filename is not None or stmt.is_program:
+            if t.tainted:
+                raise self.deny("COPY to a server file or program would write masked values in clear", t,
+                                hint="COPY … TO STDOUT gets masked output.")
+            return "none", None, {}
+        if opts.get("format") == "binary" and (t.tainted or self.m.detectors):
+            raise self.deny("COPY in binary format cannot be masked", t if t.tainted else None,
+                            hint="Use COPY … TO STDOUT (FORMAT text) or (FORMAT csv).")
+        return "copy", outs, {"options": opts}
+
+    # -- expressions ---------------------------------------------------------------------------
+
+    def expr(self, node: Any, scope: Scope, allow_missing: bool = False) -> Taint:
+        if node is None:
+            return CLEAR_T
+        if isinstance(node, (list, tuple)):
+            return derive(self.expr(n, scope) for n in node)
+        if isinstance(node, ast.ColumnRef):
+            return self.column_ref(node, scope, allow_missing)
+        if isinstance(node, (ast.A_Const, ast.ParamRef, ast.SQLValueFunction, ast.CurrentOfExpr,
+                             ast.SetToDefault, ast.TypeName)):
+            return CLEAR_T
+        if isinstance(node, ast.SubLink):
+            return self.sublink(node, scope)
+        if isinstance(node, ast.FuncCall):
+            return self.func(node, scope)
+        if isinstance(node, ast.CaseExpr):
+            for w in node.args or ():
+                self.predicate(w.expr, scope, "CASE WHEN")
+            return self.generic(node, scope)
+        if isinstance(node, ast.RowExpr):
+            t = derive(self.expr(a, scope) for a in node.args or ())
+            return Taint(WHOLEROW, None, t.sources) if t.tainted and t.kind < WHOLEROW else t
+        if isinstance(node, ast.A_Indirection):
+            if node.indirection and isinstance(node.indirection[0], ast.String):
+                rel = self.row_rel(node.arg, scope)
+                if rel is not None and rel.columns is not None:
+                    name = node.indirection[0].sval
+                    hits = [c.taint for c in rel.columns if c.name == name or c.spread]
+                    t = CLEAR_T
+                    for h in hits:
+                        t = union(t, h)
+                    if not hits:
+                        t = rel.whole_row()
+                    if len(node.indirection) == 1:
+                        return t
+                    return derive([t, self.expr(node.indirection[1:], scope)])
+            return self.generic(node, scope)
+        if isinstance(node, (ast.SelectStmt, ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt)):
+            return derive(o.taint for o in self.query(node, scope))
+        return self.generic(node, scope)
+
+    def generic(self, node: Any, scope: Scope) -> Taint:
+        """Any other node: its value is derived from every expression below it."""
+        children = []
+        for slot in node.__slots__:
+            v = getattr(node, slot, None)
+            if isinstance(v, (ast.Node, list, tuple)):
+                children.append(self.expr(v, scope))
+        return derive(children)
+
+    def sublink(self, node: ast.SubLink, scope: Scope) -> Taint:
+        outs = self.query(node.subselect, scope)
+        kind = node.subLinkType
+        if kind == enums.SubLinkType.EXISTS_SUBLINK:
+            return CLEAR_T
+        if kind == enums.SubLinkType.EXPR_SUBLINK and len(outs) == 1 and not outs[0].spread:
+            return outs[0].taint
+        return derive([self.expr(node.testexpr, scope), *(o.taint for o in outs)])
+
+    def func(self, node: ast.FuncCall, scope: Scope) -> Taint:
+        names = [n.sval.lower() for n in node.funcname if isinstance(n, ast.String)]
+        name = names[-1] if names else ""
+        schema = names[-2] if len(names) > 1 else None
+        args = [self.expr(a, scope) for a in node.args or ()]
+        if node.agg_filter is not None:
+            self.predicate(node.agg_filter, scope, "FILTER (WHERE …)")
+        if node.agg_order:
+            self.predicate(node.agg_order, scope, "an aggregate's ORDER BY")
+        if node.over is not None:
+            self.predicate(node.over.partitionClause, scope, "PARTITION BY")
+            self.predicate(node.over.orderClause, scope, "window ORDER BY")
+        t = derive(args)
+        if self.m.has_columns and name in SQL_TEXT_FUNCTIONS:
+            raise self.deny(f"{name}() runs SQL given as text, which the masking analysis cannot follow",
+                            None, hint="Write the query directly; masked columns are then masked.")
+        if t.tainted and name in SIDE_EFFECT_FUNCTIONS:
+            raise self.deny(f"{name}() would keep or signal a masked value outside the result", t)
+        if self.m.has_columns and self.catalog.user_function(schema, name, self.search_path):
+            t = derive([t, Taint(UNKNOWN, None, frozenset({f"function {'.'.join(names)}()"}))])
+        return t
+
+    def column_ref(self, node: ast.ColumnRef, scope: Scope, allow_missing: bool = False) -> Taint:
+        fields = node.fields
+        if isinstance(fields[-1], ast.A_Star):  # c.* as a value: a whole row
+            names = [f.sval for f in fields[:-1]]
+            if not names:
+                t = derive(c.taint for c in scope.star)
+                return Taint(WHOLEROW, None, t.sources) if t.tainted and t.kind < WHOLEROW else t
+            rel = self.find_rel(names, scope)
+            return rel.whole_row() if rel else Taint(UNKNOWN, None, frozenset({".".join(names)}))
+        names = [f.sval for f in fields]
+        if len(names) == 1:
+            t = self.lookup(names[0], scope)
+            if t is not None:
+                return t
+            rel = self.find_rel(names, scope)
+            if rel is not None:
+                return rel.whole_row()
+            if allow_missing:
+                return CLEAR_T
+            return Taint(UNKNOWN, None, frozenset({names[0]}))
+        rel = self.find_rel(names[:-1], scope)
+        if rel is None:
+            return Taint(UNKNOWN, None, frozenset({".".join(names)}))
+        if rel.columns is None:
+            return Taint(UNKNOWN, None, frozenset({".".join(names)}))
+        t = CLEAR_T
+        found = False
+        for c in rel.columns:
+            if c.name == names[-1] and not c.spread:
+                t, found = union(t, c.taint), True
+        if not found:
+            for c in rel.columns:
+                if c.spread:
+                    t, found = union(t, c.taint), True
+        return t if found else Taint(UNKNOWN, None, frozenset({".".join(names)}))
+
+    def lookup(self, name: str, scope: Scope) -> Taint | None:
+        """An unqualified column name; None when no relation in any scope can supply it."""
+        acc: Taint | None = None
+        s: Scope | None = scope
+        while s is not None:
+            matches: list[Taint] = []
+            maybe: list[Taint] = []
+            for rel in s.rels:
+                if rel.columns is None:
+                    maybe.append(Taint(UNKNOWN, None, frozenset({f"{rel.alias}.{name}"})))
+                    continue
+                for c in rel.columns:
+                    if c.spread:
+                        maybe.append(c.taint)
+                    elif c.name == name:
+                        matches.append(c.taint)
+            if matches:
+                t = matches[0]
+                for m in matches[1:]:
+                    t = union(t, m)
+                return t if acc is None else union(acc, t)
+            for m in maybe:
+                acc = m if acc is None else union(acc, m)
+            s = s.parent
+        return acc
+
+    def find_rel(self, names: list[str], scope: Scope) -> Rel | None:
+        """`alias`, `table`, `schema.table` or `db.schema.table`, innermost scope first."""
+        if len(names) > 2:
+            names = names[-2:]
+        rname = names[-1]
+        schema = names[0] if len(names) == 2 else None
+        s: Scope | None = scope
+        while s is not None:
+            for rel in reversed(s.rels):
+                if rel.alias == rname and (schema is None or rel.schema == schema):
+                    return rel
+            s = s.parent
+        return None
+
+
+def rename(cols: list[OutCol], colnames: Any) -> list[OutCol]:
+    if not colnames:
+        return cols
+    new = [c.sval if isinstance(c, ast.String) else str(c) for c in colnames]
+    if any(c.spread for c in cols):
+        return cols
+    return [OutCol(new[i] if i < len(new) else c.name, c.taint) for i, c in enumerate(cols)]
+
+
+def merge_positional(left: list[OutCol], right: list[OutCol]) -> list[OutCol]:
+    if any(c.spread for c in left + right) or len(left) != len(right):
+        t = CLEAR_T
+        for c in left + right:
+            t = union(t, c.taint)
+        return spread(t)
+    return [OutCol(a.name, union(a.taint, b.taint)) for a, b in zip(left, right, strict=True)]
+
+
+def output_name(node: Any) -> str:
+    """PostgreSQL's default output column name, close enough for CTE and view column lookup."""
+    if isinstance(node, ast.ColumnRef) and isinstance(node.fields[-1], ast.String):
+        return str(node.fields[-1].sval)
+    if isinstance(node, ast.FuncCall):
+        return str(node.funcname[-1].sval)
+    if isinstance(node, ast.TypeCast):
+        inner = output_name(node.arg)
+        if inner != "?column?":
+            return inner
+        return str(node.typeName.names[-1].sval)
+    if isinstance(node, ast.A_Indirection) and isinstance(node.indirection[-1], ast.String):
+        return str(node.indirection[-1].sval)
+    return "?column?"
+
+
+def copy_options(options: Any) -> dict[str, Any]:
+    """COPY's options as plain values: format, delimiter, null, header, quote, escape."""
+    out: dict[str, Any] = {}
+    for o in options or ():
+        if not isinstance(o, ast.DefElem):
+            continue
+        arg = o.arg
+        if arg is None:
+            val: Any = True
+        elif isinstance(arg, ast.String):
+            val = arg.sval
+        elif isinstance(arg, ast.Integer):
+            val = arg.ival
+        elif isinstance(arg, ast.Boolean):
+            val = arg.boolval
+        else:
+            val = arg
+        out[o.defname.lower()] = val.lower() if o.defname.lower() == "format" and isinstance(val, str) else val
+    return out

@@ -1,0 +1,293 @@
+"""DataRow rewriting: pure functions over PostgreSQL message payloads, no sockets.
+
+DataRow payload: int16 column count, then per column int32 length (-1 = NULL) and that many
+bytes. Only the columns that need it are decoded; a result with nothing to mask gets no
+rewriter at all (`bind` returns None) so the proxy relays its DataRows as they came.
+
+Replacement values must be valid for the column's type *and* format, or the client's decoder
+breaks (asyncpg asks for binary):
+
+* text-like types (text, varchar, bpchar, name, xml, enums, domains over text): the masked
+  text, in either format (their binary form is the text);
+* json: the masked text as a JSON string (`"[redacted]"`); jsonb the same, in binary format
+  with its version byte 1 in front;
+* every other type (integers, numeric, dates, uuid, arrays, records...) cannot carry a masked
+  form: the value becomes NULL, in both formats. NULL stays NULL.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from pgwarden.masking.catalog import JSON_OID, JSONB_OID, NON_TEXT_SCALARS, XML_OID, Catalog
+from pgwarden.masking.detectors import DetectorSet, tag
+
+if TYPE_CHECKING:
+    from pgwarden.masking.subject import Field, SubjectMasking
+
+Masker = Callable[[bytes | None], bytes | None]
+Scanner = Callable[[bytes], bytes | None]
+
+_NULL = b"\xff\xff\xff\xff"
+
+
+def value_kind(type_oid: int, catalog: Catalog) -> str:
+    """text | json | jsonb | other (cannot carry a masked form) | scalar (not scanned)."""
+    if type_oid == JSON_OID:
+        return "json"
+    if type_oid == JSONB_OID:
+        return "jsonb"
+    if type_oid == XML_OID or catalog.is_text_type(type_oid):
+        return "text"
+    if type_oid in NON_TEXT_SCALARS:
+        return "scalar"
+    return "other"
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _encode(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def make_masker(fn: Callable[[str], str | None], kind: str, fmt: int) -> Masker:
+    """Apply a strategy to one column's raw value, keeping it valid for its type and format."""
+    if kind in ("other", "scalar"):
+        return lambda raw: None
+    if kind in ("json", "jsonb"):
+        binary_jsonb = kind == "jsonb" and fmt == 1
+
+        def mask_json(raw: bytes | None) -> bytes | None:
+            if raw is None:
+                return None
+            text = _decode(raw[1:] if binary_jsonb else raw)
+            try:
+                doc = json.loads(text)
+            except ValueError:
+                doc = None
+            masked = fn(doc) if isinstance(doc, str) else fn(text)
+            if masked is None:
+                return None
+            out = _encode(json.dumps(masked))
+            return b"\x01" + out if binary_jsonb else out
+
+        return mask_json
+
+    def mask_text(raw: bytes | None) -> bytes | None:
+        if raw is None:
+            return None
+        masked = fn(_decode(raw))
+        return None if masked is None else _encode(masked)
+
+    return mask_text
+
+
+def scrub_json(doc: Any, dets: DetectorSet) -> tuple[Any, bool]:
+    """Scrub every string (and number printed as text) inside a JSON document."""
+    if isinstance(doc, str):
+        s = dets.scrub(doc)
+        return s, s is not doc
+    if isinstance(doc, bool) or doc is None:
+        return doc, False
+    if isinstance(doc, int | float):
+        text = str(doc)
+        s = dets.scrub(text)
+        return (s, True) if s is not text else (doc, False)
+    if isinstance(doc, list):
+        changed = False
+        out = []
+        for v in doc:
+            nv, c = scrub_json(v, dets)
+            out.append(nv)
+            changed = changed or c
+        return out, changed
+    if isinstance(doc, dict):
+        changed = False
+        res = {}
+        for k, v in doc.items():
+            nk, ck = scrub_json(k, dets)
+            nv, cv = scrub_json(v, dets)
+            res[nk] = nv
+            changed = changed or ck or cv
+        return res, changed
+    return doc, False
+
+
+def make_scanner(kind: str, fmt: int, dets: DetectorSet) -> Scanner | None:
+    """The detector pass for one column; returns the raw value itself when nothing matched."""
+    if kind == "scalar":
+        return None
+    if kind in ("json", "jsonb"):
+        binary_jsonb = kind == "jsonb" and fmt == 1
+
+        def scan_json(raw: bytes) -> bytes | None:
+            body = raw[1:] if binary_jsonb else raw
+            if not dets.may_match(body):
+                return raw
+            text = _decode(body)
+            try:
+                doc = json.loads(text)
+            except ValueError:
+                s = dets.scrub(text)
+                return raw if s is text else _encode(json.dumps(tag("json")))
+            new, changed = scrub_json(doc, dets)
+            if not changed:
+                return raw
+            out = _encode(json.dumps(new))
+            return b"\x01" + out if binary_jsonb else out
+
+        return scan_json
+    if kind == "text" or fmt == 0:
+        # text format of any type is its text; tags contain none of the characters that are
+        # special in array or record literals
+        def scan_text(raw: bytes) -> bytes | None:
+            text = _decode(raw)
+            s = dets.scrub(text)
+            return raw if s is text else _encode(s)
+
+        return scan_text
+
+    def scan_binary(raw: bytes) -> bytes | None:  # arrays, records in binary: cannot edit inside
+        if not dets.may_match(raw):
+            return raw
+        text = raw.decode("utf-8", "replace")
+        return raw if dets.scrub(text) is text else None
+
+    return scan_binary
+
+
+class RowRewriter:
+    """Rewrites the DataRows of one result. Columns without a masker or scanner are copied as
+    bytes; columns after the last one of interest are not even walked."""
+
+    __slots__ = ("maskers", "scanners", "dets", "_last_mask", "_last_any", "ncols")
+
+    def __init__(self, ncols: int, maskers: dict[int, Masker], scanners: dict[int, Scanner],
+                 dets: DetectorSet) -> None:
+        self.ncols = ncols
+        self.maskers = maskers
+        self.scanners = scanners
+        self.dets = dets
+        self._last_mask = max(maskers) if maskers else -1
+        self._last_any = max([*maskers, *scanners]) if (maskers or scanners) else -1
+
+    def rewrite(self, payload: bytes) -> bytes:
+        maskers = self.maskers
+        scanners = self.scanners
+        scan = bool(scanners) and self.dets.may_match(payload)
+        if not maskers and not scan:
+            return payload
+        last = self._last_any if scan else self._last_mask
+        n = int.from_bytes(payload[0:2], "big")
+        pos = 2
+        copied = 0  # payload[copied:pos] not yet emitted
+        out: list[bytes] = []
+        for i in range(min(n, last + 1)):
+            length = int.from_bytes(payload[pos:pos + 4], "big", signed=True)
+            start = pos + 4
+            end = start + length if length > 0 else start
+            m = maskers.get(i)
+            if m is not None:
+                new = m(payload[start:end] if length >= 0 else None)
+            elif scan and length > 0 and i in scanners:
+                raw = payload[start:end]
+                new = scanners[i](raw)
+                if new is raw:
+                    pos = end
+                    continue
+            else:
+                pos = end
+                continue
+            out.append(payload[copied:pos])
+            if new is None:
+                out.append(_NULL)
+            else:
+                out.append(len(new).to_bytes(4, "big"))
+                out.append(new)
+            copied = pos = end
+        if not out:
+            return payload
+        out.append(payload[copied:])
+        return b"".join(out)
+
+
+def make_row_rewriter(actions: Sequence[str | None], fields: Sequence[Field], masking: SubjectMasking,
+                      catalog: Catalog) -> RowRewriter | None:
+    maskers: dict[int, Masker] = {}
+    scanners: dict[int, Scanner] = {}
+    dets = masking.detectors
+    for i, (action, f) in enumerate(zip(actions, fields, strict=True)):
+        kind = value_kind(f.type_oid, catalog)
+        if action is not None:
+            maskers[i] = make_masker(masking.strategy(action), kind, f.format)
+        elif dets:
+            sc = make_scanner(kind, f.format, dets)
+            if sc is not None:
+                scanners[i] = sc
+    if not maskers and not scanners:
+        return None
+    return RowRewriter(len(fields), maskers, scanners, dets)
+
+
+# -- message helpers, for tests and for the proxy if it wants them ---------------------------------
+
+
+def parse_row_description(payload: bytes) -> list[Field]:
+    from pgwarden.masking.subject import Field
+
+    n = int.from_bytes(payload[0:2], "big")
+    pos = 2
+    out = []
+    for _ in range(n):
+        end = payload.index(b"\0", pos)
+        name = payload[pos:end].decode("utf-8", "replace")
+        pos = end + 1
+        table_oid = int.from_bytes(payload[pos:pos + 4], "big")
+        attnum = int.from_bytes(payload[pos + 4:pos + 6], "big", signed=True)
+        type_oid = int.from_bytes(payload[pos + 6:pos + 10], "big")
+        typlen = int.from_bytes(payload[pos + 10:pos + 12], "big", signed=True)
+        typmod = int.from_bytes(payload[pos + 12:pos + 16], "big", signed=True)
+        fmt = int.from_bytes(payload[pos + 16:pos + 18], "big", signed=True)
+        pos += 18
+        out.append(Field(name, table_oid, attnum, type_oid, typlen, typmod, fmt))
+    return out
+
+
+def build_row_description(fields: Sequence[Field]) -> bytes:
+    parts = [len(fields).to_bytes(2, "big")]
+    for f in fields:
+        parts.append(f.name.encode() + b"\0")
+        parts.append(f.table_oid.to_bytes(4, "big") + f.attnum.to_bytes(2, "big", signed=True))
+        parts.append(f.type_oid.to_bytes(4, "big") + f.typlen.to_bytes(2, "big", signed=True))
+        parts.append(f.typmod.to_bytes(4, "big", signed=True) + f.format.to_bytes(2, "big"))
+    return b"".join(parts)
+
+
+def build_data_row(values: Sequence[bytes | None]) -> bytes:
+    parts = [len(values).to_bytes(2, "big")]
+    for v in values:
+        if v is None:
+            parts.append(_NULL)
+        else:
+            parts.append(len(v).to_bytes(4, "big"))
+            parts.append(v)
+    return b"".join(parts)
+
+
+def parse_data_row(payload: bytes) -> list[bytes | None]:
+    n = int.from_bytes(payload[0:2], "big")
+    pos = 2
+    out: list[bytes | None] = []
+    for _ in range(n):
+        length = int.from_bytes(payload[pos:pos + 4], "big", signed=True)
+        pos += 4
+        if length < 0:
+            out.append(None)
+        else:
+            out.append(payload[pos:pos + length])
+            pos += length
+    return out

@@ -1,0 +1,277 @@
+"""The masking that applies to one caller, and the plans it makes for their statements.
+
+Order of calls in the proxy (one `SubjectMasking` per session, from `MaskingSet.for_identity`):
+
+1. Query / Parse: `plan = masking.plan(sql, catalog, search_path, session)` — raises
+   PolicyDenied (42501) to refuse the statement; `plan.results[i]` belongs to the i-th
+   statement of the text (advance on CommandComplete / EmptyQueryResponse).
+2. RowDescription (or the Describe that preceded a Bind/Execute):
+   `rewriter = plan.results[i].bind(fields, formats)`; None means pass DataRows untouched.
+3. DataRow: `rewriter.rewrite(payload)`. CopyOutResponse: `plan.results[i].copy_rewriter(n)`,
+   then `.rewrite(payload)` for each CopyData.
+4. ErrorResponse / NoticeResponse: `masking.mask_error_fields(fields, plan)`.
+5. After CommandComplete of a plan with `plan.ddl`: `CatalogCache.mark_stale()` and refresh.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from pglast import ast, parse_sql
+from pglast.parser import ParseError
+
+from pgwarden.errors import PolicyDenied
+from pgwarden.masking import lineage as ln
+from pgwarden.masking.catalog import Catalog, Relation
+from pgwarden.masking.detectors import Detector, DetectorSet
+from pgwarden.masking.model import MaskingRule, strongest
+from pgwarden.masking.strategies import strategy_function
+
+_DDL_PREFIXES = ("Create", "Alter", "Drop", "Rename", "View", "Index", "Comment", "Grant", "Refresh")
+
+
+class Field(NamedTuple):
+    """One RowDescription field, as PostgreSQL sends it."""
+
+    name: str
+    table_oid: int
+    attnum: int
+    type_oid: int
+    typlen: int
+    typmod: int
+    format: int
+
+
+@dataclass
+class MaskingSession:
+    """Per-connection state for SQL-level cursors and prepared statements (DECLARE, PREPARE)."""
+
+    cursors: dict[str, list[ln.OutCol]] = field(default_factory=dict)
+    prepared: dict[str, list[ln.OutCol]] = field(default_factory=dict)
+
+
+@dataclass
+class ResultPlan:
+    """What one statement returns, column by column; `kind` is rows, copy or none."""
+
+    kind: str
+    columns: tuple[ln.ColumnPlan, ...]
+    masking: SubjectMasking
+    catalog: Catalog
+    copy_options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def masks_anything(self) -> bool:
+        return any(c.action is not None for c in self.columns)
+
+    def actions(self, n: int) -> list[str | None]:
+        """The plan laid over `n` actual columns (spreads absorb the difference)."""
+        return expand(self.columns, n)
+
+    def bind(self, fields: Sequence[Sequence[Any]], formats: Sequence[int] | None = None) -> Any:
+        """A RowRewriter for these RowDescription fields, or None: pass DataRows untouched.
+
+        `formats` are the Bind message's result-format codes when the fields came from a
+        Describe of the statement (whose formats are all 0): none = text, one = for all.
+        """
+        from pgwarden.masking.rows import make_row_rewriter
+
+        fs = [f if isinstance(f, Field) else Field(*f) for f in fields]
+        if formats:
+            fmts = list(formats) * len(fs) if len(formats) == 1 else list(formats)
+            fs = [f._replace(format=fmts[i] if i < len(fmts) else 0) for i, f in enumerate(fs)]
+        actions = self.actions(len(fs))
+        for i, f in enumerate(fs):  # the server's own word on a direct column confirms a mask
+            if actions[i] is None and f.table_oid:
+                rel = self.catalog.by_oid.get(f.table_oid)
+                col = rel.column_at(f.attnum) if rel else None
+                if rel is not None and col is not None:
+                    actions[i] = self.masking.column_strategy(rel, col)
+        return make_row_rewriter(actions, fs, self.masking, self.catalog)
+
+    def copy_rewriter(self, column_count: int | None = None) -> Any:
+        """A CopyRewriter for COPY … TO STDOUT (text / csv), or None to pass CopyData through."""
+        from pgwarden.masking.copy import make_copy_rewriter
+
+        n = column_count if column_count is not None else sum(1 for c in self.columns if not c.spread)
+        actions = self.actions(n)
+        types = expand_types(self.columns, n)
+        return make_copy_rewriter(actions, types, self.copy_options, self.masking)
+
+
+def expand(columns: Sequence[ln.ColumnPlan], n: int) -> list[str | None]:
+    fixed = [c for c in columns if not c.spread]
+    spreads = [i for i, c in enumerate(columns) if c.spread]
+    worst: str | None = None
+    if any(c.action is not None for c in columns):
+        worst = "derived"
+    if not spreads:
+        if len(fixed) == n:
+            return [c.action for c in columns]
+        return [worst] * n  # the shape is not what we analysed: mask whatever could be masked
+    extra = n - len(fixed)
+    if extra < 0:
+        return [worst] * n
+    first, last = spreads[0], spreads[-1]
+    head = [c.action for c in columns[:first]]
+    tail = [c.action for c in columns[last + 1:]]
+    middle_cols = columns[first:last + 1]
+    middle_len = n - len(head) - len(tail)
+    if len(spreads) == 1:
+        return head + [columns[first].action] * middle_len + tail
+    mid_worst = None
+    if any(c.action is not None for c in middle_cols):
+        mid_worst = "derived"
+    return head + [mid_worst] * middle_len + tail
+
+
+def expand_types(columns: Sequence[ln.ColumnPlan], n: int) -> list[int]:
+    if not any(c.spread for c in columns) and len(columns) == n:
+        return [c.type_oid for c in columns]
+    return [0] * n
+
+
+@dataclass
+class StatementPlan:
+    """The plan for one query text: one ResultPlan per statement, in order."""
+
+    results: tuple[ResultPlan, ...]
+    ddl: bool = False
+    touches_masked: bool = False
+
+    def __getitem__(self, i: int) -> ResultPlan:
+        return self.results[i]
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+
+class SubjectMasking:
+    """The merged MaskingRules for one caller on one connection."""
+
+    def __init__(self, rules: Sequence[MaskingRule]) -> None:
+        self.rules = tuple(rules)
+        self.rule_names = tuple(f"{r.namespace}/{r.name}" for r in rules)
+        cols: dict[tuple[str, str], dict[str, str]] = {}
+        for r in rules:
+            for c in r.columns:
+                t = cols.setdefault((c.schema, c.table), {})
+                t[c.column] = strongest(t[c.column], c.strategy) if c.column in t else c.strategy
+        self.columns = cols
+        self.masked_names = frozenset(c for t in cols.values() for c in t)
+        self.has_columns = bool(cols)
+        seen: dict[str, Detector] = {}
+        for r in rules:
+            for d in r.detectors:
+                seen.setdefault(f"{d.name}\0{d.full.pattern}", d)
+        self.detectors = DetectorSet(seen.values())
+        self.derived = "deny" if any(r.derived == "deny" for r in rules) else "redact"
+        self.whole_row = "deny" if any(r.whole_row == "deny" for r in rules) else "redact"
+        self.allow_in_predicates = all(r.allow_in_predicates for r in rules)
+        self.hash_key = next((r.hash_key for r in rules if r.hash_key), None)
+        self._fns = {s: strategy_function(s, self.hash_key) for s in
+                     ("redact", "partial", "email", "last4", "hash", "null", "derived")}
+        self.view_cache: dict[Any, list[ln.OutCol]] = {}
+        self._plans: OrderedDict[Any, StatementPlan] = OrderedDict()
+
+    @classmethod
+    def merge(cls, rules: Sequence[MaskingRule]) -> SubjectMasking:
+        return cls(rules)
+
+    def strategy(self, name: str) -> Any:
+        return self._fns[name]
+
+    def column_strategy(self, rel: Relation, column: str) -> str | None:
+        """The strategy for rel.column, also when a parent table (inheritance, partitions) has it."""
+        strat = self.columns.get((rel.schema, rel.name), {}).get(column)
+        for parent in rel.parents:
+            p = self.columns.get(parent, {}).get(column)
+            if p is not None:
+                strat = p if strat is None else strongest(strat, p)
+        return strat
+
+    # -- planning ------------------------------------------------------------------------------
+
+    def plan(self, sql: str, catalog: Catalog, search_path: Sequence[str] = ("public",),
+             session: MaskingSession | None = None) -> StatementPlan:
+        """Plan every statement of `sql`; raises PolicyDenied (42501) to refuse the text."""
+        key = (sql, catalog.version, tuple(search_path))
+        hit = self._plans.get(key)
+        if hit is not None:
+            self._plans.move_to_end(key)
+            return hit
+        try:
+            stmts = parse_sql(sql)
+        except ParseError as e:
+            raise PolicyDenied(f"masking: the statement could not be parsed ({e})",
+                               hint="Check the SQL syntax.") from e
+        results = []
+        ddl = False
+        touches = False
+        cacheable = True
+        analyzer = ln.Analyzer(self, catalog, search_path)
+        for raw in stmts:
+            stmt = raw.stmt
+            kind, outs, extra = analyzer.statement(stmt, session)
+            ddl = ddl or type(stmt).__name__.startswith(_DDL_PREFIXES)
+            if isinstance(stmt, ln._SESSION_STMTS):
+                cacheable = False
+            if kind == "fetch":
+                outs = session.cursors.get(extra["cursor"]) if session else None
+                kind = "rows"
+            elif kind == "execute":
+                outs = session.prepared.get(extra["prepared"]) if session else None
+                kind = "rows"
+            if kind in ("rows", "copy") and outs is None:  # a cursor or statement we never saw
+                outs = ln.spread(ln.Taint(ln.UNKNOWN, None, frozenset({"an unknown cursor or statement"})))
+                if not self.has_columns:
+                    outs = ln.spread(ln.CLEAR_T)
+            if session is not None and "declare" in extra:
+                session.cursors[extra["declare"]] = extra["outs"]
+            if session is not None and "prepare" in extra:
+                session.prepared[extra["prepare"]] = extra["outs"]
+            if isinstance(stmt, ast.ClosePortalStmt) and session is not None:
+                if stmt.portalname is None:
+                    session.cursors.clear()
+                else:
+                    session.cursors.pop(stmt.portalname, None)
+            if isinstance(stmt, ast.DeallocateStmt) and session is not None:
+                if stmt.name is None:
+                    session.prepared.clear()
+                else:
+                    session.prepared.pop(stmt.name, None)
+            cols = tuple(self.column_plan(i, o, analyzer) for i, o in enumerate(outs or ()))
+            touches = touches or any(c.action is not None for c in cols) or bool(
+                extra.get("outs") and any(o.taint.tainted for o in extra["outs"]))
+            results.append(ResultPlan(kind, cols, self, catalog, extra.get("options", {})))
+        plan = StatementPlan(tuple(results), ddl, touches)
+        if cacheable:
+            self._plans[key] = plan
+            if len(self._plans) > 1024:
+                self._plans.popitem(last=False)
+        return plan
+
+    def column_plan(self, i: int, out: ln.OutCol, analyzer: ln.Analyzer) -> ln.ColumnPlan:
+        t = out.taint
+        src = ", ".join(sorted(t.sources))
+        if t.kind == ln.CLEAR:
+            return ln.ColumnPlan(None, out.spread)
+        if t.kind == ln.DIRECT:
+            return ln.ColumnPlan(t.strategy, out.spread, src, t.type_oid)
+        policy = self.whole_row if t.kind == ln.WHOLEROW else self.derived
+        if policy == "deny":
+            what = "a whole row of" if t.kind == ln.WHOLEROW else "a value computed from"
+            label = f"result column {i + 1}" + (f" ({out.name})" if out.name and out.name != "?" else "")
+            raise analyzer.deny(f"{label} is {what} masked data, and this rule denies that", t)
+        return ln.ColumnPlan("derived", out.spread, src)
+
+    # -- errors --------------------------------------------------------------------------------
+
+    def mask_error_fields(self, fields: Mapping[str, str], plan: StatementPlan | None = None,
+                          catalog: Catalog | None = None) -> dict[str, str]:
+        from pgwarden.masking.errors_text import mask_error_fields
+
+        return mask_error_fields(fields, self, plan, catalog)

@@ -1,0 +1,43 @@
+"""`pgwarden audit verify PATH` and `pgwarden replay SESSION` (wired in pgwarden.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pgwarden.audit.chain import verify_path
+from pgwarden.audit.replay import find_recording, load_events, recordings_dir, render
+from pgwarden.errors import UserError
+
+
+def verify_main(args: argparse.Namespace) -> int:
+    """Exit 0 if the chain is intact, 1 with one line per problem (file:line: what) if not."""
+    try:
+        report = verify_path(args.path)
+    except FileNotFoundError:
+        raise UserError(f"no audit log at {args.path}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {args.path}: {e.strerror}") from None
+    for note in report.notes:
+        print(f"note: {note}")
+    for problem in report.problems:
+        print(problem, file=sys.stderr)
+    if report.ok:
+        span = f"seq {report.first_seq}..{report.last_seq}" if report.records else "empty"
+        print(f"ok: {report.records} records, chain intact ({span}), head {report.last_hash[:16] or '-'}")
+        return 0
+    print(f"FAILED: {len(report.problems)} problem(s) in {report.records} records; the audit log was "
+          f"altered — keep a copy and compare with the stdout/OpenTelemetry copies", file=sys.stderr)
+    return 1
+
+
+def replay_main(args: argparse.Namespace) -> int:
+    path = find_recording(args.session, recordings_dir(getattr(args, "dir", None)))
+    events = load_events(path)
+    if getattr(args, "json", False):
+        json.dump({"recording": str(path), "events": events}, sys.stdout, ensure_ascii=False, indent=1)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(render(events))
+    return 0

@@ -1,0 +1,214 @@
+"""AuditLog: fail-closed, group-committed, hash-chained audit records.
+
+`await write(record)` returns only after the record is on disk (write + fsync). Many concurrent
+writers share one fsync: while the writer thread syncs one batch, new records gather into the
+next, so under load the cost per record falls towards one `write` of a few hundred bytes. If the
+batch cannot be written, every waiter gets `AuditUnavailable` (PW004) and the proxy forwards
+nothing; the file is cut back to the last acknowledged record, so the chain stays intact.
+
+`emit(record)` joins the same chain and order but nobody waits for it: outcome and session-end
+records, where failing the client would help no one. Lost emits are counted.
+
+Sealing (seq, prev, hash) happens on the writer thread in the order records were handed in,
+so the chain order is the call order on the event loop, and the hashing stays off the loop.
+Sinks (stdout, OpenTelemetry) see only records that are already durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pgwarden.audit.chain import GENESIS, seal
+from pgwarden.audit.config import AuditConfig
+from pgwarden.audit.filesink import RotatingFile
+from pgwarden.audit.records import now_iso
+from pgwarden.errors import AuditUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class Sink(Protocol):
+    """Gets durable records, on the audit writer thread; must not block (buffer and drop instead)."""
+
+    def publish(self, lines: Sequence[bytes], records: Sequence[dict[str, Any]]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class AuditStats:
+    records: int = 0
+    batches: int = 0
+    failed_batches: int = 0
+    lost_emits: int = 0
+    largest_batch: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def _unavailable(path: str, why: str) -> AuditUnavailable:
+    return AuditUnavailable(
+        f"the audit log {path} cannot be written ({why}); the statement was not forwarded",
+        hint="Ask the operator to fix the audit sink (disk space, permissions, volume); then retry.",
+    )
+
+
+class AuditLog:
+    """One per proxy process. Call `await open()` at startup and `await close()` at shutdown."""
+
+    def __init__(self, config: AuditConfig, *, sinks: Sequence[Sink] = (),
+                 fsync: Callable[[int], None] = os.fsync) -> None:
+        self.config = config
+        self.sinks = list(sinks)
+        self.file = RotatingFile(config.path, rotate_bytes=config.rotate_bytes, keep=config.keep, fsync=fsync)
+        self.stats = AuditStats()
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[None] | None]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgwarden-audit")
+        self._seq = 0
+        self._prev = GENESIS
+        self._closed = False
+        self.last_error = ""
+
+    @property
+    def fsyncs(self) -> int:
+        return self.file.fsyncs
+
+    async def open(self) -> bool:
+        """Open the file and pick up the chain where it ended. False (and logged) if unwritable:
+        the proxy may still start; every statement then fails with PW004 until the path works."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._open_sync)
+        except OSError as e:
+            self.last_error = e.strerror or str(e)
+            log.error("audit log %s cannot be opened: %s; statements will fail with PW004", self.config.path,
+                      self.last_error)
+            return False
+        return True
+
+    async def write(self, record: dict[str, Any]) -> None:
+        """Durably append `record`; raises AuditUnavailable (PW004) if it cannot be."""
+        if self._closed:
+            raise _unavailable(self.config.path, "the audit log is closed")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((self._stamp(record), fut))
+        self._kick()
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), self.config.write_timeout)
+        except TimeoutError:
+            raise _unavailable(self.config.path, f"no fsync within {self.config.write_timeout:g}s") from None
+
+    def emit(self, record: dict[str, Any]) -> None:
+        """Append `record` in order without waiting; never raises."""
+        if self._closed:
+            self.stats.lost_emits += 1
+            return
+        self._pending.append((self._stamp(record), None))
+        self._kick()
+
+    async def flush(self) -> None:
+        """Wait until everything handed in so far was attempted (tests, shutdown)."""
+        while self._flusher is not None and not self._flusher.done():
+            await asyncio.shield(self._flusher)
+
+    async def close(self) -> None:
+        await self.flush()
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._close_sync)
+        self._executor.shutdown(wait=True)
+
+    # --- event loop side ---------------------------------------------------------------------
+
+    @staticmethod
+    def _stamp(record: dict[str, Any]) -> dict[str, Any]:
+        if "time" not in record:
+            record = {"time": now_iso(), **record}
+        return record
+
+    def _kick(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch, self._pending = self._pending, []
+            records = [r for r, _ in batch]
+            try:
+                await loop.run_in_executor(self._executor, self._commit_sync, records)
+            except Exception as e:  # OSError mostly; anything else must fail closed just the same
+                self.stats.failed_batches += 1
+                why = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
+                self.last_error = why
+                log.error("audit batch of %d records not written: %s", len(batch), why)
+                err = _unavailable(self.config.path, why)
+                for _, fut in batch:
+                    if fut is None:
+                        self.stats.lost_emits += 1
+                    elif not fut.done():
+                        fut.set_exception(err)
+                continue
+            for _, fut in batch:
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+
+    # --- writer thread -----------------------------------------------------------------------
+
+    def _open_sync(self) -> None:
+        link = self.file.open()
+        if self.file.recovered_bytes:
+            log.warning("audit log %s ended in a torn record (%d bytes), cut off", self.config.path,
+                        self.file.recovered_bytes)
+        if link is not None:
+            self._seq, self._prev = link[0] + 1, link[1]
+
+    def _commit_sync(self, records: list[dict[str, Any]]) -> None:
+        if not self.file.is_open:
+            self._open_sync()
+        seq, prev = self._seq, self._prev
+        lines = []
+        for rec in records:
+            line, prev = seal(rec, seq, prev)
+            lines.append(line)
+            seq += 1
+        data = b"".join(lines)
+        self.file.make_room(len(data))
+        start = self.file.size
+        try:
+            self.file.write(data)
+            self.file.sync()
+        except OSError:
+            try:
+                if self.file.size != start:
+                    self.file.truncate(start)
+            except OSError:
+                self.file.close()  # reopened (and its tail re-read) on the next batch
+            raise
+        self._seq, self._prev = seq, prev
+        self.stats.records += len(records)
+        self.stats.batches += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, len(records))
+        for sink in self.sinks:
+            try:
+                sink.publish(lines, records)
+            except Exception:
+                log.exception("audit sink %s failed", type(sink).__name__)
+
+    def _close_sync(self) -> None:
+        try:
+            self.file.close()
+        finally:
+            for sink in self.sinks:
+                try:
+                    sink.close()
+                except Exception:
+                    log.exception("closing audit sink %s failed", type(sink).__name__)

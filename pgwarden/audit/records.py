@@ -1,0 +1,185 @@
+"""Audit records as plain dicts, built by pure functions (the proxy decides when to write them).
+
+Events and when the proxy writes them:
+
+| event | written | with |
+|---|---|---|
+| `session.start` | after authentication succeeds | `AuditLog.write` |
+| `auth.failure` | when authentication fails (before the 28P01 goes out) | `AuditLog.write` |
+| `statement` | after the decision, before anything is forwarded | `AuditLog.write` (fail-closed) |
+| `statement.outcome` | when the statement completes or fails | `AuditLog.emit` |
+| `approval` | request created, approved, denied, expired, executed | `AuditLog.write` |
+| `session.end` | when the client or server goes away | `AuditLog.emit` |
+
+Parameter values of extended-protocol statements pass through the injected `mask_text` (the
+content detectors) before they are recorded; the statement text is kept as sent, since the
+auditor needs exactly what ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pgwarden.subjects import Identity, Workload
+
+MaskText = Callable[[str], str]
+Param = str | bytes | bytearray | memoryview | None
+
+MAX_SQL_CHARS = 64 * 1024
+MAX_PARAM_CHARS = 4096
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What every record of one client session repeats; built once per connection."""
+
+    session_id: str
+    identity: Identity | None = None
+    workload: Workload = field(default_factory=Workload)
+    connection: str = ""        # DatabaseConnection, NAMESPACE/NAME
+    database: str = ""
+    application_name: str = ""
+    client: str = ""            # peer address of the agent
+    user: str = ""              # user name from the startup message
+
+    def with_identity(self, identity: Identity) -> SessionInfo:
+        return SessionInfo(self.session_id, identity, self.workload, self.connection, self.database,
+                           self.application_name, self.client, self.user)
+
+    def base(self, event: str) -> dict[str, Any]:
+        rec: dict[str, Any] = {"time": now_iso(), "event": event, "session": self.session_id}
+        if self.identity is not None:
+            rec["identity"] = self.identity.as_dict()
+        w = self.workload.as_dict()
+        if w:
+            rec["workload"] = w
+        if self.connection:
+            rec["connection"] = self.connection
+        if self.application_name:
+            rec["applicationName"] = self.application_name
+        if self.client:
+            rec["client"] = self.client
+        return rec
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + f"…[{len(text) - limit} more chars]"
+
+
+def mask_params(params: Sequence[Param], mask_text: MaskText | None) -> list[str | None]:
+    """Parameter values as the audit shows them: text through the detectors, binary by size only."""
+    out: list[str | None] = []
+    for p in params:
+        if p is None:
+            out.append(None)
+        elif isinstance(p, str):
+            out.append(_clip(mask_text(p) if mask_text else p, MAX_PARAM_CHARS))
+        else:
+            out.append(f"<binary {len(p)} bytes>")
+    return out
+
+
+def session_start(info: SessionInfo, *, tls: bool = False) -> dict[str, Any]:
+    rec = info.base("session.start")
+    rec.update(database=info.database, user=info.user, tls=tls)
+    return rec
+
+
+def session_end(info: SessionInfo, *, duration_ms: float, statements: int, reason: str = "") -> dict[str, Any]:
+    rec = info.base("session.end")
+    rec.update(durationMs=round(duration_ms, 3), statements=statements)
+    if reason:
+        rec["reason"] = reason
+    return rec
+
+
+def auth_failure(info: SessionInfo, *, reason: str, method: str, failures: int = 0,
+                 delay_s: float = 0.0) -> dict[str, Any]:
+    """`reason` is the message the client got (it never carries a password or a token)."""
+    rec = info.base("auth.failure")
+    rec.update(user=info.user, database=info.database, method=method, reason=reason)
+    if failures:
+        rec["failuresFromSource"] = failures
+    if delay_s:
+        rec["backoffSeconds"] = round(delay_s, 3)
+    return rec
+
+
+def statement(
+    info: SessionInfo,
+    stmt_id: str | int,
+    sql: str,
+    *,
+    decision: str,
+    rule: str = "",
+    reason: str = "",
+    params: Sequence[Param] | None = None,
+    mask_text: MaskText | None = None,
+    protocol: str = "simple",
+    approval_id: str = "",
+    approver: str = "",
+    masked_columns: Sequence[str] = (),
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The decision record, written (fail-closed) before the statement is forwarded."""
+    rec = info.base("statement")
+    rec.update(stmt=stmt_id, protocol=protocol, sql=_clip(sql, MAX_SQL_CHARS),
+               decision={"action": decision, **({"rule": rule} if rule else {}), **({"reason": reason} if reason else {})})
+    if params is not None:
+        rec["params"] = mask_params(params, mask_text)
+    if approval_id:
+        rec["approval"] = {"id": approval_id, **({"approver": approver} if approver else {})}
+    if masked_columns:
+        rec["maskedColumns"] = list(masked_columns)
+    if extra:
+        rec.update(extra)
+    return rec
+
+
+def outcome(
+    info: SessionInfo,
+    stmt_id: str | int,
+    *,
+    duration_ms: float,
+    tag: str = "",
+    rows: int | None = None,
+    sqlstate: str = "",
+    message: str = "",
+    masked_values: int = 0,
+    decision: str = "",
+) -> dict[str, Any]:
+    """What happened once forwarded (or refused): command tag, rows, SQLSTATE, duration."""
+    rec: dict[str, Any] = {"time": now_iso(), "event": "statement.outcome", "session": info.session_id,
+                           "stmt": stmt_id, "durationMs": round(duration_ms, 3)}
+    if decision:
+        rec["decision"] = decision
+    if tag:
+        rec["tag"] = tag
+    if rows is not None:
+        rec["rows"] = rows
+    if sqlstate:
+        rec["sqlstate"] = sqlstate
+    if message:
+        rec["message"] = _clip(message, 2000)
+    if masked_values:
+        rec["maskedValues"] = masked_values
+    return rec
+
+
+def approval(info: SessionInfo, stmt_id: str | int, *, approval_id: str, event: str, approver: str = "",
+             reason: str = "") -> dict[str, Any]:
+    """event: requested | approved | denied | expired | executed."""
+    rec = info.base("approval")
+    rec.update(stmt=stmt_id, approval={"id": approval_id, "event": event})
+    if approver:
+        rec["approval"]["approver"] = approver
+    if reason:
+        rec["approval"]["reason"] = reason
+    return rec

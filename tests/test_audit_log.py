@@ -1,0 +1,163 @@
+"""AuditLog: durable before it returns, fail-closed, one fsync for many writers, chained in call order."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pgwarden.audit import AuditConfig, AuditLog, SessionInfo, StdoutSink, records
+from pgwarden.audit.chain import verify_path
+from pgwarden.errors import AuditUnavailable
+from pgwarden.subjects import Identity, Workload
+
+
+class GatedFsync:
+    """Counts fsyncs; the first one waits for a gate, so writers pile up behind it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def __call__(self, fd: int) -> None:
+        self.calls += 1
+        self.entered.set()
+        self.gate.wait(5)
+        os.fsync(fd)
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+async def test_write_is_durable_and_chained(tmp_path: Path) -> None:
+    log = AuditLog(AuditConfig(path=str(tmp_path / "audit.jsonl")))
+    assert await log.open()
+    info = SessionInfo("s1", Identity("alice", ("ai-agents",), issuer="https://idp"), Workload("agents", "pod-1"),
+                       connection="agents/orders-prod", application_name="psql", client="10.0.0.7", user="alice")
+    await log.write(records.session_start(info))
+    await log.write(records.statement(info, 1, "SELECT 1", decision="allow", rule="rules[0]"))
+    # durable on return: the line is in the file before anything else happens
+    got = lines(tmp_path / "audit.jsonl")
+    assert [r["event"] for r in got] == ["session.start", "statement"]
+    assert got[1]["identity"]["subject"] == "alice" and got[1]["workload"] == {"namespace": "agents", "pod": "pod-1"}
+    assert got[1]["prev"] == got[0]["hash"] and [r["seq"] for r in got] == [0, 1]
+    log.emit(records.outcome(info, 1, duration_ms=1.5, tag="SELECT 1", rows=1))
+    await log.close()
+    assert verify_path(tmp_path / "audit.jsonl").ok
+
+
+async def test_many_concurrent_writers_share_fsyncs(tmp_path: Path) -> None:
+    fsync = GatedFsync()
+    log = AuditLog(AuditConfig(path=str(tmp_path / "audit.jsonl")), fsync=fsync)
+    await log.open()
+    info = SessionInfo("s1")
+    first = asyncio.create_task(log.write(records.statement(info, "first", "SELECT 0", decision="allow")))
+    await asyncio.to_thread(fsync.entered.wait, 5)  # batch 1 is inside fsync
+    n = 200
+    tasks = [asyncio.create_task(log.write(records.statement(info, i, f"SELECT {i}", decision="allow")))
+             for i in range(n)]
+    await asyncio.sleep(0)  # all 200 handed in while the first fsync is still running
+    fsync.gate.set()
+    await asyncio.gather(first, *tasks)
+    # 201 durable records, 2 fsyncs: the 200 concurrent writers shared one
+    assert fsync.calls == 2
+    assert log.stats.records == n + 1 and log.stats.largest_batch == n
+    got = lines(tmp_path / "audit.jsonl")
+    assert [r["stmt"] for r in got] == ["first", *range(n)]  # chained in call order
+    await log.close()
+    assert verify_path(tmp_path / "audit.jsonl").ok
+
+
+async def test_unwritable_path_fails_closed(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    log = AuditLog(AuditConfig(path=str(blocker / "audit.jsonl")))
+    assert not await log.open()
+    with pytest.raises(AuditUnavailable) as e:
+        await log.write(records.statement(SessionInfo("s"), 1, "DELETE FROM orders", decision="allow"))
+    assert e.value.sqlstate == "PW004"
+    assert "cannot be written" in e.value.message and "not forwarded" in e.value.message
+    log.emit({"event": "statement.outcome"})
+    await log.flush()
+    assert log.stats.lost_emits == 1
+    await log.close()
+
+
+async def test_failed_fsync_rejects_the_batch_and_keeps_the_chain(tmp_path: Path) -> None:
+    fail = {"on": False}
+
+    def fsync(fd: int) -> None:
+        if fail["on"]:
+            raise OSError(28, "No space left on device")
+        os.fsync(fd)
+
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(AuditConfig(path=str(path)), fsync=fsync)
+    await log.open()
+    info = SessionInfo("s")
+    await log.write(records.statement(info, 1, "SELECT 1", decision="allow"))
+    fail["on"] = True
+    with pytest.raises(AuditUnavailable, match="No space left"):
+        await log.write(records.statement(info, 2, "DELETE FROM orders", decision="allow"))
+    fail["on"] = False
+    await log.write(records.statement(info, 3, "SELECT 3", decision="allow"))
+    await log.close()
+    got = lines(path)
+    assert [r["stmt"] for r in got] == [1, 3]  # the rejected record is not in the log
+    assert verify_path(path).ok
+
+
+async def test_chain_continues_across_restart_and_torn_tail(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(AuditConfig(path=str(path)))
+    await log.open()
+    await log.write(records.statement(SessionInfo("s"), 1, "SELECT 1", decision="allow"))
+    await log.close()
+    with path.open("ab") as fh:
+        fh.write(b'{"event":"statement","se')  # crash in the middle of a write
+    log = AuditLog(AuditConfig(path=str(path)))
+    await log.open()
+    await log.write(records.statement(SessionInfo("s2"), 1, "SELECT 2", decision="allow"))
+    await log.close()
+    got = lines(path)
+    assert [r["seq"] for r in got] == [0, 1]
+    assert verify_path(path).ok
+
+
+async def test_rotation_keeps_one_chain(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(AuditConfig(path=str(path), rotate_bytes=2000, keep=50))
+    await log.open()
+    for i in range(40):
+        await log.write(records.statement(SessionInfo("s"), i, f"SELECT {i}", decision="allow"))
+    await log.close()
+    rotated = sorted(tmp_path.glob("audit.jsonl.*"))
+    assert len(rotated) >= 3
+    report = verify_path(path)
+    assert report.ok and report.records == 40 and report.first_seq == 0
+    # deleting a middle file is a removal
+    (tmp_path / "audit.jsonl.2").unlink()
+    report = verify_path(path)
+    assert not report.ok and "missing" in str(report.problems[0])
+
+
+async def test_stdout_sink_gets_sealed_lines(tmp_path: Path) -> None:
+    class Stream(io.BytesIO):
+        pass
+
+    out = Stream()
+    sink = StdoutSink(out)
+    log = AuditLog(AuditConfig(path=str(tmp_path / "a.jsonl")), sinks=[sink])
+    await log.open()
+    await log.write(records.statement(SessionInfo("s"), 1, "SELECT 1", decision="allow"))
+    await log.close()
+    assert out.getvalue() == (tmp_path / "a.jsonl").read_bytes()
+    assert sink.dropped == 0

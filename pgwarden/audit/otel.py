@@ -92,7 +92,9 @@ class OtelSink:
         self.tracer_provider = TracerProvider(resource=resource)
         self.processor: CountingBatchSpanProcessor | None = None
         if span_exporter is not None:
-            self.processor = CountingBatchSpanProcessor(span_exporter, max_queue_size=max_queue_size)
+            batch = min(512, max_queue_size) if max_queue_size else None
+            self.processor = CountingBatchSpanProcessor(span_exporter, max_queue_size=max_queue_size,
+                                                        max_export_batch_size=batch)
             self.tracer_provider.add_span_processor(self.processor)
         self.meter_provider = MeterProvider(resource=resource, metric_readers=[metric_reader] if metric_reader else [])
         self.tracer = self.tracer_provider.get_tracer("pgwarden.audit")

@@ -135,9 +135,9 @@ class SessionRecorder:
 
     def close(self, reason: str = "") -> None:
         for stmt_id in list(self._results):  # statements cut off by the end of the session
-            ev = self._finish(stmt_id, "result")
-            ev["incomplete"] = True
-            self._put(ev)
+            cut = self._finish(stmt_id, "result")
+            cut["incomplete"] = True
+            self._put(cut)
         ev: dict[str, Any] = {"k": "end", "t": round(time.monotonic() - self._t0, 6), "ended": now_iso(),
                               "statements": self.statements}
         if reason:

@@ -248,10 +248,19 @@ class CatalogCache:
         self._catalog: Catalog | None = None
         self._dirty = True
         self._lock = threading.Lock()
+        self._empty = Catalog(builtin_functions=frozenset())
 
     @property
     def catalog(self) -> Catalog | None:
         return self._catalog
+
+    def current(self) -> Catalog:
+        """The snapshot to plan with; before the first load an empty catalog, under which every
+        relation is unknown and so every column is masked (fail closed, never blocks)."""
+        c = self._catalog
+        if c is None:
+            c = self._empty
+        return c
 
     @property
     def stale(self) -> bool:

@@ -150,6 +150,8 @@ class CopyRewriter:
             return payload
         return (out + eol).encode("utf-8", "surrogateescape")
 
+    copy_data = rewrite
+
     def _text(self, line: str, scan: bool) -> str | None:
         raw = split_text(line, self.delim)
         changed = False

@@ -252,6 +252,8 @@ class Analyzer:
             # a view is analysed again when it is read; only its own filters must be refused here
             self.query(stmt.query, None)
             return "none", None, {}
+        if isinstance(stmt, ast.VariableShowStmt):
+            return "rows", [OutCol(stmt.name or "", CLEAR_T)], {}
         if isinstance(stmt, ast.ExplainStmt):
             self.query(stmt.query, None)
             return "rows", [OutCol("QUERY PLAN", CLEAR_T)], {}
@@ -592,7 +594,7 @@ class Analyzer:
             for item in stmt.usingClause or ():
                 self.from_item(item, scope)
             self.predicate(stmt.whereClause, scope, "WHERE")
-        return self.targets(stmt.returningList or (), scope)
+        return self.targets(returning(stmt), scope)
 
     # -- COPY ----------------------------------------------------------------------------------
 
@@ -781,6 +783,14 @@ class Analyzer:
                     return rel
             s = s.parent
         return None
+
+
+def returning(stmt: Any) -> Sequence[Any]:
+    """RETURNING items (`returningList` before PostgreSQL 18, `returningClause.exprs` since)."""
+    rc = getattr(stmt, "returningClause", None)
+    if rc is not None:
+        return tuple(rc.exprs or ())
+    return tuple(getattr(stmt, "returningList", None) or ())
 
 
 def rename(cols: list[OutCol], colnames: Any) -> list[OutCol]:

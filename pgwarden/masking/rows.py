@@ -175,6 +175,14 @@ class RowRewriter:
         self._last_mask = max(maskers) if maskers else -1
         self._last_any = max([*maskers, *scanners]) if (maskers or scanners) else -1
 
+    def copy_data(self, payload: bytes) -> bytes:
+        """CopyData reaching a row rewriter means the plan expected rows: redact every field."""
+        from pgwarden.masking.copy import CopyRewriter
+        from pgwarden.masking.strategies import redact
+
+        n = payload.count(b"\t") + 1
+        return CopyRewriter({i: (redact, True) for i in range(n)}, self.dets, {}).rewrite(payload)
+
     def rewrite(self, payload: bytes) -> bytes:
         maskers = self.maskers
         scanners = self.scanners

@@ -69,6 +69,9 @@ class ResultPlan:
 
     def actions(self, n: int) -> list[str | None]:
         """The plan laid over `n` actual columns (spreads absorb the difference)."""
+        if self.kind == "none":
+            # rows from a statement we did not expect to return any: fail closed
+            return [("derived" if self.masking.has_columns else None)] * n
         return expand(self.columns, n)
 
     def bind(self, fields: Sequence[Sequence[Any]], formats: Sequence[int] | None = None) -> Any:
@@ -79,7 +82,9 @@ class ResultPlan:
         """
         from pgwarden.masking.rows import make_row_rewriter
 
-        fs = [f if isinstance(f, Field) else Field(*f) for f in fields]
+        fs = [_field(f) for f in fields]
+        if self.kind == "copy":
+            return self.copy_rewriter(len(fs) or None)
         if formats:
             fmts = list(formats) * len(fs) if len(formats) == 1 else list(formats)
             fs = [f._replace(format=fmts[i] if i < len(fmts) else 0) for i, f in enumerate(fs)]
@@ -100,6 +105,14 @@ class ResultPlan:
         actions = self.actions(n)
         types = expand_types(self.columns, n)
         return make_copy_rewriter(actions, types, self.copy_options, self.masking)
+
+
+def _field(f: Any) -> Field:
+    if isinstance(f, Field):
+        return f
+    if hasattr(f, "type_oid"):
+        return Field(f.name, f.table_oid, f.attnum, f.type_oid, f.typlen, f.typmod, f.format)
+    return Field(*f)
 
 
 def expand(columns: Sequence[ln.ColumnPlan], n: int) -> list[str | None]:
@@ -136,17 +149,46 @@ def expand_types(columns: Sequence[ln.ColumnPlan], n: int) -> list[int]:
 
 @dataclass
 class StatementPlan:
-    """The plan for one query text: one ResultPlan per statement, in order."""
+    """The plan for one query text: one ResultPlan per statement, in order.
+
+    `error` is set (and `results` empty) when the text must be refused: the proxy answers with
+    it instead of forwarding anything.
+    """
 
     results: tuple[ResultPlan, ...]
     ddl: bool = False
     touches_masked: bool = False
+    error: PolicyDenied | None = None
+    masking: SubjectMasking | None = None
+    catalog: Catalog | None = None
 
     def __getitem__(self, i: int) -> ResultPlan:
         return self.results[i]
 
     def __len__(self) -> int:
         return len(self.results)
+
+    @property
+    def masks_anything(self) -> bool:
+        """False: no result of this text can need rewriting, relay every byte untouched."""
+        if self.error is not None:
+            return False
+        if any(r.masks_anything for r in self.results):
+            return True
+        m = self.masking
+        return m is not None and bool(m.detectors) and any(r.kind in ("rows", "copy") for r in self.results)
+
+    def bind(self, index: int, fields: Sequence[Any], formats: Sequence[int] | None = None) -> Any:
+        """The rewriter for the `index`-th result of the text (RowDescription fields, or [] at a
+        CopyOutResponse); None to pass its rows untouched. Has `rewrite` and `copy_data`."""
+        if index < len(self.results):
+            r = self.results[index]
+            if r.kind == "copy":
+                return r.copy_rewriter(len(fields) if fields else None)
+            return r.bind(fields, formats)
+        # more results than statements we analysed: mask whatever could carry masked data
+        assert self.masking is not None and self.catalog is not None
+        return ResultPlan("none", (), self.masking, self.catalog).bind(fields, formats)
 
 
 class SubjectMasking:
@@ -197,7 +239,14 @@ class SubjectMasking:
 
     def plan(self, sql: str, catalog: Catalog, search_path: Sequence[str] = ("public",),
              session: MaskingSession | None = None) -> StatementPlan:
-        """Plan every statement of `sql`; raises PolicyDenied (42501) to refuse the text."""
+        """Plan every statement of `sql`; a refusal is returned as `plan.error` (PolicyDenied, 42501)."""
+        try:
+            return self._plan(sql, catalog, search_path, session)
+        except PolicyDenied as e:
+            return StatementPlan((), error=e, masking=self, catalog=catalog)
+
+    def _plan(self, sql: str, catalog: Catalog, search_path: Sequence[str],
+              session: MaskingSession | None) -> StatementPlan:
         key = (sql, catalog.version, tuple(search_path))
         hit = self._plans.get(key)
         if hit is not None:
@@ -247,7 +296,7 @@ class SubjectMasking:
             touches = touches or any(c.action is not None for c in cols) or bool(
                 extra.get("outs") and any(o.taint.tainted for o in extra["outs"]))
             results.append(ResultPlan(kind, cols, self, catalog, extra.get("options", {})))
-        plan = StatementPlan(tuple(results), ddl, touches)
+        plan = StatementPlan(tuple(results), ddl, touches, None, self, catalog)
         if cacheable:
             self._plans[key] = plan
             if len(self._plans) > 1024:

@@ -1,0 +1,148 @@
+"""Byte-level rewriting: DataRow (text, binary), CopyData (text, CSV), error fields."""
+
+import json
+
+from masking_helpers import masking, shop_catalog
+
+from pgwarden.masking import Field, build_data_row, build_row_description, parse_data_row, parse_row_description
+
+CAT = shop_catalog()
+SM = masking()
+
+
+def f(name, type_oid=25, fmt=0, table_oid=0, attnum=0):
+    return Field(name, table_oid, attnum, type_oid, -1, -1, fmt)
+
+
+def test_result_without_masked_columns_gets_no_rewriter():
+    sm_nodet = masking()
+    sm_nodet.detectors.__init__([])  # a rule without detectors
+    plan = sm_nodet.plan("SELECT id, total_cents FROM orders", CAT)
+    assert plan[0].bind([f("id", 23), f("total_cents", 23)]) is None
+
+
+def test_text_format_masks_only_masked_columns():
+    plan = SM.plan("SELECT id, name, email, ssn, card_number FROM customers", CAT)
+    fields = [f("id", 23), f("name"), f("email"), f("ssn"), f("card_number", 1043)]
+    rw = plan.bind(0, fields)
+    row = build_data_row([b"1", b"Ada Lovelace", b"ada@example.com", b"123-45-6789", b"4111111111111111"])
+    out = parse_data_row(rw.rewrite(row))
+    assert out == [b"1", b"Ada Lovelace", b"a***@example.com", b"[redacted]", b"****1111"]
+
+
+def test_nulls_stay_null_and_non_text_types_become_null():
+    plan = SM.plan("SELECT ssn, ssn::int, email FROM customers", CAT)
+    rw = plan.bind(0, [f("ssn"), f("ssn", 23), f("email")])
+    out = parse_data_row(rw.rewrite(build_data_row([None, b"123456789", b"a@b.co"])))
+    assert out == [None, None, b"a***@b.co"]
+
+
+def test_binary_format_replacements_are_valid_for_the_type():
+    plan = SM.plan("SELECT id, email, row_to_json(c)::jsonb, to_json(ssn), ssn FROM customers c", CAT)
+    fields = [f("id", 23, 1), f("email", 25, 1), f("j", 3802, 1), f("k", 114, 1), f("ssn", 1043, 1)]
+    rw = plan.bind(0, fields)
+    row = build_data_row([(1).to_bytes(4, "big"), b"ada@example.com",
+                          b'\x01{"ssn": "123-45-6789"}', b'"123-45-6789"', b"123-45-6789"])
+    out = parse_data_row(rw.rewrite(row))
+    assert out[0] == (1).to_bytes(4, "big")
+    assert out[1] == b"a***@example.com"
+    assert out[2][:1] == b"\x01" and json.loads(out[2][1:]) == "[redacted]"
+    assert json.loads(out[3]) == "[redacted]"
+    assert out[4] == b"[redacted]"
+
+
+def test_formats_from_bind_override_describe():
+    plan = SM.plan("SELECT email FROM customers", CAT)
+    rw = plan[0].bind([f("email", 3802, 0)], formats=[1])
+    out = parse_data_row(rw.rewrite(build_data_row([b'\x01"ada@example.com"'])))
+    assert out == [b'\x01"a***@example.com"']
+
+
+def test_table_oid_confirms_a_masked_column_lineage_missed():
+    plan = SM.plan("SELECT 1", CAT)  # pretend the analysis saw nothing
+    rw = plan.bind(0, [f("x", 25, 0, table_oid=16390, attnum=4)])
+    assert parse_data_row(rw.rewrite(build_data_row([b"123-45-6789"]))) == [b"[redacted]"]
+
+
+def test_detectors_catch_values_in_free_text_and_leave_clean_rows_as_they_are():
+    plan = SM.plan("SELECT id, notes FROM customers", CAT)
+    rw = plan.bind(0, [f("id", 23), f("notes")])
+    clean = build_data_row([b"1", b"prefers email"])
+    assert rw.rewrite(clean) is clean
+    dirty = build_data_row([b"2", b"call grace@example.org after 5pm"])
+    assert parse_data_row(rw.rewrite(dirty)) == [b"2", b"call [redacted:email] after 5pm"]
+
+
+def test_detectors_in_json_keep_it_valid():
+    plan = SM.plan("SELECT '{}'::jsonb AS j", CAT)
+    rw = plan.bind(0, [f("j", 3802, 1)])
+    out = parse_data_row(rw.rewrite(build_data_row([b'\x01{"n": 4111111111111111, "s": "x ada@example.com"}'])))
+    doc = json.loads(out[0][1:])
+    assert doc == {"n": "[redacted:credit_card]", "s": "x [redacted:email]"}
+
+
+def test_unknown_shape_masks_everything():
+    plan = SM.plan("SELECT * FROM not_in_catalog", CAT)
+    rw = plan.bind(0, [f("a"), f("b", 23)])
+    assert parse_data_row(rw.rewrite(build_data_row([b"secret", b"7"]))) == [b"[redacted]", None]
+
+
+def test_row_description_round_trip():
+    fields = [f("id", 23, 1, 16390, 1), f("email", 25, 0, 16390, 3)]
+    assert parse_row_description(build_row_description(fields)) == fields
+
+
+def test_copy_text_format():
+    plan = SM.plan("COPY customers (id, email, ssn, notes) TO STDOUT", CAT)
+    rw = plan.bind(0, [])
+    line = "1\tada@example.com\t123-45-6789\tcall grace@example.org\\tafter 5pm\n".encode()
+    assert rw.copy_data(line) == b"1\ta***@example.com\t[redacted]\tcall [redacted:email]\\tafter 5pm\n"
+    assert rw.copy_data(b"2\t\\N\t\\N\t\\N\n") == b"2\t\\N\t\\N\t\\N\n"
+    assert rw.copy_data(b"3\tx\\\\y@example.com\t1\\t2\tok\n") == b"3\tx***@example.com\t[redacted]\tok\n"
+
+
+def test_copy_csv_format_with_header_and_quotes():
+    plan = SM.plan("COPY (SELECT id, email, notes FROM customers) TO STDOUT WITH (FORMAT csv, HEADER)", CAT)
+    rw = plan.bind(0, [])
+    assert rw.copy_data(b"id,email,notes\n") == b"id,email,notes\n"
+    out = rw.copy_data(b'2,grace@example.org,"call grace@example.org, after ""5pm""\nthanks"\n')
+    assert out == b'2,"g***@example.org","call [redacted:email], after ""5pm""\nthanks"\n'
+    assert rw.copy_data(b"3,,VIP\n") == b"3,,VIP\n"  # NULL email stays NULL
+
+
+def test_copy_of_non_text_masked_column_writes_null():
+    plan = SM.plan("COPY (SELECT id, length(ssn) FROM customers) TO STDOUT", CAT)
+    rw = plan.bind(0, [])
+    assert rw.copy_data(b"1\t11\n") == b"1\t[redacted]\n"  # type unknown: masked text
+
+
+def test_error_fields():
+    fields = {
+        "S": "ERROR", "C": "22P02", "M": 'invalid input syntax for type integer: "123-45-6789"',
+    }
+    assert SM.mask_error_fields(fields)["M"] == 'invalid input syntax for type integer: "[redacted]"'
+    dup = {"M": 'duplicate key value violates unique constraint "customers_email_key"',
+           "D": "Key (email)=(ada@example.com) already exists.", "s": "public", "t": "customers"}
+    out = SM.mask_error_fields(dup, catalog=CAT)
+    assert out["D"] == "Key (email)=([redacted]) already exists."
+    assert out["M"] == dup["M"]
+    row = {"M": 'null value in column "name" of relation "customers" violates not-null constraint',
+           "D": "Failing row contains (9, null, zed@example.com, 111-22-3333, 4111, null, null, now).",
+           "s": "public", "t": "customers"}
+    out = SM.mask_error_fields(row, catalog=CAT)
+    assert out["D"] == "Failing row contains ([redacted])."
+    assert out["M"] == row["M"]
+    other = {"D": "Key (status)=(new) is not present in table \"orders\".", "s": "public", "t": "orders"}
+    assert SM.mask_error_fields(other, catalog=CAT)["D"] == other["D"]
+    notice = {"M": "hello grace@example.org 4111111111111111"}
+    assert SM.mask_error_fields(notice)["M"] == "hello [redacted:email] [redacted:credit_card]"
+
+
+def test_error_fields_after_a_statement_that_touched_masked_data():
+    plan = SM.plan("SELECT upper(name)::int FROM customers WHERE id = 1", CAT)
+    fields = {"M": 'some message quoting "Ada Lovelace" and relation "customers"'}
+    # the plan touched nothing masked: quoted text passes
+    assert SM.mask_error_fields(fields, plan, CAT)["M"] == fields["M"]
+    plan = SM.plan("SELECT upper(email)::int FROM customers", CAT)
+    assert SM.mask_error_fields(fields, plan, CAT)["M"] == (
+        'some message quoting "[redacted]" and relation "customers"')

@@ -160,3 +160,13 @@ async def test_stdout_sink_gets_sealed_lines(tmp_path: Path) -> None:
     await log.close()
     assert out.getvalue() == (tmp_path / "a.jsonl").read_bytes()
     assert sink.dropped == 0
+
+
+async def test_stuck_disk_times_out_with_pw004(tmp_path: Path) -> None:
+    fsync = GatedFsync()
+    log = AuditLog(AuditConfig(path=str(tmp_path / "a.jsonl"), write_timeout=0.05), fsync=fsync)
+    await log.open()
+    with pytest.raises(AuditUnavailable, match="no fsync within 0.05s"):
+        await log.write(records.statement(SessionInfo("s"), 1, "SELECT 1", decision="allow"))
+    fsync.gate.set()
+    await log.close()

@@ -4,7 +4,13 @@ import json
 
 from masking_helpers import masking, shop_catalog
 
-from pgwarden.masking import Field, build_data_row, build_row_description, parse_data_row, parse_row_description
+from pgwarden.masking import (
+    Field,
+    build_data_row,
+    build_row_description,
+    parse_data_row,
+    parse_row_description,
+)
 
 CAT = shop_catalog()
 SM = masking()
@@ -95,7 +101,7 @@ def test_row_description_round_trip():
 def test_copy_text_format():
     plan = SM.plan("COPY customers (id, email, ssn, notes) TO STDOUT", CAT)
     rw = plan.bind(0, [])
-    line = "1\tada@example.com\t123-45-6789\tcall grace@example.org\\tafter 5pm\n".encode()
+    line = b"1\tada@example.com\t123-45-6789\tcall grace@example.org\\tafter 5pm\n"
     assert rw.copy_data(line) == b"1\ta***@example.com\t[redacted]\tcall [redacted:email]\\tafter 5pm\n"
     assert rw.copy_data(b"2\t\\N\t\\N\t\\N\n") == b"2\t\\N\t\\N\t\\N\n"
     assert rw.copy_data(b"3\tx\\\\y@example.com\t1\\t2\tok\n") == b"3\tx***@example.com\t[redacted]\tok\n"

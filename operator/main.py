@@ -73,10 +73,15 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
         await runtime.kube.close()
 
     # -- DatabaseConnection ---------------------------------------------------------------
-    @kopf.index(*CONNECTIONS, registry=registry)
-    def pgwarden_connections(namespace: str, name: str, spec: Any, **_: Any) -> dict[tuple[str, str], str]:
-        secret = ((spec or {}).get("credentials") or {}).get("secretName") or f"{name}-pgwarden-credentials"
-        return {(namespace, name): secret}
+    # the webhook needs the connections of each namespace without an API call per pod (kopf's
+    # indexes are not passed to admission handlers, so the watch stream feeds a plain dict)
+    @kopf.on.event(*CONNECTIONS, registry=registry)
+    def _track(event: dict[str, Any], namespace: str, name: str, spec: Any, **_: Any) -> None:
+        if event.get("type") == "DELETED":
+            runtime.connections.pop((namespace, name), None)
+        else:
+            secret = ((spec or {}).get("credentials") or {}).get("secretName") or f"{name}-pgwarden-credentials"
+            runtime.connections[(namespace, name)] = secret
 
     @kopf.on.resume(*CONNECTIONS, registry=registry, id="reconcile")
     @kopf.on.create(*CONNECTIONS, registry=registry, id="reconcile")
@@ -110,10 +115,8 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     if ours.webhook.enabled:
         @kopf.on.mutate("", "v1", "pods", registry=registry, id="pgwarden-inject", operations=["CREATE"],
                         ignore_failures=True, side_effects=False)
-        def _inject(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger,
-                    pgwarden_connections: kopf.Index[tuple[str, str], str], **_: Any) -> None:
-            known = {k: next(iter(v)) for k, v in pgwarden_connections.items()}
-            admission.mutate_pod(body, patch, runtime, known, logger)
+        def _inject(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
+            admission.mutate_pod(body, patch, runtime, runtime.connections, logger)
 
         for group, version, plural in WORKLOADS:
             @kopf.on.mutate(group, version, plural, registry=registry, id="pgwarden-carry", operations=["CREATE"],

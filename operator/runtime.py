@@ -22,5 +22,8 @@ class Runtime:
     locks: collections.defaultdict[tuple[str, str], asyncio.Lock] = field(
         default_factory=lambda: collections.defaultdict(asyncio.Lock))
 
+    # (namespace, DatabaseConnection name) -> credentials Secret name, fed by the watch stream
+    connections: dict[tuple[str, str], str] = field(default_factory=dict)
+
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         return self.locks[(namespace, name)]

@@ -1,0 +1,155 @@
+"""The pod admission webhook over HTTPS, as the API server calls it: kopf's webhook server with
+certificates the operator made, the MutatingWebhookConfiguration the operator keeps in the
+(emulated) cluster, and real AdmissionReview JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import json
+import ssl
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jsonpatch
+import kmock
+import pytest
+from fix_emulator import advertise, client_for, eventually
+from pgwarden.operator import injection, kube
+from pgwarden.operator.settings import WebhookSettings
+from test_operator_emulated import FAST, NS, admin_secret, connection, operator
+
+from pgwarden.embedded import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def review(obj: dict[str, Any], resource: tuple[str, str, str] = ("", "v1", "pods"), kind: str = "Pod") -> dict[str, Any]:
+    group, version, plural = resource
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": str(uuid.uuid4()),
+            "kind": {"group": group, "version": version, "kind": kind},
+            "resource": {"group": group, "version": version, "resource": plural},
+            "requestKind": {"group": group, "version": version, "kind": kind},
+            "requestResource": {"group": group, "version": version, "resource": plural},
+            "namespace": NS,
+            "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller",
+                         "groups": ["system:serviceaccounts", "system:authenticated"]},
+            "object": obj,
+            "oldObject": None,
+            "dryRun": False,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
+        },
+    }
+
+
+def agent_pod(annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "cursor-agent-7d9f", "namespace": NS, "annotations": annotations or {}},
+            "spec": {"serviceAccountName": "cursor-agent", "containers": [{"name": "agent", "image": "agent:1"}]}}
+
+
+async def test_pod_admission_over_https(kmock: kmock.KubernetesEmulator, pg: Any, tmp_path: Path) -> None:
+    advertise(kmock)
+    k = client_for(kmock)
+    ca = tmp_path / "ca.pem"
+    settings = replace(FAST, webhook=WebhookSettings(addr="127.0.0.1", host="127.0.0.1", port=free_port(),
+                                                     cadump=str(ca), managed="pgwarden.dev"))
+    await k.create(kube.path("v1", "secrets", NS), admin_secret(pg))
+    await k.create(kube.path(kube.PGW, "databaseconnections", NS), connection(pg, name="orders-prod"))
+    async with operator(kmock, settings):
+        # the operator registered itself with the API server, CA bundle included
+        cfg_path = kube.path("admissionregistration.k8s.io/v1", "mutatingwebhookconfigurations", None, "pgwarden.dev")
+        cfg = await eventually(lambda: _with_webhooks(k.get(cfg_path)), what="MutatingWebhookConfiguration")
+        hooks = {h["name"].split(".")[0]: h for h in cfg["webhooks"]}
+        pod_hook = next(h for h in cfg["webhooks"] if any("pods" in r["resources"] for r in h["rules"]))
+        assert pod_hook["failurePolicy"] == "Ignore" and pod_hook["sideEffects"] == "None"
+        assert base64.b64decode(pod_hook["clientConfig"]["caBundle"]) == ca.read_bytes()
+        assert hooks  # one per handler
+        url = pod_hook["clientConfig"]["url"]
+        assert url.startswith("https://127.0.0.1:")
+
+        ctx = ssl.create_default_context(cafile=str(ca))  # verify like the API server does
+        async with aiohttp.ClientSession() as http:
+            async def admit(obj: dict[str, Any], hook_url: str = url, **kw: Any) -> dict[str, Any]:
+                async with http.post(hook_url, json=review(obj, **kw), ssl=ctx) as resp:
+                    assert resp.status == 200, await resp.text()
+                    body = await resp.json()
+                assert body["kind"] == "AdmissionReview"
+                return body["response"]
+
+            # annotated: the patch turns the pod into exactly what `pgwarden inject` prints
+            pod = agent_pod({injection.ANNOTATION_INJECT: "orders-prod"})
+            await asyncio.sleep(0.5)  # the connection index fills from the watch stream
+            r = await admit(pod)
+            assert r["allowed"] is True and r["patchType"] == "JSONPatch", r
+            ops = json.loads(base64.b64decode(r["patch"]))
+            mutated = jsonpatch.apply_patch(copy.deepcopy(pod), ops)
+            target = injection.InjectionTarget.for_connection("orders-prod")
+            assert mutated == injection.inject_pod(pod, target, settings.injection)
+            assert mutated["spec"]["initContainers"][0]["restartPolicy"] == "Always"
+            assert mutated["metadata"]["annotations"][injection.ANNOTATION_INJECTED] == "orders-prod"
+
+            # not annotated: allowed untouched
+            r = await admit(agent_pod())
+            assert r["allowed"] is True and "patch" not in r
+
+            # already injected: left alone
+            r = await admit(mutated)
+            assert r["allowed"] is True and "patch" not in r
+
+            # unknown connection: refused with the next step
+            r = await admit(agent_pod({injection.ANNOTATION_INJECT: "nope"}))
+            assert r["allowed"] is False
+            assert "no DatabaseConnection 'nope' in namespace agents" in r["status"]["message"]
+
+            # an agent container mounting the credentials: refused
+            leaky = agent_pod({injection.ANNOTATION_INJECT: "orders-prod"})
+            leaky["spec"]["volumes"] = [{"name": "creds", "secret": {"secretName": "orders-prod-pgwarden-credentials"}}]
+            leaky["spec"]["containers"][0]["volumeMounts"] = [{"name": "creds", "mountPath": "/creds"}]
+            r = await admit(leaky)
+            assert r["allowed"] is False and "only the pgwarden proxy may hold them" in r["status"]["message"]
+
+            # a Job created with the annotation gets it in its (immutable) pod template
+            job_hook = next(h for h in cfg["webhooks"] if any("jobs" in r["resources"] for r in h["rules"]))
+            job = {"apiVersion": "batch/v1", "kind": "Job",
+                   "metadata": {"name": "ci", "namespace": NS, "annotations": {injection.ANNOTATION_INJECT: "orders-prod"}},
+                   "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "ci", "image": "c"}]}}}}
+            r = await admit(job, job_hook["clientConfig"]["url"], resource=("batch", "v1", "jobs"), kind="Job")
+            patched = jsonpatch.apply_patch(job, json.loads(base64.b64decode(r["patch"])))
+            assert patched["spec"]["template"]["metadata"]["annotations"] == {injection.ANNOTATION_INJECT: "orders-prod"}
+    await k.close()
+
+
+async def test_annotated_deployment_gets_its_template_annotated(kmock: kmock.KubernetesEmulator, pg: Any) -> None:
+    advertise(kmock)
+    k = client_for(kmock)
+    deployment = {"apiVersion": "apps/v1", "kind": "Deployment",
+                  "metadata": {"name": "cursor-agent", "namespace": NS, "resourceVersion": "1",
+                               "annotations": {injection.ANNOTATION_INJECT: "orders-prod"}},
+                  "spec": {"template": {"metadata": {"labels": {"app": "cursor-agent"}},
+                                        "spec": {"containers": [{"name": "agent", "image": "a"}]}}}}
+    async with operator(kmock):
+        await k.create(kube.path("apps/v1", "deployments", NS), deployment)
+
+        async def template_annotations() -> dict[str, str] | None:
+            d = await k.get(kube.path("apps/v1", "deployments", NS, "cursor-agent"))
+            return (((d or {}).get("spec") or {}).get("template") or {}).get("metadata", {}).get("annotations")
+
+        ann = await eventually(template_annotations, what="pod template annotation")
+        assert ann == {injection.ANNOTATION_INJECT: "orders-prod"}
+    await k.close()
+
+
+async def _with_webhooks(aw: Any) -> Any:
+    cfg = await aw
+    return cfg if cfg and cfg.get("webhooks") else None
+

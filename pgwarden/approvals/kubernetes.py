@@ -1,0 +1,416 @@
+"""The Kubernetes approval backend: an `ApprovalRequest` per statement, decided with kubectl.
+
+The proxy only ever creates, reads, watches and deletes (= withdraws) ApprovalRequests; it
+cannot update or patch them (RBAC, docs/approvals.md). Who decided is therefore never something
+the proxy or the agent wrote: the operator's admission webhook stamps the approver from the API
+server's `userInfo`, and the operator writes `status` (a subresource the agent cannot write).
+The proxy trusts `status.phase` together with `spec.decision`, and re-checks that the object
+still carries exactly the statement it asked about.
+
+One-time use without update rights: executing an approval creates the Event
+`<request>.executed` (create is atomic — a second claimant gets 409 Conflict); the operator
+then moves the request to phase Executed, which outlives the Event's TTL.
+
+The HTTP layer is deliberately small (aiohttp; a base URL, a bearer token, a CA) so tests run it
+against kmock's KubernetesEmulator and a pod runs it with its service account.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import ssl
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import aiohttp
+
+from pgwarden.approvals.model import (
+    APPROVED,
+    DENIED,
+    EXPIRED,
+    ApprovalSpec,
+    Outcome,
+    Ticket,
+    iso,
+    kubectl_patch_command,
+    parse_iso,
+)
+from pgwarden.approvals.notify import Notifier
+
+log = logging.getLogger("pgwarden.approvals.kubernetes")
+
+GROUP, VERSION, PLURAL, KIND = "pgwarden.dev", "v1alpha1", "approvalrequests", "ApprovalRequest"
+API_VERSION = f"{GROUP}/{VERSION}"
+IN_CLUSTER_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+LABEL_HASH = "pgwarden.dev/statement-hash"
+LABEL_CONNECTION = "pgwarden.dev/connection"
+EXECUTED_SUFFIX = ".executed"
+
+
+class KubeError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"Kubernetes API {status}: {message}")
+        self.status = status
+
+
+@dataclass(frozen=True)
+class KubeApi:
+    """Where the API server is and how the proxy proves who it is."""
+
+    server: str
+    namespace: str = "default"
+    token: str | None = None
+    token_file: str | None = None  # re-read on every request: projected tokens rotate
+    ca_file: str | None = None
+    insecure: bool = False
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any]) -> KubeApi:
+        """`approvals: {backend: kubernetes, namespace?, apiUrl?, tokenFile?, caFile?}`;
+        without apiUrl, the pod's own service account (in-cluster)."""
+        ns_file = IN_CLUSTER_DIR / "namespace"
+        in_cluster_ns = ns_file.read_text().strip() if ns_file.exists() else ""
+        namespace = str(section.get("namespace") or os.environ.get("POD_NAMESPACE") or in_cluster_ns or "default")
+        url = section.get("apiUrl")
+        if url:
+            return cls(server=str(url).rstrip("/"), namespace=namespace, token_file=section.get("tokenFile"),
+                       ca_file=section.get("caFile"), insecure=bool(section.get("insecureSkipTlsVerify", False)))
+        host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
+        if not (host and port and (IN_CLUSTER_DIR / "token").exists()):
+            raise ValueError("approvals.backend kubernetes: not running in a pod and no approvals.apiUrl given; "
+                             "set apiUrl (and tokenFile), or use backend: local")
+        return cls(server=f"https://{host}:{port}", namespace=namespace,
+                   token_file=section.get("tokenFile") or str(IN_CLUSTER_DIR / "token"),
+                   ca_file=section.get("caFile") or str(IN_CLUSTER_DIR / "ca.crt"))
+
+
+class KubeClient:
+    """GET / POST / DELETE / watch, JSON in and out; errors carry the API's status code."""
+
+    def __init__(self, api: KubeApi) -> None:
+        self.api = api
+        self._session: aiohttp.ClientSession | None = None
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        if not self.api.server.startswith("https"):
+            return False
+        ctx = ssl.create_default_context(cafile=self.api.ca_file)
+        if self.api.insecure:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    def _headers(self) -> dict[str, str]:
+        h = {"Accept": "application/json"}
+        token = Path(self.api.token_file).read_text().strip() if self.api.token_file else self.api.token
+        if token:
+            h["Authorization"] = f"Bearer {token}"
+        return h
+
+    def _sess(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl()))
+        return self._session
+
+    def url(self, path: str, params: Mapping[str, str] | None = None) -> str:
+        return self.api.server + path + ("?" + urlencode(params) if params else "")
+
+    async def request(self, method: str, path: str, body: Any = None,
+                      params: Mapping[str, str] | None = None) -> Any:
+        async with self._sess().request(method, self.url(path, params), json=body, headers=self._headers(),
+                                        timeout=aiohttp.ClientTimeout(total=30)) as resp:
+            try:
+                data = await resp.json(content_type=None)
+            except ValueError:
+                data = None
+            if resp.status >= 400:
+                msg = data.get("message") if isinstance(data, dict) else resp.reason
+                raise KubeError(resp.status, str(msg))
+            return data
+
+    async def watch(self, path: str, params: Mapping[str, str]) -> AsyncIterator[dict[str, Any]]:
+        """Watch events as dicts; ends when the server closes the stream."""
+        q = {**params, "watch": "true"}
+        async with self._sess().get(self.url(path, q), headers=self._headers(),
+                                    timeout=aiohttp.ClientTimeout(total=None, sock_read=None)) as resp:
+            if resp.status >= 400:
+                raise KubeError(resp.status, (await resp.text())[:500])
+            async for line in resp.content:
+                line = line.strip()
+                if line:
+                    yield json.loads(line)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def collection_path(namespace: str) -> str:
+    return f"/apis/{GROUP}/{VERSION}/namespaces/{quote(namespace)}/{PLURAL}"
+
+
+def events_path(namespace: str) -> str:
+    return f"/api/v1/namespaces/{quote(namespace)}/events"
+
+
+# -- pure builders / readers ------------------------------------------------------------------
+
+def request_name(spec: ApprovalSpec) -> str:
+    """DNS-1123, recognisable in `kubectl get`: <connection>-<hash prefix>-<random>."""
+    return f"{spec.connection[:40].rstrip('-.')}-{spec.hash[:8]}-{secrets.token_hex(3)}"
+
+
+def build_request(spec: ApprovalSpec, name: str, namespace: str, now: float) -> dict[str, Any]:
+    """The ApprovalRequest object the proxy creates (decision: pending; the webhook refuses others)."""
+    who = spec.requester
+    wl = spec.workload
+    pod = f"{wl.get('namespace', namespace)}/{wl['pod']}" if wl.get("pod") else ""
+    sa = who.service_account or (f"{wl.get('namespace', namespace)}/{wl['service_account']}"
+                                 if wl.get("service_account") else "")
+    requester: dict[str, Any] = {"subject": who.subject, "groups": list(who.groups)}
+    if pod:
+        requester["pod"] = pod
+    if sa:
+        requester["serviceAccount"] = sa
+    ns_policy, _, policy_name = spec.policy_id.rpartition("/")
+    spec_out: dict[str, Any] = {
+        "connectionRef": {"name": spec.connection},
+        "requester": requester,
+        "statement": spec.statement,
+        "statementHash": spec.hash,
+        "parametersHash": spec.params_hash,
+        "rule": spec.rule,
+        "mode": spec.mode,
+        "expiresAt": iso(now + spec.timeout),
+        "decision": "pending",
+    }
+    if spec.params:
+        spec_out["params"] = list(spec.params)
+    if policy_name:
+        spec_out["policy"] = policy_name if ns_policy in ("", namespace) else spec.policy_id
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {
+                "app.kubernetes.io/managed-by": "pgwarden-proxy",
+                LABEL_CONNECTION: spec.connection,
+                LABEL_HASH: spec.hash[:63],
+            },
+        },
+        "spec": spec_out,
+    }
+
+
+def matches(obj: Mapping[str, Any], spec: ApprovalSpec) -> bool:
+    """Does this object carry exactly the statement, parameters, requester, connection (and
+    policy) the proxy is about to run? The hash is a lookup key, not the proof."""
+    s = obj.get("spec") or {}
+    if s.get("statement") != spec.statement or s.get("parametersHash") != spec.params_hash:
+        return False
+    if (s.get("requester") or {}).get("subject") != spec.requester.subject:
+        return False
+    if (s.get("connectionRef") or {}).get("name") != spec.connection:
+        return False
+    policy = s.get("policy") or ""
+    if spec.policy_id and policy and spec.policy_id.rpartition("/")[2] != policy.rpartition("/")[2]:
+        return False
+    return True
+
+
+def outcome_of(obj: Mapping[str, Any]) -> Outcome | None:
+    """The proxy's reading of a request: None while undecided. Approved needs both the
+    operator's status and the (webhook-guarded) spec to agree."""
+    status = obj.get("status") or {}
+    phase = status.get("phase") or ""
+    decision = (obj.get("spec") or {}).get("decision")
+    by = status.get("decidedBy") or {}
+    decided_by = by.get("username", "") if isinstance(by, Mapping) else str(by)
+    reason = (obj.get("spec") or {}).get("reason") or ""
+    if phase == "Approved" and decision == APPROVED:
+        return Outcome(APPROVED, decided_by, reason)
+    if phase == "Denied" or decision == DENIED:
+        return Outcome(DENIED, decided_by, reason)
+    if phase in ("Expired", "Executed"):
+        return Outcome(EXPIRED, decided_by, f"the request is {phase.lower()}")
+    return None
+
+
+def build_event(obj: Mapping[str, Any], name: str, reason: str, message: str, reporter: str,
+                now: float) -> dict[str, Any]:
+    meta = obj.get("metadata") or {}
+    ts = iso(now)
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": name, "namespace": meta.get("namespace")},
+        "involvedObject": {"apiVersion": API_VERSION, "kind": KIND, "name": meta.get("name"),
+                           "namespace": meta.get("namespace"), "uid": meta.get("uid", "")},
+        "reason": reason,
+        "message": message[:1024],
+        "type": "Normal",
+        "source": {"component": "pgwarden-proxy"},
+        "reportingComponent": "pgwarden-proxy",
+        "reportingInstance": reporter or "pgwarden-proxy",
+        "firstTimestamp": ts,
+        "lastTimestamp": ts,
+        "count": 1,
+    }
+
+
+# -- the backend ------------------------------------------------------------------------------
+
+class KubernetesApprovals:
+    """`ApprovalBackend` over ApprovalRequest custom resources."""
+
+    def __init__(self, api: KubeClient, namespace: str | None = None, *, notifier: Notifier | None = None,
+                 reporter: str = "", retry_delay: float = 1.0, clock: Any = time.time) -> None:
+        self.client = api
+        self.namespace = namespace or api.api.namespace
+        self.notifier = notifier
+        self.reporter = reporter or os.environ.get("POD_NAME", "")
+        self.retry_delay = retry_delay
+        self.clock = clock
+        self._objects: dict[str, dict[str, Any]] = {}
+
+    def _path(self, name: str = "") -> str:
+        return collection_path(self.namespace) + (f"/{quote(name)}" if name else "")
+
+    def _ticket(self, obj: Mapping[str, Any]) -> Ticket:
+        meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
+        name = meta["name"]
+        expires = spec.get("expiresAt")
+        return Ticket(id=name, name=name, expires_at=parse_iso(expires) if expires else 0.0,
+                      approve_command=kubectl_patch_command(name, self.namespace, "approved"),
+                      deny_command=kubectl_patch_command(name, self.namespace, "denied"),
+                      namespace=self.namespace)
+
+    async def create(self, spec: ApprovalSpec) -> Ticket:
+        body = build_request(spec, request_name(spec), self.namespace, self.clock())
+        try:
+            obj = await self.client.request("POST", self._path(), body)
+        except KubeError as e:
+            hint = (" — the proxy's service account needs create/get/list/watch/delete on approvalrequests "
+                    "(docs/approvals.md)" if e.status == 403 else "")
+            raise KubeError(e.status, f"could not create the ApprovalRequest: {e}{hint}") from e
+        obj = obj if isinstance(obj, dict) and obj.get("metadata") else body
+        ticket = self._ticket(obj)
+        self._objects[ticket.name] = obj
+        if self.notifier is not None:
+            self.notifier.notify(spec, ticket)
+        return ticket
+
+    async def wait(self, ticket: Ticket, timeout: float) -> Outcome:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, min(timeout, ticket.expires_at - self.clock() if ticket.expires_at else timeout))
+        try:
+            while (remaining := deadline - loop.time()) > 0:
+                try:
+                    async with asyncio.timeout(remaining):
+                        outcome = await self._watch_once(ticket, remaining)
+                except TimeoutError:
+                    break
+                except (aiohttp.ClientError, KubeError, ValueError) as e:
+                    log.info("watching %s: %s; retrying", ticket.name, e)
+                    outcome = None
+                    await asyncio.sleep(min(self.retry_delay, max(0.0, deadline - loop.time())))
+                if outcome is not None:
+                    return await self._settle(ticket, outcome)
+            return Outcome(EXPIRED, "", "no decision before the timeout")
+        except asyncio.CancelledError:
+            await self.withdraw(ticket)
+            raise
+
+    async def _watch_once(self, ticket: Ticket, remaining: float) -> Outcome | None:
+        params = {"fieldSelector": f"metadata.name={ticket.name}", "timeoutSeconds": str(max(1, int(remaining)))}
+        async for event in self.client.watch(self._path(), params):
+            obj = event.get("object") or {}
+            if (obj.get("metadata") or {}).get("name") != ticket.name:
+                continue
+            if event.get("type") == "DELETED":
+                return Outcome(EXPIRED, "", "the request was deleted")
+            if event.get("type") == "ERROR":
+                raise KubeError(int(obj.get("code") or 500), str(obj.get("message")))
+            self._objects[ticket.name] = obj
+            outcome = outcome_of(obj)
+            if outcome is not None:
+                return outcome
+        # the server ended the watch (timeoutSeconds, restart): the caller watches again
+        await asyncio.sleep(0)
+        return None
+
+    async def _settle(self, ticket: Ticket, outcome: Outcome) -> Outcome:
+        if outcome.state != APPROVED:
+            return outcome
+        obj = self._objects.get(ticket.name) or {}
+        if not await self._claim(obj, f"the held statement runs now (approved by {outcome.decided_by})"):
+            return Outcome(EXPIRED, outcome.decided_by, "the approval was already used")
+        return outcome
+
+    async def _claim(self, obj: Mapping[str, Any], message: str) -> bool:
+        """Atomically mark an approval as used: only one creator of `<name>.executed` wins."""
+        name = (obj.get("metadata") or {}).get("name", "")
+        event = build_event(obj, name + EXECUTED_SUFFIX, "Executed", message, self.reporter, self.clock())
+        try:
+            await self.client.request("POST", events_path(self.namespace), event)
+        except KubeError as e:
+            if e.status == 409:
+                return False
+            log.error("could not record the use of approval %s (%s); refusing to run it — the proxy's service "
+                      "account needs create on events", name, e)
+            return False
+        return True
+
+    async def withdraw(self, ticket: Ticket) -> None:
+        try:
+            await self.client.request("DELETE", self._path(ticket.name))
+        except KubeError as e:
+            if e.status != 404:
+                log.warning("could not withdraw %s: %s (it will expire at %s)", ticket.name, e, iso(ticket.expires_at))
+        except aiohttp.ClientError as e:
+            log.warning("could not withdraw %s: %s (it will expire at %s)", ticket.name, e, iso(ticket.expires_at))
+        finally:
+            self._objects.pop(ticket.name, None)
+
+    async def consume(self, spec: ApprovalSpec) -> Ticket | None:
+        data = await self.client.request("GET", self._path(), params={"labelSelector": f"{LABEL_HASH}={spec.hash[:63]}"})
+        now = self.clock()
+        for obj in (data or {}).get("items") or []:
+            s = obj.get("spec") or {}
+            if s.get("mode") != "defer" or not matches(obj, spec):
+                continue
+            outcome = outcome_of(obj)
+            if outcome is None or outcome.state != APPROVED:
+                continue
+            expires = s.get("expiresAt")
+            if not expires or parse_iso(expires) <= now:
+                continue
+            if await self._claim(obj, f"deferred statement runs now (approved by {outcome.decided_by})"):
+                ticket = self._ticket(obj)
+                self._objects[ticket.name] = obj
+                return ticket
+        return None
+
+    async def executed(self, ticket: Ticket, outcome_tag: str) -> None:
+        obj = self._objects.pop(ticket.name, None) or {"metadata": {"name": ticket.name, "namespace": self.namespace}}
+        event = build_event(obj, f"{ticket.name}.{secrets.token_hex(4)}", "StatementCompleted",
+                            f"the approved statement completed: {outcome_tag}", self.reporter, self.clock())
+        try:
+            await self.client.request("POST", events_path(self.namespace), event)
+        except (KubeError, aiohttp.ClientError) as e:
+            log.warning("could not record the completion of %s: %s", ticket.name, e)
+
+    async def close(self) -> None:
+        if self.notifier is not None:
+            await self.notifier.close()
+        await self.client.close()

@@ -1,0 +1,285 @@
+"""The approval contract shared by both backends, the proxy's gate, the CLI and the operator.
+
+An approval is bound to exactly one statement run by exactly one requester on exactly one
+connection: `statement_hash` covers the statement text, its parameters, the requester's subject
+and the connection, so an approval for `DELETE … WHERE id = $1` with `1` never lets `2` through,
+and an approval granted to one agent never lets another agent run the same text.
+
+Everything here is pure (no I/O): the backends are thin shells that store what these functions
+decide, so the rules (final decisions, no self-approval, distinct approvers, expiry) are tested
+once and enforced the same way by the SQLite queue and by the Kubernetes webhook.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from pgwarden.subjects import Identity, SubjectRef
+
+Mode = Literal["wait", "defer"]
+State = Literal["approved", "denied", "expired"]
+
+# Request states of the local queue (the Kubernetes phases are these, capitalised).
+PENDING, APPROVED, DENIED, EXPIRED, EXECUTED, WITHDRAWN = (
+    "pending", "approved", "denied", "expired", "executed", "withdrawn")
+FINAL_STATES = (DENIED, EXPIRED, EXECUTED, WITHDRAWN)
+
+
+@dataclass(frozen=True)
+class ApprovalSpec:
+    """What the proxy's gate knows when a policy says `review`."""
+
+    connection: str
+    requester: Identity
+    workload: Mapping[str, str]
+    statement: str
+    params: tuple[str | None, ...]
+    rule: str
+    reviewers: tuple[SubjectRef, ...]
+    min_approvals: int
+    timeout: float
+    mode: str  # Mode: "wait" | "defer"
+    # "namespace/name" of the AccessPolicy that asked for review; derived from `rule` when empty
+    policy: str = ""
+    # Slack-compatible webhook called when the request is created (AccessPolicy approval.notifyUrl)
+    notify_url: str = ""
+
+    @property
+    def policy_id(self) -> str:
+        if self.policy:
+            return self.policy
+        # rule labels read "NS/NAME rule 3 (name)" (pgwarden.policy.model.AccessPolicy.rule_label)
+        return self.rule.split(" rule ", 1)[0] if " rule " in self.rule else ""
+
+    @property
+    def hash(self) -> str:
+        return statement_hash(self.statement, self.params, self.requester.subject, self.connection)
+
+    @property
+    def params_hash(self) -> str:
+        return params_hash(self.params)
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A created request, as the gate shows it to the client (NoticeResponse, PW001 hint)."""
+
+    id: str
+    name: str
+    expires_at: float  # epoch seconds
+    approve_command: str
+    deny_command: str = ""
+    namespace: str = ""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: str  # State: "approved" | "denied" | "expired"
+    decided_by: str = ""
+    reason: str = ""
+
+
+class ApprovalBackend(Protocol):
+    """Where requests live and where decisions come from. Both backends enforce the same rules.
+
+    The gate calls `create` then `wait` (mode wait) or `consume` then `create` (mode defer);
+    `withdraw` on a client cancel; `executed` after the statement ran (the audit of its tag).
+    """
+
+    async def create(self, spec: ApprovalSpec) -> Ticket: ...
+
+    async def wait(self, ticket: Ticket, timeout: float) -> Outcome: ...
+
+    async def withdraw(self, ticket: Ticket) -> None: ...
+
+    async def consume(self, spec: ApprovalSpec) -> Ticket | None: ...
+
+    async def executed(self, ticket: Ticket, outcome_tag: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class ApprovalError(Exception):
+    """A decision that the rules refuse; the message says why and what to do instead."""
+
+    def __init__(self, message: str, code: int = 403) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# -- binding ----------------------------------------------------------------------------------
+
+def canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def statement_hash(statement: str, params: Sequence[str | None], requester_subject: str, connection: str) -> str:
+    """sha256 of the canonical JSON of everything an approval is bound to (versioned)."""
+    return hashlib.sha256(canonical_json({
+        "v": 1,
+        "statement": statement,
+        "params": list(params),
+        "requester": requester_subject,
+        "connection": connection,
+    })).hexdigest()
+
+
+def params_hash(params: Sequence[str | None]) -> str:
+    return hashlib.sha256(canonical_json(list(params))).hexdigest()
+
+
+# -- who is who -------------------------------------------------------------------------------
+
+SA_PREFIX = "system:serviceaccount:"
+
+
+def identity_from_username(username: str, groups: Iterable[str] = ()) -> Identity:
+    """A Kubernetes username (`system:serviceaccount:NS:NAME` for service accounts) as an Identity."""
+    sa = ""
+    if username.startswith(SA_PREFIX):
+        ns, _, name = username[len(SA_PREFIX):].partition(":")
+        if ns and name:
+            sa = f"{ns}/{name}"
+    return Identity(subject=username, groups=tuple(groups), service_account=sa, method="kubernetes")
+
+
+def same_principal(who: Identity, subject: str, service_account: str = "") -> bool:
+    """Is `who` the requester? Compares subjects and service accounts in both spellings
+    (`agents/cursor` and `system:serviceaccount:agents:cursor`), case-sensitively as Kubernetes does."""
+    if not who.subject and not who.service_account:
+        return False
+    names = {who.subject}
+    if who.service_account:
+        ns, _, name = who.service_account.partition("/")
+        names |= {who.service_account, f"{SA_PREFIX}{ns}:{name}"}
+    theirs = {s for s in (subject, service_account) if s}
+    for s in list(theirs):
+        if "/" in s and not s.startswith(SA_PREFIX):
+            ns, _, name = s.partition("/")
+            theirs.add(f"{SA_PREFIX}{ns}:{name}")
+        if s.startswith(SA_PREFIX):
+            ns, _, name = s[len(SA_PREFIX):].partition(":")
+            theirs.add(f"{ns}/{name}")
+    return bool(names & theirs)
+
+
+def describe_reviewers(reviewers: Iterable[SubjectRef]) -> str:
+    return ", ".join(str(r) for r in reviewers) or "(none)"
+
+
+# -- the commands a reviewer types -----------------------------------------------------------
+
+def kubectl_patch_command(name: str, namespace: str, decision: str = "approved") -> str:
+    body = json.dumps({"spec": {"decision": decision}}, separators=(",", ":"))
+    return f"kubectl patch approvalrequest {name} -n {namespace} --type merge -p {shlex.quote(body)}"
+
+
+def local_command(request_id: str, verb: str = "approve", db: str | None = None) -> str:
+    db_arg = f" --db {shlex.quote(db)}" if db else ""
+    return f"pgwarden approvals {verb} {request_id} --as YOU{db_arg}"
+
+
+# -- decisions (the local queue's rules; the operator's webhook applies the same ones) -------
+
+@dataclass(frozen=True)
+class Vote:
+    approver: str
+    at: float
+
+
+@dataclass(frozen=True)
+class RequestView:
+    """The fields of a stored request that a decision depends on."""
+
+    id: str
+    state: str
+    requester_subject: str
+    requester_service_account: str
+    reviewers: tuple[SubjectRef, ...]
+    min_approvals: int
+    expires_at: float
+    votes: tuple[Vote, ...] = ()
+    decided_by: str = ""
+
+
+@dataclass(frozen=True)
+class Change:
+    """What to store after a decision: the new state and votes, and what to tell the person."""
+
+    state: str
+    votes: tuple[Vote, ...]
+    decided_by: str
+    message: str
+    notes: tuple[str, ...] = field(default=())
+
+
+def decide(req: RequestView, approver: str, decision: str, now: float | None = None) -> Change:
+    """Apply one reviewer's decision to a request, or raise ApprovalError saying why not.
+
+    In local mode `approver` is self-declared (`--as NAME`): the queue cannot check group
+    membership, so only `user:` reviewers are compared by name; the CLI says so.
+    """
+    now = time.time() if now is None else now
+    if decision not in (APPROVED, DENIED):
+        raise ApprovalError(f"unknown decision {decision!r}; use approve or deny", 400)
+    approver = approver.strip()
+    if not approver:
+        raise ApprovalError("say who you are: --as NAME", 400)
+    if req.state == APPROVED or req.state in FINAL_STATES:
+        by = f" by {req.decided_by}" if req.decided_by else ""
+        raise ApprovalError(f"request {req.id} is already {req.state}{by}; a decision is final — "
+                            "the requester must run the statement again to create a new request", 409)
+    if now >= req.expires_at:
+        raise ApprovalError(f"request {req.id} expired at {iso(req.expires_at)}; the requester must run the "
+                            "statement again to create a new request", 409)
+    who = identity_from_username(approver)
+    if same_principal(who, req.requester_subject, req.requester_service_account):
+        raise ApprovalError(f"{approver} requested this statement and cannot decide it; another reviewer "
+                            f"({describe_reviewers(req.reviewers)}) must", 403)
+    notes: list[str] = []
+    users = [r for r in req.reviewers if r.user]
+    if users and len(users) == len(req.reviewers) and not any(r.matches(who) for r in users):
+        raise ApprovalError(f"{approver} is not a reviewer of this request; reviewers: "
+                            f"{describe_reviewers(req.reviewers)}", 403)
+    if len(users) != len(req.reviewers):
+        notes.append(f"group / service-account reviewers ({describe_reviewers(req.reviewers)}) cannot be "
+                     "checked in local mode")
+    if decision == DENIED:
+        return Change(DENIED, req.votes, approver, f"request {req.id} denied by {approver}", tuple(notes))
+    if any(v.approver == approver for v in req.votes):
+        left = req.min_approvals - len(req.votes)
+        raise ApprovalError(f"{approver} already approved request {req.id}; it needs {left} more approval(s) "
+                            "from other reviewers", 409)
+    votes = (*req.votes, Vote(approver, now))
+    if len(votes) < req.min_approvals:
+        left = req.min_approvals - len(votes)
+        return Change(PENDING, votes, "", f"approval {len(votes)} of {req.min_approvals} for request {req.id} "
+                                          f"recorded; {left} more needed from other reviewers", tuple(notes))
+    decided_by = ", ".join(v.approver for v in votes)
+    return Change(APPROVED, votes, decided_by, f"request {req.id} approved by {decided_by}", tuple(notes))
+
+
+def iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def parse_iso(value: str) -> float:
+    """RFC 3339 (as Kubernetes writes it) -> epoch seconds."""
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def notification_text(spec: ApprovalSpec, ticket: Ticket) -> str:
+    who = spec.requester.subject + (f" ({spec.workload.get('pod')})" if spec.workload.get("pod") else "")
+    stmt = spec.statement if len(spec.statement) <= 1500 else spec.statement[:1500] + " …"
+    params = f"\nparameters: {list(spec.params)}" if spec.params else ""
+    return (f"pgwarden: {who} asks to run on {spec.connection} ({spec.rule}), request {ticket.name}:\n"
+            f"```{stmt}```{params}\napprove: `{ticket.approve_command}`\n"
+            f"expires {iso(ticket.expires_at)}")

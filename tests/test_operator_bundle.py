@@ -1,0 +1,128 @@
+"""The policy bundle compiler and the credentials Secret: pure functions, no cluster."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+from pgwarden.operator import bundle, credentials
+from pgwarden.operator.settings import InjectionSettings
+
+from pgwarden.connection import parse_connection
+from pgwarden.resources import document_from_object, parse_documents
+
+CONN_RAW = {"apiVersion": "pgwarden.dev/v1alpha1", "kind": "DatabaseConnection",
+            "metadata": {"name": "shop", "namespace": "agents", "uid": "u-1", "resourceVersion": "9",
+                         "annotations": {"pgwarden.dev/last-handled-configuration": "{}"}},
+            "spec": {"host": "db.prod", "port": 5432, "database": "shop", "sslMode": "verify-full",
+                     "adminSecretRef": {"name": "admin"}},
+            "status": {"phase": "Ready"}}
+CONN = parse_connection(document_from_object(CONN_RAW))
+SETTINGS = InjectionSettings()
+
+
+def policy(name: str = "readers", **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "pgwarden.dev/v1alpha1", "kind": "AccessPolicy", "metadata": {"name": name, "namespace": "agents"},
+            "spec": {"connectionRef": {"name": "shop"}, "subjects": [{"group": "ai-agents"}],
+                     "rules": [{"action": "allow", "operations": ["select"], "tables": ["public.customers"]}],
+                     "defaultAction": "deny", **spec}}
+
+
+def masking(name: str = "pii", **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "pgwarden.dev/v1alpha1", "kind": "MaskingRule", "metadata": {"name": name, "namespace": "agents"},
+            "spec": {"connectionRef": {"name": "shop"},
+                     "columns": [{"table": "public.customers", "column": "email", "strategy": "email"}], **spec}}
+
+
+def test_bundle_holds_connection_policies_masking_and_proxy_config() -> None:
+    other = policy("elsewhere")
+    other["spec"]["connectionRef"] = {"name": "other"}
+    r = bundle.compile_bundle(CONN_RAW, [policy(), masking(), other], CONN, SETTINGS)
+    assert r.data is not None and r.digest
+    docs = parse_documents(r.data["bundle.yaml"] + "\n---\n" + r.data["proxy.yaml"])
+    assert [d.kind for d in docs] == ["DatabaseConnection", "AccessPolicy", "MaskingRule", "ProxyConfig"]
+    assert "adminSecretRef" not in docs[0].spec and "status" not in r.data["bundle.yaml"]
+    assert "uid" not in r.data["bundle.yaml"] and "last-handled" not in r.data["bundle.yaml"]
+    pc = docs[-1].spec
+    assert pc["upstream"]["credentialsDir"] == "/etc/pgwarden/credentials"
+    assert pc["listen"] == {"host": "127.0.0.1", "port": 5432} and pc["health"]["port"] == 8081
+
+
+def test_the_proxy_accepts_the_bundle() -> None:
+    proxy_config = pytest.importorskip("pgwarden.proxy.config")
+    r = bundle.compile_bundle(CONN_RAW, [policy(), masking()], CONN, SETTINGS, has_ca=True)
+    assert r.data is not None
+    docs = parse_documents(r.data["bundle.yaml"] + "\n---\n" + r.data["proxy.yaml"])
+    cfg = proxy_config.parse_proxy_config(docs)
+    assert cfg.upstream.credentials_dir == "/etc/pgwarden/credentials"
+    assert cfg.connection.host == "db.prod" and cfg.connection.ssl_root_cert == "/etc/pgwarden/credentials/sslrootcert"
+    assert cfg.health_port == 8081 and cfg.health_host == "0.0.0.0"
+
+
+def test_digest_is_stable_and_changes_with_content() -> None:
+    a = bundle.compile_bundle(CONN_RAW, [policy(), masking()], CONN, SETTINGS)
+    b = bundle.compile_bundle(CONN_RAW, [masking(), policy()], CONN, SETTINGS)
+    c = bundle.compile_bundle(CONN_RAW, [policy(defaultAction="review"), masking()], CONN, SETTINGS)
+    assert a.digest == b.digest != c.digest
+
+
+@pytest.mark.parametrize("bad", [
+    masking(columns=[{"table": "customers", "column": "email"}]),  # not schema.table
+    masking(detectors=["horoscope"]),
+    policy(rules=[{"action": "maybe", "operations": ["select"], "tables": ["public.t"]}]),
+    policy(defaultAction="shrug"),
+])
+def test_one_bad_object_means_no_bundle(bad: dict[str, Any]) -> None:
+    r = bundle.compile_bundle(CONN_RAW, [policy("good"), masking("good-mask"), bad], CONN, SETTINGS)
+    assert r.data is None and "last good bundle stays" in r.problem
+    report = r.reports[(bad["kind"], bad["metadata"]["name"])]
+    assert report.errors and not report.valid
+    assert all(rep.valid for key, rep in r.reports.items() if key[1] != bad["metadata"]["name"])
+    with pytest.raises(ValueError, match="no bundle"):
+        bundle.bundle_configmap(CONN, r)
+
+
+def test_validator_crash_is_not_published() -> None:
+    def boom(docs: Any) -> None:
+        raise RuntimeError("bug")
+
+    r = bundle.compile_bundle(CONN_RAW, [policy()], CONN, SETTINGS, validators={"AccessPolicy": boom})
+    assert r.data is None and "unexpectedly" in r.reports[("AccessPolicy", "readers")].errors[0]
+
+
+def test_catalog_warnings() -> None:
+    catalog = {"public.customers": {"id", "email"}}
+    p = policy(rules=[{"action": "allow", "operations": ["select"], "tables": ["public.customers", "public.ghost"]}])
+    m = masking(columns=[{"table": "public.customers", "column": "ssn"}])
+    r = bundle.compile_bundle(CONN_RAW, [p, m], CONN, SETTINGS, catalog=catalog)
+    assert r.data is not None  # warnings do not block
+    assert r.reports[("AccessPolicy", "readers")].warnings == [
+        "spec.rules[0].tables[1]: table public.ghost does not exist in the database (yet?)"]
+    assert r.reports[("MaskingRule", "pii")].warnings == ["spec.columns[0]: column ssn does not exist in public.customers"]
+
+
+def test_configmap_body() -> None:
+    r = bundle.compile_bundle(CONN_RAW, [policy()], CONN, SETTINGS)
+    cm = bundle.bundle_configmap(CONN, r, owner=CONN_RAW)
+    assert cm["metadata"]["name"] == "shop-pgwarden-bundle" and cm["metadata"]["namespace"] == "agents"
+    assert cm["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    assert yaml.safe_load(cm["data"]["proxy.yaml"])["kind"] == "ProxyConfig"
+
+
+class TestCredentialsSecret:
+    def test_keys(self) -> None:
+        s = credentials.credentials_secret(CONN, username="pgw_shop_b", password="p'w", version=7, owner=CONN_RAW)
+        data = {k: credentials.unb64(v) for k, v in s["data"].items()}
+        assert data == {"username": "pgw_shop_b", "password": "p'w", "version": "7", "host": "db.prod", "port": "5432",
+                        "database": "shop", "sslmode": "verify-full", "sslrootcert": ""}
+        assert s["metadata"]["name"] == "shop-pgwarden-credentials"
+        assert credentials.secret_version(s) == 7
+
+    def test_admin_secret_errors_say_what_to_do(self) -> None:
+        with pytest.raises(ValueError, match="does not exist; create it with keys username and password"):
+            credentials.read_admin_secret(None, "agents/admin")
+        with pytest.raises(ValueError, match=r"lacks key\(s\) password \(it has: user, username\)"):
+            credentials.read_admin_secret({"data": {"username": credentials.b64("a"), "user": "eA=="}}, "agents/admin")
+        assert credentials.read_admin_secret({"stringData": {"username": "a", "password": "b", "sslrootcert": "PEM"}},
+                                             "x") == ("a", "b", "PEM")

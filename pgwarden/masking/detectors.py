@@ -74,23 +74,26 @@ class Detector:
 
 
 _EMAIL = r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
-_SSN_CORE = r"[0-9]{3}[- ][0-9]{2}[- ][0-9]{4}"
-_CARD_CORE = r"[0-9](?:[ -]?[0-9]){12,18}"
-_PHONE_CORE = r"\+[0-9][0-9 .()-]{6,20}[0-9]|\(?[0-9]{3}\)?[ .-][0-9]{3}[ .-][0-9]{4}"
-_IBAN_CORE = r"[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,30}"
+# Prefilter gates, each a superset of its detectors' full patterns, cheap to search because they
+# start at a literal or a digit (a leading character class with a long repeat is rescanned at
+# every position of the row). SSNs, cards and phone numbers all contain at least eight digits
+# within a run of digits and separators, so one gate serves the three.
+_EMAIL_CORE = r"@[A-Za-z0-9-]+\."
+_DIGITS_CORE = r"[0-9][0-9 .()-]{6,}[0-9]"
+_IBAN_CORE = r"[A-Z]{2}[0-9]{2}"
 
 _BUILTINS: dict[str, Detector] = {
-    "email": Detector("email", re.compile(_EMAIL, re.ASCII), _EMAIL),
+    "email": Detector("email", re.compile(_EMAIL, re.ASCII), _EMAIL_CORE),
     "us_ssn": Detector(
         "us_ssn",
         re.compile(
             r"(?<![0-9-])(?!000|666|9[0-9]{2})[0-9]{3}(?P<s>[- ])(?!00)[0-9]{2}(?P=s)(?!0000)[0-9]{4}(?![0-9-])",
             re.ASCII,
         ),
-        _SSN_CORE,
+        _DIGITS_CORE,
     ),
     "credit_card": Detector(
-        "credit_card", re.compile(r"(?<![0-9])[0-9](?:[ -]?[0-9]){12,18}(?![0-9])", re.ASCII), _CARD_CORE, _card_ok
+        "credit_card", re.compile(r"(?<![0-9])[0-9](?:[ -]?[0-9]){12,18}(?![0-9])", re.ASCII), _DIGITS_CORE, _card_ok
     ),
     "phone": Detector(
         "phone",
@@ -99,7 +102,7 @@ _BUILTINS: dict[str, Detector] = {
             r"|(?<![\w])\(?[0-9]{3}\)?[ .-][0-9]{3}[ .-][0-9]{4}(?![0-9])",
             re.ASCII,
         ),
-        _PHONE_CORE,
+        _DIGITS_CORE,
         _phone_ok,
     ),
     "iban": Detector("iban", re.compile(r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,30}\b", re.ASCII), _IBAN_CORE, iban_ok),
@@ -135,7 +138,8 @@ class DetectorSet:
             self._pre: re.Pattern[bytes] | None = None
             self._always = False
         elif all(cores):
-            self._pre = re.compile("|".join(f"(?:{c})" for c in cores).encode("ascii"), re.ASCII)
+            unique = list(dict.fromkeys(cores))
+            self._pre = re.compile("|".join(f"(?:{c})" for c in unique).encode("ascii"), re.ASCII)
             self._always = False
         else:  # a custom pattern we cannot safely prefilter: decode every value
             self._pre = None

@@ -18,6 +18,7 @@ breaks (asyncpg asks for binary):
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,8 @@ Masker = Callable[[bytes | None], bytes | None]
 Scanner = Callable[[bytes], bytes | None]
 
 _NULL = b"\xff\xff\xff\xff"
+_I16 = struct.Struct("!H")
+_I32 = struct.Struct("!i")
 
 
 def value_kind(type_oid: int, catalog: Catalog) -> str:
@@ -164,7 +167,7 @@ class RowRewriter:
     """Rewrites the DataRows of one result. Columns without a masker or scanner are copied as
     bytes; columns after the last one of interest are not even walked."""
 
-    __slots__ = ("maskers", "scanners", "dets", "_last_mask", "_last_any", "ncols")
+    __slots__ = ("maskers", "scanners", "dets", "ncols", "_mask_plan", "_scan_plan", "_pre")
 
     def __init__(self, ncols: int, maskers: dict[int, Masker], scanners: dict[int, Scanner],
                  dets: DetectorSet) -> None:
@@ -172,8 +175,13 @@ class RowRewriter:
         self.maskers = maskers
         self.scanners = scanners
         self.dets = dets
-        self._last_mask = max(maskers) if maskers else -1
-        self._last_any = max([*maskers, *scanners]) if (maskers or scanners) else -1
+        last_mask = max(maskers) if maskers else -1
+        last_any = max([*maskers, *scanners]) if (maskers or scanners) else -1
+        # per column: (masker, scanner) or None, up to the last column of interest
+        self._mask_plan = [(maskers.get(i), None) if i in maskers else None for i in range(last_mask + 1)]
+        self._scan_plan = [(maskers.get(i), scanners.get(i)) if (i in maskers or i in scanners) else None
+                           for i in range(last_any + 1)]
+        self._pre = dets.may_match
 
     def copy_data(self, payload: bytes) -> bytes:
         """CopyData reaching a row rewriter means the plan expected rows: redact every field."""
@@ -184,37 +192,47 @@ class RowRewriter:
         return CopyRewriter({i: (redact, True) for i in range(n)}, self.dets, {}).rewrite(payload)
 
     def rewrite(self, payload: bytes) -> bytes:
-        maskers = self.maskers
-        scanners = self.scanners
-        scan = bool(scanners) and self.dets.may_match(payload)
-        if not maskers and not scan:
+        if self.scanners and (self.maskers or self._pre(payload)):
+            plan = self._scan_plan
+            pre = self._pre
+        elif self.maskers:
+            plan = self._mask_plan
+            pre = None
+        else:
             return payload
-        last = self._last_any if scan else self._last_mask
-        n = int.from_bytes(payload[0:2], "big")
+        n = _I16.unpack_from(payload, 0)[0]
         pos = 2
         copied = 0  # payload[copied:pos] not yet emitted
         out: list[bytes] = []
-        for i in range(min(n, last + 1)):
-            length = int.from_bytes(payload[pos:pos + 4], "big", signed=True)
+        unpack = _I32.unpack_from
+        for i in range(min(n, len(plan))):
+            length = unpack(payload, pos)[0]
             start = pos + 4
             end = start + length if length > 0 else start
-            m = maskers.get(i)
-            if m is not None:
-                new = m(payload[start:end] if length >= 0 else None)
-            elif scan and length > 0 and i in scanners:
+            todo = plan[i]
+            if todo is None:
+                pos = end
+                continue
+            masker, scanner = todo
+            if masker is not None:
+                new = masker(payload[start:end] if length >= 0 else None)
+            else:
+                if length <= 0 or scanner is None:
+                    pos = end
+                    continue
                 raw = payload[start:end]
-                new = scanners[i](raw)
+                if pre is not None and not pre(raw):
+                    pos = end
+                    continue
+                new = scanner(raw)
                 if new is raw:
                     pos = end
                     continue
-            else:
-                pos = end
-                continue
             out.append(payload[copied:pos])
             if new is None:
                 out.append(_NULL)
             else:
-                out.append(len(new).to_bytes(4, "big"))
+                out.append(_I32.pack(len(new)))
                 out.append(new)
             copied = pos = end
         if not out:

@@ -47,7 +47,7 @@ def run(label: str, sql: str, detectors: bool, data: list[bytes]) -> float:
     rw = plan.bind(0, FIELDS)
     t0 = time.perf_counter()
     if rw is None:
-        for r in data:  # the proxy relays the bytes: nothing to call
+        for _r in data:  # the proxy relays the bytes: nothing to call
             pass
     else:
         rewrite = rw.rewrite

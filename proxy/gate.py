@@ -19,6 +19,7 @@ from typing import Any
 from pgwarden.proxy import messages as m
 from pgwarden.proxy.relay import Verdict
 
+from pgwarden.audit import records
 from pgwarden.errors import (
     AgentError,
     ApprovalDenied,
@@ -26,6 +27,7 @@ from pgwarden.errors import (
     AuditUnavailable,
     PolicyDenied,
 )
+from pgwarden.subjects import Workload
 
 log = logging.getLogger("pgwarden.proxy.gate")
 
@@ -38,22 +40,31 @@ class StatementContext:
     sql: str
     started: float
     decision: Any = None
+    prepared: bool = False
     approval_id: str = ""
+    approver: str = ""
+    masked_columns: tuple[str, ...] = ()
 
 
 @dataclass
 class Runtime:
-    """Everything built once per proxy from the configuration documents."""
+    """Everything built once per proxy from the configuration documents (see hooks.py)."""
 
     connection: str
     search_path: tuple[str, ...]
-    policies: Any = None  # pgwarden.policy.PolicySet
+    policies: Any = None  # pgwarden.policy.PolicySet; None: ProxyConfig.defaultAction decides
     masking: Any = None  # pgwarden.masking.MaskingSet
-    catalog: Any = None  # pgwarden.masking catalog cache
-    audit: Any = None  # pgwarden.audit.AuditLog
+    catalog: Any = None  # pgwarden.proxy.catalog.CatalogCache
+    audit: Any = None  # pgwarden.audit.log.AuditLog
     recorder_factory: Callable[[Any], Any] | None = None
-    approvals: Any = None  # pgwarden.approvals.ApprovalBackend
-    workload: dict[str, str] = field(default_factory=dict)
+    approvals: Any = None  # pgwarden.approvals backend
+    token_auth: Any = None  # pgwarden.identity.authenticator.TokenAuthenticator
+    backoff: Any = None  # pgwarden.identity.backoff.FailureBackoff
+    workload: Workload = field(default_factory=Workload)
+    audit_config: Any = None
+    recording_config: Any = None
+    approvals_config: Any = None
+    identity_config: Any = None
 
 
 class SessionGate:
@@ -63,11 +74,15 @@ class SessionGate:
         self.rt = rt
         self.info = info
         self.notify_client = notify_client
-        self.policy = rt.policies.for_identity(info.identity, rt.connection)
-        self.state = SessionState(search_path=list(rt.search_path))
+        # None: no AccessPolicy for this connection and defaultAction allow (development)
+        self.policy = rt.policies.for_identity(info.identity, rt.connection) if rt.policies is not None else None
+        self.state = SessionState(search_path=rt.search_path)
         self.masking = rt.masking.for_identity(info.identity, rt.connection) if rt.masking is not None else None
+        self.ainfo: records.SessionInfo = info.audit
         self.recorder = rt.recorder_factory(info) if rt.recorder_factory is not None else None
         self._ids = itertools.count(1)
+        self.statements = 0
+        self._formats: list[int] = []
 
     # -- Gate -----------------------------------------------------------------------------------
     def query(self, sql: str) -> Verdict | None:
@@ -80,13 +95,15 @@ class SessionGate:
         return None
 
     def _check(self, sql: str, prepared_name: str | None) -> Verdict:
-        ctx = StatementContext(id=f"{self.info.id}/{next(self._ids)}", sql=sql, started=time.time())
+        ctx = StatementContext(id=str(next(self._ids)), sql=sql, started=time.time(), prepared=prepared_name is not None)
         try:
-            decision = self.policy.decide(sql, self.state)
+            decision = self.policy.decide(sql, self.state, prepare_as=prepared_name) if self.policy is not None else None
         except Exception as e:  # the engine failing must never let a statement through
             log.exception("policy engine failed")
             return self._refuse(ctx, PolicyDenied(f"pgwarden could not decide this statement ({type(e).__name__})"))
         ctx.decision = decision
+        if decision is None:
+            return self._audited(ctx, Verdict(context=ctx), "allow")
         if decision.action == "deny" and decision.enforce:
             return self._refuse(ctx, decision.as_error())
         results = None
@@ -97,6 +114,7 @@ class SessionGate:
             results = plan if plan.masks_anything else None
         if decision.action == "review" and decision.enforce:
             return Verdict(wait=self._review(ctx, decision, results), context=ctx)
+        self.state.apply(decision)
         verdict = Verdict(results=results, context=ctx)
         return self._audited(ctx, verdict, "allow" if decision.action == "allow" else f"{decision.action}-audit-only")
 
@@ -104,24 +122,26 @@ class SessionGate:
         verdict = Verdict(error=err, context=ctx)
         return self._audited(ctx, verdict, "deny")
 
-    def _record(self, ctx: StatementContext, outcome: str, **extra: Any) -> dict[str, Any]:
+    def _record(self, ctx: StatementContext, outcome: str, verdict: Verdict) -> dict[str, Any]:
         d = ctx.decision
-        rec: dict[str, Any] = {
-            "type": "statement",
-            "session": self.info.id,
-            "statement_id": ctx.id,
-            "identity": self.info.identity.as_dict(),
-            "workload": self.rt.workload,
-            "connection": self.rt.connection,
-            "application_name": self.info.application_name,
-            "statement": ctx.sql,
-            "decision": outcome,
-        }
+        extra: dict[str, Any] = {}
         if d is not None:
-            rec["rule"] = d.rule
-            rec["reasons"] = list(d.reasons)
-        rec.update(extra)
-        return rec
+            extra["policy"] = {"operations": list(d.operations), "tables": list(d.tables), "mode": "enforce" if d.enforce else "audit"}
+        if verdict.error is not None:
+            extra["refusal"] = {"sqlstate": verdict.error.sqlstate, "message": verdict.error.message}
+        return records.statement(
+            self.ainfo,
+            ctx.id,
+            ctx.sql,
+            decision=outcome,
+            rule=getattr(d, "rule", "") or "",
+            reason="; ".join(getattr(d, "reasons", ()) or ()),
+            protocol="extended" if ctx.prepared else "simple",
+            approval_id=ctx.approval_id,
+            approver=ctx.approver,
+            masked_columns=ctx.masked_columns,
+            extra=extra,
+        )
 
     def _audited(self, ctx: StatementContext, verdict: Verdict, outcome: str) -> Verdict:
         """Hold the statement until its audit record is durable (PW004 if it cannot be)."""
@@ -132,12 +152,11 @@ class SessionGate:
     async def _durable(self, ctx: StatementContext, verdict: Verdict, outcome: str) -> Verdict:
         if self.rt.audit is None:
             return verdict
-        record = self._record(ctx, outcome)
-        if ctx.approval_id:
-            record["approval_id"] = ctx.approval_id
-        if verdict.error is not None:
-            record["sqlstate"] = verdict.error.sqlstate
-            record["error"] = verdict.error.message
+        if self.recorder is not None:
+            self.recorder.statement(ctx.id, ctx.sql)
+            if verdict.error is not None:
+                self.recorder.error(ctx.id, {"C": verdict.error.sqlstate, "M": verdict.error.message})
+        record = self._record(ctx, outcome, verdict)
         try:
             await self.rt.audit.write(record)
         except AuditUnavailable as e:
@@ -213,19 +232,49 @@ class SessionGate:
 
     # -- Observer -------------------------------------------------------------------------------
     def statement_done(self, context: Any, tag: str, error: dict[str, str] | None) -> None:
-        if self.rt.audit is None or not isinstance(context, StatementContext):
+        if not isinstance(context, StatementContext):
             return
-        rec = {
-            "type": "outcome",
-            "session": self.info.id,
-            "statement_id": context.id,
-            "tag": tag,
-            "rows": m.command_tag_rows(tag) if tag else None,
-            "duration_ms": round((time.time() - context.started) * 1000, 3),
-        }
-        if error:
-            rec["sqlstate"] = error.get("C", "")
-        self.rt.audit.emit(rec)
+        self.statements += 1
+        rows = m.command_tag_rows(tag) if tag else None
+        if self.recorder is not None:
+            if error:
+                self.recorder.error(context.id, error)
+            else:
+                self.recorder.complete(context.id, tag, rows)
+        if self.rt.audit is not None:
+            self.rt.audit.emit(
+                records.outcome(
+                    self.ainfo, context.id, duration_ms=(time.time() - context.started) * 1000, tag=tag, rows=rows,
+                    sqlstate=(error or {}).get("C", ""), message=(error or {}).get("M", ""),
+                )
+            )
 
     def server_error(self, fields: dict[str, str]) -> None:
-        pass
+        if self.recorder is not None:
+            self.recorder.error("-", fields)
+
+    def result_columns(self, context: Any, fields: list[m.Field]) -> bool:
+        if self.recorder is None or not isinstance(context, StatementContext):
+            return False
+        self.recorder.columns(context.id, [f.name for f in fields], [f.type_oid for f in fields])
+        self._formats = [f.format for f in fields]
+        return True
+
+    def result_row(self, context: Any, payload: bytes) -> bool:
+        assert self.recorder is not None
+        values = m.parse_data_row(payload)
+        shown = [
+            None if v is None else (v.decode("utf-8", "replace") if i >= len(self._formats) or self._formats[i] == 0 else "\\x" + v.hex())
+            for i, v in enumerate(values)
+        ]
+        return bool(self.recorder.row(context.id, shown))
+
+    def session_end(self, reason: str) -> None:
+        if self.recorder is not None:
+            self.recorder.close(reason)
+        if self.rt.audit is not None:
+            self.rt.audit.emit(
+                records.session_end(
+                    self.ainfo, duration_ms=(time.time() - self.info.started) * 1000, statements=self.statements, reason=reason
+                )
+            )

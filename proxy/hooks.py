@@ -1,19 +1,25 @@
-"""Per-session gate and observer: where policy, masking, audit and recording plug into the relay.
+"""Assembling the per-proxy Runtime from the configuration documents.
 
-Until AccessPolicy documents name the connection, `ProxyConfig.spec.defaultAction` decides:
-`allow` forwards everything (development), `deny` (the default) refuses every statement.
+`prepare_runtime` validates everything synchronously (so `pgwarden proxy` refuses to start on a
+bad policy instead of falling open); `open_runtime` then opens what needs I/O (the audit log,
+the masking catalog, the approval backend). Without AccessPolicy documents for the connection,
+`ProxyConfig.spec.defaultAction` decides: `allow` forwards everything (development only),
+`deny` (the default) refuses every statement.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from pgwarden.proxy import messages as m
-from pgwarden.proxy.auth import TokenAuthenticator
 from pgwarden.proxy.config import ProxyConfig
+from pgwarden.proxy.gate import Runtime, SessionGate
 from pgwarden.proxy.relay import Gate, Observer, Verdict
 from pgwarden.proxy.server import SessionHooks, SessionInfo
 
 from pgwarden.errors import PolicyDenied
-from pgwarden.resources import Document
+from pgwarden.resources import Document, of_kind
 
 
 class DenyAll:
@@ -37,18 +43,99 @@ class DenyAll:
         return None
 
 
-def build_hooks(config: ProxyConfig, docs: list[Document]) -> tuple[SessionHooks | None, TokenAuthenticator | None]:
-    connection = config.connection.name
-    has_policy = any(
-        d.kind == "AccessPolicy" and (d.spec.get("connectionRef") or {}).get("name") == connection for d in docs
-    )
-    if not has_policy:
-        if config.default_action == "allow":
-            return None, None
-        deny = DenyAll(connection)
+def _names_connection(doc: Document, connection: str) -> bool:
+    ref = doc.spec.get("connectionRef") or {}
+    return isinstance(ref, dict) and ref.get("name") == connection
 
-        def deny_hooks(info: SessionInfo) -> tuple[Gate | None, Observer | None]:
-            return deny, None
 
-        return deny_hooks, None
-    raise NotImplementedError("AccessPolicy enforcement is wired in with the policy engine")
+def prepare_runtime(config: ProxyConfig, docs: list[Document]) -> Runtime:
+    """Parse and check every section; raises ResourceError. No I/O yet."""
+    from pgwarden.audit.config import parse_audit_config, parse_recording_config
+    from pgwarden.identity.backoff import FailureBackoff
+    from pgwarden.identity.workload import workload_from_env
+
+    conn = config.connection.name
+    pc_doc = of_kind(docs, "ProxyConfig")[0]
+    rt = Runtime(connection=conn, search_path=config.search_path)
+    rt.workload = workload_from_env()
+    rt.backoff = FailureBackoff()
+    rt.audit_config = parse_audit_config(pc_doc.spec, pc_doc) if "audit" in pc_doc.spec else None
+    rt.recording_config = parse_recording_config(pc_doc.spec, pc_doc) if "recording" in pc_doc.spec else None
+    if any(_names_connection(d, conn) for d in of_kind(docs, "AccessPolicy")):
+        from pgwarden.policy import load_policies
+
+        rt.policies = load_policies(docs)
+    if any(_names_connection(d, conn) for d in of_kind(docs, "MaskingRule")):
+        from pgwarden.masking import load_masking
+
+        rt.masking = load_masking(docs)
+    rt.approvals_config = pc_doc.spec.get("approvals")
+    rt.identity_config = None
+    if "identity" in pc_doc.spec:
+        from pgwarden.identity.config import parse_identity_config
+
+        rt.identity_config = parse_identity_config(pc_doc.spec, pc_doc)
+    return rt
+
+
+async def open_runtime(rt: Runtime, config: ProxyConfig) -> None:
+    """Open the audit log, the approval backend and the masking catalog."""
+    if rt.audit_config is not None:
+        from pgwarden.audit.log import AuditLog
+        from pgwarden.audit.sinks import build_sinks
+
+        rt.audit = AuditLog(rt.audit_config, sinks=build_sinks(rt.audit_config))
+        # An unwritable audit path does not stop the proxy: every statement is refused (PW004)
+        # until the path works again, and /readyz says so.
+        await rt.audit.open()
+    if rt.recording_config is not None:
+        from pgwarden.audit.recording import open_recorder
+
+        rcfg = rt.recording_config
+
+        def recorder(info: SessionInfo) -> Any:
+            return open_recorder(rcfg, info.id, info.audit.base("session.start"))
+
+        rt.recorder_factory = recorder
+    if rt.approvals_config:
+        from pgwarden.approvals import backend_from_config
+
+        rt.approvals = backend_from_config(rt.approvals_config)
+    if rt.masking is not None:
+        from pgwarden.proxy.catalog import CatalogCache
+
+        rt.catalog = CatalogCache(config)
+        await rt.catalog.refresh()
+    if rt.identity_config is not None and rt.identity_config.accepts_tokens:
+        from pgwarden.identity.authenticator import TokenAuthenticator
+
+        rt.token_auth = TokenAuthenticator(rt.identity_config)
+
+
+async def close_runtime(rt: Runtime) -> None:
+    if rt.audit is not None:
+        await rt.audit.close()
+    if rt.token_auth is not None:
+        await rt.token_auth.close()
+    if rt.catalog is not None:
+        await rt.catalog.close()
+
+
+def session_hooks(rt: Runtime, config: ProxyConfig) -> SessionHooks | None:
+    """The factory of per-session gates the server calls after authentication."""
+    if rt.policies is None:
+        if config.default_action == "allow" and rt.audit is None and rt.recorder_factory is None:
+            return None  # nothing to decide, record or mask: the lean relay
+        if config.default_action == "deny":
+            deny = DenyAll(rt.connection)
+
+            def deny_all(info: SessionInfo, notify: Callable[[bytes], None]) -> tuple[Gate | None, Observer | None]:
+                return deny, None
+
+            return deny_all
+
+    def hooks(info: SessionInfo, notify: Callable[[bytes], None]) -> tuple[Gate | None, Observer | None]:
+        gate = SessionGate(rt, info, notify)
+        return gate, gate
+
+    return hooks

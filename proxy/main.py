@@ -13,6 +13,7 @@ import signal
 from dataclasses import dataclass
 
 from pgwarden.proxy.config import ProxyConfig, parse_proxy_config
+from pgwarden.proxy.hooks import close_runtime, open_runtime, prepare_runtime, session_hooks
 from pgwarden.proxy.server import ProxyServer
 
 from pgwarden.errors import UserError
@@ -33,6 +34,7 @@ class RunningProxy:
 
     async def stop(self, drain_timeout: float | None = 0) -> None:
         await self.server.drain(timeout=drain_timeout)
+        await close_runtime(self.server.runtime)
         if self.health_runner is not None:
             await self.health_runner.cleanup()  # type: ignore[attr-defined]
 
@@ -40,14 +42,15 @@ class RunningProxy:
 def build_server(docs: list[Document]) -> ProxyServer:
     """Validate the documents and assemble the proxy; raises ResourceError on bad config."""
     config = parse_proxy_config(docs)
-    from pgwarden.proxy.hooks import build_hooks
-
-    hooks, token_auth = build_hooks(config, docs)
-    return ProxyServer(config=config, hooks=hooks, token_auth=token_auth)
+    runtime = prepare_runtime(config, docs)
+    return ProxyServer(config=config, runtime=runtime)
 
 
 async def start_proxy(docs: list[Document]) -> RunningProxy:
     server = build_server(docs)
+    await open_runtime(server.runtime, server.config)
+    server.hooks = session_hooks(server.runtime, server.config)
+    server.token_auth = server.runtime.token_auth
     await server.start()
     runner = None
     if server.config.health_port:

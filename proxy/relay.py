@@ -90,6 +90,14 @@ class Observer(Protocol):
 
     def server_error(self, fields: dict[str, str]) -> None: ...
 
+    def result_columns(self, context: Any, fields: list[m.Field]) -> bool:
+        """A result set starts; return True to be handed its rows (as the client receives them)."""
+        ...
+
+    def result_row(self, context: Any, payload: bytes) -> bool:
+        """One DataRow payload as sent to the client; return False to stop receiving rows."""
+        ...
+
 
 @dataclass(slots=True)
 class Pending:
@@ -102,6 +110,7 @@ class Pending:
     name: str = ""
     target: str = ""
     rewriter: RowRewriter | None = None
+    fields: list[m.Field] | None = None
 
 
 @dataclass
@@ -152,6 +161,10 @@ class Relay:
         self._statements: dict[str, _Prepared] = {}
         self._portals: dict[str, _Portal] = {}
         self._rewriter: RowRewriter | None = None
+        # the statement context whose rows the observer records, while it wants them
+        self._recording: Any = None
+        self._observe_rows = observer is not None
+        self._exec_head: Pending | None = None
 
     # -- state visible to the shell ----------------------------------------------------------
     @property
@@ -269,6 +282,7 @@ class Relay:
                         prep = self._statements.get(p.statement)
                         if prep is not None:
                             entry.context = prep.context
+                            entry.fields = p.fields or _with_formats(prep.fields, p.formats)
                             if prep.results is not None:
                                 entry.results = prep.results
                                 fields = p.fields or _with_formats(prep.fields, p.formats)
@@ -350,15 +364,23 @@ class Relay:
         try:
             for t, ps, end in m.frames(buf, 0, self.max_message_bytes):
                 if t == _DR:
+                    if self._exec_head is not pending[0] if pending else None:
+                        self._start_execute(pending[0])
                     rw = self._rewriter
                     if rw is not None:
+                        row = rw.rewrite(buf[ps:end])
                         out.append(buf[span_start:pos])
-                        out.append(m.message(b"D", rw.rewrite(buf[ps:end])))
+                        out.append(m.message(b"D", row))
                         self.stats.rows_rewritten += 1
                         span_start = end
+                        if self._recording is not None and not self.observer.result_row(self._recording, row):  # type: ignore[union-attr]
+                            self._recording = None
+                    elif self._recording is not None and not self.observer.result_row(self._recording, buf[ps:end]):  # type: ignore[union-attr]
+                        self._recording = None
                 elif t == _CC or t == _EQ:
                     head = pending[0] if pending else None
                     self._rewriter = None
+                    self._recording = None
                     if head is not None:
                         if self.observer is not None:
                             tag = bytes(buf[ps : end - 1]).decode() if t == _CC else ""
@@ -375,7 +397,13 @@ class Relay:
                 elif t == _T:
                     head = pending[0] if pending else None
                     if head is not None:
-                        fields = m.parse_row_description(buf[ps:end]) if self._wants_fields(head) else None
+                        fields = (
+                            m.parse_row_description(buf[ps:end])
+                            if self._observe_rows or self._wants_fields(head)
+                            else None
+                        )
+                        if self._observe_rows and fields is not None and head.kind == QUERY:
+                            self._recording = head.context if self.observer.result_columns(head.context, fields) else None  # type: ignore[union-attr]
                         if head.kind == QUERY:
                             self._rewriter = head.results.bind(head.index, fields) if head.results and fields is not None else None
                         elif head.kind == DESCRIBE:
@@ -425,6 +453,15 @@ class Relay:
         data_out = b"".join(out)
         if data_out:
             self.to_client(data_out)
+
+    def _start_execute(self, head: Pending) -> None:
+        """The first row of an Execute: its rewriter and recording come from its portal."""
+        self._exec_head = head
+        if head.kind != EXECUTE:
+            return
+        self._rewriter = head.rewriter
+        if self._observe_rows and head.fields is not None:
+            self._recording = head.context if self.observer.result_columns(head.context, head.fields) else None  # type: ignore[union-attr]
 
     def _wants_fields(self, head: Pending) -> bool:
         if head.kind == QUERY:

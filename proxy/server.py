@@ -24,8 +24,15 @@ from pgwarden.proxy.config import FORWARDED_STARTUP_PARAMS, ProxyConfig
 from pgwarden.proxy.relay import Gate, Observer, Relay, Verdict
 from pgwarden.proxy.wire import ConnectionClosed, Endpoint
 
-from pgwarden.errors import AgentError, AuthorizationFailed, ProtocolViolation, UpstreamUnavailable
-from pgwarden.subjects import Identity
+from pgwarden.audit import records
+from pgwarden.errors import (
+    AgentError,
+    AuthenticationFailed,
+    AuthorizationFailed,
+    ProtocolViolation,
+    UpstreamUnavailable,
+)
+from pgwarden.subjects import Identity, Workload
 
 log = logging.getLogger("pgwarden.proxy")
 
@@ -42,6 +49,8 @@ class SessionInfo:
     application_name: str
     started: float
     params: dict[str, str]
+    # the same session as audit records name it
+    audit: records.SessionInfo
 
 
 # Builds the per-session gate and observer (policy, masking, audit, recording); None = allow all.
@@ -63,6 +72,8 @@ class ProxyServer:
     config: ProxyConfig
     hooks: SessionHooks | None = None
     token_auth: TokenAuthenticator | None = None
+    # audit log, failure back-off and workload identity (pgwarden.proxy.gate.Runtime)
+    runtime: Any = None
     _server: asyncio.Server | None = None
     _live: dict[tuple[int, int], _Live] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -199,18 +210,46 @@ class ProxyServer:
         peer = _peer(ep)
         secure = ep.transport is not None and ep.transport.get_extra_info("sslcontext") is not None
         secure = secure or peer.startswith(("127.", "::1", "unix"))
-        identity = await authenticate(
-            ep, params, {u.name: u for u in self.config.users}, self.token_auth, secure_channel=secure
+        rt = self.runtime
+        ainfo = records.SessionInfo(
+            session_id=f"{int(time.time())}-{next(_session_ids)}-{secrets.token_hex(3)}",
+            workload=rt.workload if rt is not None else Workload(),
+            connection=f"{conn.namespace}/{conn.name}",
+            database=conn.database,
+            application_name=params.get("application_name", ""),
+            client=peer,
+            user=params.get("user", ""),
         )
+        source = peer.rsplit(":", 1)[0]
+        backoff = rt.backoff if rt is not None else None
+        if backoff is not None:
+            delay = backoff.delay_for(source, time.monotonic())
+            if delay > 0:  # slow down guessing from one source, before looking at the password
+                await asyncio.sleep(delay)
+        try:
+            identity = await authenticate(
+                ep, params, {u.name: u for u in self.config.users}, self.token_auth, secure_channel=secure
+            )
+        except AuthenticationFailed as e:
+            failures = backoff.record_failure(source, time.monotonic()) if backoff is not None else 0.0
+            if rt is not None and rt.audit is not None:
+                rt.audit.emit(records.auth_failure(ainfo, reason=e.message, method="password", delay_s=failures))
+            raise
+        if backoff is not None:
+            backoff.reset(source)
+        ainfo = ainfo.with_identity(identity)
+        if rt is not None and rt.audit is not None:
+            await rt.audit.write(records.session_start(ainfo, tls=secure and not peer.startswith(("127.", "::1", "unix"))))
         forwarded = {k: v for k, v in params.items() if k in FORWARDED_STARTUP_PARAMS}
         upstream = await up.connect(self.config, forwarded)
         info = SessionInfo(
-            id=f"{int(time.time())}-{next(_session_ids)}-{secrets.token_hex(3)}",
+            id=ainfo.session_id,
             identity=identity,
             peer=peer,
             application_name=params.get("application_name", ""),
             started=time.time(),
             params=forwarded,
+            audit=ainfo,
         )
         return info, upstream
 
@@ -277,6 +316,9 @@ class ProxyServer:
         if uep.closed:
             finish("upstream")
         reason = await done
+        end = getattr(observer, "session_end", None)
+        if end is not None:
+            end(reason)
         if reason == "client" and relay.busy:
             # the client vanished mid-query: stop the work it left behind
             await up.send_cancel(self.config, upstream.pid, upstream.secret)

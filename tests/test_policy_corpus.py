@@ -202,6 +202,9 @@ FUNCTIONS = [
     ("SELECT pg_notify('ch', 'payload')", D, "notify"),
     ("SELECT 1 OPERATOR(public.+) 1", D, "operator"),
     ("SELECT 1 OPERATOR(pg_catalog.+) 1", A),
+    ("SELECT 1 === 1", D, "not a PostgreSQL operator"),
+    ("SELECT pg_stat_get_backend_activity(1)", D, "pg_catalog.pg_stat_get_backend_activity"),
+    ("SELECT pg_catalog.pg_stat_get_backend_activity(1)", D),
     ("SELECT * FROM orders WHERE status ~* 'x' AND id BETWEEN 1 AND 5 AND status IS DISTINCT FROM 'y'", A),
 ]
 

@@ -25,6 +25,7 @@ from typing import Any
 from pglast.parser import ParseError, parse_sql_json
 
 from pgwarden.policy import functions as fn
+from pgwarden.policy.catalog_names import CATALOG_FUNCTIONS, CATALOG_OPERATORS
 from pgwarden.policy.model import ANY
 
 Obj = tuple[str, str]
@@ -602,6 +603,9 @@ class _Walker:
         name = _strings(n.get("name"))
         if len(name) > 1 and name[-2] != "pg_catalog":
             self.violations.append(f"operator {'.'.join(name)} is user-defined code the engine cannot see")
+        elif name and name[-1] not in CATALOG_OPERATORS and not n.get("kind", "").startswith("AEXPR_BETWEEN"):
+            self.violations.append(f"operator {name[-1]} is not a PostgreSQL operator; user-defined operators "
+                                   "run code the engine cannot see")
         for key in ("lexpr", "rexpr"):
             self.visit(n.get(key), ctes)
 
@@ -625,7 +629,13 @@ class _Walker:
         elif schema is not None:
             self.functions.append(FunctionUse(f"{schema}.{name}", name, ((schema, name),), False))
         else:
+            # pg_catalog is searched first, so a catalog name means the catalog function; an unknown
+            # pg_* name (a newer server's?) must be allowed both there and on the search_path
             cands = tuple((s, name) for s in self.search_path)
+            if name in CATALOG_FUNCTIONS:
+                cands = (("pg_catalog", name),)
+            elif name.startswith("pg_"):
+                cands = (("pg_catalog", name), *cands)
             self.functions.append(FunctionUse(name, name, cands, False))
 
     def special_function(self, name: str, args: list[Any]) -> None:

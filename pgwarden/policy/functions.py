@@ -24,19 +24,18 @@ octet_length overlay parse_ident position quote_ident quote_literal quote_nullab
 regexp_instr regexp_like regexp_match regexp_matches regexp_replace regexp_split_to_array
 regexp_split_to_table regexp_substr repeat replace reverse right rpad rtrim sha224 sha256 sha384
 sha512 split_part starts_with string_to_array string_to_table strpos substr substring to_ascii
-to_hex translate trim unistr upper casefold textlen textcat like ilike similar_to_escape
+to_hex translate unistr upper casefold textlen textcat like similar_to_escape
 crc32 crc32c to_bin to_oct bpchar varchar text name char
 """
 _MATH = """
 abs acos acosd acosh asin asind asinh atan atan2 atan2d atand atanh cbrt ceil ceiling cos cosd
 cosh cot cotd degrees div erf erfc exp factorial floor gamma gcd lcm lgamma ln log log10 min_scale
 mod pi power pow radians random random_normal round scale sign sin sind sinh sqrt tan tand tanh
-trim_scale trunc width_bucket setseed numeric int2 int4 int8 float4 float8 bool int smallint
-bigint integer real money
+trim_scale trunc width_bucket setseed numeric int2 int4 int8 float4 float8 bool money
 """
 _DATETIME = """
 age clock_timestamp date date_add date_bin date_part date_subtract date_trunc extract isfinite
-justify_days justify_hours justify_interval localtime localtimestamp make_date make_interval
+justify_days justify_hours justify_interval make_date make_interval
 make_time make_timestamp make_timestamptz now overlaps statement_timestamp timeofday timestamp
 timestamptz time timetz interval transaction_timestamp to_char to_date to_number to_timestamp
 timezone
@@ -92,7 +91,7 @@ set_bit set_byte area center diameter height width radius point box circle line 
 _SESSION_INFO = """
 current_database current_query current_schema current_schemas current_setting current_user
 inet_client_addr inet_client_port inet_server_addr inet_server_port pg_backend_pid
-pg_conf_load_time pg_is_in_recovery pg_postmaster_start_time pg_trigger_depth session_user user
+pg_conf_load_time pg_is_in_recovery pg_postmaster_start_time pg_trigger_depth session_user
 version pg_current_xact_id pg_current_xact_id_if_assigned txid_current txid_current_if_assigned
 pg_jit_available pg_client_encoding pg_my_temp_schema pg_is_other_temp_schema
 pg_current_snapshot txid_current_snapshot pg_xact_status txid_status pg_safe_snapshot_blocking_pids
@@ -121,11 +120,11 @@ pg_typeof pg_get_object_address pg_options_to_table pg_get_catalog_foreign_keys
 pg_partition_root pg_partition_tree pg_partition_ancestors shobj_description
 array_to_string to_regclass to_regcollation to_regnamespace to_regoper to_regoperator
 to_regproc to_regprocedure to_regrole to_regtype to_regtypemod pg_input_is_valid
-pg_input_error_info pg_settings_get_flags quote_all_identifiers pg_basetype
+pg_input_error_info pg_settings_get_flags pg_basetype
 pg_column_toast_chunk_id pg_char_to_encoding pg_get_acl
 """
 _XML = """
-xmlcomment xmlconcat xmlelement xmlforest xmlparse xmlpi xmlroot xmlserialize xmlexists
+xmlcomment xmlexists
 xml_is_well_formed xml_is_well_formed_content xml_is_well_formed_document xpath xpath_exists
 xmltext
 """

@@ -15,7 +15,7 @@ from typing import Any
 
 import kopf
 from pgwarden.operator import injection
-from pgwarden.operator.handlers import admission, connection, policies, workloads
+from pgwarden.operator.handlers import admission, approvals, connection, policies, workloads
 from pgwarden.operator.kube import Kube, load_api_config
 from pgwarden.operator.runtime import Runtime
 from pgwarden.operator.settings import OperatorSettings
@@ -133,8 +133,8 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
         async def _carry(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
             await workloads.carry(body, runtime, logger)
 
-    # ApprovalRequest admission (issue 7) registers here too: a validating/mutating webhook on
-    # approvalrequests UPDATE, served by the same WebhookServer.
+    # -- ApprovalRequest: admission webhooks, status, expiry, retention -----------------------
+    approvals.register(registry, runtime)
 
 
 def settings_from_args(args: argparse.Namespace) -> OperatorSettings:

@@ -44,6 +44,7 @@ class StatementContext:
     approval_id: str = ""
     approver: str = ""
     masked_columns: tuple[str, ...] = ()
+    ddl: bool = False
 
 
 @dataclass
@@ -67,6 +68,28 @@ class Runtime:
     identity_config: Any = None
 
 
+_refreshing: set[int] = set()
+
+
+def refresh_catalog(catalog: Any) -> None:
+    """Re-read the catalog on a worker thread; plans use the previous one meanwhile (an unknown
+    relation is fully masked until then, so a stale catalog never passes a value in clear)."""
+    key = id(catalog)
+    if key in _refreshing:
+        return
+    _refreshing.add(key)
+
+    def run() -> None:
+        try:
+            catalog.refresh()
+        except Exception:
+            log.exception("catalog refresh failed; masking keeps the previous catalog")
+        finally:
+            _refreshing.discard(key)
+
+    asyncio.get_running_loop().run_in_executor(None, run)
+
+
 class SessionGate:
     def __init__(self, rt: Runtime, info: Any, notify_client: Callable[[bytes], None] | None = None) -> None:
         from pgwarden.policy import SessionState
@@ -78,6 +101,12 @@ class SessionGate:
         self.policy = rt.policies.for_identity(info.identity, rt.connection) if rt.policies is not None else None
         self.state = SessionState(search_path=rt.search_path)
         self.masking = rt.masking.for_identity(info.identity, rt.connection) if rt.masking is not None else None
+        if self.masking is not None:
+            from pgwarden.masking import MaskingSession
+
+            self.msession = MaskingSession()
+        else:
+            self.mask_error = None  # type: ignore[assignment]  # the relay skips error masking
         self.ainfo: records.SessionInfo = info.audit
         self.recorder = rt.recorder_factory(info) if rt.recorder_factory is not None else None
         self._ids = itertools.count(1)
@@ -107,10 +136,15 @@ class SessionGate:
         if decision.action == "deny" and decision.enforce:
             return self._refuse(ctx, decision.as_error())
         results = None
-        if self.masking is not None and self.rt.catalog is not None:
-            plan = self.masking.plan(sql, self.rt.catalog.current(), tuple(self.rt.search_path))
+        if self.masking is not None:
+            catalog = self.rt.catalog
+            if catalog.stale:
+                refresh_catalog(catalog)
+            plan = self.masking.plan(sql, catalog.current(), self.rt.search_path, session=self.msession)
             if plan.error is not None:
                 return self._refuse(ctx, plan.error)
+            if plan.ddl:
+                ctx.ddl = True
             results = plan if plan.masks_anything else None
         if decision.action == "review" and decision.enforce:
             return Verdict(wait=self._review(ctx, decision, results), context=ctx)
@@ -230,11 +264,18 @@ class SessionGate:
             )
         return await self._durable(ctx, Verdict(error=err2, context=ctx), outcome.state)
 
+    def mask_error(self, fields: dict[str, str], plan: Any) -> dict[str, str]:
+        """ErrorResponse / NoticeResponse text can print a masked value (a failed cast, a key conflict)."""
+        masked: dict[str, str] = self.masking.mask_error_fields(fields, plan, self.rt.catalog.current())
+        return masked
+
     # -- Observer -------------------------------------------------------------------------------
     def statement_done(self, context: Any, tag: str, error: dict[str, str] | None) -> None:
         if not isinstance(context, StatementContext):
             return
         self.statements += 1
+        if context.ddl and self.rt.catalog is not None:
+            self.rt.catalog.mark_stale()  # a new or altered relation: re-read before the next plan
         rows = m.command_tag_rows(tag) if tag else None
         if self.recorder is not None:
             if error:

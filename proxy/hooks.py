@@ -9,6 +9,8 @@ the masking catalog, the approval backend). Without AccessPolicy documents for t
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +22,8 @@ from pgwarden.proxy.server import SessionHooks, SessionInfo
 
 from pgwarden.errors import PolicyDenied
 from pgwarden.resources import Document, of_kind
+
+log = logging.getLogger("pgwarden.proxy")
 
 
 class DenyAll:
@@ -102,14 +106,32 @@ async def open_runtime(rt: Runtime, config: ProxyConfig) -> None:
 
         rt.approvals = backend_from_config(rt.approvals_config)
     if rt.masking is not None:
-        from pgwarden.proxy.catalog import CatalogCache
+        from pgwarden.masking import CatalogCache
 
-        rt.catalog = CatalogCache(config)
-        await rt.catalog.refresh()
+        rt.catalog = CatalogCache(lambda: catalog_connection(config))
+        try:
+            await asyncio.to_thread(rt.catalog.refresh)
+        except Exception as e:  # the database may be down: masking then treats every relation as unknown
+            log.warning("could not read the catalog for masking (%s); every column is masked until it can", e)
     if rt.identity_config is not None and rt.identity_config.accepts_tokens:
         from pgwarden.identity.authenticator import TokenAuthenticator
 
         rt.token_auth = TokenAuthenticator(rt.identity_config)
+
+
+def catalog_connection(config: ProxyConfig) -> Any:
+    """A side connection for reading the catalog, with the proxy's own upstream login."""
+    import pg8000.native
+    from pgwarden.proxy.upstream import ssl_context_for
+
+    conn = config.connection
+    user, password = config.upstream.resolve()
+    kw: dict[str, Any] = {}
+    if config.upstream_unix_socket:
+        kw["unix_sock"] = f"{config.upstream_unix_socket.rstrip('/')}/.s.PGSQL.{conn.port}"
+    else:
+        kw.update(host=conn.host, port=conn.port, ssl_context=ssl_context_for(conn.ssl_mode, conn.ssl_root_cert))
+    return pg8000.native.Connection(user, password=password, database=conn.database, timeout=30, **kw)
 
 
 async def close_runtime(rt: Runtime) -> None:
@@ -117,8 +139,7 @@ async def close_runtime(rt: Runtime) -> None:
         await rt.audit.close()
     if rt.token_auth is not None:
         await rt.token_auth.close()
-    if rt.catalog is not None:
-        await rt.catalog.close()
+
 
 
 def session_hooks(rt: Runtime, config: ProxyConfig) -> SessionHooks | None:

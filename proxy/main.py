@@ -50,7 +50,8 @@ async def start_proxy(docs: list[Document]) -> RunningProxy:
     server = build_server(docs)
     await open_runtime(server.runtime, server.config)
     server.hooks = session_hooks(server.runtime, server.config)
-    server.token_auth = server.runtime.token_auth
+    if server.runtime.token_auth is not None:
+        server.token_auth = server.runtime.token_auth.authenticate
     await server.start()
     runner = None
     if server.config.health_port:

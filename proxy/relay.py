@@ -165,6 +165,8 @@ class Relay:
         self._recording: Any = None
         self._observe_rows = observer is not None
         self._exec_head: Pending | None = None
+        # masks values printed in ErrorResponse / NoticeResponse text (a failed cast shows its input)
+        self.error_masker: Callable[[dict[str, str], Any], dict[str, str]] | None = getattr(gate, "mask_error", None)
 
     # -- state visible to the shell ----------------------------------------------------------
     @property
@@ -413,11 +415,19 @@ class Relay:
                     fields_err = m.parse_fields(buf[ps:end])
                     head = pending[0] if pending else None
                     self._rewriter = None
+                    self._recording = None
                     if head is not None and head.replace_error is not None:
                         out.append(buf[span_start:pos])
                         out.append(head.replace_error)
                         span_start = end
                         head.replace_error = None
+                    elif self.error_masker is not None:
+                        masked = self.error_masker(fields_err, head.results if head is not None else None)
+                        if masked != fields_err:
+                            out.append(buf[span_start:pos])
+                            out.append(m.build_fields(m.B_ERROR, masked))
+                            span_start = end
+                            fields_err = masked
                     elif self.observer is not None:
                         if head is not None:
                             self.observer.statement_done(head.context, "", fields_err)
@@ -427,6 +437,14 @@ class Relay:
                         # extended protocol: the server skips to Sync
                         while pending and pending[0].kind != SYNC:
                             pending.popleft()
+                elif t == _NOTICE and self.error_masker is not None:
+                    fields_n = m.parse_fields(buf[ps:end])
+                    head = pending[0] if pending else None
+                    masked = self.error_masker(fields_n, head.results if head is not None else None)
+                    if masked != fields_n:
+                        out.append(buf[span_start:pos])
+                        out.append(m.build_fields(m.B_NOTICE, masked))
+                        span_start = end
                 elif t in (_PC, _BC, _CLC, _ND, _PS):
                     if pending and pending[0].kind != QUERY:
                         pending.popleft()

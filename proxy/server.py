@@ -276,12 +276,21 @@ class ProxyServer:
             if not done.done():
                 done.set_result(reason)
 
+        def fail(e: Exception) -> None:
+            """A bug on the data path ends this session, closed, never the process."""
+            if isinstance(e, AgentError):
+                ep.write(m.error_response_from(e))
+                finish("protocol")
+            else:
+                log.exception("relay failed; closing the session")
+                ep.write(m.error_response("XX000", "pgwarden internal error; the session was closed", severity="FATAL"))
+                finish("error")
+
         def on_client(data: bytes) -> None:
             try:
                 waiting = relay.client_data(data)
-            except AgentError as e:
-                ep.write(m.error_response_from(e))
-                finish("protocol")
+            except Exception as e:
+                fail(e)
                 return
             if waiting is not None:
                 self._hold(relay, waiting, ep, finish, self._live.get(key))
@@ -291,9 +300,8 @@ class ProxyServer:
         def on_server(data: bytes) -> None:
             try:
                 relay.server_data(data)
-            except AgentError as e:
-                ep.write(m.error_response_from(e))
-                finish("protocol")
+            except Exception as e:
+                fail(e)
 
         # back-pressure: a slow client stops us reading the server, and vice versa
         ep.on_pause_writing = lambda: uep.transport.pause_reading() if uep.transport else None

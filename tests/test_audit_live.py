@@ -1,0 +1,170 @@
+"""The audit trail, recordings and token identities through the live proxy and a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pg8000.native
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
+
+API = "pgwarden.dev/v1alpha1"
+POLICY = {
+    "apiVersion": API, "kind": "AccessPolicy", "metadata": {"name": "agents"},
+    "spec": {
+        "connectionRef": {"name": "shop"},
+        "subjects": [{"group": "ai-agents"}],
+        "rules": [
+            {"action": "allow", "operations": ["select"], "tables": ["public.orders", "public.customers"]},
+            {"action": "review", "operations": ["delete"], "tables": ["public.orders"]},
+        ],
+        "defaultAction": "deny",
+        "approval": {"reviewers": [{"group": "dba"}], "mode": "defer"},
+    },
+}
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def statements(recs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {r["sql"]: r for r in recs if r["event"] == "statement"}
+
+
+def pgwarden(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pgwarden.cli", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def audited(make_proxy: Any, tmp_path: Path) -> Any:
+    spec = {"audit": {"path": str(tmp_path / "audit.jsonl")}, "recording": {"dir": str(tmp_path / "rec")}}
+    return make_proxy(extra=[POLICY], proxy_spec=spec)
+
+
+def test_every_statement_has_a_record_naming_the_caller_and_the_decision(audited: Any, tmp_path: Path) -> None:
+    assert audited.psql("-c", "SELECT count(*) FROM orders").returncode == 0
+    denied = audited.psql("-c", "DROP TABLE orders")
+    held = audited.psql("-c", "DELETE FROM orders WHERE id = 1")
+    assert "42501" in denied.stderr or "denied" in denied.stderr
+    assert "approval" in held.stderr
+    recs = read_records(tmp_path / "audit.jsonl")
+    by_sql = statements(recs)
+    allowed = by_sql["SELECT count(*) FROM orders"]
+    assert allowed["decision"]["action"] == "allow"
+    assert allowed["identity"]["subject"] == "agent" and "ai-agents" in allowed["identity"]["groups"]
+    assert allowed["decision"]["rule"] == "default/agents rule 1"
+    assert by_sql["DROP TABLE orders"]["decision"]["action"] == "deny"
+    assert by_sql["DROP TABLE orders"]["refusal"]["sqlstate"] == "42501"
+    assert by_sql["DELETE FROM orders WHERE id = 1"]["decision"]["action"] == "review"
+    assert by_sql["DELETE FROM orders WHERE id = 1"]["refusal"]["sqlstate"] == "PW001"
+    outcomes = [r for r in recs if r["event"] == "statement.outcome"]
+    assert any(o.get("tag") == "SELECT 1" and o.get("rows") == 1 for o in outcomes)
+    assert {"session.start", "session.end"} <= {r["event"] for r in recs}
+
+
+def test_the_chain_verifies_and_an_edit_is_reported(audited: Any, tmp_path: Path) -> None:
+    audited.psql("-c", "SELECT count(*) FROM orders")
+    audited.psql("-c", "SELECT count(*) FROM customers")
+    path = tmp_path / "audit.jsonl"
+    ok = pgwarden("audit", "verify", str(path))
+    assert ok.returncode == 0, ok.stderr
+    assert "chain intact" in ok.stdout
+    lines = path.read_text().splitlines()
+    i = next(i for i, line in enumerate(lines) if "customers" in line)
+    lines[i] = lines[i].replace("customers", "orders")  # someone rewrites history
+    path.write_text("\n".join(lines) + "\n")
+    bad = pgwarden("audit", "verify", str(path))
+    assert bad.returncode == 1
+    assert f":{i + 1}" in bad.stderr
+
+
+def test_unwritable_audit_refuses_with_pw004_and_nothing_runs(make_proxy: Any, pg: Any, tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        # root ignores permissions: make the path a directory, which cannot be opened as a file
+        target = tmp_path / "audit-dir"
+        target.mkdir()
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        target = ro / "audit.jsonl"
+    proxy = make_proxy(extra=[POLICY], proxy_spec={"audit": {"path": str(target)}})
+    mark = pg.log_position()
+    with pytest.raises(pg8000.native.DatabaseError) as e:
+        pg8000.native.Connection(proxy.user, host=proxy.host, port=proxy.port, database="shop",
+                                 password=proxy.password).run("SELECT 'pw004-marker' FROM orders")
+    assert e.value.args[0]["C"] == "PW004"
+    assert "pw004-marker" not in pg.log_since(mark)
+
+
+def test_replay_shows_what_the_agent_saw(audited: Any, tmp_path: Path) -> None:
+    audited.psql("-c", "SELECT id, status FROM orders ORDER BY id LIMIT 2")
+    audited.psql("-c", "DROP TABLE orders")
+    recs = read_records(tmp_path / "audit.jsonl")
+    sessions = [r["session"] for r in recs if r["event"] == "session.start"]
+    out = pgwarden("replay", sessions[0], "--dir", str(tmp_path / "rec"))
+    assert out.returncode == 0, out.stderr
+    assert "SELECT id, status FROM orders" in out.stdout
+    assert "shipped" in out.stdout or "new" in out.stdout
+    denied = pgwarden("replay", sessions[1], "--dir", str(tmp_path / "rec"), "--json")
+    events = json.loads(denied.stdout)["events"]
+    assert any("42501" in json.dumps(ev) for ev in events)
+
+
+# -- identity tokens ------------------------------------------------------------------------------
+ISSUER = "https://idp.example.com/realms/eng"
+
+
+@pytest.fixture(scope="module")
+def signing_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture
+def token_proxy(make_proxy: Any, tmp_path: Path, signing_key: Any) -> Any:
+    jwk = RSAAlgorithm.to_jwk(signing_key.public_key(), as_dict=True)
+    jwk.update(kid="k1", alg="RS256", use="sig")
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    spec = {
+        "audit": {"path": str(tmp_path / "audit.jsonl")},
+        "identity": {"oidc": [{"issuer": ISSUER, "audience": "pgwarden", "jwksFile": str(tmp_path / "jwks.json")}]},
+    }
+    return make_proxy(extra=[POLICY], proxy_spec=spec)
+
+
+def _token(key: Any, **over: Any) -> str:
+    now = int(time.time())
+    claims = {"iss": ISSUER, "aud": "pgwarden", "sub": "ci-job-42", "groups": ["ai-agents"], "iat": now, "exp": now + 300}
+    claims.update(over)
+    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": "k1"})
+
+
+def test_a_jwt_password_identifies_the_caller_in_the_audit(token_proxy: Any, tmp_path: Path, signing_key: Any) -> None:
+    conn = pg8000.native.Connection("ci-job-42", host=token_proxy.host, port=token_proxy.port, database="shop",
+                                    password=_token(signing_key))
+    assert conn.run("SELECT count(*) FROM orders") == [[20]]
+    conn.close()
+    rec = statements(read_records(tmp_path / "audit.jsonl"))["SELECT count(*) FROM orders"]
+    assert rec["identity"]["subject"] == "ci-job-42"
+    assert rec["identity"]["method"] == "jwt"
+    assert rec["identity"]["issuer"] == ISSUER
+
+
+def test_an_expired_token_is_refused_and_audited(token_proxy: Any, tmp_path: Path, signing_key: Any, pg: Any) -> None:
+    mark = pg.log_position()
+    with pytest.raises(pg8000.native.InterfaceError) as e:
+        pg8000.native.Connection("ci-job-42", host=token_proxy.host, port=token_proxy.port, database="shop",
+                                 password=_token(signing_key, exp=int(time.time()) - 3600))
+    assert "28P01" in str(e.value)
+    failures = [r for r in read_records(tmp_path / "audit.jsonl") if r["event"] == "auth.failure"]
+    assert failures and "expired" in failures[-1]["reason"]
+    assert "connection authorized" not in pg.log_since(mark)

@@ -53,6 +53,7 @@ IN_CLUSTER_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 LABEL_HASH = "pgwarden.dev/statement-hash"
 LABEL_CONNECTION = "pgwarden.dev/connection"
 EXECUTED_SUFFIX = ".executed"
+DECIDED_BY = "pgwarden.dev/decided-by"  # stamped by the operator's webhook from userInfo
 
 
 class KubeError(Exception):
@@ -236,6 +237,12 @@ def outcome_of(obj: Mapping[str, Any]) -> Outcome | None:
     decision = (obj.get("spec") or {}).get("decision")
     by = status.get("decidedBy") or {}
     decided_by = by.get("username", "") if isinstance(by, Mapping) else str(by)
+    if not decided_by:  # a denial can be read before the operator wrote status: the webhook's stamp
+        try:
+            stamp = json.loads(((obj.get("metadata") or {}).get("annotations") or {}).get(DECIDED_BY) or "{}")
+            decided_by = str(stamp.get("username", "")) if isinstance(stamp, dict) else ""
+        except ValueError:
+            decided_by = ""
     reason = (obj.get("spec") or {}).get("reason") or ""
     if phase == "Approved" and decision == APPROVED:
         return Outcome(APPROVED, decided_by, reason)

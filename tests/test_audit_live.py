@@ -161,10 +161,11 @@ def test_a_jwt_password_identifies_the_caller_in_the_audit(token_proxy: Any, tmp
 
 def test_an_expired_token_is_refused_and_audited(token_proxy: Any, tmp_path: Path, signing_key: Any, pg: Any) -> None:
     mark = pg.log_position()
-    with pytest.raises(pg8000.native.InterfaceError) as e:
+    with pytest.raises(pg8000.native.DatabaseError) as e:
         pg8000.native.Connection("ci-job-42", host=token_proxy.host, port=token_proxy.port, database="shop",
                                  password=_token(signing_key, exp=int(time.time()) - 3600))
-    assert "28P01" in str(e.value)
+    assert e.value.args[0]["C"] == "28P01"
+    assert "expired" in e.value.args[0]["M"]
     failures = [r for r in read_records(tmp_path / "audit.jsonl") if r["event"] == "auth.failure"]
     assert failures and "expired" in failures[-1]["reason"]
     assert "connection authorized" not in pg.log_since(mark)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -90,7 +91,13 @@ async def connect(cfg: ProxyConfig, client_params: Mapping[str, str]) -> Upstrea
         ) from e
 
 
+_PLAIN_IDENT = re.compile(r"[a-z_][a-z0-9_$]*")
+
+
 def _quote_ident(name: str) -> str:
+    """Quote a schema name only when it needs it, so `SHOW search_path` reads `public` as usual."""
+    if _PLAIN_IDENT.fullmatch(name):
+        return name
     return '"' + name.replace('"', '""') + '"'
 
 

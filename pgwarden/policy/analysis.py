@@ -17,6 +17,7 @@ someone teaches the engine about it.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -84,7 +85,7 @@ CATALOG_RELATIONS = frozenset("""
     pg_ts_config_map pg_ts_dict pg_ts_parser pg_ts_template pg_type pg_user pg_user_mapping
     pg_user_mappings pg_views pg_wait_events
 """.split())
-MAX_CACHED_TEXT = 8192
+MAX_CACHED_TEXT = 4096
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ def analyze(sql: str, search_path: tuple[str, ...] = ("public",)) -> Analysis:
     return _analyze(sql, search_path)
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=1024)
 def _analyze_cached(sql: str, search_path: tuple[str, ...]) -> Analysis:
     return _analyze(sql, search_path)
 
@@ -204,6 +205,8 @@ def analyze_statement(node: dict[str, Any], search_path: tuple[str, ...]) -> Sta
         walker.visit(node, frozenset())
     except RecursionError:
         walker.violations.append("the statement is nested too deeply to analyse")
+    except Exception as e:  # a tree shape the walker did not expect: deny, never guess
+        walker.violations.append(f"the statement could not be analysed ({type(e).__name__}: {e})")
     return walker.result(kind)
 
 
@@ -299,18 +302,17 @@ def split_qualified_name(text: str) -> list[str] | None:
         i += 1
 
 
+@lru_cache(maxsize=4096)
 def display(obj: Obj | None) -> str:
+    """schema.name as SQL would spell it (quoted where needed), for messages and audit."""
     if obj is None:
         return "-"
     if obj == ANY:
         return "(any table)"
-    return ".".join(p if _plain(p) else '"' + p.replace('"', '""') + '"' for p in obj)
+    return ".".join(p if _PLAIN.fullmatch(p) else '"' + p.replace('"', '""') + '"' for p in obj)
 
 
-def _plain(part: str) -> bool:
-    return bool(part) and (part == "*" or (part[0].isascii() and (part[0].islower() or part[0] == "_")
-                                           and all(c.isascii() and (c.islower() or c.isdigit() or c in "_$")
-                                                   for c in part)))
+_PLAIN = re.compile(r"\*|[a-z_][a-z0-9_$]*")
 
 
 def _is_true(arg: Any) -> bool:

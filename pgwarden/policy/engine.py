@@ -50,7 +50,8 @@ from pgwarden.policy.model import (
 from pgwarden.subjects import Identity
 
 BUILTIN = "builtin"
-DECISION_CACHE_SIZE = 2048
+DECISION_CACHE_SIZE = 1024
+MAX_CACHED_TEXT = 4096
 
 
 @dataclass
@@ -195,7 +196,7 @@ class SubjectPolicy:
                 return cached
         analysis = analyze(sql, session.search_path)
         decision = self._decide(analysis, session, prepare_as)
-        if prepare_as is None and not analysis.session_dependent and len(sql) <= 8192:
+        if prepare_as is None and not analysis.session_dependent and len(sql) <= MAX_CACHED_TEXT:
             self._cache[key] = decision
             if len(self._cache) > DECISION_CACHE_SIZE:
                 self._cache.popitem(last=False)
@@ -384,7 +385,8 @@ class SubjectPolicy:
         action = next(a for a, s in SEVERITY.items() if s == worst)
         deciding = [v for v in verdicts if v.action == action]
         reasons = tuple(dict.fromkeys(v.reason for v in verdicts if v.action != "allow"))
-        ops = tuple(o for o in OPERATIONS if any(x[0] == o for x in accesses))
+        used = {x[0] for x in accesses}
+        ops = tuple(o for o in OPERATIONS if o in used) if used else ()
         tables = tuple(sorted({x[1] for x in accesses if x[1] != "-"}))
         common = dict(operations=ops, tables=tables, functions=funcs, limits=self.limits,
                       policies=tuple(p.id for p in self.policies), accesses=tuple(dict.fromkeys(accesses)),

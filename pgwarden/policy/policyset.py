@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pgwarden.policy.engine import SubjectPolicy
 from pgwarden.policy.model import AccessPolicy, parse_access_policy
@@ -16,6 +16,8 @@ class PolicySet:
     """Every AccessPolicy loaded from a configuration, sorted by namespace/name for stable output."""
 
     policies: tuple[AccessPolicy, ...] = ()
+    # One SubjectPolicy per (identity, connection), so all sessions of a caller share its decision cache.
+    _subjects: dict[tuple[Identity, str], SubjectPolicy] = field(default_factory=dict, compare=False, repr=False)
 
     def for_identity(self, identity: Identity, connection: str) -> SubjectPolicy:
         """The policies for `connection` whose subjects name the caller, combined.
@@ -25,6 +27,17 @@ class PolicySet:
         applies, the SubjectPolicy denies everything and its messages say which subjects and
         connection were tried, so the person can ask for the right subject to be added.
         """
+        key = (identity, connection)
+        cached = self._subjects.get(key)
+        if cached is not None:
+            return cached
+        subject = self._select(identity, connection)
+        if len(self._subjects) >= 256:
+            self._subjects.clear()
+        self._subjects[key] = subject
+        return subject
+
+    def _select(self, identity: Identity, connection: str) -> SubjectPolicy:
         on_conn = [p for p in self.policies if p.connection == connection]
         chosen = [p for p in on_conn if any_matches(p.subjects, identity)]
         tried = ""

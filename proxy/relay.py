@@ -318,6 +318,9 @@ class Relay:
                 else:
                     raise ProtocolViolation(f"unexpected message type {chr(t)!r} from the client")
                 pos = end
+            if pos < len(buf) and buf[pos] not in m.FRONTEND_TYPES:
+                # as PostgreSQL does: judge the type byte at once, not after `length` more bytes
+                raise ProtocolViolation(f"invalid frontend message type {buf[pos]} from the client")
         except m.FrameError as e:
             raise ProtocolViolation(f"invalid message from the client: {e}") from e
         except _MaskingBlind as e:

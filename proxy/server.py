@@ -323,10 +323,12 @@ class ProxyServer:
             finish("client")
         if uep.closed:
             finish("upstream")
-        reason = await done
-        end = getattr(observer, "session_end", None)
-        if end is not None:
-            end(reason)
+        try:
+            reason = await done
+        finally:  # also when the proxy shuts down under this session: close its recording
+            end = getattr(observer, "session_end", None)
+            if end is not None:
+                end(done.result() if done.done() else "proxy shutdown")
         if reason == "client" and relay.busy:
             # the client vanished mid-query: stop the work it left behind
             await up.send_cancel(self.config, upstream.pid, upstream.secret)
@@ -362,7 +364,7 @@ class ProxyServer:
                 verdict = Verdict(error=exc)
             else:  # fail closed: the held statement is refused, the session goes on
                 log.error("held statement failed: %r", exc)
-                verdict = Verdict(error=ProtocolViolation("pgwarden internal error while holding the statement"))
+                verdict = Verdict(error=AgentError("pgwarden internal error while holding the statement; nothing was forwarded"))
             try:
                 again = relay.resume(verdict)
             except AgentError as e:

@@ -82,28 +82,69 @@ def _show(rows: list[tuple[Any, ...]], names: list[str]) -> str:
     return "\n".join(out)
 
 
+def _reviewer(db: Path, stop: threading.Event) -> None:
+    """A DBA on call: waits for the held request and approves it with the real CLI."""
+    import json
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-m", "pgwarden.cli", "approvals"]
+    while not stop.is_set():
+        out = subprocess.run([*cli, "list", "--json", "--db", str(db)], capture_output=True, text=True, check=False)
+        pending = json.loads(out.stdout or "[]") if out.returncode == 0 else []
+        pending = [r for r in pending if r.get("state") == "pending"]
+        if pending:
+            rid = pending[0]["id"]
+            print(f"    dba-alice> pgwarden approvals list\n      {rid}  {pending[0]['statement']}")
+            print(f"    dba-alice> pgwarden approvals approve {rid} --as dba-alice")
+            subprocess.run([*cli, "approve", rid, "--as", "dba-alice", "--db", str(db), "--reason", "checked: one old order"],
+                           capture_output=True, text=True, check=False)
+            return
+        stop.wait(0.2)
+
+
 def _run_step(conn: pg8000.dbapi.Connection, step: Step, approve: Any) -> str:
     cur = conn.cursor()
     print(f"\n▶ {step.title}\n  agent> {step.sql}")
     try:
         if step.expect == "review" and approve is not None:
-            approve(step)
+            approve()
         cur.execute(step.sql)
+        while conn.notices:
+            notice = conn.notices.popleft()
+            print(f"    notice: {notice.get(b'M', b'').decode() if isinstance(notice, dict) else notice}")
         if cur.description:
             names = [d[0] for d in cur.description]
             print(textwrap.indent(_show(cur.fetchall(), names), "    "))
         else:
             print(f"    ok: {cur.rowcount} row(s)")
-        conn.commit()
         return "ok"
     except pg8000.dbapi.DatabaseError as e:
-        conn.rollback()
         info = e.args[0] if e.args and isinstance(e.args[0], dict) else {}
         code, msg = info.get("C", "?"), info.get("M", str(e))
         print(f"    ✗ {code}: {msg}")
         if info.get("H"):
             print(f"      hint: {info['H']}")
         return code
+
+
+def _epilogue(workdir: Path) -> None:
+    """What an auditor does next: check the audit chain, then replay the agent's session."""
+    import json
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-m", "pgwarden.cli"]
+    audit = workdir / "audit.jsonl"
+    print(f"\n▶ The auditor checks the tamper-evident audit log\n  auditor> pgwarden audit verify {audit}")
+    out = subprocess.run([*cli, "audit", "verify", str(audit)], capture_output=True, text=True, check=False)
+    print(textwrap.indent((out.stdout + out.stderr).strip(), "    "))
+    sessions = [json.loads(line)["session"] for line in audit.read_text().splitlines() if '"session.start"' in line]
+    if sessions:
+        print(f"\n▶ ...and replays what the agent saw (masked, as it saw it)\n  auditor> pgwarden replay {sessions[-1]}")
+        out = subprocess.run([*cli, "replay", sessions[-1], "--dir", str(workdir / "recordings")],
+                             capture_output=True, text=True, check=False)
+        print(textwrap.indent((out.stdout + out.stderr).rstrip() or f"(exit {out.returncode}, no output)", "    "))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -126,13 +167,21 @@ def main(args: argparse.Namespace) -> int:
             user=AGENT_USER, password=AGENT_PASSWORD, host="127.0.0.1", port=running.port, database="shop",
             application_name="demo-agent",
         )
-        results = [_run_step(conn, step, None) for step in SCRIPT]
+        conn.autocommit = True  # one statement, one decision: what an agent's tool call does
+        stop = threading.Event()
+
+        def approve() -> None:
+            threading.Thread(target=_reviewer, args=(workdir / "approvals.db", stop), daemon=True).start()
+
+        results = [_run_step(conn, step, approve) for step in SCRIPT]
+        stop.set()
         conn.close()
         print("\nsummary:", ", ".join(f"{s.expect}->{r}" for s, r in zip(SCRIPT, results, strict=True)))
-        if args.keep:
-            print("proxy left running; press Ctrl-C to stop")
-            threading.Event().wait()
         runner.call(running.stop())
+        _epilogue(workdir)
+        if args.keep:
+            print(f"proxy left running on 127.0.0.1:{running.port}; press Ctrl-C to stop")
+            threading.Event().wait()
         return 0
     finally:
         pg.stop()

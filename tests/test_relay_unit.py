@@ -358,6 +358,11 @@ class TestBadInput:
         with pytest.raises(ProtocolViolation):
             w.relay.client_data(msg(b"z", b"abc"))
 
+    def test_an_unknown_type_byte_is_refused_before_its_body_arrives(self) -> None:
+        w = Wires(max_message_bytes=64 << 20)
+        with pytest.raises(ProtocolViolation, match="message type"):
+            w.relay.client_data(b"\x00\x01\x02\x03 garbage")  # claims a 16 MB body
+
     def test_a_malformed_parse_is_a_protocol_violation(self) -> None:
         w = Wires()
         with pytest.raises(ProtocolViolation):

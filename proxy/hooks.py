@@ -147,7 +147,7 @@ async def close_runtime(rt: Runtime) -> None:
 def session_hooks(rt: Runtime, config: ProxyConfig) -> SessionHooks | None:
     """The factory of per-session gates the server calls after authentication."""
     if rt.policies is None:
-        if config.default_action == "allow" and rt.audit is None and rt.recorder_factory is None:
+        if config.default_action == "allow" and rt.audit is None and rt.recorder_factory is None and rt.masking is None:
             return None  # nothing to decide, record or mask: the lean relay
         if config.default_action == "deny":
             deny = DenyAll(rt.connection)

@@ -24,6 +24,7 @@ from pgwarden.errors import (
     AgentError,
     ApprovalDenied,
     ApprovalExpired,
+    ApprovalRequired,
     AuditUnavailable,
     PolicyDenied,
 )
@@ -43,6 +44,7 @@ class StatementContext:
     prepared: bool = False
     approval_id: str = ""
     approver: str = ""
+    ticket: Any = None  # the approval this statement runs under, marked executed when it completes
     masked_columns: tuple[str, ...] = ()
     ddl: bool = False
 
@@ -66,6 +68,13 @@ class Runtime:
     recording_config: Any = None
     approvals_config: Any = None
     identity_config: Any = None
+    # background work (approval bookkeeping) that must finish before the audit log closes
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
 
 _refreshing: set[int] = set()
@@ -203,17 +212,25 @@ class SessionGate:
             )
         return verdict
 
+    async def _approval_event(self, ctx: StatementContext, event: str, approver: str = "", reason: str = "") -> None:
+        """Every approval step is an audit record, written before the step takes effect."""
+        if self.rt.audit is not None:
+            await self.rt.audit.write(
+                records.approval(self.ainfo, ctx.id, approval_id=ctx.approval_id, event=event, approver=approver, reason=reason)
+            )
+
     async def _review(self, ctx: StatementContext, decision: Any, results: Any) -> Verdict:
+        """A `review` decision: ask a human (wait: hold the statement; defer: PW001 now, run once later)."""
         from pgwarden.approvals import ApprovalSpec
 
         backend = self.rt.approvals
-        if backend is None:
+        if backend is None:  # no approval backend configured: the statement cannot run
             return await self._durable(ctx, Verdict(error=decision.as_error(), context=ctx), "review")
         a = decision.approval
         spec = ApprovalSpec(
             connection=self.rt.connection,
             requester=self.info.identity,
-            workload=self.rt.workload,
+            workload=self.rt.workload.as_dict(),
             statement=ctx.sql,
             params=(),
             rule=decision.rule,
@@ -221,14 +238,19 @@ class SessionGate:
             min_approvals=a.min_approvals,
             timeout=a.timeout,
             mode=a.mode,
+            notify_url=a.notify_url,
         )
-        if a.mode == "defer":
-            ticket = await backend.consume(spec)
-            if ticket is not None:
-                ctx.approval_id = ticket.id
-                return await self._durable(ctx, Verdict(results=results, context=ctx), "approved")
-        ticket = await backend.create(spec)
+        try:
+            if a.mode == "defer":
+                ticket = await backend.consume(spec)
+                if ticket is not None:
+                    ctx.approval_id, ctx.ticket = ticket.id, ticket
+                    return await self._durable(ctx, Verdict(results=results, context=ctx), "approved")
+            ticket = await backend.create(spec)
+        except AgentError as e:
+            return await self._durable(ctx, Verdict(error=e, context=ctx), "review")
         ctx.approval_id = ticket.id
+        await self._approval_event(ctx, "requested")
         if self.notify_client is not None:
             self.notify_client(
                 m.notice_response(
@@ -238,8 +260,6 @@ class SessionGate:
                 )
             )
         if a.mode == "defer":
-            from pgwarden.errors import ApprovalRequired
-
             err = ApprovalRequired(
                 f"approval required by {decision.rule}: request {ticket.name} was created",
                 hint=f"Ask a reviewer to run: {ticket.approve_command} — then run the identical statement again.",
@@ -247,10 +267,13 @@ class SessionGate:
             return await self._durable(ctx, Verdict(error=err, context=ctx), "review")
         try:
             outcome = await backend.wait(ticket, a.timeout)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the client cancelled: the request is withdrawn
             await backend.withdraw(ticket)
+            await self._approval_event(ctx, "withdrawn")
             raise
+        await self._approval_event(ctx, outcome.state, approver=outcome.decided_by, reason=outcome.reason)
         if outcome.state == "approved":
+            ctx.ticket, ctx.approver = ticket, outcome.decided_by
             return await self._durable(ctx, Verdict(results=results, context=ctx), "approved")
         if outcome.state == "denied":
             err2: AgentError = ApprovalDenied(
@@ -264,6 +287,13 @@ class SessionGate:
             )
         return await self._durable(ctx, Verdict(error=err2, context=ctx), outcome.state)
 
+    async def _executed(self, ctx: StatementContext, ticket: Any, tag: str) -> None:
+        try:
+            await self.rt.approvals.executed(ticket, tag)
+            await self._approval_event(ctx, "executed", reason=tag)
+        except Exception:
+            log.exception("could not record the execution of approval %s", ticket.id)
+
     def mask_error(self, fields: dict[str, str], plan: Any) -> dict[str, str]:
         """ErrorResponse / NoticeResponse text can print a masked value (a failed cast, a key conflict)."""
         masked: dict[str, str] = self.masking.mask_error_fields(fields, plan, self.rt.catalog.current())
@@ -274,6 +304,9 @@ class SessionGate:
         if not isinstance(context, StatementContext):
             return
         self.statements += 1
+        if context.ticket is not None and self.rt.approvals is not None:
+            ticket, context.ticket = context.ticket, None
+            self.rt.spawn(self._executed(context, ticket, tag or (error or {}).get("C", "")))
         if context.ddl and self.rt.catalog is not None:
             self.rt.catalog.mark_stale()  # a new or altered relation: re-read before the next plan
         rows = m.command_tag_rows(tag) if tag else None

@@ -21,11 +21,10 @@ from pgwarden.connection import DatabaseConnection, parse_connection
 from pgwarden.resources import Document, ResourceError, get_field, of_kind, parse_duration
 
 # Client startup parameters forwarded upstream. Everything else (notably `options`, which can
-# carry `-c role=…` or `-c search_path=…`) is dropped.
+# carry `-c role=…` or `-c search_path=…`) is dropped; client_encoding is pinned to UTF8.
 FORWARDED_STARTUP_PARAMS = frozenset(
     {
         "application_name",
-        "client_encoding",
         "DateStyle",
         "TimeZone",
         "IntervalStyle",

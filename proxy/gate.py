@@ -71,6 +71,13 @@ class Runtime:
     # background work (approval bookkeeping) that must finish before the audit log closes
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
+    def upstream_settings(self, identity: Any) -> dict[str, str]:
+        """Session settings pinned at login: the policy's statement timeout for this caller."""
+        if self.policies is None:
+            return {}
+        timeout = self.policies.for_identity(identity, self.connection).limits.statement_timeout
+        return {"statement_timeout": str(int(timeout * 1000))} if timeout else {}
+
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
@@ -132,6 +139,10 @@ class SessionGate:
     def bind(self, bind: m.BindMsg) -> Verdict | None:
         return None
 
+    def close_statement(self, name: str) -> None:
+        """A protocol-level Close: the name no longer refers to a prepared statement."""
+        self.state.forget(name)
+
     def _check(self, sql: str, prepared_name: str | None) -> Verdict:
         ctx = StatementContext(id=str(next(self._ids)), sql=sql, started=time.time(), prepared=prepared_name is not None)
         try:
@@ -158,7 +169,7 @@ class SessionGate:
         if decision.action == "review" and decision.enforce:
             return Verdict(wait=self._review(ctx, decision, results), context=ctx)
         self.state.apply(decision)
-        verdict = Verdict(results=results, context=ctx)
+        verdict = Verdict(results=results, context=ctx, max_rows=decision.limits.max_rows)
         return self._audited(ctx, verdict, "allow" if decision.action == "allow" else f"{decision.action}-audit-only")
 
     def _refuse(self, ctx: StatementContext, err: AgentError) -> Verdict:
@@ -245,7 +256,7 @@ class SessionGate:
                 ticket = await backend.consume(spec)
                 if ticket is not None:
                     ctx.approval_id, ctx.ticket = ticket.id, ticket
-                    return await self._durable(ctx, Verdict(results=results, context=ctx), "approved")
+                    return await self._durable(ctx, Verdict(results=results, context=ctx, max_rows=decision.limits.max_rows), "approved")
             ticket = await backend.create(spec)
         except AgentError as e:
             return await self._durable(ctx, Verdict(error=e, context=ctx), "review")
@@ -274,7 +285,7 @@ class SessionGate:
         await self._approval_event(ctx, outcome.state, approver=outcome.decided_by, reason=outcome.reason)
         if outcome.state == "approved":
             ctx.ticket, ctx.approver = ticket, outcome.decided_by
-            return await self._durable(ctx, Verdict(results=results, context=ctx), "approved")
+            return await self._durable(ctx, Verdict(results=results, context=ctx, max_rows=decision.limits.max_rows), "approved")
         if outcome.state == "denied":
             err2: AgentError = ApprovalDenied(
                 f"request {ticket.name} was denied by {outcome.decided_by}" + (f": {outcome.reason}" if outcome.reason else ""),

@@ -41,6 +41,7 @@ _COPY_D, _COPY_C, _COPY_F = ord("d"), ord("c"), ord("f")
 _T, _DR, _CC, _EQ, _ER, _Z = ord("T"), ord("D"), ord("C"), ord("I"), ord("E"), ord("Z")
 _PC, _BC, _CLC, _ND, _PS, _COPYOUT = ord("1"), ord("2"), ord("3"), ord("n"), ord("s"), ord("H")
 _NOTICE = ord("N")
+_COPY_DATA_S = ord("d")
 
 # kinds of expected responses
 QUERY, SYNC, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE = range(7)
@@ -71,6 +72,8 @@ class Verdict:
     wait: Awaitable[Verdict] | None = None
     notice: bytes = b""
     results: ResultPolicy | None = None
+    # stop relaying rows beyond this many per result, cancel the query and fail it (policy limits)
+    max_rows: int | None = None
     # opaque to the relay; handed back in outcome events (audit ids, timings)
     context: Any = None
 
@@ -111,12 +114,16 @@ class Pending:
     target: str = ""
     rewriter: RowRewriter | None = None
     fields: list[m.Field] | None = None
+    max_rows: int | None = None
+    rows: int = 0
+    limit_hit: bool = False
 
 
 @dataclass
 class _Prepared:
     results: ResultPolicy | None = None
     context: Any = None
+    max_rows: int | None = None
     fields: list[m.Field] | None = None
 
 
@@ -166,6 +173,9 @@ class Relay:
         self._observe_rows = observer is not None
         self._exec_head: Pending | None = None
         # masks values printed in ErrorResponse / NoticeResponse text (a failed cast shows its input)
+        self._close_hook: Callable[[str], None] | None = getattr(gate, "close_statement", None)
+        # called once when a result passes its row limit: the shell cancels the query upstream
+        self.on_limit: Callable[[], None] | None = None
         self.error_masker: Callable[[dict[str, str], Any], dict[str, str]] | None = getattr(gate, "mask_error", None)
 
     # -- state visible to the shell ----------------------------------------------------------
@@ -222,7 +232,7 @@ class Relay:
                         return self._hold(buf, span_start, pos, out, verdict)
                     entry = Pending(QUERY)
                     if verdict is not None:
-                        entry.results, entry.context = verdict.results, verdict.context
+                        entry.results, entry.context, entry.max_rows = verdict.results, verdict.context, verdict.max_rows
                         if verdict.notice:
                             self._flush_out(out)
                             self.to_client(verdict.notice)
@@ -244,6 +254,7 @@ class Relay:
                     prepared = _Prepared()
                     if verdict is not None:
                         prepared.results, prepared.context = verdict.results, verdict.context
+                        prepared.max_rows = verdict.max_rows
                         if verdict.notice:
                             self._flush_out(out)
                             self.to_client(verdict.notice)
@@ -284,6 +295,7 @@ class Relay:
                         prep = self._statements.get(p.statement)
                         if prep is not None:
                             entry.context = prep.context
+                            entry.max_rows = prep.max_rows
                             entry.fields = p.fields or _with_formats(prep.fields, p.formats)
                             if prep.results is not None:
                                 entry.results = prep.results
@@ -298,6 +310,8 @@ class Relay:
                 elif t == _C:
                     kind, name = m.parse_target(buf[ps:end])
                     (self._statements if kind == "S" else self._portals).pop(name, None)
+                    if kind == "S" and self._close_hook is not None:
+                        self._close_hook(name)
                     self.pending.append(Pending(CLOSE))
                 elif t == _S:
                     self.pending.append(Pending(SYNC))
@@ -368,9 +382,29 @@ class Relay:
         pending = self.pending
         try:
             for t, ps, end in m.frames(buf, 0, self.max_message_bytes):
-                if t == _DR:
-                    if self._exec_head is not pending[0] if pending else None:
-                        self._start_execute(pending[0])
+                if t == _DR or t == _COPY_DATA_S:
+                    head = pending[0] if pending else None
+                    if head is not None and head.max_rows is not None:
+                        head.rows += 1
+                        if head.rows > head.max_rows:  # past the limit: drop the row, cancel once
+                            out.append(buf[span_start:pos])
+                            span_start = end
+                            if not head.limit_hit:
+                                head.limit_hit = True
+                                if self.on_limit is not None:
+                                    self.on_limit()
+                            pos = end
+                            continue
+                    if t == _COPY_DATA_S:
+                        rw = self._rewriter
+                        if rw is not None:
+                            out.append(buf[span_start:pos])
+                            out.append(m.message(b"d", rw.copy_data(buf[ps:end])))
+                            span_start = end
+                        pos = end
+                        continue
+                    if head is not None and self._exec_head is not head:
+                        self._start_execute(head)
                     rw = self._rewriter
                     if rw is not None:
                         row = rw.rewrite(buf[ps:end])
@@ -386,6 +420,18 @@ class Relay:
                     head = pending[0] if pending else None
                     self._rewriter = None
                     self._recording = None
+                    if head is not None and head.limit_hit:
+                        out.append(buf[span_start:pos])
+                        out.append(self._limit_error(head))
+                        span_start = end
+                        head.limit_hit = False
+                        head.rows = 0
+                        if head.kind == EXECUTE:
+                            pending.popleft()
+                        pos = end
+                        continue
+                    if head is not None:
+                        head.rows = 0
                     if head is not None:
                         if self.observer is not None:
                             tag = bytes(buf[ps : end - 1]).decode() if t == _CC else ""
@@ -424,6 +470,11 @@ class Relay:
                         out.append(head.replace_error)
                         span_start = end
                         head.replace_error = None
+                    elif head is not None and head.limit_hit:  # our cancel landed: say why
+                        out.append(buf[span_start:pos])
+                        out.append(self._limit_error(head))
+                        span_start = end
+                        head.limit_hit = False
                     elif self.error_masker is not None:
                         masked = self.error_masker(fields_err, head.results if head is not None else None)
                         if masked != fields_err:
@@ -455,12 +506,6 @@ class Relay:
                     head = pending[0] if pending else None
                     if head is not None and head.results is not None:
                         self._rewriter = head.results.bind(head.index, [])
-                elif t == ord("d"):
-                    rw = self._rewriter
-                    if rw is not None:
-                        out.append(buf[span_start:pos])
-                        out.append(m.message(b"d", rw.copy_data(buf[ps:end])))
-                        span_start = end
                 pos = end
         except m.FrameError as e:
             raise ProtocolViolation(f"invalid message from the server: {e}") from e
@@ -474,6 +519,13 @@ class Relay:
         data_out = b"".join(out)
         if data_out:
             self.to_client(data_out)
+
+    def _limit_error(self, head: Pending) -> bytes:
+        return m.error_response(
+            "54000",
+            f"pgwarden stopped this result after {head.max_rows} rows: the policy's maxRows limit",
+            hint="Add a WHERE clause or LIMIT, or page through the data with ORDER BY … LIMIT … OFFSET.",
+        )
 
     def _start_execute(self, head: Pending) -> None:
         """The first row of an Execute: its rewriter and recording come from its portal."""

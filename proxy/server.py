@@ -241,7 +241,8 @@ class ProxyServer:
         if rt is not None and rt.audit is not None:
             await rt.audit.write(records.session_start(ainfo, tls=secure and not peer.startswith(("127.", "::1", "unix"))))
         forwarded = {k: v for k, v in params.items() if k in FORWARDED_STARTUP_PARAMS}
-        upstream = await up.connect(self.config, forwarded)
+        pinned = rt.upstream_settings(identity) if rt is not None else {}
+        upstream = await up.connect(self.config, {**forwarded, **pinned})
         info = SessionInfo(
             id=ainfo.session_id,
             identity=identity,
@@ -269,6 +270,7 @@ class ProxyServer:
         hello.append(m.ready_for_query(b"I"))
         gate, observer = self.hooks(info, ep.write) if self.hooks is not None else (None, None)
         relay = Relay(uep.write, ep.write, gate=gate, observer=observer, max_message_bytes=self.config.max_message_bytes)
+        relay.on_limit = lambda: self.runtime.spawn(up.send_cancel(self.config, upstream.pid, upstream.secret)) if self.runtime else None
         self._live[key].relay = relay
         done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 

@@ -73,6 +73,10 @@ async def connect(cfg: ProxyConfig, client_params: Mapping[str, str]) -> Upstrea
                 await _negotiate_tls(ep, conn.ssl_mode, conn.ssl_root_cert, conn.host)
             params = {"user": user, "database": conn.database, **client_params}
             params["search_path"] = ",".join(_quote_ident(s) for s in cfg.search_path)
+            # The server must read exactly the text the policy engine parsed: UTF-8, and
+            # backslashes in ordinary string literals taken literally.
+            params["client_encoding"] = "UTF8"
+            params["standard_conforming_strings"] = "on"
             ep.write(m.build_startup(params))
             await _authenticate(ep, user, password)
             return await _read_until_ready(ep, user)

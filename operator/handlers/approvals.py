@@ -4,8 +4,8 @@ Thin kopf registrations over the pure rules in `pgwarden.operator.approvals`:
 - `pgwarden-approval-decide` (mutating) and `pgwarden-approval-check` (validating) on
   approvalrequests CREATE/UPDATE, failure policy Fail: without the operator nobody can decide,
   which fails closed (pending requests simply expire).
-- An index of AccessPolicies' reviewers, so the webhook answers from memory.
-- Every watch event and a periodic timer reconcile the status (`next_status`): Pending ->
+- AccessPolicies' reviewers tracked from the watch stream, so the webhook answers from memory.
+- Every watch event and a periodic sweep reconcile the status (`next_status`): Pending ->
   Approved/Denied (decidedBy copied from the stamped annotation) -> Executed (the proxy's
   `<name>.executed` Event), Expired past expiresAt, deleted after the retention period.
 
@@ -14,6 +14,7 @@ Call `register(registry, runtime)` from `pgwarden.operator.main.register`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Mapping, MutableMapping
@@ -44,17 +45,25 @@ class ApprovalSettings:
         e = os.environ if env is None else env
         s = cls()
         return cls(
-            check_interval=parse_duration(e.get("PGWARDEN_APPROVALS_CHECK_INTERVAL", s.check_interval)),
-            retention=parse_duration(e.get("PGWARDEN_APPROVALS_RETENTION", s.retention)),
+            check_interval=_seconds(e.get("PGWARDEN_APPROVALS_CHECK_INTERVAL"), s.check_interval),
+            retention=_seconds(e.get("PGWARDEN_APPROVALS_RETENTION"), s.retention),
         )
 
 
-def lookup(index: Any, obj: Mapping[str, Any] | None) -> approvals.ReviewPolicy | None:
+def _seconds(value: str | None, default: float) -> float:
+    """'30s', '15m', '168h', or a bare number of seconds."""
+    if not value:
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        return parse_duration(value)
+
+
+def lookup(known: Mapping[tuple[str, str], approvals.ReviewPolicy], obj: Mapping[str, Any] | None,
+           ) -> approvals.ReviewPolicy | None:
     key = approvals.policy_key(obj or {})
-    if key is None or index is None:
-        return None
-    store = index.get(key)
-    return next(iter(store), None) if store is not None else None
+    return known.get(key) if key is not None else None
 
 
 def _merge(dst: MutableMapping[str, Any], src: Mapping[str, Any]) -> None:
@@ -65,12 +74,13 @@ def _merge(dst: MutableMapping[str, Any], src: Mapping[str, Any]) -> None:
             dst[k] = v
 
 
-def admit(kind: str, operation: str, old: Any, new: Any, userinfo: Mapping[str, Any], index: Any,
+def admit(kind: str, operation: str, old: Any, new: Any, userinfo: Mapping[str, Any],
+          known: Mapping[tuple[str, str], approvals.ReviewPolicy],
           patch: MutableMapping[str, Any], warnings: list[str], runtime: Runtime) -> None:
     """Run one webhook's rule; raise kopf.AdmissionError (-> allowed: false) when it refuses."""
     old_raw = dict(old) if old is not None else None
     new_raw = dict(new) if new is not None else {}
-    policy = lookup(index, old_raw if old_raw is not None else new_raw)
+    policy = lookup(known, old_raw if old_raw is not None else new_raw)
     fn = approvals.mutate if kind == "mutate" else approvals.validate
     res = fn(operation, old_raw, new_raw, userinfo, policy, runtime.clock())
     if not res.allowed:
@@ -103,35 +113,64 @@ async def reconcile(body: Mapping[str, Any], runtime: Runtime, settings: Approva
         await runtime.kube.delete(path)
 
 
+async def sweep(runtime: Runtime, settings: ApprovalSettings, logger: logging.Logger | logging.LoggerAdapter) -> None:
+    """Expiry, execution and retention happen without any watch event: look at every request
+    every `check_interval` (one list call per namespace watched)."""
+    namespaces = list(runtime.settings.namespaces) or [None]
+    while True:
+        await asyncio.sleep(settings.check_interval)
+        for ns in namespaces:
+            try:
+                for obj in await runtime.kube.list(kube.path(kube.PGW, "approvalrequests", ns)):
+                    await reconcile(obj, runtime, settings, logger)
+            except Exception as e:  # a failed sweep is retried at the next interval
+                logger.warning(f"approval sweep failed ({type(e).__name__}: {e}); retrying in {settings.check_interval:g}s")
+
+
 def register(registry: kopf.OperatorRegistry, runtime: Runtime, settings: ApprovalSettings | None = None) -> None:
     ours = settings or ApprovalSettings.from_env()
 
-    @kopf.index(*POLICIES, registry=registry)
-    def pgwarden_review_policies(body: kopf.Body, **_: Any) -> dict[tuple[str, str], approvals.ReviewPolicy]:
+    # reviewers per AccessPolicy, fed by the watch stream (kopf does not pass its indexes to
+    # admission handlers); the webhook answers from memory, without an API call per decision
+    review_policies: dict[tuple[str, str], approvals.ReviewPolicy] = {}
+
+    @kopf.on.event(*POLICIES, registry=registry)
+    def _track_reviewers(event: Mapping[str, Any], namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
         p = approvals.review_policy_from_object(dict(body))
-        if p is None:
-            return {}
-        ns, _, name = p.id.partition("/")
-        return {(ns, name): p}
+        if event.get("type") == "DELETED" or p is None:
+            review_policies.pop((namespace, name), None)
+        else:
+            review_policies[(namespace, name)] = p
 
     if runtime.settings.webhook.enabled:
         @kopf.on.mutate(*APPROVAL_REQUESTS, registry=registry, id="pgwarden-approval-decide",
                         operations=["CREATE", "UPDATE"], side_effects=False)
         def _decide(operation: str, old: Any, new: Any, userinfo: Mapping[str, Any], patch: kopf.Patch,
-                    warnings: list[str], pgwarden_review_policies: kopf.Index[Any, Any], **_: Any) -> None:
-            admit("mutate", operation, old, new, userinfo, pgwarden_review_policies, patch, warnings, runtime)
+                    warnings: list[str], **_: Any) -> None:
+            admit("mutate", operation, old, new, userinfo, review_policies, patch, warnings, runtime)
 
         @kopf.on.validate(*APPROVAL_REQUESTS, registry=registry, id="pgwarden-approval-check",
                           operations=["CREATE", "UPDATE"], side_effects=False)
         def _check(operation: str, old: Any, new: Any, userinfo: Mapping[str, Any], patch: kopf.Patch,
-                   warnings: list[str], pgwarden_review_policies: kopf.Index[Any, Any], **_: Any) -> None:
-            admit("validate", operation, old, new, userinfo, pgwarden_review_policies, patch, warnings, runtime)
+                   warnings: list[str], **_: Any) -> None:
+            admit("validate", operation, old, new, userinfo, review_policies, patch, warnings, runtime)
 
     @kopf.on.event(*APPROVAL_REQUESTS, registry=registry)
     async def _approval_event(event: Mapping[str, Any], body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
         if event.get("type") in ("ADDED", "MODIFIED", None):
             await reconcile(body, runtime, ours, logger)
 
-    @kopf.timer(*APPROVAL_REQUESTS, registry=registry, id="approval-clock", interval=ours.check_interval)
-    async def _approval_clock(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
-        await reconcile(body, runtime, ours, logger)
+    # One sweep over all requests instead of a kopf.timer per object: kopf timers put a finalizer
+    # on every request, which would make a proxy's withdrawal (DELETE) wait for the operator.
+    sweeper: dict[str, asyncio.Task[None]] = {}
+
+    @kopf.on.startup(registry=registry)
+    async def _start_sweep(logger: logging.Logger, **_: Any) -> None:
+        sweeper["task"] = asyncio.create_task(sweep(runtime, ours, logger))
+
+    @kopf.on.cleanup(registry=registry)
+    async def _stop_sweep(**_: Any) -> None:
+        task = sweeper.pop("task", None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -84,6 +84,15 @@ async def connect(cfg: ProxyConfig, client_params: Mapping[str, str]) -> Upstrea
         if ep is not None:
             ep.close()
         raise
+    except ssl.SSLCertVerificationError as e:
+        if ep is not None:
+            ep.close()
+        raise UpstreamUnavailable(
+            f"pgwarden does not trust the database at {where} (sslMode {conn.ssl_mode}): "
+            f"{e.verify_message or e.reason or e}",
+            hint="Operators: check the DatabaseConnection's sslRootCert, and that its host is a name "
+            "the server's certificate was issued for.",
+        ) from e
     except (OSError, TimeoutError, ConnectionClosed, m.FrameError, ssl.SSLError) as e:
         if ep is not None:
             ep.close()

@@ -233,7 +233,8 @@ class ProxyServer:
         except AuthenticationFailed as e:
             failures = backoff.record_failure(source, time.monotonic()) if backoff is not None else 0.0
             if rt is not None and rt.audit is not None:
-                rt.audit.emit(records.auth_failure(ainfo, reason=e.message, method="password", delay_s=failures))
+                with contextlib.suppress(AgentError):  # refused either way; written before the answer
+                    await rt.audit.write(records.auth_failure(ainfo, reason=e.message, method="password", delay_s=failures))
             raise
         if backoff is not None:
             backoff.reset(source)

@@ -106,7 +106,7 @@ async def reconcile(body: Mapping[str, Any], runtime: Runtime, settings: Approva
     if change.status:
         await runtime.kube.patch(path + "/status", {"status": dict(change.status)})
     for type_, reason, message in change.events:
-        kopf.event(dict(body), type=type_, reason=reason, message=message)
+        kopf.event(kopf.Body(dict(body)), type=type_, reason=reason, message=message)
         logger.info(f"{reason}: {message}")
     if change.delete:
         logger.info(f"deleting {ns}/{name}: ended more than {settings.retention:g}s ago")

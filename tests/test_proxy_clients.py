@@ -313,6 +313,7 @@ def test_startup_parameters_outside_the_allowlist_do_not_reach_the_server(
 
 
 def test_forwarded_session_settings_take_effect(proxy: ProxyHandle) -> None:
+    # client_encoding is pinned to UTF8 (the policy engine must read what the server reads)
     env = proxy.env(PGTZ="Asia/Tokyo", PGDATESTYLE="German", PGCLIENTENCODING="LATIN1")
     r = subprocess.run(
         [
@@ -333,7 +334,7 @@ def test_forwarded_session_settings_take_effect(proxy: ProxyHandle) -> None:
         timeout=30,
     )
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["Asia/Tokyo", "German,", "DMY", "LATIN1"]
+    assert r.stdout.split() == ["Asia/Tokyo", "German,", "DMY", "UTF8"]
 
 
 # -- authentication and the FunctionCall message -------------------------------------------

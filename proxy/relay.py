@@ -43,6 +43,13 @@ _PC, _BC, _CLC, _ND, _PS, _COPYOUT = ord("1"), ord("2"), ord("3"), ord("n"), ord
 _NOTICE = ord("N")
 _COPY_DATA_S = ord("d")
 
+# The server is trusted to frame its messages; a field value may be up to 1 GB, so results are
+# not held to the client's message limit.
+MAX_SERVER_MESSAGE = 0x7FFFFFFF
+# An incomplete server message needing more than this is gathered as a list of reads and joined
+# once: joining at every read would copy a 500 MB value hundreds of times.
+_GATHER_ABOVE = 1 << 16
+
 # kinds of expected responses
 QUERY, SYNC, PARSE, BIND, DESCRIBE, EXECUTE, CLOSE = range(7)
 
@@ -162,6 +169,9 @@ class Relay:
         self.stats = RelayStats()
         self._cbuf = b""
         self._sbuf = b""
+        self._sparts: list[bytes] = []
+        self._shave = 0
+        self._sneed = 0
         self._skip_until_sync = False
         self._held: Awaitable[Verdict] | None = None
         self._resolved: Verdict | None = None
@@ -374,6 +384,13 @@ class Relay:
 
     # -- server -> client ------------------------------------------------------------------------
     def server_data(self, data: bytes) -> None:
+        if self._sneed:
+            self._sparts.append(data)
+            self._shave += len(data)
+            if self._shave < self._sneed:
+                return
+            data = b"".join(self._sparts)
+            self._sparts, self._shave, self._sneed = [], 0, 0
         buf = self._sbuf + data if self._sbuf else data
         self._sbuf = b""
         out: list[bytes] = []
@@ -381,7 +398,7 @@ class Relay:
         pos = 0
         pending = self.pending
         try:
-            for t, ps, end in m.frames(buf, 0, self.max_message_bytes):
+            for t, ps, end in m.frames(buf, 0, MAX_SERVER_MESSAGE):
                 if t == _DR or t == _COPY_DATA_S:
                     head = pending[0] if pending else None
                     if head is not None and head.max_rows is not None:
@@ -510,7 +527,12 @@ class Relay:
         except m.FrameError as e:
             raise ProtocolViolation(f"invalid message from the server: {e}") from e
         if pos < len(buf):
-            self._sbuf = buf[pos:]
+            rest = buf[pos:]
+            need = 1 + m.U32.unpack_from(rest, 1)[0] if len(rest) >= 5 else 0
+            if need - len(rest) > _GATHER_ABOVE:
+                self._sparts, self._shave, self._sneed = [rest], len(rest), need
+            else:
+                self._sbuf = rest
         if span_start == 0 and not out:
             if pos:
                 self.to_client(buf if pos == len(buf) else buf[:pos])

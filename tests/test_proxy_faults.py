@@ -129,6 +129,13 @@ def test_huge_length_prefix(make_proxy: Callable[..., ProxyHandle], pg: Embedded
         assert_serves(proxy, bystander)
 
 
+def test_the_limit_is_for_what_clients_send_not_for_results(make_proxy: Callable[..., ProxyHandle]) -> None:
+    proxy = make_proxy(proxy_spec={"limits": {"maxMessageBytes": 65536}})
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        (value,) = conn.execute("SELECT repeat('ab', 3 * 1024 * 1024)").fetchone()  # type: ignore[misc]
+        assert value == "ab" * 3 * 1024 * 1024
+
+
 # -- the upstream fails --------------------------------------------------------------------
 def test_upstream_killed_mid_query(proxy: ProxyHandle, pg: EmbeddedPostgres, bystander: RawConn) -> None:
     marker = tag()

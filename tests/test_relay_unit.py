@@ -261,6 +261,26 @@ class TestSimpleQuery:
         assert w.gate.seen == [f"select * from {MARKER}", "select 2"]
 
 
+class TestLargeResults:
+    def test_a_server_message_larger_than_the_client_limit_passes(self) -> None:
+        w = Wires(max_message_bytes=1000)
+        w.relay.client_data(Q("select big"))
+        answer = row_description("big") + data_row(b"x" * 5000) + complete("SELECT 1") + ready()
+        w.relay.server_data(answer)
+        assert w.seen_by_client() == answer
+
+    def test_a_huge_row_arriving_in_many_reads_is_forwarded_whole_once(self) -> None:
+        w = Wires()
+        w.relay.client_data(Q("select big"))
+        value = bytes(range(256)) * 4096 * 3  # 3 MB
+        answer = row_description("big") + data_row(value) + complete("SELECT 1") + ready()
+        for i in range(0, len(answer), 4096):
+            w.relay.server_data(answer[i : i + 4096])
+        assert w.seen_by_client() == answer
+        rows = [p for k, p in split(w.seen_by_client()) if k == b"D"]
+        assert len(rows) == 1 and not w.relay.busy
+
+
 class TestPipelining:
     def test_pipelined_queries_stay_in_order_and_only_the_refused_one_is_replaced(self) -> None:
         w = Wires()

@@ -179,9 +179,13 @@ async def test_missing_and_wrong_admin_secret_are_reported(kmock: kmock.Kubernet
 
         # the problem is posted as an Event too (kubectl describe); the emulator stores only the
         # first of several generateName'd events, so look at what the operator sent
-        posted = [r.data for r in kmock if r.resource is not None and r.resource.plural == "events"
-                  and isinstance(r.data, dict)]
-        assert any(e.get("reason") == "AdminSecretInvalid" and "does not exist" in e.get("message", "") for e in posted)
+        async def posted_event() -> bool:  # kopf posts events from a background queue
+            posted = [r.data for r in kmock if r.resource is not None and r.resource.plural == "events"
+                      and isinstance(r.data, dict)]
+            return any(e.get("reason") == "AdminSecretInvalid" and "does not exist" in e.get("message", "")
+                       for e in posted)
+
+        assert await eventually(posted_event, what="a warning Event about the missing Secret")
     await k.close()
 
 

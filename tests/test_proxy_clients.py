@@ -13,17 +13,21 @@ import struct
 import subprocess
 import threading
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import asyncpg
 import pg8000.native
 import psycopg
 import pytest
+from fix_pg import APP_PASSWORD
 from fix_proxy import ProxyHandle
 from proxy_helpers import active_queries, superuser, wait_until
-from rawpg import RawConn, error_fields, msg
+from rawpg import PgError, RawConn, error_fields, msg
 
 from pgwarden.embedded import EmbeddedPostgres
+
+Logins = Callable[[int], list[str]]
 
 
 def tag() -> str:
@@ -338,10 +342,39 @@ def test_forwarded_session_settings_take_effect(proxy: ProxyHandle) -> None:
 
 
 # -- authentication and the FunctionCall message -------------------------------------------
-def test_wrong_password_is_refused(proxy: ProxyHandle) -> None:
-    with pytest.raises(psycopg.OperationalError) as e:
-        psycopg.connect(proxy.dsn(password="not-the-password"))
-    assert e.value.sqlstate == "28P01" or "password authentication failed" in str(e.value)
+@pytest.fixture(scope="module")
+def connection_log(pg: EmbeddedPostgres) -> Iterator[Callable[[int], list[str]]]:
+    """Turns on log_connections; gives the upstream logins as `app` since a log mark."""
+    with superuser(pg) as direct:
+        direct.execute("ALTER SYSTEM SET log_connections = on")
+        direct.execute("SELECT pg_reload_conf()")
+
+    def logins(mark: int) -> list[str]:
+        return [line for line in pg.log_since(mark).splitlines() if "connection authorized: user=app" in line]
+
+    # the reload is asynchronous: wait until a login shows up
+    mark = pg.log_position()
+    wait_until(lambda: (psycopg.connect(pg.dsn("shop", "app", APP_PASSWORD)).close(), logins(mark))[1])
+    try:
+        yield logins
+    finally:
+        with superuser(pg) as direct:
+            direct.execute("ALTER SYSTEM RESET log_connections")
+            direct.execute("SELECT pg_reload_conf()")
+
+
+def login_error(proxy: ProxyHandle, **over: str) -> dict[str, str]:
+    args = {"user": proxy.user, "password": proxy.password, "database": proxy.dbname, **over}
+    with pytest.raises(PgError) as e:
+        RawConn.login(proxy.host, proxy.port, args["user"], args["password"], args["database"])
+    return e.value.fields
+
+
+def test_wrong_password_is_refused(proxy: ProxyHandle, pg: EmbeddedPostgres, connection_log: Logins) -> None:
+    mark = pg.log_position()
+    err = login_error(proxy, password="not-the-password")
+    assert (err["S"], err["C"]) == ("FATAL", "28P01")
+    assert err["M"] == 'password authentication failed for user "agent"'
     with pytest.raises(asyncpg.InvalidPasswordError):
         asyncio.run(
             asyncpg.connect(
@@ -353,27 +386,29 @@ def test_wrong_password_is_refused(proxy: ProxyHandle) -> None:
                 ssl=False,
             )
         )
+    assert connection_log(mark) == []  # the proxy did not even connect upstream
 
 
-def test_unknown_user_is_refused_like_a_wrong_password(proxy: ProxyHandle) -> None:
-    with pytest.raises(asyncpg.InvalidPasswordError) as e:
-        asyncio.run(
-            asyncpg.connect(
-                host=proxy.host,
-                port=proxy.port,
-                user="mallory",
-                password="x",
-                database=proxy.dbname,
-                ssl=False,
-            )
-        )
-    assert e.value.sqlstate == "28P01"
-    assert 'password authentication failed for user "mallory"' in str(e.value)
-
-
-def test_a_database_not_served_is_refused(proxy: ProxyHandle, pg: EmbeddedPostgres) -> None:
+def test_unknown_user_is_refused_like_a_wrong_password(
+    proxy: ProxyHandle, pg: EmbeddedPostgres, connection_log: Logins
+) -> None:
     mark = pg.log_position()
-    with pytest.raises(asyncpg.InvalidCatalogNameError) as e:
+    err = login_error(proxy, user="mallory", password="x")
+    assert (err["S"], err["C"]) == ("FATAL", "28P01")
+    assert err["M"] == 'password authentication failed for user "mallory"'
+    for user in ("postgres", "app"):  # the database's own roles are not the proxy's users
+        assert login_error(proxy, user=user, password=APP_PASSWORD)["C"] == "28P01"
+    assert connection_log(mark) == []
+
+
+def test_a_database_not_served_is_refused(
+    proxy: ProxyHandle, pg: EmbeddedPostgres, connection_log: Logins
+) -> None:
+    mark = pg.log_position()
+    err = login_error(proxy, database="postgres")
+    assert (err["S"], err["C"]) == ("FATAL", "3D000")
+    assert 'database "postgres" is not served' in err["M"] and "dbname=shop" in err["H"]
+    with pytest.raises(asyncpg.InvalidCatalogNameError):
         asyncio.run(
             asyncpg.connect(
                 host=proxy.host,
@@ -384,9 +419,17 @@ def test_a_database_not_served_is_refused(proxy: ProxyHandle, pg: EmbeddedPostgr
                 ssl=False,
             )
         )
-    assert e.value.sqlstate == "3D000"
-    assert "dbname=shop" in (e.value.hint or "") + str(e.value)
-    assert "connection authorized" not in pg.log_since(mark) or "app@" not in pg.log_since(mark)
+    assert connection_log(mark) == []
+
+
+def test_a_good_login_is_one_upstream_login(
+    proxy: ProxyHandle, pg: EmbeddedPostgres, connection_log: Logins
+) -> None:
+    mark = pg.log_position()
+    with psycopg.connect(proxy.dsn()) as conn:
+        conn.execute("SELECT 1")
+    (line,) = connection_log(mark)
+    assert "database=shop" in line
 
 
 def test_function_call_message_is_refused_and_the_session_goes_on(

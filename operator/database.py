@@ -1,9 +1,10 @@
 """The operator's admin connection to PostgreSQL (pg8000, blocking; callers use a thread).
 
-All rotation work on one pair of login roles happens in one transaction holding an advisory
-lock (`roles_sql.lock_sql`): the state is read under the lock, planned by the pure
-`plan_rotation`, and applied before the lock is released — so two operator replicas (or a
-replica and a retry of itself) can never rotate twice.
+All rotation work on one pair of login roles happens under a session-level advisory lock
+(`roles_sql.lock_sql`): the credentials Secret's version and the roles' state are read under the
+lock, planned by the pure `plan_rotation`, applied in one transaction, and the new Secret is
+published before the lock is released — so two operator replicas (or a replica and a retry of
+itself) can never rotate twice, nor mistake the other's fresh rotation for a stale Secret.
 """
 
 from __future__ import annotations
@@ -144,48 +145,66 @@ def role_names(conn: DatabaseConnection) -> tuple[str, str]:
 def reconcile_roles(
     conn: DatabaseConnection, admin: AdminCredentials, spec: RotationSpec, secret_version: int | None, *,
     timeout: float = 10.0, clock: Callable[[], float] = time.time,
+    read_secret_version: Callable[[], int | None] | None = None,
+    publish: Callable[[RotationOutcome], None] | None = None,
 ) -> RotationOutcome:
-    """One locked pass: check grantRoles exist, plan, apply, sync memberships."""
+    """One locked pass: check grantRoles exist, plan, apply, sync memberships, publish.
+
+    `read_secret_version` (when given) replaces `secret_version` and is called under the lock;
+    `publish` is called under the lock after the commit when a role got a new password, to write
+    the credentials Secret. Reading the Secret before the lock would let a second replica see
+    the version the first is replacing and "repair" a rotation that just happened.
+    """
     con = connect(conn, admin, timeout=timeout)
     try:
         version = server_version(con)
-        con.run("BEGIN")
+        con.run(roles_sql.lock_sql(conn.role_prefix))
         try:
-            con.run(roles_sql.lock_sql(conn.role_prefix))
-            missing = [r[0] for r in con.run(roles_sql.MISSING_ROLES_SQL.replace("%s", ":names"),
-                                             names=list(conn.credentials.grant_roles))]
-            if missing:
-                raise DatabaseProblem(
-                    "GrantRoleMissing",
-                    f"role(s) {', '.join(missing)} listed in spec.credentials.grantRoles do not exist in the "
-                    "database; create them (CREATE ROLE ... NOLOGIN) or fix the list",
+            if read_secret_version is not None:
+                secret_version = read_secret_version()
+            con.run("BEGIN")
+            try:
+                missing = [r[0] for r in con.run(roles_sql.MISSING_ROLES_SQL.replace("%s", ":names"),
+                                                 names=list(conn.credentials.grant_roles))]
+                if missing:
+                    raise DatabaseProblem(
+                        "GrantRoleMissing",
+                        f"role(s) {', '.join(missing)} listed in spec.credentials.grantRoles do not exist in the "
+                        "database; create them (CREATE ROLE ... NOLOGIN) or fix the list",
+                    )
+                names = role_names(conn)
+                state, members = read_state(con, names, secret_version)
+                plan = plan_rotation(state, clock(), spec)
+                password = roles_sql.new_password() if plan.target else None
+                stmts = roles_sql.plan_sql(
+                    plan, connection=f"{conn.namespace}/{conn.name}",
+                    exists={r.name: r.exists for r in state.roles()},
+                    grant_roles=conn.credentials.grant_roles, password=password,
                 )
-            names = role_names(conn)
-            state, members = read_state(con, names, secret_version)
-            plan = plan_rotation(state, clock(), spec)
-            password = roles_sql.new_password() if plan.target else None
-            stmts = roles_sql.plan_sql(
-                plan, connection=f"{conn.namespace}/{conn.name}",
-                exists={r.name: r.exists for r in state.roles()},
-                grant_roles=conn.credentials.grant_roles, password=password,
-            )
-            grant_changes: list[str] = []
-            for r in state.roles():
-                if r.exists:
-                    grant_changes += roles_sql.sync_grants_sql(r.name, members.get(r.name, []), conn.credentials.grant_roles)
-            for sql in stmts + grant_changes:
-                con.run(sql)
-            con.run("COMMIT")
-        except BaseException:
-            _quiet_rollback(con)
-            raise
+                grant_changes: list[str] = []
+                for r in state.roles():
+                    if r.exists:
+                        grant_changes += roles_sql.sync_grants_sql(r.name, members.get(r.name, []),
+                                                                   conn.credentials.grant_roles)
+                for sql in stmts + grant_changes:
+                    con.run(sql)
+                con.run("COMMIT")
+            except BaseException:
+                _quiet_rollback(con)
+                raise
+            outcome = RotationOutcome(plan=plan, password=password, server_version=version, state=state,
+                                      grant_changes=grant_changes)
+            if publish is not None and outcome.password is not None:
+                publish(outcome)
+        finally:
+            _quiet_unlock(con, conn.role_prefix)
     except pg8000.exceptions.DatabaseError as e:
         code, msg = _pg_error(e)
         raise DatabaseProblem("SQLFailed", f"managing login roles failed ({code} {msg}); the admin user needs "
                               "CREATEROLE and ADMIN OPTION on the grantRoles") from e
     finally:
         _quiet_close(con)
-    return RotationOutcome(plan=plan, password=password, server_version=version, state=state, grant_changes=grant_changes)
+    return outcome
 
 
 def drop_roles(conn: DatabaseConnection, admin: AdminCredentials, *, timeout: float = 10.0) -> list[str]:
@@ -229,6 +248,13 @@ def _quiet_rollback(con: pg8000.native.Connection) -> None:
     try:
         con.run("ROLLBACK")
     except Exception:  # the connection may be gone; the transaction dies with it
+        pass
+
+
+def _quiet_unlock(con: pg8000.native.Connection, role_prefix: str) -> None:
+    try:
+        con.run(roles_sql.unlock_sql(role_prefix))
+    except Exception:  # the connection may be gone; closing it releases the lock
         pass
 
 

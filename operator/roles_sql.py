@@ -72,7 +72,13 @@ def lock_key(role_prefix: str) -> int:
 
 
 def lock_sql(role_prefix: str) -> str:
-    return f"SELECT pg_advisory_xact_lock({lock_key(role_prefix)})"
+    """A session-level lock: held from before the Secret is read until after it is written, so
+    a second replica never plans from a Secret version the first one is about to replace."""
+    return f"SELECT pg_advisory_lock({lock_key(role_prefix)})"
+
+
+def unlock_sql(role_prefix: str) -> str:
+    return f"SELECT pg_advisory_unlock({lock_key(role_prefix)})"
 
 
 READ_ROLES_SQL = """
@@ -144,7 +150,7 @@ def plan_sql(
     plan: RotationPlan, *, connection: str, exists: dict[str, bool], grant_roles: Sequence[str],
     password: str | None, salt: bytes | None = None,
 ) -> list[str]:
-    """Every statement that applies `plan` (run inside one transaction, after lock_sql)."""
+    """Every statement that applies `plan` (run inside one transaction, under lock_sql)."""
     stmts: list[str] = []
     if plan.retire is not None:
         stmts += retire_sql(plan.retire)

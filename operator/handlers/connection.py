@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, MutableMapping
-from typing import Any
+from collections.abc import Coroutine, Mapping, MutableMapping
+from typing import Any, TypeVar
 
 import kopf
 from pgwarden.operator import bundle as bundle_mod
@@ -23,6 +23,8 @@ from pgwarden.connection import DatabaseConnection, parse_connection
 from pgwarden.resources import ResourceError, document_from_object
 
 ANNOTATION_SKIP_CLEANUP = "pgwarden.dev/skip-role-cleanup"
+API_TIMEOUT = 30.0  # seconds for one API call made while the rotation lock is held
+T = TypeVar("T")
 
 
 def parse(body: Mapping[str, Any]) -> DatabaseConnection:
@@ -72,12 +74,30 @@ async def _reconcile_locked(
     st: dict[str, Any] = patch.setdefault("status", {})
     st["observedGeneration"] = generation
     secret_path = kube.path("v1", "secrets", conn.namespace, conn.secret_name)
+    loop = asyncio.get_running_loop()
+
+    def on_loop(coro: Coroutine[Any, Any, T]) -> T:
+        # the database pass runs in a thread; the API client lives on this loop
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(API_TIMEOUT)
+
+    def read_secret_version() -> int | None:
+        return credentials.secret_version(on_loop(runtime.kube.get(secret_path)))
+
+    def publish(outcome: database.RotationOutcome) -> None:
+        assert outcome.password is not None
+        secret = credentials.credentials_secret(
+            conn, username=outcome.plan.active, password=outcome.password, version=outcome.plan.version,
+            sslrootcert=admin.sslrootcert, owner=body,
+        )
+        on_loop(runtime.kube.apply(kube.path("v1", "secrets", conn.namespace), secret))
+
     try:
         admin = await read_admin(conn, runtime)
-        current = await runtime.kube.get(secret_path)
+        # the Secret is read and written under the database's rotation lock (two replicas)
         outcome = await asyncio.to_thread(
-            database.reconcile_roles, conn, admin, rotation_spec(conn, runtime), credentials.secret_version(current),
+            database.reconcile_roles, conn, admin, rotation_spec(conn, runtime), None,
             timeout=runtime.settings.connect_timeout, clock=runtime.clock,
+            read_secret_version=read_secret_version, publish=publish,
         )
     except database.DatabaseProblem as e:
         reachable = None if e.reason == "AdminSecretInvalid" else e.reason in ("GrantRoleMissing", "SQLFailed")
@@ -89,12 +109,6 @@ async def _reconcile_locked(
         raise kopf.TemporaryError(str(e), delay=runtime.settings.rotation.retry_delay) from e
 
     plan = outcome.plan
-    if outcome.password is not None:
-        secret = credentials.credentials_secret(
-            conn, username=plan.active, password=outcome.password, version=plan.version, sslrootcert=admin.sslrootcert,
-            owner=body,
-        )
-        await runtime.kube.apply(kube.path("v1", "secrets", conn.namespace), secret)
     if plan.action is not Action.NONE:
         logger.info(f"credentials: {plan.action.value} ({plan.reason}); active role {plan.active}, version {plan.version}")
         kopf.info(dict(body), reason=f"Credentials{plan.action.value.capitalize()}",

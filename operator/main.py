@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import random
 from dataclasses import replace
 from typing import Any
 
@@ -41,6 +42,10 @@ def configure_kopf(settings: kopf.OperatorSettings, ours: OperatorSettings) -> N
         settings.peering.name = ours.peering_name
         settings.peering.mandatory = True
         settings.peering.clusterwide = not ours.namespaces
+        # kopf pauses *every* operator that sees a peer of its own priority: replicas must differ,
+        # and the highest one is the active one
+        settings.peering.priority = (ours.peering_priority if ours.peering_priority is not None
+                                     else random.SystemRandom().randrange(1, 2**31))
     wh = ours.webhook
     if wh.enabled:
         settings.admission.server = WebhookServer(

@@ -99,6 +99,9 @@ class OperatorSettings:
     rotation: RotationSettings = field(default_factory=RotationSettings)
     # kopf peering object name; None runs standalone (one replica, tests)
     peering_name: str | None = "pgwarden"
+    # this replica's kopf peering priority (the highest live one is active); None: random per
+    # process, since kopf pauses all replicas that share a priority
+    peering_priority: int | None = None
     # namespaces to watch; empty: cluster-wide
     namespaces: tuple[str, ...] = ()
     # PostgreSQL connect timeout for the admin connection, seconds
@@ -133,6 +136,8 @@ class OperatorSettings:
             cafile=e.get("PGWARDEN_WEBHOOK_CAFILE") or None,
             managed=e.get("PGWARDEN_WEBHOOK_MANAGED", wh.managed or "") or None,
         )
+        if e.get("PGWARDEN_PEERING_PRIORITY"):
+            s = replace(s, peering_priority=int(e["PGWARDEN_PEERING_PRIORITY"]))
         rot = s.rotation
         if "PGWARDEN_ROTATION_CHECK_INTERVAL" in e:
             rot = replace(rot, check_interval=parse_duration(e["PGWARDEN_ROTATION_CHECK_INTERVAL"]))

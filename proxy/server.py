@@ -121,6 +121,14 @@ class ProxyServer:
             lv.relay is not None and lv.relay.busy for lv in self._live.values()
         ):
             await asyncio.sleep(0.05)
+        # What outlives the timeout is cancelled, not left running in the database after we go;
+        # its client hears why from us, not as a cancel "due to user request".
+        cut = [
+            lv.upstream for lv in self._live.values()
+            if lv.relay is not None and lv.relay.busy and lv.upstream is not None
+        ]
+        for u in cut:
+            u.endpoint.on_data = _discard
         for lv in list(self._live.values()):
             if lv.client is not None:
                 lv.client.write(
@@ -130,6 +138,9 @@ class ProxyServer:
                     )
                 )
                 lv.client.close()
+        if cut:
+            await asyncio.gather(*(up.send_cancel(self.config, u.pid, u.secret) for u in cut), return_exceptions=True)
+        for lv in list(self._live.values()):
             if lv.upstream is not None:
                 lv.upstream.endpoint.close()
         for t in list(self._tasks):
@@ -394,6 +405,10 @@ class ProxyServer:
             lv.held.cancel()
             return
         await up.send_cancel(self.config, lv.upstream.pid, lv.upstream.secret)
+
+
+def _discard(data: bytes) -> None:
+    pass
 
 
 def _peer(ep: Endpoint) -> str:

@@ -83,3 +83,54 @@ def test_sigterm_drains(proxy_process: ProxyProcess, pg: EmbeddedPostgres) -> No
     assert results == [("finished",)]
     assert proxy_process.proc.wait(30) == 0
     conn.close()
+
+
+@pytest.fixture
+def impatient_proxy(pg: EmbeddedPostgres, tmp_path: Path) -> Iterator[ProxyProcess]:
+    port, health = free_port(), free_port()
+    text = proxy_documents(
+        pg,
+        proxy_spec={
+            "listen": {"host": "127.0.0.1", "port": port},
+            "health": {"port": health},
+            "drainTimeout": "1s",
+        },
+    )
+    p = ProxyProcess(text, tmp_path, port, health)
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def test_sigterm_stops_what_outlives_the_drain_timeout(
+    impatient_proxy: ProxyProcess, pg: EmbeddedPostgres
+) -> None:
+    marker = "outlives_" + uuid.uuid4().hex[:8]
+    errors: list[Exception] = []
+    conn = psycopg.connect(dsn(impatient_proxy), autocommit=True)
+    idle = psycopg.connect(dsn(impatient_proxy), autocommit=True)
+
+    def in_flight() -> None:
+        try:
+            conn.execute(f"SELECT pg_sleep(60) /* {marker} */")
+        except Exception as e:
+            errors.append(e)
+
+    t = threading.Thread(target=in_flight)
+    t.start()
+    try:
+        wait_until(lambda: active_queries(pg, marker), what="the query to start")
+        impatient_proxy.proc.send_signal(signal.SIGTERM)
+        assert impatient_proxy.proc.wait(30) == 0
+    finally:
+        t.join(30)
+    (err,) = errors
+    assert isinstance(err, psycopg.OperationalError)
+    assert "shutting down" in str(err) or err.sqlstate == "57P01", err
+    # the statement cut off by the shutdown does not run on in the database
+    wait_until(lambda: not active_queries(pg, marker), timeout=10, what="the cut-off query to stop")
+    with pytest.raises(psycopg.OperationalError):
+        idle.execute("SELECT 1")
+    conn.close()
+    idle.close()

@@ -60,7 +60,7 @@ class UpstreamCredentials:
         if self.credentials_dir:
             d = Path(self.credentials_dir)
             try:
-                return (d / "username").read_text().strip(), (d / "password").read_text().strip()
+                return read_credentials_dir(d)
             except OSError as e:
                 raise RuntimeError(
                     f"cannot read upstream credentials from {d}: {e.strerror}; is the credentials Secret mounted?"
@@ -76,6 +76,26 @@ class UpstreamCredentials:
                 raise RuntimeError(f"environment variable {self.password_env} (upstream password) is not set")
             return self.username, value
         return self.username, self.password
+
+
+def read_credentials_dir(d: Path, attempts: int = 5) -> tuple[str, str]:
+    """`username` and `password` from one version of a mounted Secret.
+
+    kubelet updates a Secret volume by writing a new timestamped folder, swapping the `..data`
+    symlink to it and deleting the old folder; each key is a symlink through `..data`. Reading
+    the two keys one after the other through `..data` can pair the new username with the old
+    password, or find the old folder gone: resolve `..data` once, read both keys from that
+    folder, and start again if it was deleted meanwhile.
+    """
+    data = d / "..data"
+    for attempt in range(attempts):
+        base = Path(os.path.realpath(data)) if data.is_symlink() else d
+        try:
+            return (base / "username").read_text().strip(), (base / "password").read_text().strip()
+        except FileNotFoundError:
+            if base == d or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)

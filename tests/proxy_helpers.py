@@ -47,6 +47,13 @@ def running_queries(pg: EmbeddedPostgres, marker: str) -> list[tuple[int, str, s
     return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
 
 
+def backends_of(pg: EmbeddedPostgres, user: str) -> set[int]:
+    """The pids of the server's client backends logged in as `user`."""
+    with superuser(pg) as c:
+        rows = c.execute("SELECT pid FROM pg_stat_activity WHERE usename = %s", (user,)).fetchall()
+    return {int(r[0]) for r in rows}
+
+
 def active_queries(pg: EmbeddedPostgres, marker: str) -> list[tuple[int, str, str]]:
     return [r for r in running_queries(pg, marker) if r[1] == "active"]
 

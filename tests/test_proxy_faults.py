@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from fix_pg import APP_PASSWORD, APP_USER
 from fix_proxy import ProxyHandle
-from proxy_helpers import active_queries, running_queries, superuser, wait_until
+from proxy_helpers import active_queries, backends_of, running_queries, superuser, wait_until
 from rawpg import RawConn, msg, query, startup
 
 from pgwarden.embedded import EmbeddedPostgres, free_port
@@ -96,7 +96,7 @@ def test_out_of_order_messages_after_login(proxy: ProxyHandle, bystander: RawCon
 
 def test_truncated_messages(proxy: ProxyHandle, pg: EmbeddedPostgres, bystander: RawConn) -> None:
     marker = tag()
-    before = {pid for pid, _, _ in running_queries(pg, "")}
+    before = backends_of(pg, APP_USER)
     with RawConn.open(proxy.host, proxy.port) as c:  # half a startup packet, then gone
         c.send(startup({"user": proxy.user, "database": proxy.dbname})[:11])
     with raw(proxy) as c:  # half a Query, then gone
@@ -105,7 +105,7 @@ def test_truncated_messages(proxy: ProxyHandle, pg: EmbeddedPostgres, bystander:
         c.send(msg(b"P", f"\0SELECT '{marker}'\0\0\0".encode())[:-3])
     # the proxy released the upstream connections of the truncated sessions
     wait_until(
-        lambda: {pid for pid, _, _ in running_queries(pg, "")} <= before,
+        lambda: backends_of(pg, APP_USER) == before,
         what="the upstream connections of the truncated sessions to close",
     )
     assert_serves(proxy, bystander)

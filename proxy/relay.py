@@ -124,6 +124,8 @@ class Pending:
     max_rows: int | None = None
     rows: int = 0
     limit_hit: bool = False
+    # EXECUTE / DESCRIBE of a portal: the portal as bound when the message was sent
+    portal: Any = None
 
 
 @dataclass
@@ -310,13 +312,15 @@ class Relay:
                             if prep.results is not None:
                                 entry.results = prep.results
                                 fields = p.fields or _with_formats(prep.fields, p.formats)
-                                if fields is None:
-                                    raise _MaskingBlind()
-                                entry.rewriter = prep.results.bind(0, fields)
+                                if fields is None:  # a Describe of the portal in this batch: bind at the first row
+                                    entry.portal = p
+                                else:
+                                    entry.rewriter = prep.results.bind(0, fields)
                     self.pending.append(entry)
                 elif t == _D:
                     kind, name = m.parse_target(buf[ps:end])
-                    self.pending.append(Pending(DESCRIBE, target=kind, name=name))
+                    self.pending.append(Pending(DESCRIBE, target=kind, name=name,
+                                               portal=self._portals.get(name) if kind == "P" else None))
                 elif t == _C:
                     kind, name = m.parse_target(buf[ps:end])
                     (self._statements if kind == "S" else self._portals).pop(name, None)
@@ -554,6 +558,14 @@ class Relay:
         self._exec_head = head
         if head.kind != EXECUTE:
             return
+        if head.portal is not None and head.rewriter is None and head.results is not None:
+            if head.portal.fields is None:
+                raise ProtocolViolation(
+                    "cannot tell which columns this portal returns, so masked values cannot be protected",
+                    hint="Describe the statement or portal before executing it (every common driver does).",
+                )
+            head.fields = head.portal.fields
+            head.rewriter = head.results.bind(0, head.fields)
         self._rewriter = head.rewriter
         if self._observe_rows and head.fields is not None:
             self._recording = head.context if self.observer.result_columns(head.context, head.fields) else None  # type: ignore[union-attr]
@@ -565,7 +577,7 @@ class Relay:
             if head.target == "S":
                 prep = self._statements.get(head.name)
                 return prep is not None and prep.results is not None
-            portal = self._portals.get(head.name)
+            portal = head.portal
             if portal is None:
                 return False
             prep = self._statements.get(portal.statement)
@@ -579,10 +591,8 @@ class Relay:
             prep = self._statements.get(head.name)
             if prep is not None:
                 prep.fields = fields
-        else:
-            portal = self._portals.get(head.name)
-            if portal is not None:
-                portal.fields = fields
+        elif head.portal is not None:
+            head.portal.fields = fields
 
 
 class _MaskingBlind(Exception):

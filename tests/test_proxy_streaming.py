@@ -1,15 +1,17 @@
-"""Results stream through the proxy: a 1,000,000-row result (about 210 MB on the wire) to a
-client that stops reading must not pile up in the proxy's memory."""
+"""Data streams through the proxy in both directions: a 1,000,000-row result (about 210 MB on the
+wire) to a client that stops reading, and a 150 MB COPY from a client to a server that reads
+nothing for a while, must not pile up in the proxy's memory."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fix_proxy import AGENT_PASSWORD, AGENT_USER, proxy_documents
 from proxy_helpers import ProxyProcess, superuser, wait_until
-from rawpg import RawConn, query
+from rawpg import RawConn, msg, query
 
 from pgwarden.embedded import EmbeddedPostgres, free_port
 
@@ -82,3 +84,55 @@ def test_a_million_rows_stream_with_bounded_memory(proxy_process: ProxyProcess, 
     assert growth < MAX_GROWTH_KB, (
         f"proxy peak RSS grew by {growth} kB for a {RESULT_BYTES // 1024} kB result"
     )
+
+
+def receive_queue(local_port: int, peer_port: int) -> int:
+    """Bytes the kernel holds for the socket 127.0.0.1:local_port <- peer_port, not yet read."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, queues = fields[1], fields[2], fields[4]
+        if int(local.split(":")[1], 16) == local_port and int(remote.split(":")[1], 16) == peer_port:
+            return int(queues.split(":")[1], 16)
+    return 0
+
+
+def test_copy_from_a_fast_client_to_a_blocked_server_stays_bounded(
+    proxy_process: ProxyProcess, pg: EmbeddedPostgres
+) -> None:
+    chunk = msg(b"d", (b"y" * 1000 + b"\n") * 256)  # 256 kB of CopyData
+    chunks = 600  # about 150 MB
+    with RawConn.login("127.0.0.1", proxy_process.port, AGENT_USER, AGENT_PASSWORD, "shop", timeout=60) as c:
+        c.simple("CREATE TABLE IF NOT EXISTS copy_sink (t text)")
+        c.simple("TRUNCATE copy_sink")
+        client_port = c.sock.getsockname()[1]
+        baseline = proxy_process.status("VmRSS")
+        sent = threading.Event()
+
+        def send_all() -> None:
+            c.send(query("COPY copy_sink FROM STDIN"))
+            for _ in range(chunks):
+                c.send(chunk)
+            c.send(msg(b"c"))
+            sent.set()
+
+        with superuser(pg, "shop") as locker:
+            locker.execute("BEGIN")
+            locker.execute("LOCK TABLE copy_sink IN ACCESS EXCLUSIVE MODE")
+            sender = threading.Thread(target=send_all)
+            sender.start()
+            # the server waits for the lock and reads nothing: the proxy must stop reading the client
+            wait_until(
+                lambda: sent.is_set() or receive_queue(proxy_process.port, client_port) > 64 * 1024,
+                timeout=30,
+                what="the client's bytes to queue up in the kernel",
+            )
+            assert not sent.is_set(), "the proxy read the whole COPY while the server read nothing"
+            held = proxy_process.status("VmRSS")
+            locker.execute("COMMIT")
+        sender.join(60)
+        replies = c.until_ready()
+        assert (b"C", b"COPY %d\0" % (chunks * 256)) in replies, replies
+        assert c.simple("SELECT count(*) FROM copy_sink") == [[str(chunks * 256).encode()]]
+        c.simple("DROP TABLE copy_sink")
+    assert held - baseline < MAX_GROWTH_KB
+    assert proxy_process.status("VmHWM") - baseline < MAX_GROWTH_KB

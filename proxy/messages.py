@@ -109,9 +109,10 @@ def parse_startup(packet: bytes) -> StartupPacket:
         if len(packet) != 8:
             raise FrameError("malformed SSL/GSS request")
         return StartupPacket(code, {})
-    if code != PROTOCOL_3:
+    if code >> 16 != 3:
         major, minor = code >> 16, code & 0xFFFF
         raise FrameError(f"unsupported frontend protocol {major}.{minor}: pgwarden speaks 3.0")
+    # a newer 3.x minor is answered with NegotiateProtocolVersion, as PostgreSQL does
     body = packet[8:]
     if body == b"\0":
         parts: list[bytes] = []
@@ -147,6 +148,13 @@ def auth_request(code: int, data: bytes = b"") -> bytes:
 
 def auth_sasl(mechanisms: Iterable[str]) -> bytes:
     return auth_request(AUTH_SASL, b"".join(cstr(m) for m in mechanisms) + b"\0")
+
+
+def negotiate_protocol_version(unrecognized: Iterable[str], version: int = PROTOCOL_3) -> bytes:
+    """The newest protocol we speak (as PostgreSQL sends it: major << 16 | minor, whatever the
+    docs' "minor" says), and the `_pq_.` startup options we ignored."""
+    names = list(unrecognized)
+    return message(B_NEGOTIATE_VERSION, U32.pack(version) + U32.pack(len(names)) + b"".join(cstr(n) for n in names))
 
 
 def parameter_status(name: str, value: str) -> bytes:

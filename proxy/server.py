@@ -206,6 +206,9 @@ class ProxyServer:
                 await self._cancel(pkt.pid, pkt.secret)
                 ep.close()
                 return None
+            options = [k for k in pkt.params if k.startswith("_pq_.")]
+            if pkt.code != m.PROTOCOL_3 or options:  # a newer client: it falls back to 3.0
+                ep.write(m.negotiate_protocol_version(options))
             return pkt
 
     async def _login(self, ep: Endpoint, startup: m.StartupPacket) -> tuple[SessionInfo, up.UpstreamSession]:

@@ -21,9 +21,9 @@ def msg(kind: bytes, payload: bytes = b"") -> bytes:
     return kind + struct.pack("!I", len(payload) + 4) + payload
 
 
-def startup(params: dict[str, str]) -> bytes:
+def startup(params: dict[str, str], protocol: int = PROTOCOL_3) -> bytes:
     body = (
-        struct.pack("!I", PROTOCOL_3)
+        struct.pack("!I", protocol)
         + b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items())
         + b"\0"
     )

@@ -23,7 +23,7 @@ import pytest
 from fix_pg import APP_PASSWORD
 from fix_proxy import ProxyHandle
 from proxy_helpers import active_queries, superuser, wait_until
-from rawpg import PgError, RawConn, error_fields, msg
+from rawpg import PgError, RawConn, error_fields, msg, startup
 
 from pgwarden.embedded import EmbeddedPostgres
 
@@ -339,6 +339,20 @@ def test_forwarded_session_settings_take_effect(proxy: ProxyHandle) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["Asia/Tokyo", "German,", "DMY", "UTF8"]
+
+
+def test_a_client_asking_for_a_newer_protocol_falls_back_to_3_0(proxy: ProxyHandle) -> None:
+    with RawConn.open(proxy.host, proxy.port) as c:
+        params = {"user": proxy.user, "database": proxy.dbname, "_pq_.future_option": "on"}
+        c.send(startup(params, protocol=(3 << 16) | 2))
+        kind, payload = c.recv()
+        assert kind == b"v"
+        assert payload == struct.pack("!II", 3 << 16, 1) + b"_pq_.future_option\0"  # 3.0, one unknown
+        c.authenticate(proxy.user, proxy.password)
+        assert c.simple("SELECT 1") == [[b"1"]]
+    if psycopg.pq.version() >= 180000:  # libpq 18 knows max_protocol_version
+        with psycopg.connect(proxy.dsn(max_protocol_version="latest")) as conn:
+            assert conn.execute("SELECT 2").fetchone() == (2,)
 
 
 # -- authentication and the FunctionCall message -------------------------------------------

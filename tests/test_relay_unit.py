@@ -152,6 +152,12 @@ class TestStartup:
         assert parsed.params == {"user": "agent", "database": "shop", "application_name": "a b"}
         assert m.startup_length(pkt) == len(pkt)
 
+    def test_a_newer_minor_version_is_accepted_for_negotiation(self) -> None:
+        pkt = struct.pack("!II", 24, (3 << 16) | 2) + b"user\0agent\0\0"
+        assert m.parse_startup(pkt).params == {"user": "agent"}
+        ((kind, payload),) = split(m.negotiate_protocol_version(["_pq_.x"]))
+        assert (kind, payload) == (b"v", struct.pack("!II", m.PROTOCOL_3, 1) + b"_pq_.x\0")
+
     def test_ssl_gss_and_cancel_requests(self) -> None:
         assert m.parse_startup(m.build_ssl_request()).code == m.SSL_REQUEST
         assert m.parse_startup(struct.pack("!II", 8, m.GSSENC_REQUEST)).code == m.GSSENC_REQUEST

@@ -21,7 +21,7 @@ WITH_PEOPLE = {
     "rbac.reviewers": [{"kind": "Group", "name": "dba"}],
     "rbac.agents": [{"namespace": "agents", "serviceAccount": "cursor-agent"}],
 }
-VARIANTS = {"default": {}, "hardened": HARDENED, "namespaced": NAMESPACED, "people": WITH_PEOPLE}
+VARIANTS: dict[str, dict[str, Any]] = {"default": {}, "hardened": HARDENED, "namespaced": NAMESPACED, "people": WITH_PEOPLE}
 
 # Kubernetes versions the chart supports (Chart.yaml kubeVersion >= 1.29: native sidecars)
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())

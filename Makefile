@@ -29,9 +29,9 @@ images:
 
 # re-pin the images' dependencies (pip-tools), then check the install step still works
 lock:
-	pip-compile -q --strip-extras --annotation-style=line --custom-compile-command "make lock" --no-emit-index-url --no-emit-find-links \
+	CUSTOM_COMPILE_COMMAND="make lock" pip-compile -q --strip-extras --annotation-style=line --no-emit-index-url --no-emit-find-links \
 	  --output-file requirements/runtime.lock pyproject.toml
-	pip-compile -q --strip-extras --annotation-style=line --custom-compile-command "make lock" --no-emit-index-url --no-emit-find-links \
+	CUSTOM_COMPILE_COMMAND="make lock" pip-compile -q --strip-extras --annotation-style=line --no-emit-index-url --no-emit-find-links \
 	  --output-file requirements/proxy.lock requirements/proxy.in
 	$(PYTHON) -m pytest tests/test_images_build.py -q
 

@@ -496,18 +496,19 @@ class Relay:
                         out.append(self._limit_error(head))
                         span_start = end
                         head.limit_hit = False
-                    elif self.error_masker is not None:
-                        masked = self.error_masker(fields_err, head.results if head is not None else None)
-                        if masked != fields_err:
-                            out.append(buf[span_start:pos])
-                            out.append(m.build_fields(m.B_ERROR, masked))
-                            span_start = end
-                            fields_err = masked
-                    elif self.observer is not None:
-                        if head is not None:
-                            self.observer.statement_done(head.context, "", fields_err)
-                        else:
-                            self.observer.server_error(fields_err)
+                    else:
+                        if self.error_masker is not None:
+                            masked = self.error_masker(fields_err, head.results if head is not None else None)
+                            if masked != fields_err:
+                                out.append(buf[span_start:pos])
+                                out.append(m.build_fields(m.B_ERROR, masked))
+                                span_start = end
+                                fields_err = masked
+                        if self.observer is not None:  # audit and recording see the error as the client does
+                            if head is not None:
+                                self.observer.statement_done(head.context, "", fields_err)
+                            else:
+                                self.observer.server_error(fields_err)
                     if head is not None and head.kind != QUERY:
                         # extended protocol: the server skips to Sync
                         while pending and pending[0].kind != SYNC:

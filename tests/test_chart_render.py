@@ -386,6 +386,16 @@ def test_pod_injection_skips_system_namespaces_and_the_operator_itself() -> None
     assert hooks["pgwarden-approval-decide.pgwarden.dev"]["failurePolicy"] == "Fail"
 
 
+def test_approval_webhooks_cover_every_namespace() -> None:
+    """An ApprovalRequest in an excluded namespace would skip the approver checks."""
+    docs = render()
+    for kind in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
+        for w in one(docs, kind)["webhooks"]:
+            if "approval" in w["name"]:
+                assert "namespaceSelector" not in w, w["name"]
+                assert w["failurePolicy"] == "Fail"
+
+
 def test_cert_manager_mode_injects_the_ca_and_generates_no_key() -> None:
     docs = render(HARDENED)
     assert not of_kind(docs, "Secret"), "with cert-manager the chart must not generate a private key"

@@ -68,3 +68,24 @@ def test_readme_keeps_its_two_commands_first_and_links_the_docs() -> None:
     assert len(docs_section) == 2, "README needs a Documentation section"
     for name in OURS:
         assert f"docs/{name}" in docs_section[1], f"README's Documentation section does not link docs/{name}"
+
+
+@pytest.mark.xfail(strict=True, reason="examples/access-policy.yaml names the standalone `shop` connection while "
+                   "database-connection.yaml and masking-rule.yaml use orders-prod (e2e/run.sh rewrites it); "
+                   "when the examples agree, remove this mark and the sed in e2e/run.sh")
+def test_examples_applied_together_govern_one_connection() -> None:
+    """install.md applies database-connection, access-policy and masking-rule together and annotates
+    the agent with orders-prod: every policy and rule must name that connection."""
+    import yaml
+
+    connections, refs = set(), {}
+    for name in ("database-connection.yaml", "access-policy.yaml", "masking-rule.yaml"):
+        for doc in yaml.safe_load_all((ROOT / "examples" / name).read_text()):
+            if not doc:
+                continue
+            if doc["kind"] == "DatabaseConnection":
+                connections.add(doc["metadata"]["name"])
+            elif "connectionRef" in (doc.get("spec") or {}):
+                refs[f"{name}: {doc['kind']} {doc['metadata']['name']}"] = doc["spec"]["connectionRef"]["name"]
+    assert connections == {"orders-prod"}
+    assert {k: v for k, v in refs.items() if v not in connections} == {}

@@ -624,6 +624,11 @@ class Analyzer:
         if opts.get("format") == "binary" and (t.tainted or self.m.detectors):
             raise self.deny("COPY in binary format cannot be masked", t if t.tainted else None,
                             hint="Use COPY … TO STDOUT (FORMAT text) or (FORMAT csv).")
+        if t.tainted and opts.get("format", "text") == "text" and opts.get("null", "\\N") != "\\N":
+            # text format does not escape a value equal to the NULL string: it would pass as NULL,
+            # unmasked, and confirm a guess (NULL '123-45-6789')
+            raise self.deny("COPY in text format with a NULL string cannot tell a masked value equal to it "
+                            "from a NULL", t, hint="Leave out the NULL option, or use FORMAT csv.")
         return "copy", outs, {"options": opts}
 
     # -- expressions ---------------------------------------------------------------------------

@@ -439,3 +439,17 @@ def test_notes_give_the_next_three_commands() -> None:
         assert (ROOT / path).exists(), f"NOTES name {path}, which does not exist"
     for path in re.findall(r"docs/[\w.-]+\.md", notes):
         assert Path(ROOT / path).exists(), f"NOTES name {path}, which does not exist"
+
+
+@pytest.mark.parametrize("values", [
+    {"webhook.certmanager.enabled": True},              # a typo must not silently keep the default
+    {"operator.replicaCount": 0},
+    {"operator.watchNamespaces": ["Agents"]},            # not a namespace name
+    {"rbac.agents": [{"namespace": "agents"}]},          # no service account
+    {"otel.endpoint": "collector:4318"},                 # OTLP over HTTP needs a scheme
+])
+def test_values_schema_rejects_mistakes(values: dict[str, Any]) -> None:
+    from chart_helpers import set_args
+
+    proc = run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *set_args(values))
+    assert proc.returncode != 0 and "schema" in proc.stderr, proc.stderr

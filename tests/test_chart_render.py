@@ -453,3 +453,32 @@ def test_values_schema_rejects_mistakes(values: dict[str, Any]) -> None:
 
     proc = run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *set_args(values))
     assert proc.returncode != 0 and "schema" in proc.stderr, proc.stderr
+
+
+def test_sample_agent_injected_with_the_charts_settings_is_a_valid_hardened_pod() -> None:
+    """The chart's env -> the operator's settings -> the webhook's mutation of the sample agent:
+    the result is valid for Kubernetes 1.29 and keeps the credentials out of the agent."""
+    from pgwarden.operator.injection import InjectionTarget, inject_manifest
+    from pgwarden.operator.settings import OperatorSettings
+
+    dep = operator_deployment({"image.proxy.tag": "1.2.3"})
+    env = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
+    settings = OperatorSettings.from_env(env).injection
+    docs = list(yaml.safe_load_all((ROOT / "examples" / "agent-deployment.yaml").read_text()))
+    agent = next(d for d in docs if d["kind"] == "Deployment")
+    injected = inject_manifest(agent, "orders-prod", {"orders-prod": InjectionTarget.for_connection("orders-prod")},
+                               settings)
+    kubernetes_validate.validate(injected, K8S_VERSIONS[0], strict=True)
+    spec = injected["spec"]["template"]["spec"]
+    proxy = spec["initContainers"][0]
+    assert proxy["name"] == "pgwarden-proxy" and proxy["restartPolicy"] == "Always"
+    assert proxy["image"] == "ghcr.io/pgwarden/pgwarden-proxy:1.2.3"
+    assert proxy["resources"] == {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"cpu": "1", "memory": "256Mi"}}
+    assert proxy["securityContext"]["readOnlyRootFilesystem"] is True
+    (container,) = spec["containers"]
+    assert {m["name"] for m in container["volumeMounts"]} == {"pgwarden-token"}
+    env_names = {e["name"] for e in container["env"]}
+    assert {"PGHOST", "PGPORT"} <= env_names and not any("PASSWORD" in n for n in env_names)
+    # the agent's own token is for the proxy's audience, not the API server's
+    token = next(v for v in spec["volumes"] if v["name"] == "pgwarden-token")
+    assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "pgwarden"

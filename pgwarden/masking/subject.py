@@ -141,6 +141,18 @@ def expand(columns: Sequence[ln.ColumnPlan], n: int) -> list[str | None]:
     return head + [mid_worst] * middle_len + tail
 
 
+def redeclared(old: list[ln.OutCol] | None, new: list[ln.OutCol] | None) -> list[ln.OutCol] | None:
+    """A cursor or statement name declared again while the session still knows it. The server may
+    have refused the new one (the name exists: `DECLARE c` inside a savepoint, then `ROLLBACK TO`)
+    and kept the old, so the name takes the masks of both."""
+    if old is None or new is None:
+        return new
+    if len(old) == len(new) and not any(c.spread for c in (*old, *new)):
+        return [ln.OutCol(n.name, ln.union(o.taint, n.taint)) for o, n in zip(old, new, strict=True)]
+    t = ln.derive(c.taint for c in (*old, *new))
+    return ln.spread(t) if t.tainted else new
+
+
 def expand_types(columns: Sequence[ln.ColumnPlan], n: int) -> list[int]:
     if not any(c.spread for c in columns) and len(columns) == n:
         return [c.type_oid for c in columns]
@@ -279,9 +291,9 @@ class SubjectMasking:
                 if not self.has_columns:
                     outs = ln.spread(ln.CLEAR_T)
             if session is not None and "declare" in extra:
-                session.cursors[extra["declare"]] = extra["outs"]
+                session.cursors[extra["declare"]] = redeclared(session.cursors.get(extra["declare"]), extra["outs"])
             if session is not None and "prepare" in extra:
-                session.prepared[extra["prepare"]] = extra["outs"]
+                session.prepared[extra["prepare"]] = redeclared(session.prepared.get(extra["prepare"]), extra["outs"])
             if isinstance(stmt, ast.ClosePortalStmt) and session is not None:
                 if stmt.portalname is None:
                     session.cursors.clear()

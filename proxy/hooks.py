@@ -137,6 +137,9 @@ def catalog_connection(config: ProxyConfig) -> Any:
 async def close_runtime(rt: Runtime) -> None:
     if rt.tasks:
         await asyncio.wait(list(rt.tasks), timeout=10)
+    close = getattr(rt.approvals, "close", None)
+    if close is not None:
+        await close()
     if rt.audit is not None:
         await rt.audit.close()
     if rt.token_auth is not None:

@@ -168,6 +168,7 @@ class Relay:
         self.pending: deque[Pending] = deque()
         self.tx_status = b"I"
         self.terminated = False
+        self.server_fatal = False
         self.stats = RelayStats()
         self._cbuf = b""
         self._sbuf = b""
@@ -351,11 +352,6 @@ class Relay:
                 raise ProtocolViolation(f"invalid frontend message type {buf[pos]} from the client")
         except m.FrameError as e:
             raise ProtocolViolation(f"invalid message from the client: {e}") from e
-        except _MaskingBlind as e:
-            raise ProtocolViolation(
-                "cannot tell which columns this portal returns, so masked values cannot be protected",
-                hint="Describe the statement or portal before executing it (every common driver does).",
-            ) from e
         self._cbuf = buf[pos:] if pos < len(buf) else b""
         if span_start == 0 and pos == len(buf) and not out:
             if pos:
@@ -483,6 +479,8 @@ class Relay:
                             pending.popleft()
                 elif t == _ER:
                     fields_err = m.parse_fields(buf[ps:end])
+                    if fields_err.get("V", fields_err.get("S")) in ("FATAL", "PANIC"):
+                        self.server_fatal = True  # the server said why it is closing; nothing to add
                     head = pending[0] if pending else None
                     self._rewriter = None
                     self._recording = None
@@ -594,10 +592,6 @@ class Relay:
                 prep.fields = fields
         elif head.portal is not None:
             head.portal.fields = fields
-
-
-class _MaskingBlind(Exception):
-    pass
 
 
 def _with_formats(fields: list[m.Field] | None, formats: tuple[int, ...]) -> list[m.Field] | None:

@@ -349,7 +349,7 @@ class ProxyServer:
         if reason == "client" and relay.busy:
             # the client vanished mid-query: stop the work it left behind
             await up.send_cancel(self.config, upstream.pid, upstream.secret)
-        if reason == "upstream" and not ep.closed:
+        if reason == "upstream" and not ep.closed and not relay.server_fatal:
             ep.write(
                 m.error_response_from(
                     UpstreamUnavailable(

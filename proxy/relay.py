@@ -37,6 +37,7 @@ _SENTINEL_PARSE = m.message(m.F_PARSE, m.cstr("") + m.cstr(SENTINEL_SQL) + b"\0\
 # client message type bytes as ints (frames() yields ints)
 _Q, _P, _B, _D, _E, _C, _S, _H, _X, _F = (ord(c) for c in "QPBDECSHXF")
 _COPY_D, _COPY_C, _COPY_F = ord("d"), ord("c"), ord("f")
+_LEAN_PASS = frozenset((_P, _B, _D, _E, _C, _H, _COPY_D, _COPY_C, _COPY_F))
 # server message type bytes
 _T, _DR, _CC, _EQ, _ER, _Z = ord("T"), ord("D"), ord("C"), ord("I"), ord("E"), ord("Z")
 _PC, _BC, _CLC, _ND, _PS, _COPYOUT = ord("1"), ord("2"), ord("3"), ord("n"), ord("s"), ord("H")
@@ -145,7 +146,6 @@ class _Portal:
 
 @dataclass
 class RelayStats:
-    client_messages: int = 0
     refused: int = 0
     rows_rewritten: int = 0
     extra: dict[str, int] = field(default_factory=dict)
@@ -169,6 +169,8 @@ class Relay:
         self.tx_status = b"I"
         self.terminated = False
         self.server_fatal = False
+        # no gate and no observer: extended-protocol messages pass without being parsed
+        self.lean = gate is None and observer is None
         self.stats = RelayStats()
         self._cbuf = b""
         self._sbuf = b""
@@ -224,8 +226,8 @@ class Relay:
         pos = 0
         out: list[bytes] = []
         try:
+            lean = self.lean
             for t, ps, end in m.frames(buf, 0, self.max_message_bytes):
-                self.stats.client_messages += 1
                 if self._skip_until_sync:
                     if span_start < pos:
                         out.append(buf[span_start:pos])
@@ -235,6 +237,10 @@ class Relay:
                         span_start = pos  # forward the Sync itself
                     else:
                         span_start = end
+                    pos = end
+                    continue
+                if lean and t in _LEAN_PASS:
+                    # nothing decides, masks or records: only sync points need tracking
                     pos = end
                     continue
                 if t == _Q:
@@ -520,7 +526,7 @@ class Relay:
                         out.append(m.build_fields(m.B_NOTICE, masked))
                         span_start = end
                 elif t in (_PC, _BC, _CLC, _ND, _PS):
-                    if pending and pending[0].kind != QUERY:
+                    if pending and pending[0].kind != QUERY and not self.lean:
                         pending.popleft()
                 elif t == _COPYOUT:
                     head = pending[0] if pending else None

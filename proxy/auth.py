@@ -15,7 +15,7 @@ from pgwarden.proxy.config import StaticUser
 from pgwarden.proxy.wire import Endpoint
 
 from pgwarden.errors import AuthenticationFailed
-from pgwarden.subjects import Identity
+from pgwarden.subjects import Identity, Workload
 
 TokenAuthenticator = Callable[[str], Awaitable[Identity]]
 MAX_AUTH_MESSAGE = 64 * 1024
@@ -67,6 +67,22 @@ async def scram_exchange(ep: Endpoint, user: StaticUser) -> None:
         raise _failed(user.name) from e
 
 
+def pod_identity(workload: Workload) -> Identity:
+    """The pod's own service account, as Kubernetes names it (kubelet set these via the downward API)."""
+    if not (workload.namespace and workload.service_account):
+        raise AuthenticationFailed(
+            "podIdentity is on but the pod's namespace and service account are unknown",
+            hint="The sidecar needs POD_NAMESPACE and POD_SERVICE_ACCOUNT from the downward API; re-inject the pod.",
+        )
+    ns, sa = workload.namespace, workload.service_account
+    return Identity(
+        subject=f"system:serviceaccount:{ns}:{sa}",
+        groups=("system:serviceaccounts", f"system:serviceaccounts:{ns}", "system:authenticated"),
+        service_account=f"{ns}/{sa}",
+        method="pod",
+    )
+
+
 async def authenticate(
     ep: Endpoint,
     params: Mapping[str, str],
@@ -74,11 +90,17 @@ async def authenticate(
     token_auth: TokenAuthenticator | None,
     *,
     secure_channel: bool,
+    pod: Identity | None = None,
 ) -> Identity:
-    """Run the authentication exchange; raise AuthenticationFailed (28P01)."""
+    """Run the authentication exchange; raise AuthenticationFailed (28P01).
+
+    `pod` is the sidecar's pod identity, offered only for loopback connections: any container
+    of the pod is the same workload, so no password is asked for."""
     user = params.get("user", "")
     if not user:
         raise AuthenticationFailed("no user name was given in the startup message", sqlstate="28000")
+    if pod is not None and user not in users:
+        return pod
     static = users.get(user)
     if static is not None:
         await scram_exchange(ep, static)

@@ -114,6 +114,9 @@ class ProxyConfig:
     search_path: tuple[str, ...] = ("public",)
     # applies only when no AccessPolicy document names this connection
     default_action: str = "deny"
+    # sidecar mode: a loopback connection comes from a container of this pod, so it is the pod's
+    # service account (kubelet's downward API), with no password to steal or replay
+    pod_identity: bool = False
     max_message_bytes: int = 64 * 1024 * 1024
     max_startup_bytes: int = 10000
     drain_timeout: float = 30.0
@@ -188,13 +191,14 @@ def parse_proxy_config(docs: list[Document]) -> ProxyConfig:
                 groups=tuple(str(g) for g in groups),
             )
         )
+    pod_identity = get_field(doc, s, "podIdentity", bool, "spec.podIdentity", False)
     default_action = get_field(doc, s, "defaultAction", str, "spec.defaultAction", "deny")
     if default_action not in ("allow", "deny"):
         raise doc.error("spec.defaultAction", "must be allow or deny")
     search_path = get_field(doc, s, "searchPath", list, "spec.searchPath", ["public"])
     known = {
         "connectionRef", "listen", "health", "tls", "upstream", "users", "searchPath", "defaultAction",
-        "limits", "drainTimeout", "handshakeTimeout",
+        "limits", "drainTimeout", "handshakeTimeout", "podIdentity",
     }
     return ProxyConfig(
         connection=connection,
@@ -216,6 +220,7 @@ def parse_proxy_config(docs: list[Document]) -> ProxyConfig:
         users=tuple(users),
         search_path=tuple(str(x) for x in search_path),
         default_action=default_action,
+        pod_identity=pod_identity,
         max_message_bytes=get_field(doc, limits, "maxMessageBytes", int, "spec.limits.maxMessageBytes", 64 * 1024 * 1024),
         drain_timeout=parse_duration(s.get("drainTimeout", 30), doc, "spec.drainTimeout"),
         handshake_timeout=parse_duration(s.get("handshakeTimeout", 30), doc, "spec.handshakeTimeout"),

@@ -19,7 +19,7 @@ from typing import Any
 
 from pgwarden.proxy import messages as m
 from pgwarden.proxy import upstream as up
-from pgwarden.proxy.auth import TokenAuthenticator, authenticate
+from pgwarden.proxy.auth import TokenAuthenticator, authenticate, pod_identity
 from pgwarden.proxy.config import FORWARDED_STARTUP_PARAMS, ProxyConfig
 from pgwarden.proxy.relay import Gate, Observer, Relay, Verdict
 from pgwarden.proxy.wire import ConnectionClosed, Endpoint
@@ -241,8 +241,10 @@ class ProxyServer:
             if delay > 0:  # slow down guessing from one source, before looking at the password
                 await asyncio.sleep(delay)
         try:
+            loopback = peer.startswith(("127.", "::1", "unix"))
+            pod = pod_identity(ainfo.workload) if self.config.pod_identity and loopback else None
             identity = await authenticate(
-                ep, params, {u.name: u for u in self.config.users}, self.token_auth, secure_channel=secure
+                ep, params, {u.name: u for u in self.config.users}, self.token_auth, secure_channel=secure, pod=pod
             )
         except AuthenticationFailed as e:
             failures = backoff.record_failure(source, time.monotonic()) if backoff is not None else 0.0

@@ -14,7 +14,7 @@ from pgwarden.subjects import Workload
 ENV_NAMES = {
     "namespace": ("PGWARDEN_POD_NAMESPACE", "POD_NAMESPACE"),
     "pod": ("PGWARDEN_POD_NAME", "POD_NAME"),
-    "service_account": ("PGWARDEN_POD_SERVICE_ACCOUNT", "POD_SERVICE_ACCOUNT"),
+    "service_account": ("PGWARDEN_POD_SERVICE_ACCOUNT", "POD_SERVICE_ACCOUNT", "SERVICE_ACCOUNT"),
     "node": ("PGWARDEN_NODE_NAME", "NODE_NAME"),
 }
 

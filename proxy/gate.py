@@ -47,6 +47,7 @@ class StatementContext:
     ticket: Any = None  # the approval this statement runs under, marked executed when it completes
     masked_columns: tuple[str, ...] = ()
     ddl: bool = False
+    params: tuple[str | None, ...] | None = None  # Bind values, for statements approved per Bind
 
 
 @dataclass
@@ -82,6 +83,21 @@ class Runtime:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+
+def bind_params(bind: m.BindMsg) -> tuple[str | None, ...]:
+    """Parameter values as an approval shows and binds them: text as text, binary as hex."""
+    formats = bind.param_formats
+    out: list[str | None] = []
+    for i, value in enumerate(bind.params):
+        fmt = formats[0] if len(formats) == 1 else (formats[i] if i < len(formats) else 0)
+        if value is None:
+            out.append(None)
+        elif fmt == 0:
+            out.append(value.decode("utf-8", "replace"))
+        else:
+            out.append("\\x" + value.hex())
+    return tuple(out)
 
 
 _refreshing: set[int] = set()
@@ -128,20 +144,47 @@ class SessionGate:
         self._ids = itertools.count(1)
         self.statements = 0
         self._formats: list[int] = []
+        # named (extended-protocol) statements whose every Bind needs its own approval
+        self._reviewed: dict[str, tuple[str, Any, Any]] = {}
+        self._parsed: dict[str, StatementContext] = {}
+        detectors = getattr(self.masking, "detectors", None)
+        self._scrub: Callable[[str], str] | None = detectors.scrub if detectors else None
 
     # -- Gate -----------------------------------------------------------------------------------
     def query(self, sql: str) -> Verdict | None:
         return self._check(sql, None)
 
     def parse(self, name: str, sql: str) -> Verdict | None:
-        return self._check(sql, name)
+        self._reviewed.pop(name, None)
+        verdict = self._check(sql, name)
+        if isinstance(verdict.context, StatementContext):
+            self._parsed[name] = verdict.context
+        return verdict
 
     def bind(self, bind: m.BindMsg) -> Verdict | None:
-        return None
+        """A statement that needs review is approved per Bind: the approval covers these
+        parameter values, once — never the prepared statement for any values it may get later."""
+        pending = self._reviewed.get(bind.statement)
+        if pending is None:
+            parsed = self._parsed.get(bind.statement)
+            if parsed is None or self.rt.audit is None:
+                return None
+            # every execution's parameter values go into the audit trail (detector-scrubbed) first
+            record = records.statement(
+                self.ainfo, parsed.id, parsed.sql, decision="allow", protocol="extended",
+                params=bind_params(bind), mask_text=self._scrub, extra={"phase": "bind"},
+            )
+            return Verdict(wait=self._write(record, Verdict(context=parsed)), context=parsed)
+        sql, decision, results = pending
+        ctx = StatementContext(id=str(next(self._ids)), sql=sql, started=time.time(), prepared=True, decision=decision,
+                               params=bind_params(bind))
+        return Verdict(wait=self._review(ctx, decision, results, params=ctx.params or ()), context=ctx)
 
     def close_statement(self, name: str) -> None:
         """A protocol-level Close: the name no longer refers to a prepared statement."""
         self.state.forget(name)
+        self._reviewed.pop(name, None)
+        self._parsed.pop(name, None)
 
     def _check(self, sql: str, prepared_name: str | None) -> Verdict:
         ctx = StatementContext(id=str(next(self._ids)), sql=sql, started=time.time(), prepared=prepared_name is not None)
@@ -167,6 +210,11 @@ class SessionGate:
         if decision is None:  # no AccessPolicy (defaultAction allow): masking still applies
             return self._audited(ctx, Verdict(results=results, context=ctx), "allow")
         if decision.action == "review" and decision.enforce:
+            if prepared_name is not None:
+                # Parsing is harmless; the human decides at Bind, when the parameters are known.
+                self._reviewed[prepared_name] = (sql, decision, results)
+                return self._audited(ctx, Verdict(results=results, context=ctx, max_rows=decision.limits.max_rows),
+                                     "review-at-bind")
             return Verdict(wait=self._review(ctx, decision, results), context=ctx)
         self.state.apply(decision)
         verdict = Verdict(results=results, context=ctx, max_rows=decision.limits.max_rows)
@@ -191,6 +239,8 @@ class SessionGate:
             rule=getattr(d, "rule", "") or "",
             reason="; ".join(getattr(d, "reasons", ()) or ()),
             protocol="extended" if ctx.prepared else "simple",
+            params=ctx.params,
+            mask_text=self._scrub,
             approval_id=ctx.approval_id,
             approver=ctx.approver,
             masked_columns=ctx.masked_columns,
@@ -202,6 +252,13 @@ class SessionGate:
         if self.rt.audit is None:
             return verdict
         return Verdict(wait=self._durable(ctx, verdict, outcome), context=ctx)
+
+    async def _write(self, record: dict[str, Any], verdict: Verdict) -> Verdict:
+        try:
+            await self.rt.audit.write(record)
+        except AgentError as e:
+            return Verdict(error=e, context=verdict.context)
+        return verdict
 
     async def _durable(self, ctx: StatementContext, verdict: Verdict, outcome: str) -> Verdict:
         if self.rt.audit is None:
@@ -230,7 +287,8 @@ class SessionGate:
                 records.approval(self.ainfo, ctx.id, approval_id=ctx.approval_id, event=event, approver=approver, reason=reason)
             )
 
-    async def _review(self, ctx: StatementContext, decision: Any, results: Any) -> Verdict:
+    async def _review(self, ctx: StatementContext, decision: Any, results: Any,
+                      params: tuple[str | None, ...] = ()) -> Verdict:
         """A `review` decision: ask a human (wait: hold the statement; defer: PW001 now, run once later)."""
         from pgwarden.approvals import ApprovalSpec
 
@@ -243,7 +301,7 @@ class SessionGate:
             requester=self.info.identity,
             workload=self.rt.workload.as_dict(),
             statement=ctx.sql,
-            params=(),
+            params=params,
             rule=decision.rule,
             reviewers=tuple(a.reviewers),
             min_approvals=a.min_approvals,

@@ -172,3 +172,28 @@ def test_cancel_withdraws_a_held_statement(reviewed: Any, pg: Any) -> None:
     assert ran(pg, mark, "cancel-marker") == 0
     assert conn.execute("SELECT count(*) FROM audit_scratch").fetchone() is not None  # session still works
     conn.close()
+
+
+def test_extended_protocol_needs_an_approval_per_bind(reviewed: Any, pg: Any, tmp_path: Path) -> None:
+    """Approving a prepared DELETE once must not let it run again with other parameters."""
+    import psycopg
+
+    proxy, db = reviewed("wait")
+    mark = pg.log_position()
+    conn = psycopg.connect(proxy.dsn(), autocommit=True)
+    sql = "DELETE FROM audit_scratch WHERE payload = %s"
+    t = reviewer(db, "approve")
+    conn.execute(sql, ["bind-approved"], prepare=True)  # the human approves these values
+    t.join()
+    t = reviewer(db, "deny")
+    with pytest.raises(psycopg.Error) as e:  # same prepared statement, new values: a new request
+        conn.execute(sql, ["bind-other"], prepare=True)
+    t.join()
+    assert e.value.sqlstate == "PW002"
+    conn.close()
+    log = pg.log_since(mark)
+    assert "bind-approved" in log and "bind-other" not in log
+    requests = json.loads(cli(db, "list", "--all", "--json").stdout)
+    assert len(requests) == 2 and "denied" in {r["state"] for r in requests}
+    events = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert any(e.get("params") == ["bind-approved"] for e in events if e["event"] == "statement")

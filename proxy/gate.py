@@ -69,6 +69,8 @@ class Runtime:
     recording_config: Any = None
     approvals_config: Any = None
     identity_config: Any = None
+    # bumped by a hot reload: sessions re-resolve their policy and masking at the next statement
+    generation: int = 0
     # background work (approval bookkeeping) that must finish before the audit log closes
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -129,16 +131,11 @@ class SessionGate:
         self.rt = rt
         self.info = info
         self.notify_client = notify_client
-        # None: no AccessPolicy for this connection and defaultAction allow (development)
-        self.policy = rt.policies.for_identity(info.identity, rt.connection) if rt.policies is not None else None
         self.state = SessionState(search_path=rt.search_path)
-        self.masking = rt.masking.for_identity(info.identity, rt.connection) if rt.masking is not None else None
-        if self.masking is not None:
-            from pgwarden.masking import MaskingSession
+        from pgwarden.masking import MaskingSession
 
-            self.msession = MaskingSession()
-        else:
-            self.mask_error = None  # type: ignore[assignment]  # the relay skips error masking
+        self.msession = MaskingSession()
+        self._resolve()
         self.ainfo: records.SessionInfo = info.audit
         self.recorder = rt.recorder_factory(info) if rt.recorder_factory is not None else None
         self._ids = itertools.count(1)
@@ -147,8 +144,16 @@ class SessionGate:
         # named (extended-protocol) statements whose every Bind needs its own approval
         self._reviewed: dict[str, tuple[str, Any, Any]] = {}
         self._parsed: dict[str, StatementContext] = {}
+
+    def _resolve(self) -> None:
+        """This caller's policy and masking under the runtime's current configuration."""
+        rt = self.rt
+        self.generation = rt.generation
+        # None: no AccessPolicy for this connection and defaultAction allow (development)
+        self.policy = rt.policies.for_identity(self.info.identity, rt.connection) if rt.policies is not None else None
+        self.masking = rt.masking.for_identity(self.info.identity, rt.connection) if rt.masking is not None else None
         detectors = getattr(self.masking, "detectors", None)
-        self._scrub: Callable[[str], str] | None = detectors.scrub if detectors else None
+        self._scrub = detectors.scrub if detectors else None
 
     # -- Gate -----------------------------------------------------------------------------------
     def query(self, sql: str) -> Verdict | None:
@@ -187,6 +192,8 @@ class SessionGate:
         self._parsed.pop(name, None)
 
     def _check(self, sql: str, prepared_name: str | None) -> Verdict:
+        if self.generation != self.rt.generation:
+            self._resolve()
         ctx = StatementContext(id=str(next(self._ids)), sql=sql, started=time.time(), prepared=prepared_name is not None)
         try:
             decision = self.policy.decide(sql, self.state, prepare_as=prepared_name) if self.policy is not None else None
@@ -365,6 +372,8 @@ class SessionGate:
 
     def mask_error(self, fields: dict[str, str], plan: Any) -> dict[str, str]:
         """ErrorResponse / NoticeResponse text can print a masked value (a failed cast, a key conflict)."""
+        if self.masking is None:
+            return fields
         masked: dict[str, str] = self.masking.mask_error_fields(fields, plan, self.rt.catalog.current())
         return masked
 

@@ -18,7 +18,8 @@ def make_app(server: ProxyServer) -> web.Application:
 
     async def readyz(_: web.Request) -> web.Response:
         ready = server._server is not None and server._server.is_serving() and not server.draining
-        body = {"ready": ready, "sessions": server.active_sessions, "draining": server.draining}
+        body = {"ready": ready, "sessions": server.active_sessions, "draining": server.draining,
+                "config": server.reload_status.as_dict()}
         return web.Response(status=200 if ready else 503, text=json.dumps(body) + "\n", content_type="application/json")
 
     app = web.Application()

@@ -106,13 +106,7 @@ async def open_runtime(rt: Runtime, config: ProxyConfig) -> None:
 
         rt.approvals = backend_from_config(rt.approvals_config)
     if rt.masking is not None:
-        from pgwarden.masking import CatalogCache
-
-        rt.catalog = CatalogCache(lambda: catalog_connection(config))
-        try:
-            await asyncio.to_thread(rt.catalog.refresh)
-        except Exception as e:  # the database may be down: masking then treats every relation as unknown
-            log.warning("could not read the catalog for masking (%s); every column is masked until it can", e)
+        await open_catalog(rt, config)
     if rt.identity_config is not None and rt.identity_config.accepts_tokens:
         from pgwarden.identity.authenticator import TokenAuthenticator
 
@@ -132,6 +126,17 @@ def catalog_connection(config: ProxyConfig) -> Any:
     else:
         kw.update(host=conn.host, port=conn.port, ssl_context=ssl_context_for(conn.ssl_mode, conn.ssl_root_cert))
     return pg8000.native.Connection(user, password=password, database=conn.database, timeout=30, **kw)
+
+
+async def open_catalog(rt: Runtime, config: ProxyConfig) -> None:
+    """The catalog masking plans against, read on a side connection with the proxy's login."""
+    from pgwarden.masking import CatalogCache
+
+    rt.catalog = CatalogCache(lambda: catalog_connection(config))
+    try:
+        await asyncio.to_thread(rt.catalog.refresh)
+    except Exception as e:  # the database may be down: masking then treats every relation as unknown
+        log.warning("could not read the catalog for masking (%s); every column is masked until it can", e)
 
 
 async def close_runtime(rt: Runtime) -> None:

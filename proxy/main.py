@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from pgwarden.proxy.config import ProxyConfig, parse_proxy_config
 from pgwarden.proxy.hooks import close_runtime, open_runtime, prepare_runtime, session_hooks
+from pgwarden.proxy.reload import watch
 from pgwarden.proxy.server import ProxyServer
 
 from pgwarden.errors import UserError
@@ -27,12 +28,15 @@ class RunningProxy:
     server: ProxyServer
     config: ProxyConfig
     health_runner: object | None = None
+    watcher: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
         return self.server.port
 
     async def stop(self, drain_timeout: float | None = 0) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
         await self.server.drain(timeout=drain_timeout)
         await close_runtime(self.server.runtime)
         if self.health_runner is not None:
@@ -46,7 +50,9 @@ def build_server(docs: list[Document]) -> ProxyServer:
     return ProxyServer(config=config, runtime=runtime)
 
 
-async def start_proxy(docs: list[Document]) -> RunningProxy:
+async def start_proxy(docs: list[Document], watch_paths: list[str] | None = None,
+                      reload_interval: float = 2.0) -> RunningProxy:
+    """Start serving; with `watch_paths`, follow changes to those files (hot reload)."""
     server = build_server(docs)
     await open_runtime(server.runtime, server.config)
     server.hooks = session_hooks(server.runtime, server.config)
@@ -58,11 +64,16 @@ async def start_proxy(docs: list[Document]) -> RunningProxy:
         from pgwarden.proxy.health import start_health
 
         runner = await start_health(server, server.config.health_host, server.config.health_port)
-    return RunningProxy(server=server, config=server.config, health_runner=runner)
+    running = RunningProxy(server=server, config=server.config, health_runner=runner)
+    if watch_paths:
+        running.watcher = asyncio.get_running_loop().create_task(
+            watch(server, watch_paths, server.reload_status, reload_interval)
+        )
+    return running
 
 
-async def serve_forever(docs: list[Document]) -> None:
-    running = await start_proxy(docs)
+async def serve_forever(docs: list[Document], paths: list[str]) -> None:
+    running = await start_proxy(docs, watch_paths=paths)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -89,5 +100,5 @@ def main(args: argparse.Namespace) -> int:
     except ResourceError as e:
         raise UserError(f"invalid configuration: {e}") from e
     install_uvloop()
-    asyncio.run(serve_forever(docs))
+    asyncio.run(serve_forever(docs, args.config))
     return 0

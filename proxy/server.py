@@ -22,6 +22,7 @@ from pgwarden.proxy import upstream as up
 from pgwarden.proxy.auth import TokenAuthenticator, authenticate, pod_identity
 from pgwarden.proxy.config import FORWARDED_STARTUP_PARAMS, ProxyConfig
 from pgwarden.proxy.relay import Gate, Observer, Relay, Verdict
+from pgwarden.proxy.reload import ReloadStatus
 from pgwarden.proxy.wire import ConnectionClosed, Endpoint
 
 from pgwarden.audit import records
@@ -79,6 +80,7 @@ class ProxyServer:
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     draining: bool = False
     sessions_total: int = 0
+    reload_status: ReloadStatus = field(default_factory=ReloadStatus)
 
     @property
     def port(self) -> int:
@@ -147,6 +149,15 @@ class ProxyServer:
             t.cancel()
         with contextlib.suppress(BaseException):
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def close_ungated(self, reason: str) -> None:
+        """End sessions that run without a policy gate (after a configuration change)."""
+        from pgwarden.proxy.gate import SessionGate
+
+        for lv in list(self._live.values()):
+            if lv.relay is not None and not isinstance(lv.relay.gate, SessionGate) and lv.client is not None:
+                lv.client.write(m.error_response("57P01", f"pgwarden: {reason}", severity="FATAL"))
+                lv.client.close()
 
     async def close(self) -> None:
         await self.drain(timeout=0)

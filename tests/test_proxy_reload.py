@@ -1,0 +1,89 @@
+"""Hot reload: the sidecar follows its mounted policy bundle; a broken bundle never falls open."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pg8000.native
+import pytest
+import yaml
+
+from fix_proxy import ProxyHandle, proxy_documents
+from pgwarden.proxy.main import start_proxy
+from pgwarden.resources import load_documents
+
+API = "pgwarden.dev/v1alpha1"
+
+
+def policy(tables: list[str], operations: tuple[str, ...] = ("select",)) -> str:
+    doc = {"apiVersion": API, "kind": "AccessPolicy", "metadata": {"name": "agents"},
+           "spec": {"connectionRef": {"name": "shop"}, "subjects": [{"group": "ai-agents"}],
+                    "rules": [{"action": "allow", "operations": list(operations), "tables": tables}]}}
+    return yaml.safe_dump(doc)
+
+
+def wait_for(cond: Any, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def bundle(pg: Any, proxy_thread: Any, tmp_path: Path) -> Any:
+    folder = tmp_path / "bundle"
+    folder.mkdir()
+    (folder / "proxy.yaml").write_text(proxy_documents(pg))
+    (folder / "policy.yaml").write_text(policy(["public.orders"]))
+    running = proxy_thread.call(start_proxy(load_documents([folder]), watch_paths=[str(folder)], reload_interval=0.1))
+    handle = ProxyHandle(running=running, runner=proxy_thread, pg=pg)
+    yield folder, handle
+    handle.stop()
+
+
+def sqlstate(conn: pg8000.native.Connection, sql: str) -> str | None:
+    try:
+        conn.run(sql)
+        return None
+    except pg8000.native.DatabaseError as e:
+        return str(e.args[0]["C"])
+
+
+def test_a_new_bundle_applies_to_open_sessions_and_a_broken_one_is_refused(bundle: Any) -> None:
+    folder, proxy = bundle
+    conn = pg8000.native.Connection(proxy.user, host=proxy.host, port=proxy.port, database="shop", password=proxy.password)
+    assert sqlstate(conn, "SELECT count(*) FROM orders") is None
+    assert sqlstate(conn, "SELECT count(*) FROM customers") == "42501"
+
+    (folder / "policy.yaml").write_text(policy(["public.orders", "public.customers"]))
+    wait_for(lambda: proxy.server.reload_status.generation == 1, "the reload")
+    assert sqlstate(conn, "SELECT count(*) FROM customers") is None  # same session, new rules
+
+    (folder / "policy.yaml").write_text(policy(["public.orders"], operations=("selectt",)))  # a typo
+    wait_for(lambda: proxy.server.reload_status.error, "the refusal")
+    assert "selectt" in proxy.server.reload_status.error
+    assert sqlstate(conn, "SELECT count(*) FROM customers") is None  # the last good bundle stays
+
+    (folder / "policy.yaml").write_text(policy(["public.customers"]))  # access to orders revoked
+    wait_for(lambda: proxy.server.reload_status.generation == 2, "the second reload")
+    assert sqlstate(conn, "SELECT count(*) FROM orders") == "42501"
+    conn.close()
+
+
+def test_sessions_without_policy_are_closed_when_policy_arrives(bundle: Any) -> None:
+    folder, proxy = bundle
+    (folder / "policy.yaml").unlink()  # no policy: defaultAction allow, the lean relay
+    wait_for(lambda: proxy.server.reload_status.generation == 1, "the reload")
+    conn = pg8000.native.Connection(proxy.user, host=proxy.host, port=proxy.port, database="shop", password=proxy.password)
+    assert sqlstate(conn, "SELECT count(*) FROM customers") is None
+    (folder / "policy.yaml").write_text(policy(["public.orders"]))
+    wait_for(lambda: proxy.server.reload_status.generation == 2, "the reload")
+    with pytest.raises((pg8000.native.InterfaceError, pg8000.native.DatabaseError)):
+        conn.run("SELECT count(*) FROM customers")  # the unpoliced session was ended
+    fresh = pg8000.native.Connection(proxy.user, host=proxy.host, port=proxy.port, database="shop", password=proxy.password)
+    assert sqlstate(fresh, "SELECT count(*) FROM customers") == "42501"
+    fresh.close()

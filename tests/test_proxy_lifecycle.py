@@ -72,7 +72,7 @@ def test_sigterm_drains(proxy_process: ProxyProcess, pg: EmbeddedPostgres) -> No
         status, body = wait_until(
             lambda: (r := proxy_process.http("/readyz"))[0] == 503 and r, timeout=5, what="/readyz to say 503"
         )
-        assert json.loads(body) == {"ready": False, "sessions": 1, "draining": True}
+        assert json.loads(body) == {"ready": False, "sessions": 1, "draining": True, "config": {"generation": 0}}
         with pytest.raises(psycopg.OperationalError):
             psycopg.connect(dsn(proxy_process), connect_timeout=5)
         with pytest.raises(OSError):

@@ -20,7 +20,14 @@ from typing import Any
 
 import yaml
 from pgwarden.operator.credentials import managed_labels, owner_reference
-from pgwarden.operator.injection import BUNDLE_KEY, CREDENTIALS_DIR, PROXY_CONFIG_KEY, bundle_configmap_name
+from pgwarden.operator.injection import (
+    AUDIT_FILE,
+    BUNDLE_KEY,
+    CREDENTIALS_DIR,
+    PROXY_CONFIG_KEY,
+    RECORDINGS_DIR,
+    bundle_configmap_name,
+)
 from pgwarden.operator.settings import InjectionSettings
 
 from pgwarden.connection import DatabaseConnection
@@ -85,7 +92,16 @@ def bundle_connection_object(raw: Mapping[str, Any], has_ca: bool) -> dict[str, 
 
 
 def proxy_config_object(conn: DatabaseConnection, settings: InjectionSettings) -> dict[str, Any]:
-    """The ProxyConfig every sidecar of this connection runs with."""
+    """The ProxyConfig every sidecar of this connection runs with.
+
+    - `podIdentity`: a client on the pod's loopback is the pod's service account (downward API
+      env POD_NAMESPACE / SERVICE_ACCOUNT), with no password; no static users in a cluster.
+    - `audit`: the hash-chained file on the proxy-only emptyDir (the root filesystem is read-only),
+      also on stdout for the cluster's log shipper; OTLP when the chart enables it.
+    - `recording`: session recordings beside it.
+    - `approvals`: ApprovalRequest objects in the connection's namespace (= the pod's: injection
+      only uses a DatabaseConnection of the pod's own namespace), with the pod's service account.
+    """
     return {
         "apiVersion": API_VERSION,
         "kind": "ProxyConfig",
@@ -96,6 +112,17 @@ def proxy_config_object(conn: DatabaseConnection, settings: InjectionSettings) -
             # kubelet probes the pod IP, not loopback
             "health": {"host": "0.0.0.0", "port": settings.health_port},
             "upstream": {"credentialsDir": CREDENTIALS_DIR},
+            "podIdentity": True,
+            "users": [],
+            "audit": {
+                "path": AUDIT_FILE,
+                "rotateBytes": settings.audit_rotate_bytes,
+                "keep": settings.audit_keep,
+                "stdout": settings.audit_stdout,
+                "otel": settings.audit_otel,
+            },
+            "recording": {"dir": RECORDINGS_DIR},
+            "approvals": {"backend": "kubernetes", "namespace": conn.namespace},
         },
     }
 

@@ -10,6 +10,8 @@ What an injected pod gets:
   (a Job's pod then never completes on its own: the proxy keeps running);
 - one projected volume, mounted into the proxy only, holding the policy bundle, the ProxyConfig,
   the rotating credentials and a service-account token for the audience `pgwarden`;
+- an emptyDir at /var/lib/pgwarden, mounted into the proxy only, for the audit log and the
+  session recordings (the evidence trail: the agent's containers cannot read or rewrite it);
 - PGHOST/PGPORT on every agent container (opt out: `pgwarden.dev/inject-env: "false"`).
 """
 
@@ -32,11 +34,16 @@ CARRIED_ANNOTATIONS = (ANNOTATION_INJECT, ANNOTATION_SIDECAR_MODE, ANNOTATION_IN
 PROXY_CONTAINER = "pgwarden-proxy"
 CONFIG_VOLUME = "pgwarden-proxy-config"
 TMP_VOLUME = "pgwarden-proxy-tmp"
+DATA_VOLUME = "pgwarden-proxy-data"
 CONFIG_DIR = "/etc/pgwarden"
 BUNDLE_DIR = f"{CONFIG_DIR}/bundle"
 PROXY_CONFIG_FILE = f"{CONFIG_DIR}/proxy.yaml"
 CREDENTIALS_DIR = f"{CONFIG_DIR}/credentials"
 TOKEN_FILE = f"{CONFIG_DIR}/token"
+# writable, proxy only: the audit log and session recordings (the root filesystem is read-only)
+DATA_DIR = "/var/lib/pgwarden"
+AUDIT_FILE = f"{DATA_DIR}/audit.jsonl"
+RECORDINGS_DIR = f"{DATA_DIR}/recordings"
 BUNDLE_KEY = "bundle.yaml"
 PROXY_CONFIG_KEY = "proxy.yaml"
 CREDENTIAL_KEYS = ("username", "password", "version", "host", "port", "database", "sslmode", "sslrootcert")
@@ -97,9 +104,12 @@ def proxy_container(target: InjectionTarget, settings: InjectionSettings, *, nat
         "env": [
             field_env("POD_NAME", "metadata.name"),
             field_env("POD_NAMESPACE", "metadata.namespace"),
+            # the proxy's podIdentity: a loopback client is this service account
             field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
             field_env("NODE_NAME", "spec.nodeName"),
             {"name": "PGWARDEN_CONNECTION", "value": target.connection},
+            *([{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": settings.otel_endpoint}] if settings.otel_endpoint
+              else []),
         ],
         "resources": settings.resources.as_k8s(),
         "securityContext": {
@@ -118,6 +128,7 @@ def proxy_container(target: InjectionTarget, settings: InjectionSettings, *, nat
         "volumeMounts": [
             {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": TMP_VOLUME, "mountPath": "/tmp"},
+            {"name": DATA_VOLUME, "mountPath": DATA_DIR},
         ],
     }
     if native:
@@ -146,15 +157,17 @@ def proxy_volumes(target: InjectionTarget, settings: InjectionSettings) -> list[
             },
         },
         {"name": TMP_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+        # on the node's disk, not memory: it would count against the proxy's memory limit
+        {"name": DATA_VOLUME, "emptyDir": {"sizeLimit": settings.data_size_limit}},
     ]
 
 
 def _check_no_leak(spec: Mapping[str, Any], target: InjectionTarget) -> None:
     """Refuse pods whose own containers could read the proxy's credentials."""
-    leaking = {CONFIG_VOLUME}
+    leaking = {CONFIG_VOLUME, DATA_VOLUME}
     for v in spec.get("volumes") or []:
-        if v.get("name") == CONFIG_VOLUME:
-            raise InjectionError(f"the pod already defines a volume named {CONFIG_VOLUME!r}; rename it")
+        if v.get("name") in (CONFIG_VOLUME, TMP_VOLUME, DATA_VOLUME):
+            raise InjectionError(f"the pod already defines a volume named {v.get('name')!r}; rename it")
         refs = [(v.get("secret") or {}).get("secretName")]
         refs += [(s.get("secret") or {}).get("name") for s in (v.get("projected") or {}).get("sources") or []]
         if target.secret_name in refs:

@@ -15,6 +15,18 @@ from pgwarden.resources import parse_duration
 DEFAULT_PROXY_IMAGE = "ghcr.io/pgwarden/pgwarden-proxy:0.1.0"
 
 
+def _flag(value: str | None, default: bool) -> bool:
+    """"true"/"false" as Helm renders booleans (also 1/0, yes/no); unset or empty: the default."""
+    if value is None or not value.strip():
+        return default
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{value!r} is not a boolean; write true or false")
+
+
 @dataclass(frozen=True)
 class SidecarResources:
     """Requests and limits of the injected proxy container (Kubernetes quantity strings)."""
@@ -47,6 +59,16 @@ class InjectionSettings:
     token_expiration_seconds: int = 3600
     # the UID the proxy runs as (non-root)
     run_as_user: int = 65532
+    # the sidecar's audit log: a hash-chained file on an emptyDir (the root filesystem is
+    # read-only), also printed to stdout for the cluster's log shipper, optionally OTLP
+    audit_stdout: bool = True
+    audit_otel: bool = False
+    audit_rotate_bytes: str = "64Mi"
+    audit_keep: int = 3
+    # OTEL_EXPORTER_OTLP_ENDPOINT of the proxy container; "" leaves it unset
+    otel_endpoint: str = ""
+    # the emptyDir holding the audit log and session recordings (evicted beyond this size)
+    data_size_limit: str = "1Gi"
 
 
 @dataclass(frozen=True)
@@ -115,6 +137,9 @@ class OperatorSettings:
         inj = s.injection
         inj = replace(
             inj,
+            audit_stdout=_flag(e.get("PGWARDEN_SIDECAR_AUDIT_STDOUT"), inj.audit_stdout),
+            audit_otel=_flag(e.get("PGWARDEN_SIDECAR_AUDIT_OTEL"), inj.audit_otel),
+            otel_endpoint=e.get("PGWARDEN_SIDECAR_OTEL_ENDPOINT", inj.otel_endpoint).strip(),
             image=e.get("PGWARDEN_PROXY_IMAGE", inj.image),
             image_pull_policy=e.get("PGWARDEN_PROXY_IMAGE_PULL_POLICY", inj.image_pull_policy),
             resources=SidecarResources(

@@ -193,18 +193,42 @@ def test_values_reach_the_operator_as_the_settings_it_reads() -> None:
     assert s.webhook.managed is None, "the chart owns the webhook configurations; kopf must not patch them"
 
 
-# Variables the chart sets for settings the operator does not read yet (docs/operating.md lists
-# them as pending). When the operator starts reading one, this test fails: move it out of here.
-PENDING_OPERATOR_SETTINGS = {"PGWARDEN_SIDECAR_AUDIT_STDOUT", "PGWARDEN_SIDECAR_AUDIT_OTEL",
-                             "PGWARDEN_SIDECAR_OTEL_ENDPOINT"}
-
-
 def test_every_pgwarden_variable_the_chart_sets_is_read_by_the_operator() -> None:
     dep = operator_deployment({"otel.endpoint": "http://collector:4318"})
     names = {e["name"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
     source = "\n".join(p.read_text() for p in (ROOT / "operator").rglob("*.py"))
     unread = {n for n in names if n.startswith("PGWARDEN_") and f'"{n}"' not in source}
-    assert unread == PENDING_OPERATOR_SETTINGS
+    assert unread == set()
+
+
+def test_audit_and_otel_values_reach_the_injected_sidecar() -> None:
+    """audit.* and otel.endpoint travel chart -> operator env -> settings -> the sidecar's
+    proxy.yaml and environment."""
+    from pgwarden.operator import bundle, injection
+    from pgwarden.operator.settings import OperatorSettings
+
+    from pgwarden.connection import parse_connection
+    from pgwarden.resources import document_from_object
+
+    dep = operator_deployment({"audit.stdout": False, "audit.otel": True, "otel.endpoint": "http://collector:4318"})
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    inj = OperatorSettings.from_env({k: v for k, v in env.items() if v is not None}).injection
+    assert (inj.audit_stdout, inj.audit_otel, inj.otel_endpoint) == (False, True, "http://collector:4318")
+    conn = parse_connection(document_from_object({
+        "apiVersion": "pgwarden.dev/v1alpha1", "kind": "DatabaseConnection",
+        "metadata": {"name": "orders-prod", "namespace": "agents"},
+        "spec": {"host": "db", "database": "orders"}}))
+    audit = bundle.proxy_config_object(conn, inj)["spec"]["audit"]
+    assert audit["stdout"] is False and audit["otel"] is True
+    sidecar = injection.proxy_container(injection.InjectionTarget.for_connection("orders-prod"), inj, native=True)
+    assert {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://collector:4318"} in sidecar["env"]
+    # chart defaults: stdout on (cluster logging), no OTLP
+    dep = operator_deployment()
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    inj = OperatorSettings.from_env({k: v for k, v in env.items() if v is not None}).injection
+    assert (inj.audit_stdout, inj.audit_otel, inj.otel_endpoint) == (True, False, "")
+    sidecar = injection.proxy_container(injection.InjectionTarget.for_connection("orders-prod"), inj, native=True)
+    assert all(e["name"] != "OTEL_EXPORTER_OTLP_ENDPOINT" for e in sidecar["env"])
 
 
 def test_webhook_certificate_is_mounted_read_only_from_the_chart_secret() -> None:
@@ -295,6 +319,22 @@ def test_reviewer_can_patch_approvals_and_agent_cannot() -> None:
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "cursor-agent", "namespace": "agents"}]
     crb = one(docs, "ClusterRoleBinding", "pgwarden-reviewer")
     assert crb["subjects"] == [{"kind": "Group", "name": "dba", "apiGroup": "rbac.authorization.k8s.io"}]
+
+
+def test_agent_role_is_the_requester_role_docs_approvals_describes() -> None:
+    """What the sidecar does with the agent's service account (create, watch, withdraw requests;
+    the `<request>.executed` Event): the chart's pgwarden-agent and docs/approvals.md agree."""
+    text = (ROOT / "docs" / "approvals.md").read_text()
+    documented = next(d for d in (yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, re.S))
+                      if isinstance(d, dict) and d.get("kind") == "Role" and d["metadata"]["name"] == "pgwarden-requester")
+    agent = one(render(), "ClusterRole", "pgwarden-agent")
+
+    def flat(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+        return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+    assert flat(agent["rules"]) == flat(documented["rules"])
+    assert grants(agent, "pgwarden.dev", "approvalrequests") == {"create", "get", "list", "watch", "delete"}
+    assert grants(agent, "", "events") == {"create"}
 
 
 # -- webhooks ----------------------------------------------------------------------------------

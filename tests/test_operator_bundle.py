@@ -58,6 +58,64 @@ def test_the_proxy_accepts_the_bundle() -> None:
     assert cfg.upstream.credentials_dir == "/etc/pgwarden/credentials"
     assert cfg.connection.host == "db.prod" and cfg.connection.ssl_root_cert == "/etc/pgwarden/credentials/sslrootcert"
     assert cfg.health_port == 8081 and cfg.health_host == "0.0.0.0"
+    assert cfg.pod_identity is True and cfg.users == ()
+
+
+def test_the_sidecar_config_is_complete_for_a_cluster() -> None:
+    """podIdentity, audit on the proxy's emptyDir + stdout, recordings beside it, approvals as
+    ApprovalRequests in the connection's namespace; no static users."""
+    r = bundle.compile_bundle(CONN_RAW, [policy()], CONN, SETTINGS)
+    assert r.data is not None
+    spec = yaml.safe_load(r.data["proxy.yaml"])["spec"]
+    assert spec["podIdentity"] is True and spec["users"] == []
+    assert spec["audit"]["path"] == "/var/lib/pgwarden/audit.jsonl"
+    assert spec["audit"]["stdout"] is True and spec["audit"]["otel"] is False
+    assert spec["recording"] == {"dir": "/var/lib/pgwarden/recordings"}
+    assert spec["approvals"] == {"backend": "kubernetes", "namespace": "agents"}
+    # the writable folder is the proxy's own emptyDir, and the only writable mount besides /tmp
+    from pgwarden.operator import injection
+
+    target = injection.InjectionTarget.for_connection("shop")
+    sidecar = injection.proxy_container(target, SETTINGS, native=True)
+    data = next(m for m in sidecar["volumeMounts"] if m["mountPath"] == "/var/lib/pgwarden")
+    vol = next(v for v in injection.proxy_volumes(target, SETTINGS) if v["name"] == data["name"])
+    assert "emptyDir" in vol and vol["emptyDir"]["sizeLimit"]
+    assert spec["audit"]["path"].startswith(data["mountPath"] + "/")
+    assert spec["recording"]["dir"].startswith(data["mountPath"] + "/")
+    # the downward-API variables podIdentity reads
+    env = {e["name"]: e for e in sidecar["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["SERVICE_ACCOUNT"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.serviceAccountName"
+
+
+def test_the_proxy_builds_a_server_from_the_bundle(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full validation by the proxy's own entry point (audit, recording, identity, masking,
+    policies), then the approvals backend the sidecar would open inside the pod."""
+    proxy_main = pytest.importorskip("pgwarden.proxy.main")
+    from pgwarden.approvals import backend_from_config, kubernetes
+
+    r = bundle.compile_bundle(CONN_RAW, [policy(approval={"reviewers": [{"group": "dba"}]}), masking()], CONN,
+                              SETTINGS, has_ca=True)
+    assert r.data is not None
+    docs = parse_documents(r.data["bundle.yaml"] + "\n---\n" + r.data["proxy.yaml"])
+    monkeypatch.setenv("POD_NAMESPACE", "agents")
+    monkeypatch.setenv("SERVICE_ACCOUNT", "cursor-agent")
+    server = proxy_main.build_server(docs)
+    assert server.config.pod_identity is True
+    rt = server.runtime
+    assert rt.audit_config.path == "/var/lib/pgwarden/audit.jsonl" and rt.audit_config.stdout is True
+    assert rt.recording_config.dir == "/var/lib/pgwarden/recordings"
+    # what open_runtime builds inside the pod: the service account's own API access
+    sa = tmp_path / "sa"
+    sa.mkdir()
+    (sa / "token").write_text("t")
+    (sa / "namespace").write_text("elsewhere")
+    monkeypatch.setattr(kubernetes, "IN_CLUSTER_DIR", sa)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    backend = backend_from_config(rt.approvals_config)
+    assert isinstance(backend, kubernetes.KubernetesApprovals)
+    assert backend.namespace == "agents"
 
 
 def test_digest_is_stable_and_changes_with_content() -> None:

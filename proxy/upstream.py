@@ -46,12 +46,16 @@ def ssl_context_for(mode: str, root_cert: str = "") -> ssl.SSLContext | None:
     return ctx
 
 
+def _socket_path(cfg: ProxyConfig) -> str:
+    """The server's socket file in the configured folder, named as libpq names it."""
+    return f"{cfg.upstream_unix_socket.rstrip('/')}/.s.PGSQL.{cfg.connection.port}"
+
+
 async def open_socket(cfg: ProxyConfig) -> Endpoint:
     loop = asyncio.get_running_loop()
     conn = cfg.connection
     if cfg.upstream_unix_socket:
-        path = f"{cfg.upstream_unix_socket.rstrip('/')}/.s.PGSQL.{conn.port}"
-        _, ep = await loop.create_unix_connection(Endpoint, path)
+        _, ep = await loop.create_unix_connection(Endpoint, _socket_path(cfg))
         return ep
     _, ep = await loop.create_connection(Endpoint, conn.host, conn.port)
     return ep
@@ -61,6 +65,8 @@ async def connect(cfg: ProxyConfig, client_params: Mapping[str, str]) -> Upstrea
     """Open, secure and authenticate one upstream connection; raise UpstreamUnavailable."""
     conn = cfg.connection
     where = f"{conn.host}:{conn.port}/{conn.database}"
+    if cfg.upstream_unix_socket:
+        where = f"{_socket_path(cfg)} (database {conn.database})"
     try:
         user, password = cfg.upstream.resolve()
     except RuntimeError as e:

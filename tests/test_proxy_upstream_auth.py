@@ -238,6 +238,8 @@ def test_unix_socket_folder_without_server(make_proxy: Callable[..., ProxyHandle
     )
     err = _connect_error(proxy)
     assert "pgwarden cannot reach the database" in err["M"], err
+    # the message names where the proxy looked: the socket file, not the TCP host it did not use
+    assert f"{tmp_path}/.s.PGSQL." in err["M"], err
     assert "retry" in err.get("H", ""), err
 
 

@@ -15,9 +15,9 @@ cd "$(dirname "$0")/.."
 CLUSTER=${CLUSTER:-pgwarden-e2e}
 NS=${NS:-pgwarden-system}
 TAG=${TAG:-e2e}
-# kopf pauses every peer of equal priority, and the operator does not yet give each replica its
-# own (docs/operating.md, "Two operator replicas"): one replica until it does.
-REPLICAS=${E2E_OPERATOR_REPLICAS:-1}
+# the chart's default: two replicas, one paused by kopf peering; both answer admission requests
+# (docs/operating.md, "Two operator replicas"). E2E_OPERATOR_REPLICAS=1 for a smaller cluster.
+REPLICAS=${E2E_OPERATOR_REPLICAS:-2}
 WORK=${WORK:-$(mktemp -d)}
 export KUBECONFIG=${KUBECONFIG:-$WORK/kubeconfig}
 

@@ -79,14 +79,14 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
 
     # -- DatabaseConnection ---------------------------------------------------------------
     # the webhook needs the connections of each namespace without an API call per pod (kopf's
-    # indexes are not passed to admission handlers, so the watch stream feeds a plain dict)
+    # indexes are not passed to admission handlers, so the watch stream feeds a plain dict; a
+    # standby replica, which watches nothing, reads what it lacks from the API)
     @kopf.on.event(*CONNECTIONS, registry=registry)
     def _track(event: dict[str, Any], namespace: str, name: str, spec: Any, **_: Any) -> None:
         if event.get("type") == "DELETED":
             runtime.connections.pop((namespace, name), None)
         else:
-            secret = ((spec or {}).get("credentials") or {}).get("secretName") or f"{name}-pgwarden-credentials"
-            runtime.connections[(namespace, name)] = secret
+            runtime.connections[(namespace, name)] = admission.secret_name(name, spec)
 
     @kopf.on.resume(*CONNECTIONS, registry=registry, id="reconcile")
     @kopf.on.create(*CONNECTIONS, registry=registry, id="reconcile")
@@ -120,8 +120,8 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     if ours.webhook.enabled:
         @kopf.on.mutate("", "v1", "pods", registry=registry, id="pgwarden-inject", operations=["CREATE"],
                         ignore_failures=True, side_effects=False)
-        def _inject(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
-            admission.mutate_pod(body, patch, runtime, runtime.connections, logger)
+        async def _inject(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
+            await admission.mutate_pod(body, patch, runtime, logger)
 
         for group, version, plural in WORKLOADS:
             @kopf.on.mutate(group, version, plural, registry=registry, id="pgwarden-carry", operations=["CREATE"],

@@ -7,7 +7,9 @@ import collections
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from pgwarden.operator import kube
 from pgwarden.operator.kube import Kube
 from pgwarden.operator.settings import OperatorSettings
 
@@ -22,8 +24,30 @@ class Runtime:
     locks: collections.defaultdict[tuple[str, str], asyncio.Lock] = field(
         default_factory=lambda: collections.defaultdict(asyncio.Lock))
 
-    # (namespace, DatabaseConnection name) -> credentials Secret name, fed by the watch stream
+    # Fed by the watch streams so that admission answers without an API call. A standby replica
+    # (kopf peering paused it) has no watch streams, yet the webhook Service still sends it about
+    # half of the admission requests: what is missing here is read from the API (`read`).
+    # (namespace, DatabaseConnection name) -> credentials Secret name
     connections: dict[tuple[str, str], str] = field(default_factory=dict)
+    # (namespace, AccessPolicy name) -> pgwarden.operator.approvals.ReviewPolicy
+    review_policies: dict[tuple[str, str], Any] = field(default_factory=dict)
+    # (plural, namespace, name) -> (monotonic deadline, object or None)
+    _reads: dict[tuple[str, str, str], tuple[float, dict[str, Any] | None]] = field(default_factory=dict)
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         return self.locks[(namespace, name)]
+
+    async def read(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """A pgwarden object read from the API (None: it does not exist), reused for
+        `settings.lookup_cache_seconds`, so a burst of pod creations costs one GET.
+        API errors propagate: the caller refuses rather than guesses."""
+        key = (plural, namespace, name)
+        now = time.monotonic()
+        hit = self._reads.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        obj = await self.kube.get(kube.path(kube.PGW, plural, namespace, name))
+        if len(self._reads) > 1024:  # short-lived entries; keep the dict from growing without bound
+            self._reads = {k: v for k, v in self._reads.items() if v[0] > now}
+        self._reads[key] = (now + self.settings.lookup_cache_seconds, obj)
+        return obj

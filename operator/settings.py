@@ -128,6 +128,9 @@ class OperatorSettings:
     namespaces: tuple[str, ...] = ()
     # PostgreSQL connect timeout for the admin connection, seconds
     connect_timeout: float = 10.0
+    # how long an admission answer may reuse a DatabaseConnection / AccessPolicy read from the
+    # API (a standby replica has no watch streams; see Runtime.connection_secret)
+    lookup_cache_seconds: float = 5.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:

@@ -153,3 +153,128 @@ async def _with_webhooks(aw: Any) -> Any:
     cfg = await aw
     return cfg if cfg and cfg.get("webhooks") else None
 
+
+
+async def test_a_standby_replica_answers_admission_from_the_api(kmock: kmock.KubernetesEmulator,
+                                                                 tmp_path: Path) -> None:
+    """Two replicas sit behind the webhook Service, so the one kopf peering paused gets about half
+    of the admission requests. It watches nothing: its memory of connections and reviewers stays
+    empty. It must still inject (with the connection's own Secret) and still decide approvals
+    from the policy's reviewers, by reading the objects from the API."""
+    import datetime
+
+    from pgwarden.operator import approvals as ar
+    from test_approvals_webhook import ALICE, MALLORY, request_obj
+    from test_approvals_webhook import review as approval_review
+
+    advertise(kmock)
+    k = client_for(kmock)
+    # another replica, alive and of higher priority: this operator starts paused
+    now = datetime.datetime.now(datetime.UTC).isoformat()
+    await k.create(kube.path("kopf.dev/v1", "clusterkopfpeerings"),
+                   {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "pgwarden"},
+                    "status": {"the-active-replica": {"priority": 2**31, "lifetime": 600, "lastseen": now}}})
+    conn = {"apiVersion": kube.PGW, "kind": "DatabaseConnection",
+            "metadata": {"name": "orders-prod", "namespace": NS, "resourceVersion": "1", "generation": 1},
+            "spec": {"host": "orders-db.prod.svc", "database": "orders", "adminSecretRef": {"name": "admin"},
+                     "credentials": {"grantRoles": ["orders_reader"], "secretName": "orders-creds"}}}
+    await k.create(kube.path(kube.PGW, "databaseconnections", NS), conn)
+    await k.create(kube.path(kube.PGW, "accesspolicies", NS), {
+        "apiVersion": kube.PGW, "kind": "AccessPolicy", "metadata": {"name": "orders", "namespace": NS},
+        "spec": {"connectionRef": {"name": "orders-prod"}, "subjects": [{"serviceAccount": "agents/cursor-agent"}],
+                 "rules": [{"action": "review", "operations": ["delete"], "tables": ["public.orders"]}],
+                 "approval": {"reviewers": [{"group": "dba"}]}}})
+    ca = tmp_path / "ca.pem"
+    port = free_port()
+    settings = replace(FAST, peering_name="pgwarden", peering_priority=1,
+                       webhook=WebhookSettings(addr="127.0.0.1", host="127.0.0.1", port=port, cadump=str(ca),
+                                               managed=None))
+    async with operator(kmock, settings) as runtime:
+        await asyncio.sleep(1.5)
+        # paused: nothing reconciled, nothing remembered
+        stored = await k.get(kube.path(kube.PGW, "databaseconnections", NS, "orders-prod"))
+        assert stored is not None and not stored["metadata"].get("finalizers")
+        assert runtime.connections == {} and runtime.review_policies == {}
+        ctx = ssl.create_default_context(cafile=str(ca))
+        base = f"https://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as http:
+            async def call(path: str, body: dict[str, Any]) -> dict[str, Any]:
+                async with http.post(base + path, json=body, ssl=ctx) as resp:
+                    assert resp.status == 200, await resp.text()
+                    return (await resp.json())["response"]  # type: ignore[no-any-return]
+
+            pod = agent_pod({injection.ANNOTATION_INJECT: "orders-prod"})
+            r = await call("/pgwarden-inject", review(pod))
+            assert r["allowed"] is True and r["patchType"] == "JSONPatch", r
+            mutated = jsonpatch.apply_patch(copy.deepcopy(pod), json.loads(base64.b64decode(r["patch"])))
+            target = injection.InjectionTarget.for_connection("orders-prod", "orders-creds")
+            assert mutated == injection.inject_pod(pod, target, settings.injection)
+
+            r = await call("/pgwarden-inject", review(agent_pod({injection.ANNOTATION_INJECT: "nope"})))
+            assert r["allowed"] is False and "no DatabaseConnection 'nope'" in r["status"]["message"]
+
+            # a reviewer of the policy approves; someone else cannot
+            old = request_obj()
+            new = copy.deepcopy(old)
+            new["spec"]["decision"] = "approved"
+            r = await call("/pgwarden-approval-decide", approval_review("UPDATE", new, old, ALICE))
+            assert r["allowed"] is True, r
+            stamped = jsonpatch.apply_patch(new, json.loads(base64.b64decode(r["patch"])))
+            assert json.loads(stamped["metadata"]["annotations"][ar.DECIDED_BY])["username"] == ALICE["username"]
+            r = await call("/pgwarden-approval-check", approval_review("UPDATE", stamped, old, ALICE))
+            assert r["allowed"] is True, r
+            r = await call("/pgwarden-approval-decide", approval_review("UPDATE", new, old, MALLORY))
+            assert r["allowed"] is False, r
+
+            # a policy that does not exist is not guessed: nobody can decide
+            orphan_old = request_obj(policy="gone")
+            orphan_new = copy.deepcopy(orphan_old)
+            orphan_new["spec"]["decision"] = "approved"
+            r = await call("/pgwarden-approval-decide", approval_review("UPDATE", orphan_new, orphan_old, ALICE))
+            assert r["allowed"] is False, r
+        assert runtime.connections == {}, "the standby must not have started watching"
+    await k.close()
+
+
+async def test_api_lookups_are_reused_briefly() -> None:
+    """A burst of pod creations on a standby replica costs one GET per connection; a connection
+    created a moment later is seen once the short cache expires; API errors are not cached."""
+    from pgwarden.operator.handlers import admission
+    from pgwarden.operator.runtime import Runtime
+
+    class FakeKube:
+        def __init__(self) -> None:
+            self.gets: list[str] = []
+            self.objects: dict[str, dict[str, Any]] = {}
+            self.fail = False
+
+        async def get(self, path: str) -> dict[str, Any] | None:
+            self.gets.append(path)
+            if self.fail:
+                raise kube.ApiError(503, "unavailable")
+            return self.objects.get(path)
+
+    fake = FakeKube()
+    runtime = Runtime(replace(FAST, lookup_cache_seconds=0.3), fake)  # type: ignore[arg-type]
+    path = kube.path(kube.PGW, "databaseconnections", NS, "orders-prod")
+    assert await admission.connection_secret(runtime, NS, "orders-prod") is None
+    fake.objects[path] = {"spec": {"credentials": {"secretName": "orders-creds"}}}
+    for _ in range(5):
+        assert await admission.connection_secret(runtime, NS, "orders-prod") is None  # cached miss
+    assert len(fake.gets) == 1
+    await asyncio.sleep(0.35)
+    assert await admission.connection_secret(runtime, NS, "orders-prod") == "orders-creds"
+    assert len(fake.gets) == 2
+    # the watch stream's memory wins, without an API call
+    runtime.connections[(NS, "orders-prod")] = "from-watch"
+    assert await admission.connection_secret(runtime, NS, "orders-prod") == "from-watch"
+    assert len(fake.gets) == 2
+    # an API failure refuses the pod with the reason, and is asked again next time
+    fake.fail = True
+    import kopf
+
+    with pytest.raises(kopf.AdmissionError, match="cannot look up DatabaseConnection agents/other"):
+        await admission.connection_secret(runtime, NS, "other")
+    with pytest.raises(kopf.AdmissionError):
+        await admission.connection_secret(runtime, NS, "other")
+    assert len(fake.gets) == 4

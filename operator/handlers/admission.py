@@ -17,9 +17,32 @@ from pgwarden.operator import injection
 from pgwarden.operator.runtime import Runtime
 
 
-def target_for(namespace: str, connection: str, known: Mapping[tuple[str, str], str]) -> injection.InjectionTarget:
+def secret_name(connection: str, spec: Mapping[str, Any] | None) -> str:
+    """The credentials Secret of a DatabaseConnection (spec.credentials.secretName or the default)."""
+    creds = (spec or {}).get("credentials") or {}
+    name = creds.get("secretName") if isinstance(creds, Mapping) else None
+    return name if isinstance(name, str) and name else f"{connection}-pgwarden-credentials"
+
+
+async def connection_secret(runtime: Runtime, namespace: str, connection: str) -> str | None:
+    """The connection's credentials Secret; None if there is no such DatabaseConnection.
+
+    From the watch stream's memory when this replica has it, else from the API: a standby
+    replica (paused by kopf peering) watches nothing but still answers admission requests."""
+    secret = runtime.connections.get((namespace, connection))
+    if secret is not None:
+        return secret
+    try:
+        obj = await runtime.read("databaseconnections", namespace, connection)
+    except Exception as e:  # API down or forbidden: say so, do not guess
+        raise kopf.AdmissionError(
+            f"pgwarden cannot look up DatabaseConnection {namespace}/{connection}: {e}; try again", code=503) from e
+    return secret_name(connection, obj.get("spec")) if obj is not None else None
+
+
+async def target_for(runtime: Runtime, namespace: str, connection: str) -> injection.InjectionTarget:
     """The connection must exist in the pod's namespace (a pod can only mount local Secrets)."""
-    secret = known.get((namespace, connection))
+    secret = await connection_secret(runtime, namespace, connection)
     if secret is None:
         raise kopf.AdmissionError(
             f"pod annotation {injection.ANNOTATION_INJECT}={connection}: there is no DatabaseConnection {connection!r} "
@@ -27,14 +50,14 @@ def target_for(namespace: str, connection: str, known: Mapping[tuple[str, str], 
     return injection.InjectionTarget.for_connection(connection, secret)
 
 
-def mutate_pod(body: Mapping[str, Any], patch: MutableMapping[str, Any], runtime: Runtime,
-               known: Mapping[tuple[str, str], str], logger: logging.Logger | logging.LoggerAdapter) -> None:
+async def mutate_pod(body: Mapping[str, Any], patch: MutableMapping[str, Any], runtime: Runtime,
+                     logger: logging.Logger | logging.LoggerAdapter) -> None:
     meta, spec = body.get("metadata") or {}, body.get("spec") or {}
     connection = injection.wants_injection(meta)
     if connection is None or injection.is_injected(meta, spec):
         return
     namespace = meta.get("namespace") or "default"
-    target = target_for(namespace, connection, known)
+    target = await target_for(runtime, namespace, connection)
     try:
         injected = injection.inject_pod(body, target, runtime.settings.injection)
     except injection.InjectionError as e:

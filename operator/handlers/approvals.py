@@ -4,7 +4,8 @@ Thin kopf registrations over the pure rules in `pgwarden.operator.approvals`:
 - `pgwarden-approval-decide` (mutating) and `pgwarden-approval-check` (validating) on
   approvalrequests CREATE/UPDATE, failure policy Fail: without the operator nobody can decide,
   which fails closed (pending requests simply expire).
-- AccessPolicies' reviewers tracked from the watch stream, so the webhook answers from memory.
+- AccessPolicies' reviewers tracked from the watch stream, so the webhook answers from memory;
+  a policy missing there (a standby replica has no watch streams) is read from the API.
 - Every watch event and a periodic sweep reconcile the status (`next_status`): Pending ->
   Approved/Denied (decidedBy copied from the stamped annotation) -> Executed (the proxy's
   `<name>.executed` Event), Expired past expiresAt, deleted after the retention period.
@@ -60,10 +61,21 @@ def _seconds(value: str | None, default: float) -> float:
         return parse_duration(value)
 
 
-def lookup(known: Mapping[tuple[str, str], approvals.ReviewPolicy], obj: Mapping[str, Any] | None,
-           ) -> approvals.ReviewPolicy | None:
+async def review_policy(runtime: Runtime, obj: Mapping[str, Any] | None) -> approvals.ReviewPolicy | None:
+    """The reviewers of the AccessPolicy a request names: from the watch stream's memory, else
+    from the API (a standby replica watches nothing but still answers admission requests)."""
     key = approvals.policy_key(obj or {})
-    return known.get(key) if key is not None else None
+    if key is None:
+        return None
+    known = runtime.review_policies.get(key)
+    if known is not None:
+        return known  # type: ignore[no-any-return]
+    try:
+        raw = await runtime.read("accesspolicies", *key)
+    except Exception as e:  # API down or forbidden: refuse (failurePolicy Fail), never guess
+        raise kopf.AdmissionError(f"pgwarden cannot look up AccessPolicy {key[0]}/{key[1]}: {e}; try again",
+                                  code=503) from e
+    return approvals.review_policy_from_object(raw) if raw is not None else None
 
 
 def _merge(dst: MutableMapping[str, Any], src: Mapping[str, Any]) -> None:
@@ -74,13 +86,12 @@ def _merge(dst: MutableMapping[str, Any], src: Mapping[str, Any]) -> None:
             dst[k] = v
 
 
-def admit(kind: str, operation: str, old: Any, new: Any, userinfo: Mapping[str, Any],
-          known: Mapping[tuple[str, str], approvals.ReviewPolicy],
-          patch: MutableMapping[str, Any], warnings: list[str], runtime: Runtime) -> None:
+async def admit(kind: str, operation: str, old: Any, new: Any, userinfo: Mapping[str, Any],
+                patch: MutableMapping[str, Any], warnings: list[str], runtime: Runtime) -> None:
     """Run one webhook's rule; raise kopf.AdmissionError (-> allowed: false) when it refuses."""
     old_raw = dict(old) if old is not None else None
     new_raw = dict(new) if new is not None else {}
-    policy = lookup(known, old_raw if old_raw is not None else new_raw)
+    policy = await review_policy(runtime, old_raw if old_raw is not None else new_raw)
     fn = approvals.mutate if kind == "mutate" else approvals.validate
     res = fn(operation, old_raw, new_raw, userinfo, policy, runtime.clock())
     if not res.allowed:
@@ -131,8 +142,9 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime, settings: Approv
     ours = settings or ApprovalSettings.from_env()
 
     # reviewers per AccessPolicy, fed by the watch stream (kopf does not pass its indexes to
-    # admission handlers); the webhook answers from memory, without an API call per decision
-    review_policies: dict[tuple[str, str], approvals.ReviewPolicy] = {}
+    # admission handlers); the webhook answers from memory, without an API call per decision,
+    # and reads from the API what it lacks (a standby replica watches nothing)
+    review_policies = runtime.review_policies
 
     @kopf.on.event(*POLICIES, registry=registry)
     def _track_reviewers(event: Mapping[str, Any], namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
@@ -145,15 +157,15 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime, settings: Approv
     if runtime.settings.webhook.enabled:
         @kopf.on.mutate(*APPROVAL_REQUESTS, registry=registry, id="pgwarden-approval-decide",
                         operations=["CREATE", "UPDATE"], side_effects=False)
-        def _decide(operation: str, old: Any, new: Any, userinfo: Mapping[str, Any], patch: kopf.Patch,
-                    warnings: list[str], **_: Any) -> None:
-            admit("mutate", operation, old, new, userinfo, review_policies, patch, warnings, runtime)
+        async def _decide(operation: str, old: Any, new: Any, userinfo: Mapping[str, Any], patch: kopf.Patch,
+                          warnings: list[str], **_: Any) -> None:
+            await admit("mutate", operation, old, new, userinfo, patch, warnings, runtime)
 
         @kopf.on.validate(*APPROVAL_REQUESTS, registry=registry, id="pgwarden-approval-check",
                           operations=["CREATE", "UPDATE"], side_effects=False)
-        def _check(operation: str, old: Any, new: Any, userinfo: Mapping[str, Any], patch: kopf.Patch,
-                   warnings: list[str], **_: Any) -> None:
-            admit("validate", operation, old, new, userinfo, review_policies, patch, warnings, runtime)
+        async def _check(operation: str, old: Any, new: Any, userinfo: Mapping[str, Any], patch: kopf.Patch,
+                         warnings: list[str], **_: Any) -> None:
+            await admit("validate", operation, old, new, userinfo, patch, warnings, runtime)
 
     @kopf.on.event(*APPROVAL_REQUESTS, registry=registry)
     async def _approval_event(event: Mapping[str, Any], body: kopf.Body, logger: logging.Logger, **_: Any) -> None:

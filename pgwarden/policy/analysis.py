@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -186,15 +187,57 @@ def _analyze(sql: str, search_path: tuple[str, ...]) -> Analysis:
     if "\x00" in sql:
         return Analysis(error="the statement text contains a NUL byte")
     try:
-        tree = json.loads(parse_sql_json(sql))
+        text = parse_sql_json(sql)
     except ParseError as e:
         return Analysis(error=f"the statement does not parse: {e}")
     except RecursionError:
         return Analysis(error="the statement is nested too deeply to analyse")
+    key = (blind_tree(text), search_path)
+    hit = _BLIND_CACHE.get(key)
+    if hit is not None:
+        return hit
+    reads_before = _CONSTANT_READS.count
+    tree = json.loads(text)
     stmts = []
     for raw in tree.get("stmts", ()):
         stmts.append(analyze_statement(raw.get("stmt", {}), search_path))
-    return Analysis(statements=tuple(stmts))
+    analysis = Analysis(statements=tuple(stmts))
+    if _CONSTANT_READS.count == reads_before and len(key[0]) <= MAX_BLIND_KEY:
+        # The walk never looked at a literal's value, so the analysis is a function of the tree
+        # with its literal values blanked: statements that differ only in literals share it.
+        _BLIND_CACHE[key] = analysis
+        if len(_BLIND_CACHE) > BLIND_CACHE_SIZE:
+            _BLIND_CACHE.pop(next(iter(_BLIND_CACHE)))
+    return analysis
+
+
+# -- constant-blind cache -------------------------------------------------------------------------
+# pgbench-style traffic sends a new literal in every statement, so an exact-text cache misses.
+# libpg_query's fingerprint would hit, but it also ignores names (aliases, CTE and cursor names),
+# and two statements with one fingerprint can touch different tables. This key keeps every name
+# and every node; it blanks only literal values and source positions, and an analysis is stored
+# under it only when the walk read no literal value (_const_string / _const_value count reads).
+MAX_BLIND_KEY = 16384
+BLIND_CACHE_SIZE = 2048
+_BLIND_CACHE: dict[tuple[str, tuple[str, ...]], Analysis] = {}
+_LITERAL = re.compile(
+    r'("A_Const":\{"(sval|fval|bsval|ival|boolval)":)\{(?:"\2":(?:"(?:[^"\\]|\\.)*"|[-+.0-9eE]+|true|false))?\}'
+)
+_POSITION = re.compile(r'"(location|stmt_location|stmt_len)":-?\d+')
+
+
+class _Reads(threading.local):
+    count = 0
+
+
+_CONSTANT_READS = _Reads()
+
+
+def blind_tree(parse_json: str) -> str:
+    """The parse tree's JSON with literal values and positions blanked (names are kept).
+
+    Inside a JSON string every quote is escaped, so neither pattern can match within a literal."""
+    return _POSITION.sub(r'"\1":0', _LITERAL.sub(r"\1{}", parse_json))
 
 
 def analyze_statement(node: dict[str, Any], search_path: tuple[str, ...]) -> StatementAnalysis:
@@ -225,6 +268,7 @@ def _strings(items: Any) -> list[str]:
 
 def _const_string(node: Any) -> str | None:
     """The value of a string literal, looking through casts ('x'::regclass); None otherwise."""
+    _CONSTANT_READS.count += 1  # the decision now depends on a literal: no constant-blind caching
     while isinstance(node, dict) and "TypeCast" in node:
         node = node["TypeCast"].get("arg")
     if isinstance(node, dict) and "A_Const" in node:
@@ -235,6 +279,7 @@ def _const_string(node: Any) -> str | None:
 
 
 def _const_value(node: Any) -> str | int | float | None:
+    _CONSTANT_READS.count += 1
     while isinstance(node, dict) and "TypeCast" in node:
         node = node["TypeCast"].get("arg")
     if isinstance(node, dict) and "A_Const" in node:

@@ -176,6 +176,7 @@ class SubjectPolicy:
         for p in self.policies:
             self.limits = self.limits.combine(p.limits)
         self._cache: OrderedDict[tuple[str, tuple[str, ...]], Decision] = OrderedDict()
+        self._by_analysis: dict[int, tuple[Analysis, Decision]] = {}
         self._summary = _allowed_summary(self.policies)
 
     # -- public --------------------------------------------------------------------------------
@@ -195,7 +196,17 @@ class SubjectPolicy:
                 self._cache.move_to_end(key)
                 return cached
         analysis = analyze(sql, session.search_path)
+        if prepare_as is None and not analysis.session_dependent:
+            # the analysis object is shared by texts that differ only in literals (see
+            # analysis.blind_tree); the identity check guards against a recycled id()
+            hit = self._by_analysis.get(id(analysis))
+            if hit is not None and hit[0] is analysis:
+                return hit[1]
         decision = self._decide(analysis, session, prepare_as)
+        if prepare_as is None and not analysis.session_dependent:
+            self._by_analysis[id(analysis)] = (analysis, decision)
+            if len(self._by_analysis) > DECISION_CACHE_SIZE:
+                self._by_analysis.pop(next(iter(self._by_analysis)))
         if prepare_as is None and not analysis.session_dependent and len(sql) <= MAX_CACHED_TEXT:
             self._cache[key] = decision
             if len(self._cache) > DECISION_CACHE_SIZE:

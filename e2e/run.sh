@@ -78,10 +78,7 @@ setup() {
   kubectl -n agents create secret generic orders-db-admin --from-literal=username=pgwarden_admin \
     --from-literal=password=change-me --from-file=sslrootcert="$WORK/ca.crt" --dry-run=client -o yaml \
     | kubectl apply -f -
-  # examples/access-policy.yaml is written for the standalone `shop` connection
-  # (examples/standalone.yaml); in the cluster it governs orders-prod.
-  sed 's/connectionRef: {name: shop}/connectionRef: {name: orders-prod}/' examples/access-policy.yaml | kubectl apply -f -
-  kubectl apply -f examples/masking-rule.yaml
+  kubectl apply -f examples/access-policy.yaml -f examples/masking-rule.yaml
   kubectl -n agents wait databaseconnection/orders-prod --for=jsonpath='{.status.phase}'=Ready --timeout=180s
 
   log "the agent, annotated"

@@ -70,9 +70,6 @@ def test_readme_keeps_its_two_commands_first_and_links_the_docs() -> None:
         assert f"docs/{name}" in docs_section[1], f"README's Documentation section does not link docs/{name}"
 
 
-@pytest.mark.xfail(strict=True, reason="examples/access-policy.yaml names the standalone `shop` connection while "
-                   "database-connection.yaml and masking-rule.yaml use orders-prod (e2e/run.sh rewrites it); "
-                   "when the examples agree, remove this mark and the sed in e2e/run.sh")
 def test_examples_applied_together_govern_one_connection() -> None:
     """install.md applies database-connection, access-policy and masking-rule together and annotates
     the agent with orders-prod: every policy and rule must name that connection."""
@@ -89,3 +86,18 @@ def test_examples_applied_together_govern_one_connection() -> None:
                 refs[f"{name}: {doc['kind']} {doc['metadata']['name']}"] = doc["spec"]["connectionRef"]["name"]
     assert connections == {"orders-prod"}
     assert {k: v for k, v in refs.items() if v not in connections} == {}
+
+
+def test_standalone_example_runs_with_the_policy_and_masking_examples(monkeypatch: pytest.MonkeyPatch) -> None:
+    """examples/standalone.yaml says to add access-policy.yaml and masking-rule.yaml: the proxy's
+    own entry point accepts the three together, and the policy and the masks govern its connection."""
+    proxy_main = pytest.importorskip("pgwarden.proxy.main")
+    from pgwarden.resources import load_documents
+
+    for name in ("PGWARDEN_UPSTREAM_PASSWORD", "PGWARDEN_AGENT_PASSWORD", "PGWARDEN_MASKING_HASH_KEY"):
+        monkeypatch.setenv(name, "example-secret-value")
+    docs = load_documents([ROOT / "examples" / n for n in ("standalone.yaml", "access-policy.yaml", "masking-rule.yaml")])
+    server = proxy_main.build_server(docs)
+    assert server.config.connection.name == "orders-prod"
+    refs = {d.spec["connectionRef"]["name"] for d in docs if d.kind in ("AccessPolicy", "MaskingRule", "ProxyConfig")}
+    assert refs == {"orders-prod"}

@@ -169,7 +169,7 @@ def test_example_policy_loads(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     ps = load_policies(load_documents([root / "examples" / "access-policy.yaml"]))
-    assert ps.connections == ("shop",)
+    assert ps.connections == ("orders-prod",)
 
 
 # -- pgwarden policy explain -------------------------------------------------------------------

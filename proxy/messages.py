@@ -14,6 +14,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from pgwarden.errors import AgentError
+from pgwarden.pgwire import Field as Field  # re-exported: the relay reads results through this codec
+from pgwarden.pgwire import parse_data_row as parse_data_row
+from pgwarden.pgwire import parse_row_description as parse_row_description
 
 PROTOCOL_3 = 196608
 SSL_REQUEST = 80877103
@@ -310,50 +313,6 @@ def parse_execute(payload: bytes | memoryview) -> tuple[str, int]:
 
 
 # -- backend messages the proxy reads ------------------------------------------------------
-@dataclass(frozen=True)
-class Field:
-    name: str
-    table_oid: int
-    attnum: int
-    type_oid: int
-    typlen: int
-    typmod: int
-    format: int
-
-
-_FIELD_TAIL = struct.Struct("!IhIhih")
-
-
-def parse_row_description(payload: bytes | memoryview) -> list[Field]:
-    data = bytes(payload)
-    (count,) = I16.unpack_from(data, 0)
-    pos = 2
-    out = []
-    for _ in range(count):
-        end = data.index(b"\0", pos)
-        name = data[pos:end].decode("utf-8", "replace")
-        pos = end + 1
-        out.append(Field(name, *_FIELD_TAIL.unpack_from(data, pos)))
-        pos += _FIELD_TAIL.size
-    return out
-
-
-def parse_data_row(payload: bytes | memoryview) -> list[bytes | None]:
-    data = bytes(payload)
-    (count,) = I16.unpack_from(data, 0)
-    pos = 2
-    out: list[bytes | None] = []
-    for _ in range(count):
-        (ln,) = I32.unpack_from(data, pos)
-        pos += 4
-        if ln < 0:
-            out.append(None)
-        else:
-            out.append(data[pos : pos + ln])
-            pos += ln
-    return out
-
-
 def command_tag_rows(tag: str) -> int | None:
     """Row count from a CommandComplete tag ('SELECT 5', 'INSERT 0 3', 'UPDATE 2')."""
     parts = tag.split()

@@ -25,6 +25,12 @@ from typing import TYPE_CHECKING, Any
 from pgwarden.masking.catalog import JSON_OID, JSONB_OID, NON_TEXT_SCALARS, XML_OID, Catalog
 from pgwarden.masking.detectors import DetectorSet, tag
 
+# The RowDescription / DataRow codec is shared with the proxy (pgwarden.pgwire); re-exported here.
+from pgwarden.pgwire import build_data_row as build_data_row
+from pgwarden.pgwire import build_row_description as build_row_description
+from pgwarden.pgwire import parse_data_row as parse_data_row
+from pgwarden.pgwire import parse_row_description as parse_row_description
+
 if TYPE_CHECKING:
     from pgwarden.masking.subject import Field, SubjectMasking
 
@@ -260,60 +266,3 @@ def make_row_rewriter(actions: Sequence[str | None], fields: Sequence[Field], ma
 
 
 # -- message helpers, for tests and for the proxy if it wants them ---------------------------------
-
-
-def parse_row_description(payload: bytes) -> list[Field]:
-    from pgwarden.masking.subject import Field
-
-    n = int.from_bytes(payload[0:2], "big")
-    pos = 2
-    out = []
-    for _ in range(n):
-        end = payload.index(b"\0", pos)
-        name = payload[pos:end].decode("utf-8", "replace")
-        pos = end + 1
-        table_oid = int.from_bytes(payload[pos:pos + 4], "big")
-        attnum = int.from_bytes(payload[pos + 4:pos + 6], "big", signed=True)
-        type_oid = int.from_bytes(payload[pos + 6:pos + 10], "big")
-        typlen = int.from_bytes(payload[pos + 10:pos + 12], "big", signed=True)
-        typmod = int.from_bytes(payload[pos + 12:pos + 16], "big", signed=True)
-        fmt = int.from_bytes(payload[pos + 16:pos + 18], "big", signed=True)
-        pos += 18
-        out.append(Field(name, table_oid, attnum, type_oid, typlen, typmod, fmt))
-    return out
-
-
-def build_row_description(fields: Sequence[Field]) -> bytes:
-    parts = [len(fields).to_bytes(2, "big")]
-    for f in fields:
-        parts.append(f.name.encode() + b"\0")
-        parts.append(f.table_oid.to_bytes(4, "big") + f.attnum.to_bytes(2, "big", signed=True))
-        parts.append(f.type_oid.to_bytes(4, "big") + f.typlen.to_bytes(2, "big", signed=True))
-        parts.append(f.typmod.to_bytes(4, "big", signed=True) + f.format.to_bytes(2, "big"))
-    return b"".join(parts)
-
-
-def build_data_row(values: Sequence[bytes | None]) -> bytes:
-    parts = [len(values).to_bytes(2, "big")]
-    for v in values:
-        if v is None:
-            parts.append(_NULL)
-        else:
-            parts.append(len(v).to_bytes(4, "big"))
-            parts.append(v)
-    return b"".join(parts)
-
-
-def parse_data_row(payload: bytes) -> list[bytes | None]:
-    n = int.from_bytes(payload[0:2], "big")
-    pos = 2
-    out: list[bytes | None] = []
-    for _ in range(n):
-        length = int.from_bytes(payload[pos:pos + 4], "big", signed=True)
-        pos += 4
-        if length < 0:
-            out.append(None)
-        else:
-            out.append(payload[pos:pos + length])
-            pos += length
-    return out

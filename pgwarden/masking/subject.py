@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from pglast import ast, parse_sql
 from pglast.parser import ParseError
@@ -29,20 +29,9 @@ from pgwarden.masking.catalog import Catalog, Relation
 from pgwarden.masking.detectors import Detector, DetectorSet
 from pgwarden.masking.model import MaskingRule, strongest
 from pgwarden.masking.strategies import strategy_function
+from pgwarden.pgwire import Field
 
 _DDL_PREFIXES = ("Create", "Alter", "Drop", "Rename", "View", "Index", "Comment", "Grant", "Refresh")
-
-
-class Field(NamedTuple):
-    """One RowDescription field, as PostgreSQL sends it."""
-
-    name: str
-    table_oid: int
-    attnum: int
-    type_oid: int
-    typlen: int
-    typmod: int
-    format: int
 
 
 @dataclass

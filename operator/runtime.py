@@ -37,14 +37,14 @@ class Runtime:
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         return self.locks[(namespace, name)]
 
-    async def read(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+    async def read(self, plural: str, namespace: str, name: str, fresh: bool = False) -> dict[str, Any] | None:
         """A pgwarden object read from the API (None: it does not exist), reused for
-        `settings.lookup_cache_seconds`, so a burst of pod creations costs one GET.
-        API errors propagate: the caller refuses rather than guesses."""
+        `settings.lookup_cache_seconds`, so a burst of pod creations costs one GET; `fresh`
+        skips the reuse. API errors propagate: the caller refuses rather than guesses."""
         key = (plural, namespace, name)
         now = time.monotonic()
         hit = self._reads.get(key)
-        if hit is not None and hit[0] > now:
+        if hit is not None and hit[0] > now and not fresh:
             return hit[1]
         obj = await self.kube.get(kube.path(kube.PGW, plural, namespace, name))
         if len(self._reads) > 1024:  # short-lived entries; keep the dict from growing without bound

@@ -62,16 +62,15 @@ def _seconds(value: str | None, default: float) -> float:
 
 
 async def review_policy(runtime: Runtime, obj: Mapping[str, Any] | None) -> approvals.ReviewPolicy | None:
-    """The reviewers of the AccessPolicy a request names: from the watch stream's memory, else
-    from the API (a standby replica watches nothing but still answers admission requests)."""
+    """The reviewers of the AccessPolicy a request names, read from the API every time.
+
+    Decisions are rare and who may decide is the whole point: memory from the watch stream
+    could be stale (a replica that was paused misses a deleted policy), so it is not used here."""
     key = approvals.policy_key(obj or {})
     if key is None:
         return None
-    known = runtime.review_policies.get(key)
-    if known is not None:
-        return known  # type: ignore[no-any-return]
     try:
-        raw = await runtime.read("accesspolicies", *key)
+        raw = await runtime.read("accesspolicies", *key, fresh=True)
     except Exception as e:  # API down or forbidden: refuse (failurePolicy Fail), never guess
         raise kopf.AdmissionError(f"pgwarden cannot look up AccessPolicy {key[0]}/{key[1]}: {e}; try again",
                                   code=503) from e

@@ -14,6 +14,7 @@ import os
 import tempfile
 import textwrap
 import threading
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -177,7 +178,10 @@ def main(args: argparse.Namespace) -> int:
         stop.set()
         conn.close()
         print("\nsummary:", ", ".join(f"{s.expect}->{r}" for s, r in zip(SCRIPT, results, strict=True)))
-        runner.call(running.stop())
+        deadline = time.monotonic() + 10  # let the proxy finish the session (its recording, its audit)
+        while running.server.active_sessions and time.monotonic() < deadline:
+            time.sleep(0.05)
+        runner.call(running.stop(drain_timeout=5))
         _epilogue(workdir)
         if args.keep:
             print(f"proxy left running on 127.0.0.1:{running.port}; press Ctrl-C to stop")

@@ -32,6 +32,9 @@ from pgwarden.errors import AgentError, PolicyDenied, ProtocolViolation
 # A statement that fails in the raw parser: no catalog access, no side effects.
 SENTINEL_SQL = "pgwarden refused the statement that was sent here"
 _SENTINEL_QUERY = m.message(m.F_QUERY, m.cstr(SENTINEL_SQL))
+# Sent after a row-limit cancel was delivered: it takes the cancel if that arrives late, so the
+# cancel can never hit the client's next statement. Its answer is swallowed.
+_ABSORBER_QUERY = m.message(m.F_QUERY, m.cstr("SELECT 1 /* pgwarden: absorbs a late row-limit cancel */"))
 _SENTINEL_PARSE = m.message(m.F_PARSE, m.cstr("") + m.cstr(SENTINEL_SQL) + b"\0\0")
 
 # client message type bytes as ints (frames() yields ints)
@@ -125,6 +128,7 @@ class Pending:
     max_rows: int | None = None
     rows: int = 0
     limit_hit: bool = False
+    swallow: bool = False  # the proxy's own statement: nothing of its answer reaches the client
     # EXECUTE / DESCRIBE of a portal: the portal as bound when the message was sent
     portal: Any = None
 
@@ -179,6 +183,11 @@ class Relay:
         self._sneed = 0
         self._skip_until_sync = False
         self._held: Awaitable[Verdict] | None = None
+        self._paused = False
+        self._absorbing = 0  # absorber statements in flight
+        self._unsynced = False  # extended-protocol messages forwarded since the last Sync/Query
+        # called when the absorber's answer is complete: the shell releases the client
+        self.on_absorbed: Callable[[], None] | None = None
         self._resolved: Verdict | None = None
         self._statements: dict[str, _Prepared] = {}
         self._portals: dict[str, _Portal] = {}
@@ -209,9 +218,30 @@ class Relay:
         shell awaits it, then calls resume() with its result. Raises ProtocolViolation."""
         buf = self._cbuf + data if self._cbuf else data
         self._cbuf = b""
-        if self._held is not None:
+        if self._held is not None or self._paused:
             self._cbuf = buf
             return None
+        return self._process_client(buf)
+
+    def pause_client(self) -> None:
+        """Keep the client's next messages back (buffered) until unpause_client()."""
+        self._paused = True
+
+    def absorb_cancel(self) -> bool:
+        """Send the absorber if the server is at a sync point; False when it cannot be used
+        (an extended batch is still open: the client's Sync is among the held messages)."""
+        if self._unsynced:
+            return False
+        self.to_server(_ABSORBER_QUERY)
+        self.pending.append(Pending(QUERY, swallow=True))
+        self._absorbing += 1
+        return True
+
+    def unpause_client(self) -> Awaitable[Verdict] | None:
+        self._paused = False
+        if self._held is not None or not self._cbuf:
+            return None
+        buf, self._cbuf = self._cbuf, b""
         return self._process_client(buf)
 
     def resume(self, verdict: Verdict) -> Awaitable[Verdict] | None:
@@ -249,6 +279,7 @@ class Relay:
                         verdict = self.gate.query(m.parse_query(buf[ps:end]))
                     if verdict is not None and verdict.wait is not None:
                         return self._hold(buf, span_start, pos, out, verdict)
+                    self._unsynced = False
                     entry = Pending(QUERY)
                     if verdict is not None:
                         entry.results, entry.context, entry.max_rows = verdict.results, verdict.context, verdict.max_rows
@@ -263,6 +294,7 @@ class Relay:
                             self.stats.refused += 1
                     self.pending.append(entry)
                 elif t == _P:
+                    self._unsynced = True
                     parse = m.parse_parse(buf[ps:end])
                     verdict = self._take_resolved()
                     if verdict is None and self.gate is not None:
@@ -289,6 +321,7 @@ class Relay:
                         self._statements[parse.name] = prepared
                     self.pending.append(entry)
                 elif t == _B:
+                    self._unsynced = True
                     bind = m.parse_bind(buf[ps:end])
                     if self.gate is not None:
                         verdict = self._take_resolved() or self.gate.bind(bind)
@@ -307,6 +340,7 @@ class Relay:
                     self._portals[bind.portal] = _Portal(bind.statement, bind.result_formats)
                     self.pending.append(Pending(BIND))
                 elif t == _E:
+                    self._unsynced = True
                     portal, _max_rows = m.parse_execute(buf[ps:end])
                     entry = Pending(EXECUTE, name=portal)
                     p = self._portals.get(portal)
@@ -335,6 +369,7 @@ class Relay:
                         self._close_hook(name)
                     self.pending.append(Pending(CLOSE))
                 elif t == _S:
+                    self._unsynced = False
                     self.pending.append(Pending(SYNC))
                 elif t in (_H, _COPY_D, _COPY_C, _COPY_F):
                     pass
@@ -405,6 +440,16 @@ class Relay:
         pending = self.pending
         try:
             for t, ps, end in m.frames(buf, 0, MAX_SERVER_MESSAGE):
+                if self._absorbing and pending and pending[0].swallow:
+                    out.append(buf[span_start:pos])  # the absorber's answer stays here
+                    span_start = end
+                    if t == _Z:
+                        pending.popleft()
+                        self._absorbing -= 1
+                        if not self._absorbing and self.on_absorbed is not None:
+                            self.on_absorbed()
+                    pos = end
+                    continue
                 if t == _DR or t == _COPY_DATA_S:
                     head = pending[0] if pending else None
                     if head is not None and head.max_rows is not None:

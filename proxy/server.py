@@ -298,7 +298,36 @@ class ProxyServer:
         hello.append(m.ready_for_query(b"I"))
         gate, observer = self.hooks(info, ep.write) if self.hooks is not None else (None, None)
         relay = Relay(uep.write, ep.write, gate=gate, observer=observer, max_message_bytes=self.config.max_message_bytes)
-        relay.on_limit = lambda: self.runtime.spawn(up.send_cancel(self.config, upstream.pid, upstream.secret)) if self.runtime else None
+        def limit_cancel() -> None:
+            """A result passed maxRows: cancel it. PostgreSQL delivers a cancel asynchronously and
+            ignores one that reaches an idle backend, so the client's next statement is held
+            until the cancel has been delivered, or the cancel could hit that statement instead."""
+            relay.pause_client()
+
+            async def cancel_then_resume() -> None:
+                try:
+                    await up.send_cancel(self.config, upstream.pid, upstream.secret)
+                finally:
+                    # the absorber takes a late cancel; the client is released after its answer
+                    if not relay.absorb_cancel():  # rare: an extended batch is open; release now
+                        release()
+
+            def release() -> None:
+                try:
+                    waiting = relay.unpause_client()
+                except Exception as e:
+                    fail(e)
+                    return
+                if waiting is not None:
+                    self._hold(relay, waiting, ep, finish, self._live.get(key))
+
+            relay.on_absorbed = release
+
+            task = asyncio.get_running_loop().create_task(cancel_then_resume())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        relay.on_limit = limit_cancel
         self._live[key].relay = relay
         done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 

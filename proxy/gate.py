@@ -161,8 +161,9 @@ class SessionGate:
 
     def parse(self, name: str, sql: str) -> Verdict | None:
         self._reviewed.pop(name, None)
+        self._parsed.pop(name, None)
         verdict = self._check(sql, name)
-        if isinstance(verdict.context, StatementContext):
+        if verdict.error is None and isinstance(verdict.context, StatementContext):
             self._parsed[name] = verdict.context
         return verdict
 
@@ -172,7 +173,15 @@ class SessionGate:
         pending = self._reviewed.get(bind.statement)
         if pending is None:
             parsed = self._parsed.get(bind.statement)
-            if parsed is None or self.rt.audit is None:
+            if parsed is None:
+                # PostgreSQL lets a Bind name a statement made by SQL PREPARE (one namespace):
+                # its body was never decided or planned for masking here, so it does not run.
+                return Verdict(error=PolicyDenied(
+                    f"pgwarden refuses to bind prepared statement {bind.statement!r}: it was not prepared "
+                    "through the extended protocol on this connection",
+                    hint="Run SQL-prepared statements with EXECUTE, or Parse the statement before binding it.",
+                ))
+            if self.rt.audit is None:
                 return None
             # every execution's parameter values go into the audit trail (detector-scrubbed) first
             record = records.statement(
@@ -184,6 +193,18 @@ class SessionGate:
         ctx = StatementContext(id=str(next(self._ids)), sql=sql, started=time.time(), prepared=True, decision=decision,
                                params=bind_params(bind))
         return Verdict(wait=self._review(ctx, decision, results, params=ctx.params or ()), context=ctx)
+
+    def _forget_sql_prepared(self, effects: Any) -> None:
+        """SQL PREPARE / DEALLOCATE share the protocol's statement names: a name they touch no
+        longer holds the body this gate decided at Parse, so a later Bind of it is refused."""
+        for e in effects:
+            name = getattr(e, "name", None)
+            if name is None:  # DEALLOCATE ALL
+                self._parsed.clear()
+                self._reviewed.clear()
+            else:
+                self._parsed.pop(name, None)
+                self._reviewed.pop(name, None)
 
     def close_statement(self, name: str) -> None:
         """A protocol-level Close: the name no longer refers to a prepared statement."""
@@ -215,6 +236,12 @@ class SessionGate:
                 ctx.ddl = True
             results = plan if plan.masks_anything else None
         if decision is None:  # no AccessPolicy (defaultAction allow): masking still applies
+            if prepared_name is None:
+                from pgwarden.policy import analyze
+
+                self._forget_sql_prepared(
+                    e for st in analyze(sql, self.rt.search_path).statements for e in st.effects
+                )
             return self._audited(ctx, Verdict(results=results, context=ctx), "allow")
         if decision.action == "review" and decision.enforce:
             if prepared_name is not None:
@@ -224,6 +251,8 @@ class SessionGate:
                                      "review-at-bind")
             return Verdict(wait=self._review(ctx, decision, results), context=ctx)
         self.state.apply(decision)
+        if prepared_name is None:
+            self._forget_sql_prepared(decision.session_effects)
         verdict = Verdict(results=results, context=ctx, max_rows=decision.limits.max_rows)
         return self._audited(ctx, verdict, "allow" if decision.action == "allow" else f"{decision.action}-audit-only")
 

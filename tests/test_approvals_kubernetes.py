@@ -197,3 +197,18 @@ async def test_notification_is_sent_in_the_background(kmock: Any, backend: Kuber
         assert json.dumps(got[0])  # Slack-compatible JSON body
     finally:
         await runner.cleanup()
+
+
+async def test_forged_parameters_hash_is_not_consumed(kmock: Any, backend: KubernetesApprovals) -> None:
+    """The agent's service account can create requests itself: one that shows the reviewer the
+    parameters ("1",) but carries the hash of ("2",) must not release the statement with ("2",)."""
+    from pgwarden.approvals.model import params_hash
+
+    real = spec(mode="defer", params=("2",))
+    ticket = await backend.create(spec(mode="defer", params=("1",)))
+    path = f"{collection_path(NS)}/{ticket.name}"
+    await api(kmock, "PATCH", path, {"metadata": {"labels": {"pgwarden.dev/statement-hash": real.hash[:63]}},
+                                     "spec": {"statementHash": real.hash, "parametersHash": params_hash(("2",))}})
+    obj = await decide(kmock, ticket.name, "approved")
+    assert obj["spec"]["params"] == ["1"] and obj["status"]["phase"] == "Approved"
+    assert await backend.consume(real) is None

@@ -219,6 +219,10 @@ def matches(obj: Mapping[str, Any], spec: ApprovalSpec) -> bool:
     s = obj.get("spec") or {}
     if s.get("statement") != spec.statement or s.get("parametersHash") != spec.params_hash:
         return False
+    # the parameters the reviewer was shown, not only their hash: the agent's service account can
+    # create a request whose `params` and `parametersHash` disagree
+    if list(s.get("params") or []) != list(spec.params):
+        return False
     if (s.get("requester") or {}).get("subject") != spec.requester.subject:
         return False
     if (s.get("connectionRef") or {}).get("name") != spec.connection:

@@ -203,6 +203,12 @@ FUNCTIONS = [
     ("SELECT 1 OPERATOR(public.+) 1", D, "operator"),
     ("SELECT 1 OPERATOR(pg_catalog.+) 1", A),
     ("SELECT 1 === 1", D, "not a PostgreSQL operator"),
+    # operators outside A_Expr: a sublink's comparison and ORDER BY … USING
+    ("SELECT * FROM orders WHERE id OPERATOR(public.=) ANY (SELECT 1)", D, "operator public.="),
+    ("SELECT * FROM orders WHERE id === ALL (SELECT 1)", D, "not a PostgreSQL operator"),
+    ("SELECT * FROM orders ORDER BY id USING OPERATOR(public.<)", D, "operator public.<"),
+    ("SELECT * FROM orders ORDER BY id USING <<<", D, "not a PostgreSQL operator"),
+    ("SELECT * FROM orders WHERE id OPERATOR(pg_catalog.=) ANY (SELECT 1) ORDER BY id USING <", A),
     ("SELECT pg_stat_get_backend_activity(1)", D, "pg_catalog.pg_stat_get_backend_activity"),
     ("SELECT pg_catalog.pg_stat_get_backend_activity(1)", D),
     ("SELECT * FROM orders WHERE status ~* 'x' AND id BETWEEN 1 AND 5 AND status IS DISTINCT FROM 'y'", A),

@@ -646,15 +646,27 @@ class _Walker:
             if key != "funcname":
                 self.visit(value, ctes)
 
-    def n_A_Expr(self, n: dict[str, Any], ctes: frozenset[str]) -> None:
-        name = _strings(n.get("name"))
+    def operator(self, name: list[str], kind: str = "") -> None:
         if len(name) > 1 and name[-2] != "pg_catalog":
             self.violations.append(f"operator {'.'.join(name)} is user-defined code the engine cannot see")
-        elif name and name[-1] not in CATALOG_OPERATORS and not n.get("kind", "").startswith("AEXPR_BETWEEN"):
+        elif name and name[-1] not in CATALOG_OPERATORS and not kind.startswith("AEXPR_BETWEEN"):
             self.violations.append(f"operator {name[-1]} is not a PostgreSQL operator; user-defined operators "
                                    "run code the engine cannot see")
+
+    def n_A_Expr(self, n: dict[str, Any], ctes: frozenset[str]) -> None:
+        self.operator(_strings(n.get("name")), n.get("kind", ""))
         for key in ("lexpr", "rexpr"):
             self.visit(n.get(key), ctes)
+
+    def n_SubLink(self, n: dict[str, Any], ctes: frozenset[str]) -> None:
+        """`x OP ANY (SELECT …)`: the comparison operator is code like any A_Expr's."""
+        self.operator(_strings(n.get("operName")))
+        self.visit({k: v for k, v in n.items() if k != "operName"}, ctes)
+
+    def n_SortBy(self, n: dict[str, Any], ctes: frozenset[str]) -> None:
+        """`ORDER BY x USING op`: the sort operator is code like any A_Expr's."""
+        self.operator(_strings(n.get("useOp")))
+        self.visit({k: v for k, v in n.items() if k != "useOp"}, ctes)
 
     # -- functions -----------------------------------------------------------------------------
 

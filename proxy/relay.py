@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pgwarden.proxy import messages as m
@@ -45,7 +45,6 @@ _LEAN_PASS = frozenset((_P, _B, _D, _E, _C, _H, _COPY_D, _COPY_C, _COPY_F))
 _T, _DR, _CC, _EQ, _ER, _Z = ord("T"), ord("D"), ord("C"), ord("I"), ord("E"), ord("Z")
 _PC, _BC, _CLC, _ND, _PS, _COPYOUT = ord("1"), ord("2"), ord("3"), ord("n"), ord("s"), ord("H")
 _NOTICE = ord("N")
-_COPY_DATA_S = ord("d")
 
 # The server is trusted to frame its messages; a field value may be up to 1 GB, so results are
 # not held to the client's message limit.
@@ -81,7 +80,6 @@ class Verdict:
     error: AgentError | None = None
     # hold the statement until this resolves to a final Verdict (approvals, durable audit)
     wait: Awaitable[Verdict] | None = None
-    notice: bytes = b""
     results: ResultPolicy | None = None
     # stop relaying rows beyond this many per result, cancel the query and fail it (policy limits)
     max_rows: int | None = None
@@ -131,6 +129,8 @@ class Pending:
     swallow: bool = False  # the proxy's own statement: nothing of its answer reaches the client
     # EXECUTE / DESCRIBE of a portal: the portal as bound when the message was sent
     portal: Any = None
+    # DESCRIBE of a statement: the statement the name meant when the message was sent
+    prep: Any = None
 
 
 @dataclass
@@ -151,8 +151,6 @@ class _Portal:
 @dataclass
 class RelayStats:
     refused: int = 0
-    rows_rewritten: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class Relay:
@@ -207,10 +205,6 @@ class Relay:
     def busy(self) -> bool:
         """True while the server owes responses (a query is in flight)."""
         return bool(self.pending)
-
-    @property
-    def held(self) -> bool:
-        return self._held is not None
 
     # -- client -> server ------------------------------------------------------------------------
     def client_data(self, data: bytes) -> Awaitable[Verdict] | None:
@@ -283,9 +277,6 @@ class Relay:
                     entry = Pending(QUERY)
                     if verdict is not None:
                         entry.results, entry.context, entry.max_rows = verdict.results, verdict.context, verdict.max_rows
-                        if verdict.notice:
-                            self._flush_out(out)
-                            self.to_client(verdict.notice)
                         if verdict.error is not None:
                             out.append(buf[span_start:pos])
                             out.append(_SENTINEL_QUERY)
@@ -306,9 +297,6 @@ class Relay:
                     if verdict is not None:
                         prepared.results, prepared.context = verdict.results, verdict.context
                         prepared.max_rows = verdict.max_rows
-                        if verdict.notice:
-                            self._flush_out(out)
-                            self.to_client(verdict.notice)
                         if verdict.error is not None:
                             out.append(buf[span_start:pos])
                             out.append(_SENTINEL_PARSE)
@@ -352,16 +340,16 @@ class Relay:
                             entry.fields = p.fields or _with_formats(prep.fields, p.formats)
                             if prep.results is not None:
                                 entry.results = prep.results
-                                fields = p.fields or _with_formats(prep.fields, p.formats)
-                                if fields is None:  # a Describe of the portal in this batch: bind at the first row
+                                if entry.fields is None:  # a Describe in this batch: bind at the first row
                                     entry.portal = p
                                 else:
-                                    entry.rewriter = prep.results.bind(0, fields)
+                                    entry.rewriter = prep.results.bind(0, entry.fields)
                     self.pending.append(entry)
                 elif t == _D:
                     kind, name = m.parse_target(buf[ps:end])
                     self.pending.append(Pending(DESCRIBE, target=kind, name=name,
-                                               portal=self._portals.get(name) if kind == "P" else None))
+                                               portal=self._portals.get(name) if kind == "P" else None,
+                                               prep=self._statements.get(name) if kind == "S" else None))
                 elif t == _C:
                     kind, name = m.parse_target(buf[ps:end])
                     (self._statements if kind == "S" else self._portals).pop(name, None)
@@ -410,8 +398,6 @@ class Relay:
     def _hold(self, buf: bytes, span_start: int, pos: int, out: list[bytes], verdict: Verdict) -> Awaitable[Verdict]:
         out.append(buf[span_start:pos])
         self._flush_out(out)
-        if verdict.notice:
-            self.to_client(verdict.notice)
         self._cbuf = buf[pos:]
         assert verdict.wait is not None
         self._held = verdict.wait
@@ -450,7 +436,7 @@ class Relay:
                             self.on_absorbed()
                     pos = end
                     continue
-                if t == _DR or t == _COPY_DATA_S:
+                if t == _DR or t == _COPY_D:
                     head = pending[0] if pending else None
                     if head is not None and head.max_rows is not None:
                         head.rows += 1
@@ -463,7 +449,7 @@ class Relay:
                                     self.on_limit()
                             pos = end
                             continue
-                    if t == _COPY_DATA_S:
+                    if t == _COPY_D:
                         rw = self._rewriter
                         if rw is not None:
                             out.append(buf[span_start:pos])
@@ -478,7 +464,6 @@ class Relay:
                         row = rw.rewrite(buf[ps:end])
                         out.append(buf[span_start:pos])
                         out.append(m.message(b"D", row))
-                        self.stats.rows_rewritten += 1
                         span_start = end
                         if self._recording is not None and not self.observer.result_row(self._recording, row):  # type: ignore[union-attr]
                             self._recording = None
@@ -500,7 +485,6 @@ class Relay:
                         continue
                     if head is not None:
                         head.rows = 0
-                    if head is not None:
                         if self.observer is not None:
                             tag = bytes(buf[ps : end - 1]).decode() if t == _CC else ""
                             self.observer.statement_done(head.context, tag, None)
@@ -625,8 +609,7 @@ class Relay:
             return head.results is not None
         if head.kind == DESCRIBE:
             if head.target == "S":
-                prep = self._statements.get(head.name)
-                return prep is not None and prep.results is not None
+                return head.prep is not None and head.prep.results is not None
             portal = head.portal
             if portal is None:
                 return False
@@ -638,9 +621,8 @@ class Relay:
         if fields is None:
             return
         if head.target == "S":
-            prep = self._statements.get(head.name)
-            if prep is not None:
-                prep.fields = fields
+            if head.prep is not None:
+                head.prep.fields = fields
         elif head.portal is not None:
             head.portal.fields = fields
 

@@ -164,7 +164,11 @@ def proxy_volumes(target: InjectionTarget, settings: InjectionSettings) -> list[
 
 def _check_no_leak(spec: Mapping[str, Any], target: InjectionTarget) -> None:
     """Refuse pods whose own containers could read the proxy's credentials."""
-    leaking = {CONFIG_VOLUME, DATA_VOLUME}
+    for key in ("shareProcessNamespace", "hostPID"):
+        if spec.get(key) is True:
+            raise InjectionError(f"spec.{key}: true lets the agent's containers reach the proxy's process "
+                                 "(/proc/<pid>/root holds the database credentials); remove it")
+    leaking = {CONFIG_VOLUME, DATA_VOLUME, TMP_VOLUME}
     for v in spec.get("volumes") or []:
         if v.get("name") in (CONFIG_VOLUME, TMP_VOLUME, DATA_VOLUME):
             raise InjectionError(f"the pod already defines a volume named {v.get('name')!r}; rename it")

@@ -105,6 +105,21 @@ class TestVolumes:
             inj.inject_pod(p, TARGET, SETTINGS)
 
 
+    @pytest.mark.parametrize("volume", [inj.TMP_VOLUME, inj.DATA_VOLUME])
+    def test_refuses_agent_mounting_the_proxys_scratch_volumes(self, volume: str) -> None:
+        p = pod()
+        p["spec"]["containers"][0]["volumeMounts"] = [{"name": volume, "mountPath": "/x"}]
+        with pytest.raises(inj.InjectionError, match="only the pgwarden proxy"):
+            inj.inject_pod(p, TARGET, SETTINGS)
+
+    @pytest.mark.parametrize("field", ["shareProcessNamespace", "hostPID"])
+    def test_refuses_a_process_namespace_shared_with_the_proxy(self, field: str) -> None:
+        """/proc/<proxy pid>/root and /environ would hand the agent the credentials."""
+        with pytest.raises(inj.InjectionError, match=field):
+            inj.inject_pod(pod(**{field: True}), TARGET, SETTINGS)
+        assert sidecar(inj.inject_pod(pod(**{field: False}), TARGET, SETTINGS))
+
+
 class TestAgentEnv:
     def test_pghost_pgport_on_agents(self) -> None:
         out = inj.inject_pod(pod(initContainers=[{"name": "init", "image": "i"}]), TARGET, SETTINGS)

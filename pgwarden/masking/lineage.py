@@ -350,13 +350,20 @@ class Analyzer:
             if wc.recursive and isinstance(q, ast.SelectStmt) and q.op and q.op != enums.SetOperation.SETOP_NONE:
                 scope.ctes[name] = None  # a self-reference while analysing the seed: unknown
                 outs = rename(self.select(q.larg, scope), cte.aliascolnames)
-                for _ in range(4):
+                # taints only grow, so this reaches a fixed point; a value can move one column
+                # per recursion step, so stopping early would leave a column that carries it clear
+                for _ in range(64):
                     scope.ctes[name] = outs
                     again = rename(self.select(q, scope), cte.aliascolnames)
                     merged = merge_positional(outs, again)
                     if [(o.taint, o.spread) for o in merged] == [(o.taint, o.spread) for o in outs]:
                         break
                     outs = merged
+                else:  # no fixed point in time: any column may carry any of the values
+                    worst = CLEAR_T
+                    for o in outs:
+                        worst = union(worst, o.taint)
+                    outs = [OutCol(o.name, worst, o.spread) for o in outs]
                 scope.ctes[name] = outs
             else:
                 scope.ctes[name] = rename(self.query(q, scope), cte.aliascolnames)

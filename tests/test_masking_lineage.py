@@ -71,6 +71,9 @@ def denied(sql, sm=SM, cat=CAT, **kw):
         ("SELECT * FROM (VALUES (1, 'a')) v(x, y)", [None, None]),
         ("WITH RECURSIVE r(n, e) AS (SELECT 1, email FROM customers UNION ALL SELECT n + 1, e FROM r "
          "WHERE n < 3) SELECT * FROM r", [None, "email"]),
+        # WITH RECURSIVE lets a query name a sibling defined after it, even one named like a table
+        ("WITH RECURSIVE a AS (SELECT * FROM orders), orders AS (SELECT ssn AS id FROM customers) "
+         "SELECT * FROM a", [D]),
         # the recursive term moves the value one column per step: it reaches f after five
         ("WITH RECURSIVE r(n, a, b, c, d, e, f) AS (SELECT 1, ssn, '', '', '', '', '' FROM customers "
          "UNION ALL SELECT n + 1, f, a, b, c, d, e FROM r WHERE n < 6) SELECT f FROM r", ["redact"]),

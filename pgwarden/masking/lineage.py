@@ -344,6 +344,9 @@ class Analyzer:
         return outs
 
     def with_clause(self, wc: ast.WithClause, scope: Scope) -> None:
+        if wc.recursive:  # every sibling is visible, also one defined later: unknown until analysed
+            for cte in wc.ctes or ():
+                scope.ctes[cte.ctename] = None
         for cte in wc.ctes or ():
             name = cte.ctename
             q = cte.ctequery

@@ -79,7 +79,6 @@ class ProxyServer:
     _live: dict[tuple[int, int], _Live] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     draining: bool = False
-    sessions_total: int = 0
     reload_status: ReloadStatus = field(default_factory=ReloadStatus)
 
     @property
@@ -233,8 +232,8 @@ class ProxyServer:
                 sqlstate="3D000",
             )
         peer = _peer(ep)
-        secure = ep.transport is not None and ep.transport.get_extra_info("sslcontext") is not None
-        secure = secure or peer.startswith(("127.", "::1", "unix"))
+        loopback = peer.startswith(("127.", "::1", "unix"))  # the sidecar case: the agent's own pod
+        tls = ep.transport is not None and ep.transport.get_extra_info("sslcontext") is not None
         rt = self.runtime
         ainfo = records.SessionInfo(
             session_id=f"{int(time.time())}-{next(_session_ids)}-{secrets.token_hex(3)}",
@@ -252,22 +251,21 @@ class ProxyServer:
             if delay > 0:  # slow down guessing from one source, before looking at the password
                 await asyncio.sleep(delay)
         try:
-            loopback = peer.startswith(("127.", "::1", "unix"))
             pod = pod_identity(ainfo.workload) if self.config.pod_identity and loopback else None
             identity = await authenticate(
-                ep, params, {u.name: u for u in self.config.users}, self.token_auth, secure_channel=secure, pod=pod
+                ep, params, {u.name: u for u in self.config.users}, self.token_auth, secure_channel=tls or loopback, pod=pod
             )
         except AuthenticationFailed as e:
-            failures = backoff.record_failure(source, time.monotonic()) if backoff is not None else 0.0
+            next_delay = backoff.record_failure(source, time.monotonic()) if backoff is not None else 0.0
             if rt is not None and rt.audit is not None:
                 with contextlib.suppress(AgentError):  # refused either way; written before the answer
-                    await rt.audit.write(records.auth_failure(ainfo, reason=e.message, method="password", delay_s=failures))
+                    await rt.audit.write(records.auth_failure(ainfo, reason=e.message, method="password", delay_s=next_delay))
             raise
         if backoff is not None:
             backoff.reset(source)
         ainfo = ainfo.with_identity(identity)
         if rt is not None and rt.audit is not None:
-            await rt.audit.write(records.session_start(ainfo, tls=secure and not peer.startswith(("127.", "::1", "unix"))))
+            await rt.audit.write(records.session_start(ainfo, tls=tls))
         forwarded = {k: v for k, v in params.items() if k in FORWARDED_STARTUP_PARAMS}
         pinned = rt.upstream_settings(identity) if rt is not None else {}
         upstream = await up.connect(self.config, {**forwarded, **pinned})
@@ -336,14 +334,7 @@ class ProxyServer:
                 done.set_result(reason)
 
         def fail(e: Exception) -> None:
-            """A bug on the data path ends this session, closed, never the process."""
-            if isinstance(e, AgentError):
-                ep.write(m.error_response_from(e))
-                finish("protocol")
-            else:
-                log.exception("relay failed; closing the session")
-                ep.write(m.error_response("XX000", "pgwarden internal error; the session was closed", severity="FATAL"))
-                finish("error")
+            _end_session(ep, finish, e)
 
         def on_client(data: bytes) -> None:
             try:
@@ -426,9 +417,8 @@ class ProxyServer:
                 verdict = Verdict(error=AgentError("pgwarden internal error while holding the statement; nothing was forwarded"))
             try:
                 again = relay.resume(verdict)
-            except AgentError as e:
-                ep.write(m.error_response_from(e))
-                finish("protocol")
+            except Exception as e:  # never leave the client paused behind a failed callback
+                _end_session(ep, finish, e)
                 return
             if again is not None:
                 self._hold(relay, again, ep, finish, live)
@@ -452,6 +442,17 @@ class ProxyServer:
         await up.send_cancel(self.config, lv.upstream.pid, lv.upstream.secret)
 
 
+def _end_session(ep: Endpoint, finish: Callable[[str], None], e: Exception) -> None:
+    """A failure on the data path ends this session, with a reason, never the process."""
+    if isinstance(e, AgentError):
+        ep.write(m.error_response_from(e))
+        finish("protocol")
+    else:
+        log.error("relay failed; closing the session", exc_info=e)
+        ep.write(m.error_response("XX000", "pgwarden internal error; the session was closed", severity="FATAL"))
+        finish("error")
+
+
 def _discard(data: bytes) -> None:
     pass
 
@@ -462,4 +463,5 @@ def _peer(ep: Endpoint) -> str:
     addr = ep.transport.get_extra_info("peername")
     if isinstance(addr, tuple):
         return f"{addr[0]}:{addr[1]}"
-    return "unix" if addr is not None or addr == "" else ""
+    return "unix" if addr is not None else ""  # a unix socket's peer name is ''
+

@@ -76,6 +76,9 @@ DML = [
     ("WITH d AS (UPDATE audit_scratch SET payload = '' RETURNING *) SELECT * FROM d", D, "without a WHERE"),
     ("INSERT INTO audit_scratch (payload) SELECT email FROM customers", D),
     ("INSERT INTO audit_scratch (payload) SELECT status FROM orders", A),
+    # a subscript of a target column is an expression the server evaluates
+    ("INSERT INTO audit_scratch (payload[(SELECT count(*) FROM customers)]) VALUES ('x')", D,
+     "select on public.customers"),
     ("INSERT INTO orders (customer_id, total_cents) SELECT customer_id, total_cents FROM orders", R),
     ("INSERT INTO customers (name) VALUES ('x')", D),
     ("INSERT INTO audit_scratch (id, payload) VALUES (1, 'x') "

@@ -607,6 +607,7 @@ class _Walker:
         occ = n.get("onConflictClause")
         if occ and occ.get("action") == "ONCONFLICT_UPDATE":
             self.add("update", target)
+        self.visit_as("select", n.get("cols"), ctes)  # subscripts: col[(SELECT …)]
         self.visit_as("select", n.get("selectStmt"), ctes)
         self.visit_as("select", occ, ctes)
         self._returning(n, target, ctes)

@@ -153,6 +153,12 @@ def test_copy_gets_the_same_lineage():
         ("INSERT INTO audit_scratch (payload) SELECT email FROM customers", "INSERT"),
         ("INSERT INTO audit_scratch (payload) VALUES ((SELECT ssn FROM customers LIMIT 1))", "INSERT"),
         ("UPDATE customers SET notes = ssn", "UPDATE"),
+        # a subscript of the written column decides where the value lands: it is copied too
+        ("INSERT INTO audit_scratch (payload[(SELECT length(ssn) FROM customers LIMIT 1)]) VALUES ('x')",
+         "INSERT"),
+        ("UPDATE orders SET status[(SELECT ascii(ssn) FROM customers LIMIT 1)] = 'x' WHERE id = 1", "UPDATE"),
+        ("INSERT INTO orders (id) VALUES (1) ON CONFLICT (id) DO UPDATE "
+         "SET status[(SELECT ascii(ssn) FROM customers LIMIT 1)] = 'x'", "ON CONFLICT"),
         ("UPDATE orders SET status = (SELECT email FROM customers LIMIT 1)", "UPDATE"),
         ("UPDATE orders o SET status = c.card_number FROM customers c WHERE c.id = o.customer_id", "UPDATE"),
         ("CREATE TABLE leak AS SELECT ssn FROM customers", "CREATE TABLE AS"),

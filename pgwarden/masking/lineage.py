@@ -582,6 +582,9 @@ class Analyzer:
         scope.star.extend(target.star())
         if isinstance(stmt, ast.InsertStmt):
             name = stmt.relation.relname
+            for rt in stmt.cols or ():  # a subscript (col[(SELECT …)]) decides where a value lands
+                self.no_copy([OutCol("", self.expr(rt.indirection, scope))],
+                             f"INSERT into {name} would copy masked values")
             if stmt.selectStmt is not None:
                 outs = self.query(stmt.selectStmt, Scope(parent=outer, ctes=scope.ctes))
                 self.no_copy(outs, f"INSERT into {name} would copy masked values")
@@ -589,7 +592,7 @@ class Analyzer:
             if occ is not None:
                 scope.rels.append(Rel("excluded", None, [OutCol(c.name, CLEAR_T) for c in target.star()]))
                 for rt in occ.targetList or ():
-                    self.no_copy([OutCol("", self.expr(rt.val, scope))],
+                    self.no_copy([OutCol("", self.expr([rt.val, rt.indirection], scope))],
                                  f"ON CONFLICT DO UPDATE of {name} would copy masked values")
                 self.predicate(occ.whereClause, scope, "ON CONFLICT WHERE")
         elif isinstance(stmt, ast.UpdateStmt):
@@ -598,7 +601,7 @@ class Analyzer:
             self.predicate(stmt.whereClause, scope, "WHERE")
             for rt in stmt.targetList or ():
                 val = rt.val.source if isinstance(rt.val, ast.MultiAssignRef) else rt.val
-                self.no_copy([OutCol("", self.expr(val, scope))],
+                self.no_copy([OutCol("", self.expr([val, rt.indirection], scope))],
                              f"UPDATE … SET {rt.name} would copy masked values")
         elif isinstance(stmt, ast.DeleteStmt):
             for item in stmt.usingClause or ():

@@ -132,18 +132,7 @@ def plan_rotation(state: RotationState, now: float, spec: RotationSpec) -> Rotat
                 wake_at=next_at,
                 reason=f"grace period of {other.name} is over",
             )
-        if state.secret_version != active.version:
-            return _repair(state, active, now, spec, next_at, grace_end)
-        return RotationPlan(
-            action=Action.NONE,
-            active=active.name,
-            version=active.version,
-            activated_at=active.activated_at,
-            next_rotation_at=next_at,
-            grace_ends_at=grace_end,
-            wake_at=min(grace_end, next_at),
-            reason=f"{other.name} is in its grace period",
-        )
+        return _hold(state, active, now, spec, next_at, grace_end, f"{other.name} is in its grace period")
 
     if now >= next_at:
         grace_end = now + spec.grace
@@ -159,16 +148,25 @@ def plan_rotation(state: RotationState, now: float, spec: RotationSpec) -> Rotat
             wake_at=grace_end,
             reason=f"{active.name} has been active for {spec.interval:g}s",
         )
+    return _hold(state, active, now, spec, next_at, None, "up to date")
+
+
+def _hold(
+    state: RotationState, active: LoginRole, now: float, spec: RotationSpec, next_at: float,
+    grace_end: float | None, reason: str,
+) -> RotationPlan:
+    """No rotation is due: repair a missing or stale Secret, else wait for the next deadline."""
     if state.secret_version != active.version:
-        return _repair(state, active, now, spec, next_at, None)
+        return _repair(state, active, now, spec, next_at, grace_end)
     return RotationPlan(
         action=Action.NONE,
         active=active.name,
         version=active.version,
         activated_at=active.activated_at,
         next_rotation_at=next_at,
-        wake_at=next_at,
-        reason="up to date",
+        grace_ends_at=grace_end,
+        wake_at=min(next_at, grace_end) if grace_end is not None else next_at,
+        reason=reason,
     )
 
 

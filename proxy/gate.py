@@ -286,35 +286,36 @@ class SessionGate:
     def _audited(self, ctx: StatementContext, verdict: Verdict, outcome: str) -> Verdict:
         """Hold the statement until its audit record is durable (PW004 if it cannot be)."""
         if self.rt.audit is None:
+            self._note(ctx, verdict)
             return verdict
         return Verdict(wait=self._durable(ctx, verdict, outcome), context=ctx)
 
+    def _note(self, ctx: StatementContext, verdict: Verdict) -> None:
+        """The session recording sees every decided statement, and its refusal if any."""
+        if self.recorder is not None:
+            self.recorder.statement(ctx.id, ctx.sql, ctx.params)
+            if verdict.error is not None:
+                self.recorder.error(ctx.id, {"C": verdict.error.sqlstate, "M": verdict.error.message})
+
     async def _write(self, record: dict[str, Any], verdict: Verdict) -> Verdict:
+        """`verdict` once `record` is durable; PW004 (nothing forwarded) if it cannot be."""
         try:
             await self.rt.audit.write(record)
         except AgentError as e:
             return Verdict(error=e, context=verdict.context)
-        return verdict
-
-    async def _durable(self, ctx: StatementContext, verdict: Verdict, outcome: str) -> Verdict:
-        if self.rt.audit is None:
-            return verdict
-        if self.recorder is not None:
-            self.recorder.statement(ctx.id, ctx.sql)
-            if verdict.error is not None:
-                self.recorder.error(ctx.id, {"C": verdict.error.sqlstate, "M": verdict.error.message})
-        record = self._record(ctx, outcome, verdict)
-        try:
-            await self.rt.audit.write(record)
-        except AuditUnavailable as e:
-            return Verdict(error=e, context=ctx)
         except Exception as e:  # any sink failure closes the gate
             log.exception("audit write failed")
             return Verdict(
                 error=AuditUnavailable(f"the audit record could not be written ({type(e).__name__}); nothing was forwarded"),
-                context=ctx,
+                context=verdict.context,
             )
         return verdict
+
+    async def _durable(self, ctx: StatementContext, verdict: Verdict, outcome: str) -> Verdict:
+        self._note(ctx, verdict)
+        if self.rt.audit is None:
+            return verdict
+        return await self._write(self._record(ctx, outcome, verdict), verdict)
 
     async def _approval_event(self, ctx: StatementContext, event: str, approver: str = "", reason: str = "") -> None:
         """Every approval step is an audit record, written before the step takes effect."""

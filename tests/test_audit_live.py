@@ -169,3 +169,12 @@ def test_an_expired_token_is_refused_and_audited(token_proxy: Any, tmp_path: Pat
     failures = [r for r in read_records(tmp_path / "audit.jsonl") if r["event"] == "auth.failure"]
     assert failures and "expired" in failures[-1]["reason"]
     assert "connection authorized" not in pg.log_since(mark)
+
+
+def test_a_recording_without_an_audit_log_still_shows_the_statements(make_proxy: Any, tmp_path: Path) -> None:
+    proxy = make_proxy(extra=[POLICY], proxy_spec={"recording": {"dir": str(tmp_path / "rec")}})
+    proxy.psql("-c", "SELECT id, status FROM orders ORDER BY id LIMIT 1")
+    proxy.psql("-c", "DROP TABLE orders")
+    texts = "".join(p.read_text() for p in (tmp_path / "rec").glob("*.jsonl"))
+    assert "SELECT id, status FROM orders" in texts and "DROP TABLE orders" in texts
+    assert "42501" in texts

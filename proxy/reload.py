@@ -5,7 +5,8 @@ so a stat of each file is enough) and re-validates everything with the same code
 start-up. A valid bundle replaces policies and masking rules for new statements of every
 session; an invalid one is refused and the last good one stays in force (never fall open).
 Sessions that were running without any gate (no policy at all) are closed when policy appears,
-so nobody keeps an unpoliced session across the change.
+so nobody keeps an unpoliced session across the change. Listener, upstream, users, audit and
+approval settings are read at start-up only: changing them needs a restart.
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ async def watch(server: Any, paths: Sequence[str | Path], status: ReloadStatus, 
         try:
             docs = load_documents(paths)
             await apply_documents(server, docs)
-        except ResourceError as e:
+        except Exception as e:  # whatever went wrong, the last good configuration stays
+            if not isinstance(e, ResourceError):
+                log.exception("configuration reload failed")
             status.error = f"the new configuration was refused, the previous one stays in force: {e}"
             log.error("%s", status.error)
             _audit(server, {"event": "config.reload", "ok": False, "error": str(e)})

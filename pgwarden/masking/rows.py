@@ -263,6 +263,3 @@ def make_row_rewriter(actions: Sequence[str | None], fields: Sequence[Field], ma
     if not maskers and not scanners:
         return None
     return RowRewriter(len(fields), maskers, scanners, dets)
-
-
-# -- message helpers, for tests and for the proxy if it wants them ---------------------------------

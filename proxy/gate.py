@@ -18,6 +18,8 @@ from typing import Any
 
 from pgwarden.proxy import messages as m
 from pgwarden.proxy.relay import Verdict
+from pgwarden.proxy.session import PortalEntry, PreparedEntry, SessionNames
+from pgwarden.proxy.statements import shown_sql, statement_changes
 
 from pgwarden.audit import records
 from pgwarden.errors import (
@@ -28,6 +30,7 @@ from pgwarden.errors import (
     AuditUnavailable,
     PolicyDenied,
 )
+from pgwarden.policy import analyze
 from pgwarden.subjects import Workload
 
 log = logging.getLogger("pgwarden.proxy.gate")
@@ -102,6 +105,29 @@ def bind_params(bind: m.BindMsg) -> tuple[str | None, ...]:
     return tuple(out)
 
 
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _with(verdict: Verdict, **fields: Any) -> Verdict:
+    """`verdict` carrying the name changes (or Parse entry) of its statement, also once a held
+    statement resolves — unless it resolves to a refusal, which makes no names."""
+    if verdict.wait is None:
+        if verdict.error is None:
+            for k, v in fields.items():
+                setattr(verdict, k, v)
+        return verdict
+
+    async def resolved(wait: Any) -> Verdict:
+        final: Verdict = await wait
+        if final.error is None:
+            for k, v in fields.items():
+                setattr(final, k, v)
+        return final
+
+    return Verdict(wait=resolved(verdict.wait), context=verdict.context)
+
+
 _refreshing: set[int] = set()
 
 
@@ -126,24 +152,29 @@ def refresh_catalog(catalog: Any) -> None:
 
 class SessionGate:
     def __init__(self, rt: Runtime, info: Any, notify_client: Callable[[bytes], None] | None = None) -> None:
+        from pgwarden.masking import MaskingSession
         from pgwarden.policy import SessionState
 
         self.rt = rt
         self.info = info
         self.notify_client = notify_client
+        # views of the session registry for the policy (EXECUTE bodies) and masking (cursors and
+        # prepared statements), re-derived whenever the registry's speculative view changes
         self.state = SessionState(search_path=rt.search_path)
-        from pgwarden.masking import MaskingSession
-
         self.msession = MaskingSession()
+        self.names = SessionNames()
+        self._views_version = 0
         self._resolve()
         self.ainfo: records.SessionInfo = info.audit
         self.recorder = rt.recorder_factory(info) if rt.recorder_factory is not None else None
         self._ids = itertools.count(1)
         self.statements = 0
         self._formats: list[int] = []
-        # named (extended-protocol) statements whose every Bind needs its own approval
-        self._reviewed: dict[str, tuple[str, Any, Any]] = {}
-        self._parsed: dict[str, StatementContext] = {}
+
+    def attach(self, names: SessionNames) -> None:
+        """The relay's registry of the server session's names: the one copy, read here."""
+        self.names = names
+        self._views_version = -1
 
     def _resolve(self) -> None:
         """This caller's policy and masking under the runtime's current configuration."""
@@ -155,33 +186,38 @@ class SessionGate:
         detectors = getattr(self.masking, "detectors", None)
         self._scrub = detectors.scrub if detectors else None
 
+    def _sync_views(self) -> None:
+        n = self.names
+        if self._views_version == n.version:
+            return
+        self._views_version = n.version
+        stmts, portals = n.spec_statements, n.spec_portals
+        self.state.prepared = {k: e.policy_body for k, e in stmts.items() if k and e.policy_body is not None}
+        self.msession.prepared = {k: e.mask_outs for k, e in stmts.items() if k and e.mask_outs is not None}
+        self.msession.cursors = {k: p.mask_outs for k, p in portals.items()
+                                 if p.origin == "declare" and p.mask_outs is not None}
+
     # -- Gate -----------------------------------------------------------------------------------
     def query(self, sql: str) -> Verdict | None:
         return self._check(sql, None)
 
     def parse(self, name: str, sql: str) -> Verdict | None:
-        self._reviewed.pop(name, None)
-        self._parsed.pop(name, None)
-        verdict = self._check(sql, name)
-        if verdict.error is None and isinstance(verdict.context, StatementContext):
-            self._parsed[name] = verdict.context
-        return verdict
+        return self._check(sql, name)
 
-    def bind(self, bind: m.BindMsg) -> Verdict | None:
+    def bind(self, bind: m.BindMsg, statement: PreparedEntry | None) -> Verdict | None:
         """A statement that needs review is approved per Bind: the approval covers these
         parameter values, once — never the prepared statement for any values it may get later."""
-        pending = self._reviewed.get(bind.statement)
-        if pending is None:
-            parsed = self._parsed.get(bind.statement)
-            if parsed is None:
-                # PostgreSQL lets a Bind name a statement made by SQL PREPARE (one namespace):
-                # its body was never decided or planned for masking here, so it does not run.
-                return Verdict(error=PolicyDenied(
-                    f"pgwarden refuses to bind prepared statement {bind.statement!r}: it was not prepared "
-                    "through the extended protocol on this connection",
-                    hint="Run SQL-prepared statements with EXECUTE, or Parse the statement before binding it.",
-                ))
-            if self.rt.audit is None:
+        if statement is None or statement.origin != "parse":
+            # PostgreSQL lets a Bind name a statement made by SQL PREPARE (one namespace): its
+            # body was not decided for this route here, so it does not run.
+            return Verdict(error=PolicyDenied(
+                f"pgwarden refuses to bind prepared statement {bind.statement!r}: it was not prepared "
+                "through the extended protocol on this connection",
+                hint="Run SQL-prepared statements with EXECUTE, or Parse the statement before binding it.",
+            ))
+        if statement.reviewed is None:
+            parsed = statement.context
+            if self.rt.audit is None or not isinstance(parsed, StatementContext):
                 return None
             # every execution's parameter values go into the audit trail (detector-scrubbed) first
             record = records.statement(
@@ -189,72 +225,93 @@ class SessionGate:
                 params=bind_params(bind), mask_text=self._scrub, extra={"phase": "bind"},
             )
             return Verdict(wait=self._write(record, Verdict(context=parsed)), context=parsed)
-        sql, decision, results = pending
-        ctx = StatementContext(id=str(next(self._ids)), sql=sql, started=time.time(), prepared=True, decision=decision,
-                               params=bind_params(bind))
+        decision, results = statement.reviewed
+        ctx = StatementContext(id=str(next(self._ids)), sql=statement.sql, started=time.time(), prepared=True,
+                               decision=decision, params=bind_params(bind))
         return Verdict(wait=self._review(ctx, decision, results, params=ctx.params or ()), context=ctx)
 
-    def _forget_sql_prepared(self, effects: Any) -> None:
-        """SQL PREPARE / DEALLOCATE share the protocol's statement names: a name they touch no
-        longer holds the body this gate decided at Parse, so a later Bind of it is refused."""
-        for e in effects:
-            name = getattr(e, "name", None)
-            if name is None:  # DEALLOCATE ALL
-                self._parsed.clear()
-                self._reviewed.clear()
-            else:
-                self._parsed.pop(name, None)
-                self._reviewed.pop(name, None)
+    def execute(self, name: str, portal: PortalEntry | None) -> Verdict | None:
+        """A protocol Execute of a SQL cursor runs with the masking plan of its DECLARE; a portal
+        the proxy does not know (never bound or declared through it) does not run."""
+        ctx = StatementContext(id=str(next(self._ids)), sql=f"-- protocol Execute of portal {name!r}",
+                               started=time.time(), prepared=True)
+        if portal is None or portal.origin != "declare":
+            return self._refuse(ctx, PolicyDenied(
+                f"pgwarden refuses to execute portal {name!r}: no Bind or DECLARE through pgwarden on this "
+                "connection made it, so its statement was never decided",
+                hint="Bind a statement (or DECLARE the cursor) on this connection before executing it.",
+            ))
+        ctx.sql = f"FETCH FORWARD ALL FROM {_quote_ident(name)} -- protocol Execute of cursor, declared as: {portal.sql}"
+        results = None
+        if self.masking is not None:
+            self._sync_views()
+            plan = self.masking.plan(f"FETCH FORWARD ALL FROM {_quote_ident(name)}", self.rt.catalog.current(),
+                                     self.rt.search_path, session=self._scratch_session())
+            if plan.error is not None:
+                return self._refuse(ctx, plan.error)
+            results = plan if plan.masks_anything else None
+        return self._audited(ctx, Verdict(results=results, context=ctx, max_rows=portal.max_rows), "allow")
 
-    def close_statement(self, name: str) -> None:
-        """A protocol-level Close: the name no longer refers to a prepared statement."""
-        self.state.forget(name)
-        self._reviewed.pop(name, None)
-        self._parsed.pop(name, None)
+    def _scratch_session(self) -> Any:
+        """The masking view for planning one text: the planner may change it for later statements
+        of the same text; the session's own view changes only through the registry."""
+        from pgwarden.masking import MaskingSession
+
+        return MaskingSession(dict(self.msession.cursors), dict(self.msession.prepared))
 
     def _check(self, sql: str, prepared_name: str | None) -> Verdict:
         if self.generation != self.rt.generation:
             self._resolve()
+        self._sync_views()
         ctx = StatementContext(id=str(next(self._ids)), sql=sql, started=time.time(), prepared=prepared_name is not None)
         try:
             decision = self.policy.decide(sql, self.state, prepare_as=prepared_name) if self.policy is not None else None
+            analysis = analyze(sql, self.rt.search_path)
         except Exception as e:  # the engine failing must never let a statement through
             log.exception("policy engine failed")
             return self._refuse(ctx, PolicyDenied(f"pgwarden could not decide this statement ({type(e).__name__})"))
         ctx.decision = decision
+        if analysis.session_dependent:
+            ctx.sql = shown_sql(sql, analysis, self.names)  # what EXECUTE runs, for reviewers and audit
         if decision is not None and decision.action == "deny" and decision.enforce:
             return self._refuse(ctx, decision.as_error())
         results = None
+        plan = None
         if self.masking is not None:
             catalog = self.rt.catalog
             if catalog.stale:
                 refresh_catalog(catalog)
-            plan = self.masking.plan(sql, catalog.current(), self.rt.search_path, session=self.msession)
+            plan = self.masking.plan(sql, catalog.current(), self.rt.search_path, session=self._scratch_session())
             if plan.error is not None:
                 return self._refuse(ctx, plan.error)
             if plan.ddl:
                 ctx.ddl = True
             results = plan if plan.masks_anything else None
+        max_rows = decision.limits.max_rows if decision is not None else None
+        changes = statement_changes(sql, analysis, plan, max_rows)
+        if prepared_name is not None:
+            entry = PreparedEntry(
+                prepared_name, sql, "parse", results=results, context=ctx, max_rows=max_rows,
+                policy_body=analysis.statements[0] if len(analysis.statements) == 1 else None,
+                run_changes=changes[0] if len(changes) == 1 else (),
+            )
+            changes = ()
         if decision is None:  # no AccessPolicy (defaultAction allow): masking still applies
-            if prepared_name is None:
-                from pgwarden.policy import analyze
-
-                self._forget_sql_prepared(
-                    e for st in analyze(sql, self.rt.search_path).statements for e in st.effects
-                )
-            return self._audited(ctx, Verdict(results=results, context=ctx), "allow")
-        if decision.action == "review" and decision.enforce:
+            verdict = self._audited(ctx, Verdict(results=results, context=ctx), "allow")
+        elif decision.action == "review" and decision.enforce:
             if prepared_name is not None:
                 # Parsing is harmless; the human decides at Bind, when the parameters are known.
-                self._reviewed[prepared_name] = (sql, decision, results)
-                return self._audited(ctx, Verdict(results=results, context=ctx, max_rows=decision.limits.max_rows),
-                                     "review-at-bind")
-            return Verdict(wait=self._review(ctx, decision, results), context=ctx)
-        self.state.apply(decision)
-        if prepared_name is None:
-            self._forget_sql_prepared(decision.session_effects)
-        verdict = Verdict(results=results, context=ctx, max_rows=decision.limits.max_rows)
-        return self._audited(ctx, verdict, "allow" if decision.action == "allow" else f"{decision.action}-audit-only")
+                entry.reviewed = (decision, results)
+                verdict = self._audited(ctx, Verdict(results=results, context=ctx, max_rows=max_rows),
+                                        "review-at-bind")
+            else:
+                verdict = Verdict(wait=self._review(ctx, decision, results), context=ctx)
+        else:
+            verdict = self._audited(ctx, Verdict(results=results, context=ctx, max_rows=max_rows),
+                                    "allow" if decision.action == "allow" else f"{decision.action}-audit-only")
+        if prepared_name is not None:
+            return _with(verdict, entry=entry)
+        return _with(verdict, changes=changes) if any(changes) else verdict
 
     def _refuse(self, ctx: StatementContext, err: AgentError) -> Verdict:
         verdict = Verdict(error=err, context=ctx)

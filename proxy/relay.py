@@ -20,12 +20,23 @@ are all forwarded unchanged is written upstream as the same bytes object.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pgwarden.proxy import messages as m
+from pgwarden.proxy.session import (
+    DROP_PORTAL,
+    DROP_STATEMENT,
+    PUT_PORTAL,
+    PUT_STATEMENT,
+    Change,
+    PortalEntry,
+    PreparedEntry,
+    SessionNames,
+)
 
 from pgwarden.errors import AgentError, PolicyDenied, ProtocolViolation
 
@@ -41,6 +52,8 @@ _SENTINEL_PARSE = m.message(m.F_PARSE, m.cstr("") + m.cstr(SENTINEL_SQL) + b"\0\
 _Q, _P, _B, _D, _E, _C, _S, _H, _X, _F = (ord(c) for c in "QPBDECSHXF")
 _COPY_D, _COPY_C, _COPY_F = ord("d"), ord("c"), ord("f")
 _LEAN_PASS = frozenset((_P, _B, _D, _E, _C, _H, _COPY_D, _COPY_C, _COPY_F))
+# the first of these after a Sync (or a Query) opens an extended-protocol unit
+_UNIT_OPENERS = frozenset((_P, _B, _D, _E, _C))
 # server message type bytes
 _T, _DR, _CC, _EQ, _ER, _Z = ord("T"), ord("D"), ord("C"), ord("I"), ord("E"), ord("Z")
 _PC, _BC, _CLC, _ND, _PS, _COPYOUT = ord("1"), ord("2"), ord("3"), ord("n"), ord("s"), ord("H")
@@ -85,6 +98,14 @@ class Verdict:
     max_rows: int | None = None
     # opaque to the relay; handed back in outcome events (audit ids, timings)
     context: Any = None
+    # Query: for each statement of the text, what it does to the session's names when it runs
+    changes: tuple[tuple[Change, ...], ...] = ()
+    # Parse: the statement as the gate decided it (kept in the session registry once confirmed)
+    entry: PreparedEntry | None = None
+
+
+# what a barrier resolves to: the held messages are decided afresh, with no verdict taken
+BARRIER = Verdict()
 
 
 class Gate(Protocol):
@@ -92,7 +113,13 @@ class Gate(Protocol):
 
     def parse(self, name: str, sql: str) -> Verdict | None: ...
 
-    def bind(self, bind: m.BindMsg) -> Verdict | None: ...
+    def bind(self, bind: m.BindMsg, statement: PreparedEntry | None) -> Verdict | None:
+        """`statement`: what the named statement is on the server (None: nothing the proxy knows)."""
+        ...
+
+    def execute(self, name: str, portal: PortalEntry | None) -> Verdict | None:
+        """An Execute of a portal that no protocol Bind made: a SQL cursor, or a name unknown."""
+        ...
 
 
 class Observer(Protocol):
@@ -131,21 +158,42 @@ class Pending:
     portal: Any = None
     # DESCRIBE of a statement: the statement the name meant when the message was sent
     prep: Any = None
+    # session names: made when the server confirms this message (ParseComplete, BindComplete,
+    # CloseComplete, an Execute's CommandComplete), or when it fails (`fail_changes`)
+    changes: tuple[Change, ...] = ()
+    fail_changes: tuple[Change, ...] = ()
+    # QUERY: per statement of the text, confirmed by that statement's CommandComplete
+    qchanges: tuple[tuple[Change, ...], ...] = ()
+    puts: bool = False  # makes a name: later units wait for the server's word on it
 
 
-@dataclass
-class _Prepared:
-    results: ResultPolicy | None = None
-    context: Any = None
-    max_rows: int | None = None
-    fields: list[m.Field] | None = None
+# A Query runs as if through the unnamed statement and portal: PostgreSQL drops both first.
+_QUERY_DROPS: tuple[Change, ...] = ((DROP_STATEMENT, "", None), (DROP_PORTAL, "", None))
+_SENTINEL_PARSE_FAILS: tuple[Change, ...] = ((DROP_STATEMENT, "", None),)
 
 
-@dataclass
-class _Portal:
-    statement: str
-    formats: tuple[int, ...]
-    fields: list[m.Field] | None = None
+class _Barrier:
+    """Held client messages wait here until the server has answered every earlier unit that
+    makes a name. Made without an event loop (the relay is pure code); awaited in one."""
+
+    def __init__(self) -> None:
+        self.released = False
+        self._fut: asyncio.Future[Verdict] | None = None
+
+    def release(self) -> None:
+        self.released = True
+        if self._fut is not None and not self._fut.done():
+            self._fut.set_result(BARRIER)
+
+    async def wait(self) -> Verdict:
+        if self.released:
+            return BARRIER
+        self._fut = asyncio.get_running_loop().create_future()
+        return await self._fut
+
+
+def _makes_names(changes: tuple[Change, ...]) -> bool:
+    return any(c[0] in (PUT_STATEMENT, PUT_PORTAL) for c in changes)
 
 
 @dataclass
@@ -187,15 +235,19 @@ class Relay:
         # called when the absorber's answer is complete: the shell releases the client
         self.on_absorbed: Callable[[], None] | None = None
         self._resolved: Verdict | None = None
-        self._statements: dict[str, _Prepared] = {}
-        self._portals: dict[str, _Portal] = {}
+        # every prepared statement, portal and cursor of the server session (see session.py)
+        self.names = SessionNames()
+        attach = getattr(gate, "attach", None)
+        if attach is not None:
+            attach(self.names)
+        self._puts_in_flight = 0  # pending entries that make a name the server has not confirmed
+        self._barrier: Any = None  # future resolved when _puts_in_flight drops to 0
         self._rewriter: RowRewriter | None = None
         # the statement context whose rows the observer records, while it wants them
         self._recording: Any = None
         self._observe_rows = observer is not None
         self._exec_head: Pending | None = None
         # masks values printed in ErrorResponse / NoticeResponse text (a failed cast shows its input)
-        self._close_hook: Callable[[str], None] | None = getattr(gate, "close_statement", None)
         # called once when a result passes its row limit: the shell cancels the query upstream
         self.on_limit: Callable[[], None] | None = None
         self.error_masker: Callable[[dict[str, str], Any], dict[str, str]] | None = getattr(gate, "mask_error", None)
@@ -227,7 +279,8 @@ class Relay:
         if self._unsynced:
             return False
         self.to_server(_ABSORBER_QUERY)
-        self.pending.append(Pending(QUERY, swallow=True))
+        self.names.stage(_QUERY_DROPS)
+        self._push(Pending(QUERY, swallow=True))
         self._absorbing += 1
         return True
 
@@ -241,7 +294,7 @@ class Relay:
     def resume(self, verdict: Verdict) -> Awaitable[Verdict] | None:
         """Continue after a held statement resolved to `verdict`."""
         self._held = None
-        self._resolved = verdict
+        self._resolved = None if verdict is BARRIER else verdict
         buf, self._cbuf = self._cbuf, b""
         return self._process_client(buf)
 
@@ -253,11 +306,13 @@ class Relay:
             lean = self.lean
             for t, ps, end in m.frames(buf, 0, self.max_message_bytes):
                 if self._skip_until_sync:
+                    self._resolved = None  # a held message the server would skip: its verdict goes too
                     if span_start < pos:
                         out.append(buf[span_start:pos])
                     if t == _S:
                         self._skip_until_sync = False
-                        self.pending.append(Pending(SYNC))
+                        self._unsynced = False
+                        self._push(Pending(SYNC))
                         span_start = pos  # forward the Sync itself
                     else:
                         span_start = end
@@ -267,6 +322,9 @@ class Relay:
                     # nothing decides, masks or records: only sync points need tracking
                     pos = end
                     continue
+                if t == _Q or (not self._unsynced and t in _UNIT_OPENERS):
+                    if self._resolved is None and self._unit_start():
+                        return self._hold(buf, span_start, pos, out, Verdict(wait=self._barrier_wait()))
                 if t == _Q:
                     verdict = self._take_resolved()
                     if verdict is None and self.gate is not None:
@@ -283,7 +341,14 @@ class Relay:
                             span_start = end
                             entry.replace_error = m.error_response_from(verdict.error)
                             self.stats.refused += 1
-                    self.pending.append(entry)
+                        elif verdict.changes:
+                            entry.qchanges = verdict.changes
+                            for ch in verdict.changes:
+                                self.names.stage(ch)
+                            entry.puts = any(_makes_names(ch) for ch in verdict.changes)
+                    entry.changes = _QUERY_DROPS
+                    self.names.stage(_QUERY_DROPS)
+                    self._push(entry)
                 elif t == _P:
                     self._unsynced = True
                     parse = m.parse_parse(buf[ps:end])
@@ -292,73 +357,99 @@ class Relay:
                         verdict = self.gate.parse(parse.name, parse.query)
                     if verdict is not None and verdict.wait is not None:
                         return self._hold(buf, span_start, pos, out, verdict)
-                    entry = Pending(PARSE, name=parse.name)
-                    prepared = _Prepared()
-                    if verdict is not None:
-                        prepared.results, prepared.context = verdict.results, verdict.context
-                        prepared.max_rows = verdict.max_rows
-                        if verdict.error is not None:
-                            out.append(buf[span_start:pos])
-                            out.append(_SENTINEL_PARSE)
-                            span_start = end
-                            entry.replace_error = m.error_response_from(verdict.error)
-                            self._skip_until_sync = True
-                            self.stats.refused += 1
-                            prepared = None  # type: ignore[assignment]
-                    if prepared is not None:
-                        self._statements[parse.name] = prepared
-                    self.pending.append(entry)
+                    if verdict is not None and verdict.error is not None:
+                        self._refuse_extended(out, buf, span_start, pos, verdict.error)
+                        span_start = end
+                    else:
+                        stmt = verdict.entry if verdict is not None and verdict.entry is not None else None
+                        if stmt is None:
+                            stmt = PreparedEntry(parse.name, parse.query, "parse")
+                            if verdict is not None:
+                                stmt.results, stmt.context, stmt.max_rows = verdict.results, verdict.context, verdict.max_rows
+                        put: tuple[Change, ...] = ((PUT_STATEMENT, parse.name, stmt),)
+                        self.names.stage(put)
+                        self._push(Pending(PARSE, name=parse.name, changes=put, puts=True,
+                                           fail_changes=_SENTINEL_PARSE_FAILS if not parse.name else ()))
                 elif t == _B:
                     self._unsynced = True
                     bind = m.parse_bind(buf[ps:end])
-                    if self.gate is not None:
-                        verdict = self._take_resolved() or self.gate.bind(bind)
-                        if verdict is not None and verdict.wait is not None:
-                            return self._hold(buf, span_start, pos, out, verdict)
-                        if verdict is not None and verdict.error is not None:
-                            # Refuse at Bind (e.g. approval bound to parameters): fail the batch.
-                            out.append(buf[span_start:pos])
-                            out.append(_SENTINEL_PARSE)
-                            span_start = end
-                            self.pending.append(Pending(PARSE, replace_error=m.error_response_from(verdict.error)))
-                            self._skip_until_sync = True
-                            self.stats.refused += 1
-                            pos = end
-                            continue
-                    self._portals[bind.portal] = _Portal(bind.statement, bind.result_formats)
-                    self.pending.append(Pending(BIND))
+                    stmt = self.names.statement(bind.statement)
+                    verdict = self._take_resolved()
+                    if verdict is None and self.gate is not None:
+                        verdict = self.gate.bind(bind, stmt)
+                    if verdict is not None and verdict.wait is not None:
+                        return self._hold(buf, span_start, pos, out, verdict)
+                    if verdict is not None and verdict.error is not None:
+                        # refused at Bind (approval bound to parameters, a name not known): fail the batch
+                        self._refuse_extended(out, buf, span_start, pos, verdict.error)
+                        span_start = end
+                        pos = end
+                        continue
+                    portal = PortalEntry(bind.portal, "bind", statement=stmt, formats=bind.result_formats)
+                    if stmt is not None:
+                        portal.results, portal.context, portal.max_rows = stmt.results, stmt.context, stmt.max_rows
+                        portal.sql = stmt.sql
+                    if verdict is not None and verdict.context is not None:
+                        portal.context = verdict.context  # the approval this Bind runs under
+                    put = ((PUT_PORTAL, bind.portal, portal),)
+                    self.names.stage(put)
+                    self._push(Pending(BIND, changes=put, puts=True,
+                                       fail_changes=((DROP_PORTAL, "", None),) if not bind.portal else ()))
                 elif t == _E:
                     self._unsynced = True
-                    portal, _max_rows = m.parse_execute(buf[ps:end])
-                    entry = Pending(EXECUTE, name=portal)
-                    p = self._portals.get(portal)
-                    if p is not None:
-                        prep = self._statements.get(p.statement)
-                        if prep is not None:
-                            entry.context = prep.context
-                            entry.max_rows = prep.max_rows
-                            entry.fields = p.fields or _with_formats(prep.fields, p.formats)
-                            if prep.results is not None:
-                                entry.results = prep.results
-                                if entry.fields is None:  # a Describe in this batch: bind at the first row
-                                    entry.portal = p
-                                else:
-                                    entry.rewriter = prep.results.bind(0, entry.fields)
-                    self.pending.append(entry)
+                    portal_name, _max_rows = m.parse_execute(buf[ps:end])
+                    p = self.names.portal(portal_name)
+                    entry = Pending(EXECUTE, name=portal_name)
+                    verdict = self._take_resolved()
+                    if verdict is None and self.gate is not None and (p is None or p.origin != "bind"):
+                        verdict = self.gate.execute(portal_name, p)
+                    if verdict is not None and verdict.wait is not None:
+                        return self._hold(buf, span_start, pos, out, verdict)
+                    if verdict is not None and verdict.error is not None:
+                        self._refuse_extended(out, buf, span_start, pos, verdict.error)
+                        span_start = end
+                        pos = end
+                        continue
+                    if p is not None and p.origin == "bind":
+                        prep = p.statement
+                        entry.context = p.context
+                        entry.max_rows = p.max_rows
+                        entry.fields = p.fields or _with_formats(prep.fields if prep is not None else None, p.formats)
+                        if p.results is not None:
+                            entry.results = p.results
+                            if entry.fields is None:  # a Describe in this batch: bind at the first row
+                                entry.portal = p
+                            else:
+                                entry.rewriter = p.results.bind(0, entry.fields)
+                        if prep is not None and prep.run_changes:
+                            # a Parse of PREPARE / DECLARE / DEALLOCATE / CLOSE: its names change now
+                            entry.changes = prep.run_changes
+                            entry.puts = _makes_names(prep.run_changes)
+                            self.names.stage(prep.run_changes)
+                    elif verdict is not None:  # a SQL cursor: rows masked with the plan of its DECLARE
+                        entry.context, entry.max_rows, entry.results = verdict.context, verdict.max_rows, verdict.results
+                        if p is not None and p.fields is not None:
+                            entry.fields = p.fields
+                            if entry.results is not None:
+                                entry.rewriter = entry.results.bind(0, entry.fields)
+                        elif entry.results is not None:
+                            entry.portal = p
+                    self._push(entry)
                 elif t == _D:
+                    self._unsynced = True
                     kind, name = m.parse_target(buf[ps:end])
-                    self.pending.append(Pending(DESCRIBE, target=kind, name=name,
-                                               portal=self._portals.get(name) if kind == "P" else None,
-                                               prep=self._statements.get(name) if kind == "S" else None))
+                    self._push(Pending(DESCRIBE, target=kind, name=name,
+                                       portal=self.names.portal(name) if kind == "P" else None,
+                                       prep=self.names.statement(name) if kind == "S" else None))
                 elif t == _C:
+                    self._unsynced = True
                     kind, name = m.parse_target(buf[ps:end])
-                    (self._statements if kind == "S" else self._portals).pop(name, None)
-                    if kind == "S" and self._close_hook is not None:
-                        self._close_hook(name)
-                    self.pending.append(Pending(CLOSE))
+                    drop: tuple[Change, ...] = ((DROP_STATEMENT if kind == "S" else DROP_PORTAL, name, None),)
+                    self.names.stage(drop)  # dropping from the view early only refuses more
+                    self._push(Pending(CLOSE, changes=drop))
                 elif t == _S:
                     self._unsynced = False
-                    self.pending.append(Pending(SYNC))
+                    self._push(Pending(SYNC))
                 elif t in (_H, _COPY_D, _COPY_C, _COPY_F):
                     pass
                 elif t == _X:
@@ -371,7 +462,8 @@ class Relay:
                         "pgwarden refuses the FunctionCall protocol message: it can call any function by OID",
                         hint="Call the function from SQL instead, where policy can check it.",
                     )
-                    self.pending.append(Pending(QUERY, replace_error=m.error_response_from(err)))
+                    self._push(Pending(QUERY, replace_error=m.error_response_from(err), changes=_QUERY_DROPS))
+                    self.names.stage(_QUERY_DROPS)
                     self.stats.refused += 1
                 else:
                     raise ProtocolViolation(f"unexpected message type {chr(t)!r} from the client")
@@ -389,6 +481,46 @@ class Relay:
         out.append(buf[span_start:pos])
         self._flush_out(out)
         return None
+
+    # -- the session's names -------------------------------------------------------------------
+    def _push(self, entry: Pending) -> None:
+        self.pending.append(entry)
+        if entry.puts:
+            self._puts_in_flight += 1
+
+    def _pop(self) -> Pending:
+        head = self.pending.popleft()
+        if head.puts:
+            self._puts_in_flight -= 1
+            if not self._puts_in_flight and self._barrier is not None:
+                barrier, self._barrier = self._barrier, None
+                barrier.release()
+        return head
+
+    def _unit_start(self) -> bool:
+        """A unit (a Query, or extended messages up to Sync) is about to be decided. True: an
+        earlier unit makes names the server has not yet confirmed, so wait for its answer;
+        deciding now could use a name the server will not have made."""
+        if self._puts_in_flight:
+            return True
+        if self.gate is not None or self.observer is not None:
+            self.names.begin_unit()
+        return False
+
+    def _barrier_wait(self) -> Awaitable[Verdict]:
+        self._barrier = _Barrier()
+        return self._barrier.wait()
+
+    def _refuse_extended(self, out: list[bytes], buf: bytes, span_start: int, pos: int, error: AgentError) -> None:
+        """Replace the message at `pos` by a Parse that fails in the raw parser: the server skips
+        the rest of the batch up to Sync, as for any failing message, and drops its unnamed
+        statement. The messages up to Sync are dropped here."""
+        out.append(buf[span_start:pos])
+        out.append(_SENTINEL_PARSE)
+        self.names.stage(_SENTINEL_PARSE_FAILS)
+        self._push(Pending(PARSE, replace_error=m.error_response_from(error), fail_changes=_SENTINEL_PARSE_FAILS))
+        self._skip_until_sync = True
+        self.stats.refused += 1
 
     def _take_resolved(self) -> Verdict | None:
         """The verdict a held statement resolved to, once, when processing resumes at it."""
@@ -430,7 +562,10 @@ class Relay:
                     out.append(buf[span_start:pos])  # the absorber's answer stays here
                     span_start = end
                     if t == _Z:
-                        pending.popleft()
+                        self._pop()
+                        self.names.confirm(_QUERY_DROPS)
+                        if buf[ps : ps + 1] == b"I":
+                            self.names.transaction_ended()
                         self._absorbing -= 1
                         if not self._absorbing and self.on_absorbed is not None:
                             self.on_absorbed()
@@ -479,8 +614,7 @@ class Relay:
                         span_start = end
                         head.limit_hit = False
                         head.rows = 0
-                        if head.kind == EXECUTE:
-                            pending.popleft()
+                        self._command_done(head)
                         pos = end
                         continue
                     if head is not None:
@@ -488,15 +622,16 @@ class Relay:
                         if self.observer is not None:
                             tag = bytes(buf[ps : end - 1]).decode() if t == _CC else ""
                             self.observer.statement_done(head.context, tag, None)
-                        if head.kind == EXECUTE:
-                            pending.popleft()
-                        elif head.kind == QUERY:
-                            head.index += 1
+                        self._command_done(head)
                 elif t == _Z:
                     self.tx_status = buf[ps : ps + 1]
                     self._rewriter = None
                     if pending:
-                        pending.popleft()
+                        head = self._pop()
+                        if head.kind == QUERY:  # the text ran (it was not skipped)
+                            self.names.confirm(head.changes)
+                    if self.tx_status == b"I":
+                        self.names.transaction_ended()
                 elif t == _T:
                     head = pending[0] if pending else None
                     if head is not None:
@@ -511,7 +646,7 @@ class Relay:
                             self._rewriter = head.results.bind(head.index, fields) if head.results and fields is not None else None
                         elif head.kind == DESCRIBE:
                             self._remember_fields(head, fields)
-                            pending.popleft()
+                            self._pop()
                 elif t == _ER:
                     fields_err = m.parse_fields(buf[ps:end])
                     if fields_err.get("V", fields_err.get("S")) in ("FATAL", "PANIC"):
@@ -543,9 +678,15 @@ class Relay:
                             else:
                                 self.observer.server_error(fields_err)
                     if head is not None and head.kind != QUERY:
-                        # extended protocol: the server skips to Sync
+                        # extended protocol: the failed message changes only what its failure
+                        # changes, and the server skips the rest up to Sync (Query messages too)
+                        self.names.confirm(head.fail_changes)
                         while pending and pending[0].kind != SYNC:
-                            pending.popleft()
+                            self._pop()
+                        if not pending:
+                            # the client's Sync is not sent yet (held, or still to come): the
+                            # server ignores every message until it arrives, so they go nowhere
+                            self._skip_until_sync = True
                 elif t == _NOTICE and self.error_masker is not None:
                     fields_n = m.parse_fields(buf[ps:end])
                     head = pending[0] if pending else None
@@ -556,7 +697,9 @@ class Relay:
                         span_start = end
                 elif t in (_PC, _BC, _CLC, _ND, _PS):
                     if pending and pending[0].kind != QUERY and not self.lean:
-                        pending.popleft()
+                        head = self._pop()
+                        if t != _ND and t != _PS:  # ParseComplete, BindComplete, CloseComplete
+                            self.names.confirm(head.changes)
                 elif t == _COPYOUT:
                     head = pending[0] if pending else None
                     if head is not None and head.results is not None:
@@ -579,6 +722,16 @@ class Relay:
         data_out = b"".join(out)
         if data_out:
             self.to_client(data_out)
+
+    def _command_done(self, head: Pending) -> None:
+        """CommandComplete / EmptyQueryResponse: an Execute ended, or one statement of a Query."""
+        if head.kind == EXECUTE:
+            self._pop()
+            self.names.confirm(head.changes)
+        elif head.kind == QUERY:
+            if head.index < len(head.qchanges):
+                self.names.confirm(head.qchanges[head.index])
+            head.index += 1
 
     def _limit_error(self, head: Pending) -> bytes:
         return m.error_response(
@@ -611,10 +764,7 @@ class Relay:
             if head.target == "S":
                 return head.prep is not None and head.prep.results is not None
             portal = head.portal
-            if portal is None:
-                return False
-            prep = self._statements.get(portal.statement)
-            return prep is not None and prep.results is not None
+            return portal is not None and portal.results is not None
         return False
 
     def _remember_fields(self, head: Pending, fields: list[m.Field] | None) -> None:

@@ -10,7 +10,7 @@ import struct
 
 import pytest
 from pgwarden.proxy import messages as m
-from pgwarden.proxy.relay import SENTINEL_SQL, Relay, Verdict
+from pgwarden.proxy.relay import BARRIER, SENTINEL_SQL, Relay, Verdict
 from rawpg import error_fields, msg
 
 from pgwarden.errors import PolicyDenied, ProtocolViolation
@@ -34,7 +34,10 @@ class MarkerGate:
     def parse(self, name: str, sql: str) -> Verdict | None:
         return self._decide(sql)
 
-    def bind(self, bind: m.BindMsg) -> Verdict | None:
+    def bind(self, bind: m.BindMsg, statement: object) -> Verdict | None:
+        return None
+
+    def execute(self, name: str, portal: object) -> Verdict | None:
         return None
 
 
@@ -311,11 +314,17 @@ class TestPipelining:
 
     def test_extended_batches_are_forwarded_unchanged(self) -> None:
         w = Wires()
-        batch = (
-            P("select $1", "s1") + B("", "s1", (b"7",)) + D() + E() + SYNC + P("select 2") + B() + E() + SYNC
-        )
-        w.relay.client_data(batch)
-        assert w.sent_up() == batch
+        first = P("select $1", "s1") + B("", "s1", (b"7",)) + D() + E() + SYNC
+        second = P("select 2") + B() + E() + SYNC
+        held = w.relay.client_data(first + second)
+        assert w.sent_up() == first
+        # the second batch is decided only once the server has made (or refused) s1 and the portal
+        assert held is not None
+        held.close()  # type: ignore[attr-defined]
+        w.relay.server_data(msg(b"1") + msg(b"2") + row_description("a") + data_row(b"7")
+                            + complete("SELECT 1") + ready())
+        assert w.relay.resume(BARRIER) is None
+        assert w.sent_up() == first + second
 
 
 class TestExtendedRefusal:

@@ -51,6 +51,9 @@ class ResultPlan:
     masking: SubjectMasking
     catalog: Catalog
     copy_options: Mapping[str, Any] = field(default_factory=dict)
+    # ("declare" | "prepare", name, lineage of its rows) when the statement makes a cursor or a
+    # prepared statement: the proxy's session registry keeps it once the server confirms it
+    names: tuple[tuple[str, str, Any], ...] = ()
 
     @property
     def masks_anything(self) -> bool:
@@ -296,7 +299,8 @@ class SubjectMasking:
             cols = tuple(self.column_plan(i, o, analyzer) for i, o in enumerate(outs or ()))
             touches = touches or any(c.action is not None for c in cols) or bool(
                 extra.get("outs") and any(o.taint.tainted for o in extra["outs"]))
-            results.append(ResultPlan(kind, cols, self, catalog, extra.get("options", {})))
+            made = tuple((k, extra[k], extra["outs"]) for k in ("declare", "prepare") if k in extra)
+            results.append(ResultPlan(kind, cols, self, catalog, extra.get("options", {}), made))
         plan = StatementPlan(tuple(results), ddl, touches, None, self, catalog)
         if cacheable:
             self._plans[key] = plan

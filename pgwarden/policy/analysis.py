@@ -141,6 +141,16 @@ Effect = Prepare | Deallocate
 
 
 @dataclass(frozen=True)
+class CursorChange:
+    """DECLARE name (`hold`: WITH HOLD), CLOSE name / CLOSE ALL (name None), or DISCARD ALL
+    (`kind` "discard"): what the statement does to the session's portal names when it runs."""
+
+    kind: str  # declare | close | discard
+    name: str | None = None
+    hold: bool = False
+
+
+@dataclass(frozen=True)
 class ExecuteUse:
     """EXECUTE name: decided as the prepared body; `explain_only` for plain EXPLAIN EXECUTE."""
 
@@ -158,6 +168,7 @@ class StatementAnalysis:
     executes: tuple[ExecuteUse, ...] = ()
     settings: tuple[SettingChange, ...] = ()
     notes: tuple[str, ...] = ()
+    cursors: tuple[CursorChange, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -428,6 +439,7 @@ _OPERATION_STATEMENTS: dict[str, str] = {
     "VacuumStmt": "maintenance", "ReindexStmt": "maintenance", "ClusterStmt": "maintenance",
     "RefreshMatViewStmt": "maintenance", "CheckPointStmt": "maintenance",
 }
+_CURSOR_OPT_HOLD = 0x0020  # parsenodes.h: DECLARE … WITH HOLD
 # Statements that are always fine: no data, no identity change.
 _HARMLESS_STATEMENTS = frozenset({
     "VariableShowStmt", "FetchStmt", "ClosePortalStmt", "ConstraintsSetStmt", "UnlistenStmt",
@@ -454,6 +466,7 @@ class _Walker:
     executes: list[ExecuteUse] = field(default_factory=list)
     settings: list[SettingChange] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    cursors: list[CursorChange] = field(default_factory=list)
 
     def result(self, kind: str) -> StatementAnalysis:
         return StatementAnalysis(
@@ -465,6 +478,7 @@ class _Walker:
             executes=tuple(self.executes),
             settings=tuple(self.settings),
             notes=tuple(dict.fromkeys(self.notes)),
+            cursors=tuple(self.cursors),
         )
 
     # -- generic walk --------------------------------------------------------------------------
@@ -784,11 +798,16 @@ class _Walker:
 
     def n_DiscardStmt(self, n: dict[str, Any], ctes: frozenset[str]) -> None:
         if n.get("target") == "DISCARD_ALL":
+            self.cursors.append(CursorChange("discard"))
             self.violations.append("DISCARD ALL would undo the session settings pgwarden pins; "
                                    "use DISCARD PLANS / TEMP / SEQUENCES or DEALLOCATE ALL")
 
     def n_DeclareCursorStmt(self, n: dict[str, Any], ctes: frozenset[str]) -> None:
+        self.cursors.append(CursorChange("declare", n.get("portalname", ""), bool(n.get("options", 0) & _CURSOR_OPT_HOLD)))
         self.visit_as("select", n.get("query"), ctes)
+
+    def n_ClosePortalStmt(self, n: dict[str, Any], ctes: frozenset[str]) -> None:
+        self.cursors.append(CursorChange("close", n.get("portalname") or None))
 
     def n_ExplainStmt(self, n: dict[str, Any], ctes: frozenset[str]) -> None:
         analyze_opt = False

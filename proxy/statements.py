@@ -1,0 +1,85 @@
+"""What a decided statement text does to the session's names, and how it is shown to people.
+
+Pure functions over the policy analysis and the masking plan of one text: the gate calls them,
+the relay stages their result and confirms it statement by statement (see session.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pglast
+from pgwarden.proxy.session import (
+    DISCARD,
+    DROP_PORTAL,
+    DROP_STATEMENT,
+    PUT_PORTAL,
+    PUT_STATEMENT,
+    Change,
+    PortalEntry,
+    PreparedEntry,
+    SessionNames,
+)
+
+from pgwarden.policy.analysis import Analysis, Prepare
+
+
+def statement_slices(sql: str, count: int) -> list[str]:
+    """The text of each statement of `sql` (the whole text when it cannot be split as parsed)."""
+    try:
+        parts = [sql[s].strip() for s in pglast.split(sql, with_parser=True, only_slices=True)]
+    except Exception:  # the analysis parsed it; a split failure only costs the display
+        parts = []
+    return parts if len(parts) == count else [sql] * count
+
+
+def statement_changes(sql: str, analysis: Analysis, plan: Any, max_rows: int | None) -> tuple[tuple[Change, ...], ...]:
+    """For each statement of `sql`, the names it makes or drops when it runs: PREPARE,
+    DEALLOCATE, DECLARE, CLOSE, DISCARD ALL. Empty when it touches no name (the common case)."""
+    stmts = analysis.statements
+    if not any(st.effects or st.cursors for st in stmts):
+        return ()
+    texts = statement_slices(sql, len(stmts))
+    results = getattr(plan, "results", ()) if plan is not None else ()
+    out: list[tuple[Change, ...]] = []
+    for i, st in enumerate(stmts):
+        made = results[i].names if i < len(results) else ()
+        outs = {(kind, name): lineage for kind, name, lineage in made}
+        changes: list[Change] = []
+        for e in st.effects:
+            if isinstance(e, Prepare):
+                entry = PreparedEntry(e.name, texts[i], "prepare", policy_body=e.body,
+                                      mask_outs=outs.get(("prepare", e.name)))
+                changes.append((PUT_STATEMENT, e.name, entry))
+            else:
+                changes.append((DROP_STATEMENT, e.name, None))
+        for c in st.cursors:
+            if c.kind == "declare":
+                portal = PortalEntry(c.name or "", "declare", holdable=c.hold, max_rows=max_rows, sql=texts[i],
+                                     mask_outs=outs.get(("declare", c.name)))
+                changes.append((PUT_PORTAL, c.name, portal))
+            elif c.kind == "close":
+                changes.append((DROP_PORTAL, c.name, None))
+            else:
+                changes.append((DISCARD, None, None))
+        out.append(tuple(changes))
+    return tuple(out)
+
+
+def shown_sql(sql: str, analysis: Analysis, names: SessionNames) -> str:
+    """`sql` with the body of every statement it EXECUTEs, as the server has it now: what a
+    reviewer approves, what an approval binds to and what the audit records."""
+    lines: list[str] = []
+    seen: set[str] = set()
+    for st in analysis.statements:
+        for ex in st.executes:
+            if ex.name in seen:
+                continue
+            seen.add(ex.name)
+            entry = names.statement(ex.name)
+            if entry is None:
+                lines.append(f"-- pgwarden: {ex.name} is not a prepared statement of this session before this text")
+                continue
+            lines.append(f"-- pgwarden: {ex.name} is prepared as:")
+            lines.extend("--   " + line for line in (entry.sql.splitlines() or [""]))
+    return sql + "\n" + "\n".join(lines) if lines else sql

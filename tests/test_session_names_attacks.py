@@ -1,0 +1,363 @@
+"""The gate's picture of the session follows the server's, never its own guesses.
+
+An agent makes the server skip or refuse a command that changes a name (PREPARE, DEALLOCATE,
+Parse, Close, DECLARE, CLOSE) — by an error earlier in the same text, earlier in the same
+extended batch, or a name that already exists — and then uses the name as if the change had
+happened. Each test asserts what the client received and what reached the server's log: a
+reviewed write never runs unapproved, a masked value never comes back in clear.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from rawpg import RawConn, data_row, error_fields, msg
+
+API = "pgwarden.dev/v1alpha1"
+SSNS = (b"123-45-6789", b"234-56-7890", b"345-67-8901")
+POLICY = {
+    "apiVersion": API, "kind": "AccessPolicy", "metadata": {"name": "agents"},
+    "spec": {
+        "connectionRef": {"name": "shop"},
+        "subjects": [{"group": "ai-agents"}],
+        "rules": [
+            {"action": "allow", "operations": ["select"],
+             "tables": ["public.orders", "public.customers", "public.audit_scratch"]},
+            {"action": "review", "operations": ["delete", "update"], "tables": ["public.audit_scratch"]},
+        ],
+        "approval": {"reviewers": [{"group": "dba"}], "mode": "defer"},
+    },
+}
+MASKING = {
+    "apiVersion": API, "kind": "MaskingRule", "metadata": {"name": "pii"},
+    "spec": {"connectionRef": {"name": "shop"},
+             "columns": [{"table": "public.customers", "column": "ssn", "strategy": "redact"}]},
+}
+
+
+# -- the extended protocol, as an attacker writes it -------------------------------------------
+def parse(sql: str, name: str = "") -> bytes:
+    return msg(b"P", name.encode() + b"\0" + sql.encode() + b"\0" + b"\0\0")
+
+
+def bind(stmt: str = "", portal: str = "", params: tuple[bytes, ...] = ()) -> bytes:
+    body = portal.encode() + b"\0" + stmt.encode() + b"\0" + struct.pack("!h", 0)
+    body += struct.pack("!h", len(params)) + b"".join(struct.pack("!i", len(p)) + p for p in params)
+    return msg(b"B", body + struct.pack("!h", 0))
+
+
+def describe(kind: bytes, name: str = "") -> bytes:
+    return msg(b"D", kind + name.encode() + b"\0")
+
+
+def execute(portal: str = "") -> bytes:
+    return msg(b"E", portal.encode() + b"\0" + struct.pack("!i", 0))
+
+
+def close(kind: bytes, name: str) -> bytes:
+    return msg(b"C", kind + name.encode() + b"\0")
+
+
+SYNC = msg(b"S")
+FAIL = parse("SELECT 1/0", "boom") + bind("boom") + execute()  # an error the server reports at Execute
+
+
+def answers(conn: RawConn, syncs: int = 1) -> tuple[list[list[bytes | None]], list[dict[str, str]], bytes]:
+    """Rows, errors and every byte the client got, up to `syncs` ReadyForQuery messages."""
+    rows: list[list[bytes | None]] = []
+    errors: list[dict[str, str]] = []
+    raw = b""
+    for _ in range(syncs):
+        for kind, payload in conn.until_ready():
+            raw += kind + payload
+            if kind == b"D":
+                rows.append(data_row(payload))
+            elif kind == b"E":
+                errors.append(error_fields(payload))
+    return rows, errors, raw
+
+
+def no_ssn(data: bytes) -> None:
+    for ssn in SSNS:
+        assert ssn not in data, f"a masked value reached the client: {ssn!r}"
+
+
+def scratch(pg: Any, payload: str) -> int:
+    out = pg.psql(f"INSERT INTO audit_scratch (payload) VALUES ('{payload}') RETURNING id", dbname="shop")
+    return int(next(line for line in out.splitlines() if line.strip().isdigit()).strip())
+
+
+def left(pg: Any, payload: str) -> int:
+    out = pg.psql(f"SELECT count(*) FROM audit_scratch WHERE payload = '{payload}'", dbname="shop")
+    return int(next(line for line in out.splitlines() if line.strip().isdigit()).strip())
+
+
+def ran_delete(pg: Any, mark: int) -> bool:
+    return any(("delete" in line.lower() and ("statement:" in line or "execute" in line))
+               for line in pg.log_since(mark).splitlines())
+
+
+@pytest.fixture
+def gated(make_proxy: Any, tmp_path: Path) -> Any:
+    spec = {"approvals": {"backend": "local", "path": str(tmp_path / "approvals.db")},
+            "audit": {"path": str(tmp_path / "audit.jsonl")}}
+    proxy = make_proxy(extra=[POLICY, MASKING], proxy_spec=spec)
+    proxy.approvals_db = tmp_path / "approvals.db"
+    proxy.audit_path = tmp_path / "audit.jsonl"
+    return proxy
+
+
+@pytest.fixture
+def conn(gated: Any) -> Any:
+    c = RawConn.login(gated.host, gated.port, gated.user, gated.password, "shop")
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def masked_only(make_proxy: Any) -> Any:
+    proxy = make_proxy(extra=[MASKING])  # no AccessPolicy: defaultAction allow, masking still applies
+    c = RawConn.login(proxy.host, proxy.port, proxy.user, proxy.password, "shop")
+    yield c
+    c.close()
+
+
+# -- SQL PREPARE / DEALLOCATE skipped by an earlier error in the same text ---------------------
+def test_a_skipped_deallocate_and_prepare_cannot_swap_a_reviewed_body(conn: RawConn, pg: Any) -> None:
+    rid = scratch(pg, "skip-dealloc")
+    conn.simple(f"PREPARE x AS DELETE FROM audit_scratch WHERE id = {rid}")
+    with pytest.raises(Exception):  # the division fails; DEALLOCATE and the new PREPARE never run
+        conn.simple("SELECT 1/0; DEALLOCATE x; PREPARE x AS SELECT 1")
+    mark = pg.log_position()
+    conn.send(msg(b"Q", b"EXECUTE x\0"))
+    _, errors, _ = answers(conn)
+    assert [e["C"] for e in errors] == ["PW001"], errors  # still the DELETE: held for review
+    assert "DELETE FROM audit_scratch" in errors[0]["M"] + errors[0].get("H", "") or "request" in errors[0]["M"]
+    assert not ran_delete(pg, mark) and "EXECUTE x" not in pg.log_since(mark)
+    assert left(pg, "skip-dealloc") == 1
+
+
+def test_a_skipped_deallocate_cannot_unmask_a_prepared_select(conn: RawConn) -> None:
+    conn.simple("PREPARE s AS SELECT ssn FROM customers ORDER BY id")
+    with pytest.raises(Exception):
+        conn.simple("SELECT 1/0; DEALLOCATE s; PREPARE s AS SELECT 'clear'::text AS ssn")
+    conn.send(msg(b"Q", b"EXECUTE s\0"))
+    rows, errors, raw = answers(conn)
+    assert not errors and len(rows) == 5  # the server ran the SSN body: masked as such
+    no_ssn(raw)
+
+
+def test_a_prepare_in_a_failed_text_leaves_no_name_behind(conn: RawConn, pg: Any) -> None:
+    with pytest.raises(Exception):
+        conn.simple("PREPARE y AS SELECT 1; SELECT 1/0")  # y is made, then the whole text rolls back? no:
+    # PREPARE is not transactional: y exists on the server; the proxy knows it as the SELECT
+    assert conn.simple("EXECUTE y") == [[b"1"]]
+
+
+# -- protocol names skipped or refused inside an extended batch --------------------------------
+def test_a_skipped_unnamed_parse_cannot_swap_a_reviewed_body(conn: RawConn, pg: Any) -> None:
+    rid = scratch(pg, "skip-unnamed")
+    conn.send(parse(f"DELETE FROM audit_scratch WHERE id = $1") + SYNC)  # parsing is harmless
+    answers(conn)
+    mark = pg.log_position()
+    # the error at Execute makes the server skip the new unnamed Parse: the DELETE stays unnamed
+    conn.send(FAIL + parse("SELECT 1") + SYNC)
+    _, errors, _ = answers(conn)
+    assert [e["C"] for e in errors] == ["22012"]
+    conn.send(bind("", params=(str(rid).encode(),)) + execute() + SYNC)
+    _, errors, _ = answers(conn)
+    assert [e["C"] for e in errors] == ["PW001"], errors
+    assert not ran_delete(pg, mark)
+    assert left(pg, "skip-unnamed") == 1
+
+
+def test_pipelined_batches_are_decided_only_after_the_server_answered(conn: RawConn, pg: Any) -> None:
+    rid = scratch(pg, "pipelined")
+    conn.send(parse("DELETE FROM audit_scratch WHERE id = $1") + SYNC)
+    answers(conn)
+    mark = pg.log_position()
+    # the same attack in one write: the third batch must not be decided before the second ran
+    conn.send(FAIL + parse("SELECT 1") + SYNC + bind("", params=(str(rid).encode(),)) + execute() + SYNC)
+    _, errors, _ = answers(conn, syncs=2)
+    assert [e["C"] for e in errors] == ["22012", "PW001"], errors
+    assert not ran_delete(pg, mark)
+    assert left(pg, "pipelined") == 1
+
+
+def test_a_parse_of_an_existing_name_fails_and_keeps_the_old_plan(masked_only: RawConn) -> None:
+    conn = masked_only
+    conn.send(parse("SELECT ssn FROM customers ORDER BY id", "n") + SYNC)
+    answers(conn)
+    # 42P05: the server keeps the SSN body under n, and skips the rest of the batch
+    conn.send(parse("SELECT 'clear'::text AS c", "n") + bind("n") + execute() + SYNC)
+    _, errors, raw = answers(conn)
+    assert [e["C"] for e in errors] == ["42P05"]
+    conn.send(bind("n") + describe(b"P") + execute() + SYNC)
+    rows, errors, raw = answers(conn)
+    assert not errors and len(rows) == 5
+    no_ssn(raw)
+
+
+def test_a_skipped_close_keeps_the_statement_and_its_masks(masked_only: RawConn) -> None:
+    conn = masked_only
+    conn.send(parse("SELECT ssn FROM customers ORDER BY id", "c1") + SYNC)
+    answers(conn)
+    conn.send(FAIL + close(b"S", "c1") + parse("SELECT 'clear'::text AS c", "c1") + SYNC)
+    _, errors, _ = answers(conn)
+    assert [e["C"] for e in errors] == ["22012"]
+    conn.send(bind("c1") + describe(b"P") + execute() + SYNC)
+    rows, errors, raw = answers(conn)
+    assert not errors and len(rows) == 5
+    no_ssn(raw)
+
+
+def test_a_failed_unnamed_parse_drops_the_old_unnamed_statement(masked_only: RawConn, pg: Any) -> None:
+    conn = masked_only
+    conn.send(parse("SELECT ssn FROM customers ORDER BY id") + SYNC)
+    answers(conn)
+    # a Parse that fails in analysis still drops the previous unnamed statement first
+    conn.send(parse("SELECT * FROM no_such_table") + SYNC)
+    _, errors, _ = answers(conn)
+    assert [e["C"] for e in errors] == ["42P01"]
+    mark = pg.log_position()
+    conn.send(bind() + execute() + SYNC)
+    rows, errors, raw = answers(conn)
+    assert [e["C"] for e in errors] == ["42501"] and not rows  # refused here; nothing forwarded
+    assert "customers" not in pg.log_since(mark)
+    no_ssn(raw)
+
+
+def test_a_refused_parse_also_drops_the_unnamed_statement(conn: RawConn, pg: Any) -> None:
+    conn.send(parse("SELECT ssn FROM customers ORDER BY id") + SYNC)
+    answers(conn)
+    conn.send(parse("DROP TABLE orders", "d") + SYNC)  # refused by policy: the sentinel is an unnamed Parse
+    _, errors, _ = answers(conn)
+    assert [e["C"] for e in errors] == ["42501"]
+    conn.send(bind() + execute() + SYNC)
+    _, errors, raw = answers(conn)
+    assert [e["C"] for e in errors] == ["42501"]
+    no_ssn(raw)
+
+
+# -- portals and SQL cursors share one namespace ------------------------------------------------
+def test_a_sql_cursor_executed_as_a_protocol_portal_is_masked(conn: RawConn) -> None:
+    conn.simple("BEGIN")
+    conn.simple("DECLARE c CURSOR FOR SELECT id, ssn FROM customers ORDER BY id")
+    conn.send(describe(b"P", "c") + execute("c") + SYNC)
+    rows, errors, raw = answers(conn)
+    assert not errors and len(rows) == 5 and rows[0][0] == b"1"
+    no_ssn(raw)
+    conn.simple("ROLLBACK")
+
+
+def test_a_sql_cursor_executed_without_describe_never_passes_unplanned(conn: RawConn) -> None:
+    conn.simple("BEGIN")
+    conn.simple("DECLARE c2 CURSOR FOR SELECT ssn FROM customers ORDER BY id")
+    conn.send(execute("c2") + SYNC)
+    try:
+        rows, errors, raw = answers(conn)
+    except Exception:  # the proxy ends the session rather than pass rows it cannot mask
+        return
+    no_ssn(raw)
+
+
+def test_an_unknown_portal_is_refused_and_nothing_reaches_the_server(conn: RawConn, pg: Any) -> None:
+    mark = pg.log_position()
+    conn.send(execute("nosuch") + SYNC)
+    _, errors, _ = answers(conn)
+    assert [e["C"] for e in errors] == ["42501"] and "nosuch" in errors[0]["M"]
+    assert "nosuch" not in pg.log_since(mark)
+
+
+def test_a_skipped_close_cannot_swap_a_cursor(conn: RawConn) -> None:
+    conn.simple("BEGIN")
+    conn.simple("DECLARE k CURSOR FOR SELECT ssn FROM customers ORDER BY id")
+    conn.simple("SAVEPOINT s")
+    with pytest.raises(Exception):
+        conn.simple("SELECT 1/0; CLOSE k; DECLARE k CURSOR FOR SELECT 'clear'::text AS ssn")
+    conn.simple("ROLLBACK TO s")  # k is the SSN cursor again, usable
+    conn.send(msg(b"Q", b"FETCH ALL FROM k\0"))
+    rows, errors, raw = answers(conn)
+    assert not errors and len(rows) == 5
+    no_ssn(raw)
+    conn.simple("ROLLBACK")
+
+
+def test_a_with_hold_cursor_survives_commit_with_its_plan(conn: RawConn) -> None:
+    conn.simple("BEGIN")
+    conn.simple("DECLARE h CURSOR WITH HOLD FOR SELECT ssn FROM customers ORDER BY id")
+    conn.simple("COMMIT")
+    with pytest.raises(Exception):
+        conn.simple("SELECT 1/0; CLOSE h; DECLARE h CURSOR WITH HOLD FOR SELECT 'clear'::text AS ssn")
+    conn.send(describe(b"P", "h") + execute("h") + SYNC)
+    rows, errors, raw = answers(conn)
+    assert not errors and len(rows) == 5
+    no_ssn(raw)
+    conn.simple("CLOSE h")
+
+
+def test_psycopg_server_side_cursor_is_masked(gated: Any) -> None:
+    dsn = f"host={gated.host} port={gated.port} dbname=shop user={gated.user} password={gated.password}"
+    with psycopg.connect(dsn) as c, c.cursor(name="pii") as cur:
+        cur.execute("SELECT id, ssn FROM customers ORDER BY id")
+        rows = cur.fetchmany(2) + cur.fetchall()
+    assert [r[0] for r in rows] == [1, 2, 3, 4, 5]
+    no_ssn(repr(rows).encode())
+
+
+def test_a_portal_is_gone_after_its_transaction(conn: RawConn, pg: Any) -> None:
+    conn.send(parse("SELECT ssn FROM customers ORDER BY id", "t1") + bind("t1", "p") + SYNC)
+    answers(conn)  # the implicit transaction ended at Sync: portal p is gone on the server
+    mark = pg.log_position()
+    conn.send(execute("p") + SYNC)
+    _, errors, raw = answers(conn)
+    assert [e["C"] for e in errors] == ["42501"]
+    assert pg.log_since(mark).count("execute") == 0
+    no_ssn(raw)
+
+
+# -- approvals bind to the body that runs -------------------------------------------------------
+def _approve(db: Path) -> str:
+    listed = subprocess.run([sys.executable, "-m", "pgwarden.cli", "approvals", "list", "--json", "--db", str(db)],
+                            capture_output=True, text=True, timeout=60, check=True)
+    pending = [r for r in json.loads(listed.stdout) if r["state"] == "pending"]
+    assert len(pending) == 1, pending
+    subprocess.run([sys.executable, "-m", "pgwarden.cli", "approvals", "approve", pending[0]["id"], "--as", "dba-alice",
+                    "--db", str(db)], capture_output=True, text=True, timeout=60, check=True)
+    return str(pending[0]["statement"])
+
+
+def test_an_execute_approval_shows_and_binds_the_prepared_body(gated: Any, conn: RawConn, pg: Any) -> None:
+    keep = scratch(pg, "swap-keep")
+    conn.simple("PREPARE d(int) AS DELETE FROM audit_scratch WHERE id = $1")
+    conn.send(msg(b"Q", f"EXECUTE d({keep})\0".encode()))
+    _, errors, _ = answers(conn)
+    assert [e["C"] for e in errors] == ["PW001"]
+    shown = _approve(gated.approvals_db)
+    assert f"EXECUTE d({keep})" in shown and "DELETE FROM audit_scratch WHERE id = $1" in shown
+    # the agent swaps the body under the same name: the approval does not cover it
+    conn.simple("DEALLOCATE d")
+    conn.simple("PREPARE d(int) AS DELETE FROM audit_scratch WHERE id >= $1")
+    mark = pg.log_position()
+    conn.send(msg(b"Q", f"EXECUTE d({keep})\0".encode()))
+    _, errors, _ = answers(conn)
+    assert [e["C"] for e in errors] == ["PW001"]
+    assert not ran_delete(pg, mark) and "EXECUTE d" not in pg.log_since(mark)
+    assert left(pg, "swap-keep") == 1
+    # the body the reviewer saw, with the arguments they saw, runs once
+    conn.simple("DEALLOCATE d")
+    conn.simple("PREPARE d(int) AS DELETE FROM audit_scratch WHERE id = $1")
+    conn.send(msg(b"Q", f"EXECUTE d({keep})\0".encode()))
+    _, errors, _ = answers(conn)
+    assert not errors
+    assert left(pg, "swap-keep") == 0
+    events = [json.loads(x) for x in gated.audit_path.read_text().splitlines()]
+    executed = [e for e in events if e.get("event") == "statement" and f"EXECUTE d({keep})" in e.get("statement", {}).get("text", json.dumps(e))]
+    assert executed and all("WHERE id" in json.dumps(e) for e in executed)

@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from rawpg import RawConn, data_row, error_fields, msg
+from rawpg import Closed, PgError, RawConn, data_row, error_fields, msg
 
 API = "pgwarden.dev/v1alpha1"
 SSNS = (b"123-45-6789", b"234-56-7890", b"345-67-8901")
@@ -84,6 +84,13 @@ def answers(conn: RawConn, syncs: int = 1) -> tuple[list[list[bytes | None]], li
     return rows, errors, raw
 
 
+def fails_at_division(conn: RawConn, sql: str) -> None:
+    """Run `sql`, whose first statement fails: the server skips the rest of the text."""
+    with pytest.raises(PgError) as e:
+        conn.simple(sql)
+    assert e.value.sqlstate == "22012"
+
+
 def no_ssn(data: bytes) -> None:
     for ssn in SSNS:
         assert ssn not in data, f"a masked value reached the client: {ssn!r}"
@@ -133,8 +140,7 @@ def masked_only(make_proxy: Any) -> Any:
 def test_a_skipped_deallocate_and_prepare_cannot_swap_a_reviewed_body(conn: RawConn, pg: Any) -> None:
     rid = scratch(pg, "skip-dealloc")
     conn.simple(f"PREPARE x AS DELETE FROM audit_scratch WHERE id = {rid}")
-    with pytest.raises(Exception):  # the division fails; DEALLOCATE and the new PREPARE never run
-        conn.simple("SELECT 1/0; DEALLOCATE x; PREPARE x AS SELECT 1")
+    fails_at_division(conn, "SELECT 1/0; DEALLOCATE x; PREPARE x AS SELECT 1")
     mark = pg.log_position()
     conn.send(msg(b"Q", b"EXECUTE x\0"))
     _, errors, _ = answers(conn)
@@ -146,25 +152,28 @@ def test_a_skipped_deallocate_and_prepare_cannot_swap_a_reviewed_body(conn: RawC
 
 def test_a_skipped_deallocate_cannot_unmask_a_prepared_select(conn: RawConn) -> None:
     conn.simple("PREPARE s AS SELECT ssn FROM customers ORDER BY id")
-    with pytest.raises(Exception):
-        conn.simple("SELECT 1/0; DEALLOCATE s; PREPARE s AS SELECT 'clear'::text AS ssn")
+    fails_at_division(conn, "SELECT 1/0; DEALLOCATE s; PREPARE s AS SELECT 'clear'::text AS ssn")
     conn.send(msg(b"Q", b"EXECUTE s\0"))
     rows, errors, raw = answers(conn)
     assert not errors and len(rows) == 5  # the server ran the SSN body: masked as such
     no_ssn(raw)
 
 
-def test_a_prepare_in_a_failed_text_leaves_no_name_behind(conn: RawConn, pg: Any) -> None:
-    with pytest.raises(Exception):
-        conn.simple("PREPARE y AS SELECT 1; SELECT 1/0")  # y is made, then the whole text rolls back? no:
-    # PREPARE is not transactional: y exists on the server; the proxy knows it as the SELECT
-    assert conn.simple("EXECUTE y") == [[b"1"]]
+def test_a_prepare_before_the_failing_statement_is_kept(conn: RawConn, pg: Any) -> None:
+    with pytest.raises(PgError) as e:
+        conn.simple("PREPARE y AS SELECT ssn FROM customers ORDER BY id; SELECT 1/0")
+    assert e.value.sqlstate == "22012"
+    # PREPARE is not transactional: y was confirmed before the error and stays, with its masks
+    conn.send(msg(b"Q", b"EXECUTE y\0"))
+    rows, errors, raw = answers(conn)
+    assert not errors and len(rows) == 5
+    no_ssn(raw)
 
 
 # -- protocol names skipped or refused inside an extended batch --------------------------------
 def test_a_skipped_unnamed_parse_cannot_swap_a_reviewed_body(conn: RawConn, pg: Any) -> None:
     rid = scratch(pg, "skip-unnamed")
-    conn.send(parse(f"DELETE FROM audit_scratch WHERE id = $1") + SYNC)  # parsing is harmless
+    conn.send(parse("DELETE FROM audit_scratch WHERE id = $1") + SYNC)  # parsing is harmless
     answers(conn)
     mark = pg.log_position()
     # the error at Execute makes the server skip the new unnamed Parse: the DELETE stays unnamed
@@ -261,10 +270,12 @@ def test_a_sql_cursor_executed_without_describe_never_passes_unplanned(conn: Raw
     conn.simple("BEGIN")
     conn.simple("DECLARE c2 CURSOR FOR SELECT ssn FROM customers ORDER BY id")
     conn.send(execute("c2") + SYNC)
-    try:
-        rows, errors, raw = answers(conn)
-    except Exception:  # the proxy ends the session rather than pass rows it cannot mask
-        return
+    raw = b""
+    with pytest.raises(Closed):  # the proxy ends the session rather than pass rows it cannot mask
+        while True:
+            kind, payload = conn.recv()
+            raw += kind + payload
+    assert b"Describe the statement or portal" in raw
     no_ssn(raw)
 
 
@@ -280,8 +291,7 @@ def test_a_skipped_close_cannot_swap_a_cursor(conn: RawConn) -> None:
     conn.simple("BEGIN")
     conn.simple("DECLARE k CURSOR FOR SELECT ssn FROM customers ORDER BY id")
     conn.simple("SAVEPOINT s")
-    with pytest.raises(Exception):
-        conn.simple("SELECT 1/0; CLOSE k; DECLARE k CURSOR FOR SELECT 'clear'::text AS ssn")
+    fails_at_division(conn, "SELECT 1/0; CLOSE k; DECLARE k CURSOR FOR SELECT 'clear'::text AS ssn")
     conn.simple("ROLLBACK TO s")  # k is the SSN cursor again, usable
     conn.send(msg(b"Q", b"FETCH ALL FROM k\0"))
     rows, errors, raw = answers(conn)
@@ -294,8 +304,7 @@ def test_a_with_hold_cursor_survives_commit_with_its_plan(conn: RawConn) -> None
     conn.simple("BEGIN")
     conn.simple("DECLARE h CURSOR WITH HOLD FOR SELECT ssn FROM customers ORDER BY id")
     conn.simple("COMMIT")
-    with pytest.raises(Exception):
-        conn.simple("SELECT 1/0; CLOSE h; DECLARE h CURSOR WITH HOLD FOR SELECT 'clear'::text AS ssn")
+    fails_at_division(conn, "SELECT 1/0; CLOSE h; DECLARE h CURSOR WITH HOLD FOR SELECT 'clear'::text AS ssn")
     conn.send(describe(b"P", "h") + execute("h") + SYNC)
     rows, errors, raw = answers(conn)
     assert not errors and len(rows) == 5

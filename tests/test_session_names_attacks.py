@@ -370,3 +370,58 @@ def test_an_execute_approval_shows_and_binds_the_prepared_body(gated: Any, conn:
     events = [json.loads(x) for x in gated.audit_path.read_text().splitlines()]
     executed = [e for e in events if e.get("event") == "statement" and f"EXECUTE d({keep})" in e.get("statement", {}).get("text", json.dumps(e))]
     assert executed and all("WHERE id" in json.dumps(e) for e in executed)
+
+
+def test_sql_fetch_of_a_protocol_portal_is_masked(conn: RawConn) -> None:
+    conn.simple("BEGIN")
+    conn.send(parse("SELECT ssn FROM customers ORDER BY id", "pf") + bind("pf", "pp") + SYNC)
+    answers(conn)
+    conn.send(msg(b"Q", b"FETCH ALL FROM pp\0"))
+    rows, errors, raw = answers(conn)
+    assert not errors and len(rows) == 5
+    no_ssn(raw)
+    conn.simple("ROLLBACK")
+
+
+def test_a_prepare_run_through_the_extended_protocol_is_decided_as_its_body(conn: RawConn, pg: Any) -> None:
+    rid = scratch(pg, "ext-prepare")
+    conn.send(parse(f"PREPARE xd AS DELETE FROM audit_scratch WHERE id = {rid}") + bind() + execute() + SYNC)
+    _, errors, _ = answers(conn)
+    assert not errors  # preparing is harmless; the name exists once that Execute completed
+    mark = pg.log_position()
+    conn.send(msg(b"Q", b"EXECUTE xd\0"))
+    _, errors, _ = answers(conn)
+    assert [e["C"] for e in errors] == ["PW001"]
+    assert not ran_delete(pg, mark) and left(pg, "ext-prepare") == 1
+
+
+def test_an_extended_deallocate_skipped_by_an_error_keeps_the_body(conn: RawConn, pg: Any) -> None:
+    rid = scratch(pg, "ext-dealloc")
+    conn.simple(f"PREPARE xe AS DELETE FROM audit_scratch WHERE id = {rid}")
+    conn.send(FAIL + parse("DEALLOCATE xe") + bind() + execute() + SYNC)
+    _, errors, _ = answers(conn)
+    assert [e["C"] for e in errors] == ["22012"]
+    with pytest.raises(PgError) as e:  # the gate still knows xe, so a new PREPARE of it is refused
+        conn.simple("PREPARE xe AS SELECT 1")
+    assert e.value.sqlstate == "42501" and "already prepared" in str(e.value.args[0])
+    mark = pg.log_position()
+    conn.send(msg(b"Q", b"EXECUTE xe\0"))
+    _, errors, _ = answers(conn)
+    assert [e["C"] for e in errors] == ["PW001"]
+    assert not ran_delete(pg, mark) and left(pg, "ext-dealloc") == 1
+
+
+def test_discard_all_skipped_or_run_the_registry_follows(masked_only: RawConn) -> None:
+    conn = masked_only
+    conn.send(parse("SELECT ssn FROM customers ORDER BY id", "dn") + SYNC)
+    answers(conn)
+    fails_at_division(conn, "SELECT 1/0; DISCARD ALL")  # skipped: dn stays, with its masks
+    conn.send(parse("SELECT 'clear'::text AS c", "dn") + SYNC)
+    assert [e["C"] for e in answers(conn)[1]] == ["42P05"]
+    conn.send(bind("dn") + describe(b"P") + execute() + SYNC)
+    rows, errors, raw = answers(conn)
+    assert not errors and len(rows) == 5
+    no_ssn(raw)
+    conn.simple("DISCARD ALL")  # run: dn is gone on the server and here
+    conn.send(bind("dn") + execute() + SYNC)
+    assert [e["C"] for e in answers(conn)[1]] == ["42501"]

@@ -56,7 +56,7 @@ async def test_write_is_durable_and_chained(tmp_path: Path) -> None:
 
 async def test_many_concurrent_writers_share_fsyncs(tmp_path: Path) -> None:
     fsync = GatedFsync()
-    log = AuditLog(AuditConfig(path=str(tmp_path / "audit.jsonl")), fsync=fsync)
+    log = AuditLog(AuditConfig(path=str(tmp_path / "audit.jsonl"), durability="fsync"), fsync=fsync)
     await log.open()
     info = SessionInfo("s1")
     first = asyncio.create_task(log.write(records.statement(info, "first", "SELECT 0", decision="allow")))
@@ -100,7 +100,7 @@ async def test_failed_fsync_rejects_the_batch_and_keeps_the_chain(tmp_path: Path
         os.fsync(fd)
 
     path = tmp_path / "audit.jsonl"
-    log = AuditLog(AuditConfig(path=str(path)), fsync=fsync)
+    log = AuditLog(AuditConfig(path=str(path), durability="fsync"), fsync=fsync)
     await log.open()
     info = SessionInfo("s")
     await log.write(records.statement(info, 1, "SELECT 1", decision="allow"))
@@ -164,9 +164,96 @@ async def test_stdout_sink_gets_sealed_lines(tmp_path: Path) -> None:
 
 async def test_stuck_disk_times_out_with_pw004(tmp_path: Path) -> None:
     fsync = GatedFsync()
-    log = AuditLog(AuditConfig(path=str(tmp_path / "a.jsonl"), write_timeout=0.05), fsync=fsync)
+    log = AuditLog(AuditConfig(path=str(tmp_path / "a.jsonl"), write_timeout=0.05, durability="fsync"), fsync=fsync)
     await log.open()
     with pytest.raises(AuditUnavailable, match="no fsync within 0.05s"):
         await log.write(records.statement(SessionInfo("s"), 1, "SELECT 1", decision="allow"))
     fsync.gate.set()
     await log.close()
+
+
+# -- durability: write (the default) --------------------------------------------------------------
+class CountingFsync:
+    def __init__(self) -> None:
+        self.calls = 0
+        self.fail = False
+
+    def __call__(self, fd: int) -> None:
+        if self.fail:
+            raise OSError(5, "Input/output error")
+        self.calls += 1
+        os.fsync(fd)
+
+
+async def test_write_mode_acknowledges_once_in_the_kernel_and_fsyncs_in_groups(tmp_path: Path) -> None:
+    fsync = CountingFsync()
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(AuditConfig(path=str(path), sync_interval=0.05), fsync=fsync)
+    await log.open()
+    info = SessionInfo("s")
+    await asyncio.gather(*(log.write(records.statement(info, i, f"SELECT {i}", decision="allow")) for i in range(50)))
+    # acknowledged: every record is readable from the file (the kernel has it) ...
+    assert [r["stmt"] for r in lines(path)] == list(range(50))
+    assert fsync.calls == 0  # ... before any fsync
+    for _ in range(100):
+        if fsync.calls:
+            break
+        await asyncio.sleep(0.02)
+    assert fsync.calls == 1  # one fsync for all of them, within the interval
+    await log.close()
+    assert verify_path(path).ok
+
+
+async def test_write_mode_fails_closed_after_a_failed_background_fsync(tmp_path: Path) -> None:
+    fsync = CountingFsync()
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(AuditConfig(path=str(path), sync_interval=0.02), fsync=fsync)
+    await log.open()
+    info = SessionInfo("s")
+    fsync.fail = True
+    await log.write(records.statement(info, 1, "SELECT 1", decision="allow"))
+    for _ in range(100):
+        if log._sync_error:
+            break
+        await asyncio.sleep(0.02)
+    with pytest.raises(AuditUnavailable, match="fsync failed: Input/output error"):
+        await log.write(records.statement(info, 2, "DELETE FROM orders", decision="allow"))
+    fsync.fail = False  # the disk recovers: the next interval's fsync clears the refusal
+    for _ in range(100):
+        if not log._sync_error:
+            break
+        await asyncio.sleep(0.02)
+    await log.write(records.statement(info, 3, "SELECT 3", decision="allow"))
+    await log.close()
+    assert [r["stmt"] for r in lines(path)] == [1, 3]
+    assert verify_path(path).ok
+
+
+KILLED_WRITER = """
+import asyncio, os, signal, sys
+from pgwarden.audit import records
+from pgwarden.audit.config import AuditConfig
+from pgwarden.audit.log import AuditLog
+
+async def main():
+    log = AuditLog(AuditConfig(path=sys.argv[1], sync_interval=10))
+    await log.open()
+    info = records.SessionInfo("killed")
+    for i in range(200):
+        await log.write(records.statement(info, i, f"SELECT {i}", decision="allow"))
+    print("acknowledged", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # no close, no fsync: the proxy is killed
+
+asyncio.run(main())
+"""
+
+
+def test_write_mode_records_survive_the_proxy_being_killed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "audit.jsonl"
+    done = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -9 and "acknowledged" in done.stdout, done.stderr
+    assert [r["stmt"] for r in lines(path)] == list(range(200))
+    assert verify_path(path).ok

@@ -8,6 +8,9 @@ audit:
   stdout: true                          # also print sealed records (cluster logging)
   otel: true                            # spans + metrics via OTEL_* environment variables
   writeTimeout: 10s                     # a stuck disk fails statements with PW004 instead of hanging them
+  durability: write                     # write: in the kernel before forwarding, fsynced every syncInterval
+                                        # fsync: fsynced before forwarding (survives a node crash; slower)
+  syncInterval: 100ms
 recording:
   enabled: true
   dir: /var/lib/pgwarden/recordings
@@ -39,6 +42,13 @@ class AuditConfig:
     stdout: bool = False
     otel: bool = False
     write_timeout: float = 10.0
+    # "write": a record is in the kernel (survives the proxy being killed) before its statement is
+    # forwarded, and fsynced in groups every sync_interval; "fsync": fsynced before forwarding
+    durability: str = "write"
+    sync_interval: float = 0.1
+
+
+DURABILITY = ("write", "fsync")
 
 
 @dataclass(frozen=True)
@@ -77,11 +87,18 @@ def parse_audit_config(spec: Mapping[str, Any], doc: Document | None = None) -> 
     """Read `spec.audit` of a ProxyConfig (missing: the defaults above)."""
     raw, doc = _section(spec, "audit", doc)
     p = "spec.audit"
-    _no_unknown(doc, raw, {"path", "rotateBytes", "keep", "stdout", "otel", "writeTimeout"}, p)
+    _no_unknown(doc, raw, {"path", "rotateBytes", "keep", "stdout", "otel", "writeTimeout", "durability",
+                           "syncInterval"}, p)
     d = AuditConfig()
     keep = get_field(doc, raw, "keep", int, f"{p}.keep", d.keep)
     if keep < 0:
         raise doc.error(f"{p}.keep", "must be 0 or more")
+    durability = get_field(doc, raw, "durability", str, f"{p}.durability", d.durability)
+    if durability not in DURABILITY:
+        raise doc.error(f"{p}.durability", f"{durability!r} is not one of {', '.join(DURABILITY)}")
+    interval = parse_duration(raw.get("syncInterval", d.sync_interval), doc, f"{p}.syncInterval")
+    if not 0 < interval <= 10:
+        raise doc.error(f"{p}.syncInterval", "must be more than 0 and at most 10s")
     return AuditConfig(
         path=get_field(doc, raw, "path", str, f"{p}.path", d.path),
         rotate_bytes=parse_size(raw["rotateBytes"], doc, f"{p}.rotateBytes") if "rotateBytes" in raw else d.rotate_bytes,
@@ -89,6 +106,8 @@ def parse_audit_config(spec: Mapping[str, Any], doc: Document | None = None) -> 
         stdout=get_field(doc, raw, "stdout", bool, f"{p}.stdout", d.stdout),
         otel=get_field(doc, raw, "otel", bool, f"{p}.otel", d.otel),
         write_timeout=parse_duration(raw.get("writeTimeout", d.write_timeout), doc, f"{p}.writeTimeout"),
+        durability=durability,
+        sync_interval=interval,
     )
 
 

@@ -1,10 +1,14 @@
 """AuditLog: fail-closed, group-committed, hash-chained audit records.
 
-`await write(record)` returns only after the record is on disk (write + fsync). Many concurrent
-writers share one fsync: while the writer thread syncs one batch, new records gather into the
-next, so under load the cost per record falls towards one `write` of a few hundred bytes. If the
-batch cannot be written, every waiter gets `AuditUnavailable` (PW004) and the proxy forwards
-nothing; the file is cut back to the last acknowledged record, so the chain stays intact.
+`await write(record)` returns only after the record is durable as `audit.durability` says:
+`write` (the default) — written to the kernel, so it survives the proxy being killed, and
+fsynced with everything else written in the last `syncInterval`; `fsync` — on disk (write +
+fsync) before the statement is forwarded, so it survives the node crashing too. Many concurrent
+writers share one write (and one fsync): while the writer thread handles one batch, new records
+gather into the next. If the batch cannot be written, every waiter gets `AuditUnavailable`
+(PW004) and the proxy forwards nothing; the file is cut back to the last acknowledged record, so
+the chain stays intact. A failed background fsync fails every later write until one succeeds:
+records the kernel may have lost are never followed by statements forwarded as if they were kept.
 
 `emit(record)` joins the same chain and order but nobody waits for it: outcome and session-end
 records, where failing the client would help no one. Lost emits are counted.
@@ -76,6 +80,10 @@ class AuditLog:
         self._prev = GENESIS
         self._closed = False
         self.last_error = ""
+        self._group_sync = config.durability == "write"
+        self._dirty = False  # written since the last fsync (writer thread)
+        self._sync_error = ""  # the last background fsync failed: writes fail closed until one works
+        self._syncer: asyncio.Task[None] | None = None
 
     @property
     def fsyncs(self) -> int:
@@ -92,12 +100,33 @@ class AuditLog:
             log.error("audit log %s cannot be opened: %s; statements will fail with PW004", self.config.path,
                       self.last_error)
             return False
+        finally:
+            if self._group_sync and self._syncer is None:
+                self._syncer = loop.create_task(self._sync_loop())
         return True
+
+    async def _sync_loop(self) -> None:
+        """durability: write — fsync what was written, every sync_interval, on the writer thread."""
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            await asyncio.sleep(self.config.sync_interval)
+            try:
+                await loop.run_in_executor(self._executor, self._sync_dirty)
+            except Exception as e:
+                why = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
+                if not self._sync_error:
+                    log.error("audit log %s: fsync failed (%s); statements fail with PW004 until it works",
+                              self.config.path, why)
+                self._sync_error = self.last_error = why
+            else:
+                self._sync_error = ""
 
     async def write(self, record: dict[str, Any]) -> None:
         """Durably append `record`; raises AuditUnavailable (PW004) if it cannot be."""
         if self._closed:
             raise _unavailable(self.config.path, "the audit log is closed")
+        if self._sync_error:
+            raise _unavailable(self.config.path, f"fsync failed: {self._sync_error}")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         self._pending.append((self._stamp(record), fut))
@@ -130,6 +159,8 @@ class AuditLog:
     async def close(self) -> None:
         await self.flush()
         self._closed = True
+        if self._syncer is not None:
+            self._syncer.cancel()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._close_sync)
         self._executor.shutdown(wait=True)
@@ -193,7 +224,10 @@ class AuditLog:
         start = self.file.size
         try:
             self.file.write(data)
-            self.file.sync()
+            if self._group_sync:
+                self._dirty = True
+            else:
+                self.file.sync()
         except OSError:
             try:
                 if self.file.size != start:
@@ -210,6 +244,15 @@ class AuditLog:
                 sink.publish(lines, records)
             except Exception:
                 log.exception("audit sink %s failed", type(sink).__name__)
+
+    def _sync_dirty(self) -> None:
+        if self._dirty and self.file.is_open:
+            self._dirty = False
+            try:
+                self.file.sync()
+            except OSError:
+                self._dirty = True
+                raise
 
     def _close_sync(self) -> None:
         try:

@@ -7,7 +7,11 @@ order, makes that drift hit all targets alike, so the *ratios* are trustworthy e
 absolute figures wander. Medians over rounds drop the odd outlier.
 
     python bench/run.py [--quick] [--duration S] [--clients N] [--scale N] [--rounds N]
-                        [--policy FILE ...] [--output PATH]
+                        [--policy FILE ...] [--full] [--output PATH]
+
+`--full` adds the configuration a user runs in production: "pgwarden+full" (AccessPolicy,
+MaskingRule with columns and detectors, audit log with `durability: write`, session
+recordings) and "pgwarden+full-fsync" (the same with `durability: fsync`).
 
 A throw-away PostgreSQL (pgwarden.embedded) is started unless PGWARDEN_BENCH_DSN names a
 server to use (a superuser libpq DSN, key=value or postgres:// URL). Everything started here
@@ -70,6 +74,7 @@ class Settings:
     output: Path = DEFAULT_OUTPUT
     quick: bool = False
     py_spy: Path | None = None
+    full: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -85,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--policy", action="append", type=Path, default=[], metavar="FILE",
                    help="YAML documents (e.g. an AccessPolicy for connection 'bench') appended to the proxy "
                         "config; adds a 'pgwarden+policy' target")
+    p.add_argument("--full", action="store_true",
+                   help="add pgwarden+full (policy, masking, audit durability write, recordings) and "
+                        "pgwarden+full-fsync (the same with audit durability fsync)")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON results (default {DEFAULT_OUTPUT})")
     p.add_argument("--py-spy", type=Path, metavar="FILE",
                    help="profile the pgwarden proxy (the +policy one when --policy is given) with py-spy for the "
@@ -104,6 +112,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         output=a.output,
         quick=q,
         py_spy=a.py_spy,
+        full=a.full,
     )
 
 
@@ -272,7 +281,16 @@ def pgbouncer(srv: Server) -> Iterator[Target]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def proxy_documents(srv: Server, port: int, extra: list[Path]) -> str:
+FULL_DOCUMENTS = [BENCH_DIR / "policy-select.yaml", BENCH_DIR / "masking-full.yaml"]
+
+
+def full_spec(workdir: Path, durability: str) -> dict[str, object]:
+    """ProxyConfig settings of the fully loaded targets: audit log and session recordings on."""
+    return {"audit": {"path": str(workdir / "audit.jsonl"), "durability": durability},
+            "recording": {"enabled": True, "dir": str(workdir / "recordings")}}
+
+
+def proxy_documents(srv: Server, port: int, extra: list[Path], spec: dict[str, object] | None = None) -> str:
     """The YAML of tests/fix_proxy.py's default proxy, aimed at the bench database."""
     api = "pgwarden.dev/v1alpha1"
     docs: list[dict[str, object]] = [
@@ -282,7 +300,7 @@ def proxy_documents(srv: Server, port: int, extra: list[Path]) -> str:
          "spec": {"connectionRef": {"name": BENCH_DB}, "listen": {"host": "127.0.0.1", "port": port},
                   "upstream": {"username": BENCH_USER, "password": BENCH_PASSWORD},
                   "users": [{"name": AGENT_USER, "password": AGENT_PASSWORD, "groups": ["ai-agents"]}],
-                  "defaultAction": "allow"}},
+                  "defaultAction": "allow", **(spec or {})}},
     ]
     text = yaml.safe_dump_all(docs, sort_keys=False)
     for f in extra:
@@ -291,14 +309,15 @@ def proxy_documents(srv: Server, port: int, extra: list[Path]) -> str:
 
 
 @contextlib.contextmanager
-def pgwarden_proxy(srv: Server, name: str, extra: list[Path]) -> Iterator[Target]:
-    """`python -m pgwarden.cli proxy --config FILE` in its own process, as deployed (uvloop)."""
+def pgwarden_proxy(srv: Server, name: str, extra: list[Path], durability: str | None = None) -> Iterator[Target]:
+    """`python -m pgwarden.cli proxy --config FILE` in its own process, as deployed (uvloop).
+    `durability`: fully loaded (audit with that durability, recordings)."""
     workdir = Path(tempfile.mkdtemp(prefix="pgwarden-bench-proxy-"))
     proc: subprocess.Popen[bytes] | None = None
     try:
         port = free_port()
         cfg = workdir / "proxy.yaml"
-        cfg.write_text(proxy_documents(srv, port, extra))
+        cfg.write_text(proxy_documents(srv, port, extra, full_spec(workdir, durability) if durability else None))
         log = workdir / "proxy.log"
         out = open(log, "wb")
         proc = subprocess.Popen([sys.executable, "-m", "pgwarden.cli", "proxy", "--config", str(cfg)],
@@ -593,9 +612,17 @@ def main(argv: list[str] | None = None) -> int:
                 except BenchError as e:  # the policy engine may not accept it yet; report, go on
                     notes["pgwarden+policy"] = str(e)
                     print(f"skipping pgwarden+policy: {e}", file=sys.stderr)
+            if s.full:
+                for name, durability in (("pgwarden+full", "write"), ("pgwarden+full-fsync", "fsync")):
+                    try:
+                        targets.append(stack.enter_context(pgwarden_proxy(srv, name, FULL_DOCUMENTS, durability)))
+                    except BenchError as e:
+                        notes[name] = str(e)
+                        print(f"skipping {name}: {e}", file=sys.stderr)
             print(f"targets: {', '.join(f'{t.name}:{t.port}' for t in targets)}; pgbench -S -c {s.clients} "
                   f"-j {s.jobs} -T {s.duration}, {s.rounds} round(s), modes {', '.join(s.modes)}", flush=True)
-            profiled = targets[-1]  # pgwarden+policy when given: the policy path is the one to look into
+            # the most loaded proxy is the one to look into
+            profiled = next((t for t in targets if t.name == "pgwarden+full"), targets[-1])
             assert profiled.pid is not None
             load_before = os.getloadavg()
             with py_spy(profiled.pid, s.py_spy):

@@ -19,7 +19,7 @@ from typing import Any
 from pgwarden.proxy import messages as m
 from pgwarden.proxy.relay import Verdict
 from pgwarden.proxy.session import PortalEntry, PreparedEntry, SessionNames
-from pgwarden.proxy.statements import shown_sql, statement_changes
+from pgwarden.proxy.statements import rebinds, shown_sql, statement_changes
 
 from pgwarden.audit import records
 from pgwarden.errors import (
@@ -215,6 +215,8 @@ class SessionGate:
                 "through the extended protocol on this connection",
                 hint="Run SQL-prepared statements with EXECUTE, or Parse the statement before binding it.",
             ))
+        if statement.rebind:  # EXECUTE / FETCH by name: decided as the name is now, with these values
+            return self._check(statement.sql, None, bind=bind)
         if statement.reviewed is None:
             parsed = statement.context
             if self.rt.audit is None or not isinstance(parsed, StatementContext):
@@ -259,11 +261,15 @@ class SessionGate:
 
         return MaskingSession(dict(self.msession.cursors), dict(self.msession.prepared))
 
-    def _check(self, sql: str, prepared_name: str | None) -> Verdict:
+    def _check(self, sql: str, prepared_name: str | None, bind: m.BindMsg | None = None) -> Verdict:
+        """Decide `sql`: a Query text, a Parse (`prepared_name`), or a Parse being bound again
+        (`bind`: its text names a statement or cursor looked up when it runs)."""
         if self.generation != self.rt.generation:
             self._resolve()
         self._sync_views()
-        ctx = StatementContext(id=str(next(self._ids)), sql=sql, started=time.time(), prepared=prepared_name is not None)
+        ctx = StatementContext(id=str(next(self._ids)), sql=sql, started=time.time(),
+                               prepared=prepared_name is not None or bind is not None,
+                               params=bind_params(bind) if bind is not None else None)
         try:
             decision = self.policy.decide(sql, self.state, prepare_as=prepared_name) if self.policy is not None else None
             analysis = analyze(sql, self.rt.search_path)
@@ -293,13 +299,15 @@ class SessionGate:
             entry = PreparedEntry(
                 prepared_name, sql, "parse", results=results, context=ctx, max_rows=max_rows,
                 policy_body=analysis.statements[0] if len(analysis.statements) == 1 else None,
-                run_changes=changes[0] if len(changes) == 1 else (),
+                run_changes=changes[0] if len(changes) == 1 else (), rebind=rebinds(analysis),
             )
             changes = ()
         if decision is None:  # no AccessPolicy (defaultAction allow): masking still applies
             verdict = self._audited(ctx, Verdict(results=results, context=ctx), "allow")
         elif decision.action == "review" and decision.enforce:
-            if prepared_name is not None:
+            if bind is not None:
+                verdict = Verdict(wait=self._review(ctx, decision, results, params=ctx.params or ()), context=ctx)
+            elif prepared_name is not None:
                 # Parsing is harmless; the human decides at Bind, when the parameters are known.
                 entry.reviewed = (decision, results)
                 verdict = self._audited(ctx, Verdict(results=results, context=ctx, max_rows=max_rows),
@@ -311,6 +319,8 @@ class SessionGate:
                                     "allow" if decision.action == "allow" else f"{decision.action}-audit-only")
         if prepared_name is not None:
             return _with(verdict, entry=entry)
+        if bind is not None:  # what running it changes was captured at Parse (run_changes)
+            return verdict
         return _with(verdict, changes=changes) if any(changes) else verdict
 
     def _refuse(self, ctx: StatementContext, err: AgentError) -> Verdict:

@@ -47,6 +47,7 @@ _SENTINEL_QUERY = m.message(m.F_QUERY, m.cstr(SENTINEL_SQL))
 # cancel can never hit the client's next statement. Its answer is swallowed.
 _ABSORBER_QUERY = m.message(m.F_QUERY, m.cstr("SELECT 1 /* pgwarden: absorbs a late row-limit cancel */"))
 _SENTINEL_PARSE = m.message(m.F_PARSE, m.cstr("") + m.cstr(SENTINEL_SQL) + b"\0\0")
+_FLUSH = m.message(b"H", b"")
 
 # client message type bytes as ints (frames() yields ints)
 _Q, _P, _B, _D, _E, _C, _S, _H, _X, _F = (ord(c) for c in "QPBDECSHXF")
@@ -324,6 +325,12 @@ class Relay:
                     continue
                 if t == _Q or (not self._unsynced and t in _UNIT_OPENERS):
                     if self._resolved is None and self._unit_start():
+                        if self._unsynced:
+                            # the server answers an open batch only at Sync or Flush: ask for its
+                            # answers now, or this wait would never end
+                            out.append(buf[span_start:pos])
+                            out.append(_FLUSH)
+                            span_start = pos
                         return self._hold(buf, span_start, pos, out, Verdict(wait=self._barrier_wait()))
                 if t == _Q:
                     verdict = self._take_resolved()
@@ -389,8 +396,13 @@ class Relay:
                     if stmt is not None:
                         portal.results, portal.context, portal.max_rows = stmt.results, stmt.context, stmt.max_rows
                         portal.sql = stmt.sql
-                    if verdict is not None and verdict.context is not None:
-                        portal.context = verdict.context  # the approval this Bind runs under
+                    if verdict is not None:
+                        if verdict.context is not None:
+                            portal.context = verdict.context  # the approval this Bind runs under
+                        if verdict.results is not None:  # decided again at this Bind
+                            portal.results = verdict.results
+                        if verdict.max_rows is not None:
+                            portal.max_rows = verdict.max_rows
                     put = ((PUT_PORTAL, bind.portal, portal),)
                     self.names.stage(put)
                     self._push(Pending(BIND, changes=put, puts=True,
@@ -505,6 +517,13 @@ class Relay:
             return True
         if self.gate is not None or self.observer is not None:
             self.names.begin_unit()
+            # drops still in flight stay out of the view: a name the server may be dropping is
+            # only refused, never decided as what it was
+            for p in self.pending:
+                for ch in (p.changes, *p.qchanges):
+                    drops = tuple(c for c in ch if c[0] not in (PUT_STATEMENT, PUT_PORTAL))
+                    if drops:
+                        self.names.stage(drops)
         return False
 
     def _barrier_wait(self) -> Awaitable[Verdict]:

@@ -56,7 +56,8 @@ class PreparedEntry:
     fields: list[Any] | None = None  # RowDescription from a Describe of the statement
     # what running it does to the registry (a Parse of "DECLARE c …"): staged at Execute
     run_changes: tuple[Change, ...] = ()
-    run_effects: tuple[Any, ...] = ()  # the policy effects to apply when it runs
+    # it names a statement or cursor looked up when it runs (EXECUTE, FETCH): decided at each Bind
+    rebind: bool = False
 
 
 @dataclass

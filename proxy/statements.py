@@ -67,19 +67,45 @@ def statement_changes(sql: str, analysis: Analysis, plan: Any, max_rows: int | N
 
 
 def shown_sql(sql: str, analysis: Analysis, names: SessionNames) -> str:
-    """`sql` with the body of every statement it EXECUTEs, as the server has it now: what a
-    reviewer approves, what an approval binds to and what the audit records."""
+    """`sql` with the body of every statement it EXECUTEs, as it will be when each EXECUTE runs
+    (a PREPARE or DEALLOCATE earlier in the same text counts): what a reviewer approves, what an
+    approval binds to and what the audit records."""
+    stmts = analysis.statements
+    if not any(st.executes for st in stmts):
+        return sql
+    texts = statement_slices(sql, len(stmts))
+    local: dict[str, str | None] = {}  # names this text prepares or deallocates, so far
+    all_gone = False  # a DEALLOCATE ALL earlier in the text
     lines: list[str] = []
-    seen: set[str] = set()
-    for st in analysis.statements:
+    shown: set[tuple[str, str | None]] = set()
+    for i, st in enumerate(stmts):
         for ex in st.executes:
-            if ex.name in seen:
+            if ex.name in local:
+                body = local[ex.name]
+            else:
+                entry = None if all_gone else names.statement(ex.name)
+                body = entry.sql if entry is not None else None
+            if (ex.name, body) in shown:
                 continue
-            seen.add(ex.name)
-            entry = names.statement(ex.name)
-            if entry is None:
-                lines.append(f"-- pgwarden: {ex.name} is not a prepared statement of this session before this text")
+            shown.add((ex.name, body))
+            if body is None:
+                lines.append(f"-- pgwarden: {ex.name} is not a prepared statement of this session at that point")
                 continue
             lines.append(f"-- pgwarden: {ex.name} is prepared as:")
-            lines.extend("--   " + line for line in (entry.sql.splitlines() or [""]))
+            lines.extend("--   " + line for line in (body.splitlines() or [""]))
+        for e in st.effects:
+            if isinstance(e, Prepare):
+                local[e.name] = texts[i]
+            elif e.name is None:
+                local = {}
+                all_gone = True
+            else:
+                local[e.name] = None
     return sql + "\n" + "\n".join(lines) if lines else sql
+
+
+def rebinds(analysis: Analysis) -> bool:
+    """True when the text names a prepared statement or cursor that is looked up when it runs
+    (EXECUTE, FETCH, MOVE): a Parse of it is decided again at every Bind, against the names as
+    they are then, never by what the name meant at Parse."""
+    return any(st.executes or st.kind == "FetchStmt" for st in analysis.statements)

@@ -425,3 +425,58 @@ def test_discard_all_skipped_or_run_the_registry_follows(masked_only: RawConn) -
     conn.simple("DISCARD ALL")  # run: dn is gone on the server and here
     conn.send(bind("dn") + execute() + SYNC)
     assert [e["C"] for e in answers(conn)[1]] == ["42501"]
+
+
+# -- a Parse that names a statement or cursor is a pointer: decided again at every Bind ----------
+def test_a_parsed_execute_is_decided_as_the_body_at_bind(conn: RawConn, pg: Any) -> None:
+    rid = scratch(pg, "parsed-execute")
+    conn.simple("PREPARE pe AS SELECT 1")
+    conn.send(parse("EXECUTE pe", "runs_pe") + SYNC)  # a harmless body when parsed
+    _, errors, _ = answers(conn)
+    assert not errors
+    conn.simple("DEALLOCATE pe")
+    conn.simple(f"PREPARE pe AS DELETE FROM audit_scratch WHERE id = {rid}")  # swapped under the name
+    mark = pg.log_position()
+    conn.send(bind("runs_pe") + execute() + SYNC)
+    _, errors, _ = answers(conn)
+    assert [e["C"] for e in errors] == ["PW001"]  # reviewed as the DELETE it would run now
+    assert not ran_delete(pg, mark) and left(pg, "parsed-execute") == 1
+
+
+def test_a_parsed_fetch_is_masked_as_the_cursor_it_reads_at_bind(conn: RawConn) -> None:
+    conn.simple("BEGIN")
+    conn.simple("DECLARE fc CURSOR FOR SELECT 'clear'::text AS v FROM generate_series(1, 5)")
+    conn.send(parse("FETCH ALL FROM fc", "fetch_fc") + SYNC)
+    answers(conn)
+    conn.simple("CLOSE fc")
+    conn.simple("DECLARE fc CURSOR FOR SELECT ssn AS v FROM customers ORDER BY id")
+    conn.send(bind("fetch_fc") + describe(b"P") + execute() + SYNC)
+    rows, errors, raw = answers(conn)
+    assert not errors and len(rows) == 5
+    no_ssn(raw)
+    conn.simple("ROLLBACK")
+
+
+def test_a_reviewer_sees_the_body_a_text_prepares_before_executing_it(gated: Any, conn: RawConn, pg: Any) -> None:
+    rid = scratch(pg, "in-text")
+    conn.simple(f"PREPARE it AS SELECT {rid}")
+    conn.send(msg(b"Q", f"DEALLOCATE it; PREPARE it AS DELETE FROM audit_scratch WHERE id = {rid}; EXECUTE it\0".encode()))
+    _, errors, _ = answers(conn)
+    assert [e["C"] for e in errors] == ["PW001"]
+    shown = _approve(gated.approvals_db)
+    assert "-- pgwarden: it is prepared as:\n--   PREPARE it AS DELETE FROM audit_scratch" in shown
+    assert f"SELECT {rid}" not in shown.split("-- pgwarden:")[1]
+    assert left(pg, "in-text") == 1
+
+
+def test_a_query_inside_an_open_batch_does_not_wait_forever(conn: RawConn) -> None:
+    # the Query must wait for the server's word on q1, which the server gives only at Flush/Sync
+    conn.send(parse("SELECT ssn FROM customers ORDER BY id", "q1") + msg(b"Q", b"SELECT 2\0"))
+    kinds = b""
+    for kind, _ in conn.until_ready():
+        kinds += kind
+    assert kinds.startswith(b"1") and kinds.endswith(b"Z")
+    conn.send(bind("q1") + describe(b"P") + execute() + SYNC)
+    rows, errors, raw = answers(conn)
+    assert not errors and len(rows) == 5
+    no_ssn(raw)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -149,6 +150,9 @@ def main(args: argparse.Namespace) -> int:
         change = queue.decide_sync(args.id, args.as_user, decision, getattr(args, "reason", "") or "")
     except ApprovalError as e:
         raise UserError(str(e)) from e
+    except sqlite3.Error as e:  # e.g. a reviewer outside the reviewer group, or a read-only copy
+        raise UserError(f"cannot use the approvals database at {path}: {e}; reviewers need read and write access "
+                        "to it and its folder (ProxyConfig approvals.reviewerGroup)") from e
     print(safe(change.message))
     for note in change.notes:
         print(f"note: {safe(note)}")

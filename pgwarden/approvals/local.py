@@ -176,7 +176,15 @@ class LocalApprovals:
         self.gid = resolve_group(reviewer_group) if reviewer_group not in (None, "") else None
         self.file_mode = 0o660 if self.gid is not None else 0o600
         if not create:
-            if not self.path.is_file():
+            try:
+                found = stat.S_ISREG(os.stat(self.path).st_mode)
+            except PermissionError:
+                raise ApprovalError(f"cannot read the approvals database at {self.path}: permission denied. It is "
+                                    "private to the proxy's OS user; reviewers are members of the group named by "
+                                    "ProxyConfig approvals.reviewerGroup", 403) from None
+            except OSError:
+                found = False
+            if not found:
                 raise ApprovalError(f"no approvals database at {self.path}; pass --db or set PGWARDEN_APPROVALS_DB "
                                     "to the file the proxy uses (ProxyConfig approvals.path)", 404)
             return

@@ -362,7 +362,8 @@ def notification_text(spec: ApprovalSpec, ticket: Ticket, review_command: str = 
              + f" request {mrkdwn_code(ticket.name)[0]}:",
              f"```\n{stmt_text}\n```"]
     if clipped:
-        lines.append(f"(first {NOTIFY_STATEMENT_MAX} of {len(spec.statement)} characters)")
+        lines.append(f"(first {NOTIFY_STATEMENT_MAX} of {len(spec.statement)} characters; the review command "
+                     "below shows it in full)")
     if spec.params:
         params_text, ticks_params = mrkdwn_code(json.dumps(list(spec.params), ensure_ascii=False))
         ticks = ticks or ticks_params

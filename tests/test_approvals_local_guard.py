@@ -20,7 +20,6 @@ import pytest
 from approvals_helpers import (
     OTHER_UID,
     REVIEWER_GID,
-    REVIEWER_UID,
     cli_as,
     mode,
     reviewer_cli,

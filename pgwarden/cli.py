@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--all", action="store_true", help="include decided requests")
             p.add_argument("--json", action="store_true")
         elif name == "show":
-            p.add_argument("id", help="request id")
+            p.add_argument("id", nargs="?", help="request id (local queue)")
             p.add_argument("--json", action="store_true")
+            p.add_argument("-f", "--file", help="an ApprovalRequest as JSON or YAML (kubectl get … -o yaml), - for stdin")
         else:
             p.add_argument("id", help="request id")
             p.add_argument("--as", dest="as_user", required=True, help="your name (self-declared in local mode)")

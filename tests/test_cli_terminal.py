@@ -138,3 +138,28 @@ def test_replay_shows_the_denied_statement_the_agent_tried_to_wipe(make_proxy: A
 
         as_json = term.run(pgwarden_command("replay", str(recording), "--json"))
         assert "pg_read_file" in as_json and "\\u001b[2K" in as_json
+
+
+def test_a_cluster_request_is_shown_escaped_too(tmp_path: Path) -> None:
+    """kubectl prints field values raw; `pgwarden approvals show -f -` reads the object and escapes."""
+    import yaml
+
+    obj = {"apiVersion": API, "kind": "ApprovalRequest",
+           "metadata": {"name": "orders-prod-7c4c8ede-9a10f1", "namespace": "agents",
+                        "creationTimestamp": "2026-11-24T10:15:00Z"},
+           "spec": {"connectionRef": {"name": "orders-prod"}, "policy": "orders", "rule": "agents/orders rule 2",
+                    "requester": {"subject": "system:serviceaccount:agents:cursor-agent", "groups": ["ai-agents"],
+                                  "pod": "agents/cursor-agent-7d9f"},
+                    "statement": HIDE_TAIL, "mode": "wait", "expiresAt": "2026-11-24T10:30:00Z",
+                    "decision": "pending"},
+           "status": {"phase": "Pending"}}
+    (tmp_path / "req.yaml").write_text(yaml.safe_dump(obj))
+    (tmp_path / "raw.txt").write_text(HIDE_TAIL + "\n")
+    with terminal({}, tmp_path) as term:
+        assert "OR id > 0" not in term.run("cat raw.txt")
+        shown = term.run(f"cat req.yaml | {pgwarden_command('approvals', 'show', '-f', '-')}")
+        lines = screen_lines(shown)
+        assert "  │ DELETE FROM audit_scratch WHERE id = 8 OR id > 0 --\\x1b[13D\\x1b[K" in lines
+        assert "request     agents/orders-prod-7c4c8ede-9a10f1" in lines
+        assert "reviewers   as AccessPolicy orders names them, 0 approval(s) given" in lines
+        assert "shown escaped" in shown

@@ -86,10 +86,12 @@ def render_request(r: Row, now: float, safe: Escaper | None = None) -> str:
     work = r.workload or {}
     if work:
         out.append("workload    " + ", ".join(f"{safe(k)}={safe(v)}" for k, v in sorted(work.items())))
+    reviewers = (f"{safe(', '.join(r.reviewers)) or '(none)'}; {r.min_approvals} approval(s) needed"
+                 if r.min_approvals else f"as AccessPolicy {safe(r.policy) or '?'} names them")
     out += [f"connection  {safe(r.connection)}",
             f"rule        {safe(r.rule)}" + (f" ({safe(r.policy)})" if r.policy else ""),
-            f"reviewers   {safe(', '.join(r.reviewers)) or '(none)'}; {r.min_approvals} approval(s) needed, "
-            f"{len(r.votes)} given" + (f" ({safe(', '.join(r.votes))})" if r.votes else ""),
+            f"reviewers   {reviewers}, {len(r.votes)} approval(s) given"
+            + (f" ({safe(', '.join(r.votes))})" if r.votes else ""),
             f"mode        {safe(r.mode)}",
             f"created     {iso(r.created_at)} ({_age(now - r.created_at)} ago), expires {iso(r.expires_at)}",
             f"statement   ({len(r.statement)} characters)"]
@@ -101,6 +103,61 @@ def render_request(r: Row, now: float, safe: Escaper | None = None) -> str:
     return "\n".join(out)
 
 
+def rows_from_objects(text: str) -> list[Row]:
+    """ApprovalRequest objects (`kubectl get approvalrequest NAME -o json|yaml`, or a List) as rows,
+    so a cluster's reviewers see a statement escaped too: kubectl prints field values raw."""
+    import yaml
+
+    from pgwarden.approvals.model import parse_iso
+
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d]
+    except yaml.YAMLError as e:
+        raise UserError(f"cannot read the ApprovalRequest: {e}; pass the output of "
+                        "`kubectl get approvalrequest NAME -o yaml`") from None
+    objs: list[object] = []
+    for d in docs:
+        objs.extend(d["items"] if isinstance(d, dict) and isinstance(d.get("items"), list) else [d])
+    rows = []
+    for o in objs:
+        if not isinstance(o, dict) or o.get("kind") not in ("ApprovalRequest", None):
+            continue
+        meta, spec, status = o.get("metadata") or {}, o.get("spec") or {}, o.get("status") or {}
+        req = spec.get("requester") or {}
+
+        def when(value: object) -> float:
+            try:
+                return parse_iso(str(value))
+            except ValueError:
+                return 0.0
+
+        rows.append(Row(
+            id=f"{meta.get('namespace', '')}/{meta.get('name', '')}", created_at=when(meta.get("creationTimestamp")),
+            expires_at=when(spec.get("expiresAt") or status.get("expiresAt")),
+            connection=str((spec.get("connectionRef") or {}).get("name", "")),
+            requester_subject=str(req.get("subject", "")), statement=str(spec.get("statement", "")),
+            params=tuple(None if p is None else str(p) for p in spec.get("params") or ()),
+            rule=str(spec.get("rule", "")), reviewers=(), min_approvals=0, mode=str(spec.get("mode", "")),
+            state=str(status.get("phase") or spec.get("decision") or ""),
+            decided_by=str((status.get("decidedBy") or {}).get("username", "")), reason=str(spec.get("reason", "")),
+            votes=tuple(str(a.get("username", "")) for a in status.get("approvals") or () if isinstance(a, dict)),
+            policy=str(spec.get("policy", "")), requester={k: v for k, v in req.items() if k != "pod"},
+            workload={"pod": req["pod"]} if req.get("pod") else {}))
+    if not rows:
+        raise UserError("no ApprovalRequest in the input; pass the output of "
+                        "`kubectl get approvalrequest NAME -o yaml` (or -o json)")
+    return rows
+
+
+def _show_objects(source: str) -> int:
+    text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    safe = Escaper()
+    now = time.time()
+    print("\n\n".join(render_request(r, now, safe) for r in rows_from_objects(text)))
+    _finish(safe)
+    return 0
+
+
 def _finish(safe: Escaper) -> None:
     note = safe.note()
     if note:
@@ -110,6 +167,11 @@ def _finish(safe: Escaper) -> None:
 def main(args: argparse.Namespace) -> int:
     path = Path(args.db) if getattr(args, "db", None) else default_db_path()
     verb = args.approvals_verb
+    if verb == "show" and getattr(args, "file", None):
+        return _show_objects(args.file)
+    if verb == "show" and not getattr(args, "id", None):
+        raise UserError("say which request: pgwarden approvals show ID (local queue), or "
+                        "kubectl get approvalrequest NAME -o yaml | pgwarden approvals show -f -")
     try:
         queue = LocalApprovals(path, create=False)
     except ApprovalError as e:

@@ -141,7 +141,7 @@ async def test_defer_one_time_use(tmp_path: Path) -> None:
     other = Identity(subject="copilot", groups=("ai-agents",))
     assert await q.consume(spec(mode="defer", params=("1",), requester=other)) is None
     used = await q.consume(s)
-    assert used is not None and used.id == t.id
+    assert used is not None and used.id == t.id and used.decided_by == "alice"
     assert await q.consume(s) is None  # one time only
     await q.executed(used, "DELETE 1")
     row = q.list_sync(include_decided=True)[0]

@@ -413,7 +413,8 @@ class LocalApprovals:
             with self._tx() as db:
                 self._expire(db, now)
                 rows = db.execute(
-                    "SELECT id, expires_at, statement, params, requester_subject, connection, policy FROM requests "
+                    "SELECT id, expires_at, statement, params, requester_subject, connection, policy, decided_by "
+                    "FROM requests "
                     "WHERE statement_hash = ? AND state = 'approved' AND mode = 'defer' ORDER BY decided_at",
                     (h,)).fetchall()
                 for r in rows:
@@ -427,7 +428,7 @@ class LocalApprovals:
                                      "WHERE id = ? AND state = 'approved'", (now, r["id"]))
                     if cur.rowcount == 1:
                         return Ticket(id=r["id"], name=r["id"], expires_at=r["expires_at"],
-                                      approve_command=local_agent_hint(r["id"]))
+                                      approve_command=local_agent_hint(r["id"]), decided_by=r["decided_by"])
             return None
 
         return await asyncio.to_thread(run)

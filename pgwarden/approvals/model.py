@@ -77,6 +77,9 @@ class Ticket:
     approve_command: str
     deny_command: str = ""
     namespace: str = ""
+    # who approved ("alice, bob"), when the backend knows it: `consume` (defer mode) fills it so the
+    # gate can attribute the approval in the audit chain before the statement is forwarded
+    decided_by: str = ""
 
 
 @dataclass(frozen=True)

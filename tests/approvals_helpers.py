@@ -32,11 +32,16 @@ sys.exit(pgwarden.cli.main(sys.argv[4:]))
 """
 
 
-def cli_as(uid: int, groups: tuple[int, ...], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def cli_as(
+    uid: int, groups: tuple[int, ...], *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     """`pgwarden ARGS` as OS user `uid` (primary group = uid) with supplementary `groups`."""
     return subprocess.run(
         [sys.executable, "-c", _DROP_AND_RUN, str(uid), str(uid), ",".join(map(str, groups)), *args],
-        capture_output=True, text=True, timeout=timeout, cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd="/",
     )
 
 
@@ -46,8 +51,9 @@ def reviewer_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def root_cli(*args: str) -> subprocess.CompletedProcess[str]:
     """The proxy's own OS user in this suite (the agent beside it would run as it too)."""
-    return subprocess.run([sys.executable, "-m", "pgwarden.cli", *args], capture_output=True, text=True,
-                          timeout=60, cwd="/")
+    return subprocess.run(
+        [sys.executable, "-m", "pgwarden.cli", *args], capture_output=True, text=True, timeout=60, cwd="/"
+    )
 
 
 @contextmanager

@@ -22,8 +22,9 @@ class Terminal:
         self.session = session
 
     def _tmux(self, *args: str) -> str:
-        return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True, check=True,
-                              timeout=30).stdout
+        return subprocess.run(
+            ["tmux", "-L", self.socket, *args], capture_output=True, text=True, check=True, timeout=30
+        ).stdout
 
     def screen(self) -> str:
         return self._tmux("capture-pane", "-p", "-J", "-S", "-200", "-t", self.session)
@@ -50,8 +51,29 @@ def terminal(env: Mapping[str, str], cwd: Path, width: int = 250, height: int = 
     socket = f"pgw-{uuid.uuid4().hex[:8]}"
     full_env = {**os.environ, **env, "PS1": "$ ", "TERM": "xterm-256color"}
     shell = "bash --norc --noprofile"
-    subprocess.run(["tmux", "-L", socket, "-f", "/dev/null", "new-session", "-d", "-s", "t", "-x", str(width),
-                    "-y", str(height), "-c", str(cwd), shell], env=full_env, check=True, timeout=30)
+    subprocess.run(
+        [
+            "tmux",
+            "-L",
+            socket,
+            "-f",
+            "/dev/null",
+            "new-session",
+            "-d",
+            "-s",
+            "t",
+            "-x",
+            str(width),
+            "-y",
+            str(height),
+            "-c",
+            str(cwd),
+            shell,
+        ],
+        env=full_env,
+        check=True,
+        timeout=30,
+    )
     try:
         yield Terminal(socket, "t")
     finally:

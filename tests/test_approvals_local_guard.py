@@ -38,19 +38,33 @@ AGENT = Identity(subject="cursor-agent", groups=("ai-agents",), service_account=
 
 
 def spec(statement: str = "DELETE FROM orders WHERE id = 8", min_approvals: int = 1) -> ApprovalSpec:
-    return ApprovalSpec(connection="orders-prod", requester=AGENT, workload={}, statement=statement, params=(),
-                        rule="agents/orders rule 2 (writes)", reviewers=(SubjectRef(group="dba"),),
-                        min_approvals=min_approvals, timeout=60, mode="wait")
+    return ApprovalSpec(
+        connection="orders-prod",
+        requester=AGENT,
+        workload={},
+        statement=statement,
+        params=(),
+        rule="agents/orders rule 2 (writes)",
+        reviewers=(SubjectRef(group="dba"),),
+        min_approvals=min_approvals,
+        timeout=60,
+        mode="wait",
+    )
 
 
 # -- names ----------------------------------------------------------------------------------------
 
 SELF_SPELLINGS = [
-    "CURSOR-AGENT", "Cursor-Agent", "cursor-agent ",
+    "CURSOR-AGENT",
+    "Cursor-Agent",
+    "cursor-agent ",
     "ｃｕｒｓｏｒ－ａｇｅｎｔ",  # fullwidth
-    "cursor-age\u0301nt", "cursor-agént",  # combining / precomposed accent
-    "cursor\u200b-agent", "cursor-agent\u202e",  # zero-width space, bidi override
-    "AGENTS/CURSOR-AGENT", "SYSTEM:SERVICEACCOUNT:AGENTS:CURSOR-AGENT",
+    "cursor-age\u0301nt",
+    "cursor-agént",  # combining / precomposed accent
+    "cursor\u200b-agent",
+    "cursor-agent\u202e",  # zero-width space, bidi override
+    "AGENTS/CURSOR-AGENT",
+    "SYSTEM:SERVICEACCOUNT:AGENTS:CURSOR-AGENT",
     "\u0441ursor-agent",  # Cyrillic с: refused as a name in another script
 ]
 
@@ -79,6 +93,7 @@ def test_one_reviewer_in_two_spellings_is_one_approval(tmp_path: Path) -> None:
 
 
 # -- the file and the OS user -----------------------------------------------------------------------
+
 
 def test_the_queue_is_private_to_the_proxys_user(tmp_path: Path) -> None:
     folder = tmp_path / "data"
@@ -129,8 +144,9 @@ def test_refusal_rule() -> None:
 def test_reviewer_group_lets_other_users_decide_and_nobody_else() -> None:
     with shared_base() as base:
         folder = base / "q"
-        q: Any = backend_from_config({"backend": "local", "path": str(folder / "approvals.db"),
-                                      "reviewerGroup": REVIEWER_GID})
+        q: Any = backend_from_config(
+            {"backend": "local", "path": str(folder / "approvals.db"), "reviewerGroup": REVIEWER_GID}
+        )
         assert (mode(folder), folder.stat().st_gid) == (0o2770, REVIEWER_GID)
         assert (mode(q.path), q.path.stat().st_gid) == (0o660, REVIEWER_GID)
         t = asyncio.run(q.create(spec()))
@@ -151,29 +167,43 @@ def test_reviewer_group_lets_other_users_decide_and_nobody_else() -> None:
 
 def test_reviewer_group_needs_a_folder_the_group_can_write(tmp_path: Path) -> None:
     with pytest.raises(ResourceError, match="must belong to the reviewer group and be group-writable"):
-        backend_from_config({"backend": "local", "path": str(tmp_path / "approvals.db"),
-                             "reviewerGroup": REVIEWER_GID})
+        backend_from_config(
+            {"backend": "local", "path": str(tmp_path / "approvals.db"), "reviewerGroup": REVIEWER_GID}
+        )
     with pytest.raises(ResourceError, match="applies to the local backend only"):
-        backend_from_config({"backend": "kubernetes", "namespace": "agents", "apiUrl": "http://127.0.0.1:1",
-                             "reviewerGroup": "dba"})
+        backend_from_config(
+            {
+                "backend": "kubernetes",
+                "namespace": "agents",
+                "apiUrl": "http://127.0.0.1:1",
+                "reviewerGroup": "dba",
+            }
+        )
 
 
 # -- through the live proxy -------------------------------------------------------------------------
 
+
 def review_policy(mode_: str) -> dict[str, Any]:
     return {
-        "apiVersion": API, "kind": "AccessPolicy", "metadata": {"name": "reviewed"},
+        "apiVersion": API,
+        "kind": "AccessPolicy",
+        "metadata": {"name": "reviewed"},
         "spec": {
-            "connectionRef": {"name": "shop"}, "subjects": [{"group": "ai-agents"}],
-            "rules": [{"action": "review", "operations": ["insert", "delete"], "tables": ["public.audit_scratch"]}],
+            "connectionRef": {"name": "shop"},
+            "subjects": [{"group": "ai-agents"}],
+            "rules": [
+                {"action": "review", "operations": ["insert", "delete"], "tables": ["public.audit_scratch"]}
+            ],
             "approval": {"reviewers": [{"group": "dba"}], "timeout": "20s", "mode": mode_},
         },
     }
 
 
 def connect(proxy: Any) -> pg8000.native.Connection:
-    return pg8000.native.Connection(proxy.user, host=proxy.host, port=proxy.port, database="shop",
-                                    password=proxy.password)
+    return pg8000.native.Connection(
+        proxy.user, host=proxy.host, port=proxy.port, database="shop", password=proxy.password
+    )
 
 
 def ran(pg: Any, mark: int, marker: str) -> int:
@@ -185,8 +215,9 @@ def pending(db: Path) -> list[dict[str, Any]]:
     return [x for x in json.loads(r.stdout or "[]") if x["state"] == "pending"] if r.returncode == 0 else []
 
 
-def test_agent_cannot_approve_itself_through_the_live_proxy(make_proxy: Any, pg: Any,
-                                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_agent_cannot_approve_itself_through_the_live_proxy(
+    make_proxy: Any, pg: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     with shared_base() as base:
         db = base / "q" / "approvals.db"
         approvals = {"backend": "local", "path": str(db), "reviewerGroup": REVIEWER_GID}
@@ -235,8 +266,9 @@ def test_agent_cannot_approve_itself_through_the_live_proxy(make_proxy: Any, pg:
 def test_defer_hint_keeps_the_database_out(make_proxy: Any, pg: Any) -> None:
     with shared_base() as base:
         db = base / "q" / "approvals.db"
-        proxy = make_proxy(extra=[review_policy("defer")],
-                           proxy_spec={"approvals": {"backend": "local", "path": str(db)}})
+        proxy = make_proxy(
+            extra=[review_policy("defer")], proxy_spec={"approvals": {"backend": "local", "path": str(db)}}
+        )
         mark = pg.log_position()
         conn = connect(proxy)
         with pytest.raises(pg8000.native.DatabaseError) as e:
@@ -245,6 +277,8 @@ def test_defer_hint_keeps_the_database_out(make_proxy: Any, pg: Any) -> None:
         assert err["C"] == "PW001"
         everything = " ".join(str(v) for v in err.values())
         assert "approvals show" in everything
-        assert "approvals approve" not in everything and str(db) not in everything and "--db" not in everything
+        assert (
+            "approvals approve" not in everything and str(db) not in everything and "--db" not in everything
+        )
         assert ran(pg, mark, "defer-hint-marker") == 0
         conn.close()

@@ -14,10 +14,12 @@ from pgwarden.approvals import ApprovalSpec, LocalApprovals, Notifier
 from pgwarden.subjects import Identity, SubjectRef
 
 AGENT = Identity(subject="cursor-agent", groups=("ai-agents",), service_account="agents/cursor-agent")
-FORGED = ("DELETE FROM orders WHERE id = 8 OR id > 0 -- ```\n"
-          "*:white_check_mark: PRE-APPROVED by the DBA team, no action needed* <!channel> <@U024BE7LH> @here\n"
-          "<https://evil.example/approve|Approve here> [approve](https://evil.example) &lt;b&gt;\n"
-          "```\x1b[2K\u202e")
+FORGED = (
+    "DELETE FROM orders WHERE id = 8 OR id > 0 -- ```\n"
+    "*:white_check_mark: PRE-APPROVED by the DBA team, no action needed* <!channel> <@U024BE7LH> @here\n"
+    "<https://evil.example/approve|Approve here> [approve](https://evil.example) &lt;b&gt;\n"
+    "```\x1b[2K\u202e"
+)
 
 
 async def capture(spec: ApprovalSpec, tmp_path: Path) -> tuple[dict[str, Any], Any]:
@@ -50,9 +52,18 @@ async def capture(spec: ApprovalSpec, tmp_path: Path) -> tuple[dict[str, Any], A
 
 def spec(statement: str, params: tuple[str | None, ...] = (), subject: str = "cursor-agent") -> ApprovalSpec:
     who = Identity(subject=subject, groups=("ai-agents",))
-    return ApprovalSpec(connection="orders-prod", requester=who, workload={"pod": "cursor-7d9f"},
-                        statement=statement, params=params, rule="agents/orders rule 2 (writes)",
-                        reviewers=(SubjectRef(group="dba"),), min_approvals=1, timeout=60, mode="wait")
+    return ApprovalSpec(
+        connection="orders-prod",
+        requester=who,
+        workload={"pod": "cursor-7d9f"},
+        statement=statement,
+        params=params,
+        rule="agents/orders rule 2 (writes)",
+        reviewers=(SubjectRef(group="dba"),),
+        min_approvals=1,
+        timeout=60,
+        mode="wait",
+    )
 
 
 async def test_statement_cannot_close_the_fence_or_add_links(tmp_path: Path) -> None:
@@ -79,7 +90,9 @@ async def test_statement_cannot_close_the_fence_or_add_links(tmp_path: Path) -> 
 
 
 async def test_subject_and_pod_are_code_too(tmp_path: Path) -> None:
-    body, _ = await capture(spec("DELETE FROM orders WHERE id = 1", subject="x` *APPROVED* <!channel>"), tmp_path)
+    body, _ = await capture(
+        spec("DELETE FROM orders WHERE id = 1", subject="x` *APPROVED* <!channel>"), tmp_path
+    )
     first = body["text"].splitlines()[0]
     assert first.startswith("pgwarden: `x\u02cb *APPROVED* &lt;!channel&gt;`") and "<" not in body["text"]
 

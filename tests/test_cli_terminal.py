@@ -20,19 +20,26 @@ API = "pgwarden.dev/v1alpha1"
 # the reviewer would see `... WHERE id = 8`; `OR id > 0` is moved over and erased
 HIDE_TAIL = "DELETE FROM audit_scratch WHERE id = 8 OR id > 0 --\x1b[13D\x1b[K"
 # an OSC 8 link over harmless-looking text, and a right-to-left override
-LINK_BIDI = ("DELETE FROM audit_scratch WHERE id = 9 /* \x1b]8;;https://evil.example/\x07see ticket\x1b]8;;\x07 "
-             "\u202e 0 < di RO \u202c*/")
+LINK_BIDI = (
+    "DELETE FROM audit_scratch WHERE id = 9 /* \x1b]8;;https://evil.example/\x07see ticket\x1b]8;;\x07 "
+    "\u202e 0 < di RO \u202c*/"
+)
 # a denied statement that wipes its own line (and the one above) from the auditor's screen
 WIPE_DENIED = "SELECT pg_read_file('/etc/passwd') --\r\x1b[2K\x1b[1A\x1b[2K"
 
 
 def policy(mode: str) -> dict[str, Any]:
     return {
-        "apiVersion": API, "kind": "AccessPolicy", "metadata": {"name": "reviewed"},
+        "apiVersion": API,
+        "kind": "AccessPolicy",
+        "metadata": {"name": "reviewed"},
         "spec": {
-            "connectionRef": {"name": "shop"}, "subjects": [{"group": "ai-agents"}],
-            "rules": [{"action": "allow", "operations": ["select"], "tables": ["public.audit_scratch"]},
-                      {"action": "review", "operations": ["delete"], "tables": ["public.audit_scratch"]}],
+            "connectionRef": {"name": "shop"},
+            "subjects": [{"group": "ai-agents"}],
+            "rules": [
+                {"action": "allow", "operations": ["select"], "tables": ["public.audit_scratch"]},
+                {"action": "review", "operations": ["delete"], "tables": ["public.audit_scratch"]},
+            ],
             "defaultAction": "deny",
             "approval": {"reviewers": [{"group": "dba"}], "timeout": "60s", "mode": mode},
         },
@@ -40,8 +47,9 @@ def policy(mode: str) -> dict[str, Any]:
 
 
 def connect(proxy: Any, **kw: Any) -> pg8000.native.Connection:
-    return pg8000.native.Connection(proxy.user, host=proxy.host, port=proxy.port, database="shop",
-                                    password=proxy.password, **kw)
+    return pg8000.native.Connection(
+        proxy.user, host=proxy.host, port=proxy.port, database="shop", password=proxy.password, **kw
+    )
 
 
 def screen_lines(screen: str) -> list[str]:
@@ -54,8 +62,10 @@ def queued(make_proxy: Any, tmp_path: Path) -> tuple[Path, dict[str, str]]:
     db = tmp_path / "approvals.db"
     # the terminal's commands run as this process's OS user, which is the proxy's: allowed here only,
     # test_approvals_local_guard shows the refusal
-    proxy = make_proxy(extra=[policy("defer")], proxy_spec={
-        "approvals": {"backend": "local", "path": str(db), "allowProxyUserDecisions": True}})
+    proxy = make_proxy(
+        extra=[policy("defer")],
+        proxy_spec={"approvals": {"backend": "local", "path": str(db), "allowProxyUserDecisions": True}},
+    )
     conn = connect(proxy)
     ids: dict[str, str] = {}
     for name, sql in (("hide", HIDE_TAIL), ("link", LINK_BIDI)):
@@ -67,7 +77,9 @@ def queued(make_proxy: Any, tmp_path: Path) -> tuple[Path, dict[str, str]]:
     return db, ids
 
 
-def test_approvals_list_and_show_reveal_what_is_hidden(queued: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+def test_approvals_list_and_show_reveal_what_is_hidden(
+    queued: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
     db, ids = queued
     (tmp_path / "raw.txt").write_text(HIDE_TAIL + "\n" + LINK_BIDI + "\n")
     with terminal({"PGWARDEN_APPROVALS_DB": str(db)}, tmp_path) as term:
@@ -83,14 +95,18 @@ def test_approvals_list_and_show_reveal_what_is_hidden(queued: tuple[Path, dict[
         assert "shown escaped" in listed and "for development" in listed
 
         shown = term.run(pgwarden_command("approvals", "show", ids["hide"]))
-        assert "  │ DELETE FROM audit_scratch WHERE id = 8 OR id > 0 --\\x1b[13D\\x1b[K" in screen_lines(shown)
+        assert "  │ DELETE FROM audit_scratch WHERE id = 8 OR id > 0 --\\x1b[13D\\x1b[K" in screen_lines(
+            shown
+        )
         assert f"request     {ids['hide']}" in shown and "requester   agent" in shown
         assert "shown escaped" in shown
 
         shown = term.run(pgwarden_command("approvals", "show", ids["link"]))
         stmt = next(line for line in screen_lines(shown) if line.startswith("  │ "))
-        assert stmt == ("  │ DELETE FROM audit_scratch WHERE id = 9 /* \\x1b]8;;https://evil.example/\\x07see ticket"
-                        "\\x1b]8;;\\x07 \\u202e 0 < di RO \\u202c*/")
+        assert stmt == (
+            "  │ DELETE FROM audit_scratch WHERE id = 9 /* \\x1b]8;;https://evil.example/\\x07see ticket"
+            "\\x1b]8;;\\x07 \\u202e 0 < di RO \\u202c*/"
+        )
 
         # approve prints what it approves, in full, before approving it
         approved = term.run(pgwarden_command("approvals", "approve", ids["hide"], "--as", "dba-alice"))
@@ -101,8 +117,9 @@ def test_approvals_list_and_show_reveal_what_is_hidden(queued: tuple[Path, dict[
         assert lines.index("approving:") < lines.index(f"request {ids['hide']} approved by dba-alice")
 
 
-def test_replay_shows_the_denied_statement_the_agent_tried_to_wipe(make_proxy: Any, pg: Any,
-                                                                      tmp_path: Path) -> None:
+def test_replay_shows_the_denied_statement_the_agent_tried_to_wipe(
+    make_proxy: Any, pg: Any, tmp_path: Path
+) -> None:
     rec = tmp_path / "rec"
     proxy = make_proxy(extra=[policy("wait")], proxy_spec={"recording": {"dir": str(rec)}})
     mark = pg.log_position()
@@ -144,15 +161,30 @@ def test_a_cluster_request_is_shown_escaped_too(tmp_path: Path) -> None:
     """kubectl prints field values raw; `pgwarden approvals show -f -` reads the object and escapes."""
     import yaml
 
-    obj = {"apiVersion": API, "kind": "ApprovalRequest",
-           "metadata": {"name": "orders-prod-7c4c8ede-9a10f1", "namespace": "agents",
-                        "creationTimestamp": "2026-11-24T10:15:00Z"},
-           "spec": {"connectionRef": {"name": "orders-prod"}, "policy": "orders", "rule": "agents/orders rule 2",
-                    "requester": {"subject": "system:serviceaccount:agents:cursor-agent", "groups": ["ai-agents"],
-                                  "pod": "agents/cursor-agent-7d9f"},
-                    "statement": HIDE_TAIL, "mode": "wait", "expiresAt": "2026-11-24T10:30:00Z",
-                    "decision": "pending"},
-           "status": {"phase": "Pending"}}
+    obj = {
+        "apiVersion": API,
+        "kind": "ApprovalRequest",
+        "metadata": {
+            "name": "orders-prod-7c4c8ede-9a10f1",
+            "namespace": "agents",
+            "creationTimestamp": "2026-11-24T10:15:00Z",
+        },
+        "spec": {
+            "connectionRef": {"name": "orders-prod"},
+            "policy": "orders",
+            "rule": "agents/orders rule 2",
+            "requester": {
+                "subject": "system:serviceaccount:agents:cursor-agent",
+                "groups": ["ai-agents"],
+                "pod": "agents/cursor-agent-7d9f",
+            },
+            "statement": HIDE_TAIL,
+            "mode": "wait",
+            "expiresAt": "2026-11-24T10:30:00Z",
+            "decision": "pending",
+        },
+        "status": {"phase": "Pending"},
+    }
     (tmp_path / "req.yaml").write_text(yaml.safe_dump(obj))
     (tmp_path / "raw.txt").write_text(HIDE_TAIL + "\n")
     with terminal({}, tmp_path) as term:

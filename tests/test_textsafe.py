@@ -19,9 +19,31 @@ def test_terminal_sequences_become_visible() -> None:
 
 
 def test_every_listed_class_is_escaped() -> None:
-    hostile = ["\x00", "\x07", "\r", "\x1b", "\x7f", "\x85", "\x9b", "\u061c", "\u200e", "\u200f", "\u2028",
-               "\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2067", "\u2068", "\u2069",
-               "\u200b", "\ufeff", "\U000e0001"]
+    hostile = [
+        "\x00",
+        "\x07",
+        "\r",
+        "\x1b",
+        "\x7f",
+        "\x85",
+        "\x9b",
+        "\u061c",
+        "\u200e",
+        "\u200f",
+        "\u2028",
+        "\u202a",
+        "\u202b",
+        "\u202c",
+        "\u202d",
+        "\u202e",
+        "\u2066",
+        "\u2067",
+        "\u2068",
+        "\u2069",
+        "\u200b",
+        "\ufeff",
+        "\U000e0001",
+    ]
     for c in hostile:
         out = escape(f"a{c}b", multiline=True)
         assert out.startswith("a\\") and out.endswith("b") and c not in out, repr(c)
@@ -45,8 +67,12 @@ def test_escaper_says_that_it_escaped() -> None:
 
 
 def test_json_for_a_terminal_round_trips() -> None:
-    value = {"sql": f"SELECT 1 /*{CURSOR_UP_ERASE}\x9b2K{BIDI}*/", "name": "Zoë", "emoji": "\U0001f600",
-             "tag": "\U000e0041"}
+    value = {
+        "sql": f"SELECT 1 /*{CURSOR_UP_ERASE}\x9b2K{BIDI}*/",
+        "name": "Zoë",
+        "emoji": "\U0001f600",
+        "tag": "\U000e0041",
+    }
     text = json_dumps(value, indent=1)
     assert is_safe(text, multiline=True)
     assert "Zoë" in text and "\\u202e" in text and "\\u009b" in text and "\\udb40\\udc41" in text

@@ -28,7 +28,11 @@ uid, gid = int(sys.argv[1]), int(sys.argv[2])
 os.setgroups([int(g) for g in sys.argv[3].split(",") if g])
 os.setgid(gid)
 os.setuid(uid)
-sys.exit(pgwarden.cli.main(sys.argv[4:]))
+if sys.argv[4] == "--exec":
+    import pgwarden.approvals, pgwarden.resources
+    exec(sys.argv[5])
+else:
+    sys.exit(pgwarden.cli.main(sys.argv[4:]))
 """
 
 
@@ -41,6 +45,17 @@ def cli_as(
         capture_output=True,
         text=True,
         timeout=timeout,
+        cwd="/",
+    )
+
+
+def python_as(uid: int, groups: tuple[int, ...], code: str) -> subprocess.CompletedProcess[str]:
+    """Python `code` as OS user `uid`, pgwarden already imported (as the proxy's user would run it)."""
+    return subprocess.run(
+        [sys.executable, "-c", _DROP_AND_RUN, str(uid), str(uid), ",".join(map(str, groups)), "--exec", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
         cwd="/",
     )
 

@@ -55,6 +55,10 @@ def backend_from_config(section: Mapping[str, Any] | None) -> ApprovalBackend:
                                    reviewer_group=group, proxy_user_may_decide=may)
         except ValueError as e:
             raise ResourceError(where, "reviewerGroup" if group is not None else "path", str(e)) from e
+        except OSError as e:
+            raise ResourceError(where, "path", f"cannot prepare the approvals database {s.get('path') or ''}: "
+                                f"{e.strerror} ({e.filename}); the proxy's OS user must own the file and be able "
+                                "to write its folder (give the queue a folder of its own)") from e
         log.warning("%s (approvals database %s, mode %o%s)", DEV_WARNING, queue.path, queue.file_mode,
                     "; decisions by the proxy's own OS user are allowed" if may else "")
         return queue

@@ -27,9 +27,6 @@ from pgwarden.approvals.model import APPROVED, DENIED, ApprovalError, iso
 from pgwarden.errors import UserError
 from pgwarden.textsafe import Escaper
 
-SELF_DECLARED = ("note: local mode — the name given with --as is self-declared, not authenticated; "
-                 "use the Kubernetes backend where reviewers must prove who they are")
-
 
 def _age(seconds: float) -> str:
     s = int(max(0, seconds))
@@ -219,5 +216,4 @@ def main(args: argparse.Namespace) -> int:
     for note in change.notes:
         print(f"note: {safe(note)}")
     _finish(safe)
-    print(SELF_DECLARED, file=sys.stderr)
     return 0

@@ -47,13 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--filename", required=True, help="manifest file, or - for stdin")
     p.add_argument("--image", help="proxy image (default: the release's)")
 
-    ap = sub.add_parser("approvals", help="the local approval queue").add_subparsers(dest="approvals_verb", required=True)
-    for name, help_ in (("list", "list approval requests"), ("approve", "approve a request"), ("deny", "deny a request")):
-        p = _verb(ap, name, "pgwarden.approvals.cli:main", help_)
+    ap = sub.add_parser("approvals", help="the local approval queue (for development: names are self-declared)")
+    ap_verbs = ap.add_subparsers(dest="approvals_verb", required=True)
+    for name, help_ in (("list", "list approval requests (statements cut to one line)"),
+                        ("show", "print one request with its full statement"),
+                        ("approve", "print a request, then approve it"), ("deny", "print a request, then deny it")):
+        p = _verb(ap_verbs, name, "pgwarden.approvals.cli:main", help_)
         p.add_argument("--db", help="the local approvals database (default: $PGWARDEN_APPROVALS_DB or ./pgwarden-data/approvals.db)")
         if name == "list":
             p.add_argument("--all", action="store_true", help="include decided requests")
             p.add_argument("--json", action="store_true")
+        elif name == "show":
+            p.add_argument("id", nargs="?", help="request id (local queue)")
+            p.add_argument("--json", action="store_true")
+            p.add_argument("-f", "--file", help="an ApprovalRequest as JSON or YAML (kubectl get … -o yaml), - for stdin")
         else:
             p.add_argument("id", help="request id")
             p.add_argument("--as", dest="as_user", required=True, help="your name (self-declared in local mode)")
@@ -80,7 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(func(args) or 0)
     except UserError as e:
-        print(f"pgwarden: {e}", file=sys.stderr)
+        from pgwarden.textsafe import escape
+
+        # messages can quote agent-supplied text (a request id, a name, a recording's content)
+        print(f"pgwarden: {escape(str(e), multiline=True)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

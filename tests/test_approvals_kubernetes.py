@@ -191,7 +191,7 @@ async def test_notification_is_sent_in_the_background(kmock: Any, backend: Kuber
             if got:
                 break
             await asyncio.sleep(0.05)
-        assert attempts == 2 and set(got[0]) == {"text"}
+        assert attempts == 2 and got[0]["parse"] == "none" and got[0]["link_names"] is False
         text = got[0]["text"]
         assert ticket.name in text and "DELETE FROM orders WHERE id = $1" in text and ticket.approve_command in text
         assert json.dumps(got[0])  # Slack-compatible JSON body

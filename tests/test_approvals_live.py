@@ -66,7 +66,10 @@ def reviewer(db: Path, verb: str, name: str = "dba-alice") -> threading.Thread:
 def reviewed(make_proxy: Any, tmp_path: Path) -> Any:
     def make(mode: str, timeout: str = "20s") -> tuple[Any, Path]:
         db = tmp_path / "approvals.db"
-        spec = {"approvals": {"backend": "local", "path": str(db)}, "audit": {"path": str(tmp_path / "audit.jsonl")}}
+        # the reviewer CLI runs as this process's OS user, which is also the proxy's: allowed only because
+        # no agent runs here (test_approvals_local_guard checks the refusal without it)
+        spec = {"approvals": {"backend": "local", "path": str(db), "allowProxyUserDecisions": True},
+                "audit": {"path": str(tmp_path / "audit.jsonl")}}
         return make_proxy(extra=[policy(mode, timeout)], proxy_spec=spec), db
 
     return make
@@ -131,8 +134,9 @@ def test_defer_mode_runs_the_identical_statement_once(reviewed: Any, pg: Any) ->
     with pytest.raises(pg8000.native.DatabaseError) as e:
         conn.run(sql)
     assert e.value.args[0]["C"] == "PW001"
-    assert "pgwarden approvals approve" in e.value.args[0]["H"]
     rid = pending(db)[0]["id"]
+    assert f"pgwarden approvals show {rid}" in e.value.args[0]["H"]
+    assert "pgwarden approvals approve" not in e.value.args[0]["H"] and str(db) not in e.value.args[0]["H"]
     assert cli(db, "approve", rid, "--as", "dba-bob").returncode == 0
     with pytest.raises(pg8000.native.DatabaseError):  # a different statement is not covered
         conn.run("INSERT INTO audit_scratch (payload) VALUES ('deferred-other')")

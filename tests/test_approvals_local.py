@@ -45,9 +45,11 @@ def test_hash_binds_statement_params_requester_connection() -> None:
 
 async def test_wait_approved_by_another_process(tmp_path: Path) -> None:
     db = tmp_path / "a.db"
-    q = LocalApprovals(db, poll_interval=0.05)
+    # the reviewer's CLI runs as the same OS user as this "proxy": allowed only by allowProxyUserDecisions
+    q = LocalApprovals(db, poll_interval=0.05, proxy_user_may_decide=True)
     t = await q.create(spec())
-    assert t.approve_command == f"pgwarden approvals approve {t.id} --as YOU --db {db}"
+    # what the agent is told: the request to ask about, not the command that decides it nor the file
+    assert t.approve_command == f"`pgwarden approvals show {t.id}` on the reviewer's side, then approve or deny it"
     waiter = asyncio.create_task(q.wait(t, 30))
     listed = await asyncio.to_thread(cli, db, "list", "--json")
     rows = json.loads(listed.stdout)
@@ -56,6 +58,7 @@ async def test_wait_approved_by_another_process(tmp_path: Path) -> None:
     done = await asyncio.to_thread(cli, db, "approve", t.id, "--as", "alice", "--reason", "checked")
     assert done.returncode == 0, done.stderr
     assert f"request {t.id} approved by alice" in done.stdout
+    assert "approving:" in done.stdout and "  │ DELETE FROM orders WHERE id = 1" in done.stdout
     assert "self-declared" in done.stderr
     out = await asyncio.wait_for(waiter, 10)
     assert (out.state, out.decided_by, out.reason) == ("approved", "alice", "checked")
@@ -93,7 +96,7 @@ async def test_wait_timeout_shorter_than_expiry(tmp_path: Path) -> None:
 
 
 async def test_self_approval_refused(tmp_path: Path) -> None:
-    q = LocalApprovals(tmp_path / "a.db")
+    q = LocalApprovals(tmp_path / "a.db", proxy_user_may_decide=True)
     t = await q.create(spec())
     for me in ("cursor-agent", "agents/cursor-agent", "system:serviceaccount:agents:cursor-agent"):
         with pytest.raises(ApprovalError, match="requested this statement and cannot decide it"):
@@ -138,7 +141,7 @@ async def test_defer_one_time_use(tmp_path: Path) -> None:
     other = Identity(subject="copilot", groups=("ai-agents",))
     assert await q.consume(spec(mode="defer", params=("1",), requester=other)) is None
     used = await q.consume(s)
-    assert used is not None and used.id == t.id
+    assert used is not None and used.id == t.id and used.decided_by == "alice"
     assert await q.consume(s) is None  # one time only
     await q.executed(used, "DELETE 1")
     row = q.list_sync(include_decided=True)[0]
@@ -177,7 +180,7 @@ async def test_cancel_withdraws(tmp_path: Path) -> None:
 
 def test_cli_list_table_and_errors(tmp_path: Path) -> None:
     db = tmp_path / "a.db"
-    q = LocalApprovals(db)
+    q = LocalApprovals(db, proxy_user_may_decide=True)
     t = asyncio.run(q.create(spec("UPDATE orders SET status = 'x'\n  WHERE id = 7")))
     r = cli(db, "list")
     assert r.returncode == 0

@@ -6,21 +6,28 @@ is in WAL mode (readers never block the writer) with a busy timeout, and every d
 racing with expiry or withdrawal sees the other's result. The proxy polls the row; a read of one
 row by primary key costs microseconds, so a short interval is cheap.
 
-In local mode an approver's name is self-declared (`--as NAME`): anyone who can write the file
-can approve. Use the Kubernetes backend where the approver must be authenticated.
+The local backend is for development. An approver's name is self-declared (`--as NAME`), and
+anyone who can write the file can approve, so: the file (and its -wal / -shm) is 0600, readable
+and writable by the proxy's OS user only (0660 with `reviewerGroup`, for reviewers in that
+group); the CLI refuses decisions made by the proxy's own OS user (the agent usually runs as it),
+unless `allowProxyUserDecisions` says nobody else runs there (the demo); and the agent is told
+which request to ask about, never the database path or the command that decides. Use the
+Kubernetes backend where the approver must be authenticated.
 """
 
 from __future__ import annotations
 
 import asyncio
+import grp
 import json
 import os
 import secrets
 import sqlite3
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +46,7 @@ from pgwarden.approvals.model import (
     Ticket,
     Vote,
     decide,
+    local_agent_hint,
     local_command,
 )
 from pgwarden.approvals.notify import Notifier
@@ -70,6 +78,10 @@ CREATE TABLE IF NOT EXISTS requests (
     outcome_tag TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS requests_by_hash ON requests (statement_hash, state);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,             -- proxy_uid, proxy_user_may_decide: written by the proxy at start
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS votes (
     request_id TEXT NOT NULL REFERENCES requests (id),
     approver TEXT NOT NULL,
@@ -81,6 +93,32 @@ CREATE TABLE IF NOT EXISTS votes (
 
 def default_db_path() -> Path:
     return Path(os.environ.get("PGWARDEN_APPROVALS_DB") or "./pgwarden-data/approvals.db")
+
+
+DEV_WARNING = ("the local approval backend is for development: reviewers' names are self-declared and anyone "
+               "who can write the database file can approve; use the Kubernetes backend (authenticated "
+               "reviewers) for real databases")
+
+
+def resolve_group(group: str | int) -> int:
+    """A group name or numeric id -> gid (ValueError saying what to write instead)."""
+    if isinstance(group, int) or str(group).isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(str(group)).gr_gid
+    except KeyError:
+        raise ValueError(f"there is no group {group!r} on this host; create it or give a numeric group id") from None
+
+
+def proxy_user_refusal(euid: int, proxy_uid: int | None, owner_uid: int, may_decide: bool) -> str | None:
+    """Why the process running as `euid` may not decide, or None. The proxy's own OS user is refused:
+    the agent usually runs as that user (it may read and run whatever the proxy can)."""
+    if may_decide:
+        return None
+    if euid == proxy_uid or euid == owner_uid:
+        return ("decisions made by the proxy's own OS user are refused (an agent running beside the proxy runs as "
+                "it); decide as another user: a reviewer in the approvals reviewerGroup, or with sudo")
+    return None
 
 
 @dataclass(frozen=True)
@@ -102,6 +140,9 @@ class Row:
     decided_by: str
     reason: str
     votes: tuple[str, ...]
+    policy: str = ""
+    requester: dict[str, Any] = field(default_factory=dict)  # Identity.as_dict()
+    workload: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -110,6 +151,7 @@ class Row:
             "params": list(self.params), "rule": self.rule, "reviewers": list(self.reviewers),
             "minApprovals": self.min_approvals, "mode": self.mode, "state": self.state,
             "decidedBy": self.decided_by, "reason": self.reason, "approvals": list(self.votes),
+            "policy": self.policy, "requesterIdentity": self.requester, "workload": self.workload,
         }
 
 
@@ -123,14 +165,73 @@ class LocalApprovals:
     """`ApprovalBackend` over a SQLite file; also what the CLI uses to list and decide."""
 
     def __init__(self, path: str | Path | None = None, *, poll_interval: float = 0.2,
-                 notifier: Notifier | None = None, clock: Any = time.time) -> None:
+                 notifier: Notifier | None = None, clock: Any = time.time, reviewer_group: str | int | None = None,
+                 proxy_user_may_decide: bool = False, create: bool = True) -> None:
+        """`create` (the proxy's side) makes the file private and records the proxy's OS user;
+        the CLI opens an existing file with `create=False`."""
         self.path = Path(path) if path is not None else default_db_path()
         self.poll_interval = poll_interval
         self.notifier = notifier
         self.clock = clock
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.gid = resolve_group(reviewer_group) if reviewer_group not in (None, "") else None
+        self.file_mode = 0o660 if self.gid is not None else 0o600
+        if not create:
+            try:
+                found = stat.S_ISREG(os.stat(self.path).st_mode)
+            except PermissionError:
+                raise ApprovalError(f"cannot read the approvals database at {self.path}: permission denied. It is "
+                                    "private to the proxy's OS user; reviewers are members of the group named by "
+                                    "ProxyConfig approvals.reviewerGroup", 403) from None
+            except OSError:
+                found = False
+            if not found:
+                raise ApprovalError(f"no approvals database at {self.path}; pass --db or set PGWARDEN_APPROVALS_DB "
+                                    "to the file the proxy uses (ProxyConfig approvals.path)", 404)
+            return
+        self._prepare_files()
         with self._db() as db:
             db.executescript(SCHEMA)
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('proxy_uid', ?), "
+                       "('proxy_user_may_decide', ?)", (str(os.geteuid()), "1" if proxy_user_may_decide else "0"))
+
+    def _prepare_files(self) -> None:
+        """The folder (if new) and the file, private before SQLite writes a byte; SQLite gives its
+        -wal and -shm files the database file's mode (and, as root, its owner)."""
+        folder = self.path.parent
+        if not folder.is_dir():
+            folder.mkdir(parents=True, mode=0o700)
+            if self.gid is not None:
+                os.chown(folder, -1, self.gid)
+                os.chmod(folder, 0o2770)  # setgid: the files reviewers create get the group too
+        elif self.gid is not None:
+            st = folder.stat()
+            if st.st_gid != self.gid or not st.st_mode & stat.S_IWGRP:
+                raise ValueError(f"the folder {folder} must belong to the reviewer group and be group-writable "
+                                 f"(reviewers' SQLite writes its -wal / -shm files there): run "
+                                 f"`chgrp {self.gid} {folder} && chmod 2770 {folder}`, or use a folder of its own")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, self.file_mode)
+        try:
+            if self.gid is not None:
+                os.fchown(fd, -1, self.gid)
+            os.fchmod(fd, self.file_mode)  # also tightens a file an older version left world-readable
+        finally:
+            os.close(fd)
+        for suffix in ("-wal", "-shm"):
+            side = self.path.with_name(self.path.name + suffix)
+            if side.exists():
+                if self.gid is not None:
+                    os.chown(side, -1, self.gid)
+                os.chmod(side, self.file_mode)
+
+    def decider_refusal(self, euid: int | None = None) -> str | None:
+        """Why this OS user may not decide (the CLI's check), or None."""
+        euid = os.geteuid() if euid is None else euid
+        with self._db() as db:
+            meta: dict[str, str] = {}
+            if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone():
+                meta = {r[0]: r[1] for r in db.execute("SELECT key, value FROM meta")}
+        proxy_uid = int(meta["proxy_uid"]) if meta.get("proxy_uid", "").isdigit() else None
+        return proxy_user_refusal(euid, proxy_uid, self.path.stat().st_uid, meta.get("proxy_user_may_decide") == "1")
 
     # -- storage -------------------------------------------------------------------------------
     @contextmanager
@@ -159,8 +260,8 @@ class LocalApprovals:
     def _view(self, db: sqlite3.Connection, request_id: str) -> RequestView:
         r = db.execute("SELECT * FROM requests WHERE id = ?", (request_id,)).fetchone()
         if r is None:
-            raise ApprovalError(f"there is no request {request_id!r} in {self.path}; "
-                                "`pgwarden approvals list --all` shows them", 404)
+            raise ApprovalError(f"there is no request {request_id!r}; `pgwarden approvals list --all` shows them",
+                                404)
         votes = tuple(Vote(v["approver"], v["at"]) for v in
                       db.execute("SELECT approver, at FROM votes WHERE request_id = ? ORDER BY at", (request_id,)))
         return RequestView(
@@ -186,22 +287,33 @@ class LocalApprovals:
                         reason if change.state != PENDING else "", request_id))
         return change
 
+    @staticmethod
+    def _row(db: sqlite3.Connection, r: sqlite3.Row) -> Row:
+        votes = tuple(v[0] for v in db.execute("SELECT approver FROM votes WHERE request_id = ? ORDER BY at", (r["id"],)))
+        return Row(
+            id=r["id"], created_at=r["created_at"], expires_at=r["expires_at"], connection=r["connection"],
+            requester_subject=r["requester_subject"], statement=r["statement"],
+            params=tuple(json.loads(r["params"])), rule=r["rule"], reviewers=tuple(json.loads(r["reviewers"])),
+            min_approvals=r["min_approvals"], mode=r["mode"], state=r["state"], decided_by=r["decided_by"],
+            reason=r["reason"], votes=votes, policy=r["policy"], requester=json.loads(r["requester"] or "{}"),
+            workload=json.loads(r["workload"] or "{}"))
+
     def list_sync(self, include_decided: bool = False) -> list[Row]:
         with self._tx() as db:
             self._expire(db, self.clock())
             where = "" if include_decided else "WHERE state IN ('pending', 'approved')"
             rows = db.execute(f"SELECT * FROM requests {where} ORDER BY created_at").fetchall()
-            out = []
-            for r in rows:
-                votes = tuple(v[0] for v in db.execute(
-                    "SELECT approver FROM votes WHERE request_id = ? ORDER BY at", (r["id"],)))
-                out.append(Row(
-                    id=r["id"], created_at=r["created_at"], expires_at=r["expires_at"], connection=r["connection"],
-                    requester_subject=r["requester_subject"], statement=r["statement"],
-                    params=tuple(json.loads(r["params"])), rule=r["rule"], reviewers=tuple(json.loads(r["reviewers"])),
-                    min_approvals=r["min_approvals"], mode=r["mode"], state=r["state"], decided_by=r["decided_by"],
-                    reason=r["reason"], votes=votes))
-            return out
+            return [self._row(db, r) for r in rows]
+
+    def get_sync(self, request_id: str) -> Row:
+        """One request in full (`approvals show`, and what `approve` prints before deciding)."""
+        with self._tx() as db:
+            self._expire(db, self.clock())
+            r = db.execute("SELECT * FROM requests WHERE id = ?", (request_id,)).fetchone()
+            if r is None:
+                raise ApprovalError(f"there is no request {request_id!r}; `pgwarden approvals list --all` shows them",
+                                    404)
+            return self._row(db, r)
 
     @staticmethod
     def _expire(db: sqlite3.Connection, now: float) -> None:
@@ -230,12 +342,12 @@ class LocalApprovals:
                            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
 
         await asyncio.to_thread(insert)
-        db_hint = None if self.path == default_db_path() else str(self.path)
-        ticket = Ticket(id=request_id, name=request_id, expires_at=expires,
-                        approve_command=local_command(request_id, "approve", db_hint),
-                        deny_command=local_command(request_id, "deny", db_hint))
+        # the agent sees approve_command (the PW001 hint): the request to ask about, not the command
+        # that decides it nor the file that holds the queue
+        ticket = Ticket(id=request_id, name=request_id, expires_at=expires, approve_command=local_agent_hint(request_id))
         if self.notifier is not None:
-            self.notifier.notify(spec, ticket)
+            db_hint = None if self.path == default_db_path() else str(self.path)
+            self.notifier.notify(spec, ticket, review_command=local_command(request_id, "show", db_hint))
         return ticket
 
     def _poll(self, request_id: str, deadline: float) -> Outcome | None:
@@ -301,7 +413,8 @@ class LocalApprovals:
             with self._tx() as db:
                 self._expire(db, now)
                 rows = db.execute(
-                    "SELECT id, expires_at, statement, params, requester_subject, connection, policy FROM requests "
+                    "SELECT id, expires_at, statement, params, requester_subject, connection, policy, decided_by "
+                    "FROM requests "
                     "WHERE statement_hash = ? AND state = 'approved' AND mode = 'defer' ORDER BY decided_at",
                     (h,)).fetchall()
                 for r in rows:
@@ -315,7 +428,7 @@ class LocalApprovals:
                                      "WHERE id = ? AND state = 'approved'", (now, r["id"]))
                     if cur.rowcount == 1:
                         return Ticket(id=r["id"], name=r["id"], expires_at=r["expires_at"],
-                                      approve_command=local_command(r["id"]))
+                                      approve_command=local_agent_hint(r["id"]), decided_by=r["decided_by"])
             return None
 
         return await asyncio.to_thread(run)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import shlex
 import time
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -76,6 +77,9 @@ class Ticket:
     approve_command: str
     deny_command: str = ""
     namespace: str = ""
+    # who approved ("alice, bob"), when the backend knows it: `consume` (defer mode) fills it so the
+    # gate can attribute the approval in the audit chain before the statement is forwarded
+    decided_by: str = ""
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,49 @@ def same_principal(who: Identity, subject: str, service_account: str = "") -> bo
     return bool(names & theirs)
 
 
+def name_key(name: str) -> str:
+    """A self-declared name as compared: `AGENT`, `ａｇｅｎｔ` (fullwidth) and `agént` / `agent` + a combining
+    mark all compare equal to `agent`. NFKC folds compatibility forms, NFKD + dropping marks removes
+    accents and combining characters, case folding removes case; format characters (zero-width
+    joiners, bidi controls) are dropped."""
+    text = unicodedata.normalize("NFKC", name).casefold()
+    text = "".join(c for c in unicodedata.normalize("NFKD", text)
+                   if not unicodedata.combining(c) and unicodedata.category(c) not in ("Cf", "Mn", "Me"))
+    return unicodedata.normalize("NFKC", text).casefold().strip()
+
+
+def check_local_name(name: str) -> str:
+    """A name given with `--as` in local mode, or ApprovalError. After folding it must be printable
+    ASCII: a name in another script (Cyrillic `а` for Latin `a`) could pass for the requester's own."""
+    name = name.strip()
+    if not name:
+        raise ApprovalError("say who you are: --as NAME", 400)
+    key = name_key(name)
+    if not key or not key.isascii() or not key.isprintable() or not name.isprintable():
+        raise ApprovalError(f"{name!r} is not a usable reviewer name in local mode: use printable ASCII letters, "
+                            "digits and punctuation (names in other scripts could imitate the requester's)", 400)
+    return name
+
+
+def same_local_principal(approver: str, subject: str, service_account: str = "") -> bool:
+    """Local mode: is the self-declared `approver` the requester, in any spelling? Compares every
+    spelling of the requester (`agents/cursor`, `system:serviceaccount:agents:cursor`, and the bare
+    service-account name) after `name_key`, so case, width and combining-mark variants are refused."""
+    theirs = {s for s in (subject, service_account) if s}
+    for s in list(theirs):
+        if s.startswith(SA_PREFIX):
+            ns, _, name = s[len(SA_PREFIX):].partition(":")
+            theirs |= {f"{ns}/{name}", name}
+        elif "/" in s:
+            ns, _, name = s.partition("/")
+            theirs |= {f"{SA_PREFIX}{ns}:{name}", name}
+    mine = {approver}
+    if approver.startswith(SA_PREFIX):
+        ns, _, name = approver[len(SA_PREFIX):].partition(":")
+        mine.add(f"{ns}/{name}")
+    return bool({name_key(x) for x in mine} & {name_key(x) for x in theirs if name_key(x)})
+
+
 def describe_reviewers(reviewers: Iterable[SubjectRef]) -> str:
     return ", ".join(str(r) for r in reviewers) or "(none)"
 
@@ -181,8 +228,16 @@ def kubectl_patch_command(name: str, namespace: str, decision: str = "approved")
 
 
 def local_command(request_id: str, verb: str = "approve", db: str | None = None) -> str:
+    """The command a reviewer types (notifications, docs); never shown to the agent."""
     db_arg = f" --db {shlex.quote(db)}" if db else ""
-    return f"pgwarden approvals {verb} {request_id} --as YOU{db_arg}"
+    as_arg = " --as YOU" if verb in ("approve", "deny") else ""
+    return f"pgwarden approvals {verb} {request_id}{as_arg}{db_arg}"
+
+
+def local_agent_hint(request_id: str) -> str:
+    """What the agent is told in local mode: which request to ask about, not how to decide it, nor
+    where the queue is (the database path would tell it which file to write)."""
+    return f"`pgwarden approvals show {request_id}` on the reviewer's side, then approve or deny it"
 
 
 # -- decisions (the local queue's rules; the operator's webhook applies the same ones) -------
@@ -228,9 +283,7 @@ def decide(req: RequestView, approver: str, decision: str, now: float | None = N
     now = time.time() if now is None else now
     if decision not in (APPROVED, DENIED):
         raise ApprovalError(f"unknown decision {decision!r}; use approve or deny", 400)
-    approver = approver.strip()
-    if not approver:
-        raise ApprovalError("say who you are: --as NAME", 400)
+    approver = check_local_name(approver)
     if req.state == APPROVED or req.state in FINAL_STATES:
         by = f" by {req.decided_by}" if req.decided_by else ""
         raise ApprovalError(f"request {req.id} is already {req.state}{by}; a decision is final — "
@@ -239,7 +292,8 @@ def decide(req: RequestView, approver: str, decision: str, now: float | None = N
         raise ApprovalError(f"request {req.id} expired at {iso(req.expires_at)}; the requester must run the "
                             "statement again to create a new request", 409)
     who = identity_from_username(approver)
-    if same_principal(who, req.requester_subject, req.requester_service_account):
+    if same_principal(who, req.requester_subject, req.requester_service_account) or same_local_principal(
+            approver, req.requester_subject, req.requester_service_account):
         raise ApprovalError(f"{approver} requested this statement and cannot decide it; another reviewer "
                             f"({describe_reviewers(req.reviewers)}) must", 403)
     notes: list[str] = []
@@ -252,7 +306,7 @@ def decide(req: RequestView, approver: str, decision: str, now: float | None = N
                      "checked in local mode")
     if decision == DENIED:
         return Change(DENIED, req.votes, approver, f"request {req.id} denied by {approver}", tuple(notes))
-    if any(v.approver == approver for v in req.votes):
+    if any(name_key(v.approver) == name_key(approver) for v in req.votes):
         left = req.min_approvals - len(req.votes)
         raise ApprovalError(f"{approver} already approved request {req.id}; it needs {left} more approval(s) "
                             "from other reviewers", 409)
@@ -276,10 +330,49 @@ def parse_iso(value: str) -> float:
     return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
-def notification_text(spec: ApprovalSpec, ticket: Ticket) -> str:
-    who = spec.requester.subject + (f" ({spec.workload.get('pod')})" if spec.workload.get("pod") else "")
-    stmt = spec.statement if len(spec.statement) <= 1500 else spec.statement[:1500] + " …"
-    params = f"\nparameters: {list(spec.params)}" if spec.params else ""
-    return (f"pgwarden: {who} asks to run on {spec.connection} ({spec.rule}), request {ticket.name}:\n"
-            f"```{stmt}```{params}\napprove: `{ticket.approve_command}`\n"
-            f"expires {iso(ticket.expires_at)}")
+NOTIFY_STATEMENT_MAX = 1500
+
+
+def mrkdwn_code(text: str) -> tuple[str, bool]:
+    """`text` made safe inside a Slack-compatible code span or fence.
+
+    Inside code, mrkdwn still decodes `&amp;` / `&lt;` / `&gt;` (so `<@U123>` or `<!channel>` would
+    become a mention, `<https://x|click>` a link); a backtick would close the fence and let the rest
+    of the text format itself (links, a fake "pre-approved" banner). There is no escape for a
+    backtick inside code, so it is replaced by U+02CB (ˋ) and the message says so. Control and
+    bidi characters are shown as visible escapes."""
+    from pgwarden.textsafe import escape
+
+    text = escape(text, multiline=True)
+    had_backtick = "`" in text
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("`", "\u02cb")
+    return text, had_backtick
+
+
+def notification_text(spec: ApprovalSpec, ticket: Ticket, review_command: str = "") -> str:
+    """The message for a Slack-compatible webhook. Everything the agent controls (its subject, pod,
+    statement, parameters) is inside code, escaped by `mrkdwn_code`, so it cannot close the fence,
+    mention anyone, add a link or forge lines of the message."""
+    stmt = spec.statement
+    clipped = len(stmt) > NOTIFY_STATEMENT_MAX
+    if clipped:
+        stmt = stmt[:NOTIFY_STATEMENT_MAX]
+    stmt_text, ticks = mrkdwn_code(stmt)
+    who, ticks_who = mrkdwn_code(" ".join(spec.requester.subject.split()))
+    pod, ticks_pod = mrkdwn_code(" ".join(str(spec.workload.get("pod") or "").split()))
+    lines = [f"pgwarden: `{who}`" + (f" (pod `{pod}`)" if pod else "")
+             + f" asks to run on `{mrkdwn_code(spec.connection)[0]}` ({mrkdwn_code(spec.rule)[0]}),"
+             + f" request {mrkdwn_code(ticket.name)[0]}:",
+             f"```\n{stmt_text}\n```"]
+    if clipped:
+        lines.append(f"(first {NOTIFY_STATEMENT_MAX} of {len(spec.statement)} characters; the review command "
+                     "below shows it in full)")
+    if spec.params:
+        params_text, ticks_params = mrkdwn_code(json.dumps(list(spec.params), ensure_ascii=False))
+        ticks = ticks or ticks_params
+        lines.append(f"parameters:\n```\n{params_text}\n```")
+    if ticks or ticks_who or ticks_pod:
+        lines.append("(backticks in agent-supplied text are shown as \u02cb)")
+    lines.append(f"review: `{mrkdwn_code(review_command or ticket.approve_command)[0]}`")
+    lines.append(f"expires {iso(ticket.expires_at)}")
+    return "\n".join(lines)

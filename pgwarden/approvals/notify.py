@@ -1,5 +1,9 @@
 """Tell reviewers that a request is waiting: a Slack-compatible webhook (`{"text": …}`).
 
+The message is built by `notification_text`: everything the agent controls sits inside code,
+escaped for mrkdwn, and Slack's own parsing of names and links is turned off, so a statement
+cannot close the fence, mention people, add links or forge a "pre-approved" line.
+
 A notification must never hold a statement up or fail it: `notify` only schedules a background
 task and returns. The task retries with exponential back-off (a chat service being down for a
 minute should not lose the message) and gives up quietly after `attempts`, logging why.
@@ -29,12 +33,14 @@ class Notifier:
         self._tasks: set[asyncio.Task[bool]] = set()
         self._session: aiohttp.ClientSession | None = None
 
-    def notify(self, spec: ApprovalSpec, ticket: Ticket) -> asyncio.Task[bool] | None:
-        """Schedule the message (the policy's notifyUrl, else the configured default); never blocks."""
+    def notify(self, spec: ApprovalSpec, ticket: Ticket, review_command: str = "") -> asyncio.Task[bool] | None:
+        """Schedule the message (the policy's notifyUrl, else the configured default); never blocks.
+
+        `review_command` is what a reviewer types (it may differ from what the agent is told)."""
         url = spec.notify_url or self.default_url
         if not url:
             return None
-        task = asyncio.get_running_loop().create_task(self._send(url, {"text": notification_text(spec, ticket)}))
+        task = asyncio.get_running_loop().create_task(self._send(url, payload(spec, ticket, review_command)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -68,6 +74,12 @@ class Notifier:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
+
+
+def payload(spec: ApprovalSpec, ticket: Ticket, review_command: str = "") -> dict[str, Any]:
+    """The webhook body: mrkdwn text with Slack's name and link parsing off (`parse: none`)."""
+    return {"text": notification_text(spec, ticket, review_command), "parse": "none", "link_names": False,
+            "unfurl_links": False, "unfurl_media": False}
 
 
 def _redact(url: str) -> str:

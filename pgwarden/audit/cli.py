@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from pgwarden.audit.chain import verify_path
 from pgwarden.audit.replay import find_recording, load_events, recordings_dir, render
 from pgwarden.errors import UserError
+from pgwarden.textsafe import Escaper, json_dumps
 
 
 def verify_main(args: argparse.Namespace) -> int:
@@ -19,10 +19,13 @@ def verify_main(args: argparse.Namespace) -> int:
         raise UserError(f"no audit log at {args.path}") from None
     except OSError as e:
         raise UserError(f"cannot read {args.path}: {e.strerror}") from None
+    safe = Escaper()  # file names and quoted record content are printed: escape them like all agent text
     for note in report.notes:
-        print(f"note: {note}")
+        print(f"note: {safe(note)}")
     for problem in report.problems:
-        print(problem, file=sys.stderr)
+        print(safe(problem), file=sys.stderr)
+    if safe.note():
+        print(safe.note(), file=sys.stderr)
     if report.ok:
         span = f"seq {report.first_seq}..{report.last_seq}" if report.records else "empty"
         print(f"ok: {report.records} records, chain intact ({span}), head {report.last_hash[:16] or '-'}")
@@ -36,8 +39,12 @@ def replay_main(args: argparse.Namespace) -> int:
     path = find_recording(args.session, recordings_dir(getattr(args, "dir", None)))
     events = load_events(path)
     if getattr(args, "json", False):
-        json.dump({"recording": str(path), "events": events}, sys.stdout, ensure_ascii=False, indent=1)
-        sys.stdout.write("\n")
-    else:
-        sys.stdout.write(render(events))
+        # readable non-ASCII text, but C1 controls and bidi overrides as \uXXXX like the C0 ones
+        sys.stdout.write(json_dumps({"recording": str(path), "events": events}, indent=1) + "\n")
+        return 0
+    safe = Escaper()
+    sys.stdout.write(render(events, safe))
+    note = safe.note()
+    if note:
+        sys.stdout.write(note + "\n")
     return 0

@@ -1,6 +1,10 @@
 """Reading recordings back: find one, parse it, and render a timeline for people.
 
 Pure functions over parsed events, so the CLI is a thin shell and tests need no terminal.
+Everything in a recording came from the agent or the database (statements, parameters, cell
+values, error texts, application_name): every value is escaped by `pgwarden.textsafe`, so an
+ESC sequence cannot erase a denied statement from the auditor's screen, and a multi-line
+statement's continuation lines are marked (`│`) so a newline cannot forge a line of the timeline.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 from pgwarden.audit.config import DEFAULT_DATA_DIR
 from pgwarden.audit.recording import recording_name
 from pgwarden.errors import UserError
+from pgwarden.textsafe import Escaper
 
 CELL_MAX = 40
 
@@ -61,15 +66,17 @@ def load_events(path: Path) -> list[dict[str, Any]]:
     return events
 
 
-def _cell(v: str | None) -> str:
+def _cell(v: str | None, safe: Escaper) -> str:
     if v is None:
         return "NULL"
-    v = v.replace("\n", "\\n")
+    v = safe(v)  # one line: newlines become \n
     return v if len(v) <= CELL_MAX else v[: CELL_MAX - 1] + "…"
 
 
-def table(columns: Sequence[str], rows: Sequence[Sequence[str | None]]) -> list[str]:
-    cells = [[_cell(v) for v in r] for r in rows]
+def table(columns: Sequence[str], rows: Sequence[Sequence[str | None]], safe: Escaper | None = None) -> list[str]:
+    safe = safe or Escaper()
+    cells = [[_cell(v, safe) for v in r] for r in rows]
+    columns = [safe(c) for c in columns]
     widths = [len(c) for c in columns]
     for r in cells:
         for i, c in enumerate(r[: len(widths)]):
@@ -81,69 +88,77 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[str | None]]) -> list[
     return out
 
 
-def _who(meta: Mapping[str, Any]) -> str:
+def _who(meta: Mapping[str, Any], safe: Escaper) -> str:
     ident = meta.get("identity") or {}
     parts = []
     if ident.get("subject"):
-        parts.append(f"as {ident['subject']}")
+        parts.append(f"as {safe(ident['subject'])}")
     if ident.get("groups"):
-        parts.append(f"groups {','.join(ident['groups'])}")
+        parts.append(f"groups {safe(','.join(str(g) for g in ident['groups']))}")
     if ident.get("method"):
-        parts.append(f"via {ident['method']}")
+        parts.append(f"via {safe(ident['method'])}")
     for key, label in (("applicationName", "app"), ("client", "from"), ("connection", "connection"),
                        ("database", "database")):
         if meta.get(key):
-            parts.append(f"{label} {meta[key]}")
+            parts.append(f"{label} {safe(meta[key])}")
     work = meta.get("workload") or {}
     if work.get("pod"):
-        parts.append(f"pod {work.get('namespace', '')}/{work['pod']}")
+        parts.append(f"pod {safe(work.get('namespace', ''))}/{safe(work['pod'])}")
     return "  ".join(parts)
 
 
-def render(events: Iterable[Mapping[str, Any]]) -> str:
-    """The timeline: one block per statement with its rows, errors and notices."""
+def _statement(t: str, ev: Mapping[str, Any], pad: str, safe: Escaper) -> list[str]:
+    lines = safe(ev.get("sql", ""), multiline=True).split("\n")
+    return [f"{t}  [{safe(ev.get('s'))}] {lines[0]}", *(f"{pad}│ {line}" for line in lines[1:])]
+
+
+def render(events: Iterable[Mapping[str, Any]], safe: Escaper | None = None) -> str:
+    """The timeline: one block per statement with its rows, errors and notices. Pass an `Escaper`
+    to learn afterwards whether anything had to be escaped (`safe.note()`)."""
+    safe = safe or Escaper()
     out: list[str] = []
     pad = "           "
     for ev in events:
         k = ev.get("k")
         t = f"+{float(ev.get('t', 0)):8.3f}s"
         if k == "session":
-            out.append(f"session {ev.get('session')}  started {ev.get('started', '?')}")
-            who = _who(ev.get("meta") or {})
+            out.append(f"session {safe(ev.get('session'))}  started {safe(ev.get('started', '?'))}")
+            who = _who(ev.get("meta") or {}, safe)
             if who:
                 out.append(f"  {who}")
         elif k == "query":
             out.append("")
-            out.append(f"{t}  [{ev.get('s')}] {ev.get('sql', '')}")
+            out.extend(_statement(t, ev, pad, safe))
             if ev.get("params") is not None:
-                out.append(f"{pad}params: {json.dumps(ev['params'], ensure_ascii=False)}")
+                out.append(f"{pad}params: {safe(json.dumps(ev['params'], ensure_ascii=False))}")
         elif k in ("result", "error"):
             if ev.get("columns"):
-                out.extend(pad + line for line in table(ev["columns"], ev.get("rows") or []))
+                out.extend(pad + line for line in table(ev["columns"], ev.get("rows") or [], safe))
             trunc = ev.get("truncated")
             if trunc:
                 total = ev.get("rowCount")
                 more = f" of {total}" if isinstance(total, int) else ""
-                out.append(f"{pad}… recording truncated: {trunc.get('recordedRows')} rows{more} kept "
-                           f"({trunc.get('reason')})")
+                out.append(f"{pad}… recording truncated: {safe(trunc.get('recordedRows'))} rows{more} kept "
+                           f"({safe(trunc.get('reason'))})")
             ms = f"({float(ev.get('ms', 0)):.3f} ms)"
             if k == "error":
                 err = ev.get("error") or {}
-                out.append(f"{pad}{err.get('severity', 'ERROR')} {err.get('code', '')}: {err.get('message', '')} {ms}")
+                out.append(f"{pad}{safe(err.get('severity', 'ERROR'))} {safe(err.get('code', ''))}: "
+                           f"{safe(err.get('message', ''))} {ms}")
                 for key in ("detail", "hint"):
                     if err.get(key):
-                        out.append(f"{pad}{key}: {err[key]}")
+                        out.append(f"{pad}{key}: {safe(err[key])}")
             elif ev.get("incomplete"):
                 out.append(f"{pad}(no result: the session ended first) {ms}")
             else:
-                out.append(f"{pad}{ev.get('tag', '')} {ms}")
+                out.append(f"{pad}{safe(ev.get('tag', ''))} {ms}")
         elif k == "notice":
             n = ev.get("notice") or {}
-            out.append(f"{t}  {n.get('severity', 'NOTICE')}: {n.get('message', '')}")
+            out.append(f"{t}  {safe(n.get('severity', 'NOTICE'))}: {safe(n.get('message', ''))}")
         elif k == "end":
             out.append("")
-            reason = f" ({ev['reason']})" if ev.get("reason") else ""
-            out.append(f"{t}  session ended{reason}: {ev.get('statements', 0)} statements")
+            reason = f" ({safe(ev['reason'])})" if ev.get("reason") else ""
+            out.append(f"{t}  session ended{reason}: {safe(ev.get('statements', 0))} statements")
         elif k == "damaged":
-            out.append(f"(line {ev.get('line')} of the recording is damaged and skipped)")
+            out.append(f"(line {safe(ev.get('line'))} of the recording is damaged and skipped)")
     return "\n".join(out) + "\n"

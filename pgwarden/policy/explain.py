@@ -9,7 +9,6 @@ configuration error, printed by the CLI).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from pgwarden.errors import UserError
@@ -17,6 +16,7 @@ from pgwarden.policy.engine import SessionState
 from pgwarden.policy.policyset import load_policies
 from pgwarden.resources import ResourceError, load_documents, of_kind
 from pgwarden.subjects import Identity
+from pgwarden.textsafe import json_dumps
 
 EXIT_CODES = {"allow": 0, "deny": 1, "review": 3}
 
@@ -34,8 +34,8 @@ def main(args: argparse.Namespace) -> int:
     identity = Identity(subject=args.user, groups=tuple(args.group), service_account=sa, method="explain")
     decision = policies.for_identity(identity, connection).decide(args.sql, SessionState())
     out = {"identity": identity.as_dict(), "connection": connection, **decision.to_json()}
-    json.dump(out, sys.stdout, indent=2, ensure_ascii=False)
-    sys.stdout.write("\n")
+    # the statement is often one an agent sent: C1 and bidi controls as \uXXXX, like the C0 ones
+    sys.stdout.write(json_dumps(out, indent=2) + "\n")
     return EXIT_CODES[decision.action]
 
 

@@ -113,7 +113,8 @@ def ran_delete(pg: Any, mark: int) -> bool:
 
 @pytest.fixture
 def gated(make_proxy: Any, tmp_path: Path) -> Any:
-    spec = {"approvals": {"backend": "local", "path": str(tmp_path / "approvals.db")},
+    # the reviewer CLI below runs as this test process, the proxy's own OS user
+    spec = {"approvals": {"backend": "local", "path": str(tmp_path / "approvals.db"), "allowProxyUserDecisions": True},
             "audit": {"path": str(tmp_path / "audit.jsonl")}}
     proxy = make_proxy(extra=[POLICY, MASKING], proxy_spec=spec)
     proxy.approvals_db = tmp_path / "approvals.db"

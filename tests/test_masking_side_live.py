@@ -38,7 +38,9 @@ def guesses(pg: EmbeddedPostgres) -> None:
     with superuser(pg, "shop") as c:
         c.execute(f"DROP TABLE IF EXISTS {GUESSES}")
         c.execute(f"CREATE TABLE {GUESSES} (ssn text)")
-        c.execute(f"INSERT INTO {GUESSES} SELECT format('%s-45-6789', 100 + g) FROM generate_series(0, 899) g")
+        c.execute(
+            f"INSERT INTO {GUESSES} SELECT format('%s-45-6789', 100 + g) FROM generate_series(0, 899) g"
+        )
         c.execute(f"GRANT SELECT ON {GUESSES} TO shop_reader")
 
 
@@ -85,51 +87,95 @@ def any_rows(rows: list[tuple[str | None, ...]]) -> bool:
 
 S1 = "(SELECT ssn FROM customers WHERE id = 1)"
 CHANNELS: dict[str, Channel] = {
-    "join-using": Channel("SELECT count(*) FROM customers c JOIN (SELECT ssn FROM ssn_guesses "
-                          "WHERE ssn < '{g}') g USING (ssn) WHERE c.id = 1", count_is(1)),
-    "natural-join": Channel("SELECT count(*) FROM (SELECT id, ssn FROM customers WHERE id = 1) c NATURAL JOIN "
-                            "(SELECT 1 AS id, ssn FROM ssn_guesses WHERE ssn < '{g}') g", count_is(1)),
-    "intersect": Channel(f"SELECT count(*) FROM ({S1} INTERSECT SELECT ssn FROM ssn_guesses WHERE ssn < '{{g}}') x",
-                         count_is(1)),
-    "except": Channel(f"SELECT count(*) FROM ({S1} EXCEPT SELECT ssn FROM ssn_guesses WHERE ssn < '{{g}}') x",
-                      count_is(0)),
-    "union": Channel(f"SELECT count(*) = (SELECT count(*) FROM ssn_guesses WHERE ssn < '{{g}}') FROM "
-                     f"({S1} UNION SELECT ssn FROM ssn_guesses WHERE ssn < '{{g}}') x",
-                     lambda rows: bool(rows) and rows[0][0] == "t"),
-    "group-by": Channel(f"SELECT count(*) FROM (SELECT ssn < '{{g}}' AS b FROM {S1} s UNION ALL SELECT true) t "
-                        "GROUP BY b", lambda rows: len(rows) == 1),
-    "distinct": Channel(f"SELECT count(*) FROM (SELECT DISTINCT ssn < '{{g}}' FROM ({S1} UNION ALL "
-                        "SELECT '0') s) d", count_is(1)),
-    "generate-series-from": Channel("SELECT count(*) FROM customers c, generate_series(1, ascii('{g}') - "
-                                    "ascii(c.ssn)) s WHERE c.id = 1", lambda rows: bool(rows) and rows[0][0] != "0"),
-    "generate-series-select": Channel("SELECT generate_series(1, ascii('{g}') - ascii(ssn)) FROM customers "
-                                      "WHERE id = 1", any_rows),
-    "regexp-matches": Channel("SELECT regexp_matches(ssn, '^[0-' || chr(ascii('{g}') - 1) || ']') "
-                              "FROM customers WHERE id = 1", any_rows),
-    "exists": Channel("SELECT 1 WHERE EXISTS (SELECT 1 FROM customers WHERE id = 1 AND ssn < '{g}')", any_rows),
-    "in-subquery": Channel("SELECT count(*) FROM customers WHERE id = 1 AND ssn IN "
-                           "(SELECT ssn FROM ssn_guesses WHERE ssn < '{g}')", count_is(1)),
-    "scalar-subquery": Channel("SELECT (SELECT count(*) FROM customers WHERE id = 1 AND ssn < '{g}')", count_is(1)),
+    "join-using": Channel(
+        "SELECT count(*) FROM customers c JOIN (SELECT ssn FROM ssn_guesses "
+        "WHERE ssn < '{g}') g USING (ssn) WHERE c.id = 1",
+        count_is(1),
+    ),
+    "natural-join": Channel(
+        "SELECT count(*) FROM (SELECT id, ssn FROM customers WHERE id = 1) c NATURAL JOIN "
+        "(SELECT 1 AS id, ssn FROM ssn_guesses WHERE ssn < '{g}') g",
+        count_is(1),
+    ),
+    "intersect": Channel(
+        f"SELECT count(*) FROM ({S1} INTERSECT SELECT ssn FROM ssn_guesses WHERE ssn < '{{g}}') x",
+        count_is(1),
+    ),
+    "except": Channel(
+        f"SELECT count(*) FROM ({S1} EXCEPT SELECT ssn FROM ssn_guesses WHERE ssn < '{{g}}') x", count_is(0)
+    ),
+    "union": Channel(
+        f"SELECT count(*) = (SELECT count(*) FROM ssn_guesses WHERE ssn < '{{g}}') FROM "
+        f"({S1} UNION SELECT ssn FROM ssn_guesses WHERE ssn < '{{g}}') x",
+        lambda rows: bool(rows) and rows[0][0] == "t",
+    ),
+    "group-by": Channel(
+        f"SELECT count(*) FROM (SELECT ssn < '{{g}}' AS b FROM {S1} s UNION ALL SELECT true) t GROUP BY b",
+        lambda rows: len(rows) == 1,
+    ),
+    "distinct": Channel(
+        f"SELECT count(*) FROM (SELECT DISTINCT ssn < '{{g}}' FROM ({S1} UNION ALL SELECT '0') s) d",
+        count_is(1),
+    ),
+    "generate-series-from": Channel(
+        "SELECT count(*) FROM customers c, generate_series(1, ascii('{g}') - ascii(c.ssn)) s WHERE c.id = 1",
+        lambda rows: bool(rows) and rows[0][0] != "0",
+    ),
+    "generate-series-select": Channel(
+        "SELECT generate_series(1, ascii('{g}') - ascii(ssn)) FROM customers WHERE id = 1", any_rows
+    ),
+    "regexp-matches": Channel(
+        "SELECT regexp_matches(ssn, '^[0-' || chr(ascii('{g}') - 1) || ']') FROM customers WHERE id = 1",
+        any_rows,
+    ),
+    "exists": Channel(
+        "SELECT 1 WHERE EXISTS (SELECT 1 FROM customers WHERE id = 1 AND ssn < '{g}')", any_rows
+    ),
+    "in-subquery": Channel(
+        "SELECT count(*) FROM customers WHERE id = 1 AND ssn IN "
+        "(SELECT ssn FROM ssn_guesses WHERE ssn < '{g}')",
+        count_is(1),
+    ),
+    "scalar-subquery": Channel(
+        "SELECT (SELECT count(*) FROM customers WHERE id = 1 AND ssn < '{g}')", count_is(1)
+    ),
     "filter": Channel("SELECT count(*) FILTER (WHERE ssn < '{g}') FROM customers WHERE id = 1", count_is(1)),
-    "window-partition": Channel(f"SELECT count(*) OVER (PARTITION BY s < '{{g}}') FROM (SELECT ssn AS s FROM {S1} x "
-                                "UNION ALL SELECT '0') t", count_is(2)),
-    "window-order": Channel(f"SELECT n FROM (SELECT n, row_number() OVER (ORDER BY s) AS r FROM (SELECT 'secret' AS n, "
-                            f"ssn AS s FROM {S1} x UNION ALL SELECT 'guess', '{{g}}') t) u WHERE r = 1",
-                            lambda rows: rows == [("secret",)]),
-    "order-by-limit": Channel(f"SELECT n FROM (SELECT 'secret' AS n, ssn AS s FROM {S1} x UNION ALL "
-                              "SELECT 'guess', '{g}') t ORDER BY s LIMIT 1", lambda rows: rows == [("secret",)]),
+    "window-partition": Channel(
+        f"SELECT count(*) OVER (PARTITION BY s < '{{g}}') FROM (SELECT ssn AS s FROM {S1} x "
+        "UNION ALL SELECT '0') t",
+        count_is(2),
+    ),
+    "window-order": Channel(
+        f"SELECT n FROM (SELECT n, row_number() OVER (ORDER BY s) AS r FROM (SELECT 'secret' AS n, "
+        f"ssn AS s FROM {S1} x UNION ALL SELECT 'guess', '{{g}}') t) u WHERE r = 1",
+        lambda rows: rows == [("secret",)],
+    ),
+    "order-by-limit": Channel(
+        f"SELECT n FROM (SELECT 'secret' AS n, ssn AS s FROM {S1} x UNION ALL "
+        "SELECT 'guess', '{g}') t ORDER BY s LIMIT 1",
+        lambda rows: rows == [("secret",)],
+    ),
     "having": Channel("SELECT 1 FROM customers WHERE id = 1 HAVING max(ssn) < '{g}'", any_rows),
-    "case-in-where": Channel("SELECT 1 FROM customers WHERE id = 1 AND CASE WHEN ssn < '{g}' THEN true END",
-                             any_rows),
-    "limit": Channel("SELECT 1 FROM customers LIMIT (SELECT (ssn < '{g}')::int FROM customers WHERE id = 1)",
-                     any_rows),
-    "array-agg-order": Channel(f"SELECT (array_agg(n ORDER BY s))[1] FROM (SELECT 'secret' AS n, ssn AS s FROM {S1} x "
-                               "UNION ALL SELECT 'guess', '{g}') t", lambda rows: rows == [("secret",)]),
+    "case-in-where": Channel(
+        "SELECT 1 FROM customers WHERE id = 1 AND CASE WHEN ssn < '{g}' THEN true END", any_rows
+    ),
+    "limit": Channel(
+        "SELECT 1 FROM customers LIMIT (SELECT (ssn < '{g}')::int FROM customers WHERE id = 1)", any_rows
+    ),
+    "array-agg-order": Channel(
+        f"SELECT (array_agg(n ORDER BY s))[1] FROM (SELECT 'secret' AS n, ssn AS s FROM {S1} x "
+        "UNION ALL SELECT 'guess', '{g}') t",
+        lambda rows: rows == [("secret",)],
+    ),
     # the NULL-ness of a derived value: allowed (no predicate), so its answer must never vary
-    "nullif": Channel("SELECT nullif((ssn < '{g}')::text, 'true') FROM customers WHERE id = 1",
-                      lambda rows: rows == [(None,)]),
-    "substring-null": Channel("SELECT substring(ssn from '^[0-' || chr(ascii('{g}') - 1) || ']') FROM customers "
-                              "WHERE id = 1", lambda rows: rows != [(None,)]),
+    "nullif": Channel(
+        "SELECT nullif((ssn < '{g}')::text, 'true') FROM customers WHERE id = 1",
+        lambda rows: rows == [(None,)],
+    ),
+    "substring-null": Channel(
+        "SELECT substring(ssn from '^[0-' || chr(ascii('{g}') - 1) || ']') FROM customers WHERE id = 1",
+        lambda rows: rows != [(None,)],
+    ),
 }
 
 
@@ -151,7 +197,9 @@ def binary_search(h: ProxyHandle, pg: EmbeddedPostgres, ch: Channel) -> tuple[st
 
 
 @pytest.mark.parametrize("channel", list(CHANNELS))
-def test_the_binary_search_for_a_masked_value_fails(live: ProxyHandle, pg: EmbeddedPostgres, channel: str) -> None:
+def test_the_binary_search_for_a_masked_value_fails(
+    live: ProxyHandle, pg: EmbeddedPostgres, channel: str
+) -> None:
     ch = CHANNELS[channel]
     digit, answers, server_log = binary_search(live, pg, ch)
     assert digit != SECRET[0], f"the attacker recovered the first digit through {channel}"
@@ -171,23 +219,33 @@ def test_the_binary_search_for_a_masked_value_fails(live: ProxyHandle, pg: Embed
 
 def test_the_same_search_works_on_a_clear_column(live: ProxyHandle, pg: EmbeddedPostgres) -> None:
     """The control: on a column no rule masks, the attacker's search does run on real answers."""
-    digit, answers, _ = binary_search(live, pg, Channel(
-        "SELECT count(*) FROM customers c JOIN (SELECT ssn AS name FROM ssn_guesses WHERE ssn < '{g}' "
-        "UNION ALL SELECT 'Ada Lovelace' WHERE '{g}' > '1') g USING (name) WHERE c.id = 1", count_is(1)))
+    digit, answers, _ = binary_search(
+        live,
+        pg,
+        Channel(
+            "SELECT count(*) FROM customers c JOIN (SELECT ssn AS name FROM ssn_guesses WHERE ssn < '{g}' "
+            "UNION ALL SELECT 'Ada Lovelace' WHERE '{g}' > '1') g USING (name) WHERE c.id = 1",
+            count_is(1),
+        ),
+    )
     assert not any(a.sqlstate for a in answers), [a.error for a in answers]
     assert digit == "1"
 
 
-@pytest.mark.parametrize("question", [
-    "SELECT nullif(left(ssn, 1), '{d}') FROM customers WHERE id = 1",
-    "SELECT CASE left(ssn, 1) WHEN '{d}' THEN 'hit' END FROM customers WHERE id = 1",
-    "SELECT substring(ssn from '^{d}') FROM customers WHERE id = 1",
-    "SELECT to_jsonb(nullif(ssn, '{d}23-45-6789')) FROM customers WHERE id = 1",
-    "SELECT max(ssn) FILTER (WHERE id = 1) || nullif(left(ssn, 1), '{d}') FROM customers WHERE id = 1 "
-    "GROUP BY ssn, id",
-])
-def test_a_linear_search_through_null_ness_gets_the_same_answer_for_every_guess(live: ProxyHandle,
-                                                                                 question: str) -> None:
+@pytest.mark.parametrize(
+    "question",
+    [
+        "SELECT nullif(left(ssn, 1), '{d}') FROM customers WHERE id = 1",
+        "SELECT CASE left(ssn, 1) WHEN '{d}' THEN 'hit' END FROM customers WHERE id = 1",
+        "SELECT substring(ssn from '^{d}') FROM customers WHERE id = 1",
+        "SELECT to_jsonb(nullif(ssn, '{d}23-45-6789')) FROM customers WHERE id = 1",
+        "SELECT max(ssn) FILTER (WHERE id = 1) || nullif(left(ssn, 1), '{d}') FROM customers WHERE id = 1 "
+        "GROUP BY ssn, id",
+    ],
+)
+def test_a_linear_search_through_null_ness_gets_the_same_answer_for_every_guess(
+    live: ProxyHandle, question: str
+) -> None:
     answers = [run_psql(live, question.format(d=d), extra=("-v", "ON_ERROR_STOP=0")) for d in range(10)]
     for a in answers:
         no_secret(a.wire)
@@ -228,9 +286,13 @@ def extended(h: ProxyHandle, sql: str) -> tuple[bytes, dict[str, str]]:
     conn = RawConn.login(h.host, h.port, AGENT_USER, AGENT_PASSWORD, h.dbname)
     tap = bytearray()
     try:
-        conn.send(msg(b"P", b"\0" + sql.encode() + b"\0" + struct.pack("!h", 0))
-                  + msg(b"B", b"\0\0" + struct.pack("!hhh", 0, 0, 0))
-                  + msg(b"D", b"P\0") + msg(b"E", b"\0" + struct.pack("!i", 0)) + msg(b"S"))
+        conn.send(
+            msg(b"P", b"\0" + sql.encode() + b"\0" + struct.pack("!h", 0))
+            + msg(b"B", b"\0\0" + struct.pack("!hhh", 0, 0, 0))
+            + msg(b"D", b"P\0")
+            + msg(b"E", b"\0" + struct.pack("!i", 0))
+            + msg(b"S")
+        )
         err: dict[str, str] = {}
         for kind, payload in conn.until_ready():
             tap += kind + payload
@@ -259,9 +321,9 @@ def test_error_text_keeps_no_value_of_a_masked_column(live: ProxyHandle, case: s
     no_secret(wire)
 
 
-def test_errors_of_predicates_are_masked_when_predicates_are_allowed(pg: EmbeddedPostgres,
-                                                                    proxy_thread: ProxyThread,
-                                                                    guesses: None) -> None:
+def test_errors_of_predicates_are_masked_when_predicates_are_allowed(
+    pg: EmbeddedPostgres, proxy_thread: ProxyThread, guesses: None
+) -> None:
     """With allowInPredicates the masked column may sit in WHERE only; the result is clear, and the
     error its cast raises must still be masked (the plan reads the column, if not its result)."""
     h = start(pg, proxy_thread, allow_in_predicates=True)
@@ -295,7 +357,9 @@ def test_errors_of_statements_without_masked_columns_keep_their_detail(live: Pro
 # -- COPY ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("header", ["'OFF'", "'False'", "0", "false"])
 def test_copy_with_header_switched_off_masks_the_first_row(live: ProxyHandle, header: str) -> None:
-    got = run_psql(live, f"COPY (SELECT id, ssn FROM customers ORDER BY id) TO STDOUT (FORMAT csv, HEADER {header})")
+    got = run_psql(
+        live, f"COPY (SELECT id, ssn FROM customers ORDER BY id) TO STDOUT (FORMAT csv, HEADER {header})"
+    )
     assert not got.error, got.error
     assert got.rows[0] == ('1,"[redacted]"',)
     no_secret(got.wire)
@@ -306,5 +370,7 @@ def test_copy_encoding_is_refused(live: ProxyHandle, pg: EmbeddedPostgres) -> No
     got = run_psql(live, "COPY customers TO STDOUT (FORMAT csv, ENCODING 'SJIS')")
     assert got.sqlstate == "42501" and "ENCODING" in got.error and "UTF8" in got.error, got.error
     assert "SJIS" not in pg.log_since(mark)
-    got = run_psql(live, "COPY (SELECT id, ssn FROM customers ORDER BY id) TO STDOUT (FORMAT csv, ENCODING 'utf-8')")
+    got = run_psql(
+        live, "COPY (SELECT id, ssn FROM customers ORDER BY id) TO STDOUT (FORMAT csv, ENCODING 'utf-8')"
+    )
     assert not got.error and got.rows[0] == ('1,"[redacted]"',), got.error

@@ -330,3 +330,40 @@ def test_us_ssn_detector_catches_itins(text):
     scrubbed = DetectorSet([builtin("us_ssn")]).scrub(text)
     assert "[redacted:us_ssn]" in scrubbed
     assert not any(c.isdigit() for c in scrubbed)
+
+
+# -- functions the catalog knows, and those it does not ----------------------------------------------
+def test_only_set_returning_or_unknown_functions_over_masked_values_are_predicates():
+    import dataclasses
+
+    from masking_helpers import SHOP_TABLES
+
+    from pgwarden.masking import Catalog
+
+    cat = Catalog.from_dicts(
+        SHOP_TABLES,
+        builtin_functions={"upper", "count", "generate_series"},
+        user_functions={"public.digest", "public.explode"},
+    )
+    cat = dataclasses.replace(cat, set_returning_functions=cat.set_returning_functions | {"explode"})
+    assert SM.plan("SELECT digest(ssn) FROM customers", cat).error is None  # known, returns one value
+    for sql in (
+        "SELECT explode(ssn) FROM customers",
+        "SELECT made_up_fn(ssn) FROM customers",
+        "SELECT count(*) FROM customers c, explode(c.ssn) e",
+    ):
+        err = SM.plan(sql, cat).error
+        assert err is not None and "set-returning" in err.message, sql
+    assert SM.plan("SELECT made_up_fn(name) FROM customers", cat).error is None
+
+
+def test_execute_and_fetch_count_as_reading_masked_data():
+    from pgwarden.masking import MaskingSession
+
+    s = MaskingSession()
+    assert LAX.plan(
+        "PREPARE p AS SELECT count(*) FROM customers WHERE ssn::int > 0", CAT, session=s
+    ).touches_masked
+    plan = LAX.plan("EXECUTE p", CAT, session=s)
+    assert plan.touches_masked and plan.masks_anything
+    assert LAX.plan("FETCH 1 FROM c", CAT, session=s).touches_masked

@@ -374,3 +374,23 @@ def test_copy_encoding_is_refused(live: ProxyHandle, pg: EmbeddedPostgres) -> No
         live, "COPY (SELECT id, ssn FROM customers ORDER BY id) TO STDOUT (FORMAT csv, ENCODING 'utf-8')"
     )
     assert not got.error and got.rows[0] == ('1,"[redacted]"',), got.error
+
+
+def test_errors_of_prepared_statements_and_cursors_are_redacted_in_full(live: ProxyHandle) -> None:
+    """The body runs at EXECUTE / FETCH, not at PREPARE / DECLARE: their errors are masked with it."""
+    got = run_psql(
+        live,
+        "PREPARE p AS SELECT xmlparse(document ssn) FROM customers WHERE id = 1",
+        "EXECUTE p",
+        extra=("-v", "ON_ERROR_STOP=0"),
+    )
+    assert got.sqlstate == "2200M" and "pgwarden redacted the values" in got.error, got.error
+    no_secret(got.wire)
+    got = run_psql(
+        live,
+        "BEGIN; DECLARE c CURSOR FOR SELECT ssn::json FROM customers WHERE id = 1",
+        "FETCH 1 FROM c",
+        extra=("-v", "ON_ERROR_STOP=0"),
+    )
+    assert got.sqlstate == "22P02" and "pgwarden redacted the values" in got.error, got.error
+    no_secret(got.wire)

@@ -136,6 +136,12 @@ class Catalog:
         """True when a call of `name` may return a number of rows that depends on its arguments."""
         return name in self.set_returning_functions
 
+    def unknown_function(self, name: str) -> bool:
+        """No function of that name existed when the catalog was read: it may return a set."""
+        if self.builtin_functions is None or name in self.builtin_functions:
+            return False
+        return not any(n == name for _, n in self.user_functions)
+
     @classmethod
     def from_dicts(
         cls,

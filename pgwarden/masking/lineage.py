@@ -763,8 +763,7 @@ class Analyzer:
         if node.over is not None:
             self.window(node.over, scope, None)
         t = derive(args)
-        if t.tainted and (self.catalog.set_returning(schema, name) or (
-                self.m.has_columns and self.catalog.user_function(schema, name, self.search_path))):
+        if t.tainted and (self.catalog.set_returning(schema, name) or self.catalog.unknown_function(name)):
             # as many rows as the masked input says: generate_series(1, ascii(ssn)), regexp_matches
             self.oracle(t, f"the set-returning function {name}()")
         if self.m.has_columns and name in SQL_TEXT_FUNCTIONS:

@@ -8,8 +8,9 @@ plan, so it never reaches here.
 
 Masked fields are re-emitted in the same dialect; the NULL string stands for masked values of
 types that cannot carry masked text (as for DataRows). A NULL stays NULL for a masked column and
-is masked like a value for a derived one (its NULL-ness can depend on the hidden value). Detectors run over every field of rows
-whose raw bytes pass the prefilter. The header line (CSV HEADER) carries names only.
+is masked like a value for a derived one (its NULL-ness can depend on the hidden value).
+Detectors run over every field of rows whose raw bytes pass the prefilter. The header line
+(HEADER, read as the server reads the option) carries names only.
 """
 
 from __future__ import annotations

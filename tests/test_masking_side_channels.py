@@ -367,3 +367,18 @@ def test_execute_and_fetch_count_as_reading_masked_data():
     plan = LAX.plan("EXECUTE p", CAT, session=s)
     assert plan.touches_masked and plan.masks_anything
     assert LAX.plan("FETCH 1 FROM c", CAT, session=s).touches_masked
+
+
+def test_a_view_that_filters_on_a_masked_column_reads_it():
+    """Its errors may echo the value, though the query names only clear view columns."""
+    from masking_helpers import SHOP_TABLES
+
+    from pgwarden.masking import Catalog
+
+    cat = Catalog.from_dicts(
+        SHOP_TABLES, {"public.numbered": ("SELECT id FROM public.customers WHERE ssn::int > 0", ["id"])}
+    )
+    for _ in range(2):  # analysed, then from the view cache
+        plan = SM.plan("SELECT id FROM numbered", cat)
+        assert plan.error is None and plan.touches_masked
+        assert "public.customers.ssn" in plan.masked_sources

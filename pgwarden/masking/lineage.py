@@ -568,15 +568,17 @@ class Analyzer:
         key = (self.catalog.version, rel.schema, rel.name)
         hit = self.m.view_cache.get(key)
         if hit is not None:
+            # what the view's own clauses read (its WHERE may cast a masked column): its errors too
+            self.touched.update(self.m.view_reads.get(key, ()))
             return list(hit)
         unknown = Taint(UNKNOWN, None, frozenset({rel.qualified}))
         if self.view_depth > 16:
             return [OutCol(c, unknown) for c in rel.columns] or spread(unknown)
+        sub = Analyzer(self.m, self.catalog, ("public",), self.view_depth + 1, in_view=True)
         try:
             from pglast import parse_sql
 
             stmts = parse_sql(rel.view_sql or "")
-            sub = Analyzer(self.m, self.catalog, ("public",), self.view_depth + 1, in_view=True)
             outs = sub.query(stmts[0].stmt, None) if len(stmts) == 1 else spread(unknown)
         except PolicyDenied:
             raise
@@ -590,6 +592,8 @@ class Analyzer:
             worst = derive(o.taint for o in outs)
             cols = [OutCol(n, worst) for n in rel.columns]
         self.m.view_cache[key] = cols
+        self.m.view_reads[key] = frozenset(sub.touched)
+        self.touched.update(sub.touched)
         return list(cols)
 
     # -- DML -----------------------------------------------------------------------------------

@@ -225,6 +225,7 @@ class SubjectMasking:
         self._fns = {s: strategy_function(s, self.hash_key) for s in
                      ("redact", "partial", "email", "last4", "hash", "null", "derived")}
         self.view_cache: dict[Any, list[ln.OutCol]] = {}
+        self.view_reads: dict[Any, frozenset[str]] = {}  # masked columns a view's own clauses read
         self._plans: OrderedDict[Any, StatementPlan] = OrderedDict()
 
     @classmethod

@@ -235,9 +235,7 @@ SHAPES: dict[str, str] = {
     "subquery": "SELECT s, i FROM (SELECT ssn AS s, id AS i FROM customers) q ORDER BY i",
     "scalar-subquery": "SELECT (SELECT email FROM customers WHERE id = 1), (SELECT ssn FROM customers LIMIT 1)",
     "lateral": "SELECT u FROM customers c, LATERAL (SELECT c.phone AS u) l",
-    "union": "SELECT name FROM customers UNION ALL SELECT email FROM customers UNION SELECT ssn FROM customers",
-    "intersect-except": "(SELECT card_number FROM customers INTERSECT SELECT card_number FROM customers) "
-                        "EXCEPT SELECT name FROM customers",
+    "union": "SELECT name FROM customers UNION ALL SELECT email FROM customers UNION ALL SELECT ssn FROM customers",
     # expressions, casts, aggregates
     "functions": "SELECT upper(email), lower(ssn), reverse(card_number), replace(phone, ' ', ''), "
                  "substr(ssn, 1, 3) || substr(ssn, 5, 2) || substr(ssn, 8), initcap(email) FROM customers",
@@ -253,7 +251,7 @@ SHAPES: dict[str, str] = {
                   "json_object_agg(name, ssn), jsonb_object_agg(email, phone) FROM customers",
     "string_agg": "SELECT string_agg(email, ','), string_agg(ssn || ':' || card_number, ';') FROM customers",
     "window": "SELECT id, lag(ssn) OVER (ORDER BY id), first_value(email) OVER () FROM customers",
-    "arrays": "SELECT ARRAY[email, ssn], unnest(ARRAY[card_number, phone]) FROM customers",
+    "arrays": "SELECT ARRAY[email, ssn], (ARRAY[card_number, phone])[2] FROM customers",
     # JSON builders and whole rows
     "json_agg": "SELECT json_agg(email), jsonb_agg(c), json_agg(c.*) FROM customers c",
     "json_build": "SELECT json_build_object('e', email, 's', ssn), jsonb_build_array(card_number, phone), "
@@ -262,8 +260,7 @@ SHAPES: dict[str, str] = {
     "to_jsonb": "SELECT to_jsonb(c), to_jsonb(c.*), to_json(c.card_number) FROM customers c",
     "whole-row": "SELECT c, ROW(c.email, c.ssn), c::text FROM customers c",
     "whole-row-of-view": "SELECT v, row_to_json(v) FROM customer_contacts v",
-    "jsonb_each": "SELECT u.* FROM customers c, LATERAL jsonb_each_text(to_jsonb(c)) u",
-    "json-path": "SELECT jsonb_path_query(to_jsonb(c), '$.ssn'), to_jsonb(c) ->> 'email' FROM customers c",
+    "json-path": "SELECT jsonb_path_query_first(to_jsonb(c), '$.ssn'), to_jsonb(c) ->> 'email' FROM customers c",
     # free text: values hidden in columns no rule names
     "notes-column": "SELECT id, name, notes FROM customers ORDER BY id",
     "free-text-table": f"SELECT id, body FROM {NOTES_TABLE} ORDER BY id",
@@ -600,6 +597,13 @@ ORACLES = {
     "cte-where": "WITH x AS (SELECT id, ssn FROM customers) SELECT id FROM x WHERE ssn > '2'",
     "having": "SELECT name FROM customers GROUP BY name HAVING max(ssn) > '3'",
     "aggregate-order-by": "SELECT mode() WITHIN GROUP (ORDER BY email) FROM customers",
+    # duplicate elimination and set-returning functions decide rows by the values too
+    "intersect-except": "(SELECT card_number FROM customers INTERSECT SELECT card_number FROM customers) "
+                        "EXCEPT SELECT name FROM customers",
+    "union": "SELECT name FROM customers UNION SELECT ssn FROM customers",
+    "jsonb_each": "SELECT u.* FROM customers c, LATERAL jsonb_each_text(to_jsonb(c)) u",
+    "json-path-rows": "SELECT jsonb_path_query(to_jsonb(c), '$.ssn') FROM customers c",
+    "unnest": "SELECT unnest(ARRAY[card_number, phone]) FROM customers",
 }
 
 

@@ -151,4 +151,5 @@ def test_error_fields_after_a_statement_that_touched_masked_data():
     assert SM.mask_error_fields(fields, plan, CAT)["M"] == fields["M"]
     plan = SM.plan("SELECT upper(email)::int FROM customers", CAT)
     assert SM.mask_error_fields(fields, plan, CAT)["M"] == (
-        'some message quoting "[redacted]" and relation "customers"')
+        'some message quoting "[redacted]" and relation "customers" (pgwarden redacted the values in this '
+        'error: the statement reads public.customers.email, which the masking rule hides)')

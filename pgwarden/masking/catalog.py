@@ -71,6 +71,17 @@ class Relation:
         return self.columns[attnum - 1] if 0 < attnum <= len(self.columns) else None
 
 
+# PostgreSQL's built-in set-returning functions (for catalogs built by hand; the loader reads them)
+SET_RETURNING = frozenset({
+    "generate_series", "generate_subscripts", "unnest", "regexp_matches", "regexp_split_to_table",
+    "string_to_table", "json_array_elements", "json_array_elements_text", "jsonb_array_elements",
+    "jsonb_array_elements_text", "json_each", "json_each_text", "jsonb_each", "jsonb_each_text",
+    "json_object_keys", "jsonb_object_keys", "json_populate_recordset", "jsonb_populate_recordset",
+    "json_to_recordset", "jsonb_to_recordset", "jsonb_path_query", "ts_debug", "ts_parse", "ts_stat",
+    "ts_token_type", "pg_options_to_table", "aclexplode", "pg_get_keywords", "xpath_table",
+})
+
+
 @dataclass
 class Catalog:
     """An immutable snapshot; `version` changes on every load so caches keyed on it expire."""
@@ -82,6 +93,9 @@ class Catalog:
     # (schema, name) of functions outside pg_catalog: opaque to the analysis
     user_functions: frozenset[tuple[str, str]] = frozenset()
     text_type_oids: frozenset[int] = TEXT_TYPE_OIDS
+    # names of functions that return a set (pg_proc.proretset, any overload); the loader adds
+    # the server's own to the built-in list below
+    set_returning_functions: frozenset[str] = field(default_factory=lambda: SET_RETURNING)
     version: int = field(default_factory=lambda: next(_versions))
     loaded_at: float = field(default_factory=time.monotonic)
 
@@ -117,6 +131,16 @@ class Catalog:
         if self.builtin_functions is not None and name not in self.builtin_functions:
             return True
         return False
+
+    def set_returning(self, schema: str | None, name: str) -> bool:
+        """True when a call of `name` may return a number of rows that depends on its arguments."""
+        return name in self.set_returning_functions
+
+    def unknown_function(self, name: str) -> bool:
+        """No function of that name existed when the catalog was read: it may return a set."""
+        if self.builtin_functions is None or name in self.builtin_functions:
+            return False
+        return not any(n == name for _, n in self.user_functions)
 
     @classmethod
     def from_dicts(
@@ -175,8 +199,9 @@ ORDER BY a.attrelid, a.attnum
 """
 _INHERITS_SQL = "SELECT inhrelid::int8, inhparent::int8 FROM pg_inherits"
 _FUNCTIONS_SQL = """
-SELECT DISTINCT n.nspname::text, p.proname::text
+SELECT n.nspname::text, p.proname::text, bool_or(p.proretset)
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+GROUP BY 1, 2
 """
 _TEXT_TYPES_SQL = """
 SELECT t.oid::int8 FROM pg_type t LEFT JOIN pg_type b ON b.oid = t.typbasetype
@@ -229,10 +254,12 @@ def load_catalog(conn: Any) -> Catalog:
             view_sql=viewdef,
             parents=ancestors(oid),
         )
-    builtin = frozenset(n for s, n in fn_rows if s in ("pg_catalog", "information_schema"))
-    user = frozenset((s, n) for s, n in fn_rows if s not in ("pg_catalog", "information_schema"))
+    builtin = frozenset(n for s, n, _ in fn_rows if s in ("pg_catalog", "information_schema"))
+    user = frozenset((s, n) for s, n, _ in fn_rows if s not in ("pg_catalog", "information_schema"))
+    srf = SET_RETURNING | frozenset(n for _, n, retset in fn_rows if retset)
     text_types = TEXT_TYPE_OIDS | frozenset(r[0] for r in type_rows)
-    return Catalog(relations=rels, builtin_functions=builtin, user_functions=user, text_type_oids=text_types)
+    return Catalog(relations=rels, builtin_functions=builtin, user_functions=user, text_type_oids=text_types,
+                   set_returning_functions=srf)
 
 
 class CatalogCache:

@@ -7,8 +7,10 @@ message), an unquoted empty field is NULL. Binary COPY with masked columns is re
 plan, so it never reaches here.
 
 Masked fields are re-emitted in the same dialect; the NULL string stands for masked values of
-types that cannot carry masked text (as for DataRows). Detectors run over every field of rows
-whose raw bytes pass the prefilter. The header line (CSV HEADER) carries names only.
+types that cannot carry masked text (as for DataRows). A NULL stays NULL for a masked column and
+is masked like a value for a derived one (its NULL-ness can depend on the hidden value).
+Detectors run over every field of rows whose raw bytes pass the prefilter. The header line
+(HEADER, read as the server reads the option) carries names only.
 """
 
 from __future__ import annotations
@@ -121,16 +123,18 @@ def split_csv(line: str, delim: str, quote: str, escape: str) -> list[tuple[str,
 class CopyRewriter:
     """Rewrites the CopyData rows of one COPY … TO STDOUT."""
 
-    def __init__(self, maskers: dict[int, tuple[Fn, bool]], dets: DetectorSet, options: Mapping[str, Any]) -> None:
+    def __init__(self, maskers: dict[int, tuple[Fn, bool]], dets: DetectorSet, options: Mapping[str, Any],
+                 hide_null: frozenset[int] = frozenset()) -> None:
         self.maskers = maskers  # index -> (strategy, can carry text)
+        self.hide_null = hide_null  # indexes whose NULLs are masked like values
         self.dets = dets
         self.csv = options.get("format") == "csv"
         self.delim = str(options.get("delimiter") or ("," if self.csv else "\t"))
         self.null = str(options.get("null", "" if self.csv else "\\N"))
         self.quote = str(options.get("quote") or '"')
         self.escape = str(options.get("escape") or self.quote)
-        header = options.get("header", False)
-        self._skip_header = header not in (False, 0, "false", "off", "0")
+        # the plan read HEADER as the server does (lineage.copy_options) and refused other values
+        self._skip_header = options.get("header", False) is True
 
     def rewrite(self, payload: bytes) -> bytes:
         if self._skip_header:
@@ -158,10 +162,10 @@ class CopyRewriter:
         for i, f in enumerate(raw):
             m = self.maskers.get(i)
             if m is not None:
-                if f == self.null:
+                if f == self.null and i not in self.hide_null:
                     continue
                 fn, texty = m
-                v = fn(text_unescape(f)) if texty else None
+                v = fn("" if f == self.null else text_unescape(f)) if texty else None
                 raw[i] = self.null if v is None else text_escape(v, self.delim)
                 changed = True
             elif scan and f != self.null:
@@ -185,11 +189,11 @@ class CopyRewriter:
             is_null = not quoted and v == self.null
             m = self.maskers.get(i)
             if m is not None:
-                if is_null:
+                if is_null and i not in self.hide_null:
                     out.append(self.null)
                     continue
                 fn, texty = m
-                nv = fn(v) if texty else None
+                nv = fn("" if is_null else v) if texty else None
                 out.append(self.null if nv is None else self._quote(nv))
                 changed = True
                 continue
@@ -212,4 +216,5 @@ def make_copy_rewriter(actions: Sequence[str | None], types: Sequence[int], opti
     }
     if not maskers and not masking.detectors:
         return None
-    return CopyRewriter(maskers, masking.detectors, options)
+    hide_null = frozenset(i for i, a in enumerate(actions) if a == "derived")
+    return CopyRewriter(maskers, masking.detectors, options, hide_null)

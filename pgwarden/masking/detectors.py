@@ -84,10 +84,11 @@ _IBAN_CORE = r"[A-Z]{2}[0-9]{2}"
 
 _BUILTINS: dict[str, Detector] = {
     "email": Detector("email", re.compile(_EMAIL, re.ASCII), _EMAIL_CORE),
+    # SSNs and ITINs (area 9xx: tax ids of the same sensitivity); 000 and 666 are never issued
     "us_ssn": Detector(
         "us_ssn",
         re.compile(
-            r"(?<![0-9-])(?!000|666|9[0-9]{2})[0-9]{3}(?P<s>[- ])(?!00)[0-9]{2}(?P=s)(?!0000)[0-9]{4}(?![0-9-])",
+            r"(?<![0-9-])(?!000|666)[0-9]{3}(?P<s>[- ])(?!00)[0-9]{2}(?P=s)(?!0000)[0-9]{4}(?![0-9-])",
             re.ASCII,
         ),
         _DIGITS_CORE,

@@ -2,19 +2,23 @@
 
 PostgreSQL prints values in errors: a failed cast (`invalid input syntax for type integer:
 "123-45-6789"`), a unique violation (`Key (email)=(ada@example.com) already exists.`), a
-check or not-null violation (`Failing row contains (1, Ada, ada@example.com, …)`). An agent
-can provoke them on purpose (`SELECT ssn::int FROM customers`), so:
+check or not-null violation (`Failing row contains (1, Ada, ada@example.com, …)`), and the XML,
+JSON and date/number parsers echo their input in many more phrasings (`CONTEXT: JSON data, line
+1: 123-45…`, `DETAIL: line 1: Start tag expected`, `invalid value "12" for "MM"`). An agent can
+provoke them on purpose (`SELECT ssn::int FROM customers`), and a list of phrases cannot keep
+up with every parser, so the rule depends on what the statement read:
 
-* `Key (cols)=(values)`: the values are redacted when any key column is masked;
-* `Failing row contains (…)`: redacted unless the error names a table without masked columns;
-* messages of the value-printing kinds (invalid input syntax / value / literal, out of range…):
-  the quoted value is redacted;
-* when the statement's plan touched masked data, every other quoted string that is not a name
-  the catalog knows (relation, column) is redacted too;
-* detectors run over all text fields as the safety net.
-
-Only fields that hold free text are touched (M message, D detail, H hint, W where/context,
-q internal query, p… are numbers or names and stay).
+* the statement's plan reads a masked column (in its result, a predicate, a cast — anywhere:
+  `plan.touches_masked`): the message keeps its words up to the first colon, where PostgreSQL
+  appends the offending input; what remains of quoted strings that are not catalog names and
+  of numbers is replaced; DETAIL, HINT, CONTEXT / WHERE and the internal query are replaced in
+  full. The SQLSTATE, the names of the schema, table, column and constraint stay, and the
+  message says that the text was redacted and why;
+* a plan that reads no masked column: `Key (cols)=(values)` is redacted when a key column is
+  masked, `Failing row contains (…)` unless the error names a table without masked columns,
+  the quoted value of value-printing messages (invalid input syntax, out of range…);
+* no plan at all: as above, and every quoted string that is not a catalog name is redacted too;
+* detectors run over every text field as the safety net, always.
 """
 
 from __future__ import annotations
@@ -51,12 +55,16 @@ def mask_error_fields(fields: Mapping[str, str], masking: SubjectMasking,
     out = dict(fields)
     table = fields.get("t", "")
     schema = fields.get("s", "")
-    strict = plan is None or plan.touches_masked
+    # a plan that cannot say what it read counts as reading masked data
+    full = plan is not None and bool(getattr(plan, "touches_masked", True)) and masking.has_columns
+    strict = plan is None or full
     names: set[str] = set()
     if catalog is not None and strict:
         for (s, n), rel in catalog.relations.items():
             names.update((n, s, f"{s}.{n}"))
             names.update(rel.columns)
+    if full:
+        return _redact_in_full(out, masking, names, catalog, getattr(plan, "masked_sources", frozenset()))
     for key in TEXT_FIELDS:
         text = out.get(key)
         if not text:
@@ -73,6 +81,37 @@ def mask_error_fields(fields: Mapping[str, str], masking: SubjectMasking,
             new = masking.detectors.scrub(new)
         out[key] = new
     return out
+
+
+_NUMBER = re.compile(r"(?<![A-Za-z_$])[-+]?[0-9][A-Za-z0-9_.+-]*")
+REDACTED_FIELDS = ("D", "H", "W", "q")
+
+
+def _redact_in_full(out: dict[str, str], masking: SubjectMasking, names: set[str], catalog: Catalog | None,
+                    sources: frozenset[str]) -> dict[str, str]:
+    """The error of a statement that read masked data: keep what kind of error it was, not its values."""
+    message = out.get("M")
+    if message is not None:
+        head = message.split(": ", 1)[0]
+        head = _QUOTED.sub(lambda m: m.group(0) if _known_name(m.group(1), names, catalog)
+                           else f"\"{REDACTED}\"", head)
+        head = _NUMBER.sub("?", head)
+        cols = ", ".join(sorted(sources)) or "a masked column"
+        out["M"] = (f"{head} (pgwarden redacted the values in this error: the statement reads {cols}, "
+                    "which the masking rule hides)")
+    for key in REDACTED_FIELDS:
+        if out.get(key):
+            out[key] = REDACTED
+    if masking.detectors:
+        for key in TEXT_FIELDS:
+            if out.get(key):
+                out[key] = masking.detectors.scrub(out[key])
+    return out
+
+
+def _known_name(s: str, names: set[str], catalog: Catalog | None) -> bool:
+    """Only what the catalog knows: a value that looks like an identifier is still a value."""
+    return s == REDACTED or (catalog is not None and (s in names or s.lower() in names))
 
 
 def _is_name(s: str, names: set[str], catalog: Catalog | None) -> bool:

@@ -186,6 +186,9 @@ class Analyzer:
         self.search_path = tuple(search_path)
         self.view_depth = view_depth
         self.in_view = in_view
+        # every masked (or unknown) source an expression of the statement read, in any clause:
+        # its errors and notices may echo those values (see errors_text.py)
+        self.touched: set[str] = set()
 
     # -- denial --------------------------------------------------------------------------------
 
@@ -198,14 +201,24 @@ class Analyzer:
     def predicate(self, node: Any, scope: Scope, clause: str, outs: list[OutCol] | None = None) -> None:
         if node is None:
             return
-        t = self.clause_taint(node, scope, outs)
+        self.oracle(self.clause_taint(node, scope, outs), clause)
+
+    def oracle(self, t: Taint, clause: str) -> None:
+        """`t` decides which rows come back, how many, or in which order: a predicate on it.
+
+        Not only WHERE: duplicate elimination (DISTINCT, UNION, INTERSECT, EXCEPT) compares values,
+        JOIN … USING compares them, a set-returning function makes as many rows as its input says.
+        """
+        if t.tainted:
+            self.touched.update(t.sources)
         if t.tainted and not self.m.allow_in_predicates and not self.in_view:
             raise self.deny(
-                f"a masked value used in {clause} would reveal it through which rows come back, or in which order",
+                f"a masked value used in {clause} would reveal it through which rows come back, how many, "
+                "or in which order",
                 t,
-                hint="Filter, join and sort on columns that are not masked, or ask for an exemption "
-                     "(MaskingRule exemptSubjects); allowInPredicates: true permits this at the "
-                     "risk of value-guessing queries.",
+                hint="Filter, join, sort, group and de-duplicate on columns that are not masked, or ask for "
+                     "an exemption (MaskingRule exemptSubjects); allowInPredicates: true permits this at "
+                     "the risk of value-guessing queries.",
             )
 
     def clause_taint(self, node: Any, scope: Scope, outs: list[OutCol] | None) -> Taint:
@@ -313,6 +326,9 @@ class Analyzer:
             left = self.select(stmt.larg, scope)
             right = self.select(stmt.rarg, scope)
             outs = merge_positional(left, right)
+            if stmt.op != enums.SetOperation.SETOP_UNION or not stmt.all:
+                op = stmt.op.name.removeprefix("SETOP_") + (" ALL" if stmt.all else "")
+                self.oracle(derive(o.taint for o in left + right), f"{op} (it compares whole rows)")
             for item in stmt.sortClause or ():
                 self.predicate(item, scope, "ORDER BY", outs)
             self.predicate(stmt.limitCount, scope, "LIMIT")
@@ -336,9 +352,10 @@ class Analyzer:
         for item in stmt.distinctClause or ():
             if item is not None:
                 self.predicate(item, scope, "DISTINCT ON", outs)
+            else:  # plain DISTINCT: every output column is compared
+                self.oracle(derive(o.taint for o in outs), "DISTINCT")
         for w in stmt.windowClause or ():
-            self.predicate(w.partitionClause, scope, "PARTITION BY", outs)
-            self.predicate(w.orderClause, scope, "window ORDER BY", outs)
+            self.window(w, scope, outs)
         self.predicate(stmt.limitCount, scope, "LIMIT")
         self.predicate(stmt.limitOffset, scope, "OFFSET")
         return outs
@@ -370,6 +387,12 @@ class Analyzer:
                 scope.ctes[name] = outs
             else:
                 scope.ctes[name] = rename(self.query(q, scope), cte.aliascolnames)
+
+    def window(self, w: ast.WindowDef, scope: Scope, outs: list[OutCol] | None) -> None:
+        self.predicate(w.partitionClause, scope, "PARTITION BY", outs)
+        self.predicate(w.orderClause, scope, "window ORDER BY", outs)
+        self.predicate(w.startOffset, scope, "a window frame offset")
+        self.predicate(w.endOffset, scope, "a window frame offset")
 
     def targets(self, items: Iterable[Any], scope: Scope) -> list[OutCol]:
         outs: list[OutCol] = []
@@ -435,6 +458,7 @@ class Analyzer:
                 if isinstance(fn, ast.FuncCall):
                     fname = fn.funcname[-1].sval
             t = derive(taints)
+            self.oracle(t, f"the set-returning function {fname}() in FROM")
             alias = item.alias.aliasname if item.alias else fname
             rel = Rel(alias, None, spread(t))
             scope.rels.append(rel)
@@ -444,6 +468,9 @@ class Analyzer:
             self.predicate(item.args, scope, "TABLESAMPLE")
         else:  # XMLTABLE, JSON_TABLE and what a newer parser may add: columns of unknown lineage
             t = self.generic(item, scope)
+            what = {"RangeTableFunc": "XMLTABLE", "JsonTable": "JSON_TABLE"}.get(type(item).__name__,
+                                                                               type(item).__name__)
+            self.oracle(t, f"{what} (its rows come from the masked document)")
             alias = getattr(getattr(item, "alias", None), "aliasname", None) or "?"
             rel = Rel(alias, None, spread(t if t.tainted else CLEAR_T))
             scope.rels.append(rel)
@@ -464,6 +491,8 @@ class Analyzer:
                 for c in left + right:
                     if c.taint.tainted and c.taint.kind == DIRECT:
                         cols = spread(union(cols[0].taint, c.taint))
+                # which columns the join compares is unknown: any of them may be masked
+                self.oracle(cols[0].taint, "NATURAL JOIN")
                 using = []
             else:
                 rnames = {c.name for c in right}
@@ -476,6 +505,7 @@ class Analyzer:
                     if c.name == name or c.spread:
                         t = union(t, c.taint)
                 merged.append(OutCol(name, t))
+                self.oracle(t, "NATURAL JOIN" if j.isNatural else "JOIN … USING")
             cols = merged + [c for c in left if c.name not in using or c.spread] + [
                 c for c in right if c.name not in using or c.spread]
         elif not j.isNatural or not any(c.spread for c in left + right):
@@ -538,15 +568,17 @@ class Analyzer:
         key = (self.catalog.version, rel.schema, rel.name)
         hit = self.m.view_cache.get(key)
         if hit is not None:
+            # what the view's own clauses read (its WHERE may cast a masked column): its errors too
+            self.touched.update(self.m.view_reads.get(key, ()))
             return list(hit)
         unknown = Taint(UNKNOWN, None, frozenset({rel.qualified}))
         if self.view_depth > 16:
             return [OutCol(c, unknown) for c in rel.columns] or spread(unknown)
+        sub = Analyzer(self.m, self.catalog, ("public",), self.view_depth + 1, in_view=True)
         try:
             from pglast import parse_sql
 
             stmts = parse_sql(rel.view_sql or "")
-            sub = Analyzer(self.m, self.catalog, ("public",), self.view_depth + 1, in_view=True)
             outs = sub.query(stmts[0].stmt, None) if len(stmts) == 1 else spread(unknown)
         except PolicyDenied:
             raise
@@ -560,6 +592,8 @@ class Analyzer:
             worst = derive(o.taint for o in outs)
             cols = [OutCol(n, worst) for n in rel.columns]
         self.m.view_cache[key] = cols
+        self.m.view_reads[key] = frozenset(sub.touched)
+        self.touched.update(sub.touched)
         return list(cols)
 
     # -- DML -----------------------------------------------------------------------------------
@@ -634,6 +668,17 @@ class Analyzer:
                 raise self.deny("COPY to a server file or program would write masked values in clear", t,
                                 hint="COPY … TO STDOUT gets masked output.")
             return "none", None, {}
+        if "encoding" in opts and not is_utf8(opts["encoding"]):
+            # rows are masked as UTF-8 text: in another encoding a delimiter or quote byte can sit
+            # inside a character, and the field boundaries the proxy finds are not the server's
+            raise self.deny(f"COPY … ENCODING {opts['encoding']!r} is not supported: pgwarden keeps the "
+                            "client encoding at UTF8 to mask COPY data", None,
+                            hint="Leave out the ENCODING option (the data arrives as UTF8) and convert "
+                                 "it on your side.")
+        if "header" in opts and opts["header"] not in (True, False):
+            raise self.deny(f"COPY … TO with HEADER {'MATCH' if opts['header'] == 'match' else 'of that value'} "
+                            "is not accepted", None,
+                            hint="Write HEADER, HEADER true or HEADER false (MATCH is for COPY … FROM).")
         if opts.get("format") == "binary" and (t.tainted or self.m.detectors):
             raise self.deny("COPY in binary format cannot be masked", t if t.tainted else None,
                             hint="Use COPY … TO STDOUT (FORMAT text) or (FORMAT csv).")
@@ -647,6 +692,12 @@ class Analyzer:
     # -- expressions ---------------------------------------------------------------------------
 
     def expr(self, node: Any, scope: Scope, allow_missing: bool = False) -> Taint:
+        t = self._expr(node, scope, allow_missing)
+        if t.kind:
+            self.touched.update(t.sources)
+        return t
+
+    def _expr(self, node: Any, scope: Scope, allow_missing: bool = False) -> Taint:
         if node is None:
             return CLEAR_T
         if isinstance(node, (list, tuple)):
@@ -714,9 +765,11 @@ class Analyzer:
         if node.agg_order:
             self.predicate(node.agg_order, scope, "an aggregate's ORDER BY")
         if node.over is not None:
-            self.predicate(node.over.partitionClause, scope, "PARTITION BY")
-            self.predicate(node.over.orderClause, scope, "window ORDER BY")
+            self.window(node.over, scope, None)
         t = derive(args)
+        if t.tainted and (self.catalog.set_returning(schema, name) or self.catalog.unknown_function(name)):
+            # as many rows as the masked input says: generate_series(1, ascii(ssn)), regexp_matches
+            self.oracle(t, f"the set-returning function {name}()")
         if self.m.has_columns and name in SQL_TEXT_FUNCTIONS:
             raise self.deny(f"{name}() runs SQL given as text, which the masking analysis cannot follow",
                             None, hint="Write the query directly; masked columns are then masked.")
@@ -845,8 +898,32 @@ def output_name(node: Any) -> str:
     return "?column?"
 
 
+def copy_bool(val: Any) -> bool | str | None:
+    """A COPY boolean read as PostgreSQL's defGetBoolean reads it (HEADER also takes MATCH):
+    True / False, "match", or None when the server would refuse the value."""
+    if isinstance(val, bool):
+        return val
+    if isinstance(val, int):
+        return {0: False, 1: True}.get(val)
+    if isinstance(val, str):
+        v = val.lower()
+        if v in ("true", "on", "1"):
+            return True
+        if v in ("false", "off", "0"):
+            return False
+        if v == "match":
+            return "match"
+    return None
+
+
+def is_utf8(name: Any) -> bool:
+    """PostgreSQL's spellings of UTF8 (it ignores case, '-' and '_' in encoding names)."""
+    return isinstance(name, str) and name.lower().replace("-", "").replace("_", "") in ("utf8", "unicode")
+
+
 def copy_options(options: Any) -> dict[str, Any]:
-    """COPY's options as plain values: format, delimiter, null, header, quote, escape."""
+    """COPY's options as plain values: format, delimiter, null, header, quote, escape, encoding.
+    `header` is read as the server reads it (`copy_bool`)."""
     out: dict[str, Any] = {}
     for o in options or ():
         if not isinstance(o, ast.DefElem):
@@ -862,5 +939,10 @@ def copy_options(options: Any) -> dict[str, Any]:
             val = arg.boolval
         else:
             val = arg
-        out[o.defname.lower()] = val.lower() if o.defname.lower() == "format" and isinstance(val, str) else val
+        name = o.defname.lower()
+        if name == "format" and isinstance(val, str):
+            val = val.lower()
+        elif name == "header":
+            val = copy_bool(val)
+        out[name] = val
     return out

@@ -12,7 +12,12 @@ breaks (asyncpg asks for binary):
 * json: the masked text as a JSON string (`"[redacted]"`); jsonb the same, in binary format
   with its version byte 1 in front;
 * every other type (integers, numeric, dates, uuid, arrays, records...) cannot carry a masked
-  form: the value becomes NULL, in both formats. NULL stays NULL.
+  form: the value becomes NULL, in both formats.
+
+NULL stays NULL for a masked column itself (its value is hidden, whether it has one is not). A
+derived value (`nullif(ssn, '123-45-6789')`, `substring(ssn from '^1')`, `ssn::jsonb ->> 'x'`)
+can be NULL *because of* the hidden value, so its NULL-ness is hidden too: it is always the
+redacted text (json: `"[redacted]"`), or always NULL for types that cannot carry it.
 """
 
 from __future__ import annotations
@@ -63,8 +68,11 @@ def _encode(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-def make_masker(fn: Callable[[str], str | None], kind: str, fmt: int) -> Masker:
-    """Apply a strategy to one column's raw value, keeping it valid for its type and format."""
+def make_masker(fn: Callable[[str], str | None], kind: str, fmt: int, hide_null: bool = False) -> Masker:
+    """Apply a strategy to one column's raw value, keeping it valid for its type and format.
+
+    `hide_null`: a NULL is masked like any value (derived expressions, whose NULL-ness can
+    depend on the hidden value)."""
     if kind in ("other", "scalar"):
         return lambda raw: None
     if kind in ("json", "jsonb"):
@@ -72,7 +80,9 @@ def make_masker(fn: Callable[[str], str | None], kind: str, fmt: int) -> Masker:
 
         def mask_json(raw: bytes | None) -> bytes | None:
             if raw is None:
-                return None
+                if not hide_null:
+                    return None
+                raw = b"\x01null" if binary_jsonb else b"null"
             text = _decode(raw[1:] if binary_jsonb else raw)
             try:
                 doc = json.loads(text)
@@ -88,7 +98,9 @@ def make_masker(fn: Callable[[str], str | None], kind: str, fmt: int) -> Masker:
 
     def mask_text(raw: bytes | None) -> bytes | None:
         if raw is None:
-            return None
+            if not hide_null:
+                return None
+            raw = b""
         masked = fn(_decode(raw))
         return None if masked is None else _encode(masked)
 
@@ -195,7 +207,8 @@ class RowRewriter:
         from pgwarden.masking.strategies import redact
 
         n = payload.count(b"\t") + 1
-        return CopyRewriter({i: (redact, True) for i in range(n)}, self.dets, {}).rewrite(payload)
+        return CopyRewriter({i: (redact, True) for i in range(n)}, self.dets, {},
+                            frozenset(range(n))).rewrite(payload)
 
     def rewrite(self, payload: bytes) -> bytes:
         if self.scanners and (self.maskers or self._pre(payload)):
@@ -255,7 +268,7 @@ def make_row_rewriter(actions: Sequence[str | None], fields: Sequence[Field], ma
     for i, (action, f) in enumerate(zip(actions, fields, strict=True)):
         kind = value_kind(f.type_oid, catalog)
         if action is not None:
-            maskers[i] = make_masker(masking.strategy(action), kind, f.format)
+            maskers[i] = make_masker(masking.strategy(action), kind, f.format, hide_null=action == "derived")
         elif dets:
             sc = make_scanner(kind, f.format, dets)
             if sc is not None:

@@ -145,6 +145,10 @@ def redeclared(old: list[ln.OutCol] | None, new: list[ln.OutCol] | None) -> list
     return ln.spread(t) if t.tainted else new
 
 
+def kind_was_session(extra: Mapping[str, Any]) -> bool:
+    return "cursor" in extra or "prepared" in extra
+
+
 def expand_types(columns: Sequence[ln.ColumnPlan], n: int) -> list[int]:
     if not any(c.spread for c in columns) and len(columns) == n:
         return [c.type_oid for c in columns]
@@ -165,6 +169,7 @@ class StatementPlan:
     error: PolicyDenied | None = None
     masking: SubjectMasking | None = None
     catalog: Catalog | None = None
+    masked_sources: frozenset[str] = frozenset()  # what `touches_masked` read, for error messages
 
     def __getitem__(self, i: int) -> ResultPlan:
         return self.results[i]
@@ -174,10 +179,12 @@ class StatementPlan:
 
     @property
     def masks_anything(self) -> bool:
-        """False: no result of this text can need rewriting, relay every byte untouched."""
+        """False: nothing the server answers to this text (rows, errors, notices) can need
+        rewriting, relay every byte untouched. A text that reads a masked column anywhere, also
+        only in a predicate, keeps its plan: its errors are masked with it."""
         if self.error is not None:
             return False
-        if any(r.masks_anything for r in self.results):
+        if self.touches_masked or any(r.masks_anything for r in self.results):
             return True
         m = self.masking
         return m is not None and bool(m.detectors) and any(r.kind in ("rows", "copy") for r in self.results)
@@ -221,6 +228,7 @@ class SubjectMasking:
         self._fns = {s: strategy_function(s, self.hash_key) for s in
                      ("redact", "partial", "email", "last4", "hash", "null", "derived")}
         self.view_cache: dict[Any, list[ln.OutCol]] = {}
+        self.view_reads: dict[Any, frozenset[str]] = {}  # masked columns a view's own clauses read
         self._plans: OrderedDict[Any, StatementPlan] = OrderedDict()
 
     @classmethod
@@ -299,9 +307,15 @@ class SubjectMasking:
             cols = tuple(self.column_plan(i, o, analyzer) for i, o in enumerate(outs or ()))
             touches = touches or any(c.action is not None for c in cols) or bool(
                 extra.get("outs") and any(o.taint.tainted for o in extra["outs"]))
+            # EXECUTE / FETCH run a body analysed earlier, which may read masked columns anywhere
+            touches = touches or (self.has_columns and kind_was_session(extra))
             made = tuple((k, extra[k], extra["outs"]) for k in ("declare", "prepare") if k in extra)
             results.append(ResultPlan(kind, cols, self, catalog, extra.get("options", {}), made))
-        plan = StatementPlan(tuple(results), ddl, touches, None, self, catalog)
+        touches = touches or (self.has_columns and bool(analyzer.touched))
+        sources = frozenset(analyzer.touched) | frozenset(
+            s for r in results for c in r.columns for s in c.source.split(", ") if s)
+        plan = StatementPlan(tuple(results), ddl, touches, None, self, catalog,
+                             sources if touches else frozenset())
         if cacheable:
             self._plans[key] = plan
             if len(self._plans) > 1024:

@@ -6,7 +6,7 @@ Pure code (no I/O, no database): the proxy and `pgwarden policy explain` use the
     subject = policies.for_identity(identity, "shop")     # once per authenticated session
     session = SessionState(search_path=("public",))      # once per client connection
     decision = subject.decide(sql, session)              # per Query / Parse text
-    if decision.forwarded: forward(); session.apply(decision)
+    if decision.forwarded: forward(); session.apply(decision)   # the proxy: once the server confirms
     else: send(decision.as_error())
 """
 

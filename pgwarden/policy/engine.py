@@ -56,12 +56,14 @@ MAX_CACHED_TEXT = 4096
 
 @dataclass
 class SessionState:
-    """Per-connection state the decisions depend on; owned by the proxy, one per client session.
+    """Per-connection state the decisions depend on, one per client session.
 
     `search_path` is what the proxy pins on the server session (unqualified table names resolve
     against it). `prepared` maps SQL-level PREPARE names — and named extended-protocol statements,
     which share PostgreSQL's namespace — to the analysis of their body, so `EXECUTE name` is
-    decided as what it runs. Change it only with `apply()` / `forget()`, after forwarding.
+    decided as what it runs. In the proxy it is a view of the session registry
+    (pgwarden.proxy.session), which changes only when the server confirms a command; offline
+    users (`policy explain`, tests) change it with `apply()` / `forget()`.
     """
 
     search_path: tuple[str, ...] = ("public",)
@@ -186,8 +188,8 @@ class SubjectPolicy:
 
         `prepare_as` is the statement name of a named Parse: the decision then carries the
         effect that registers it, so a later SQL `EXECUTE name` is decided as its body.
-        The session is not changed here; the proxy calls `session.apply(decision)` once it
-        has forwarded the text.
+        The session is not changed here: the proxy's registry records the effects statement by
+        statement as the server confirms them; offline callers use `session.apply(decision)`.
         """
         key = (sql, session.search_path)
         if prepare_as is None:

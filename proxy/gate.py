@@ -226,7 +226,7 @@ class SessionGate:
                 self.ainfo, parsed.id, parsed.sql, decision="allow", protocol="extended",
                 params=bind_params(bind), mask_text=self._scrub, extra={"phase": "bind"},
             )
-            return Verdict(wait=self._write(record, Verdict(context=parsed)), context=parsed)
+            return self._written(record, Verdict(context=parsed))
         decision, results = statement.reviewed
         ctx = StatementContext(id=str(next(self._ids)), sql=statement.sql, started=time.time(), prepared=True,
                                decision=decision, params=bind_params(bind))
@@ -287,7 +287,8 @@ class SessionGate:
             catalog = self.rt.catalog
             if catalog.stale:
                 refresh_catalog(catalog)
-            plan = self.masking.plan(sql, catalog.current(), self.rt.search_path, session=self._scratch_session())
+            plan = self.masking.plan(sql, catalog.current(), self.rt.search_path, session=self._scratch_session(),
+                                     blind=analysis.blind)
             if plan.error is not None:
                 return self._refuse(ctx, plan.error)
             if plan.ddl:
@@ -355,7 +356,27 @@ class SessionGate:
         if self.rt.audit is None:
             self._note(ctx, verdict)
             return verdict
+        if self.rt.audit.inline:  # durability: write — in the kernel now, no hold
+            self._note(ctx, verdict)
+            return self._written(self._record(ctx, outcome, verdict), verdict)
         return Verdict(wait=self._durable(ctx, verdict, outcome), context=ctx)
+
+    def _written(self, record: dict[str, Any], verdict: Verdict) -> Verdict:
+        """`verdict` once `record` is written (durability: write, on this thread), else held
+        until it is durable; PW004 (nothing forwarded) if it cannot be."""
+        if not self.rt.audit.inline:
+            return Verdict(wait=self._write(record, verdict), context=verdict.context)
+        try:
+            self.rt.audit.write_now(record)
+        except AgentError as e:
+            return Verdict(error=e, context=verdict.context)
+        except Exception as e:  # any sink failure closes the gate
+            log.exception("audit write failed")
+            return Verdict(
+                error=AuditUnavailable(f"the audit record could not be written ({type(e).__name__}); nothing was forwarded"),
+                context=verdict.context,
+            )
+        return verdict
 
     def _note(self, ctx: StatementContext, verdict: Verdict) -> None:
         """The session recording sees every decided statement, and its refusal if any."""

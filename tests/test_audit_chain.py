@@ -102,3 +102,23 @@ def test_rotated_files_are_one_chain(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out = verify(tmp_path / "nope.jsonl", capsys)
     assert code == 2 and "no audit log" in out
+
+
+def test_seal_writes_the_canonical_form_it_hashes_with_the_hash_last() -> None:
+    import json as _json
+
+    from pgwarden.audit.chain import canonical, digest, seal
+
+    records = [
+        {"event": "statement", "sql": "SELECT 'é' /* ✓ */", "params": ["\x00", None, 3.5, True], "z": {"b": 1, "a": [1, {"y": 2, "x": 1}]}},
+        {"a": 1, "hash": "forged", "hashes": 2, "has": 3, "prev": "x", "time": "2026-11-29T00:00:00Z"},
+        {"event": "session.end", "duration_ms": 1.25, "weird key \u202e": "\u0085"},
+    ]
+    prev = "0" * 64
+    for i, rec in enumerate(records):
+        line, h = seal(rec, i, prev)
+        body = {k: v for k, v in rec.items() if k != "hash"} | {"seq": i, "prev": prev}
+        assert h == digest(body)
+        assert line == canonical(body)[:-1] + b',"hash":"' + h.encode() + b'"}\n'  # hash appended last
+        assert _json.loads(line)["hash"] == h
+        prev = h

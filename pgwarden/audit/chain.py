@@ -1,7 +1,8 @@
 """The hash chain: each record carries `seq`, the hash of its predecessor (`prev`) and its own `hash`.
 
 `hash` is sha256 over the record's canonical JSON (sorted keys, no whitespace) without `hash`
-itself, so `verify` can recompute it from the line alone. Links are checked by `seq`, not by
+itself, so `verify` can recompute it from the line alone. A line is exactly those canonical
+bytes with `"hash"` appended as the last member (one serialization per record). Links are checked by `seq`, not by
 position, which lets the verifier tell the three kinds of tampering apart: an edited record no
 longer matches its hash, a removed one leaves a gap in `seq`, a reordered one appears after a
 higher `seq`. An edit that also recomputes the record's hash breaks the next record's `prev`.
@@ -41,9 +42,9 @@ def seal(record: Mapping[str, Any], seq: int, prev: str) -> tuple[bytes, str]:
     body.pop("hash", None)
     body["seq"] = seq
     body["prev"] = prev
-    h = hashlib.sha256(canonical(body)).hexdigest()
-    body["hash"] = h
-    return canonical(body) + b"\n", h
+    data = canonical(body)
+    h = hashlib.sha256(data).hexdigest()
+    return data[:-1] + b',"hash":"' + h.encode() + b'"}\n', h
 
 
 @dataclass(frozen=True)

@@ -202,6 +202,9 @@ class StatementPlan:
         return ResultPlan("none", (), self.masking, self.catalog).bind(fields, formats)
 
 
+_BLIND = object()  # tags a plan cache key made of a constant-blind parse tree
+
+
 class SubjectMasking:
     """The merged MaskingRules for one caller on one connection."""
 
@@ -250,20 +253,27 @@ class SubjectMasking:
     # -- planning ------------------------------------------------------------------------------
 
     def plan(self, sql: str, catalog: Catalog, search_path: Sequence[str] = ("public",),
-             session: MaskingSession | None = None) -> StatementPlan:
-        """Plan every statement of `sql`; a refusal is returned as `plan.error` (PolicyDenied, 42501)."""
+             session: MaskingSession | None = None, blind: str = "") -> StatementPlan:
+        """Plan every statement of `sql`; a refusal is returned as `plan.error` (PolicyDenied, 42501).
+
+        `blind`: the text's parse tree with literals blanked (pgwarden.policy Analysis.blind). A
+        plan whose analysis read no literal's value is cached by it, so texts that differ only in
+        literals (pgbench, ORMs with inlined values) share one plan."""
         try:
-            return self._plan(sql, catalog, search_path, session)
+            return self._plan(sql, catalog, search_path, session, blind)
         except PolicyDenied as e:
             return StatementPlan((), error=e, masking=self, catalog=catalog)
 
     def _plan(self, sql: str, catalog: Catalog, search_path: Sequence[str],
-              session: MaskingSession | None) -> StatementPlan:
+              session: MaskingSession | None, blind: str = "") -> StatementPlan:
         key = (sql, catalog.version, tuple(search_path))
         hit = self._plans.get(key)
+        if hit is None and blind:
+            hit = self._plans.get((_BLIND, blind, catalog.version, key[2]))
         if hit is not None:
-            self._plans.move_to_end(key)
+            self._plans.move_to_end(key if key in self._plans else (_BLIND, blind, catalog.version, key[2]))
             return hit
+        reads_before = ln.LITERAL_READS.count
         try:
             stmts = parse_sql(sql)
         except ParseError as e:
@@ -318,7 +328,9 @@ class SubjectMasking:
                              sources if touches else frozenset())
         if cacheable:
             self._plans[key] = plan
-            if len(self._plans) > 1024:
+            if blind and ln.LITERAL_READS.count == reads_before:
+                self._plans[(_BLIND, blind, catalog.version, key[2])] = plan
+            while len(self._plans) > 2048:
                 self._plans.popitem(last=False)
         return plan
 

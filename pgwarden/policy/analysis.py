@@ -175,6 +175,9 @@ class StatementAnalysis:
 class Analysis:
     statements: tuple[StatementAnalysis, ...] = ()
     error: str | None = None  # the parser's message when the text does not parse
+    # the parse tree with literal values and positions blanked (names kept): texts that differ
+    # only in literals share it; masking caches its plans by it too (see blind_tree)
+    blind: str = ""
 
     @property
     def session_dependent(self) -> bool:
@@ -212,7 +215,7 @@ def _analyze(sql: str, search_path: tuple[str, ...]) -> Analysis:
     stmts = []
     for raw in tree.get("stmts", ()):
         stmts.append(analyze_statement(raw.get("stmt", {}), search_path))
-    analysis = Analysis(statements=tuple(stmts))
+    analysis = Analysis(statements=tuple(stmts), blind=key[0])
     if _CONSTANT_READS.count == reads_before and len(key[0]) <= MAX_BLIND_KEY:
         # The walk never looked at a literal's value, so the analysis is a function of the tree
         # with its literal values blanked: statements that differ only in literals share it.

@@ -175,6 +175,13 @@ def test_a_recording_without_an_audit_log_still_shows_the_statements(make_proxy:
     proxy = make_proxy(extra=[POLICY], proxy_spec={"recording": {"dir": str(tmp_path / "rec")}})
     proxy.psql("-c", "SELECT id, status FROM orders ORDER BY id LIMIT 1")
     proxy.psql("-c", "DROP TABLE orders")
-    texts = "".join(p.read_text() for p in (tmp_path / "rec").glob("*.jsonl"))
+    # psql has exited; the proxy closes each recording when it sees the session end
+    deadline = time.monotonic() + 10
+    while True:
+        files = list((tmp_path / "rec").glob("*.jsonl"))
+        texts = "".join(p.read_text() for p in files)
+        if (len(files) == 2 and texts.count('"k":"end"') == 2) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert "SELECT id, status FROM orders" in texts and "DROP TABLE orders" in texts
     assert "42501" in texts

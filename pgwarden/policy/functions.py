@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import re
 
+from pgwarden.policy.catalog_names import functions_missing_in
+
 # --- built-ins the engine vouches for (all in pg_catalog) -------------------------------------
 
 _STRING = """
@@ -251,8 +253,10 @@ def denied_unless_named(name: str) -> str | None:
     return None
 
 
-def is_builtin(name: str) -> bool:
-    return name in BUILTIN_FUNCTIONS
+def is_builtin(name: str, server_version: int = 0) -> bool:
+    """A built-in the engine vouches for, and one that server's pg_catalog has (0: the newest):
+    on an older server an unqualified `uuidv7()` runs whatever `uuidv7` the search_path holds."""
+    return name in BUILTIN_FUNCTIONS and name not in functions_missing_in(server_version)
 
 
 # --- settings a session may change ------------------------------------------------------------

@@ -683,7 +683,9 @@ class _Walker:
                 self.functions.append(FunctionUse(f"pg_catalog.{name}", name, (("pg_catalog", name),), True,
                                                   needs_timeout=True))
             return
-        if catalog and fn.is_builtin(name, self.server_version):
+        if schema == "information_schema" and name in fn.INFORMATION_SCHEMA_FUNCTIONS:
+            self.functions.append(FunctionUse(f"{schema}.{name}", name, ((schema, name),), True))
+        elif catalog and fn.is_builtin(name, self.server_version):
             self.functions.append(FunctionUse(f"pg_catalog.{name}", name, (("pg_catalog", name),), True))
         elif schema is not None:
             self.functions.append(FunctionUse(f"{schema}.{name}", name, ((schema, name),), False))

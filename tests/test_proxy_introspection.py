@@ -32,6 +32,12 @@ def example_policy() -> dict:
     return doc
 
 
+def example_masking() -> dict:
+    doc = yaml.safe_load((ROOT / "examples" / "masking-rule.yaml").read_text())
+    doc["spec"]["connectionRef"] = {"name": "shop"}
+    return doc
+
+
 # psql's describe commands (psql --help=commands, "Informational"); objects of the shop schema
 PSQL_DESCRIBE = [
     r"\d",
@@ -105,11 +111,23 @@ PSQL_REFUSED = {
 }
 
 
+def _start(pg, proxy_thread, extra: list[dict]) -> ProxyHandle:
+    running = proxy_thread.call(start_proxy(parse_documents(proxy_documents(pg, extra=extra))))
+    return ProxyHandle(running=running, runner=proxy_thread, pg=pg)
+
+
 @pytest.fixture(scope="module")
 def catalog_proxy(pg, proxy_thread):
-    text = proxy_documents(pg, extra=[example_policy()])
-    running = proxy_thread.call(start_proxy(parse_documents(text)))
-    handle = ProxyHandle(running=running, runner=proxy_thread, pg=pg)
+    handle = _start(pg, proxy_thread, [example_policy()])
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="module")
+def masked_proxy(pg, proxy_thread):
+    """The example policy and the example MaskingRule (customers' email, ssn, card_number, phone)."""
+    os.environ.setdefault("PGWARDEN_MASKING_HASH_KEY", "introspection-test-key")
+    handle = _start(pg, proxy_thread, [example_policy(), example_masking()])
     yield handle
     handle.stop()
 
@@ -220,3 +238,36 @@ def test_psycopg_type_introspection_works_through_the_gate(pg, catalog_proxy) ->
         assert info is not None and info.name == "timestamptz" and info.array_oid > 0
         orders_row = CompositeInfo.fetch(conn, "orders")  # a table's row type
         assert orders_row is not None and list(orders_row.field_names[:3]) == ["id", "customer_id", "status"]
+
+
+# -- masked columns stay masked in what introspection returns ----------------------------------------
+
+SECRETS = ("ada@example.com", "123-45-6789", "4111111111111111", "grace@example.org", "+1 415 555 0101")
+
+
+@pytest.mark.parametrize("command", [r"\d customers", r"\d+ customers", r"\sv customer_contacts", r"\dX"])
+def test_describing_masked_tables_works_and_shows_no_values(pg, masked_proxy, command: str) -> None:
+    out = masked_proxy.psql("-c", command)
+    assert out.returncode == 0, out.stderr
+    assert not any(s in out.stdout for s in SECRETS)
+
+
+def test_column_statistics_of_masked_columns_are_not_readable(pg, masked_proxy) -> None:
+    """pg_stats holds the most common values of every column: not part of systemCatalogs: read."""
+    pg.psql("ANALYZE public.customers", dbname="shop")
+    mark = pg.log_position()
+    for sql in (
+        "SELECT most_common_vals FROM pg_stats WHERE tablename = 'customers'",
+        "SELECT stxdmcv FROM pg_statistic_ext_data",
+        "SELECT * FROM pg_statistic",
+    ):
+        out = masked_proxy.psql("-A", "-t", "-c", sql)
+        assert out.returncode == 1 and "pgwarden denied this statement" in out.stderr, (sql, out.stderr)
+        assert not any(s in out.stdout for s in SECRETS)
+    assert "most_common_vals" not in pg.log_since(mark) and "pg_statistic" not in pg.log_since(mark)
+
+
+def test_a_view_over_masked_columns_returns_them_masked(pg, masked_proxy) -> None:
+    out = masked_proxy.psql("-A", "-t", "-c", "SELECT email FROM customer_contacts ORDER BY id LIMIT 1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "a***@example.com"

@@ -13,7 +13,7 @@ from importlib import resources
 
 import pytest
 
-from pgwarden.embedded import EmbeddedPostgres, find_bindir, server_major
+from pgwarden.embedded import EmbeddedPostgres, EmbeddedPostgresError, find_bindir, server_major
 
 SHOP_DB = "shop"
 APP_USER = "app"
@@ -38,7 +38,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    bindir = find_bindir()
+    try:
+        bindir = find_bindir()
+    except EmbeddedPostgresError as e:
+        return f"PostgreSQL: {e}"
     return f"PostgreSQL {server_major(bindir)} from {bindir}"
 
 

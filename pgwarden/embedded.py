@@ -322,7 +322,7 @@ class EmbeddedPostgres:
 
     def restart(self) -> None:
         """Stop the server (fast) and start it again on the same port, keeping the data."""
-        assert self._proc is not None
+        assert self._proc is not None and self.bindir is not None
         self._run_as_owner([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "stop", "-m", "immediate", "-w"])  # type: ignore[operator]
         self._proc.wait(timeout=20)
         log = open(self.logfile, "ab")

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", "-u", default="explain", help="the caller's subject")
     p.add_argument("--service-account", default="", help="NAMESPACE/NAME of the caller's service account")
     p.add_argument("--connection", help="DatabaseConnection name (default: the only one)")
+    p.add_argument("--server-version", type=int, default=0, metavar="MAJOR",
+                   help="the server's PostgreSQL major version, e.g. 15 (default: the newest pgwarden knows)")
     p.add_argument("sql", help="the statement(s)")
 
     p = _verb(sub, "inject", "pgwarden.operator.inject_cli:main", "print a manifest with the proxy sidecar injected")

@@ -272,7 +272,7 @@ class SessionGate:
                                params=bind_params(bind) if bind is not None else None)
         try:
             decision = self.policy.decide(sql, self.state, prepare_as=prepared_name) if self.policy is not None else None
-            analysis = analyze(sql, self.rt.search_path)
+            analysis = analyze(sql, self.rt.search_path, self.state.server_version)
         except Exception as e:  # the engine failing must never let a statement through
             log.exception("policy engine failed")
             return self._refuse(ctx, PolicyDenied(f"pgwarden could not decide this statement ({type(e).__name__})"))

@@ -167,6 +167,7 @@ def session_hooks(rt: Runtime, config: ProxyConfig) -> SessionHooks | None:
 
     def hooks(info: SessionInfo, notify: Callable[[bytes], None]) -> tuple[Gate | None, Observer | None]:
         gate = SessionGate(rt, info, notify)
+        gate.state.server_version = info.server_version  # the catalog names of this server's release
         return gate, gate
 
     return hooks

@@ -52,6 +52,8 @@ class SessionInfo:
     params: dict[str, str]
     # the same session as audit records name it
     audit: records.SessionInfo
+    # the server's major version, from its login (pg_catalog's names differ between releases)
+    server_version: int = 0
 
 
 # Builds the per-session gate and observer (policy, masking, audit, recording); None = allow all.
@@ -277,6 +279,7 @@ class ProxyServer:
             started=time.time(),
             params=forwarded,
             audit=ainfo,
+            server_version=upstream.server_version,
         )
         return info, upstream
 

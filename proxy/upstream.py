@@ -31,6 +31,15 @@ class UpstreamSession:
     secret: int
     username: str
 
+    @property
+    def server_version(self) -> int:
+        """The server's major version from its `server_version` ParameterStatus (0: not sent)."""
+        for name, value in self.parameters:
+            if name == "server_version":
+                match = re.match(r"\d+", value)  # "18.4 (Debian 18.4-1)", "19beta1"
+                return int(match.group()) if match else 0
+        return 0
+
 
 def ssl_context_for(mode: str, root_cert: str = "") -> ssl.SSLContext | None:
     """libpq's sslmode meanings. None: do not ask for TLS."""

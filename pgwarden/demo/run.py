@@ -22,7 +22,7 @@ from typing import Any
 
 import pg8000.dbapi
 
-from pgwarden.embedded import EmbeddedPostgres, EmbeddedPostgresError
+from pgwarden.embedded import EmbeddedPostgres, EmbeddedPostgresError, server_major
 from pgwarden.errors import UserError
 from pgwarden.resources import parse_documents
 
@@ -159,7 +159,8 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("PGWARDEN_APPROVALS_DB", str(workdir / "approvals.db"))
     runner = _LoopThread()
     try:
-        print(f"pgwarden demo: PostgreSQL {pg.port} (embedded), workspace {workdir}")
+        version = server_major(pg.bindir) if pg.bindir else "?"
+        print(f"pgwarden demo: PostgreSQL {version} on port {pg.port} (embedded, from {pg.bindir}), workspace {workdir}")
         _seed(pg)
         docs = parse_documents(_config_text(pg, workdir), source="demo.yaml")
         running = runner.call(start_proxy(docs))

@@ -27,7 +27,13 @@ from typing import Any
 from pglast.parser import ParseError, parse_sql_json
 
 from pgwarden.policy import functions as fn
-from pgwarden.policy.catalog_names import CATALOG_FUNCTIONS, CATALOG_OPERATORS
+from pgwarden.policy.catalog_names import (
+    CATALOG_OPERATORS,
+    GRAMMAR_VERSION,
+    catalog_functions,
+    catalog_relations,
+    newer_syntax,
+)
 from pgwarden.policy.model import ANY
 
 Obj = tuple[str, str]
@@ -55,37 +61,11 @@ SENSITIVE_CATALOG_RELATIONS = frozenset({
     ("pg_catalog", "pg_config"), ("pg_catalog", "pg_prepared_xacts"),
     ("information_schema", "user_mappings"),
 })
-# Relations of pg_catalog (PostgreSQL 15-18). An unqualified name in this list means the catalog
-# relation: PostgreSQL searches pg_catalog before the search_path. Other pg_* names are checked
-# both as pg_catalog.X and against the search_path.
-CATALOG_RELATIONS = frozenset("""
-    pg_aggregate pg_aios pg_am pg_amop pg_amproc pg_attrdef pg_attribute pg_auth_members pg_authid
-    pg_available_extension_versions pg_available_extensions pg_backend_memory_contexts pg_cast pg_class
-    pg_collation pg_config pg_constraint pg_conversion pg_cursors pg_database pg_db_role_setting
-    pg_default_acl pg_depend pg_description pg_enum pg_event_trigger pg_extension pg_file_settings
-    pg_foreign_data_wrapper pg_foreign_server pg_foreign_table pg_group pg_hba_file_rules
-    pg_ident_file_mappings pg_index pg_indexes pg_inherits pg_init_privs pg_language pg_largeobject
-    pg_largeobject_metadata pg_locks pg_matviews pg_namespace pg_opclass pg_operator pg_opfamily
-    pg_parameter_acl pg_partitioned_table pg_policies pg_policy pg_prepared_statements pg_prepared_xacts
-    pg_proc pg_publication pg_publication_namespace pg_publication_rel pg_publication_tables pg_range
-    pg_replication_origin pg_replication_origin_status pg_replication_slots pg_rewrite pg_roles pg_rules
-    pg_seclabel pg_seclabels pg_sequence pg_sequences pg_settings pg_shadow pg_shdepend pg_shdescription
-    pg_shmem_allocations pg_shmem_allocations_numa pg_shseclabel pg_stat_activity pg_stat_all_indexes
-    pg_stat_all_tables pg_stat_archiver pg_stat_bgwriter pg_stat_checkpointer pg_stat_database
-    pg_stat_database_conflicts pg_stat_gssapi pg_stat_io pg_stat_progress_analyze
-    pg_stat_progress_basebackup pg_stat_progress_cluster pg_stat_progress_copy
-    pg_stat_progress_create_index pg_stat_progress_vacuum pg_stat_recovery_prefetch pg_stat_replication
-    pg_stat_replication_slots pg_stat_slru pg_stat_ssl pg_stat_subscription pg_stat_subscription_stats
-    pg_stat_sys_indexes pg_stat_sys_tables pg_stat_user_functions pg_stat_user_indexes
-    pg_stat_user_tables pg_stat_wal pg_stat_wal_receiver pg_stat_xact_all_tables pg_stat_xact_sys_tables
-    pg_stat_xact_user_functions pg_stat_xact_user_tables pg_statio_all_indexes pg_statio_all_sequences
-    pg_statio_all_tables pg_statio_sys_indexes pg_statio_sys_sequences pg_statio_sys_tables
-    pg_statio_user_indexes pg_statio_user_sequences pg_statio_user_tables pg_statistic pg_statistic_ext
-    pg_statistic_ext_data pg_stats pg_stats_ext pg_stats_ext_exprs pg_subscription pg_subscription_rel
-    pg_tables pg_tablespace pg_timezone_abbrevs pg_timezone_names pg_transform pg_trigger pg_ts_config
-    pg_ts_config_map pg_ts_dict pg_ts_parser pg_ts_template pg_type pg_user pg_user_mapping
-    pg_user_mappings pg_views pg_wait_events
-""".split())
+# Relations of pg_catalog of the newest release pgwarden knows (catalog_names.catalog_relations
+# gives a given server's). An unqualified name in the list means the catalog relation: PostgreSQL
+# searches pg_catalog before the search_path. Other pg_* names are checked both as pg_catalog.X
+# and against the search_path.
+CATALOG_RELATIONS = catalog_relations()
 MAX_CACHED_TEXT = 4096
 
 
@@ -185,28 +165,31 @@ class Analysis:
         return any(s.effects or s.executes for s in self.statements)
 
 
-def analyze(sql: str, search_path: tuple[str, ...] = ("public",)) -> Analysis:
-    """Parse and walk `sql`; cached by (text, search_path) because it is policy-independent."""
+def analyze(sql: str, search_path: tuple[str, ...] = ("public",), server_version: int = 0) -> Analysis:
+    """Parse and walk `sql`; cached by (text, search_path, server version): policy-independent.
+
+    `server_version` is the server's major version (0: unknown, taken as the newest known): which
+    names are pg_catalog's differs between releases."""
     if len(sql) <= MAX_CACHED_TEXT:
-        return _analyze_cached(sql, search_path)
-    return _analyze(sql, search_path)
+        return _analyze_cached(sql, search_path, server_version)
+    return _analyze(sql, search_path, server_version)
 
 
 @lru_cache(maxsize=1024)
-def _analyze_cached(sql: str, search_path: tuple[str, ...]) -> Analysis:
-    return _analyze(sql, search_path)
+def _analyze_cached(sql: str, search_path: tuple[str, ...], server_version: int) -> Analysis:
+    return _analyze(sql, search_path, server_version)
 
 
-def _analyze(sql: str, search_path: tuple[str, ...]) -> Analysis:
+def _analyze(sql: str, search_path: tuple[str, ...], server_version: int = 0) -> Analysis:
     if "\x00" in sql:
         return Analysis(error="the statement text contains a NUL byte")
     try:
         text = parse_sql_json(sql)
     except ParseError as e:
-        return Analysis(error=f"the statement does not parse: {e}")
+        return Analysis(error=_parse_error(sql, e, server_version))
     except RecursionError:
         return Analysis(error="the statement is nested too deeply to analyse")
-    key = (blind_tree(text), search_path)
+    key = (blind_tree(text), search_path, server_version)
     hit = _BLIND_CACHE.get(key)
     if hit is not None:
         return hit
@@ -214,7 +197,7 @@ def _analyze(sql: str, search_path: tuple[str, ...]) -> Analysis:
     tree = json.loads(text)
     stmts = []
     for raw in tree.get("stmts", ()):
-        stmts.append(analyze_statement(raw.get("stmt", {}), search_path))
+        stmts.append(analyze_statement(raw.get("stmt", {}), search_path, server_version))
     analysis = Analysis(statements=tuple(stmts), blind=key[0])
     if _CONSTANT_READS.count == reads_before and len(key[0]) <= MAX_BLIND_KEY:
         # The walk never looked at a literal's value, so the analysis is a function of the tree
@@ -225,6 +208,19 @@ def _analyze(sql: str, search_path: tuple[str, ...]) -> Analysis:
     return analysis
 
 
+def _parse_error(sql: str, e: ParseError, server_version: int) -> str:
+    """Why a text that does not parse is refused; on a server newer than the parser's grammar,
+    which construct (when known) and which server version the parser cannot follow."""
+    if server_version <= GRAMMAR_VERSION:
+        return f"the statement does not parse: {e}"
+    construct = newer_syntax(sql) or f"syntax newer than PostgreSQL {GRAMMAR_VERSION}"
+    return (
+        f"the statement uses {construct}: the server is PostgreSQL {server_version}, pgwarden's parser "
+        f"knows PostgreSQL {GRAMMAR_VERSION}'s grammar and cannot check it ({e}); write it without "
+        "the newer syntax, or upgrade pgwarden"
+    )
+
+
 # -- constant-blind cache -------------------------------------------------------------------------
 # pgbench-style traffic sends a new literal in every statement, so an exact-text cache misses.
 # libpg_query's fingerprint would hit, but it also ignores names (aliases, CTE and cursor names),
@@ -233,7 +229,7 @@ def _analyze(sql: str, search_path: tuple[str, ...]) -> Analysis:
 # under it only when the walk read no literal value (_const_string / _const_value count reads).
 MAX_BLIND_KEY = 16384
 BLIND_CACHE_SIZE = 2048
-_BLIND_CACHE: dict[tuple[str, tuple[str, ...]], Analysis] = {}
+_BLIND_CACHE: dict[tuple[str, tuple[str, ...], int], Analysis] = {}
 _LITERAL = re.compile(
     r'("A_Const":\{"(sval|fval|bsval|ival|boolval)":)\{(?:"\2":(?:"(?:[^"\\]|\\.)*"|[-+.0-9eE]+|true|false))?\}'
 )
@@ -254,9 +250,11 @@ def blind_tree(parse_json: str) -> str:
     return _POSITION.sub(r'"\1":0', _LITERAL.sub(r"\1{}", parse_json))
 
 
-def analyze_statement(node: dict[str, Any], search_path: tuple[str, ...]) -> StatementAnalysis:
+def analyze_statement(
+    node: dict[str, Any], search_path: tuple[str, ...], server_version: int = 0
+) -> StatementAnalysis:
     """Walk one statement node ({"SelectStmt": {...}}) into a StatementAnalysis."""
-    walker = _Walker(search_path)
+    walker = _Walker(search_path, server_version=server_version)
     kind = next(iter(node), "Unknown")
     try:
         walker.visit(node, frozenset())
@@ -462,6 +460,7 @@ class _Walker:
 
     search_path: tuple[str, ...]
     rv_op: str = "select"
+    server_version: int = 0  # the server's major version; 0 = the newest known
     accesses: list[Access] = field(default_factory=list)
     functions: list[FunctionUse] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
@@ -541,7 +540,7 @@ class _Walker:
         if persistence == "t":
             return [("pg_temp", name)]
         if "pg_catalog" not in self.search_path:  # PostgreSQL then searches pg_catalog first
-            if name in CATALOG_RELATIONS:
+            if name in catalog_relations(self.server_version):
                 return [("pg_catalog", name)]
             if name.startswith("pg_"):
                 return [("pg_catalog", name), *((s, name) for s in self.search_path)]
@@ -701,15 +700,18 @@ class _Walker:
                 self.functions.append(FunctionUse(f"pg_catalog.{name}", name, (("pg_catalog", name),), True,
                                                   needs_timeout=True))
             return
-        if catalog and fn.is_builtin(name):
+        if schema == "information_schema" and name in fn.INFORMATION_SCHEMA_FUNCTIONS:
+            self.functions.append(FunctionUse(f"{schema}.{name}", name, ((schema, name),), True))
+        elif catalog and fn.is_builtin(name, self.server_version):
             self.functions.append(FunctionUse(f"pg_catalog.{name}", name, (("pg_catalog", name),), True))
         elif schema is not None:
             self.functions.append(FunctionUse(f"{schema}.{name}", name, ((schema, name),), False))
         else:
-            # pg_catalog is searched first, so a catalog name means the catalog function; an unknown
-            # pg_* name (a newer server's?) must be allowed both there and on the search_path
+            # pg_catalog is searched first, so a catalog name (of this server's release) means the
+            # catalog function; an unknown pg_* name (a newer server's?) must be allowed both there
+            # and on the search_path
             cands = tuple((s, name) for s in self.search_path)
-            if name in CATALOG_FUNCTIONS:
+            if name in catalog_functions(self.server_version):
                 cands = (("pg_catalog", name),)
             elif name.startswith("pg_"):
                 cands = (("pg_catalog", name), *cands)
@@ -788,7 +790,7 @@ class _Walker:
     # -- prepared statements, cursors, EXPLAIN, COPY, transactions ------------------------------
 
     def n_PrepareStmt(self, n: dict[str, Any], ctes: frozenset[str]) -> None:
-        body = analyze_statement(n.get("query", {}), self.search_path)
+        body = analyze_statement(n.get("query", {}), self.search_path, self.server_version)
         self.effects.append(Prepare(n.get("name", ""), body))
         self.visit(n.get("argtypes"), ctes)
 

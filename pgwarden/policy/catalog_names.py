@@ -1,4 +1,4 @@
-"""Names of PostgreSQL's own functions and operators (pg_catalog of PostgreSQL 15).
+"""Names of PostgreSQL's own functions, relations and operators, per release (15 to 18).
 
 Used to resolve unqualified names the way the server does: pg_catalog is searched before the
 search_path, so an unqualified call of a name listed here runs the catalog function, and a policy
@@ -6,8 +6,15 @@ that allows `public.*` must not be mistaken for allowing it. This is name resolu
 which catalog functions an agent may call is `functions.BUILTIN_FUNCTIONS`. Regenerate with
 `SELECT DISTINCT proname FROM pg_proc WHERE pronamespace = 'pg_catalog'::regnamespace` (and
 `SELECT DISTINCT oprname FROM pg_operator`) when supporting a new server version; names from
-newer versions that start with pg_ are treated as catalog names anyway.
+newer versions that start with pg_ are treated as catalog names anyway. A name added in a later
+release is not a catalog name on an earlier server: there an unqualified call of `uuidv7()` runs
+whatever `uuidv7` the search_path holds.
 """
+
+import re
+from functools import cache
+
+from pglast.parser import get_postgresql_version
 
 CATALOG_FUNCTIONS = frozenset("""
 RI_FKey_cascade_del RI_FKey_cascade_upd RI_FKey_check_ins RI_FKey_check_upd RI_FKey_noaction_del
@@ -431,3 +438,157 @@ CATALOG_OPERATORS = frozenset("""
 <<| <= <> <@ <^ = > >= >> >>= >^ ? ?# ?& ?- ?-| ?| ?|| @ @-@ @> @? @@ @@@ ^ ^@ | |&> |/ |>> || ||/ ~ ~*
 ~<=~ ~<~ ~= ~>=~ ~>~ ~~ ~~*
 """.split())
+
+
+# -- what changed after PostgreSQL 15 ---------------------------------------------------------
+# The same queries (and `SELECT relname FROM pg_class WHERE relnamespace = 'pg_catalog'::regnamespace
+# AND relkind IN ('r','v','m','p','f')` for relations) on each release, diffed with the one before.
+# The proxy learns the server's major version from its `server_version` at login; `policy explain`
+# (no server) assumes the newest. Operators did not change between 15 and 18.
+OLDEST_KNOWN_VERSION = 15
+NEWEST_KNOWN_VERSION = 18
+
+FUNCTIONS_ADDED: dict[int, frozenset[str]] = {
+    16: frozenset("""
+any_value any_value_transfn array_agg_array_combine array_agg_array_deserialize
+array_agg_array_serialize array_agg_combine array_agg_deserialize array_agg_serialize array_sample
+array_shuffle date_add date_subtract erf erfc json_agg_strict json_agg_strict_transfn
+json_object_agg_strict json_object_agg_strict_transfn json_object_agg_unique
+json_object_agg_unique_strict json_object_agg_unique_strict_transfn json_object_agg_unique_transfn
+jsonb_agg_strict jsonb_agg_strict_transfn jsonb_object_agg_strict jsonb_object_agg_strict_transfn
+jsonb_object_agg_unique jsonb_object_agg_unique_strict jsonb_object_agg_unique_strict_transfn
+jsonb_object_agg_unique_transfn pg_input_error_info pg_input_is_valid pg_log_standby_snapshot
+pg_split_walfile_name pg_stat_get_backend_subxact pg_stat_get_db_conflict_logicalslot pg_stat_get_io
+pg_stat_get_lastscan pg_stat_get_tuples_newpage_updated pg_stat_get_xact_tuples_newpage_updated
+random_normal string_agg_combine string_agg_deserialize string_agg_serialize system_user
+window_cume_dist_support window_ntile_support window_percent_rank_support
+""".split()),
+    17: frozenset("""
+binary_upgrade_add_sub_rel_state binary_upgrade_logical_slot_has_caught_up
+binary_upgrade_replorigin_advance elem_contained_by_range_support icu_unicode_version interval_avg_accum
+interval_avg_accum_inv interval_avg_combine interval_avg_deserialize interval_avg_serialize interval_sum
+jsonb_populate_record_valid pg_available_wal_summaries pg_basetype pg_column_toast_chunk_id
+pg_get_wait_events pg_get_wal_summarizer_state pg_stat_get_checkpointer_buffers_written
+pg_stat_get_checkpointer_num_requested pg_stat_get_checkpointer_num_timed
+pg_stat_get_checkpointer_restartpoints_performed pg_stat_get_checkpointer_restartpoints_requested
+pg_stat_get_checkpointer_restartpoints_timed pg_stat_get_checkpointer_stat_reset_time
+pg_stat_get_checkpointer_sync_time pg_stat_get_checkpointer_write_time pg_sync_replication_slots
+pg_wal_summary_contents range_contains_elem_support to_bin to_oct to_regtypemod unicode_assigned
+unicode_version uuid_extract_timestamp uuid_extract_version xmltext
+""".split()),
+    18: frozenset("""
+array_append_support array_prepend_support array_reverse array_sort array_subscript_handler_support
+btboolskipsupport btcharskipsupport btint2skipsupport btint4skipsupport btint8skipsupport
+btoidskipsupport bytea bytea_larger bytea_smaller casefold crc32 crc32c date_skipsupport gamma
+generate_series_numeric_support generate_series_timestamp_support gist_translate_cmptype_common
+has_largeobject_privilege hashbool hashboolextended hashbytea hashbyteaextended hashcid hashcidextended
+hashdate hashdateextended hashxid hashxid8 hashxid8extended hashxidextended lgamma
+pg_clear_attribute_stats pg_clear_relation_stats pg_get_acl pg_get_aios pg_get_loaded_modules
+pg_get_sequence_data pg_get_shmem_allocations_numa pg_ls_summariesdir pg_numa_available
+pg_restore_attribute_stats pg_restore_relation_stats pg_stat_get_backend_io pg_stat_get_backend_wal
+pg_stat_get_checkpointer_num_performed pg_stat_get_checkpointer_slru_written
+pg_stat_get_db_parallel_workers_launched pg_stat_get_db_parallel_workers_to_launch
+pg_stat_get_total_analyze_time pg_stat_get_total_autoanalyze_time pg_stat_get_total_autovacuum_time
+pg_stat_get_total_vacuum_time pg_stat_reset_backend_stats pg_timezone_abbrevs_abbrevs
+pg_timezone_abbrevs_zone range_sortsupport record_larger record_smaller timestamp_skipsupport
+timestamptz_hash timestamptz_hash_extended uuid_skipsupport uuidv4 uuidv7
+""".split()),
+}
+FUNCTIONS_REMOVED: dict[int, frozenset[str]] = {
+    17: frozenset("""
+interval_accum interval_accum_inv interval_combine pg_read_file_old pg_rotate_logfile_old
+pg_stat_get_bgwriter_buf_written_checkpoints pg_stat_get_bgwriter_requested_checkpoints
+pg_stat_get_bgwriter_timed_checkpoints pg_stat_get_buf_fsync_backend pg_stat_get_buf_written_backend
+pg_stat_get_checkpoint_sync_time pg_stat_get_checkpoint_write_time
+""".split()),
+    18: frozenset("""
+pg_timezone_abbrevs
+""".split()),
+}
+CATALOG_RELATIONS_15 = frozenset("""
+pg_aggregate pg_am pg_amop pg_amproc pg_attrdef pg_attribute pg_auth_members pg_authid
+pg_available_extension_versions pg_available_extensions pg_backend_memory_contexts pg_cast pg_class
+pg_collation pg_config pg_constraint pg_conversion pg_cursors pg_database pg_db_role_setting
+pg_default_acl pg_depend pg_description pg_enum pg_event_trigger pg_extension pg_file_settings
+pg_foreign_data_wrapper pg_foreign_server pg_foreign_table pg_group pg_hba_file_rules
+pg_ident_file_mappings pg_index pg_indexes pg_inherits pg_init_privs pg_language pg_largeobject
+pg_largeobject_metadata pg_locks pg_matviews pg_namespace pg_opclass pg_operator pg_opfamily
+pg_parameter_acl pg_partitioned_table pg_policies pg_policy pg_prepared_statements pg_prepared_xacts
+pg_proc pg_publication pg_publication_namespace pg_publication_rel pg_publication_tables pg_range
+pg_replication_origin pg_replication_origin_status pg_replication_slots pg_rewrite pg_roles pg_rules
+pg_seclabel pg_seclabels pg_sequence pg_sequences pg_settings pg_shadow pg_shdepend pg_shdescription
+pg_shmem_allocations pg_shseclabel pg_stat_activity pg_stat_all_indexes pg_stat_all_tables
+pg_stat_archiver pg_stat_bgwriter pg_stat_database pg_stat_database_conflicts pg_stat_gssapi
+pg_stat_progress_analyze pg_stat_progress_basebackup pg_stat_progress_cluster pg_stat_progress_copy
+pg_stat_progress_create_index pg_stat_progress_vacuum pg_stat_recovery_prefetch pg_stat_replication
+pg_stat_replication_slots pg_stat_slru pg_stat_ssl pg_stat_subscription pg_stat_subscription_stats
+pg_stat_sys_indexes pg_stat_sys_tables pg_stat_user_functions pg_stat_user_indexes pg_stat_user_tables
+pg_stat_wal pg_stat_wal_receiver pg_stat_xact_all_tables pg_stat_xact_sys_tables
+pg_stat_xact_user_functions pg_stat_xact_user_tables pg_statio_all_indexes pg_statio_all_sequences
+pg_statio_all_tables pg_statio_sys_indexes pg_statio_sys_sequences pg_statio_sys_tables
+pg_statio_user_indexes pg_statio_user_sequences pg_statio_user_tables pg_statistic pg_statistic_ext
+pg_statistic_ext_data pg_stats pg_stats_ext pg_stats_ext_exprs pg_subscription pg_subscription_rel
+pg_tables pg_tablespace pg_timezone_abbrevs pg_timezone_names pg_transform pg_trigger pg_ts_config
+pg_ts_config_map pg_ts_dict pg_ts_parser pg_ts_template pg_type pg_user pg_user_mapping pg_user_mappings
+pg_views
+""".split())
+RELATIONS_ADDED: dict[int, frozenset[str]] = {
+    16: frozenset({"pg_stat_io"}),
+    17: frozenset({"pg_stat_checkpointer", "pg_wait_events"}),
+    18: frozenset({"pg_aios", "pg_shmem_allocations_numa"}),
+}
+
+
+def known_version(server_version: int) -> int:
+    """The release whose lists describe a server: unknown (0) and newer servers get the newest."""
+    if not server_version or server_version > NEWEST_KNOWN_VERSION:
+        return NEWEST_KNOWN_VERSION
+    return max(server_version, OLDEST_KNOWN_VERSION)
+
+
+@cache
+def catalog_functions(server_version: int = 0) -> frozenset[str]:
+    """Function names in pg_catalog of that server's release."""
+    names = set(CATALOG_FUNCTIONS)
+    for v in range(OLDEST_KNOWN_VERSION + 1, known_version(server_version) + 1):
+        names |= FUNCTIONS_ADDED.get(v, frozenset())
+        names -= FUNCTIONS_REMOVED.get(v, frozenset())
+    return frozenset(names)
+
+
+@cache
+def functions_missing_in(server_version: int = 0) -> frozenset[str]:
+    """Catalog function names of other releases that this server's pg_catalog does not have."""
+    everything = CATALOG_FUNCTIONS.union(*FUNCTIONS_ADDED.values())
+    return everything - catalog_functions(server_version)
+
+
+@cache
+def catalog_relations(server_version: int = 0) -> frozenset[str]:
+    """Relation names in pg_catalog of that server's release (none was dropped from 15 to 18)."""
+    names = set(CATALOG_RELATIONS_15)
+    for v in range(OLDEST_KNOWN_VERSION + 1, known_version(server_version) + 1):
+        names |= RELATIONS_ADDED.get(v, frozenset())
+    return frozenset(names)
+
+
+# -- syntax newer than the parser --------------------------------------------------------------
+# pglast parses with one release's grammar (libpg_query); a newer server accepts statements it
+# cannot read, and those are refused. These patterns only name the construct in the refusal.
+GRAMMAR_VERSION: int = get_postgresql_version()[0]
+NEWER_SYNTAX: tuple[tuple[int, str, re.Pattern[str]], ...] = (
+    (18, "RETURNING OLD/NEW", re.compile(r"\bRETURNING\b.*\b(OLD|NEW)\b", re.I | re.S)),
+    (18, "virtual generated columns (GENERATED ... VIRTUAL)", re.compile(r"\bVIRTUAL\b", re.I)),
+    (18, "temporal keys (WITHOUT OVERLAPS, PERIOD)", re.compile(r"\bWITHOUT\s+OVERLAPS\b|\bPERIOD\b", re.I)),
+    (18, "NOT ENFORCED constraints", re.compile(r"\bNOT\s+ENFORCED\b", re.I)),
+    (19, "FOR PORTION OF (temporal UPDATE/DELETE)", re.compile(r"\bFOR\s+PORTION\s+OF\b", re.I)),
+    (19, "graph queries (GRAPH_TABLE)", re.compile(r"\bGRAPH_TABLE\b|\bPROPERTY\s+GRAPH\b", re.I)),
+)
+
+
+def newer_syntax(sql: str, grammar_version: int = GRAMMAR_VERSION) -> str | None:
+    """The first construct in `sql` that PostgreSQL added after the parser's grammar, if known."""
+    for version, construct, pattern in NEWER_SYNTAX:
+        if version > grammar_version and pattern.search(sql):
+            return f"{construct}, new in PostgreSQL {version}"
+    return None

@@ -64,10 +64,13 @@ class SessionState:
     decided as what it runs. In the proxy it is a view of the session registry
     (pgwarden.proxy.session), which changes only when the server confirms a command; offline
     users (`policy explain`, tests) change it with `apply()` / `forget()`.
+    `server_version` is the server's major version (its `server_version` at login; 0 = unknown,
+    taken as the newest pgwarden knows): pg_catalog's names differ between releases.
     """
 
     search_path: tuple[str, ...] = ("public",)
     prepared: dict[str, StatementAnalysis] = field(default_factory=dict)
+    server_version: int = 0
 
     def __post_init__(self) -> None:
         self.search_path = tuple(self.search_path)
@@ -177,7 +180,7 @@ class SubjectPolicy:
         self.limits = Limits()
         for p in self.policies:
             self.limits = self.limits.combine(p.limits)
-        self._cache: OrderedDict[tuple[str, tuple[str, ...]], Decision] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, tuple[str, ...], int], Decision] = OrderedDict()
         self._by_analysis: dict[int, tuple[Analysis, Decision]] = {}
         self._summary = _allowed_summary(self.policies)
 
@@ -191,13 +194,13 @@ class SubjectPolicy:
         The session is not changed here: the proxy's registry records the effects statement by
         statement as the server confirms them; offline callers use `session.apply(decision)`.
         """
-        key = (sql, session.search_path)
+        key = (sql, session.search_path, session.server_version)
         if prepare_as is None:
             cached = self._cache.get(key)
             if cached is not None:
                 self._cache.move_to_end(key)
                 return cached
-        analysis = analyze(sql, session.search_path)
+        analysis = analyze(sql, session.search_path, session.server_version)
         if prepare_as is None and not analysis.session_dependent:
             # the analysis object is shared by texts that differ only in literals (see
             # analysis.blind_tree); the identity check guards against a recycled id()

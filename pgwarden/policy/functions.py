@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import re
 
+from pgwarden.policy.catalog_names import functions_missing_in
+
 # --- built-ins the engine vouches for (all in pg_catalog) -------------------------------------
 
 _STRING = """
@@ -24,7 +26,7 @@ octet_length overlay parse_ident position quote_ident quote_literal quote_nullab
 regexp_instr regexp_like regexp_match regexp_matches regexp_replace regexp_split_to_array
 regexp_split_to_table regexp_substr repeat replace reverse right rpad rtrim sha224 sha256 sha384
 sha512 split_part starts_with string_to_array string_to_table strpos substr substring to_ascii
-to_hex translate unistr upper casefold textlen textcat like similar_to_escape
+to_hex translate unistr upper casefold textlen textcat like similar_to_escape like_escape similar_escape
 crc32 crc32c to_bin to_oct bpchar varchar text name char
 """
 _MATH = """
@@ -122,6 +124,8 @@ array_to_string to_regclass to_regcollation to_regnamespace to_regoper to_regope
 to_regproc to_regprocedure to_regrole to_regtype to_regtypemod pg_input_is_valid
 pg_input_error_info pg_settings_get_flags pg_basetype
 pg_column_toast_chunk_id pg_char_to_encoding pg_get_acl
+pg_relation_is_publishable getdatabaseencoding pg_tablespace_location pg_available_extensions
+pg_available_extension_versions
 """
 _XML = """
 xmlcomment xmlexists
@@ -134,6 +138,16 @@ BUILTIN_FUNCTIONS: frozenset[str] = frozenset(
         (_STRING, _MATH, _DATETIME, _JSON, _ARRAY, _AGGREGATE, _WINDOW, _RANGE, _TEXT_SEARCH,
          _NETWORK_UUID_MISC, _SESSION_INFO, _CATALOG, _XML)
     ).split()
+)
+
+# information_schema's own helpers (immutable or stable SQL functions over their arguments), which
+# its views and JDBC's DatabaseMetaData call schema-qualified
+INFORMATION_SCHEMA_FUNCTIONS: frozenset[str] = frozenset(
+    """
+_pg_char_max_length _pg_char_octet_length _pg_datetime_precision _pg_expandarray _pg_index_position
+_pg_interval_type _pg_numeric_precision _pg_numeric_precision_radix _pg_numeric_scale _pg_truetypid
+_pg_truetypmod
+""".split()
 )
 
 # Functions with a meaning the engine decides itself (they touch a relation or a channel, or are
@@ -251,8 +265,10 @@ def denied_unless_named(name: str) -> str | None:
     return None
 
 
-def is_builtin(name: str) -> bool:
-    return name in BUILTIN_FUNCTIONS
+def is_builtin(name: str, server_version: int = 0) -> bool:
+    """A built-in the engine vouches for, and one that server's pg_catalog has (0: the newest):
+    on an older server an unqualified `uuidv7()` runs whatever `uuidv7` the search_path holds."""
+    return name in BUILTIN_FUNCTIONS and name not in functions_missing_in(server_version)
 
 
 # --- settings a session may change ------------------------------------------------------------

@@ -25,7 +25,6 @@ FUNCTION / TRIGGER / RULE, CALL); and DDL that would rename or copy a masked col
 from __future__ import annotations
 
 import threading
-
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any

@@ -54,6 +54,9 @@ class ResultPlan:
     # ("declare" | "prepare", name, lineage of its rows) when the statement makes a cursor or a
     # prepared statement: the proxy's session registry keeps it once the server confirms it
     names: tuple[tuple[str, str, Any], ...] = ()
+    # row rewriters by the RowDescription they were made for: a RowRewriter keeps no state
+    # between rows, and a cached plan meets the same fields statement after statement
+    _rewriters: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def masks_anything(self) -> bool:
@@ -72,11 +75,26 @@ class ResultPlan:
         `formats` are the Bind message's result-format codes when the fields came from a
         Describe of the statement (whose formats are all 0): none = text, one = for all.
         """
+        if self.kind == "copy":  # a CopyRewriter keeps partial lines: one per result
+            return self.copy_rewriter(len(fields) or None)
+        try:
+            key: Any = (tuple(fields), tuple(formats) if formats else ())
+            return self._rewriters[key]
+        except KeyError:
+            pass
+        except TypeError:  # unhashable fields: made afresh
+            key = None
+        rewriter = self._make_rewriter(fields, formats)
+        if key is not None:
+            if len(self._rewriters) >= 16:
+                self._rewriters.clear()
+            self._rewriters[key] = rewriter
+        return rewriter
+
+    def _make_rewriter(self, fields: Sequence[Sequence[Any]], formats: Sequence[int] | None) -> Any:
         from pgwarden.masking.rows import make_row_rewriter
 
         fs = [_field(f) for f in fields]
-        if self.kind == "copy":
-            return self.copy_rewriter(len(fs) or None)
         if formats:
             fmts = list(formats) * len(fs) if len(formats) == 1 else list(formats)
             fs = [f._replace(format=fmts[i] if i < len(fmts) else 0) for i, f in enumerate(fs)]

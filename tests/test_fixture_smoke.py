@@ -1,5 +1,4 @@
 import pg8000.native
-
 from fix_pg import APP_PASSWORD, APP_USER, SHOP_DB
 
 

@@ -7,7 +7,6 @@ from masking_helpers import masking, shop_catalog
 
 from pgwarden.policy.analysis import analyze
 
-
 CATALOG = shop_catalog()
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pgwarden.proxy import messages as m
+from pgwarden.proxy.analysis_budget import Analysed, AnalysisOffload
 from pgwarden.proxy.relay import Verdict
 
 from pgwarden.audit import records
@@ -71,6 +72,7 @@ class Runtime:
     identity_config: Any = None
     # bumped by a hot reload: sessions re-resolve their policy and masking at the next statement
     generation: int = 0
+    offload: AnalysisOffload | None = None  # analysis of long statements off the event loop
     # background work (approval bookkeeping) that must finish before the audit log closes
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -156,13 +158,13 @@ class SessionGate:
         self._scrub = detectors.scrub if detectors else None
 
     # -- Gate -----------------------------------------------------------------------------------
-    def query(self, sql: str) -> Verdict | None:
-        return self._check(sql, None)
+    def query(self, sql: str, analysed: Analysed | None = None) -> Verdict | None:
+        return self._check(sql, None, analysed)
 
-    def parse(self, name: str, sql: str) -> Verdict | None:
+    def parse(self, name: str, sql: str, analysed: Analysed | None = None) -> Verdict | None:
         self._reviewed.pop(name, None)
         self._parsed.pop(name, None)
-        verdict = self._check(sql, name)
+        verdict = self._check(sql, name, analysed)
         if verdict.error is None and isinstance(verdict.context, StatementContext):
             self._parsed[name] = verdict.context
         return verdict
@@ -212,12 +214,21 @@ class SessionGate:
         self._reviewed.pop(name, None)
         self._parsed.pop(name, None)
 
-    def _check(self, sql: str, prepared_name: str | None) -> Verdict:
+    def _check(self, sql: str, prepared_name: str | None, analysed: Analysed | None = None) -> Verdict:
         if self.generation != self.rt.generation:
             self._resolve()
+        offload = self.rt.offload
+        if analysed is None and offload is not None and offload.wants(sql):
+            # a long text is analysed off the event loop within a time budget; this runs again with the result
+            return Verdict(wait=offload.check(self, sql, prepared_name))
         ctx = StatementContext(id=str(next(self._ids)), sql=sql, started=time.time(), prepared=prepared_name is not None)
+        if analysed is not None and analysed.error is not None:
+            return self._refuse(ctx, analysed.error)
         try:
-            decision = self.policy.decide(sql, self.state, prepare_as=prepared_name) if self.policy is not None else None
+            if analysed is not None:
+                decision = analysed.decision
+            else:
+                decision = self.policy.decide(sql, self.state, prepare_as=prepared_name) if self.policy is not None else None
         except Exception as e:  # the engine failing must never let a statement through
             log.exception("policy engine failed")
             return self._refuse(ctx, PolicyDenied(f"pgwarden could not decide this statement ({type(e).__name__})"))
@@ -229,7 +240,10 @@ class SessionGate:
             catalog = self.rt.catalog
             if catalog.stale:
                 refresh_catalog(catalog)
-            plan = self.masking.plan(sql, catalog.current(), self.rt.search_path, session=self.msession)
+            if analysed is not None and analysed.plan is not None:
+                plan = analysed.plan
+            else:
+                plan = self.masking.plan(sql, catalog.current(), self.rt.search_path, session=self.msession)
             if plan.error is not None:
                 return self._refuse(ctx, plan.error)
             if plan.ddl:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pgwarden.proxy import messages as m
+from pgwarden.proxy.analysis_budget import statement_too_large
 
 from pgwarden.errors import AgentError, PolicyDenied, ProtocolViolation
 
@@ -36,6 +37,7 @@ _SENTINEL_QUERY = m.message(m.F_QUERY, m.cstr(SENTINEL_SQL))
 # cancel can never hit the client's next statement. Its answer is swallowed.
 _ABSORBER_QUERY = m.message(m.F_QUERY, m.cstr("SELECT 1 /* pgwarden: absorbs a late row-limit cancel */"))
 _SENTINEL_PARSE = m.message(m.F_PARSE, m.cstr("") + m.cstr(SENTINEL_SQL) + b"\0\0")
+_UNREAD_PARSE = m.ParseMsg("", "", ())
 
 # client message type bytes as ints (frames() yields ints)
 _Q, _P, _B, _D, _E, _C, _S, _H, _X, _F = (ord(c) for c in "QPBDECSHXF")
@@ -161,12 +163,15 @@ class Relay:
         gate: Gate | None = None,
         observer: Observer | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
+        max_statement_bytes: int | None = None,
     ) -> None:
         self.to_server = to_server
         self.to_client = to_client
         self.gate = gate
         self.observer = observer
         self.max_message_bytes = max_message_bytes
+        # the longest Query / Parse text accepted; longer ones are refused before any analysis
+        self.max_statement_bytes = max_statement_bytes
         self.pending: deque[Pending] = deque()
         self.tx_status = b"I"
         self.terminated = False
@@ -175,6 +180,11 @@ class Relay:
         self.lean = gate is None and observer is None
         self.stats = RelayStats()
         self._cbuf = b""
+        # client reads not yet processed, joined once: while a statement is held, and while the
+        # message being received is incomplete (_chave of _cneed bytes arrived)
+        self._cparts: list[bytes] = []
+        self._chave = 0
+        self._cneed = 0
         self._sbuf = b""
         self._sparts: list[bytes] = []
         self._shave = 0
@@ -210,12 +220,20 @@ class Relay:
     def client_data(self, data: bytes) -> Awaitable[Verdict] | None:
         """Process bytes from the client. Returns an awaitable when a statement is held: the
         shell awaits it, then calls resume() with its result. Raises ProtocolViolation."""
-        buf = self._cbuf + data if self._cbuf else data
-        self._cbuf = b""
-        if self._held is not None or self._paused:
-            self._cbuf = buf
+        self._cparts.append(data)
+        self._chave += len(data)
+        if self._held is not None or self._paused or self._chave < self._cneed:
             return None
-        return self._process_client(buf)
+        return self._process_client(self._take_client())
+
+    def _take_client(self) -> bytes:
+        """Everything the client sent that is not processed yet, as one bytes object."""
+        parts = self._cparts
+        if self._cbuf:
+            parts.insert(0, self._cbuf)
+        buf = b"" if not parts else parts[0] if len(parts) == 1 else b"".join(parts)
+        self._cbuf, self._cparts, self._chave, self._cneed = b"", [], 0, 0
+        return buf
 
     def pause_client(self) -> None:
         """Keep the client's next messages back (buffered) until unpause_client()."""
@@ -233,17 +251,15 @@ class Relay:
 
     def unpause_client(self) -> Awaitable[Verdict] | None:
         self._paused = False
-        if self._held is not None or not self._cbuf:
+        if self._held is not None or not (self._cbuf or self._cparts):
             return None
-        buf, self._cbuf = self._cbuf, b""
-        return self._process_client(buf)
+        return self._process_client(self._take_client())
 
     def resume(self, verdict: Verdict) -> Awaitable[Verdict] | None:
         """Continue after a held statement resolved to `verdict`."""
         self._held = None
         self._resolved = verdict
-        buf, self._cbuf = self._cbuf, b""
-        return self._process_client(buf)
+        return self._process_client(self._take_client())
 
     def _process_client(self, buf: bytes) -> Awaitable[Verdict] | None:
         span_start = 0  # start of bytes to forward unchanged
@@ -268,7 +284,7 @@ class Relay:
                     pos = end
                     continue
                 if t == _Q:
-                    verdict = self._take_resolved()
+                    verdict = self._take_resolved() or self._oversize("Query", end - ps - 1)
                     if verdict is None and self.gate is not None:
                         verdict = self.gate.query(m.parse_query(buf[ps:end]))
                     if verdict is not None and verdict.wait is not None:
@@ -286,8 +302,10 @@ class Relay:
                     self.pending.append(entry)
                 elif t == _P:
                     self._unsynced = True
-                    parse = m.parse_parse(buf[ps:end])
-                    verdict = self._take_resolved()
+                    # an over-size text is refused unread (decoding it could take longer than the limit allows)
+                    oversize = self._oversize("Parse", m.parse_text_size(buf, ps, end))
+                    parse = m.parse_parse(buf[ps:end]) if oversize is None else _UNREAD_PARSE
+                    verdict = self._take_resolved() or oversize
                     if verdict is None and self.gate is not None:
                         verdict = self.gate.parse(parse.name, parse.query)
                     if verdict is not None and verdict.wait is not None:
@@ -382,6 +400,9 @@ class Relay:
         except m.FrameError as e:
             raise ProtocolViolation(f"invalid message from the client: {e}") from e
         self._cbuf = buf[pos:] if pos < len(buf) else b""
+        self._chave = len(self._cbuf)
+        # an incomplete message: wait until all of it arrived (its header was checked by frames())
+        self._cneed = 1 + m.U32.unpack_from(self._cbuf, 1)[0] if self._chave >= 5 else 0
         if span_start == 0 and pos == len(buf) and not out:
             if pos:
                 self.to_server(buf)  # the common case: the same bytes, no copy
@@ -389,6 +410,13 @@ class Relay:
         out.append(buf[span_start:pos])
         self._flush_out(out)
         return None
+
+    def _oversize(self, what: str, size: int) -> Verdict | None:
+        """A refusal for a statement text above max_statement_bytes, decided before any parsing."""
+        limit = self.max_statement_bytes
+        if limit is None or self.gate is None or size <= limit:  # no gate: nothing analyses the text
+            return None
+        return Verdict(error=statement_too_large(what, size, limit))
 
     def _take_resolved(self) -> Verdict | None:
         """The verdict a held statement resolved to, once, when processing resumes at it."""
@@ -399,6 +427,7 @@ class Relay:
         out.append(buf[span_start:pos])
         self._flush_out(out)
         self._cbuf = buf[pos:]
+        self._chave = len(self._cbuf)
         assert verdict.wait is not None
         self._held = verdict.wait
         return verdict.wait

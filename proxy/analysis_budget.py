@@ -1,0 +1,241 @@
+"""Bounds on what one statement can make the proxy do, so one agent cannot stall the others.
+
+The proxy runs every session on one event loop. A statement's analysis (policy and masking)
+grows with its text: a 1 MiB IN list costs seconds and a few hundred MB of parse trees, and
+on the loop that would stop every other session for as long. Three bounds:
+
+* **Size** (`limits.maxStatementBytes`, 1 MiB by default): a longer Query or Parse text is
+  refused (54000) by the relay before anything reads it; the server sees only the relay's
+  sentinel, so its state changes as it would for any failing statement.
+* **Where**: a text above `limits.analysisOffloadBytes` (16 KiB) is analysed off the loop.
+  The policy analysis decodes libpg_query's JSON tree with `json.loads`, one C call that holds
+  the interpreter lock throughout (1.8 s for a 1 MiB OR chain, measured): a thread would still
+  stall the loop, so it runs in a worker *process* (`_serve`). Only the compact, picklable
+  `Analysis` comes back. The masking plan needs this session's catalog and cursors; it runs on
+  a worker thread (pglast builds its AST in Python objects, so the loop gets the lock at least
+  every few ms) on a copy of the session's masking state, adopted only when it completes.
+* **Time** (`limits.analysisTimeout`, 10 s): past it the statement is refused (54000, fail
+  closed) and the worker process is killed; a fresh one starts for the next long statement.
+  The worker process also restarts whenever a statement left it above `RECYCLE_RSS_BYTES`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import multiprocessing
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from pgwarden.errors import AgentError, StatementLimit
+
+log = logging.getLogger("pgwarden.proxy.analysis")
+
+# A worker process left above this after a statement is replaced (freed parse trees may stay
+# mapped in the allocator's arenas).
+RECYCLE_RSS_BYTES = 160 * 1024 * 1024
+
+
+def statement_too_large(what: str, size: int, limit: int) -> StatementLimit:
+    return StatementLimit(
+        f"pgwarden refuses this {what}: its text is {size:,} bytes, above the proxy's limit of {limit:,} bytes "
+        "(limits.maxStatementBytes); nothing was sent to the database",
+        hint="Pass large data as parameters of a prepared statement (e.g. WHERE id = ANY($1)) or with COPY, "
+        "or split the statement; an operator can raise spec.limits.maxStatementBytes in the ProxyConfig.",
+    )
+
+
+def analysis_too_long(size: int, timeout: float) -> StatementLimit:
+    return StatementLimit(
+        f"pgwarden refuses this statement: analysing its {size:,}-byte text took longer than {timeout:g}s "
+        "(limits.analysisTimeout); nothing was sent to the database",
+        hint="Shorten the statement (pass long lists as an array parameter or with COPY) or retry when the "
+        "proxy is less busy; an operator can raise spec.limits.analysisTimeout in the ProxyConfig.",
+    )
+
+
+@dataclass
+class Analysed:
+    """What the gate needs from a statement's analysis, made off the event loop."""
+
+    decision: Any = None  # pgwarden.policy.Decision, or None without an AccessPolicy
+    plan: Any = None  # pgwarden.masking.StatementPlan, or None without masking
+    error: AgentError | None = None
+    # the session's SQL cursors and prepared statements as the plan left them, adopted on success
+    masking_session: Any = None
+
+
+# -- the worker process ----------------------------------------------------------------------
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _serve(conn: Connection) -> None:
+    """The worker process: policy analyses of long texts, one at a time, until the pipe closes."""
+    from pgwarden.policy.analysis import analyze
+
+    while True:
+        try:
+            sql, search_path = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            reply: tuple[str, Any] = ("ok", analyze(sql, search_path))
+        except BaseException as e:  # noqa: BLE001 - reported to the proxy, which refuses the statement
+            reply = ("error", f"{type(e).__name__}: {e}")
+        del sql
+        try:
+            conn.send((reply, _rss_bytes()))
+        except (OSError, ValueError):
+            return
+
+
+class _Worker:
+    """One analysis process, started on first use (spawn: the proxy process has threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: Any = None
+        self._conn: Connection | None = None
+        self.started = 0  # processes started so far (tests, metrics)
+        self.last_rss = 0
+
+    def analyze(self, sql: str, search_path: tuple[str, ...]) -> Any:
+        with self._lock:
+            conn = self._ensure()
+            try:
+                conn.send((sql, search_path))
+                (kind, value), rss = conn.recv()
+            except (EOFError, OSError) as e:
+                self._stop()
+                raise RuntimeError("the analysis worker stopped") from e
+            self.last_rss = rss
+            if rss > RECYCLE_RSS_BYTES:
+                self._stop()
+        if kind != "ok":
+            raise RuntimeError(value)
+        return value
+
+    def _ensure(self) -> Connection:
+        if self._proc is None or not self._proc.is_alive() or self._conn is None:
+            self._stop()
+            ctx = multiprocessing.get_context("spawn")
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_serve, args=(child,), name="pgwarden-analysis", daemon=True)
+            proc.start()
+            child.close()
+            self._proc, self._conn = proc, parent
+            self.started += 1
+        return self._conn
+
+    def _stop(self) -> None:
+        proc, conn = self._proc, self._conn
+        self._proc = self._conn = None
+        if conn is not None:
+            conn.close()
+        if proc is not None:
+            proc.kill()
+            proc.join(5)
+
+    def kill(self) -> None:
+        """Stop a running analysis (called from the event loop when its budget ran out)."""
+        proc = self._proc
+        if proc is not None and proc.is_alive():
+            proc.kill()  # the worker thread's recv() then fails, and _stop() cleans up
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+
+class AnalysisOffload:
+    """One per proxy: analyses of texts longer than `above_bytes`, off the event loop."""
+
+    def __init__(self, above_bytes: int, timeout: float) -> None:
+        self.above_bytes = above_bytes
+        self.timeout = timeout
+        self.worker = _Worker()
+        # one statement at a time: the memory of one long analysis is the most the proxy holds
+        self._threads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgwarden-analysis")
+
+    def wants(self, sql: str) -> bool:
+        # characters <= bytes: a text with fewer characters than the threshold may still pass
+        # it in UTF-8 bytes, but only by a factor of at most 4; close enough for a cost bound
+        return len(sql) > self.above_bytes
+
+    async def check(self, gate: Any, sql: str, prepared_name: str | None) -> Any:
+        """The gate's verdict for `sql`, analysed off the loop; a refusal past the time budget."""
+        loop = asyncio.get_running_loop()
+        work = self._work(gate, sql, prepared_name)
+        try:
+            analysed = await asyncio.wait_for(loop.run_in_executor(self._threads, work), self.timeout)
+        except TimeoutError:
+            self.worker.kill()
+            log.warning("analysis of a %d-character statement exceeded %gs; refused", len(sql), self.timeout)
+            analysed = Analysed(error=analysis_too_long(len(sql.encode()), self.timeout))
+        except Exception as e:  # the engine or the worker failing must never let a statement through
+            log.exception("analysis of a %d-character statement failed", len(sql))
+            analysed = Analysed(
+                error=StatementLimit(
+                    f"pgwarden could not analyse this statement ({type(e).__name__}); nothing was sent to the database",
+                    hint="Shorten the statement or retry; the proxy's log has the details.",
+                )
+            )
+        draft = analysed.masking_session
+        if draft is not None:  # the session was held meanwhile: nothing else changed it
+            gate.msession.cursors, gate.msession.prepared = draft.cursors, draft.prepared
+        verdict = (
+            gate.parse(prepared_name, sql, analysed)
+            if prepared_name is not None
+            else gate.query(sql, analysed)
+        )
+        if verdict is not None and verdict.wait is not None:
+            return await verdict.wait
+        return verdict
+
+    def _work(self, gate: Any, sql: str, prepared_name: str | None) -> Callable[[], Analysed]:
+        """The blocking part, run on the worker thread: everything it reads is taken now, on the loop."""
+        from pgwarden.masking import MaskingSession
+        from pgwarden.policy.analysis import provide
+
+        policy, masking, state = gate.policy, gate.masking, gate.state
+        msession = gate.msession
+        search_path = state.search_path if policy is not None else gate.rt.search_path
+        catalog = gate.rt.catalog.current() if masking is not None else None
+        mask_path = gate.rt.search_path
+        draft = MaskingSession(dict(msession.cursors), dict(msession.prepared))
+
+        def work() -> Analysed:
+            provide(sql, search_path, self.worker.analyze(sql, search_path))
+            decision = policy.decide(sql, state, prepare_as=prepared_name) if policy is not None else None
+            if decision is not None and decision.action == "deny" and decision.enforce:
+                return Analysed(decision=decision)
+            if masking is None:
+                return Analysed(decision=decision)
+            # The plan builds and drops a few hundred thousand AST objects; a cyclic collection
+            # over them would hold the interpreter lock for ~50 ms at a time (measured), so the
+            # collector waits until the plan is done. The tree has no cycles: refcounting frees it.
+            paused = gc.isenabled()
+            gc.disable()
+            try:
+                plan = masking.plan(sql, catalog, mask_path, session=draft)
+            finally:
+                if paused:
+                    gc.enable()
+            return Analysed(decision=decision, plan=plan, masking_session=draft)
+
+        return work
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        self.worker.kill()

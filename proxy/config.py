@@ -215,7 +215,7 @@ def parse_proxy_config(docs: list[Document]) -> ProxyConfig:
     search_path = get_field(doc, s, "searchPath", list, "spec.searchPath", ["public"])
     max_message = get_field(doc, limits, "maxMessageBytes", int, "spec.limits.maxMessageBytes", 64 * 1024 * 1024)
     max_statement = get_field(doc, limits, "maxStatementBytes", int, "spec.limits.maxStatementBytes",
-                              DEFAULT_MAX_STATEMENT_BYTES)
+                              min(DEFAULT_MAX_STATEMENT_BYTES, max_message))
     if not 0 < max_statement <= max_message:
         raise doc.error("spec.limits.maxStatementBytes", f"must be between 1 and maxMessageBytes ({max_message})")
     analysis_timeout = parse_duration(limits.get("analysisTimeout", DEFAULT_ANALYSIS_TIMEOUT), doc,

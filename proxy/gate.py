@@ -169,6 +169,11 @@ class SessionGate:
             self._parsed[name] = verdict.context
         return verdict
 
+    def refuse_unread(self, head: bytes, size: int, err: AgentError) -> Verdict:
+        """A statement text over the size limit, refused unread: audited with its first bytes."""
+        sql = head.decode("utf-8", "replace") + f" …[refused unread: {size:,} bytes in all]"
+        return self._refuse(StatementContext(id=str(next(self._ids)), sql=sql, started=time.time()), err)
+
     def bind(self, bind: m.BindMsg) -> Verdict | None:
         """A statement that needs review is approved per Bind: the approval covers these
         parameter values, once — never the prepared statement for any values it may get later."""

@@ -253,12 +253,12 @@ def parse_parse(payload: bytes | memoryview) -> ParseMsg:
     )
 
 
-def parse_text_size(buf: bytes, ps: int, end: int) -> int:
-    """Byte length of the query text of the Parse message in buf[ps:end], without copying it
-    (the whole payload's length when it is malformed: parse_parse then says what is wrong)."""
+def parse_text_span(buf: bytes, ps: int, end: int) -> tuple[int, int]:
+    """(start, byte length) of the query text of the Parse message in buf[ps:end], without
+    copying it (the whole payload when it is malformed: parse_parse then says what is wrong)."""
     n1 = buf.find(b"\0", ps, end)
     n2 = buf.find(b"\0", n1 + 1, end) if n1 >= 0 else -1
-    return n2 - n1 - 1 if n2 >= 0 else end - ps
+    return (n1 + 1, n2 - n1 - 1) if n2 >= 0 else (ps, end - ps)
 
 
 @dataclass(frozen=True)

@@ -284,7 +284,7 @@ class Relay:
                     pos = end
                     continue
                 if t == _Q:
-                    verdict = self._take_resolved() or self._oversize("Query", end - ps - 1)
+                    verdict = self._take_resolved() or self._oversize("Query", end - ps - 1, buf[ps : ps + 1024])
                     if verdict is None and self.gate is not None:
                         verdict = self.gate.query(m.parse_query(buf[ps:end]))
                     if verdict is not None and verdict.wait is not None:
@@ -302,10 +302,10 @@ class Relay:
                     self.pending.append(entry)
                 elif t == _P:
                     self._unsynced = True
+                    start, size = m.parse_text_span(buf, ps, end)
+                    verdict = self._take_resolved() or self._oversize("Parse", size, buf[start : start + min(size, 1024)])
                     # an over-size text is refused unread (decoding it could take longer than the limit allows)
-                    oversize = self._oversize("Parse", m.parse_text_size(buf, ps, end))
-                    parse = m.parse_parse(buf[ps:end]) if oversize is None else _UNREAD_PARSE
-                    verdict = self._take_resolved() or oversize
+                    parse = _UNREAD_PARSE if self._too_big(size) else m.parse_parse(buf[ps:end])
                     if verdict is None and self.gate is not None:
                         verdict = self.gate.parse(parse.name, parse.query)
                     if verdict is not None and verdict.wait is not None:
@@ -411,12 +411,18 @@ class Relay:
         self._flush_out(out)
         return None
 
-    def _oversize(self, what: str, size: int) -> Verdict | None:
-        """A refusal for a statement text above max_statement_bytes, decided before any parsing."""
+    def _too_big(self, size: int) -> bool:
         limit = self.max_statement_bytes
-        if limit is None or self.gate is None or size <= limit:  # no gate: nothing analyses the text
+        return limit is not None and self.gate is not None and size > limit  # no gate: nothing analyses it
+
+    def _oversize(self, what: str, size: int, head: bytes) -> Verdict | None:
+        """A refusal for a statement text above max_statement_bytes, decided before any parsing;
+        the gate may record it (audit), given the text's first bytes."""
+        if not self._too_big(size):
             return None
-        return Verdict(error=statement_too_large(what, size, limit))
+        err = statement_too_large(what, size, self.max_statement_bytes or 0)
+        refuse = getattr(self.gate, "refuse_unread", None)
+        return refuse(head, size, err) if refuse is not None else Verdict(error=err)
 
     def _take_resolved(self) -> Verdict | None:
         """The verdict a held statement resolved to, once, when processing resumes at it."""

@@ -5,6 +5,7 @@ the audit trail — through the live proxy and a real server, plus the codec byt
 from __future__ import annotations
 
 import json
+import re
 import socket
 import struct
 import subprocess
@@ -106,6 +107,30 @@ def test_oversize_parse_is_refused_unread_and_the_batch_skipped(make_proxy: Any,
         assert "maxStatementBytes" in str(e.value)
         assert conn.execute("SELECT count(*) FROM orders WHERE id = %s", [1]).fetchone() == (1,)
     assert "oversize_marker_p" not in pg.log_since(mark)
+
+
+def test_oversize_statement_is_audited_as_refused_unread(make_proxy: Any, pg: Any, tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    proxy = make_proxy(
+        extra=[POLICY], proxy_spec={"limits": {"maxStatementBytes": 4096}, "audit": {"path": str(log)}}
+    )
+    mark = pg.log_position()
+    with connect(proxy) as conn:
+        with pytest.raises(psycopg.errors.ProgramLimitExceeded):
+            conn.execute(in_list("audited_oversize", 5000))
+        with pytest.raises(psycopg.errors.ProgramLimitExceeded):
+            conn.execute(in_list("audited_oversize_p", 5000).replace("IN (", "IN (%s,", 1), [1])
+    proxy.stop()
+    assert "audited_oversize" not in pg.log_since(mark)
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    refused = [r for r in recs if r["event"] == "statement" and "audited_oversize" in r["sql"]]
+    assert len(refused) == 2
+    for r in refused:
+        assert r["decision"]["action"] == "deny" and r["refusal"]["sqlstate"] == "54000"
+        assert r["sql"].startswith("SELECT count(*) /* audited_oversize")
+        # the first KiB of the text, then a marker that says the rest was never read
+        head, _, tail = r["sql"].partition(" …[refused unread: ")
+        assert len(head) <= 1024 and re.fullmatch(r"5,00[03] bytes in all\]", tail)
 
 
 def test_max_statement_bytes_is_checked_in_the_config(make_proxy: Any) -> None:

@@ -317,11 +317,11 @@ class _Gate:
 
 
 def test_a_message_in_many_reads_is_gathered_once() -> None:
-    """16 MiB in 4 KiB reads: joining at every read would copy ~32 GiB (minutes); gathered, ms."""
+    """32 MiB in 4 KiB reads: joining at every read copies ~128 GiB; gathered, once."""
     up: list[bytes] = []
     gate = _Gate()
-    relay = Relay(up.append, lambda b: None, gate=gate, max_message_bytes=32 << 20)
-    sql = "SELECT '" + "x" * (16 << 20) + "'"
+    relay = Relay(up.append, lambda b: None, gate=gate, max_message_bytes=64 << 20)
+    sql = "SELECT '" + "x" * (32 << 20) + "'"
     data = query(sql) + query("SELECT 2")
     t0 = time.perf_counter()
     for i in range(0, len(data), 4096):
@@ -329,7 +329,7 @@ def test_a_message_in_many_reads_is_gathered_once() -> None:
     elapsed = time.perf_counter() - t0
     assert gate.seen == [sql, "SELECT 2"]
     assert b"".join(up) == data
-    assert elapsed < 5, f"{elapsed:.1f}s"
+    assert elapsed < 5, f"{elapsed:.1f}s"  # joined at every read: more than 30 s (measured)
 
 
 def test_bytes_held_while_a_statement_waits_are_kept_in_order() -> None:

@@ -109,16 +109,23 @@ class _Worker:
         self._conn: Connection | None = None
         self.started = 0  # processes started so far (tests, metrics)
         self.last_rss = 0
+        self.current: str | None = None  # the text being analysed now
+        self._killed: str | None = None
 
     def analyze(self, sql: str, search_path: tuple[str, ...]) -> Any:
         with self._lock:
-            conn = self._ensure()
+            self.current = sql
             try:
+                conn = self._ensure()
+                if self._killed is sql:  # its budget ran out while the process was starting
+                    raise RuntimeError("the analysis was stopped")
                 conn.send((sql, search_path))
                 (kind, value), rss = conn.recv()
             except (EOFError, OSError) as e:
                 self._stop()
                 raise RuntimeError("the analysis worker stopped") from e
+            finally:
+                self.current = self._killed = None
             self.last_rss = rss
             if rss > RECYCLE_RSS_BYTES:
                 self._stop()
@@ -147,9 +154,13 @@ class _Worker:
             proc.kill()
             proc.join(5)
 
-    def kill(self) -> None:
-        """Stop a running analysis (called from the event loop when its budget ran out)."""
+    def kill(self, sql: str | None = None) -> None:
+        """Stop the running analysis (of `sql` only, if given: from the event loop when that
+        statement's budget ran out; another statement's analysis is left alone)."""
         proc = self._proc
+        if sql is not None and self.current is not sql:
+            return
+        self._killed = sql
         if proc is not None and proc.is_alive():
             proc.kill()  # the worker thread's recv() then fails, and _stop() cleans up
 
@@ -180,7 +191,7 @@ class AnalysisOffload:
         try:
             analysed = await asyncio.wait_for(loop.run_in_executor(self._threads, work), self.timeout)
         except TimeoutError:
-            self.worker.kill()
+            self.worker.kill(sql)
             log.warning("analysis of a %d-character statement exceeded %gs; refused", len(sql), self.timeout)
             analysed = Analysed(error=analysis_too_long(len(sql.encode()), self.timeout))
         except Exception as e:  # the engine or the worker failing must never let a statement through

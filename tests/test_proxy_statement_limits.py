@@ -176,6 +176,36 @@ def test_analysis_past_its_budget_fails_closed(make_proxy: Any, pg: Any) -> None
     assert "fits_marker" in log and "denied_marker" not in log
 
 
+def test_one_statements_budget_never_stops_another_statements_analysis() -> None:
+    from pgwarden.proxy.analysis_budget import _Worker
+
+    worker = _Worker()
+    mine, other = in_list("mine", 400_000), in_list("other", 400_000)
+    out: list[Any] = []
+    t = threading.Thread(target=lambda: out.append(worker.analyze(mine, ("public",))))
+    t.start()
+    deadline = time.time() + 30
+    while worker.current is not mine and time.time() < deadline:
+        time.sleep(0.001)
+    worker.kill(other)  # another statement ran out of time while queued: this analysis goes on
+    t.join(60)
+    assert out and out[0].error is None and out[0].statements[0].accesses
+
+    def run_other() -> None:
+        try:
+            out.append(worker.analyze(other, ("public",)))
+        except RuntimeError as e:
+            out.append(e)
+
+    t = threading.Thread(target=run_other)
+    t.start()
+    while worker.current is not other and time.time() < deadline:
+        time.sleep(0.001)
+    worker.kill(other)  # its own budget ran out: stopped, and the worker process with it
+    t.join(60)
+    assert isinstance(out[1], RuntimeError) and worker.pid is None
+
+
 def test_offloaded_statement_is_masked_like_any_other(make_proxy: Any) -> None:
     proxy = make_proxy(extra=[POLICY, MASKING])
     with connect(proxy) as conn:

@@ -4,7 +4,7 @@ The proxy runs every session on one event loop. A statement's analysis (policy a
 grows with its text: a 1 MiB IN list costs seconds and a few hundred MB of parse trees, and
 on the loop that would stop every other session for as long. Three bounds:
 
-* **Size** (`limits.maxStatementBytes`, 1 MiB by default): a longer Query or Parse text is
+* **Size** (`limits.maxStatementBytes`, 512 KiB by default): a longer Query or Parse text is
   refused (54000) by the relay before anything reads it; the server sees only the relay's
   sentinel, so its state changes as it would for any failing statement.
 * **Where**: a text above `limits.analysisOffloadBytes` (16 KiB) is analysed off the loop.
@@ -24,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import multiprocessing
 import os
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +41,7 @@ log = logging.getLogger("pgwarden.proxy.analysis")
 
 # A worker process left above this after a statement is replaced (freed parse trees may stay
 # mapped in the allocator's arenas).
-RECYCLE_RSS_BYTES = 160 * 1024 * 1024
+RECYCLE_RSS_BYTES = 96 * 1024 * 1024
 
 
 def statement_too_large(what: str, size: int, limit: int) -> StatementLimit:
@@ -101,11 +103,15 @@ def _serve(conn: Connection) -> None:
 
 
 class _Worker:
-    """One analysis process, started on first use (spawn: the proxy process has threads)."""
+    """One analysis process, started on first use.
+
+    A plain `python -m pgwarden.proxy.analysis_budget FD` over a socket pair, not
+    multiprocessing's spawn: that re-imports the parent's `__main__`, which need not be
+    importable (an embedding program, stdin), and a fork of a process with threads is unsafe."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._proc: Any = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self.started = 0  # processes started so far (tests, metrics)
         self.last_rss = 0
@@ -134,14 +140,20 @@ class _Worker:
         return value
 
     def _ensure(self) -> Connection:
-        if self._proc is None or not self._proc.is_alive() or self._conn is None:
+        if self._proc is None or self._proc.poll() is not None or self._conn is None:
             self._stop()
-            ctx = multiprocessing.get_context("spawn")
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(child,), name="pgwarden-analysis", daemon=True)
-            proc.start()
-            child.close()
-            self._proc, self._conn = proc, parent
+            mine, theirs = socket.socketpair()
+            try:
+                fd = theirs.fileno()
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "pgwarden.proxy.analysis_budget", str(fd)],
+                    pass_fds=(fd,),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                )
+            finally:
+                theirs.close()
+            self._proc, self._conn = proc, Connection(mine.detach())
             self.started += 1
         return self._conn
 
@@ -152,7 +164,7 @@ class _Worker:
             conn.close()
         if proc is not None:
             proc.kill()
-            proc.join(5)
+            proc.wait(5)
 
     def kill(self, sql: str | None = None) -> None:
         """Stop the running analysis (of `sql` only, if given: from the event loop when that
@@ -161,7 +173,7 @@ class _Worker:
         if sql is not None and self.current is not sql:
             return
         self._killed = sql
-        if proc is not None and proc.is_alive():
+        if proc is not None and proc.poll() is None:
             proc.kill()  # the worker thread's recv() then fails, and _stop() cleans up
 
     @property
@@ -250,3 +262,7 @@ class AnalysisOffload:
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
         self.worker.kill()
+
+
+if __name__ == "__main__":
+    _serve(Connection(int(sys.argv[1])))

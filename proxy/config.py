@@ -36,10 +36,11 @@ FORWARDED_STARTUP_PARAMS = frozenset(
 )
 
 
-# 1 MiB: the largest text whose analysis (policy + masking) stays within a few seconds and a
-# worker of about 250 MB on a 2-core machine; far above what a hand- or agent-written statement
-# needs, and 64 times below the 64 MB message limit. Bulk data belongs in COPY or parameters.
-DEFAULT_MAX_STATEMENT_BYTES = 1024 * 1024
+# 512 KiB: the worst text of this size measured (a long OR chain) peaks at ~125 MB in the
+# analysis process and ~35 MB more in the proxy, so both stay well inside the sidecar's 256 MiB
+# limit; at 1 MiB the two together came near 300 MB. Far above what a hand- or agent-written
+# statement needs, and 128 times below the message limit. Bulk data belongs in COPY or parameters.
+DEFAULT_MAX_STATEMENT_BYTES = 512 * 1024
 # Above 16 KiB a single parse-tree decode (json.loads) holds the interpreter for ~30 ms or more,
 # so longer texts are analysed in the analysis worker, not on the event loop.
 DEFAULT_ANALYSIS_OFFLOAD_BYTES = 16 * 1024

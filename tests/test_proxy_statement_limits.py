@@ -19,6 +19,7 @@ import psycopg
 import pytest
 from fix_proxy import AGENT_PASSWORD, AGENT_USER, proxy_documents
 from pgwarden.proxy import messages as m
+from pgwarden.proxy.config import DEFAULT_MAX_STATEMENT_BYTES
 from pgwarden.proxy.relay import SENTINEL_SQL, Relay, Verdict
 from rawpg import RawConn, error_fields, msg, query
 
@@ -145,7 +146,7 @@ def test_max_statement_bytes_is_checked_in_the_config(make_proxy: Any) -> None:
     with pytest.raises(ResourceError, match="maxStatementBytes"):
         parse_proxy_config(parse_documents(text))
     default = parse_proxy_config(parse_documents(proxy_documents(FakePg())))  # type: ignore[arg-type]
-    assert default.max_statement_bytes == 1 << 20 < default.max_message_bytes
+    assert default.max_statement_bytes == 512 << 10 < default.max_message_bytes
 
 
 # -- 2. long analyses off the event loop, within a time budget ---------------------------------
@@ -154,7 +155,7 @@ def test_analysis_past_its_budget_fails_closed(make_proxy: Any, pg: Any) -> None
     mark = pg.log_position()
     with connect(proxy) as conn:
         with pytest.raises(psycopg.errors.ProgramLimitExceeded) as e:
-            conn.execute(in_list("budget_marker", 1 << 20))
+            conn.execute(in_list("budget_marker", 512 << 10))
         assert "analysisTimeout" in str(e.value)
         # the worker process that overran is killed (a fresh one starts for the next long text)
         pid = proxy.server.runtime.offload.worker.pid
@@ -271,7 +272,7 @@ def test_largest_statement_does_not_stall_other_sessions(pg: Any, tmp_path: Path
                 assert proc.poll() is None and time.time() < deadline, "the proxy did not start"
                 time.sleep(0.1)
         dsn = f"host=127.0.0.1 port={port} dbname=shop user={AGENT_USER} password={AGENT_PASSWORD} sslmode=disable"
-        big = in_list("stall_marker", 1 << 20)  # the largest statement the default limit accepts
+        big = in_list("stall_marker", DEFAULT_MAX_STATEMENT_BYTES)  # the largest one accepted
         stop = threading.Event()
         done: list[float] = []
         errors: list[BaseException] = []

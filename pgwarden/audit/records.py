@@ -14,7 +14,7 @@ Events and when the proxy writes them:
 Parameter values of extended-protocol statements pass through the injected `mask_text` (the
 content detectors) before they are recorded; the statement text is kept as sent, in full and
 inside the hash chain, since the auditor needs exactly what ran. Its length is bounded by the
-proxy's `limits.maxStatementBytes` (1 MiB by default), not by clipping here.
+proxy's `limits.maxStatementBytes` (512 KiB by default), not by clipping here.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from pgwarden.errors import AgentError, StatementLimit
+from pgwarden.errors import AgentError, PolicyDenied, StatementLimit
 
 log = logging.getLogger("pgwarden.proxy.analysis")
 
@@ -94,12 +94,16 @@ def _serve(conn: Connection) -> None:
         try:
             reply: tuple[str, Any] = ("ok", analyze(sql, search_path))
         except BaseException as e:  # noqa: BLE001 - reported to the proxy, which refuses the statement
-            reply = ("error", f"{type(e).__name__}: {e}")
+            reply = ("error", type(e).__name__)
         del sql
         try:
             conn.send((reply, _rss_bytes()))
         except (OSError, ValueError):
             return
+
+
+class EngineFailed(Exception):
+    """The policy analysis raised in the worker process (its exception's name is the message)."""
 
 
 class _Worker:
@@ -124,6 +128,7 @@ class _Worker:
             try:
                 conn = self._ensure()
                 if self._killed is sql:  # its budget ran out while the process was starting
+                    self._stop()
                     raise RuntimeError("the analysis was stopped")
                 conn.send((sql, search_path))
                 (kind, value), rss = conn.recv()
@@ -136,7 +141,7 @@ class _Worker:
             if rss > RECYCLE_RSS_BYTES:
                 self._stop()
         if kind != "ok":
-            raise RuntimeError(value)
+            raise EngineFailed(value)
         return value
 
     def _ensure(self) -> Connection:
@@ -206,6 +211,9 @@ class AnalysisOffload:
             self.worker.kill(sql)
             log.warning("analysis of a %d-character statement exceeded %gs; refused", len(sql), self.timeout)
             analysed = Analysed(error=analysis_too_long(len(sql.encode()), self.timeout))
+        except EngineFailed as e:  # as the same failure on the loop is answered (gate._check)
+            log.warning("policy analysis of a %d-character statement failed: %s", len(sql), e)
+            analysed = Analysed(error=PolicyDenied(f"pgwarden could not decide this statement ({e})"))
         except Exception as e:  # the engine or the worker failing must never let a statement through
             log.exception("analysis of a %d-character statement failed", len(sql))
             analysed = Analysed(

@@ -177,6 +177,18 @@ def test_analysis_past_its_budget_fails_closed(make_proxy: Any, pg: Any) -> None
     assert "fits_marker" in log and "denied_marker" not in log
 
 
+def test_a_statement_the_engine_cannot_analyse_off_the_loop_is_denied(make_proxy: Any, pg: Any) -> None:
+    proxy = make_proxy(extra=[POLICY, MASKING])
+    mark = pg.log_position()
+    deep = "SELECT id /* deep_marker */ FROM orders WHERE " + "(id = 1 AND " * 3000 + "true" + ")" * 3000
+    with connect(proxy) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+            conn.execute(deep)  # its parse tree is nested deeper than the analysis can decode
+        assert "could not decide this statement (RecursionError)" in str(e.value)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert "deep_marker" not in pg.log_since(mark)
+
+
 def test_one_statements_budget_never_stops_another_statements_analysis() -> None:
     from pgwarden.proxy.analysis_budget import _Worker
 

@@ -5,8 +5,9 @@ grows with its text: a 1 MiB IN list costs seconds and a few hundred MB of parse
 on the loop that would stop every other session for as long. Three bounds:
 
 * **Size** (`limits.maxStatementBytes`, 512 KiB by default): a longer Query or Parse text is
-  refused (54000) by the relay before anything reads it; the server sees only the relay's
-  sentinel, so its state changes as it would for any failing statement.
+  refused (54000) by the relay before anything reads it — as soon as the message header shows
+  it, the rest dropped as it arrives, not buffered; the server sees only the relay's sentinel,
+  so its state changes as it would for any failing statement.
 * **Where**: a text above `limits.analysisOffloadBytes` (16 KiB) is analysed off the loop.
   The policy analysis decodes libpg_query's JSON tree with `json.loads`, one C call that holds
   the interpreter lock throughout (1.8 s for a 1 MiB OR chain, measured): a thread would still

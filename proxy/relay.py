@@ -185,6 +185,9 @@ class Relay:
         self._cparts: list[bytes] = []
         self._chave = 0
         self._cneed = 0
+        # bytes still to come of an over-size statement that was refused before it all arrived
+        self._cdrop = 0
+        self._dropped: tuple[int, AgentError] | None = None  # its type and error, while audited
         self._sbuf = b""
         self._sparts: list[bytes] = []
         self._shave = 0
@@ -220,6 +223,11 @@ class Relay:
     def client_data(self, data: bytes) -> Awaitable[Verdict] | None:
         """Process bytes from the client. Returns an awaitable when a statement is held: the
         shell awaits it, then calls resume() with its result. Raises ProtocolViolation."""
+        if self._cdrop:
+            if len(data) <= self._cdrop:
+                self._cdrop -= len(data)
+                return None
+            data, self._cdrop = data[self._cdrop :], 0
         self._cparts.append(data)
         self._chave += len(data)
         if self._held is not None or self._paused or self._chave < self._cneed:
@@ -258,7 +266,11 @@ class Relay:
     def resume(self, verdict: Verdict) -> Awaitable[Verdict] | None:
         """Continue after a held statement resolved to `verdict`."""
         self._held = None
-        self._resolved = verdict
+        if self._dropped is not None:  # the verdict is the over-size statement's, already dropped
+            (kind, err), self._dropped = self._dropped, None
+            self._refuse_dropped(kind, verdict.error or err, verdict.context)
+        else:
+            self._resolved = verdict
         return self._process_client(self._take_client())
 
     def _process_client(self, buf: bytes) -> Awaitable[Verdict] | None:
@@ -409,7 +421,49 @@ class Relay:
             return None
         out.append(buf[span_start:pos])
         self._flush_out(out)
+        return self._drop_oversize() if self._chave >= 5 else None
+
+    def _drop_oversize(self) -> Awaitable[Verdict] | None:
+        """The incomplete message left in _cbuf, when it is a Query or Parse already known to
+        be over the statement limit: refused now, its remaining bytes dropped as they arrive
+        (not gathered: a 60 MB text must not cost the proxy 60 MB before it is refused)."""
+        rest, kind = self._cbuf, self._cbuf[0]
+        if kind not in (_Q, _P) or self.max_statement_bytes is None:
+            return None
+        need = 1 + m.U32.unpack_from(rest, 1)[0]
+        if kind == _Q:
+            start, size = 5, need - 6
+        else:
+            n1 = rest.find(b"\0", 5)
+            if n1 < 0:
+                return None  # the statement name is still incomplete
+            # the least the text can be: after it come its NUL, the type count and at most 65,535 types
+            start = n1 + 1
+            size = need - start - 3 - 4 * 0xFFFF
+        if not self._too_big(size):
+            return None
+        self._cbuf, self._chave, self._cneed, self._cdrop = b"", 0, 0, need - len(rest)
+        if self._skip_until_sync:
+            return None  # skipped, as every message up to Sync
+        verdict = self._oversize("Query" if kind == _Q else "Parse", size, rest[start : start + 1024])
+        assert verdict is not None
+        if verdict.wait is not None:
+            self._dropped = (kind, statement_too_large("statement", size, self.max_statement_bytes))
+            self._held = verdict.wait
+            return verdict.wait
+        self._refuse_dropped(kind, verdict.error, verdict.context)
         return None
+
+    def _refuse_dropped(self, kind: int, err: AgentError | None, context: Any) -> None:
+        """Answer an over-size statement whose bytes were dropped: the sentinel goes upstream."""
+        if err is None:  # every verdict for it is a refusal; fail closed all the same
+            err = statement_too_large("statement", 0, self.max_statement_bytes or 0)
+        entry = Pending(QUERY if kind == _Q else PARSE, replace_error=m.error_response_from(err), context=context)
+        self._unsynced = kind == _P
+        self._skip_until_sync = kind == _P
+        self.to_server(_SENTINEL_QUERY if kind == _Q else _SENTINEL_PARSE)
+        self.pending.append(entry)
+        self.stats.refused += 1
 
     def _too_big(self, size: int) -> bool:
         limit = self.max_statement_bytes

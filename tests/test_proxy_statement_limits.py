@@ -424,6 +424,97 @@ def test_oversize_statement_is_replaced_by_the_sentinel_in_the_relay() -> None:
     assert err["C"] == "54000" and "maxStatementBytes" in err["M"]
 
 
+def _server_fails_sentinels(relay: Relay, up: list[bytes]) -> None:
+    """Answer what the relay sent upstream as PostgreSQL would: the sentinel fails to parse."""
+    for _ in range(b"".join(up).count(SENTINEL_SQL.encode())):
+        relay.server_data(msg(b"E", b"SERROR\0C42601\0Msyntax error\0\0"))
+
+
+def test_an_oversize_query_is_refused_before_it_all_arrives_and_not_buffered() -> None:
+    up: list[bytes] = []
+    client: list[bytes] = []
+    gate = _Gate()
+    relay = Relay(up.append, client.append, gate=gate, max_statement_bytes=1000)
+    big = query("SELECT '" + "z" * (8 << 20) + "'")
+    relay.client_data(big[:65536])
+    assert SENTINEL_SQL.encode() in b"".join(up)  # refused at once: the header says it is too long
+    for i in range(65536, len(big), 65536):
+        relay.client_data(big[i : i + 65536])
+        assert not relay._cparts and not relay._cbuf  # nothing of it is kept
+    relay.client_data(query("SELECT 2"))
+    assert gate.seen == ["SELECT 2"] and b"zzzz" not in b"".join(up)
+    assert b"".join(up).endswith(query("SELECT 2"))
+    _server_fails_sentinels(relay, up)
+    relay.server_data(msg(b"Z", b"I"))
+    err = error_fields(b"".join(client)[5:])
+    assert err["C"] == "54000" and f"{len(big) - 6:,} bytes" in err["M"]
+
+
+def test_an_oversize_parse_is_dropped_with_its_batch_and_an_audit_hold() -> None:
+    import asyncio
+
+    up: list[bytes] = []
+    client: list[bytes] = []
+
+    class Auditing(_Gate):
+        def refuse_unread(self, head: bytes, size: int, err: Any) -> Verdict:
+            self.seen.append(f"unread {size} {head[:12].decode()}")
+
+            async def audited() -> Verdict:
+                return Verdict(error=err)
+
+            return Verdict(wait=audited())
+
+    gate = Auditing()
+    relay = Relay(up.append, client.append, gate=gate, max_statement_bytes=1000)
+    text = b"SELECT 1 -- " + b"w" * (4 << 20)
+    parse = msg(b"P", b"s1\0" + text + b"\0" + struct.pack("!H", 0))
+    batch = (
+        parse + msg(b"B", b"\0s1\0\0\0\0\0\0\0") + msg(b"E", b"\0\0\0\0\0") + msg(b"S") + query("SELECT 3")
+    )
+    waiting = relay.client_data(batch[:4096])
+    assert waiting is not None and gate.seen[0].startswith("unread ") and "SELECT 1 --" in gate.seen[0]
+    for i in range(4096, len(batch), 4096):
+        assert relay.client_data(batch[i : i + 4096]) is None
+    assert not relay._cparts or sum(map(len, relay._cparts)) < 2 * 4096 + 64
+    v = asyncio.run(waiting)  # type: ignore[arg-type]
+    assert relay.resume(v) is None
+    sent = b"".join(up)
+    # the sentinel Parse, then the client's Sync (its Bind and Execute skipped), then the next Query
+    assert sent == msg(b"P", b"\0" + SENTINEL_SQL.encode() + b"\0\0\0") + msg(b"S") + query("SELECT 3")
+    assert gate.seen[1:] == ["SELECT 3"]
+    _server_fails_sentinels(relay, up)
+    relay.server_data(msg(b"Z", b"I"))
+    err = error_fields(b"".join(client)[5:])
+    assert err["C"] == "54000" and "maxStatementBytes" in err["M"]
+
+
+@pytest.mark.parametrize("audited", [False, True])
+def test_a_huge_query_through_the_proxy_is_refused_and_the_session_goes_on(
+    make_proxy: Any, pg: Any, tmp_path: Path, audited: bool
+) -> None:
+    log = tmp_path / "audit.jsonl"
+    proxy = make_proxy(extra=[POLICY], proxy_spec={"audit": {"path": str(log)}} if audited else None)
+    conn = RawConn.login(proxy.host, proxy.port, AGENT_USER, AGENT_PASSWORD, "shop")
+    mark = pg.log_position()
+    conn.send(query("SELECT 'huge_marker" + "h" * (40 << 20) + "'") + query("SELECT 42"))
+    first = conn.until_ready()
+    err = error_fields(next(p for k, p in first if k == b"E"))
+    assert err["C"] == "54000" and "maxStatementBytes" in err["M"]
+    second = conn.until_ready()
+    assert [k for k, _ in second] == [b"T", b"D", b"C", b"Z"]
+    assert "huge_marker" not in pg.log_since(mark)
+    conn.close()
+    if audited:
+        proxy.stop()
+        recs = [json.loads(line) for line in log.read_text().splitlines()]
+        (rec,) = [r for r in recs if r["event"] == "statement" and "huge_marker" in r["sql"]]
+        assert (
+            rec["refusal"]["sqlstate"] == "54000"
+            and f"refused unread: {(40 << 20) + 20:,} bytes" in rec["sql"]
+        )
+
+
 # -- 4. 16-bit counts are unsigned ---------------------------------------------------------------
 def test_codec_reads_counts_above_32767() -> None:
     n = 40000

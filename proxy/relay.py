@@ -171,7 +171,9 @@ class Relay:
         self.observer = observer
         self.max_message_bytes = max_message_bytes
         # the longest Query / Parse text accepted; longer ones are refused before any analysis
+        # (without a gate nothing analyses a text, so nothing is refused)
         self.max_statement_bytes = max_statement_bytes
+        self._stmt_limit = max_statement_bytes if max_statement_bytes is not None and gate is not None else 1 << 62
         self.pending: deque[Pending] = deque()
         self.tx_status = b"I"
         self.terminated = False
@@ -228,6 +230,8 @@ class Relay:
                 self._cdrop -= len(data)
                 return None
             data, self._cdrop = data[self._cdrop :], 0
+        if not (self._cbuf or self._cparts or self._held is not None or self._paused):
+            return self._process_client(data)  # the common case: nothing waits from earlier reads
         self._cparts.append(data)
         self._chave += len(data)
         if self._held is not None or self._paused or self._chave < self._cneed:
@@ -296,7 +300,9 @@ class Relay:
                     pos = end
                     continue
                 if t == _Q:
-                    verdict = self._take_resolved() or self._oversize("Query", end - ps - 1, buf[ps : ps + 1024])
+                    verdict = self._take_resolved()
+                    if verdict is None and end - ps - 1 > self._stmt_limit:
+                        verdict = self._oversize("Query", end - ps - 1, buf[ps : ps + 1024])
                     if verdict is None and self.gate is not None:
                         verdict = self.gate.query(m.parse_query(buf[ps:end]))
                     if verdict is not None and verdict.wait is not None:
@@ -314,10 +320,13 @@ class Relay:
                     self.pending.append(entry)
                 elif t == _P:
                     self._unsynced = True
-                    start, size = m.parse_text_span(buf, ps, end)
-                    verdict = self._take_resolved() or self._oversize("Parse", size, buf[start : start + min(size, 1024)])
-                    # an over-size text is refused unread (decoding it could take longer than the limit allows)
-                    parse = _UNREAD_PARSE if self._too_big(size) else m.parse_parse(buf[ps:end])
+                    verdict = self._take_resolved()
+                    start, size = m.parse_text_span(buf, ps, end) if end - ps > self._stmt_limit else (0, 0)
+                    if size > self._stmt_limit:  # refused unread: decoding it could cost more than the limit allows
+                        verdict = verdict or self._oversize("Parse", size, buf[start : start + 1024])
+                        parse = _UNREAD_PARSE
+                    else:
+                        parse = m.parse_parse(buf[ps:end])
                     if verdict is None and self.gate is not None:
                         verdict = self.gate.parse(parse.name, parse.query)
                     if verdict is not None and verdict.wait is not None:
@@ -411,10 +420,11 @@ class Relay:
                 raise ProtocolViolation(f"invalid frontend message type {buf[pos]} from the client")
         except m.FrameError as e:
             raise ProtocolViolation(f"invalid message from the client: {e}") from e
-        self._cbuf = buf[pos:] if pos < len(buf) else b""
-        self._chave = len(self._cbuf)
-        # an incomplete message: wait until all of it arrived (its header was checked by frames())
-        self._cneed = 1 + m.U32.unpack_from(self._cbuf, 1)[0] if self._chave >= 5 else 0
+        if pos < len(buf):
+            # an incomplete message: wait until all of it arrived (its header was checked by frames())
+            self._cbuf = buf[pos:]
+            self._chave = len(buf) - pos
+            self._cneed = 1 + m.U32.unpack_from(buf, pos + 1)[0] if self._chave >= 5 else 0
         if span_start == 0 and pos == len(buf) and not out:
             if pos:
                 self.to_server(buf)  # the common case: the same bytes, no copy
@@ -440,13 +450,12 @@ class Relay:
             # the least the text can be: after it come its NUL, the type count and at most 65,535 types
             start = n1 + 1
             size = need - start - 3 - 4 * 0xFFFF
-        if not self._too_big(size):
+        if size <= self._stmt_limit:
             return None
         self._cbuf, self._chave, self._cneed, self._cdrop = b"", 0, 0, need - len(rest)
         if self._skip_until_sync:
             return None  # skipped, as every message up to Sync
         verdict = self._oversize("Query" if kind == _Q else "Parse", size, rest[start : start + 1024])
-        assert verdict is not None
         if verdict.wait is not None:
             self._dropped = (kind, statement_too_large("statement", size, self.max_statement_bytes))
             self._held = verdict.wait
@@ -465,15 +474,9 @@ class Relay:
         self.pending.append(entry)
         self.stats.refused += 1
 
-    def _too_big(self, size: int) -> bool:
-        limit = self.max_statement_bytes
-        return limit is not None and self.gate is not None and size > limit  # no gate: nothing analyses it
-
-    def _oversize(self, what: str, size: int, head: bytes) -> Verdict | None:
-        """A refusal for a statement text above max_statement_bytes, decided before any parsing;
+    def _oversize(self, what: str, size: int, head: bytes) -> Verdict:
+        """The refusal of a statement text above max_statement_bytes, decided before any parsing;
         the gate may record it (audit), given the text's first bytes."""
-        if not self._too_big(size):
-            return None
         err = statement_too_large(what, size, self.max_statement_bytes or 0)
         refuse = getattr(self.gate, "refuse_unread", None)
         return refuse(head, size, err) if refuse is not None else Verdict(error=err)

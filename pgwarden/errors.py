@@ -33,6 +33,12 @@ class PolicyDenied(AgentError):
     sqlstate = "42501"
 
 
+class StatementLimit(AgentError):
+    """A statement beyond what the proxy analyses (its size, its analysis time): refused, not run."""
+
+    sqlstate = "54000"
+
+
 class ApprovalRequired(AgentError):
     sqlstate = "PW001"
 

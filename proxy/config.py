@@ -36,6 +36,17 @@ FORWARDED_STARTUP_PARAMS = frozenset(
 )
 
 
+# 512 KiB: the worst text of this size measured (a long OR chain) peaks at ~125 MB in the
+# analysis process and ~35 MB more in the proxy, so both stay well inside the sidecar's 256 MiB
+# limit; at 1 MiB the two together came near 300 MB. Far above what a hand- or agent-written
+# statement needs, and 128 times below the message limit. Bulk data belongs in COPY or parameters.
+DEFAULT_MAX_STATEMENT_BYTES = 512 * 1024
+# Above 16 KiB a single parse-tree decode (json.loads) holds the interpreter for ~30 ms or more,
+# so longer texts are analysed in the analysis worker, not on the event loop.
+DEFAULT_ANALYSIS_OFFLOAD_BYTES = 16 * 1024
+DEFAULT_ANALYSIS_TIMEOUT = 10.0
+
+
 @dataclass(frozen=True)
 class StaticUser:
     """A development user with a password in the config. Not for production: use tokens."""
@@ -118,6 +129,13 @@ class ProxyConfig:
     # service account (kubelet's downward API), with no password to steal or replay
     pod_identity: bool = False
     max_message_bytes: int = 64 * 1024 * 1024
+    # The longest Query or Parse text (bytes) the proxy accepts; longer ones are refused (54000)
+    # and nothing of them reaches the server. Analysis cost and memory grow with the text, so this
+    # bounds what one session can make the proxy do (docs/operating.md, "Statement limits").
+    max_statement_bytes: int = DEFAULT_MAX_STATEMENT_BYTES
+    # Texts longer than this are analysed off the event loop, within analysis_timeout seconds.
+    analysis_offload_bytes: int = DEFAULT_ANALYSIS_OFFLOAD_BYTES
+    analysis_timeout: float = DEFAULT_ANALYSIS_TIMEOUT
     max_startup_bytes: int = 10000
     drain_timeout: float = 30.0
     handshake_timeout: float = 30.0
@@ -196,6 +214,15 @@ def parse_proxy_config(docs: list[Document]) -> ProxyConfig:
     if default_action not in ("allow", "deny"):
         raise doc.error("spec.defaultAction", "must be allow or deny")
     search_path = get_field(doc, s, "searchPath", list, "spec.searchPath", ["public"])
+    max_message = get_field(doc, limits, "maxMessageBytes", int, "spec.limits.maxMessageBytes", 64 * 1024 * 1024)
+    max_statement = get_field(doc, limits, "maxStatementBytes", int, "spec.limits.maxStatementBytes",
+                              min(DEFAULT_MAX_STATEMENT_BYTES, max_message))
+    if not 0 < max_statement <= max_message:
+        raise doc.error("spec.limits.maxStatementBytes", f"must be between 1 and maxMessageBytes ({max_message})")
+    analysis_timeout = parse_duration(limits.get("analysisTimeout", DEFAULT_ANALYSIS_TIMEOUT), doc,
+                                      "spec.limits.analysisTimeout")
+    if analysis_timeout <= 0:
+        raise doc.error("spec.limits.analysisTimeout", "must be a positive duration such as 10s")
     known = {
         "connectionRef", "listen", "health", "tls", "upstream", "users", "searchPath", "defaultAction",
         "limits", "drainTimeout", "handshakeTimeout", "podIdentity",
@@ -221,7 +248,11 @@ def parse_proxy_config(docs: list[Document]) -> ProxyConfig:
         search_path=tuple(str(x) for x in search_path),
         default_action=default_action,
         pod_identity=pod_identity,
-        max_message_bytes=get_field(doc, limits, "maxMessageBytes", int, "spec.limits.maxMessageBytes", 64 * 1024 * 1024),
+        max_message_bytes=max_message,
+        max_statement_bytes=max_statement,
+        analysis_offload_bytes=get_field(doc, limits, "analysisOffloadBytes", int, "spec.limits.analysisOffloadBytes",
+                                         DEFAULT_ANALYSIS_OFFLOAD_BYTES),
+        analysis_timeout=analysis_timeout,
         drain_timeout=parse_duration(s.get("drainTimeout", 30), doc, "spec.drainTimeout"),
         handshake_timeout=parse_duration(s.get("handshakeTimeout", 30), doc, "spec.handshakeTimeout"),
         sections={k: v for k, v in s.items() if k not in known},

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pgwarden.proxy import messages as m
+from pgwarden.proxy.analysis_budget import Analysed, AnalysisOffload
 from pgwarden.proxy.relay import Verdict
 from pgwarden.proxy.session import PortalEntry, PreparedEntry, SessionNames
 from pgwarden.proxy.statements import rebinds, shown_sql, statement_changes
@@ -29,6 +30,7 @@ from pgwarden.errors import (
     ApprovalRequired,
     AuditUnavailable,
     PolicyDenied,
+    StatementLimit,
 )
 from pgwarden.policy import analyze
 from pgwarden.subjects import Workload
@@ -74,6 +76,7 @@ class Runtime:
     identity_config: Any = None
     # bumped by a hot reload: sessions re-resolve their policy and masking at the next statement
     generation: int = 0
+    offload: AnalysisOffload | None = None  # analysis of long statements off the event loop
     # background work (approval bookkeeping) that must finish before the audit log closes
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -198,11 +201,16 @@ class SessionGate:
                                  if p.origin == "declare" and p.mask_outs is not None}
 
     # -- Gate -----------------------------------------------------------------------------------
-    def query(self, sql: str) -> Verdict | None:
-        return self._check(sql, None)
+    def query(self, sql: str, analysed: Analysed | None = None) -> Verdict | None:
+        return self._check(sql, None, analysed)
 
-    def parse(self, name: str, sql: str) -> Verdict | None:
-        return self._check(sql, name)
+    def parse(self, name: str, sql: str, analysed: Analysed | None = None) -> Verdict | None:
+        return self._check(sql, name, analysed)
+
+    def refuse_unread(self, head: bytes, size: int, err: AgentError) -> Verdict:
+        """A statement text over the size limit, refused unread: audited with its first bytes."""
+        sql = head.decode("utf-8", "replace") + f" …[refused unread: {size:,} bytes in all]"
+        return self._refuse(StatementContext(id=str(next(self._ids)), sql=sql, started=time.time()), err)
 
     def bind(self, bind: m.BindMsg, statement: PreparedEntry | None) -> Verdict | None:
         """A statement that needs review is approved per Bind: the approval covers these
@@ -216,6 +224,14 @@ class SessionGate:
                 hint="Run SQL-prepared statements with EXECUTE, or Parse the statement before binding it.",
             ))
         if statement.rebind:  # EXECUTE / FETCH by name: decided as the name is now, with these values
+            if self.rt.offload is not None and self.rt.offload.wants(statement.sql):
+                # deciding it again at every Bind would analyse a long text on the event loop
+                return Verdict(error=StatementLimit(
+                    f"pgwarden refuses to bind a {len(statement.sql):,}-character statement that names a prepared "
+                    "statement or cursor: it is decided again at every Bind, and texts this long are analysed "
+                    "only off the event loop",
+                    hint="Send it as a simple query, or shorten it.",
+                ))
             return self._check(statement.sql, None, bind=bind)
         if statement.reviewed is None:
             parsed = statement.context
@@ -261,17 +277,28 @@ class SessionGate:
 
         return MaskingSession(dict(self.msession.cursors), dict(self.msession.prepared))
 
-    def _check(self, sql: str, prepared_name: str | None, bind: m.BindMsg | None = None) -> Verdict:
+    def _check(self, sql: str, prepared_name: str | None, analysed: Analysed | None = None,
+               bind: m.BindMsg | None = None) -> Verdict:
         """Decide `sql`: a Query text, a Parse (`prepared_name`), or a Parse being bound again
-        (`bind`: its text names a statement or cursor looked up when it runs)."""
+        (`bind`: its text names a statement or cursor looked up when it runs). `analysed`: the
+        policy decision and masking plan of a long text, made off the event loop."""
         if self.generation != self.rt.generation:
             self._resolve()
         self._sync_views()
+        offload = self.rt.offload
+        if analysed is None and bind is None and offload is not None and offload.wants(sql):
+            # a long text is analysed off the event loop within a time budget; this runs again with the result
+            return Verdict(wait=offload.check(self, sql, prepared_name))
         ctx = StatementContext(id=str(next(self._ids)), sql=sql, started=time.time(),
                                prepared=prepared_name is not None or bind is not None,
                                params=bind_params(bind) if bind is not None else None)
+        if analysed is not None and analysed.error is not None:
+            return self._refuse(ctx, analysed.error)
         try:
-            decision = self.policy.decide(sql, self.state, prepare_as=prepared_name) if self.policy is not None else None
+            if analysed is not None:
+                decision = analysed.decision
+            else:
+                decision = self.policy.decide(sql, self.state, prepare_as=prepared_name) if self.policy is not None else None
             analysis = analyze(sql, self.rt.search_path, self.state.server_version)
         except Exception as e:  # the engine failing must never let a statement through
             log.exception("policy engine failed")
@@ -287,8 +314,11 @@ class SessionGate:
             catalog = self.rt.catalog
             if catalog.stale:
                 refresh_catalog(catalog)
-            plan = self.masking.plan(sql, catalog.current(), self.rt.search_path, session=self._scratch_session(),
-                                     blind=analysis.blind)
+            if analysed is not None and analysed.plan is not None:
+                plan = analysed.plan
+            else:
+                plan = self.masking.plan(sql, catalog.current(), self.rt.search_path,
+                                         session=self._scratch_session(), blind=analysis.blind)
             if plan.error is not None:
                 return self._refuse(ctx, plan.error)
             if plan.ddl:

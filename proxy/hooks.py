@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pgwarden.proxy import messages as m
+from pgwarden.proxy.analysis_budget import AnalysisOffload
 from pgwarden.proxy.config import ProxyConfig
 from pgwarden.proxy.gate import Runtime, SessionGate
 from pgwarden.proxy.relay import Gate, Observer, Verdict
@@ -63,6 +64,7 @@ def prepare_runtime(config: ProxyConfig, docs: list[Document]) -> Runtime:
     rt = Runtime(connection=conn, search_path=config.search_path)
     rt.workload = workload_from_env()
     rt.backoff = FailureBackoff()
+    rt.offload = AnalysisOffload(config.analysis_offload_bytes, config.analysis_timeout)
     rt.audit_config = parse_audit_config(pc_doc.spec, pc_doc) if "audit" in pc_doc.spec else None
     rt.recording_config = parse_recording_config(pc_doc.spec, pc_doc) if "recording" in pc_doc.spec else None
     if any(_names_connection(d, conn) for d in of_kind(docs, "AccessPolicy")):
@@ -149,6 +151,8 @@ async def close_runtime(rt: Runtime) -> None:
         await rt.audit.close()
     if rt.token_auth is not None:
         await rt.token_auth.close()
+    if rt.offload is not None:
+        rt.offload.close()
 
 
 

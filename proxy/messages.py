@@ -26,6 +26,9 @@ CANCEL_REQUEST = 80877102
 I32 = struct.Struct("!i")
 U32 = struct.Struct("!I")
 I16 = struct.Struct("!h")
+# Counts in Parse and Bind (parameter types, format codes, parameters, result formats) are
+# unsigned 16-bit, as PostgreSQL reads them (pq_getmsgint(msg, 2)): up to 65,535 parameters.
+U16 = struct.Struct("!H")
 HEADER = struct.Struct("!cI")
 _unpack_len = U32.unpack_from
 
@@ -241,13 +244,21 @@ def parse_parse(payload: bytes | memoryview) -> ParseMsg:
     n2 = data.find(b"\0", n1 + 1) if n1 >= 0 else -1
     if n1 < 0 or n2 < 0 or len(data) < n2 + 3:
         raise FrameError("malformed Parse message")
-    count = I16.unpack_from(data, n2 + 1)[0]
-    if count < 0 or len(data) != n2 + 3 + 4 * count:
+    count = U16.unpack_from(data, n2 + 1)[0]
+    if len(data) != n2 + 3 + 4 * count:
         raise FrameError("malformed Parse parameter types")
     types = struct.unpack_from(f"!{count}I", data, n2 + 3) if count else ()
     return ParseMsg(
         data[:n1].decode("utf-8", "replace"), data[n1 + 1 : n2].decode("utf-8", "replace"), tuple(types)
     )
+
+
+def parse_text_span(buf: bytes, ps: int, end: int) -> tuple[int, int]:
+    """(start, byte length) of the query text of the Parse message in buf[ps:end], without
+    copying it (the whole payload when it is malformed: parse_parse then says what is wrong)."""
+    n1 = buf.find(b"\0", ps, end)
+    n2 = buf.find(b"\0", n1 + 1, end) if n1 >= 0 else -1
+    return (n1 + 1, n2 - n1 - 1) if n2 >= 0 else (ps, end - ps)
 
 
 @dataclass(frozen=True)
@@ -265,11 +276,11 @@ def parse_bind(payload: bytes | memoryview) -> BindMsg:
         n1 = data.index(b"\0")
         n2 = data.index(b"\0", n1 + 1)
         pos = n2 + 1
-        (nf,) = I16.unpack_from(data, pos)
+        (nf,) = U16.unpack_from(data, pos)
         pos += 2
         fmts = struct.unpack_from(f"!{nf}h", data, pos) if nf else ()
         pos += 2 * nf
-        (np_,) = I16.unpack_from(data, pos)
+        (np_,) = U16.unpack_from(data, pos)
         pos += 2
         params: list[bytes | None] = []
         for _ in range(np_):
@@ -282,13 +293,13 @@ def parse_bind(payload: bytes | memoryview) -> BindMsg:
                     raise FrameError("malformed Bind parameter")
                 params.append(data[pos : pos + ln])
                 pos += ln
-        (nr,) = I16.unpack_from(data, pos)
+        (nr,) = U16.unpack_from(data, pos)
         pos += 2
         rfmts = struct.unpack_from(f"!{nr}h", data, pos) if nr else ()
         pos += 2 * nr
     except (ValueError, struct.error) as e:
         raise FrameError(f"malformed Bind message: {e}") from e
-    if pos != len(data) or nf < 0 or np_ < 0 or nr < 0:
+    if pos != len(data):
         raise FrameError("malformed Bind message")
     return BindMsg(
         data[:n1].decode("utf-8", "replace"), data[n1 + 1 : n2].decode("utf-8", "replace"),

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pgwarden.proxy import messages as m
+from pgwarden.proxy.analysis_budget import statement_too_large
 from pgwarden.proxy.session import (
     DROP_PORTAL,
     DROP_STATEMENT,
@@ -48,6 +49,7 @@ _SENTINEL_QUERY = m.message(m.F_QUERY, m.cstr(SENTINEL_SQL))
 _ABSORBER_QUERY = m.message(m.F_QUERY, m.cstr("SELECT 1 /* pgwarden: absorbs a late row-limit cancel */"))
 _SENTINEL_PARSE = m.message(m.F_PARSE, m.cstr("") + m.cstr(SENTINEL_SQL) + b"\0\0")
 _FLUSH = m.message(b"H", b"")
+_UNREAD_PARSE = m.ParseMsg("", "", ())
 
 # client message type bytes as ints (frames() yields ints)
 _Q, _P, _B, _D, _E, _C, _S, _H, _X, _F = (ord(c) for c in "QPBDECSHXF")
@@ -210,12 +212,17 @@ class Relay:
         gate: Gate | None = None,
         observer: Observer | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
+        max_statement_bytes: int | None = None,
     ) -> None:
         self.to_server = to_server
         self.to_client = to_client
         self.gate = gate
         self.observer = observer
         self.max_message_bytes = max_message_bytes
+        # the longest Query / Parse text accepted; longer ones are refused before any analysis
+        # (without a gate nothing analyses a text, so nothing is refused)
+        self.max_statement_bytes = max_statement_bytes
+        self._stmt_limit = max_statement_bytes if max_statement_bytes is not None and gate is not None else 1 << 62
         self.pending: deque[Pending] = deque()
         self.tx_status = b"I"
         self.terminated = False
@@ -224,6 +231,14 @@ class Relay:
         self.lean = gate is None and observer is None
         self.stats = RelayStats()
         self._cbuf = b""
+        # client reads not yet processed, joined once: while a statement is held, and while the
+        # message being received is incomplete (_chave of _cneed bytes arrived)
+        self._cparts: list[bytes] = []
+        self._chave = 0
+        self._cneed = 0
+        # bytes still to come of an over-size statement that was refused before it all arrived
+        self._cdrop = 0
+        self._dropped: tuple[int, AgentError] | None = None  # its type and error, while audited
         self._sbuf = b""
         self._sparts: list[bytes] = []
         self._shave = 0
@@ -263,12 +278,27 @@ class Relay:
     def client_data(self, data: bytes) -> Awaitable[Verdict] | None:
         """Process bytes from the client. Returns an awaitable when a statement is held: the
         shell awaits it, then calls resume() with its result. Raises ProtocolViolation."""
-        buf = self._cbuf + data if self._cbuf else data
-        self._cbuf = b""
-        if self._held is not None or self._paused:
-            self._cbuf = buf
+        if self._cdrop:
+            if len(data) <= self._cdrop:
+                self._cdrop -= len(data)
+                return None
+            data, self._cdrop = data[self._cdrop :], 0
+        if not (self._cbuf or self._cparts or self._held is not None or self._paused):
+            return self._process_client(data)  # the common case: nothing waits from earlier reads
+        self._cparts.append(data)
+        self._chave += len(data)
+        if self._held is not None or self._paused or self._chave < self._cneed:
             return None
-        return self._process_client(buf)
+        return self._process_client(self._take_client())
+
+    def _take_client(self) -> bytes:
+        """Everything the client sent that is not processed yet, as one bytes object."""
+        parts = self._cparts
+        if self._cbuf:
+            parts.insert(0, self._cbuf)
+        buf = b"" if not parts else parts[0] if len(parts) == 1 else b"".join(parts)
+        self._cbuf, self._cparts, self._chave, self._cneed = b"", [], 0, 0
+        return buf
 
     def pause_client(self) -> None:
         """Keep the client's next messages back (buffered) until unpause_client()."""
@@ -287,17 +317,19 @@ class Relay:
 
     def unpause_client(self) -> Awaitable[Verdict] | None:
         self._paused = False
-        if self._held is not None or not self._cbuf:
+        if self._held is not None or not (self._cbuf or self._cparts):
             return None
-        buf, self._cbuf = self._cbuf, b""
-        return self._process_client(buf)
+        return self._process_client(self._take_client())
 
     def resume(self, verdict: Verdict) -> Awaitable[Verdict] | None:
         """Continue after a held statement resolved to `verdict`."""
         self._held = None
-        self._resolved = None if verdict is BARRIER else verdict
-        buf, self._cbuf = self._cbuf, b""
-        return self._process_client(buf)
+        if self._dropped is not None:  # the verdict is the over-size statement's, already dropped
+            (kind, err), self._dropped = self._dropped, None
+            self._refuse_dropped(kind, verdict.error or err, verdict.context)
+        else:
+            self._resolved = None if verdict is BARRIER else verdict
+        return self._process_client(self._take_client())
 
     def _process_client(self, buf: bytes) -> Awaitable[Verdict] | None:
         span_start = 0  # start of bytes to forward unchanged
@@ -334,6 +366,8 @@ class Relay:
                         return self._hold(buf, span_start, pos, out, Verdict(wait=self._barrier_wait()))
                 if t == _Q:
                     verdict = self._take_resolved()
+                    if verdict is None and end - ps - 1 > self._stmt_limit:
+                        verdict = self._oversize("Query", end - ps - 1, buf[ps : ps + 1024])
                     if verdict is None and self.gate is not None:
                         verdict = self.gate.query(m.parse_query(buf[ps:end]))
                     if verdict is not None and verdict.wait is not None:
@@ -358,8 +392,13 @@ class Relay:
                     self._push(entry)
                 elif t == _P:
                     self._unsynced = True
-                    parse = m.parse_parse(buf[ps:end])
                     verdict = self._take_resolved()
+                    start, size = m.parse_text_span(buf, ps, end) if end - ps > self._stmt_limit else (0, 0)
+                    if size > self._stmt_limit:  # refused unread: decoding it could cost more than the limit allows
+                        verdict = verdict or self._oversize("Parse", size, buf[start : start + 1024])
+                        parse = _UNREAD_PARSE
+                    else:
+                        parse = m.parse_parse(buf[ps:end])
                     if verdict is None and self.gate is not None:
                         verdict = self.gate.parse(parse.name, parse.query)
                     if verdict is not None and verdict.wait is not None:
@@ -485,13 +524,47 @@ class Relay:
                 raise ProtocolViolation(f"invalid frontend message type {buf[pos]} from the client")
         except m.FrameError as e:
             raise ProtocolViolation(f"invalid message from the client: {e}") from e
-        self._cbuf = buf[pos:] if pos < len(buf) else b""
+        if pos < len(buf):
+            # an incomplete message: wait until all of it arrived (its header was checked by frames())
+            self._cbuf = buf[pos:]
+            self._chave = len(buf) - pos
+            self._cneed = 1 + m.U32.unpack_from(buf, pos + 1)[0] if self._chave >= 5 else 0
         if span_start == 0 and pos == len(buf) and not out:
             if pos:
                 self.to_server(buf)  # the common case: the same bytes, no copy
             return None
         out.append(buf[span_start:pos])
         self._flush_out(out)
+        return self._drop_oversize() if self._chave >= 5 else None
+
+    def _drop_oversize(self) -> Awaitable[Verdict] | None:
+        """The incomplete message left in _cbuf, when it is a Query or Parse already known to
+        be over the statement limit: refused now, its remaining bytes dropped as they arrive
+        (not gathered: a 60 MB text must not cost the proxy 60 MB before it is refused)."""
+        rest, kind = self._cbuf, self._cbuf[0]
+        if kind not in (_Q, _P) or self.max_statement_bytes is None:
+            return None
+        need = 1 + m.U32.unpack_from(rest, 1)[0]
+        if kind == _Q:
+            start, size = 5, need - 6
+        else:
+            n1 = rest.find(b"\0", 5)
+            if n1 < 0:
+                return None  # the statement name is still incomplete
+            # the least the text can be: after it come its NUL, the type count and at most 65,535 types
+            start = n1 + 1
+            size = need - start - 3 - 4 * 0xFFFF
+        if size <= self._stmt_limit:
+            return None
+        self._cbuf, self._chave, self._cneed, self._cdrop = b"", 0, 0, need - len(rest)
+        if self._skip_until_sync:
+            return None  # skipped, as every message up to Sync
+        verdict = self._oversize("Query" if kind == _Q else "Parse", size, rest[start : start + 1024])
+        if verdict.wait is not None:
+            self._dropped = (kind, statement_too_large("statement", size, self.max_statement_bytes))
+            self._held = verdict.wait
+            return verdict.wait
+        self._refuse_dropped(kind, verdict.error, verdict.context)
         return None
 
     # -- the session's names -------------------------------------------------------------------
@@ -541,6 +614,31 @@ class Relay:
         self._skip_until_sync = True
         self.stats.refused += 1
 
+    def _refuse_dropped(self, kind: int, err: AgentError | None, context: Any) -> None:
+        """Answer an over-size statement whose bytes were dropped: the sentinel goes upstream."""
+        if err is None:  # every verdict for it is a refusal; fail closed all the same
+            err = statement_too_large("statement", 0, self.max_statement_bytes or 0)
+        entry = Pending(QUERY if kind == _Q else PARSE, replace_error=m.error_response_from(err), context=context)
+        # the sentinel Query drops the unnamed statement and portal; the sentinel Parse fails and
+        # drops the unnamed statement
+        if kind == _Q:
+            entry.changes = _QUERY_DROPS
+        else:
+            entry.fail_changes = _SENTINEL_PARSE_FAILS
+        self.names.stage(entry.changes or entry.fail_changes)
+        self._unsynced = kind == _P
+        self._skip_until_sync = kind == _P
+        self.to_server(_SENTINEL_QUERY if kind == _Q else _SENTINEL_PARSE)
+        self._push(entry)
+        self.stats.refused += 1
+
+    def _oversize(self, what: str, size: int, head: bytes) -> Verdict:
+        """The refusal of a statement text above max_statement_bytes, decided before any parsing;
+        the gate may record it (audit), given the text's first bytes."""
+        err = statement_too_large(what, size, self.max_statement_bytes or 0)
+        refuse = getattr(self.gate, "refuse_unread", None)
+        return refuse(head, size, err) if refuse is not None else Verdict(error=err)
+
     def _take_resolved(self) -> Verdict | None:
         """The verdict a held statement resolved to, once, when processing resumes at it."""
         v, self._resolved = self._resolved, None
@@ -550,6 +648,7 @@ class Relay:
         out.append(buf[span_start:pos])
         self._flush_out(out)
         self._cbuf = buf[pos:]
+        self._chave = len(self._cbuf)
         assert verdict.wait is not None
         self._held = verdict.wait
         return verdict.wait

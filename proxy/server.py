@@ -298,7 +298,8 @@ class ProxyServer:
         hello.append(m.backend_key_data(*key))
         hello.append(m.ready_for_query(b"I"))
         gate, observer = self.hooks(info, ep.write) if self.hooks is not None else (None, None)
-        relay = Relay(uep.write, ep.write, gate=gate, observer=observer, max_message_bytes=self.config.max_message_bytes)
+        relay = Relay(uep.write, ep.write, gate=gate, observer=observer, max_message_bytes=self.config.max_message_bytes,
+                      max_statement_bytes=self.config.max_statement_bytes)
         def limit_cancel() -> None:
             """A result passed maxRows: cancel it. PostgreSQL delivers a cancel asynchronously and
             ignores one that reaches an idle backend, so the client's next statement is held

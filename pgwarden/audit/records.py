@@ -12,8 +12,9 @@ Events and when the proxy writes them:
 | `session.end` | when the client or server goes away | `AuditLog.emit` |
 
 Parameter values of extended-protocol statements pass through the injected `mask_text` (the
-content detectors) before they are recorded; the statement text is kept as sent, since the
-auditor needs exactly what ran.
+content detectors) before they are recorded; the statement text is kept as sent, in full and
+inside the hash chain, since the auditor needs exactly what ran. Its length is bounded by the
+proxy's `limits.maxStatementBytes` (512 KiB by default), not by clipping here.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from pgwarden.subjects import Identity, Workload
 MaskText = Callable[[str], str]
 Param = str | bytes | bytearray | memoryview | None
 
-MAX_SQL_CHARS = 64 * 1024
 MAX_PARAM_CHARS = 4096
 
 
@@ -130,7 +130,7 @@ def statement(
 ) -> dict[str, Any]:
     """The decision record, written (fail-closed) before the statement is forwarded."""
     rec = info.base("statement")
-    rec.update(stmt=stmt_id, protocol=protocol, sql=_clip(sql, MAX_SQL_CHARS),
+    rec.update(stmt=stmt_id, protocol=protocol, sql=sql,
                decision={"action": decision, **({"rule": rule} if rule else {}), **({"reason": reason} if reason else {})})
     if params is not None:
         rec["params"] = mask_params(params, mask_text)

@@ -165,11 +165,24 @@ class Analysis:
         return any(s.effects or s.executes for s in self.statements)
 
 
+# Analyses made elsewhere (the proxy's analysis worker process) for these very text objects
+_PROVIDED: list[tuple[str, tuple[str, ...], int, Analysis]] = []
+
+
+def provide(sql: str, search_path: tuple[str, ...], analysis: Analysis, server_version: int = 0) -> None:
+    """Make `analyze(sql, search_path, server_version)` return `analysis` for this string object:
+    a long text's tree is then built in the worker process that made it, never in the caller's."""
+    _PROVIDED[:] = [(sql, search_path, server_version, analysis), *_PROVIDED[:1]]
+
+
 def analyze(sql: str, search_path: tuple[str, ...] = ("public",), server_version: int = 0) -> Analysis:
     """Parse and walk `sql`; cached by (text, search_path, server version): policy-independent.
 
     `server_version` is the server's major version (0: unknown, taken as the newest known): which
     names are pg_catalog's differs between releases."""
+    for text, path, version, provided in _PROVIDED:
+        if text is sql and path == search_path and version == server_version:
+            return provided
     if len(sql) <= MAX_CACHED_TEXT:
         return _analyze_cached(sql, search_path, server_version)
     return _analyze(sql, search_path, server_version)

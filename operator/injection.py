@@ -46,6 +46,8 @@ AUDIT_FILE = f"{DATA_DIR}/audit.jsonl"
 RECORDINGS_DIR = f"{DATA_DIR}/recordings"
 BUNDLE_KEY = "bundle.yaml"
 PROXY_CONFIG_KEY = "proxy.yaml"
+# see proxy_volumes: the proxy must read its volume whatever owner kubelet gives the files
+PROXY_VOLUME_MODE = 0o444
 CREDENTIAL_KEYS = ("username", "password", "version", "host", "port", "database", "sslmode", "sslrootcert")
 
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob")
@@ -141,7 +143,12 @@ def proxy_volumes(target: InjectionTarget, settings: InjectionSettings) -> list[
         {
             "name": CONFIG_VOLUME,
             "projected": {
-                "defaultMode": 0o440,
+                # Readable by any UID, because kubelet decides the owner: files belong to root
+                # unless every container of the pod runs as one UID, and the pod gets no fsGroup
+                # (that would change the agent's volumes too). 0440 root:root locked the proxy
+                # (uid 65532) out of its own config. What keeps the credentials from the agent is
+                # that only the proxy mounts this volume (see _check_no_leak), not the mode bits.
+                "defaultMode": PROXY_VOLUME_MODE,
                 "sources": [
                     {"configMap": {"name": target.bundle_name, "items": [
                         {"key": BUNDLE_KEY, "path": f"bundle/{BUNDLE_KEY}"},

@@ -66,8 +66,13 @@ def fs_group(pod_spec: Mapping[str, Any]) -> int | None:
     return int(g) if g is not None else None
 
 
-def projected_files(pod_spec: Mapping[str, Any], volume_name: str, configmaps: Mapping[str, Mapping[str, str]],
-                    secrets: Mapping[str, Mapping[str, str]], token: str) -> list[ProjectedFile]:
+def projected_files(
+    pod_spec: Mapping[str, Any],
+    volume_name: str,
+    configmaps: Mapping[str, Mapping[str, str]],
+    secrets: Mapping[str, Mapping[str, str]],
+    token: str,
+) -> list[ProjectedFile]:
     """The files kubelet writes for one projected volume. `secrets` hold base64 data as in the
     API object; `configmaps` plain data. A missing key fails as kubelet fails the mount."""
     (volume,) = [v for v in pod_spec.get("volumes") or [] if v.get("name") == volume_name]
@@ -86,7 +91,9 @@ def projected_files(pod_spec: Mapping[str, Any], volume_name: str, configmaps: M
                 if item["key"] not in data:
                     if ref.get("optional"):
                         continue
-                    raise KeyError(f"kubelet cannot mount the volume: key {item['key']} is missing from {ref['name']}")
+                    raise KeyError(
+                        f"kubelet cannot mount the volume: key {item['key']} is missing from {ref['name']}"
+                    )
                 raw = data[item["key"]]
                 content = base64.b64decode(raw) if "secret" in source else raw.encode()
                 out.append((item["path"], content, item.get("mode", default)))
@@ -102,7 +109,9 @@ def projected_files(pod_spec: Mapping[str, Any], volume_name: str, configmaps: M
     return files
 
 
-def write_volume(root: Path, files: list[ProjectedFile], stamp: str = "..2026_11_29_21_00_00.000000001") -> None:
+def write_volume(
+    root: Path, files: list[ProjectedFile], stamp: str = "..2026_11_29_21_00_00.000000001"
+) -> None:
     """Lay the files out as kubelet's AtomicWriter does (run as root: it chowns)."""
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o777)

@@ -27,19 +27,36 @@ from pgwarden.operator.settings import InjectionSettings
 from pgwarden.connection import parse_connection
 from pgwarden.resources import document_from_object
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="writing files owned by root and dropping to uid 65532 "
-                                                          "needs root (the CI container runs as root)")
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0,
+    reason="writing files owned by root and dropping to uid 65532 needs root (the CI container runs as root)",
+)
 
 SETTINGS = InjectionSettings(image="example.org/pgwarden-proxy:test")
 PROXY_UID = SETTINGS.run_as_user
-CONN_RAW = {"apiVersion": "pgwarden.dev/v1alpha1", "kind": "DatabaseConnection",
-            "metadata": {"name": "orders-prod", "namespace": "agents", "uid": "u-1"},
-            "spec": {"host": "orders-db.prod.svc", "port": 5432, "database": "orders", "sslMode": "verify-full",
-                     "adminSecretRef": {"name": "orders-db-admin"}}}
+CONN_RAW = {
+    "apiVersion": "pgwarden.dev/v1alpha1",
+    "kind": "DatabaseConnection",
+    "metadata": {"name": "orders-prod", "namespace": "agents", "uid": "u-1"},
+    "spec": {
+        "host": "orders-db.prod.svc",
+        "port": 5432,
+        "database": "orders",
+        "sslMode": "verify-full",
+        "adminSecretRef": {"name": "orders-db-admin"},
+    },
+}
 CONN = parse_connection(document_from_object(CONN_RAW))
-POLICY = {"apiVersion": "pgwarden.dev/v1alpha1", "kind": "AccessPolicy", "metadata": {"name": "readers", "namespace": "agents"},
-          "spec": {"connectionRef": {"name": "orders-prod"}, "subjects": [{"group": "ai-agents"}],
-                   "rules": [{"action": "allow", "operations": ["select"], "tables": ["public.orders"]}]}}
+POLICY = {
+    "apiVersion": "pgwarden.dev/v1alpha1",
+    "kind": "AccessPolicy",
+    "metadata": {"name": "readers", "namespace": "agents"},
+    "spec": {
+        "connectionRef": {"name": "orders-prod"},
+        "subjects": [{"group": "ai-agents"}],
+        "rules": [{"action": "allow", "operations": ["select"], "tables": ["public.orders"]}],
+    },
+}
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.pgwarden-audience.sig"
 
 # Runs as root until the modules are imported (the interpreter lives under /root, 0700), then
@@ -84,7 +101,9 @@ def volume_root() -> Iterator[Path]:
         shutil.rmtree(base)
 
 
-def agent_pod(*, agent_uid: int | None = 1000, fs_group: int | None = None, pod_uid: int | None = None) -> dict[str, Any]:
+def agent_pod(
+    *, agent_uid: int | None = 1000, fs_group: int | None = None, pod_uid: int | None = None
+) -> dict[str, Any]:
     sc: dict[str, Any] = {}
     if fs_group is not None:
         sc["fsGroup"] = fs_group
@@ -96,25 +115,39 @@ def agent_pod(*, agent_uid: int | None = 1000, fs_group: int | None = None, pod_
     spec: dict[str, Any] = {"serviceAccountName": "cursor-agent", "containers": [agent]}
     if sc:
         spec["securityContext"] = sc
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "agent", "namespace": "agents", "annotations": {inj.ANNOTATION_INJECT: "orders-prod"}},
-            "spec": spec}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "agent",
+            "namespace": "agents",
+            "annotations": {inj.ANNOTATION_INJECT: "orders-prod"},
+        },
+        "spec": spec,
+    }
 
 
 def cluster_objects() -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]:
     result = bundle.compile_bundle(CONN_RAW, [POLICY], CONN, SETTINGS)
     cm = bundle.bundle_configmap(CONN, result, CONN_RAW)
-    secret = credentials.credentials_secret(CONN, username="pgw_orders_prod_v3", password="s3cret-v3", version=3,
-                                            owner=CONN_RAW)
+    secret = credentials.credentials_secret(
+        CONN, username="pgw_orders_prod_v3", password="s3cret-v3", version=3, owner=CONN_RAW
+    )
     return {cm["metadata"]["name"]: cm["data"]}, {secret["metadata"]["name"]: secret["data"]}
 
 
-def mount_and_load(root: Path, pod_spec: dict[str, Any], *, supplementary: tuple[int, ...] = ()) -> dict[str, Any]:
+def mount_and_load(
+    root: Path, pod_spec: dict[str, Any], *, supplementary: tuple[int, ...] = ()
+) -> dict[str, Any]:
     configmaps, secrets = cluster_objects()
     files = projected_files(pod_spec, inj.CONFIG_VOLUME, configmaps, secrets, TOKEN)
     write_volume(root, files)
-    proc = subprocess.run([sys.executable, "-c", LOADER, str(root), str(PROXY_UID), ",".join(map(str, supplementary))],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", LOADER, str(root), str(PROXY_UID), ",".join(map(str, supplementary))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
@@ -129,40 +162,78 @@ class TestModel:
     """The model's rules, each stated by the documentation it follows."""
 
     def volume(self, **projected: Any) -> dict[str, Any]:
-        return {"volumes": [{"name": "v", "projected": {"sources": [
-            {"configMap": {"name": "cm", "items": [{"key": "a", "path": "a"}]}},
-            {"serviceAccountToken": {"path": "token", "audience": "pgwarden"}}], **projected}}]}
+        return {
+            "volumes": [
+                {
+                    "name": "v",
+                    "projected": {
+                        "sources": [
+                            {"configMap": {"name": "cm", "items": [{"key": "a", "path": "a"}]}},
+                            {"serviceAccountToken": {"path": "token", "audience": "pgwarden"}},
+                        ],
+                        **projected,
+                    },
+                }
+            ]
+        }
 
     def test_different_uids_leave_files_root_owned_with_the_default_mode(self) -> None:
-        spec = {**self.volume(defaultMode=0o440), "containers": [
-            {"name": "a", "securityContext": {"runAsUser": 1000}}, {"name": "b", "securityContext": {"runAsUser": 65532}}]}
+        spec = {
+            **self.volume(defaultMode=0o440),
+            "containers": [
+                {"name": "a", "securityContext": {"runAsUser": 1000}},
+                {"name": "b", "securityContext": {"runAsUser": 65532}},
+            ],
+        }
         files = {f.path: f for f in projected_files(spec, "v", {"cm": {"a": "x"}}, {}, "t")}
         assert fs_user(spec) is None
         assert {(f.uid, f.gid, f.mode) for f in files.values()} == {(0, 0, 0o440)}
 
     def test_a_container_without_run_as_user_makes_the_owner_root(self) -> None:
-        spec = {**self.volume(), "containers": [{"name": "a"}, {"name": "b", "securityContext": {"runAsUser": 65532}}]}
+        spec = {
+            **self.volume(),
+            "containers": [{"name": "a"}, {"name": "b", "securityContext": {"runAsUser": 65532}}],
+        }
         assert fs_user(spec) is None
         assert {f.uid for f in projected_files(spec, "v", {"cm": {"a": "x"}}, {}, "t")} == {0}
 
     def test_one_uid_for_every_container_owns_the_files_and_the_token_is_0600(self) -> None:
-        spec = {**self.volume(defaultMode=0o444), "securityContext": {"runAsUser": 65532},
-                "initContainers": [{"name": "i"}], "containers": [{"name": "a"}]}
+        spec = {
+            **self.volume(defaultMode=0o444),
+            "securityContext": {"runAsUser": 65532},
+            "initContainers": [{"name": "i"}],
+            "containers": [{"name": "a"}],
+        }
         files = {f.path: f for f in projected_files(spec, "v", {"cm": {"a": "x"}}, {}, "t")}
         assert fs_user(spec) == 65532
         assert (files["token"].uid, files["token"].mode) == (65532, 0o600)
         assert (files["a"].uid, files["a"].mode) == (65532, 0o444)
 
     def test_fs_group_takes_the_group_and_adds_group_read(self) -> None:
-        spec = {**self.volume(defaultMode=0o400), "securityContext": {"fsGroup": 2000},
-                "containers": [{"name": "a", "securityContext": {"runAsUser": 1}}, {"name": "b"}]}
+        spec = {
+            **self.volume(defaultMode=0o400),
+            "securityContext": {"fsGroup": 2000},
+            "containers": [{"name": "a", "securityContext": {"runAsUser": 1}}, {"name": "b"}],
+        }
         files = {f.path: f for f in projected_files(spec, "v", {"cm": {"a": "x"}}, {}, "t")}
         assert (files["a"].uid, files["a"].gid, files["a"].mode) == (0, 2000, 0o440)
         assert files["token"].mode == 0o600 | 0o440
 
     def test_item_mode_overrides_the_default(self) -> None:
-        spec = {"volumes": [{"name": "v", "projected": {"defaultMode": 0o444, "sources": [
-            {"configMap": {"name": "cm", "items": [{"key": "a", "path": "a", "mode": 0o400}]}}]}}], "containers": []}
+        spec = {
+            "volumes": [
+                {
+                    "name": "v",
+                    "projected": {
+                        "defaultMode": 0o444,
+                        "sources": [
+                            {"configMap": {"name": "cm", "items": [{"key": "a", "path": "a", "mode": 0o400}]}}
+                        ],
+                    },
+                }
+            ],
+            "containers": [],
+        }
         (f,) = projected_files(spec, "v", {"cm": {"a": "x"}}, {}, "t")
         assert f.mode == 0o400
 
@@ -176,19 +247,28 @@ class TestModel:
 class TestTheProxyReadsItsVolume:
     """The sidecar as injected, started as uid 65532 on the files kubelet would write."""
 
-    @pytest.mark.parametrize("pod_kwargs", [
-        pytest.param({"agent_uid": 1000}, id="agent-runs-as-another-uid"),
-        pytest.param({"agent_uid": None}, id="agent-uid-from-its-image"),
-        pytest.param({"agent_uid": 0}, id="agent-runs-as-root"),
-        pytest.param({"agent_uid": None, "pod_uid": 1000}, id="pod-level-run-as-user"),
-        pytest.param({"agent_uid": 65532}, id="agent-shares-the-proxy-uid"),
-        pytest.param({"agent_uid": 1000, "fs_group": 2000}, id="pod-has-an-fs-group"),
-    ])
+    @pytest.mark.parametrize(
+        "pod_kwargs",
+        [
+            pytest.param({"agent_uid": 1000}, id="agent-runs-as-another-uid"),
+            pytest.param({"agent_uid": None}, id="agent-uid-from-its-image"),
+            pytest.param({"agent_uid": 0}, id="agent-runs-as-root"),
+            pytest.param({"agent_uid": None, "pod_uid": 1000}, id="pod-level-run-as-user"),
+            pytest.param({"agent_uid": 65532}, id="agent-shares-the-proxy-uid"),
+            pytest.param({"agent_uid": 1000, "fs_group": 2000}, id="pod-has-an-fs-group"),
+        ],
+    )
     def test_starts_whatever_uids_the_agent_uses(self, volume_root: Path, pod_kwargs: dict[str, Any]) -> None:
-        pod = inj.inject_pod(agent_pod(**pod_kwargs), inj.InjectionTarget.for_connection("orders-prod"), SETTINGS)
+        pod = inj.inject_pod(
+            agent_pod(**pod_kwargs), inj.InjectionTarget.for_connection("orders-prod"), SETTINGS
+        )
         out = mount_and_load(volume_root, pod["spec"], supplementary=proxy_groups(pod["spec"]))
-        assert out == {"user": "pgw_orders_prod_v3", "password": "s3cret-v3", "token": TOKEN,
-                       "connection": "orders-prod"}
+        assert out == {
+            "user": "pgw_orders_prod_v3",
+            "password": "s3cret-v3",
+            "token": TOKEN,
+            "connection": "orders-prod",
+        }
 
     def test_the_injection_adds_no_fs_group(self) -> None:
         """A pod fsGroup would re-own the agent's own volumes: injection must not set one."""
@@ -197,7 +277,9 @@ class TestTheProxyReadsItsVolume:
 
     def test_the_old_0440_volume_locked_the_proxy_out(self, volume_root: Path) -> None:
         """The check is not vacuous: with 0440 and root-owned files the proxy cannot start."""
-        pod = inj.inject_pod(agent_pod(agent_uid=1000), inj.InjectionTarget.for_connection("orders-prod"), SETTINGS)
+        pod = inj.inject_pod(
+            agent_pod(agent_uid=1000), inj.InjectionTarget.for_connection("orders-prod"), SETTINGS
+        )
         (vol,) = [v for v in pod["spec"]["volumes"] if v["name"] == inj.CONFIG_VOLUME]
         vol["projected"]["defaultMode"] = 0o440
         out = mount_and_load(volume_root, pod["spec"])

@@ -53,8 +53,7 @@ setup() {
     --set image.proxy.repository=pgwarden-proxy --set image.proxy.tag="$TAG" \
     --set operator.replicaCount="$REPLICAS" \
     --set operator.rotationCheckInterval=5s --set operator.approvals.checkInterval=2s \
-    --set-json 'rbac.reviewers=[{"kind":"Group","name":"dba"}]' \
-    --set-json 'rbac.agents=[{"namespace":"agents","serviceAccount":"cursor-agent"}]'
+    --set-json 'rbac.reviewers=[{"kind":"Group","name":"dba"}]'
 
   log "PostgreSQL (orders-db.prod.svc, TLS with the e2e CA)"
   openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=pgwarden-e2e-ca" \

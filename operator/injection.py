@@ -40,12 +40,14 @@ BUNDLE_DIR = f"{CONFIG_DIR}/bundle"
 PROXY_CONFIG_FILE = f"{CONFIG_DIR}/proxy.yaml"
 CREDENTIALS_DIR = f"{CONFIG_DIR}/credentials"
 TOKEN_FILE = f"{CONFIG_DIR}/token"
+OPERATOR_CA_FILE = f"{CONFIG_DIR}/operator-ca.crt"
 # writable, proxy only: the audit log and session recordings (the root filesystem is read-only)
 DATA_DIR = "/var/lib/pgwarden"
 AUDIT_FILE = f"{DATA_DIR}/audit.jsonl"
 RECORDINGS_DIR = f"{DATA_DIR}/recordings"
 BUNDLE_KEY = "bundle.yaml"
 PROXY_CONFIG_KEY = "proxy.yaml"
+OPERATOR_CA_KEY = "operator-ca.crt"  # the approvals gateway's CA, in the bundle ConfigMap
 # see proxy_volumes: the proxy must read its volume whatever owner kubelet gives the files
 PROXY_VOLUME_MODE = 0o444
 CREDENTIAL_KEYS = ("username", "password", "version", "host", "port", "database", "sslmode", "sslrootcert")
@@ -153,6 +155,7 @@ def proxy_volumes(target: InjectionTarget, settings: InjectionSettings) -> list[
                     {"configMap": {"name": target.bundle_name, "items": [
                         {"key": BUNDLE_KEY, "path": f"bundle/{BUNDLE_KEY}"},
                         {"key": PROXY_CONFIG_KEY, "path": PROXY_CONFIG_KEY},
+                        {"key": OPERATOR_CA_KEY, "path": OPERATOR_CA_KEY},
                     ]}},
                     {"secret": {"name": target.secret_name, "items": [
                         {"key": k, "path": f"credentials/{k}"} for k in CREDENTIAL_KEYS
@@ -169,8 +172,8 @@ def proxy_volumes(target: InjectionTarget, settings: InjectionSettings) -> list[
     ]
 
 
-def _check_no_leak(spec: Mapping[str, Any], target: InjectionTarget) -> None:
-    """Refuse pods whose own containers could read the proxy's credentials."""
+def _check_no_leak(spec: Mapping[str, Any], target: InjectionTarget, settings: InjectionSettings) -> None:
+    """Refuse pods whose own containers could read the proxy's credentials or pass for the proxy."""
     for key in ("shareProcessNamespace", "hostPID"):
         if spec.get(key) is True:
             raise InjectionError(f"spec.{key}: true lets the agent's containers reach the proxy's process "
@@ -183,6 +186,12 @@ def _check_no_leak(spec: Mapping[str, Any], target: InjectionTarget) -> None:
         refs += [(s.get("secret") or {}).get("name") for s in (v.get("projected") or {}).get("sources") or []]
         if target.secret_name in refs:
             leaking.add(v.get("name"))
+        audiences = [(src.get("serviceAccountToken") or {}).get("audience")
+                     for src in (v.get("projected") or {}).get("sources") or []]
+        if settings.token_audience in audiences:
+            # whoever holds a token for this audience is "the proxy" to the approvals gateway
+            raise InjectionError(f"volume {v.get('name')!r} projects a token for the audience {settings.token_audience}, "
+                                 "which only the pgwarden proxy may hold; use another audience (e.g. pgwarden)")
     for c in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:
         for m in c.get("volumeMounts") or []:
             if m.get("name") in leaking:
@@ -212,7 +221,7 @@ def inject_pod_spec(meta: Mapping[str, Any], spec: Mapping[str, Any], target: In
     new_meta, new_spec = copy.deepcopy(dict(meta)), copy.deepcopy(dict(spec))
     if is_injected(meta, spec):
         return new_meta, new_spec
-    _check_no_leak(spec, target)
+    _check_no_leak(spec, target, settings)
     annotations = new_meta.setdefault("annotations", {})
     mode = annotations.get(ANNOTATION_SIDECAR_MODE, "native")
     if mode not in ("native", "container"):

@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 import kopf
-from pgwarden.operator import injection
+from pgwarden.operator import approval_gateway, injection
 from pgwarden.operator.handlers import admission, approvals, connection, policies, workloads
 from pgwarden.operator.kube import Kube, load_api_config
 from pgwarden.operator.runtime import Runtime
@@ -73,8 +73,18 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
                                    private_key_path=c.key_file, insecure=c.insecure,
                                    default_namespace=c.default_namespace)
 
+    gateway: dict[str, approval_gateway.RunningGateway] = {}
+
+    # before any handler compiles a bundle: the bundles carry the gateway's CA
+    @kopf.on.startup(registry=registry)
+    async def _start_gateway(**_: Any) -> None:
+        if ours.gateway.enabled:
+            gateway["running"] = await approval_gateway.serve(runtime)
+
     @kopf.on.cleanup(registry=registry)
     async def _cleanup(**_: Any) -> None:
+        if "running" in gateway:
+            await gateway.pop("running").stop()
         await runtime.kube.close()
 
     # -- DatabaseConnection ---------------------------------------------------------------

@@ -61,7 +61,7 @@ def approval_spec(
 def stored_request(params: tuple[str | None, ...] = ("42", None, "o'brien")) -> dict[str, Any]:
     """Created by the proxy, stamped by the mutating webhook, stored by the API server."""
     body = build_request(approval_spec(params), "orders-prod-abc-123", NS, NOW)
-    stamp = ar.mutate("CREATE", None, body, OPERATOR, POLICY, NOW)
+    stamp = ar.mutate("CREATE", None, body, OPERATOR, POLICY, NOW, gateway=OPERATOR["username"])
     assert stamp.allowed, stamp.message
     stored, dropped = store(jsonpatch.apply_patch(body, stamp.json_patch(body)), CRDS["ApprovalRequest"])
     assert dropped == []

@@ -19,7 +19,6 @@ HARDENED = {"webhook.certManager.enabled": True, "networkPolicy.enabled": True}
 NAMESPACED = {"operator.watchNamespaces": ["agents", "ci"]}
 WITH_PEOPLE = {
     "rbac.reviewers": [{"kind": "Group", "name": "dba"}],
-    "rbac.agents": [{"namespace": "agents", "serviceAccount": "cursor-agent"}],
 }
 VARIANTS: dict[str, dict[str, Any]] = {"default": {}, "hardened": HARDENED, "namespaced": NAMESPACED, "people": WITH_PEOPLE}
 
@@ -263,8 +262,11 @@ def test_operator_rbac_is_exactly_what_the_code_calls() -> None:
     for plural in ("databaseconnections", "accesspolicies", "maskingrules", "approvalrequests"):
         assert grants(role, pgw, plural) >= {"get", "list", "watch", "patch"}
         assert grants(role, pgw, f"{plural}/status") == {"get", "patch"}
-        assert "update" not in grants(role, pgw, plural) and "create" not in grants(role, pgw, plural)
-    assert grants(role, pgw, "approvalrequests") == {"get", "list", "watch", "patch", "delete"}
+        assert "update" not in grants(role, pgw, plural)
+        assert "create" not in grants(role, pgw, plural) or plural == "approvalrequests"
+    # create: the approvals gateway files requests for the sidecars (after a TokenReview)
+    assert grants(role, pgw, "approvalrequests") == {"get", "list", "watch", "patch", "create", "delete"}
+    assert grants(role, "authentication.k8s.io", "tokenreviews") == {"create"}
     # Secrets: read the admin Secret, write the rotating one; never list or watch them all
     assert grants(role, "", "secrets") == {"get", "create", "patch", "delete"}
     assert grants(role, "", "configmaps") == {"get", "create", "patch", "delete"}
@@ -287,7 +289,8 @@ def test_operator_rbac_is_exactly_what_the_code_calls() -> None:
 def test_namespaced_install_grants_nothing_cluster_wide_but_discovery() -> None:
     docs = render(NAMESPACED)
     cluster = one(docs, "ClusterRole", OPERATOR)
-    assert {g for r in cluster["rules"] for g in r["apiGroups"]} == {"apiextensions.k8s.io"}
+    # discovery, and TokenReview (cluster-scoped by nature) for the approvals gateway
+    assert {g for r in cluster["rules"] for g in r["apiGroups"]} == {"apiextensions.k8s.io", "authentication.k8s.io"}
     roles = of_kind(docs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["agents", "ci"]
     for role in roles:
@@ -300,41 +303,42 @@ def test_namespaced_install_grants_nothing_cluster_wide_but_discovery() -> None:
     assert "--namespace=agents" in args and "--namespace=ci" in args
 
 
-def test_reviewer_can_patch_approvals_and_agent_cannot() -> None:
+def test_reviewer_can_patch_approvals_and_agents_need_no_role() -> None:
+    """The sidecar reaches ApprovalRequests through the operator's approvals gateway with its own
+    token: no role for agents' service accounts, which every container of the pod shares."""
     docs = render(WITH_PEOPLE)
     reviewer = one(docs, "ClusterRole", "pgwarden-reviewer")
-    agent = one(docs, "ClusterRole", "pgwarden-agent")
     assert grants(reviewer, "pgwarden.dev", "approvalrequests") == {"get", "list", "watch", "patch"}
-    agent_verbs = grants(agent, "pgwarden.dev", "approvalrequests")
-    assert {"create", "get", "watch"} <= agent_verbs
-    assert not {"update", "patch"} & agent_verbs, "an agent must never be able to decide a request"
-    assert grants(agent, "pgwarden.dev", "approvalrequests/status") == set()
-    # agents get no Secrets (the credentials Secret lives in their namespace) and no policies
-    for role in (agent, reviewer):
-        assert grants(role, "", "secrets") == set()
-        assert grants(role, "pgwarden.dev", "accesspolicies") == set()
-    binding = one(docs, "RoleBinding", "pgwarden-agent-cursor-agent")
-    assert binding["metadata"]["namespace"] == "agents"
-    assert binding["roleRef"]["name"] == "pgwarden-agent"
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "cursor-agent", "namespace": "agents"}]
+    assert grants(reviewer, "", "secrets") == set()
+    assert grants(reviewer, "pgwarden.dev", "accesspolicies") == set()
+    for role in all_roles(docs):
+        assert "agent" not in role["metadata"]["name"], role["metadata"]["name"]
+    assert not [b for b in of_kind(docs, "RoleBinding") if b["roleRef"]["name"].startswith("pgwarden-agent")]
     crb = one(docs, "ClusterRoleBinding", "pgwarden-reviewer")
     assert crb["subjects"] == [{"kind": "Group", "name": "dba", "apiGroup": "rbac.authorization.k8s.io"}]
 
 
-def test_agent_role_is_the_requester_role_docs_approvals_describes() -> None:
-    """What the sidecar does with the agent's service account (create, watch, withdraw requests;
-    the `<request>.executed` Event): the chart's pgwarden-agent and docs/approvals.md agree."""
-    text = (ROOT / "docs" / "approvals.md").read_text()
-    documented = next(d for d in (yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, re.S))
-                      if isinstance(d, dict) and d.get("kind") == "Role" and d["metadata"]["name"] == "pgwarden-requester")
-    agent = one(render(), "ClusterRole", "pgwarden-agent")
+def test_the_approvals_gateway_is_served_and_configured() -> None:
+    docs = render()
+    dep = one(docs, "Deployment", OPERATOR)
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["PGWARDEN_GATEWAY"] == "true" and env["PGWARDEN_GATEWAY_PORT"] == "9444"
+    assert env["PGWARDEN_APPROVALS_URL"] == f"https://{RELEASE}-pgwarden-webhook.{NAMESPACE}.svc:9444"
+    assert env["PGWARDEN_OPERATOR_USERNAME"] == f"system:serviceaccount:{NAMESPACE}:{RELEASE}-pgwarden"
+    assert env["PGWARDEN_GATEWAY_CAFILE"] == "/etc/pgwarden/webhook/ca.crt"
+    assert {"name": "approvals", "containerPort": 9444, "protocol": "TCP"} in container["ports"]
+    svc = one(docs, "Service", f"{RELEASE}-pgwarden-webhook")
+    assert {"name": "https-approvals", "port": 9444, "targetPort": "approvals", "protocol": "TCP"} in svc["spec"]["ports"]
+    # the settings the operator reads from that env
+    from pgwarden.operator.settings import OperatorSettings
 
-    def flat(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
-        return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
-
-    assert flat(agent["rules"]) == flat(documented["rules"])
-    assert grants(agent, "pgwarden.dev", "approvalrequests") == {"create", "get", "list", "watch", "delete"}
-    assert grants(agent, "", "events") == {"create"}
+    settings = OperatorSettings.from_env({k: v for k, v in env.items() if v is not None})
+    assert settings.gateway.enabled and settings.gateway.port == 9444
+    assert settings.injection.approvals_url == env["PGWARDEN_APPROVALS_URL"]
+    assert settings.operator_username == env["PGWARDEN_OPERATOR_USERNAME"]
+    policy = one(render(HARDENED), "NetworkPolicy", OPERATOR)
+    assert {"port": 9444, "protocol": "TCP"} in [p for rule in policy["spec"]["ingress"] for p in rule["ports"]]
 
 
 # -- webhooks ----------------------------------------------------------------------------------
@@ -451,12 +455,12 @@ def test_cert_manager_mode_injects_the_ca_and_generates_no_key() -> None:
     assert secret_name == cert["spec"]["secretName"]
 
 
-def test_network_policy_limits_ingress_to_the_webhook_port() -> None:
+def test_network_policy_limits_ingress_to_the_webhook_and_gateway_ports() -> None:
     docs = render(HARDENED)
     np = one(docs, "NetworkPolicy")
     assert set(np["spec"]["policyTypes"]) == {"Ingress", "Egress"}
     ingress_ports = [p["port"] for rule in np["spec"]["ingress"] for p in rule["ports"]]
-    assert ingress_ports == [9443]
+    assert ingress_ports == [9443, 9444]
     egress_ports = {p["port"] for rule in np["spec"]["egress"] for p in rule["ports"]}
     assert egress_ports == {53, 443, 6443, 5432}
     assert not of_kind(render(), "NetworkPolicy"), "off by default"
@@ -485,7 +489,7 @@ def test_notes_give_the_next_three_commands() -> None:
     {"webhook.certmanager.enabled": True},              # a typo must not silently keep the default
     {"operator.replicaCount": 0},
     {"operator.watchNamespaces": ["Agents"]},            # not a namespace name
-    {"rbac.agents": [{"namespace": "agents"}]},          # no service account
+    {"rbac.agents": [{"namespace": "agents", "serviceAccount": "a"}]},  # agents need no RBAC any more
     {"otel.endpoint": "collector:4318"},                 # OTLP over HTTP needs a scheme
 ])
 def test_values_schema_rejects_mistakes(values: dict[str, Any]) -> None:

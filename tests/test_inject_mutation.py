@@ -73,12 +73,23 @@ class TestVolumes:
         sources = vol["projected"]["sources"]
         cm = next(s["configMap"] for s in sources if "configMap" in s)
         assert cm["name"] == "orders-prod-pgwarden-bundle"
-        assert {i["path"] for i in cm["items"]} == {"bundle/bundle.yaml", "proxy.yaml"}
+        assert {i["path"] for i in cm["items"]} == {"bundle/bundle.yaml", "proxy.yaml", "operator-ca.crt"}
         secret = next(s["secret"] for s in sources if "secret" in s)
         assert secret["name"] == "orders-prod-pgwarden-credentials"
         assert {"credentials/username", "credentials/password"} <= {i["path"] for i in secret["items"]}
         token = next(s["serviceAccountToken"] for s in sources if "serviceAccountToken" in s)
-        assert token["audience"] == "pgwarden"
+        # the proxy's own audience, for the operator's approvals gateway; not the agents' `pgwarden`
+        assert token["audience"] == "pgwarden-operator"
+
+    def test_refuses_an_agent_token_for_the_proxys_audience(self) -> None:
+        """Whoever holds a pgwarden-operator token is the proxy to the approvals gateway."""
+        p = pod(volumes=[{"name": "mine", "projected": {"sources": [
+            {"serviceAccountToken": {"audience": "pgwarden-operator", "path": "t"}}]}}])
+        with pytest.raises(inj.InjectionError, match="only the pgwarden proxy may hold"):
+            inj.inject_pod(p, TARGET, SETTINGS)
+        ok = pod(volumes=[{"name": "mine", "projected": {"sources": [
+            {"serviceAccountToken": {"audience": "pgwarden", "path": "t"}}]}}])
+        assert sidecar(inj.inject_pod(ok, TARGET, SETTINGS))
 
     def test_credentials_mounted_into_the_proxy_only(self) -> None:
         out = inj.inject_pod(pod(initContainers=[{"name": "init", "image": "i"}]), TARGET, SETTINGS)

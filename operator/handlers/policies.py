@@ -49,7 +49,8 @@ async def rebuild_bundle(
         return None  # the connection's own handler reports that
     catalog = await _catalog(conn, runtime, admin, logger)
     result = bundle_mod.compile_bundle(body, objects, conn, runtime.settings.injection,
-                                       has_ca=bool(admin and admin.sslrootcert), catalog=catalog)
+                                       has_ca=bool(admin and admin.sslrootcert), catalog=catalog,
+                                       operator_ca=runtime.operator_ca)
     published = False
     if result.data is not None:
         cm_path = kube.path("v1", "configmaps", namespace, bundle_mod.bundle_configmap_name(connection))

@@ -18,6 +18,7 @@ What an injected pod gets:
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,10 @@ ANNOTATION_INJECT = "pgwarden.dev/inject"
 ANNOTATION_INJECTED = "pgwarden.dev/injected"
 ANNOTATION_SIDECAR_MODE = "pgwarden.dev/sidecar-mode"  # native (default) | container
 ANNOTATION_INJECT_ENV = "pgwarden.dev/inject-env"  # "false" to leave the agents' env alone
+# which proxy an injected pod runs: `kubectl get pods -A -L pgwarden.dev/proxy-version` lists stale
+# sidecars after an upgrade (the label holds the image tag; the annotation the full image)
+LABEL_PROXY_VERSION = "pgwarden.dev/proxy-version"
+ANNOTATION_PROXY_IMAGE = "pgwarden.dev/proxy-image"
 CARRIED_ANNOTATIONS = (ANNOTATION_INJECT, ANNOTATION_SIDECAR_MODE, ANNOTATION_INJECT_ENV)
 
 PROXY_CONTAINER = "pgwarden-proxy"
@@ -118,8 +123,9 @@ def proxy_container(target: InjectionTarget, settings: InjectionSettings, *, nat
         "resources": settings.resources.as_k8s(),
         "securityContext": {
             "runAsNonRoot": True,
-            "runAsUser": settings.run_as_user,
-            "runAsGroup": settings.run_as_user,
+            # None: the platform assigns the UID (OpenShift's restricted SCC); runAsNonRoot stays
+            **({"runAsUser": settings.run_as_user, "runAsGroup": settings.run_as_user}
+               if settings.run_as_user is not None else {}),
             "readOnlyRootFilesystem": True,
             "allowPrivilegeEscalation": False,
             "privileged": False,
@@ -172,12 +178,35 @@ def proxy_volumes(target: InjectionTarget, settings: InjectionSettings) -> list[
     ]
 
 
+def proxy_version(image: str) -> str:
+    """The image's tag (or digest prefix) as a label value: what `kubectl get -L` shows."""
+    ref = image.rsplit("/", 1)[-1]
+    if "@" in ref:
+        value = ref.split("@", 1)[1].replace(":", "-")[:20]
+    elif ":" in ref:
+        value = ref.rsplit(":", 1)[1]
+    else:
+        value = "latest"
+    value = re.sub(r"[^A-Za-z0-9_.-]", "-", value)[:63].strip("-_.")
+    return value or "unknown"
+
+
 def _check_no_leak(spec: Mapping[str, Any], target: InjectionTarget, settings: InjectionSettings) -> None:
     """Refuse pods whose own containers could read the proxy's credentials or pass for the proxy."""
     for key in ("shareProcessNamespace", "hostPID"):
         if spec.get(key) is True:
             raise InjectionError(f"spec.{key}: true lets the agent's containers reach the proxy's process "
                                  "(/proc/<pid>/root holds the database credentials); remove it")
+    if spec.get("hostNetwork") is True:
+        raise InjectionError("spec.hostNetwork: true would make the proxy listen on the node's loopback, where every "
+                             "process on the node would pass for this pod's service account; remove it")
+    taken = {settings.listen_port: "the proxy's PostgreSQL port", settings.health_port: "the proxy's health port"}
+    for c in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:
+        for port in c.get("ports") or []:
+            if port.get("containerPort") in taken and (port.get("protocol") or "TCP") == "TCP":
+                raise InjectionError(f"container {c.get('name')!r} declares port {port['containerPort']}, "
+                                     f"{taken[port['containerPort']]} (the containers of a pod share one network); "
+                                     "move it, or run the agent without a local server on that port")
     leaking = {CONFIG_VOLUME, DATA_VOLUME, TMP_VOLUME}
     for v in spec.get("volumes") or []:
         if v.get("name") in (CONFIG_VOLUME, TMP_VOLUME, DATA_VOLUME):
@@ -207,6 +236,35 @@ def _check_no_leak(spec: Mapping[str, Any], target: InjectionTarget, settings: I
             if ref == target.secret_name:
                 raise InjectionError(f"container {c.get('name')!r} reads the credentials Secret in env "
                                      f"{env.get('name')!r}; remove it")
+
+
+def check_ephemeral_containers(pod: Mapping[str, Any]) -> None:
+    """Refuse ephemeral containers (`kubectl debug`) in an injected pod that would reach the
+    proxy's credentials: one targeting the proxy container shares its process namespace
+    (/proc/<pid>/root, /proc/<pid>/environ), and a mount of the proxy's volumes or of the
+    credentials Secret reads them directly. Other debug containers are left alone."""
+    meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
+    if not is_injected(meta, spec):
+        return
+    volumes = spec.get("volumes") or []
+    proxy_volume = next((v for v in volumes if v.get("name") == CONFIG_VOLUME), {})
+    secrets = {(s.get("secret") or {}).get("name") for s in (proxy_volume.get("projected") or {}).get("sources") or []}
+    secrets.discard(None)
+    leaking = {CONFIG_VOLUME, TMP_VOLUME, DATA_VOLUME}
+    for v in volumes:
+        refs = {(v.get("secret") or {}).get("secretName")}
+        refs |= {(s.get("secret") or {}).get("name") for s in (v.get("projected") or {}).get("sources") or []}
+        if refs & secrets:
+            leaking.add(v.get("name"))
+    for c in spec.get("ephemeralContainers") or []:
+        if c.get("targetContainerName") == PROXY_CONTAINER:
+            raise InjectionError(f"ephemeral container {c.get('name')!r} targets {PROXY_CONTAINER}, whose process holds "
+                                 "the database credentials; debug the agent's container instead "
+                                 "(kubectl debug --target=<agent container>)")
+        for m in c.get("volumeMounts") or []:
+            if m.get("name") in leaking:
+                raise InjectionError(f"ephemeral container {c.get('name')!r} mounts {m.get('name')!r}, which holds the "
+                                     "pgwarden proxy's credentials; only the proxy may mount it")
 
 
 def _set_env(container: dict[str, Any], values: Mapping[str, str]) -> None:
@@ -242,6 +300,8 @@ def inject_pod_spec(meta: Mapping[str, Any], spec: Mapping[str, Any], target: In
     new_spec["volumes"] = [*(new_spec.get("volumes") or []), *proxy_volumes(target, settings)]
 
     annotations[ANNOTATION_INJECTED] = target.connection
+    annotations[ANNOTATION_PROXY_IMAGE] = settings.image
+    new_meta.setdefault("labels", {})[LABEL_PROXY_VERSION] = proxy_version(settings.image)
     if agents:
         annotations.setdefault("kubectl.kubernetes.io/default-container", agents[0])
     return new_meta, new_spec

@@ -133,6 +133,12 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
         async def _inject(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
             await admission.mutate_pod(body, patch, runtime, logger)
 
+        # failure policy Fail (chart): `kubectl debug` on an injected pod waits for the operator
+        @kopf.on.validate("", "v1", "pods", registry=registry, id="pgwarden-ephemeral", subresource="ephemeralcontainers",
+                          operations=["UPDATE"], side_effects=False)
+        def _ephemeral(body: kopf.Body, **_: Any) -> None:
+            admission.validate_ephemeral(body)
+
         for group, version, plural in WORKLOADS:
             @kopf.on.mutate(group, version, plural, registry=registry, id="pgwarden-carry", operations=["CREATE"],
                             ignore_failures=True, side_effects=False)

@@ -27,6 +27,19 @@ def _flag(value: str | None, default: bool) -> bool:
     raise ValueError(f"{value!r} is not a boolean; write true or false")
 
 
+def _uid(value: str | None, default: int | None) -> int | None:
+    """A UID as the chart renders it; "" or "null" (Helm's empty value): let the platform assign one."""
+    if value is None:
+        return default
+    v = value.strip()
+    if v in ("", "null", "none", "auto"):
+        return None
+    uid = int(v)
+    if uid <= 0:
+        raise ValueError(f"PGWARDEN_SIDECAR_RUN_AS_USER={value!r}: the proxy never runs as root; use a UID > 0 or leave it empty")
+    return uid
+
+
 @dataclass(frozen=True)
 class SidecarResources:
     """Requests and limits of the injected proxy container (Kubernetes quantity strings)."""
@@ -59,8 +72,9 @@ class InjectionSettings:
     # agent must never pass for its proxy (injection refuses agent volumes with this audience)
     token_audience: str = "pgwarden-operator"
     token_expiration_seconds: int = 3600
-    # the UID the proxy runs as (non-root)
-    run_as_user: int = 65532
+    # the UID (and GID) the proxy runs as; None leaves it to the platform (OpenShift's restricted
+    # SCC assigns one per namespace) — runAsNonRoot is always set
+    run_as_user: int | None = 65532
     # the sidecar's audit log: a hash-chained file on an emptyDir (the root filesystem is
     # read-only), also printed to stdout for the cluster's log shipper, optionally OTLP
     audit_stdout: bool = True
@@ -172,6 +186,7 @@ class OperatorSettings:
             audit_otel=_flag(e.get("PGWARDEN_SIDECAR_AUDIT_OTEL"), inj.audit_otel),
             otel_endpoint=e.get("PGWARDEN_SIDECAR_OTEL_ENDPOINT", inj.otel_endpoint).strip(),
             approvals_url=e.get("PGWARDEN_APPROVALS_URL", inj.approvals_url).strip(),
+            run_as_user=_uid(e.get("PGWARDEN_SIDECAR_RUN_AS_USER"), inj.run_as_user),
             image=e.get("PGWARDEN_PROXY_IMAGE", inj.image),
             image_pull_policy=e.get("PGWARDEN_PROXY_IMAGE_PULL_POLICY", inj.image_pull_policy),
             resources=SidecarResources(

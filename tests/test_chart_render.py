@@ -318,6 +318,15 @@ def test_reviewer_can_patch_approvals_and_agents_need_no_role() -> None:
     assert crb["subjects"] == [{"kind": "Group", "name": "dba", "apiGroup": "rbac.authorization.k8s.io"}]
 
 
+@pytest.mark.parametrize("value,expected", [(None, None), (1000, 1000)])
+def test_sidecar_run_as_user_can_be_left_to_the_platform(value: int | None, expected: int | None) -> None:
+    from pgwarden.operator.settings import OperatorSettings
+
+    dep = operator_deployment({"sidecar.runAsUser": value})
+    env = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
+    assert OperatorSettings.from_env(env).injection.run_as_user == expected
+
+
 def test_the_approvals_gateway_is_served_and_configured() -> None:
     docs = render()
     dep = one(docs, "Deployment", OPERATOR)

@@ -70,6 +70,14 @@ async def mutate_pod(body: Mapping[str, Any], patch: MutableMapping[str, Any], r
     logger.info(f"injecting the pgwarden proxy for connection {connection}")
 
 
+def validate_ephemeral(body: Mapping[str, Any]) -> None:
+    """pods/ephemeralcontainers UPDATE: no debug container may reach the proxy's credentials."""
+    try:
+        injection.check_ephemeral_containers(body)
+    except injection.InjectionError as e:
+        raise kopf.AdmissionError(f"pgwarden refuses this ephemeral container: {e}", code=403) from e
+
+
 def mutate_workload(body: Mapping[str, Any], patch: MutableMapping[str, Any]) -> None:
     """At creation, carry the workload's annotation into its pod template (Jobs' templates are
     immutable afterwards, so this is the only moment for them)."""

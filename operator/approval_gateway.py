@@ -255,6 +255,24 @@ class Gateway:
         self._reviews[key] = (time.monotonic() + self.review_ttl, caller)
         return caller
 
+    async def webhook_problem(self) -> str:
+        """Why the admission webhook port is not serving TLS ("" when it is): readiness covers
+        both servers, since the API server needs the webhook and the sidecars the gateway."""
+        wh = self.runtime.settings.webhook
+        if not wh.enabled:
+            return ""
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # the handshake is the check; the API server verifies the CA
+        host = "127.0.0.1" if wh.addr in ("0.0.0.0", "::", "") else wh.addr
+        try:
+            async with asyncio.timeout(2):
+                _, writer = await asyncio.open_connection(host, wh.port, ssl=ctx)
+            writer.close()
+        except (OSError, TimeoutError, ssl.SSLError) as e:
+            return f"the webhook port {wh.port} does not complete a TLS handshake: {e}"
+        return ""
+
     def _collection(self, namespace: str) -> str:
         return kube.path(kube.PGW, PLURAL, namespace)
 
@@ -355,7 +373,12 @@ class Gateway:
             except kube.ApiError as e:
                 return _status(e.status, str(e))
 
+        async def readyz(_: web.Request) -> web.StreamResponse:
+            problem = await self.webhook_problem()
+            return web.Response(status=503 if problem else 200, text=problem or "ok")
+
         app = web.Application(client_max_size=4 * 1024 * 1024)
+        app.router.add_get("/readyz", readyz)
         base = f"/apis/{kube.PGW}/namespaces/{{ns}}/{{kind:{PLURAL}}}"
         for route in (base, base + "/{name}", "/api/v1/namespaces/{ns}/{kind:events}"):
             app.router.add_route("*", route, handle)

@@ -395,3 +395,42 @@ def test_caller_from_review_needs_the_audience_a_service_account_and_a_pod() -> 
         with pytest.raises(gw.Refused) as e:
             gw.caller_from_review(broken, AUD)
         assert e.value.status == 401
+
+
+async def test_readiness_needs_both_the_gateway_and_the_webhook_port(kmock: Any, tmp_path: Path) -> None:
+    """The operator's readiness probe (HTTPS, /readyz on the gateway) fails while the admission
+    webhook port does not complete a TLS handshake, so the Service sends no admission there."""
+    import ssl
+
+    from pgwarden.operator.settings import WebhookSettings
+    from pgwarden.operator.webhook_server import self_signed
+
+    from pgwarden.embedded import free_port
+
+    advertise(kmock)
+    port = free_port()
+    settings = OperatorSettings(gateway=GatewaySettings(enabled=True, addr="127.0.0.1", port=0),
+                                webhook=WebhookSettings(addr="127.0.0.1", port=port))
+    runtime = Runtime(settings, client_for(kmock))
+    running = await gw.serve(runtime, ["localhost", "127.0.0.1"])
+    probe = ssl.create_default_context()
+    probe.check_hostname, probe.verify_mode = False, ssl.CERT_NONE  # kubelet does not verify either
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"https://127.0.0.1:{running.port}/readyz", ssl=probe) as r:
+                assert r.status == 503 and f"webhook port {port}" in await r.text()
+            cert, key = self_signed(["127.0.0.1"])
+            (tmp_path / "c.pem").write_bytes(cert)
+            (tmp_path / "k.pem").write_bytes(key)
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))
+            webhook = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port, ssl=ctx)
+            try:
+                async with s.get(f"https://127.0.0.1:{running.port}/readyz", ssl=probe) as r:
+                    assert r.status == 200, await r.text()
+            finally:
+                webhook.close()
+                await webhook.wait_closed()
+    finally:
+        await running.stop()
+        await runtime.kube.close()

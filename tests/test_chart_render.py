@@ -401,7 +401,13 @@ def test_webhook_configurations_match_the_operators_handlers() -> None:
         for k in kopf_hooks:
             w = ours[k["name"]]
             assert w["clientConfig"]["service"]["path"] == k["clientConfig"]["service"]["path"], k["name"]
-            assert w["failurePolicy"] == k["failurePolicy"], k["name"]
+            if k["name"].startswith("pgwarden-inject."):
+                # kopf cannot express matchConditions, so the configuration it would manage itself
+                # fails open; the chart narrows the webhook to annotated pods and fails closed
+                assert (k["failurePolicy"], w["failurePolicy"]) == ("Ignore", "Fail")
+                assert w["matchConditions"]
+            else:
+                assert w["failurePolicy"] == k["failurePolicy"], k["name"]
             assert w["sideEffects"] == k["sideEffects"], k["name"]
             assert rule_set(w["rules"]) == rule_set(k["rules"]), k["name"]
 
@@ -433,10 +439,45 @@ def test_pod_injection_skips_system_namespaces_and_the_operator_itself() -> None
     hooks = {w["name"]: w for w in one(render(), "MutatingWebhookConfiguration")["webhooks"]}
     expr = hooks["pgwarden-inject.pgwarden.dev"]["namespaceSelector"]["matchExpressions"][0]
     assert expr["operator"] == "NotIn" and {"kube-system", NAMESPACE} <= set(expr["values"])
-    # injection fails open for the pod but closed for data (no sidecar = no credentials);
-    # approvals fail closed: nobody decides while the operator is away
-    assert hooks["pgwarden-inject.pgwarden.dev"]["failurePolicy"] == "Ignore"
+    # injection fails closed, narrowed to the pods that ask for it; approvals fail closed: nobody
+    # decides while the operator is away
+    assert hooks["pgwarden-inject.pgwarden.dev"]["failurePolicy"] == "Fail"
     assert hooks["pgwarden-approval-decide.pgwarden.dev"]["failurePolicy"] == "Fail"
+    assert hooks["pgwarden-inject.pgwarden.dev"]["timeoutSeconds"] <= 5
+
+
+def match_conditions_pass(webhook: Manifest, obj: Manifest) -> bool:
+    """The API server's evaluation of matchConditions: every expression true (CEL, celpy)."""
+    import celpy
+
+    env = celpy.Environment()
+    for cond in webhook.get("matchConditions") or []:
+        program = env.program(env.compile(cond["expression"]))
+        if not bool(program.evaluate({"object": celpy.json_to_cel(obj)})):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("annotations,sent", [
+    ({"pgwarden.dev/inject": "orders-prod"}, True),
+    ({"pgwarden.dev/inject": "orders-prod", "pgwarden.dev/injected": "orders-prod"}, False),
+    ({"team": "x"}, False),
+    (None, False),
+])
+def test_only_pods_that_ask_for_the_proxy_reach_the_fail_closed_webhook(annotations: Any, sent: bool) -> None:
+    hooks = {w["name"]: w for w in one(render(), "MutatingWebhookConfiguration")["webhooks"]}
+    pod: Manifest = {"apiVersion": "v1", "kind": "Pod", "metadata": {"generateName": "a-"}, "spec": {}}
+    if annotations is not None:
+        pod["metadata"]["annotations"] = annotations
+    assert match_conditions_pass(hooks["pgwarden-inject.pgwarden.dev"], pod) is sent
+    vhooks = {w["name"]: w for w in one(render(), "ValidatingWebhookConfiguration")["webhooks"]}
+    injected = bool(annotations and "pgwarden.dev/injected" in annotations)
+    assert match_conditions_pass(vhooks["pgwarden-ephemeral.pgwarden.dev"], pod) is injected
+
+
+def test_readiness_is_an_https_check_of_both_servers() -> None:
+    probe = operator_deployment()["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    assert probe["httpGet"] == {"path": "/readyz", "port": "approvals", "scheme": "HTTPS"}
 
 
 def test_approval_webhooks_cover_every_namespace() -> None:

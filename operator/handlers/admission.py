@@ -1,9 +1,10 @@
 """Pod admission: inject the proxy into pods annotated `pgwarden.dev/inject: <connection>`.
 
-Failure policy (documented choice): Ignore. A pod admitted while the operator is down starts
-without the sidecar — and therefore without any database credentials, because they exist only
-in the proxy's volume. Failing closed by construction keeps an operator outage from blocking
-every pod creation in the cluster.
+Failure policy (the chart's, docs/operator.md): Fail, with matchConditions that send only
+annotated, not yet injected pods — an annotated pod is not created while the operator is down,
+and no other pod ever waits for it. kopf's self-managed configuration cannot express
+matchConditions and stays Ignore (an uninjected pod still holds no database credentials).
+Ephemeral containers of injected pods are checked by `validate_ephemeral`.
 """
 
 from __future__ import annotations

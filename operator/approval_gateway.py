@@ -397,9 +397,45 @@ class RunningGateway:
     runner: web.AppRunner
     port: int
     ca_pem: str
+    reloader: asyncio.Task[None] | None = None
 
     async def stop(self) -> None:
+        if self.reloader is not None:
+            self.reloader.cancel()
+            await asyncio.gather(self.reloader, return_exceptions=True)
         await self.runner.cleanup()
+
+
+def _files_digest(*paths: str | None) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        if p:
+            try:
+                h.update(Path(p).read_bytes())
+            except OSError:
+                h.update(b"missing")
+    return h.hexdigest()
+
+
+async def reload_on_change(runtime: Runtime, ctx: ssl.SSLContext, interval: float) -> None:
+    """Renewed certificates (cert-manager, a chart upgrade) reach the mounted Secret after a
+    kubelet sync: load them into the serving context, so new handshakes present them without a
+    restart. A half-written pair is retried at the next look."""
+    gw = runtime.settings.gateway
+    seen = _files_digest(gw.certfile, gw.pkeyfile, gw.cafile)
+    while True:
+        await asyncio.sleep(interval)
+        now = _files_digest(gw.certfile, gw.pkeyfile, gw.cafile)
+        if now == seen:
+            continue
+        try:
+            ctx.load_cert_chain(gw.certfile or "", gw.pkeyfile)
+            runtime.operator_ca = await asyncio.to_thread(Path(gw.cafile or gw.certfile or "").read_text)
+        except (OSError, ssl.SSLError, ValueError) as e:
+            log.warning("approvals gateway: the renewed certificate does not load yet (%s); keeping the old one", e)
+            continue
+        seen = now
+        log.info("approvals gateway: serving the renewed certificate")
 
 
 def tls_material(runtime: Runtime, hostnames: list[str]) -> tuple[ssl.SSLContext, str]:
@@ -432,5 +468,7 @@ async def serve(runtime: Runtime, hostnames: list[str] | None = None) -> Running
     server = getattr(site, "_server", None)
     port = server.sockets[0].getsockname()[1] if server is not None and server.sockets else gw.port
     log.info("approvals gateway on https://%s:%s", gw.addr, port)
-    await asyncio.sleep(0)
-    return RunningGateway(runner, port, ca)
+    reloader = None
+    if gw.certfile and gw.pkeyfile:
+        reloader = asyncio.get_running_loop().create_task(reload_on_change(runtime, ctx, gw.reload_interval))
+    return RunningGateway(runner, port, ca, reloader)

@@ -130,6 +130,8 @@ class GatewaySettings:
     cafile: str | None = None
     # positive TokenReviews are reused this long (one API call per proxy token, not per request)
     review_cache_seconds: float = 30.0
+    # how often the mounted certificate is checked for a renewal
+    reload_interval: float = 30.0
 
 
 @dataclass(frozen=True)

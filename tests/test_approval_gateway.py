@@ -434,3 +434,61 @@ async def test_readiness_needs_both_the_gateway_and_the_webhook_port(kmock: Any,
     finally:
         await running.stop()
         await runtime.kube.close()
+
+
+async def test_a_renewed_certificate_is_served_without_a_restart(kmock: Any, tmp_path: Path) -> None:
+    """cert-manager renews the serving certificate under the same CA; the Secret volume changes
+    and the gateway presents the new certificate to the next sidecar, which still trusts it."""
+    import datetime as dt
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    from pgwarden.operator.webhook_server import self_signed
+
+    ca_pem, ca_key_pem = self_signed(["pgwarden-webhook-ca"])
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    ca_key = serialization.load_pem_private_key(ca_key_pem, None)
+
+    def leaf(serial: int) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gw")]))
+                .issuer_name(ca.subject).public_key(key.public_key()).serial_number(serial)
+                .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName([x509.IPAddress(__import__("ipaddress").ip_address(
+                    "127.0.0.1"))]), critical=False)
+                .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
+        (tmp_path / "tls.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                             serialization.NoEncryption()))
+        (tmp_path / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    (tmp_path / "ca.crt").write_bytes(ca_pem)
+    leaf(1001)
+    advertise(kmock)
+    settings = OperatorSettings(gateway=GatewaySettings(
+        enabled=True, addr="127.0.0.1", port=0, certfile=str(tmp_path / "tls.crt"), pkeyfile=str(tmp_path / "tls.key"),
+        cafile=str(tmp_path / "ca.crt"), reload_interval=0.1))
+    runtime = Runtime(settings, client_for(kmock))
+    running = await gw.serve(runtime)
+    assert runtime.operator_ca == ca_pem.decode()
+
+    async def served_serial() -> int:
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))  # what the sidecar trusts
+        _, writer = await asyncio.open_connection("127.0.0.1", running.port, ssl=ctx)
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+        return x509.load_der_x509_certificate(der).serial_number
+
+    try:
+        assert await served_serial() == 1001
+        leaf(1002)
+        deadline = time.monotonic() + 5
+        while await served_serial() != 1002:
+            assert time.monotonic() < deadline, "the renewed certificate was not picked up"
+            await asyncio.sleep(0.1)
+    finally:
+        await running.stop()
+        await runtime.kube.close()

@@ -12,7 +12,20 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from chart_helpers import CHART, NAMESPACE, RELEASE, ROOT, Manifest, grants, of_kind, one, render, run_helm
+from chart_helpers import (
+    CHART,
+    NAMESPACE,
+    RELEASE,
+    ROOT,
+    Manifest,
+    grants,
+    of_kind,
+    one,
+    render,
+    run_helm,
+    set_args,
+)
+from cryptography.hazmat.primitives import serialization
 
 # the values CI renders: the defaults, and the options a hardened install turns on
 HARDENED = {"webhook.certManager.enabled": True, "networkPolicy.enabled": True}
@@ -493,9 +506,18 @@ def test_approval_webhooks_cover_every_namespace() -> None:
 def test_cert_manager_mode_injects_the_ca_and_generates_no_key() -> None:
     docs = render(HARDENED)
     assert not of_kind(docs, "Secret"), "with cert-manager the chart must not generate a private key"
-    cert = one(docs, "Certificate")
+    cert = one(docs, "Certificate", f"{RELEASE}-pgwarden-webhook")
     svc = one(docs, "Service")["metadata"]["name"]
     assert f"{svc}.{NAMESPACE}.svc" in cert["spec"]["dnsNames"]
+    # renewals keep the CA: the serving certificate is signed by a CA Issuer, whose CA comes from
+    # a self-signed Issuer once and is never re-keyed
+    ca_cert = one(docs, "Certificate", f"{RELEASE}-pgwarden-webhook-ca")
+    assert ca_cert["spec"]["isCA"] is True and ca_cert["spec"]["privateKey"]["rotationPolicy"] == "Never"
+    ca_issuer = one(docs, "Issuer", f"{RELEASE}-pgwarden-ca")
+    assert ca_issuer["spec"]["ca"]["secretName"] == ca_cert["spec"]["secretName"]
+    assert cert["spec"]["issuerRef"] == {"name": ca_issuer["metadata"]["name"], "kind": "Issuer"}
+    assert one(docs, "Issuer", f"{RELEASE}-pgwarden-selfsigned")["spec"] == {"selfSigned": {}}
+    assert ca_cert["spec"]["issuerRef"]["name"] == f"{RELEASE}-pgwarden-selfsigned"
     for kind in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
         config = one(docs, kind)
         assert config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == \
@@ -503,6 +525,68 @@ def test_cert_manager_mode_injects_the_ca_and_generates_no_key() -> None:
         assert all("caBundle" not in w["clientConfig"] for w in config["webhooks"])
     secret_name = one(docs, "Deployment", OPERATOR)["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"]
     assert secret_name == cert["spec"]["secretName"]
+
+
+def ca_pems() -> tuple[str, str, str]:
+    """(CA cert, CA key, another CA cert) in PEM, as a user keeps them in a secret store."""
+    from pgwarden.operator.webhook_server import self_signed
+
+    cert, key = self_signed(["pgwarden-webhook-ca"])
+    other, _ = self_signed(["pgwarden-webhook-ca-old"])
+    return cert.decode(), key.decode(), other.decode()
+
+
+def ca_bundles(docs: list[Manifest]) -> set[str]:
+    return {w["clientConfig"]["caBundle"] for kind in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration")
+            for w in one(docs, kind)["webhooks"]}
+
+
+def test_a_given_ca_keeps_the_ca_bundle_stable_across_helm_template_runs() -> None:
+    """GitOps renders with `helm template` (lookup finds nothing) at every sync: with webhook.tls.ca
+    the caBundle is the same each time, and each run's serving certificate verifies under it, so
+    replacing the Secret never leaves the API server or the sidecars distrusting the server."""
+    from cryptography import x509
+
+    ca_cert, ca_key, _ = ca_pems()
+    values = {"webhook.tls.ca.cert": ca_cert, "webhook.tls.ca.key": ca_key}
+    runs = []
+    for _ in range(2):
+        proc = run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *set_args(values))
+        assert proc.returncode == 0, proc.stderr
+        runs.append([d for d in yaml.safe_load_all(proc.stdout) if d])
+    bundles = [ca_bundles(docs) for docs in runs]
+    assert bundles[0] == bundles[1] and len(bundles[0]) == 1
+    (bundle,) = bundles[0]
+    assert base64.b64decode(bundle).decode().strip() == ca_cert.strip()
+    ca = x509.load_pem_x509_certificate(ca_cert.encode())
+    for docs in runs:
+        secret = one(docs, "Secret")
+        assert secret["data"]["ca.crt"] == bundle
+        x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"])).verify_directly_issued_by(ca)
+
+
+def test_the_old_ca_stays_trusted_while_rotating() -> None:
+    """Overlap: during a CA rotation the caBundle (and the sidecars' CA file) holds both CAs."""
+    from cryptography import x509
+
+    ca_cert, ca_key, old = ca_pems()
+    docs = render({"webhook.tls.ca.cert": ca_cert, "webhook.tls.ca.key": ca_key, "webhook.tls.extraCABundle": old})
+    (bundle,) = ca_bundles(docs)
+    certs = x509.load_pem_x509_certificates(base64.b64decode(bundle))
+    assert [c.public_bytes(serialization.Encoding.PEM).decode() for c in certs] == [ca_cert, old]
+    assert one(docs, "Secret")["data"]["ca.crt"] == bundle
+
+
+def test_a_generated_ca_changes_per_render_and_notes_say_so() -> None:
+    """Without a given CA or cert-manager, `helm template` cannot keep the CA: documented."""
+    a = ca_bundles(render({"operator.replicaCount": 2}))
+    proc = run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE)
+    b = ca_bundles([d for d in yaml.safe_load_all(proc.stdout) if d])
+    assert a != b
+    proc = run_helm("install", RELEASE, str(CHART), "--dry-run=client", "--namespace", NAMESPACE)
+    assert "webhook.tls.ca" in proc.stdout.split("NOTES:", 1)[1]
+    proc = run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *set_args({"webhook.tls.ca.cert": "x"}))
+    assert proc.returncode != 0 and "needs both cert and key" in proc.stderr
 
 
 def test_network_policy_limits_ingress_to_the_webhook_and_gateway_ports() -> None:
@@ -576,3 +660,17 @@ def test_sample_agent_injected_with_the_charts_settings_is_a_valid_hardened_pod(
     # the agent's own token is for the proxy's audience, not the API server's
     token = next(v for v in spec["volumes"] if v["name"] == "pgwarden-token")
     assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "pgwarden"
+
+
+def test_the_documented_crd_upgrade_works_with_helm_installed_crds() -> None:
+    """Helm owns the CRDs' fields after `helm install`: a server-side apply without
+    --force-conflicts stops at a conflict with the field manager `helm`."""
+    text = (ROOT / "docs" / "install.md").read_text()
+    upgrade = text.split("## Upgrading", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    apply = " ".join(upgrade.replace("\\\n", " ").strip().split("\n")[0].split())
+    assert apply.startswith("kubectl apply --server-side --force-conflicts")
+    for path in ("crds/", "charts/pgwarden/crds/kopf-peering.yaml"):
+        assert f"-f {path}" in apply and (ROOT / path).exists()
+    # the chart's CRDs are the same files (symlinks), so what Helm installed is what this applies
+    for f in (CHART / "crds").glob("*.yaml"):
+        assert f.is_symlink() or f.name == "kopf-peering.yaml"

@@ -454,6 +454,15 @@ def next_status(obj: Mapping[str, Any], now: float, *, executed_at: str | None =
         events.append(("Warning", "Expired", "expired before a decision" if phase == "Pending"
                        else "approved but not used before it expired"))
         phase = "Expired"
+    if out.get("phase") and out["phase"] != status.get("phase"):
+        # `kubectl wait --for=condition=Ready approvalrequest/NAME`: Ready while approved and unused
+        ready = {"type": "Ready", "status": "True" if phase == "Approved" else "False", "reason": phase,
+                 "message": {"Pending": "waiting for a reviewer", "Approved": "approved; the proxy may run it once",
+                             "Denied": "denied", "Executed": "the approved statement was run (one time)",
+                             "Expired": "expired"}.get(phase, phase),
+                 "lastTransitionTime": iso(now)}
+        others = [c for c in status.get("conditions") or [] if isinstance(c, Mapping) and c.get("type") != "Ready"]
+        out["conditions"] = [*others, ready]
     ended = _ended_at(status, out, expires_at)
     delete = phase in ("Denied", "Expired", "Executed") and ended is not None and now - ended >= retention and not out
     return StatusChange(out, tuple(events), delete)

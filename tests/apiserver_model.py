@@ -17,6 +17,10 @@ pruning", "Defaulting", "Defaulting and Nullable", "Embedded resources"):
 - `default` fills missing fields after pruning, also inside arrays and new objects.
 - A merge patch (RFC 7386) is applied first, then the result is pruned; a status-subresource
   write keeps only `.status` of the request and everything else of the stored object.
+- `x-kubernetes-validations` ("Validation rules"): each CEL rule is evaluated with `self` bound to
+  its node after defaulting; a rule that names `oldSelf` is a transition rule, evaluated only on
+  updates where the old object has that node. A false rule is a 422 with the rule's message.
+  CEL is interpreted by cel-python (celpy), with the Kubernetes `duration()` it shares.
 """
 
 from __future__ import annotations
@@ -188,12 +192,45 @@ def validate(obj: Mapping[str, Any], schema: Mapping[str, Any]) -> None:
         raise Invalid(f"{where}: {e.message}") from e
 
 
-def store(obj: Mapping[str, Any], crd: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """What a create (or full update) leaves in etcd: (stored object, dropped paths)."""
+def check_rules(value: Any, old: Any, schema: Mapping[str, Any], path: str = "") -> None:
+    """Evaluate every x-kubernetes-validations rule below `schema` (old: the stored object)."""
+    import celpy
+
+    if value is None:
+        return
+    env = celpy.Environment()
+    for rule in schema.get("x-kubernetes-validations") or []:
+        text = rule["rule"]
+        if "oldSelf" in text and old is None:
+            continue  # a transition rule: only on updates that had this node
+        activation: dict[str, Any] = {"self": celpy.json_to_cel(value)}
+        if old is not None:
+            activation["oldSelf"] = celpy.json_to_cel(old)
+        result = env.program(env.compile(text)).evaluate(activation)
+        if isinstance(result, Exception) or not bool(result):
+            raise Invalid(f"{path or '<root>'}: {rule.get('message') or 'failed rule: ' + text}")
+    if isinstance(value, Mapping):
+        props = schema.get("properties") or {}
+        additional = schema.get("additionalProperties")
+        for key, child in value.items():
+            sub = props.get(key, additional if isinstance(additional, Mapping) else None)
+            if sub is not None:
+                check_rules(child, old.get(key) if isinstance(old, Mapping) else None, sub, f"{path}.{key}")
+    elif isinstance(value, list) and isinstance(schema.get("items"), Mapping):
+        for i, item in enumerate(value):
+            check_rules(item, None, schema["items"], f"{path}[{i}]")
+
+
+def store(
+    obj: Mapping[str, Any], crd: Mapping[str, Any], old: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """What a create (or, with the stored `old`, an update) leaves in etcd: (stored object,
+    dropped paths)."""
     schema = schema_of(crd)
     dropped: list[str] = []
     stored = apply_defaults(prune(obj, schema, "", dropped, root=True), schema)
     validate(stored, schema)
+    check_rules(stored, old, schema)
     return stored, dropped
 
 
@@ -220,4 +257,14 @@ def patch_status(
         result["status"] = merged["status"]
     else:
         result.pop("status", None)
-    return store(result, crd)
+    return store(result, crd, stored)
+
+
+def update(
+    stored: Mapping[str, Any], patch: Mapping[str, Any], crd: Mapping[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """A merge patch of the main resource (kubectl patch --type merge): status is kept as stored."""
+    merged = merge_patch(stored, {k: v for k, v in patch.items() if k != "status"})
+    if "status" in stored:
+        merged["status"] = copy.deepcopy(stored["status"])
+    return store(merged, crd, stored)

@@ -11,7 +11,7 @@ from typing import Any
 import jsonpatch
 import kubernetes_validate
 import pytest
-from apiserver_model import Invalid, crds, merge_patch, patch_status, prune, store
+from apiserver_model import Invalid, crds, merge_patch, patch_status, prune, store, update
 from pgwarden.operator import approvals as ar
 from pgwarden.operator import bundle, credentials, status
 from pgwarden.operator import injection as inj
@@ -383,3 +383,133 @@ def test_the_crd_files_have_no_duplicate_keys() -> None:
     assert (ROOT / "charts" / "pgwarden" / "crds" / "approvalrequests.yaml").resolve() == (
         ROOT / "crds" / "approvalrequests.yaml"
     ).resolve()
+
+
+class TestCelRules:
+    """x-kubernetes-validations: the webhook's invariants hold even when it is not called."""
+
+    def approved(self) -> dict[str, Any]:
+        crd = CRDS["ApprovalRequest"]
+        stored = stored_request()
+        new = merge_patch(stored, {"spec": {"decision": "approved"}})
+        m = ar.mutate("UPDATE", stored, new, ALICE, POLICY, NOW + 1)
+        out, _ = update(stored, jsonpatch.apply_patch(new, m.json_patch(new)), crd)
+        return out
+
+    def test_a_decision_is_final(self) -> None:
+        crd = CRDS["ApprovalRequest"]
+        approved = self.approved()
+        assert approved["spec"]["decision"] == "approved"
+        for flip in ("denied", "pending"):
+            with pytest.raises(Invalid, match="a decision is final"):
+                update(approved, {"spec": {"decision": flip}}, crd)
+        update(approved, {"metadata": {"labels": {"seen": "yes"}}}, crd)  # everything else: fine
+
+    @pytest.mark.parametrize(
+        "change",
+        [
+            {"statement": "DELETE FROM orders"},
+            {"requester": {"subject": "system:serviceaccount:agents:someone-else"}},
+            {"connectionRef": {"name": "other"}},
+            {"policy": "lenient"},
+            {"expiresAt": "2099-01-01T00:00:00Z"},
+            {"mode": "wait"},
+            {"parametersHash": "0" * 64},
+        ],
+    )
+    def test_the_spec_is_immutable_but_for_the_decision(self, change: dict[str, Any]) -> None:
+        with pytest.raises(Invalid, match="only spec.decision and spec.reason"):
+            update(stored_request(), {"spec": change}, CRDS["ApprovalRequest"])
+
+    def test_reason_and_decision_may_change_once(self) -> None:
+        out, _ = update(
+            stored_request(), {"spec": {"decision": "denied", "reason": "not today"}}, CRDS["ApprovalRequest"]
+        )
+        assert out["spec"]["reason"] == "not today"
+
+    def test_every_compared_field_is_bounded_for_the_cost_estimator(self) -> None:
+        """The API server refuses a CRD whose rules could cost too much; an unbounded string or
+        list compared in a rule is what makes the estimate explode."""
+        spec = apiserver_schema("ApprovalRequest")["properties"]["spec"]
+
+        def bounded(node: dict[str, Any]) -> bool:
+            if node.get("type") == "string":
+                return "maxLength" in node or "enum" in node
+            if node.get("type") == "array":
+                return "maxItems" in node and bounded(node["items"])
+            if node.get("type") == "object":
+                return all(bounded(c) for c in (node.get("properties") or {}).values())
+            return True
+
+        rule = " ".join(r["rule"] for r in spec["x-kubernetes-validations"])
+        for name, node in spec["properties"].items():
+            if f"self.{name}" in rule:
+                assert bounded(node), f"spec.{name} is compared in a CEL rule but not bounded"
+
+    @pytest.mark.parametrize(
+        "creds,ok",
+        [
+            ({}, True),  # defaults 1h / 2m
+            ({"rotationInterval": "3m", "gracePeriod": "2m"}, True),
+            ({"rotationInterval": "1h", "gracePeriod": "90s"}, False),  # kubelet needs 60-90 s
+            ({"rotationInterval": "2m", "gracePeriod": "2m"}, False),  # not below the interval
+            ({"rotationInterval": "30s", "gracePeriod": "2m"}, False),
+        ],
+    )
+    def test_rotation_grace_period(self, creds: dict[str, Any], ok: bool) -> None:
+        obj = copy.deepcopy(CONN_RAW)
+        obj["spec"]["credentials"] = creds
+        if ok:
+            stored, _ = store(obj, CRDS["DatabaseConnection"])
+            assert stored["spec"]["credentials"]["gracePeriod"]
+        else:
+            with pytest.raises(Invalid, match="gracePeriod|rotationInterval"):
+                store(obj, CRDS["DatabaseConnection"])
+        # the operator's own parser agrees
+        from pgwarden.resources import ResourceError
+
+        if ok:
+            parse_connection(document_from_object(obj))
+        else:
+            with pytest.raises(ResourceError):
+                parse_connection(document_from_object(obj))
+
+
+class TestReadyConditions:
+    """`kubectl wait --for=condition=Ready` works on every kind."""
+
+    def test_approval_request_is_ready_while_approved_and_unused(self) -> None:
+        crd = CRDS["ApprovalRequest"]
+        stored = TestCelRules().approved()
+        for executed in (None, status.iso(NOW + 3)):
+            change = ar.next_status(stored, NOW + 2, executed_at=executed)
+            stored, dropped = patch_status(stored, {"status": dict(change.status)}, crd)
+            assert dropped == []
+            (ready,) = [c for c in stored["status"]["conditions"] if c["type"] == "Ready"]
+            if stored["status"]["phase"] == "Approved":
+                assert ready["status"] == "True"
+        assert (
+            stored["status"]["phase"] == "Executed"
+            and ready["status"] == "False"
+            and ready["reason"] == "Executed"
+        )
+
+    def test_connection_policy_and_masking_rule_report_ready(self) -> None:
+        conds = status.connection_status_example()["conditions"]
+        assert {"type": "Ready", "status": "True"}.items() <= next(
+            c for c in conds if c["type"] == "Ready"
+        ).items()
+        failing, phase = status.connection_conditions(
+            None, [status.condition("Reachable", False, "ConnectFailed", "no")]
+        )
+        assert phase == "Error" and next(c for c in failing if c["type"] == "Ready")["status"] == "False"
+        for valid in (True, False):
+            body = status.compiled_status([] if valid else ["bad"], [], "d", 1, None, valid)
+            ready = next(c for c in body["conditions"] if c["type"] == "Ready")
+            assert ready["status"] == ("True" if valid else "False")
+
+
+def apiserver_schema(kind: str) -> dict[str, Any]:
+    from apiserver_model import schema_of
+
+    return schema_of(CRDS[kind])

@@ -24,9 +24,9 @@ NS = "agents"
 PGW = kube.PGW
 pytestmark = pytest.mark.slow
 
-# rotationInterval 1m and gracePeriod 40s in the spec (valid for the CRD), scaled to 3s / 2s
+# rotationInterval 3m and gracePeriod 2m in the spec (valid for the CRD), scaled to 3s / 2s
 FAST = OperatorSettings(
-    rotation=RotationSettings(time_scale=0.05, retry_delay=1.0, check_interval=0.5),
+    rotation=RotationSettings(time_scale=1 / 60, retry_delay=1.0, check_interval=0.5),
     webhook=WebhookSettings(enabled=False),
     peering_name=None,
 )
@@ -58,7 +58,7 @@ def connection(pg: Any, name: str = "shop", admin: str = "shop-admin", **creds: 
         "metadata": {"name": name, "namespace": NS, "resourceVersion": "1", "generation": 1},
         "spec": {"host": pg.host, "port": pg.port, "database": "shop", "sslMode": "disable",
                  "adminSecretRef": {"name": admin},
-                 "credentials": {"grantRoles": ["shop_reader"], "rotationInterval": "1m", "gracePeriod": "40s",
+                 "credentials": {"grantRoles": ["shop_reader"], "rotationInterval": "3m", "gracePeriod": "2m",
                                  **creds}},
     }
 
@@ -244,6 +244,6 @@ async def _is_none(aw: Any) -> bool:
 
 
 def test_settings_are_scaled_not_validation() -> None:
-    """Tests shrink time through RotationSettings.time_scale; the spec still says 1m."""
-    assert replace(FAST).rotation.time_scale == 0.05
+    """Tests shrink time through RotationSettings.time_scale; the spec still says 3m."""
+    assert replace(FAST).rotation.time_scale == 1 / 60
     assert OperatorSettings().rotation.time_scale == 1.0

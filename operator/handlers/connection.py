@@ -103,8 +103,7 @@ async def _reconcile_locked(
         reachable = None if e.reason == "AdminSecretInvalid" else e.reason in ("GrantRoleMissing", "SQLFailed")
         creds_cond = status.condition("CredentialsReady", False, e.reason, str(e), generation)
         reach = status.condition("Reachable", reachable, "Connected" if reachable else e.reason, str(e), generation)
-        conds = status.merge_conditions(prev, [reach, creds_cond])
-        st["conditions"], st["phase"] = conds, status.connection_phase(conds)
+        st["conditions"], st["phase"] = status.connection_conditions(prev, [reach, creds_cond], generation)
         kopf.warn(dict(body), reason=e.reason, message=str(e))
         raise kopf.TemporaryError(str(e), delay=runtime.settings.rotation.retry_delay) from e
 
@@ -147,8 +146,7 @@ async def _reconcile_locked(
                             "updatedAt": status.iso(runtime.clock()),
                             "policies": sum(1 for k in result.reports if k[0] == "AccessPolicy"),
                             "maskingRules": sum(1 for k in result.reports if k[0] == "MaskingRule")}
-    merged = status.merge_conditions(prev, conds)
-    st["conditions"], st["phase"] = merged, status.connection_phase(merged)
+    st["conditions"], st["phase"] = status.connection_conditions(prev, conds, generation)
 
 
 def _bundle_condition(result: bundle_mod.BundleResult, generation: int | None) -> dict[str, Any]:

@@ -37,11 +37,12 @@ async def rebuild_bundle(
                and not (o.get("metadata") or {}).get("deletionTimestamp")]
     if body is None:
         for o in objects:
+            why = (f"DatabaseConnection {connection!r} does not exist in namespace {namespace}; create it "
+                   "or fix spec.connectionRef.name")
             await _patch_status(runtime, o, {"phase": "Invalid", "conditions": status.merge_conditions(
                 (o.get("status") or {}).get("conditions"),
-                [status.condition("Compiled", False, "ConnectionNotFound",
-                                  f"DatabaseConnection {connection!r} does not exist in namespace {namespace}; create it "
-                                  "or fix spec.connectionRef.name")])})
+                [status.condition("Compiled", False, "ConnectionNotFound", why),
+                 status.condition("Ready", False, "ConnectionNotFound", why)])})
         return None
     try:
         conn = parse_connection(document_from_object({**body, "kind": "DatabaseConnection"}, source="DatabaseConnection"))

@@ -59,7 +59,9 @@ class BundleResult:
     data: dict[str, str] | None  # ConfigMap data; None: keep the last good bundle
     digest: str | None
     reports: dict[tuple[str, str], ObjectReport]
-    problem: str = ""  # why no bundle was produced
+    problem: str = ""  # why no bundle was produced (or published)
+    reason: str = "InvalidObjects"  # the BundleReady condition's reason when there is a problem
+    published: bool = True  # False: valid, but not written (the ConfigMap is not ours)
 
 
 def connection_of(raw: Mapping[str, Any]) -> str | None:
@@ -246,6 +248,31 @@ def compile_bundle(
     # the CA key is always there (the sidecar's volume lists it by name), empty without a gateway
     data = {BUNDLE_KEY: bundle_text, PROXY_CONFIG_KEY: proxy_text, OPERATOR_CA_KEY: operator_ca, DIGEST_KEY: digest}
     return BundleResult(data, digest, reports)
+
+
+def configmap_drift(existing: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The merge patch that makes the bundle ConfigMap exactly `desired` (data, labels, digest
+    annotation, owner), also undoing hand edits that left the digest alone; None when it already is."""
+    if existing is None:
+        return None
+    have_data = dict(existing.get("data") or {})
+    want_data = dict(desired.get("data") or {})
+    meta, want_meta = existing.get("metadata") or {}, desired.get("metadata") or {}
+    patch: dict[str, Any] = {}
+    if have_data != want_data or existing.get("binaryData"):
+        patch["data"] = {**{k: None for k in have_data if k not in want_data}, **want_data}
+        if existing.get("binaryData"):
+            patch["binaryData"] = None
+    meta_patch: dict[str, Any] = {}
+    for key in ("labels", "annotations"):
+        have, want = meta.get(key) or {}, want_meta.get(key) or {}
+        if any(have.get(k) != v for k, v in want.items()):
+            meta_patch[key] = want
+    if want_meta.get("ownerReferences") and meta.get("ownerReferences") != want_meta["ownerReferences"]:
+        meta_patch["ownerReferences"] = want_meta["ownerReferences"]
+    if meta_patch:
+        patch["metadata"] = meta_patch
+    return patch or None
 
 
 def bundle_configmap(conn: DatabaseConnection, result: BundleResult, owner: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -146,7 +146,7 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
                 admission.mutate_workload(body, patch)
 
     # later annotations on existing workloads roll out through a template patch
-    for group, version, plural in WORKLOADS:
+    for group, version, plural in WORKLOADS if ours.carry_annotations else ():
         @kopf.on.resume(group, version, plural, registry=registry, id="pgwarden-carry", annotations=INJECT_PRESENT)
         @kopf.on.create(group, version, plural, registry=registry, id="pgwarden-carry", annotations=INJECT_PRESENT)
         @kopf.on.update(group, version, plural, registry=registry, id="pgwarden-carry", annotations=INJECT_PRESENT,

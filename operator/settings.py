@@ -175,6 +175,9 @@ class OperatorSettings:
     # the operator's own Kubernetes username (system:serviceaccount:NS:NAME): the approvals
     # gateway files requests in proxies' names with it, which the webhook then accepts
     operator_username: str = ""
+    # carry the inject annotation of annotated workloads into their pod templates (watch + patch
+    # on Deployments, StatefulSets, DaemonSets, Jobs, CronJobs)
+    carry_annotations: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -212,6 +215,9 @@ class OperatorSettings:
         )
         if e.get("PGWARDEN_OPERATOR_USERNAME"):
             s = replace(s, operator_username=e["PGWARDEN_OPERATOR_USERNAME"].strip())
+        if e.get("PGWARDEN_PEERING_NAME"):
+            s = replace(s, peering_name=e["PGWARDEN_PEERING_NAME"].strip())
+        s = replace(s, carry_annotations=_flag(e.get("PGWARDEN_CARRY_ANNOTATIONS"), s.carry_annotations))
         if e.get("PGWARDEN_PEERING_PRIORITY"):
             s = replace(s, peering_priority=int(e["PGWARDEN_PEERING_PRIORITY"]))
         gw = s.gateway

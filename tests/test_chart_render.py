@@ -152,7 +152,7 @@ def test_two_replicas_spread_with_a_disruption_budget() -> None:
     anti = dep["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
     assert anti["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
     # kopf peering: the object both replicas record themselves in
-    assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == "pgwarden"
+    assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == f"{RELEASE}-pgwarden"
 
 
 def test_operator_pod_is_hardened() -> None:
@@ -277,6 +277,12 @@ def test_operator_rbac_is_exactly_what_the_code_calls() -> None:
         assert grants(role, pgw, f"{plural}/status") == {"get", "patch"}
         assert "update" not in grants(role, pgw, plural)
         assert "create" not in grants(role, pgw, plural) or plural == "approvalrequests"
+    # blockOwnerDeletion on the Secret and ConfigMap a connection owns (OwnerReferencesPermissionEnforcement)
+    assert grants(role, pgw, "databaseconnections/finalizers") == {"update"}
+    from pgwarden.operator.credentials import owner_reference
+
+    (ref,) = owner_reference({"kind": "DatabaseConnection", "metadata": {"name": "c", "uid": "u"}})
+    assert ref["blockOwnerDeletion"] is True and ref["kind"] == "DatabaseConnection"
     # create: the approvals gateway files requests for the sidecars (after a TokenReview)
     assert grants(role, pgw, "approvalrequests") == {"get", "list", "watch", "patch", "create", "delete"}
     assert grants(role, "authentication.k8s.io", "tokenreviews") == {"create"}
@@ -296,7 +302,7 @@ def test_operator_rbac_is_exactly_what_the_code_calls() -> None:
     assert grants(role, "rbac.authorization.k8s.io", "clusterroles") == set()
     # kopf peering: the chart's one peering object is the only one written
     writes = [r for r in role["rules"] if "clusterkopfpeerings" in r["resources"] and "patch" in r["verbs"]]
-    assert writes and all(r.get("resourceNames") == ["pgwarden"] for r in writes)
+    assert writes and all(r.get("resourceNames") == [f"{RELEASE}-pgwarden"] for r in writes)
 
 
 def test_namespaced_install_grants_nothing_cluster_wide_but_discovery() -> None:
@@ -320,14 +326,14 @@ def test_reviewer_can_patch_approvals_and_agents_need_no_role() -> None:
     """The sidecar reaches ApprovalRequests through the operator's approvals gateway with its own
     token: no role for agents' service accounts, which every container of the pod shares."""
     docs = render(WITH_PEOPLE)
-    reviewer = one(docs, "ClusterRole", "pgwarden-reviewer")
+    reviewer = one(docs, "ClusterRole", f"{RELEASE}-pgwarden-reviewer")
     assert grants(reviewer, "pgwarden.dev", "approvalrequests") == {"get", "list", "watch", "patch"}
     assert grants(reviewer, "", "secrets") == set()
     assert grants(reviewer, "pgwarden.dev", "accesspolicies") == set()
     for role in all_roles(docs):
         assert "agent" not in role["metadata"]["name"], role["metadata"]["name"]
     assert not [b for b in of_kind(docs, "RoleBinding") if b["roleRef"]["name"].startswith("pgwarden-agent")]
-    crb = one(docs, "ClusterRoleBinding", "pgwarden-reviewer")
+    crb = one(docs, "ClusterRoleBinding", f"{RELEASE}-pgwarden-reviewer")
     assert crb["subjects"] == [{"kind": "Group", "name": "dba", "apiGroup": "rbac.authorization.k8s.io"}]
 
 
@@ -338,6 +344,50 @@ def test_sidecar_run_as_user_can_be_left_to_the_platform(value: int | None, expe
     dep = operator_deployment({"sidecar.runAsUser": value})
     env = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
     assert OperatorSettings.from_env(env).injection.run_as_user == expected
+
+
+def test_cluster_scoped_names_carry_the_release() -> None:
+    """Two releases in one cluster must not fight over a ClusterRole or a peering object; for a
+    release named pgwarden the names stay the documented ones (pgwarden-reviewer, pgwarden)."""
+    for release in ("pgw", "other"):
+        proc = run_helm("template", release, str(CHART), "--namespace", NAMESPACE,
+                        *set_args({"rbac.reviewers": [{"kind": "Group", "name": "dba"}]}))
+        assert proc.returncode == 0, proc.stderr
+        docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+        cluster_scoped = [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering",
+                                                           "MutatingWebhookConfiguration",
+                                                           "ValidatingWebhookConfiguration")]
+        assert cluster_scoped and all(d["metadata"]["name"].startswith(f"{release}-") for d in cluster_scoped)
+        env = {e["name"]: e.get("value") for e in
+               one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["PGWARDEN_PEERING_NAME"] == one(docs, "ClusterKopfPeering")["metadata"]["name"]
+    proc = run_helm("template", "pgwarden", str(CHART), "--namespace", NAMESPACE)
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    assert one(docs, "ClusterRole", "pgwarden-reviewer") and one(docs, "ClusterKopfPeering", "pgwarden")
+
+
+def test_workload_rights_only_with_the_carry_feature() -> None:
+    from pgwarden.operator.settings import OperatorSettings
+
+    docs = render({"operator.carryWorkloadAnnotations": False})
+    role = one(docs, "ClusterRole", OPERATOR)
+    for group, plural in (("apps", "deployments"), ("apps", "statefulsets"), ("apps", "daemonsets"),
+                          ("batch", "jobs"), ("batch", "cronjobs")):
+        assert grants(role, group, plural) == set()
+    env = {e["name"]: e.get("value") for e in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert OperatorSettings.from_env({k: v for k, v in env.items() if v is not None}).carry_annotations is False
+    # and the operator then registers no workload watch (it would be forbidden)
+    import kopf
+    from pgwarden.operator import main as operator_main
+    from pgwarden.operator.kube import ApiConfig, Kube
+    from pgwarden.operator.runtime import Runtime
+
+    for carry, expected in ((True, True), (False, False)):
+        registry = kopf.OperatorRegistry()
+        operator_main.register(registry, Runtime(OperatorSettings(carry_annotations=carry),
+                                                 Kube(ApiConfig(server="http://unused"))))
+        watched = {s.any_name for s in registry._changing.get_all_selectors()}
+        assert ("deployments" in watched) is expected
 
 
 def test_the_approvals_gateway_is_served_and_configured() -> None:

@@ -432,7 +432,9 @@ async def reload_on_change(runtime: Runtime, ctx: ssl.SSLContext, interval: floa
             ctx.load_cert_chain(gw.certfile or "", gw.pkeyfile)
             runtime.operator_ca = await asyncio.to_thread(Path(gw.cafile or gw.certfile or "").read_text)
         except (OSError, ssl.SSLError, ValueError) as e:
-            log.warning("approvals gateway: the renewed certificate does not load yet (%s); keeping the old one", e)
+            log.warning(
+                "approvals gateway: the renewed certificate does not load yet (%s); keeping the old one", e
+            )
             continue
         seen = now
         log.info("approvals gateway: serving the renewed certificate")

@@ -247,7 +247,7 @@ def check_ephemeral_containers(pod: Mapping[str, Any]) -> None:
     if not is_injected(meta, spec):
         return
     volumes = spec.get("volumes") or []
-    proxy_volume = next((v for v in volumes if v.get("name") == CONFIG_VOLUME), {})
+    proxy_volume: Mapping[str, Any] = next((v for v in volumes if v.get("name") == CONFIG_VOLUME), {})
     secrets = {(s.get("secret") or {}).get("name") for s in (proxy_volume.get("projected") or {}).get("sources") or []}
     secrets.discard(None)
     leaking = {CONFIG_VOLUME, TMP_VOLUME, DATA_VOLUME}

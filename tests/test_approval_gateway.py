@@ -409,8 +409,10 @@ async def test_readiness_needs_both_the_gateway_and_the_webhook_port(kmock: Any,
 
     advertise(kmock)
     port = free_port()
-    settings = OperatorSettings(gateway=GatewaySettings(enabled=True, addr="127.0.0.1", port=0),
-                                webhook=WebhookSettings(addr="127.0.0.1", port=port))
+    settings = OperatorSettings(
+        gateway=GatewaySettings(enabled=True, addr="127.0.0.1", port=0),
+        webhook=WebhookSettings(addr="127.0.0.1", port=port),
+    )
     runtime = Runtime(settings, client_for(kmock))
     running = await gw.serve(runtime, ["localhost", "127.0.0.1"])
     probe = ssl.create_default_context()
@@ -455,22 +457,43 @@ async def test_a_renewed_certificate_is_served_without_a_restart(kmock: Any, tmp
     def leaf(serial: int) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
-        cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gw")]))
-                .issuer_name(ca.subject).public_key(key.public_key()).serial_number(serial)
-                .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName([x509.IPAddress(__import__("ipaddress").ip_address(
-                    "127.0.0.1"))]), critical=False)
-                .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
-        (tmp_path / "tls.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                             serialization.NoEncryption()))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gw")]))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(serial)
+            .not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )  # type: ignore[arg-type]
+        (tmp_path / "tls.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
         (tmp_path / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
     (tmp_path / "ca.crt").write_bytes(ca_pem)
     leaf(1001)
     advertise(kmock)
-    settings = OperatorSettings(gateway=GatewaySettings(
-        enabled=True, addr="127.0.0.1", port=0, certfile=str(tmp_path / "tls.crt"), pkeyfile=str(tmp_path / "tls.key"),
-        cafile=str(tmp_path / "ca.crt"), reload_interval=0.1))
+    settings = OperatorSettings(
+        gateway=GatewaySettings(
+            enabled=True,
+            addr="127.0.0.1",
+            port=0,
+            certfile=str(tmp_path / "tls.crt"),
+            pkeyfile=str(tmp_path / "tls.key"),
+            cafile=str(tmp_path / "ca.crt"),
+            reload_interval=0.1,
+        )
+    )
     runtime = Runtime(settings, client_for(kmock))
     running = await gw.serve(runtime)
     assert runtime.operator_ca == ca_pem.decode()
@@ -492,3 +515,21 @@ async def test_a_renewed_certificate_is_served_without_a_restart(kmock: Any, tmp
     finally:
         await running.stop()
         await runtime.kube.close()
+
+
+def test_the_events_the_gateway_writes_are_valid_events() -> None:
+    """Built-in kind: checked against Kubernetes' own OpenAPI (strict: no field the API server drops)."""
+    import kubernetes_validate
+
+    caller = gw.Caller("agents", "cursor-agent", "cursor-agent-7d9f")
+    request = build_request(approval(), "orders-prod-abc-1", NS, time.time())
+    request["metadata"]["uid"] = "u-1"
+    for name, reason in (
+        ("orders-prod-abc-1.executed", "Executed"),
+        ("orders-prod-abc-1.1a2b3c4d", "StatementCompleted"),
+    ):
+        body = kapprovals.build_event(request, name, reason, "m", "ignored", time.time())
+        event = gw.check_event(caller, NS, body, request)
+        assert event["reportingInstance"] == "cursor-agent-7d9f"
+        for version in ("1.29.0", kubernetes_validate.utils.latest_version()):
+            kubernetes_validate.validate(event, version, strict=True)

@@ -275,7 +275,7 @@ async def test_a_connection_never_takes_over_objects_it_did_not_make(kmock: kmoc
         # a connection whose bundle ConfigMap name is taken
         await k.create(kube.path(PGW, "databaseconnections", NS), connection(pg, name="other"))
         c = await eventually(lambda: _when(cond("other", "BundleReady"), lambda c: c["status"] == "False"),
-                             what="BundleReady False")
+                             timeout=60, what="BundleReady False")
         assert c["reason"] == "ConfigMapNotOwned"
         cm = await k.get(kube.path("v1", "configmaps", NS, "other-pgwarden-bundle"))
         assert cm is not None and cm["data"] == {"app.conf": "mine"}

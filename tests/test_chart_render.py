@@ -4,6 +4,7 @@ reviewer checks before installing an operator that can read Secrets and mutate p
 from __future__ import annotations
 
 import base64
+import copy
 import re
 from pathlib import Path
 from typing import Any
@@ -724,3 +725,49 @@ def test_the_documented_crd_upgrade_works_with_helm_installed_crds() -> None:
     # the chart's CRDs are the same files (symlinks), so what Helm installed is what this applies
     for f in (CHART / "crds").glob("*.yaml"):
         assert f.is_symlink() or f.name == "kopf-peering.yaml"
+
+
+VAP_API = "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy"
+
+
+def test_the_api_server_itself_refuses_an_annotated_pod_without_its_sidecar() -> None:
+    """ValidatingAdmissionPolicy (Kubernetes >= 1.30): no operator, webhook setting or outage lets
+    a pod that asks for the proxy run without it. Evaluated here with CEL as the API server does."""
+    import celpy
+    from pgwarden.operator.injection import InjectionTarget, inject_pod
+    from pgwarden.operator.settings import InjectionSettings
+
+    assert not of_kind(render(), "ValidatingAdmissionPolicy"), "only where the cluster serves the API"
+    proc = run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--api-versions", VAP_API)
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    policy = one(docs, "ValidatingAdmissionPolicy")
+    binding = one(docs, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    for doc in (policy, binding):
+        kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+
+    env = celpy.Environment()
+
+    def admitted(pod: Manifest) -> bool:
+        act = {"object": celpy.json_to_cel(pod)}
+        for cond in policy["spec"]["matchConditions"]:
+            if not bool(env.program(env.compile(cond["expression"])).evaluate(act)):
+                return True  # not matched: the policy does not apply
+        return all(bool(env.program(env.compile(v["expression"])).evaluate(act)) for v in policy["spec"]["validations"])
+
+    annotated = {"apiVersion": "v1", "kind": "Pod",
+                 "metadata": {"generateName": "a-", "annotations": {"pgwarden.dev/inject": "orders-prod"}},
+                 "spec": {"containers": [{"name": "agent", "image": "a"}]}}
+    assert not admitted(annotated)
+    forged = copy.deepcopy(annotated)
+    forged["metadata"]["annotations"]["pgwarden.dev/injected"] = "orders-prod"  # skips the webhook, not the policy
+    assert not admitted(forged)
+    for mode in ("native", "container"):
+        pod = copy.deepcopy(annotated)
+        pod["metadata"]["annotations"]["pgwarden.dev/sidecar-mode"] = mode
+        assert admitted(inject_pod(pod, InjectionTarget.for_connection("orders-prod"), InjectionSettings()))
+    plain = {"apiVersion": "v1", "kind": "Pod", "metadata": {"generateName": "p-"},
+             "spec": {"containers": [{"name": "x", "image": "x"}]}}
+    assert admitted(plain)

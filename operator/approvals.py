@@ -130,6 +130,35 @@ def userinfo_identity(userinfo: Mapping[str, Any]) -> Identity:
     return identity_from_username(str(userinfo.get("username") or ""), userinfo.get("groups") or ())
 
 
+POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
+
+
+def requester_mismatch(obj: Mapping[str, Any], userinfo: Mapping[str, Any], gateway: str = "") -> str:
+    """Why `userinfo` may not file this request in its requester's name ("" when it may).
+
+    The operator's own account (`gateway`) files requests for proxies after checking their
+    tokens; anyone else files only in their own name: a service account as
+    `spec.requester.serviceAccount` (and, with a pod-bound token, as `spec.requester.pod`), any
+    other user as `spec.requester.subject`."""
+    username = str(userinfo.get("username") or "")
+    if gateway and username == gateway:
+        return ""
+    req = _spec(obj).get("requester") or {}
+    who = userinfo_identity(userinfo)
+    if who.service_account:
+        if req.get("serviceAccount") != who.service_account:
+            return (f"spec.requester.serviceAccount must be the caller, {who.service_account}, not "
+                    f"{req.get('serviceAccount')!r}")
+        pods = ((userinfo.get("extra") or {}).get(POD_NAME_EXTRA)) or []
+        ns = who.service_account.partition("/")[0]
+        if pods and req.get("pod") != f"{ns}/{pods[0]}":
+            return f"spec.requester.pod must be the caller's pod, {ns}/{pods[0]}, not {req.get('pod')!r}"
+        return ""
+    if req.get("subject") != username:
+        return f"spec.requester.subject must be the caller, {username}, not {req.get('subject')!r}"
+    return ""
+
+
 def stamp(userinfo: Mapping[str, Any], at: float | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"username": str(userinfo.get("username") or ""), "groups": list(userinfo.get("groups") or [])}
     if at is not None:
@@ -244,8 +273,9 @@ def authorize(old: Mapping[str, Any], new_decision: str, userinfo: Mapping[str, 
 # -- the mutating webhook ---------------------------------------------------------------------
 
 def mutate(operation: str, old: Mapping[str, Any] | None, new: Mapping[str, Any], userinfo: Mapping[str, Any],
-           policy: ReviewPolicy | None, now: float) -> Admission:
-    """Decide and stamp. CREATE: pending only, stamp the creator. UPDATE: see the module docstring."""
+           policy: ReviewPolicy | None, now: float, *, gateway: str = "") -> Admission:
+    """Decide and stamp. CREATE: pending only, in the caller's own name (`requester_mismatch`;
+    `gateway` is the operator's username), stamp the creator. UPDATE: see the module docstring."""
     new_ann = _annotations(new)
     if operation == "CREATE":
         forged = [a for a in MANAGED_ANNOTATIONS if a in new_ann]
@@ -254,6 +284,9 @@ def mutate(operation: str, old: Mapping[str, Any] | None, new: Mapping[str, Any]
                         "of the caller; remove it from the object")
         if (_spec(new).get("decision") or "pending") != "pending":
             return deny("an ApprovalRequest is created with spec.decision: pending; reviewers decide it afterwards")
+        mismatch = requester_mismatch(new, userinfo, gateway)
+        if mismatch:
+            return deny(f"an ApprovalRequest is filed in the caller's own name: {mismatch}")
         return Admission(True, patch={"metadata": {"annotations": {CREATED_BY: json.dumps(stamp(userinfo, now))}}})
     if operation != "UPDATE" or old is None:
         return Admission(True)
@@ -301,12 +334,15 @@ def mutate(operation: str, old: Mapping[str, Any] | None, new: Mapping[str, Any]
 # -- the validating webhook (sees the object after every mutation) ---------------------------
 
 def validate(operation: str, old: Mapping[str, Any] | None, new: Mapping[str, Any], userinfo: Mapping[str, Any],
-             policy: ReviewPolicy | None, now: float) -> Admission:
+             policy: ReviewPolicy | None, now: float, *, gateway: str = "") -> Admission:
     new_ann = _annotations(new)
     username = str(userinfo.get("username") or "")
     if operation == "CREATE":
         if (_spec(new).get("decision") or "pending") != "pending" or DECIDED_BY in new_ann or APPROVALS in new_ann:
             return deny("an ApprovalRequest is created pending and without decision annotations")
+        mismatch = requester_mismatch(new, userinfo, gateway)
+        if mismatch:
+            return deny(f"an ApprovalRequest is filed in the caller's own name: {mismatch}")
         creator = new_ann.get(CREATED_BY)
         if creator is None or _username(creator) != username:
             return deny(f"annotation {CREATED_BY} must be stamped by the pgwarden mutating webhook; "
@@ -354,12 +390,13 @@ def _username(raw: str) -> str:
         return ""
 
 
-def admit(review: Mapping[str, Any], policy: ReviewPolicy | None, now: float, *, mutating: bool) -> Admission:
+def admit(review: Mapping[str, Any], policy: ReviewPolicy | None, now: float, *, mutating: bool,
+          gateway: str = "") -> Admission:
     """The same decision from a raw AdmissionReview (what the API server sends)."""
     req = review.get("request") or {}
     fn = mutate if mutating else validate
     return fn(str(req.get("operation") or ""), req.get("oldObject"), req.get("object") or {},
-              req.get("userInfo") or {}, policy, now)
+              req.get("userInfo") or {}, policy, now, gateway=gateway)
 
 
 # -- status -----------------------------------------------------------------------------------
@@ -417,6 +454,15 @@ def next_status(obj: Mapping[str, Any], now: float, *, executed_at: str | None =
         events.append(("Warning", "Expired", "expired before a decision" if phase == "Pending"
                        else "approved but not used before it expired"))
         phase = "Expired"
+    if out.get("phase") and out["phase"] != status.get("phase"):
+        # `kubectl wait --for=condition=Ready approvalrequest/NAME`: Ready while approved and unused
+        ready = {"type": "Ready", "status": "True" if phase == "Approved" else "False", "reason": phase,
+                 "message": {"Pending": "waiting for a reviewer", "Approved": "approved; the proxy may run it once",
+                             "Denied": "denied", "Executed": "the approved statement was run (one time)",
+                             "Expired": "expired"}.get(phase, phase),
+                 "lastTransitionTime": iso(now)}
+        others = [c for c in status.get("conditions") or [] if isinstance(c, Mapping) and c.get("type") != "Ready"]
+        out["conditions"] = [*others, ready]
     ended = _ended_at(status, out, expires_at)
     delete = phase in ("Denied", "Expired", "Executed") and ended is not None and now - ended >= retention and not out
     return StatusChange(out, tuple(events), delete)

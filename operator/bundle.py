@@ -24,8 +24,11 @@ from pgwarden.operator.injection import (
     AUDIT_FILE,
     BUNDLE_KEY,
     CREDENTIALS_DIR,
+    OPERATOR_CA_FILE,
+    OPERATOR_CA_KEY,
     PROXY_CONFIG_KEY,
     RECORDINGS_DIR,
+    TOKEN_FILE,
     bundle_configmap_name,
 )
 from pgwarden.operator.settings import InjectionSettings
@@ -56,7 +59,9 @@ class BundleResult:
     data: dict[str, str] | None  # ConfigMap data; None: keep the last good bundle
     digest: str | None
     reports: dict[tuple[str, str], ObjectReport]
-    problem: str = ""  # why no bundle was produced
+    problem: str = ""  # why no bundle was produced (or published)
+    reason: str = "InvalidObjects"  # the BundleReady condition's reason when there is a problem
+    published: bool = True  # False: valid, but not written (the ConfigMap is not ours)
 
 
 def connection_of(raw: Mapping[str, Any]) -> str | None:
@@ -100,8 +105,14 @@ def proxy_config_object(conn: DatabaseConnection, settings: InjectionSettings) -
       also on stdout for the cluster's log shipper; OTLP when the chart enables it.
     - `recording`: session recordings beside it.
     - `approvals`: ApprovalRequest objects in the connection's namespace (= the pod's: injection
-      only uses a DatabaseConnection of the pod's own namespace), with the pod's service account.
+      only uses a DatabaseConnection of the pod's own namespace), through the operator's approvals
+      gateway with the proxy's own projected token (`approvals_url`; the agent's service account
+      needs no right on pgwarden.dev resources, and the pod needs no automounted token); without
+      `approvals_url`, straight to the API server with the pod's service account.
     """
+    approvals: dict[str, Any] = {"backend": "kubernetes", "namespace": conn.namespace}
+    if settings.approvals_url:
+        approvals.update(apiUrl=settings.approvals_url, tokenFile=TOKEN_FILE, caFile=OPERATOR_CA_FILE)
     return {
         "apiVersion": API_VERSION,
         "kind": "ProxyConfig",
@@ -122,7 +133,7 @@ def proxy_config_object(conn: DatabaseConnection, settings: InjectionSettings) -
                 "otel": settings.audit_otel,
             },
             "recording": {"dir": RECORDINGS_DIR},
-            "approvals": {"backend": "kubernetes", "namespace": conn.namespace},
+            "approvals": approvals,
         },
     }
 
@@ -184,6 +195,7 @@ def compile_bundle(
     has_ca: bool = False,
     catalog: Mapping[str, set[str]] | None = None,
     validators: Mapping[str, Validator | None] | None = None,
+    operator_ca: str = "",
 ) -> BundleResult:
     """Validate every AccessPolicy/MaskingRule of `conn` and build the ConfigMap data."""
     validators = default_validators() if validators is None else validators
@@ -232,9 +244,35 @@ def compile_bundle(
 
     bundle_text = yaml.safe_dump_all([conn_obj, *mine], sort_keys=True)
     proxy_text = yaml.safe_dump(proxy_config_object(conn, settings), sort_keys=True)
-    digest = hashlib.sha256((bundle_text + "\0" + proxy_text).encode()).hexdigest()[:16]
-    data = {BUNDLE_KEY: bundle_text, PROXY_CONFIG_KEY: proxy_text, DIGEST_KEY: digest}
+    digest = hashlib.sha256((bundle_text + "\0" + proxy_text + "\0" + operator_ca).encode()).hexdigest()[:16]
+    # the CA key is always there (the sidecar's volume lists it by name), empty without a gateway
+    data = {BUNDLE_KEY: bundle_text, PROXY_CONFIG_KEY: proxy_text, OPERATOR_CA_KEY: operator_ca, DIGEST_KEY: digest}
     return BundleResult(data, digest, reports)
+
+
+def configmap_drift(existing: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The merge patch that makes the bundle ConfigMap exactly `desired` (data, labels, digest
+    annotation, owner), also undoing hand edits that left the digest alone; None when it already is."""
+    if existing is None:
+        return None
+    have_data = dict(existing.get("data") or {})
+    want_data = dict(desired.get("data") or {})
+    meta, want_meta = existing.get("metadata") or {}, desired.get("metadata") or {}
+    patch: dict[str, Any] = {}
+    if have_data != want_data or existing.get("binaryData"):
+        patch["data"] = {**{k: None for k in have_data if k not in want_data}, **want_data}
+        if existing.get("binaryData"):
+            patch["binaryData"] = None
+    meta_patch: dict[str, Any] = {}
+    for key in ("labels", "annotations"):
+        have, want = meta.get(key) or {}, want_meta.get(key) or {}
+        if any(have.get(k) != v for k, v in want.items()):
+            meta_patch[key] = want
+    if want_meta.get("ownerReferences") and meta.get("ownerReferences") != want_meta["ownerReferences"]:
+        meta_patch["ownerReferences"] = want_meta["ownerReferences"]
+    if meta_patch:
+        patch["metadata"] = meta_patch
+    return patch or None
 
 
 def bundle_configmap(conn: DatabaseConnection, result: BundleResult, owner: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -45,6 +45,33 @@ def owner_reference(owner: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     }]
 
 
+def not_ours(existing: Mapping[str, Any] | None, owner: Mapping[str, Any]) -> str:
+    """Why the operator must not write or delete `existing` for the DatabaseConnection `owner`
+    ("" when it may: absent, or made by pgwarden for this connection).
+
+    A `credentials.secretName` may name any Secret of the namespace — the admin Secret, another
+    application's — and a bundle ConfigMap name may be taken: pgwarden adopts only objects that
+    carry its labels for this connection and no other controller's owner reference."""
+    if existing is None:
+        return ""
+    meta = existing.get("metadata") or {}
+    kind = existing.get("kind") or "object"
+    where = f"{kind} {meta.get('namespace', '')}/{meta.get('name', '')}"
+    conn = (owner.get("metadata") or {}).get("name", "")
+    labels = meta.get("labels") or {}
+    if labels.get(LABEL_MANAGED_BY) != "pgwarden" or labels.get(LABEL_CONNECTION) != conn:
+        return (f"{where} already exists and was not made by pgwarden for DatabaseConnection {conn}; pgwarden does "
+                "not take over objects it did not create: choose another name (spec.credentials.secretName) or "
+                "delete that object")
+    uid = (owner.get("metadata") or {}).get("uid")
+    controllers = [r for r in meta.get("ownerReferences") or [] if r.get("controller")]
+    if uid and controllers and not any(r.get("uid") == uid for r in controllers):
+        other = controllers[0]
+        return (f"{where} is controlled by {other.get('kind')} {other.get('name')}, not by DatabaseConnection {conn}; "
+                "pgwarden leaves it alone")
+    return ""
+
+
 def credentials_secret(
     conn: DatabaseConnection, *, username: str, password: str, version: int, sslrootcert: str = "",
     owner: Mapping[str, Any] | None = None,

@@ -18,6 +18,7 @@ What an injected pod gets:
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,10 @@ ANNOTATION_INJECT = "pgwarden.dev/inject"
 ANNOTATION_INJECTED = "pgwarden.dev/injected"
 ANNOTATION_SIDECAR_MODE = "pgwarden.dev/sidecar-mode"  # native (default) | container
 ANNOTATION_INJECT_ENV = "pgwarden.dev/inject-env"  # "false" to leave the agents' env alone
+# which proxy an injected pod runs: `kubectl get pods -A -L pgwarden.dev/proxy-version` lists stale
+# sidecars after an upgrade (the label holds the image tag; the annotation the full image)
+LABEL_PROXY_VERSION = "pgwarden.dev/proxy-version"
+ANNOTATION_PROXY_IMAGE = "pgwarden.dev/proxy-image"
 CARRIED_ANNOTATIONS = (ANNOTATION_INJECT, ANNOTATION_SIDECAR_MODE, ANNOTATION_INJECT_ENV)
 
 PROXY_CONTAINER = "pgwarden-proxy"
@@ -40,12 +45,16 @@ BUNDLE_DIR = f"{CONFIG_DIR}/bundle"
 PROXY_CONFIG_FILE = f"{CONFIG_DIR}/proxy.yaml"
 CREDENTIALS_DIR = f"{CONFIG_DIR}/credentials"
 TOKEN_FILE = f"{CONFIG_DIR}/token"
+OPERATOR_CA_FILE = f"{CONFIG_DIR}/operator-ca.crt"
 # writable, proxy only: the audit log and session recordings (the root filesystem is read-only)
 DATA_DIR = "/var/lib/pgwarden"
 AUDIT_FILE = f"{DATA_DIR}/audit.jsonl"
 RECORDINGS_DIR = f"{DATA_DIR}/recordings"
 BUNDLE_KEY = "bundle.yaml"
 PROXY_CONFIG_KEY = "proxy.yaml"
+OPERATOR_CA_KEY = "operator-ca.crt"  # the approvals gateway's CA, in the bundle ConfigMap
+# see proxy_volumes: the proxy must read its volume whatever owner kubelet gives the files
+PROXY_VOLUME_MODE = 0o444
 CREDENTIAL_KEYS = ("username", "password", "version", "host", "port", "database", "sslmode", "sslrootcert")
 
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob")
@@ -114,8 +123,9 @@ def proxy_container(target: InjectionTarget, settings: InjectionSettings, *, nat
         "resources": settings.resources.as_k8s(),
         "securityContext": {
             "runAsNonRoot": True,
-            "runAsUser": settings.run_as_user,
-            "runAsGroup": settings.run_as_user,
+            # None: the platform assigns the UID (OpenShift's restricted SCC); runAsNonRoot stays
+            **({"runAsUser": settings.run_as_user, "runAsGroup": settings.run_as_user}
+               if settings.run_as_user is not None else {}),
             "readOnlyRootFilesystem": True,
             "allowPrivilegeEscalation": False,
             "privileged": False,
@@ -141,11 +151,17 @@ def proxy_volumes(target: InjectionTarget, settings: InjectionSettings) -> list[
         {
             "name": CONFIG_VOLUME,
             "projected": {
-                "defaultMode": 0o440,
+                # Readable by any UID, because kubelet decides the owner: files belong to root
+                # unless every container of the pod runs as one UID, and the pod gets no fsGroup
+                # (that would change the agent's volumes too). 0440 root:root locked the proxy
+                # (uid 65532) out of its own config. What keeps the credentials from the agent is
+                # that only the proxy mounts this volume (see _check_no_leak), not the mode bits.
+                "defaultMode": PROXY_VOLUME_MODE,
                 "sources": [
                     {"configMap": {"name": target.bundle_name, "items": [
                         {"key": BUNDLE_KEY, "path": f"bundle/{BUNDLE_KEY}"},
                         {"key": PROXY_CONFIG_KEY, "path": PROXY_CONFIG_KEY},
+                        {"key": OPERATOR_CA_KEY, "path": OPERATOR_CA_KEY},
                     ]}},
                     {"secret": {"name": target.secret_name, "items": [
                         {"key": k, "path": f"credentials/{k}"} for k in CREDENTIAL_KEYS
@@ -162,12 +178,35 @@ def proxy_volumes(target: InjectionTarget, settings: InjectionSettings) -> list[
     ]
 
 
-def _check_no_leak(spec: Mapping[str, Any], target: InjectionTarget) -> None:
-    """Refuse pods whose own containers could read the proxy's credentials."""
+def proxy_version(image: str) -> str:
+    """The image's tag (or digest prefix) as a label value: what `kubectl get -L` shows."""
+    ref = image.rsplit("/", 1)[-1]
+    if "@" in ref:
+        value = ref.split("@", 1)[1].replace(":", "-")[:20]
+    elif ":" in ref:
+        value = ref.rsplit(":", 1)[1]
+    else:
+        value = "latest"
+    value = re.sub(r"[^A-Za-z0-9_.-]", "-", value)[:63].strip("-_.")
+    return value or "unknown"
+
+
+def _check_no_leak(spec: Mapping[str, Any], target: InjectionTarget, settings: InjectionSettings) -> None:
+    """Refuse pods whose own containers could read the proxy's credentials or pass for the proxy."""
     for key in ("shareProcessNamespace", "hostPID"):
         if spec.get(key) is True:
             raise InjectionError(f"spec.{key}: true lets the agent's containers reach the proxy's process "
                                  "(/proc/<pid>/root holds the database credentials); remove it")
+    if spec.get("hostNetwork") is True:
+        raise InjectionError("spec.hostNetwork: true would make the proxy listen on the node's loopback, where every "
+                             "process on the node would pass for this pod's service account; remove it")
+    taken = {settings.listen_port: "the proxy's PostgreSQL port", settings.health_port: "the proxy's health port"}
+    for c in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:
+        for port in c.get("ports") or []:
+            if port.get("containerPort") in taken and (port.get("protocol") or "TCP") == "TCP":
+                raise InjectionError(f"container {c.get('name')!r} declares port {port['containerPort']}, "
+                                     f"{taken[port['containerPort']]} (the containers of a pod share one network); "
+                                     "move it, or run the agent without a local server on that port")
     leaking = {CONFIG_VOLUME, DATA_VOLUME, TMP_VOLUME}
     for v in spec.get("volumes") or []:
         if v.get("name") in (CONFIG_VOLUME, TMP_VOLUME, DATA_VOLUME):
@@ -176,6 +215,12 @@ def _check_no_leak(spec: Mapping[str, Any], target: InjectionTarget) -> None:
         refs += [(s.get("secret") or {}).get("name") for s in (v.get("projected") or {}).get("sources") or []]
         if target.secret_name in refs:
             leaking.add(v.get("name"))
+        audiences = [(src.get("serviceAccountToken") or {}).get("audience")
+                     for src in (v.get("projected") or {}).get("sources") or []]
+        if settings.token_audience in audiences:
+            # whoever holds a token for this audience is "the proxy" to the approvals gateway
+            raise InjectionError(f"volume {v.get('name')!r} projects a token for the audience {settings.token_audience}, "
+                                 "which only the pgwarden proxy may hold; use another audience (e.g. pgwarden)")
     for c in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:
         for m in c.get("volumeMounts") or []:
             if m.get("name") in leaking:
@@ -193,6 +238,35 @@ def _check_no_leak(spec: Mapping[str, Any], target: InjectionTarget) -> None:
                                      f"{env.get('name')!r}; remove it")
 
 
+def check_ephemeral_containers(pod: Mapping[str, Any]) -> None:
+    """Refuse ephemeral containers (`kubectl debug`) in an injected pod that would reach the
+    proxy's credentials: one targeting the proxy container shares its process namespace
+    (/proc/<pid>/root, /proc/<pid>/environ), and a mount of the proxy's volumes or of the
+    credentials Secret reads them directly. Other debug containers are left alone."""
+    meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
+    if not is_injected(meta, spec):
+        return
+    volumes = spec.get("volumes") or []
+    proxy_volume: Mapping[str, Any] = next((v for v in volumes if v.get("name") == CONFIG_VOLUME), {})
+    secrets = {(s.get("secret") or {}).get("name") for s in (proxy_volume.get("projected") or {}).get("sources") or []}
+    secrets.discard(None)
+    leaking = {CONFIG_VOLUME, TMP_VOLUME, DATA_VOLUME}
+    for v in volumes:
+        refs = {(v.get("secret") or {}).get("secretName")}
+        refs |= {(s.get("secret") or {}).get("name") for s in (v.get("projected") or {}).get("sources") or []}
+        if refs & secrets:
+            leaking.add(v.get("name"))
+    for c in spec.get("ephemeralContainers") or []:
+        if c.get("targetContainerName") == PROXY_CONTAINER:
+            raise InjectionError(f"ephemeral container {c.get('name')!r} targets {PROXY_CONTAINER}, whose process holds "
+                                 "the database credentials; debug the agent's container instead "
+                                 "(kubectl debug --target=<agent container>)")
+        for m in c.get("volumeMounts") or []:
+            if m.get("name") in leaking:
+                raise InjectionError(f"ephemeral container {c.get('name')!r} mounts {m.get('name')!r}, which holds the "
+                                     "pgwarden proxy's credentials; only the proxy may mount it")
+
+
 def _set_env(container: dict[str, Any], values: Mapping[str, str]) -> None:
     env = [e for e in container.get("env") or [] if e.get("name") not in values]
     env += [{"name": k, "value": v} for k, v in values.items()]
@@ -205,7 +279,7 @@ def inject_pod_spec(meta: Mapping[str, Any], spec: Mapping[str, Any], target: In
     new_meta, new_spec = copy.deepcopy(dict(meta)), copy.deepcopy(dict(spec))
     if is_injected(meta, spec):
         return new_meta, new_spec
-    _check_no_leak(spec, target)
+    _check_no_leak(spec, target, settings)
     annotations = new_meta.setdefault("annotations", {})
     mode = annotations.get(ANNOTATION_SIDECAR_MODE, "native")
     if mode not in ("native", "container"):
@@ -226,6 +300,8 @@ def inject_pod_spec(meta: Mapping[str, Any], spec: Mapping[str, Any], target: In
     new_spec["volumes"] = [*(new_spec.get("volumes") or []), *proxy_volumes(target, settings)]
 
     annotations[ANNOTATION_INJECTED] = target.connection
+    annotations[ANNOTATION_PROXY_IMAGE] = settings.image
+    new_meta.setdefault("labels", {})[LABEL_PROXY_VERSION] = proxy_version(settings.image)
     if agents:
         annotations.setdefault("kubectl.kubernetes.io/default-container", agents[0])
     return new_meta, new_spec

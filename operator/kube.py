@@ -8,9 +8,10 @@ reconcile: `get` returns None on 404, `delete` returns False, `apply` turns 409 
 
 from __future__ import annotations
 
+import json
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,18 +106,25 @@ class Kube:
             return Path(self.config.token_file).read_text().strip()
         return self.config.token
 
-    async def _request(self, method: str, url_path: str, body: Any = None, content_type: str = "application/json",
-                       params: Mapping[str, str] | None = None) -> Any:
+    def _sess(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl()))
+        return self._session
+
+    def _headers(self) -> dict[str, str]:
         headers = {"Accept": "application/json"}
         token = self._token()
         if token:
             headers["Authorization"] = f"Bearer {token}"
+        return headers
+
+    async def _request(self, method: str, url_path: str, body: Any = None, content_type: str = "application/json",
+                       params: Mapping[str, str] | None = None) -> Any:
+        headers = self._headers()
         if body is not None:
             headers["Content-Type"] = content_type
         url = self.config.server.rstrip("/") + url_path + (("?" + urlencode(params)) if params else "")
-        async with self._session.request(method, url, json=body, headers=headers) as resp:
+        async with self._sess().request(method, url, json=body, headers=headers) as resp:
             try:
                 data = await resp.json(content_type=None)
             except ValueError:
@@ -177,6 +185,17 @@ class Kube:
             if patched is None:  # deleted between the two calls: try once more
                 return await self.create(collection_path, obj)
             return patched
+
+    async def watch(self, url_path: str, params: Mapping[str, str]) -> AsyncIterator[dict[str, Any]]:
+        """Watch events of a collection as dicts, until the server ends the stream."""
+        url = self.config.server.rstrip("/") + url_path + "?" + urlencode({**params, "watch": "true"})
+        async with self._sess().get(url, headers=self._headers(),
+                                    timeout=aiohttp.ClientTimeout(total=None, sock_read=None)) as resp:
+            if resp.status >= 400:
+                raise ApiError(resp.status, (await resp.text())[:500])
+            async for line in resp.content:
+                if line.strip():
+                    yield json.loads(line)
 
     async def close(self) -> None:
         if self._session is not None:

@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 import kopf
-from pgwarden.operator import injection
+from pgwarden.operator import approval_gateway, injection
 from pgwarden.operator.handlers import admission, approvals, connection, policies, workloads
 from pgwarden.operator.kube import Kube, load_api_config
 from pgwarden.operator.runtime import Runtime
@@ -73,8 +73,18 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
                                    private_key_path=c.key_file, insecure=c.insecure,
                                    default_namespace=c.default_namespace)
 
+    gateway: dict[str, approval_gateway.RunningGateway] = {}
+
+    # before any handler compiles a bundle: the bundles carry the gateway's CA
+    @kopf.on.startup(registry=registry)
+    async def _start_gateway(**_: Any) -> None:
+        if ours.gateway.enabled:
+            gateway["running"] = await approval_gateway.serve(runtime)
+
     @kopf.on.cleanup(registry=registry)
     async def _cleanup(**_: Any) -> None:
+        if "running" in gateway:
+            await gateway.pop("running").stop()
         await runtime.kube.close()
 
     # -- DatabaseConnection ---------------------------------------------------------------
@@ -123,6 +133,12 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
         async def _inject(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
             await admission.mutate_pod(body, patch, runtime, logger)
 
+        # failure policy Fail (chart): `kubectl debug` on an injected pod waits for the operator
+        @kopf.on.validate("", "v1", "pods", registry=registry, id="pgwarden-ephemeral", subresource="ephemeralcontainers",
+                          operations=["UPDATE"], side_effects=False)
+        def _ephemeral(body: kopf.Body, **_: Any) -> None:
+            admission.validate_ephemeral(body)
+
         for group, version, plural in WORKLOADS:
             @kopf.on.mutate(group, version, plural, registry=registry, id="pgwarden-carry", operations=["CREATE"],
                             ignore_failures=True, side_effects=False)
@@ -130,7 +146,7 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
                 admission.mutate_workload(body, patch)
 
     # later annotations on existing workloads roll out through a template patch
-    for group, version, plural in WORKLOADS:
+    for group, version, plural in WORKLOADS if ours.carry_annotations else ():
         @kopf.on.resume(group, version, plural, registry=registry, id="pgwarden-carry", annotations=INJECT_PRESENT)
         @kopf.on.create(group, version, plural, registry=registry, id="pgwarden-carry", annotations=INJECT_PRESENT)
         @kopf.on.update(group, version, plural, registry=registry, id="pgwarden-carry", annotations=INJECT_PRESENT,

@@ -31,6 +31,8 @@ class Runtime:
     connections: dict[tuple[str, str], str] = field(default_factory=dict)
     # (namespace, AccessPolicy name) -> pgwarden.operator.approvals.ReviewPolicy
     review_policies: dict[tuple[str, str], Any] = field(default_factory=dict)
+    # the CA (PEM) the sidecars trust for the approvals gateway, set when it starts
+    operator_ca: str = ""
     # (plural, namespace, name) -> (monotonic deadline, object or None)
     _reads: dict[tuple[str, str, str], tuple[float, dict[str, Any] | None]] = field(default_factory=dict)
 

@@ -27,6 +27,19 @@ def _flag(value: str | None, default: bool) -> bool:
     raise ValueError(f"{value!r} is not a boolean; write true or false")
 
 
+def _uid(value: str | None, default: int | None) -> int | None:
+    """A UID as the chart renders it; "" or "null" (Helm's empty value): let the platform assign one."""
+    if value is None:
+        return default
+    v = value.strip()
+    if v in ("", "null", "none", "auto"):
+        return None
+    uid = int(v)
+    if uid <= 0:
+        raise ValueError(f"PGWARDEN_SIDECAR_RUN_AS_USER={value!r}: the proxy never runs as root; use a UID > 0 or leave it empty")
+    return uid
+
+
 @dataclass(frozen=True)
 class SidecarResources:
     """Requests and limits of the injected proxy container (Kubernetes quantity strings)."""
@@ -54,11 +67,14 @@ class InjectionSettings:
     listen_host: str = "127.0.0.1"
     listen_port: int = 5432
     health_port: int = 8081
-    # audience of the projected service-account token the proxy presents/validates
-    token_audience: str = "pgwarden"
+    # audience of the proxy's own projected token, which it presents to the operator's approvals
+    # gateway. Not `pgwarden`: agents hold tokens for that audience to log in to the proxy, and an
+    # agent must never pass for its proxy (injection refuses agent volumes with this audience)
+    token_audience: str = "pgwarden-operator"
     token_expiration_seconds: int = 3600
-    # the UID the proxy runs as (non-root)
-    run_as_user: int = 65532
+    # the UID (and GID) the proxy runs as; None leaves it to the platform (OpenShift's restricted
+    # SCC assigns one per namespace) — runAsNonRoot is always set
+    run_as_user: int | None = 65532
     # the sidecar's audit log: a hash-chained file on an emptyDir (the root filesystem is
     # read-only), also printed to stdout for the cluster's log shipper, optionally OTLP
     audit_stdout: bool = True
@@ -69,6 +85,9 @@ class InjectionSettings:
     otel_endpoint: str = ""
     # the emptyDir holding the audit log and session recordings (evicted beyond this size)
     data_size_limit: str = "1Gi"
+    # the approvals gateway the sidecars call (https://<service>.<namespace>.svc:9444); empty: the
+    # sidecar calls the API server with the pod's service account (which the agent shares)
+    approvals_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -92,6 +111,27 @@ class WebhookSettings:
     cadump: str | None = None
     # name of the Mutating/ValidatingWebhookConfiguration kopf keeps up to date; None: unmanaged
     managed: str | None = "pgwarden.dev"
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """The approvals gateway: HTTPS on which proxy sidecars file and watch ApprovalRequests.
+
+    Its certificate defaults to the webhook's (`WebhookSettings.certfile`/`pkeyfile`); without
+    any, a self-signed one is made at startup. `cafile` is what the sidecars trust (put into each
+    bundle); a self-signed certificate is its own CA."""
+
+    # off unless asked for (the chart does, PGWARDEN_GATEWAY=true): tests run operators side by side
+    enabled: bool = False
+    addr: str = "0.0.0.0"
+    port: int = 9444
+    certfile: str | None = None
+    pkeyfile: str | None = None
+    cafile: str | None = None
+    # positive TokenReviews are reused this long (one API call per proxy token, not per request)
+    review_cache_seconds: float = 30.0
+    # how often the mounted certificate is checked for a renewal
+    reload_interval: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -119,6 +159,7 @@ class OperatorSettings:
     injection: InjectionSettings = field(default_factory=InjectionSettings)
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
     rotation: RotationSettings = field(default_factory=RotationSettings)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
     # kopf peering object name; None runs standalone (one replica, tests)
     peering_name: str | None = "pgwarden"
     # this replica's kopf peering priority (the highest live one is active); None: random per
@@ -131,6 +172,12 @@ class OperatorSettings:
     # how long an admission answer may reuse a DatabaseConnection / AccessPolicy read from the
     # API (a standby replica has no watch streams; see Runtime.connection_secret)
     lookup_cache_seconds: float = 5.0
+    # the operator's own Kubernetes username (system:serviceaccount:NS:NAME): the approvals
+    # gateway files requests in proxies' names with it, which the webhook then accepts
+    operator_username: str = ""
+    # carry the inject annotation of annotated workloads into their pod templates (watch + patch
+    # on Deployments, StatefulSets, DaemonSets, Jobs, CronJobs)
+    carry_annotations: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -143,6 +190,8 @@ class OperatorSettings:
             audit_stdout=_flag(e.get("PGWARDEN_SIDECAR_AUDIT_STDOUT"), inj.audit_stdout),
             audit_otel=_flag(e.get("PGWARDEN_SIDECAR_AUDIT_OTEL"), inj.audit_otel),
             otel_endpoint=e.get("PGWARDEN_SIDECAR_OTEL_ENDPOINT", inj.otel_endpoint).strip(),
+            approvals_url=e.get("PGWARDEN_APPROVALS_URL", inj.approvals_url).strip(),
+            run_as_user=_uid(e.get("PGWARDEN_SIDECAR_RUN_AS_USER"), inj.run_as_user),
             image=e.get("PGWARDEN_PROXY_IMAGE", inj.image),
             image_pull_policy=e.get("PGWARDEN_PROXY_IMAGE_PULL_POLICY", inj.image_pull_policy),
             resources=SidecarResources(
@@ -164,9 +213,24 @@ class OperatorSettings:
             cafile=e.get("PGWARDEN_WEBHOOK_CAFILE") or None,
             managed=e.get("PGWARDEN_WEBHOOK_MANAGED", wh.managed or "") or None,
         )
+        if e.get("PGWARDEN_OPERATOR_USERNAME"):
+            s = replace(s, operator_username=e["PGWARDEN_OPERATOR_USERNAME"].strip())
+        if e.get("PGWARDEN_PEERING_NAME"):
+            s = replace(s, peering_name=e["PGWARDEN_PEERING_NAME"].strip())
+        s = replace(s, carry_annotations=_flag(e.get("PGWARDEN_CARRY_ANNOTATIONS"), s.carry_annotations))
         if e.get("PGWARDEN_PEERING_PRIORITY"):
             s = replace(s, peering_priority=int(e["PGWARDEN_PEERING_PRIORITY"]))
+        gw = s.gateway
+        gw = replace(
+            gw,
+            enabled=_flag(e.get("PGWARDEN_GATEWAY"), gw.enabled),
+            addr=e.get("PGWARDEN_GATEWAY_ADDR", gw.addr),
+            port=int(e.get("PGWARDEN_GATEWAY_PORT", gw.port)),
+            certfile=e.get("PGWARDEN_GATEWAY_CERTFILE") or wh.certfile,
+            pkeyfile=e.get("PGWARDEN_GATEWAY_PKEYFILE") or wh.pkeyfile,
+            cafile=e.get("PGWARDEN_GATEWAY_CAFILE") or wh.cafile,
+        )
         rot = s.rotation
         if "PGWARDEN_ROTATION_CHECK_INTERVAL" in e:
             rot = replace(rot, check_interval=parse_duration(e["PGWARDEN_ROTATION_CHECK_INTERVAL"]))
-        return replace(s, injection=inj, webhook=wh, rotation=rot)
+        return replace(s, injection=inj, webhook=wh, rotation=rot, gateway=gw)

@@ -1,8 +1,10 @@
 """Status bodies: conditions with typed reasons, observedGeneration and a phase (pure).
 
 Condition types per kind (the CRD enumerates them):
-- DatabaseConnection: Reachable, CredentialsReady, BundleReady
-- AccessPolicy / MaskingRule: Valid, Compiled
+- DatabaseConnection: Reachable, CredentialsReady, BundleReady, Ready
+- AccessPolicy / MaskingRule: Valid, Compiled, Ready
+- ApprovalRequest: Ready (in `pgwarden.operator.approvals.next_status`)
+Every kind has `Ready`, so `kubectl wait --for=condition=Ready` works on each.
 """
 
 from __future__ import annotations
@@ -41,6 +43,22 @@ def merge_conditions(previous: Iterable[Mapping[str, Any]] | None, updates: Iter
     return [out[k] for k in sorted(out, key=str)]
 
 
+def with_ready(conditions: list[dict[str, Any]], ok: bool, reason: str, message: str,
+               generation: int | None = None) -> list[dict[str, Any]]:
+    """The conditions plus the summary condition `Ready` (kept in order, transition time kept)."""
+    return merge_conditions(conditions, [condition("Ready", ok, reason, message, generation)])
+
+
+def connection_conditions(previous: Iterable[Mapping[str, Any]] | None, updates: Iterable[dict[str, Any]],
+                          generation: int | None = None) -> tuple[list[dict[str, Any]], str]:
+    """Merged DatabaseConnection conditions with `Ready`, and the phase."""
+    merged = merge_conditions(previous, updates)
+    phase = connection_phase(merged)
+    failing = [c for c in merged if c.get("type") != "Ready" and c.get("status") == "False"]
+    message = "; ".join(f"{c['type']}: {c.get('message', '')}" for c in failing) or f"phase {phase}"
+    return with_ready(merged, phase == "Ready", phase, message, generation), phase
+
+
 def connection_phase(conditions: Iterable[Mapping[str, Any]]) -> str:
     by = {c.get("type"): c.get("status") for c in conditions}
     if by.get("Reachable") == "False" or by.get("CredentialsReady") == "False":
@@ -57,6 +75,9 @@ def compiled_status(errors: list[str], warnings: list[str], digest: str | None, 
     """Status of an AccessPolicy or MaskingRule after a bundle compilation."""
     valid = not errors
     conds = [
+        condition("Ready", valid and published, "InBundle" if valid and published else ("Invalid" if not valid
+                  else "NotInBundle"), "valid and in the published bundle" if valid and published else
+                  "not in the sidecars' bundle: see the Valid and Compiled conditions", generation),
         condition("Valid", valid, "Validated" if valid else "ValidationFailed",
                   "; ".join(errors) if errors else ("; ".join(warnings) if warnings else "valid"), generation),
         condition("Compiled", valid and published, "InBundle" if valid and published else "NotInBundle",
@@ -77,11 +98,12 @@ def compiled_status(errors: list[str], warnings: list[str], digest: str | None, 
 
 def connection_status_example() -> dict[str, Any]:
     """A fully populated DatabaseConnection status (used by the schema test)."""
-    conds = [condition("Reachable", True, "Connected", "PostgreSQL 16.2", 3),
-             condition("CredentialsReady", True, "Rotated", "pgw_c_b active, version 4", 3),
-             condition("BundleReady", True, "Published", "2 policies, 1 masking rule", 3)]
+    conds, phase = connection_conditions(None, [
+        condition("Reachable", True, "Connected", "PostgreSQL 16.2", 3),
+        condition("CredentialsReady", True, "Rotated", "pgw_c_b active, version 4", 3),
+        condition("BundleReady", True, "Published", "2 policies, 1 masking rule", 3)], 3)
     return {
-        "phase": connection_phase(conds),
+        "phase": phase,
         "observedGeneration": 3,
         "conditions": conds,
         "serverVersion": "16.2",

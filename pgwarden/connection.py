@@ -79,6 +79,9 @@ def parse_connection(doc: Document) -> DatabaseConnection:
     grace = parse_duration(creds.get("gracePeriod", "2m"), doc, "spec.credentials.gracePeriod")
     if interval < 60:
         raise doc.error("spec.credentials.rotationInterval", "must be at least 1m")
+    if grace < 120:
+        raise doc.error("spec.credentials.gracePeriod", "must be at least 2m: kubelet takes 60-90s to bring a "
+                        "rotated Secret to the sidecars, and the old password must outlive that")
     if grace >= interval:
         raise doc.error("spec.credentials.gracePeriod", "must be shorter than rotationInterval")
     prefix = get_field(doc, creds, "rolePrefix", str, "spec.credentials.rolePrefix", "")

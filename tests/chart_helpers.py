@@ -60,7 +60,7 @@ def set_args(values: Mapping[str, Any]) -> list[str]:
     for key, value in values.items():
         if isinstance(value, bool):
             out += ["--set", f"{key}={str(value).lower()}"]
-        elif isinstance(value, list | dict):
+        elif value is None or isinstance(value, list | dict | int | float):
             out += ["--set-json", f"{key}={json.dumps(value)}"]
         else:
             out += ["--set-string", f"{key}={value}"]

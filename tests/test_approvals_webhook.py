@@ -203,6 +203,40 @@ def test_create_is_pending_and_stamps_the_creator() -> None:
     assert not res.allowed and "created with spec.decision: pending" in res.message
 
 
+OPERATOR_USER = "system:serviceaccount:pgwarden-system:pgwarden"
+
+
+@pytest.mark.parametrize("user,requester,why", [
+    (AGENT, {"serviceAccount": "agents/other-agent", "pod": "agents/other-agent-1"}, "serviceAccount must be the caller"),
+    ({**AGENT, "extra": {ar.POD_NAME_EXTRA: ["cursor-agent-7d9f"]}}, {"pod": "agents/other-agent-1"},
+     "pod must be the caller's pod"),
+    (MALLORY, {"subject": "alice@example.com", "serviceAccount": ""}, "subject must be the caller"),
+    ({"username": OPERATOR_USER, "groups": []}, {}, "serviceAccount must be the caller"),  # gateway not configured
+])
+def test_create_only_in_the_callers_own_name(user: dict[str, Any], requester: dict[str, Any], why: str) -> None:
+    """Both webhooks refuse a request filed in someone else's name (a forged requester would make
+    the real requester unable to decide, or pin a statement on another agent)."""
+    new = request_obj()
+    new["metadata"]["annotations"] = {}
+    new["spec"]["requester"] = {**new["spec"]["requester"], **requester}
+    for mutating in (True, False):
+        res = ar.admit(review("CREATE", new, None, user), POLICY, NOW, mutating=mutating)
+        assert not res.allowed and why in res.message, res.message
+
+
+def test_create_by_the_operators_gateway_in_a_proxys_name() -> None:
+    new = request_obj()
+    new["metadata"]["annotations"] = {}
+    gateway = {"username": OPERATOR_USER, "groups": ["system:serviceaccounts"]}
+    res = ar.admit(review("CREATE", new, None, gateway), POLICY, NOW, mutating=True, gateway=OPERATOR_USER)
+    assert res.allowed, res.message
+    final = jsonpatch.apply_patch(new, res.json_patch(new))
+    assert ar.admit(review("CREATE", final, None, gateway), POLICY, NOW, mutating=False, gateway=OPERATOR_USER).allowed
+    # a pod-bound agent token in its own name passes as well
+    agent = {**AGENT, "extra": {ar.POD_NAME_EXTRA: ["cursor-agent-7d9f"]}}
+    assert ar.admit(review("CREATE", new, None, agent), POLICY, NOW, mutating=True).allowed
+
+
 # -- status -----------------------------------------------------------------------------------
 
 def test_status_story() -> None:

@@ -4,6 +4,7 @@ reviewer checks before installing an operator that can read Secrets and mutate p
 from __future__ import annotations
 
 import base64
+import copy
 import re
 from pathlib import Path
 from typing import Any
@@ -12,14 +13,26 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from chart_helpers import CHART, NAMESPACE, RELEASE, ROOT, Manifest, grants, of_kind, one, render, run_helm
+from chart_helpers import (
+    CHART,
+    NAMESPACE,
+    RELEASE,
+    ROOT,
+    Manifest,
+    grants,
+    of_kind,
+    one,
+    render,
+    run_helm,
+    set_args,
+)
+from cryptography.hazmat.primitives import serialization
 
 # the values CI renders: the defaults, and the options a hardened install turns on
 HARDENED = {"webhook.certManager.enabled": True, "networkPolicy.enabled": True}
 NAMESPACED = {"operator.watchNamespaces": ["agents", "ci"]}
 WITH_PEOPLE = {
     "rbac.reviewers": [{"kind": "Group", "name": "dba"}],
-    "rbac.agents": [{"namespace": "agents", "serviceAccount": "cursor-agent"}],
 }
 VARIANTS: dict[str, dict[str, Any]] = {"default": {}, "hardened": HARDENED, "namespaced": NAMESPACED, "people": WITH_PEOPLE}
 
@@ -140,7 +153,7 @@ def test_two_replicas_spread_with_a_disruption_budget() -> None:
     anti = dep["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
     assert anti["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
     # kopf peering: the object both replicas record themselves in
-    assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == "pgwarden"
+    assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == f"{RELEASE}-pgwarden"
 
 
 def test_operator_pod_is_hardened() -> None:
@@ -263,8 +276,17 @@ def test_operator_rbac_is_exactly_what_the_code_calls() -> None:
     for plural in ("databaseconnections", "accesspolicies", "maskingrules", "approvalrequests"):
         assert grants(role, pgw, plural) >= {"get", "list", "watch", "patch"}
         assert grants(role, pgw, f"{plural}/status") == {"get", "patch"}
-        assert "update" not in grants(role, pgw, plural) and "create" not in grants(role, pgw, plural)
-    assert grants(role, pgw, "approvalrequests") == {"get", "list", "watch", "patch", "delete"}
+        assert "update" not in grants(role, pgw, plural)
+        assert "create" not in grants(role, pgw, plural) or plural == "approvalrequests"
+    # blockOwnerDeletion on the Secret and ConfigMap a connection owns (OwnerReferencesPermissionEnforcement)
+    assert grants(role, pgw, "databaseconnections/finalizers") == {"update"}
+    from pgwarden.operator.credentials import owner_reference
+
+    (ref,) = owner_reference({"kind": "DatabaseConnection", "metadata": {"name": "c", "uid": "u"}})
+    assert ref["blockOwnerDeletion"] is True and ref["kind"] == "DatabaseConnection"
+    # create: the approvals gateway files requests for the sidecars (after a TokenReview)
+    assert grants(role, pgw, "approvalrequests") == {"get", "list", "watch", "patch", "create", "delete"}
+    assert grants(role, "authentication.k8s.io", "tokenreviews") == {"create"}
     # Secrets: read the admin Secret, write the rotating one; never list or watch them all
     assert grants(role, "", "secrets") == {"get", "create", "patch", "delete"}
     assert grants(role, "", "configmaps") == {"get", "create", "patch", "delete"}
@@ -281,13 +303,14 @@ def test_operator_rbac_is_exactly_what_the_code_calls() -> None:
     assert grants(role, "rbac.authorization.k8s.io", "clusterroles") == set()
     # kopf peering: the chart's one peering object is the only one written
     writes = [r for r in role["rules"] if "clusterkopfpeerings" in r["resources"] and "patch" in r["verbs"]]
-    assert writes and all(r.get("resourceNames") == ["pgwarden"] for r in writes)
+    assert writes and all(r.get("resourceNames") == [f"{RELEASE}-pgwarden"] for r in writes)
 
 
 def test_namespaced_install_grants_nothing_cluster_wide_but_discovery() -> None:
     docs = render(NAMESPACED)
     cluster = one(docs, "ClusterRole", OPERATOR)
-    assert {g for r in cluster["rules"] for g in r["apiGroups"]} == {"apiextensions.k8s.io"}
+    # discovery, and TokenReview (cluster-scoped by nature) for the approvals gateway
+    assert {g for r in cluster["rules"] for g in r["apiGroups"]} == {"apiextensions.k8s.io", "authentication.k8s.io"}
     roles = of_kind(docs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["agents", "ci"]
     for role in roles:
@@ -300,41 +323,95 @@ def test_namespaced_install_grants_nothing_cluster_wide_but_discovery() -> None:
     assert "--namespace=agents" in args and "--namespace=ci" in args
 
 
-def test_reviewer_can_patch_approvals_and_agent_cannot() -> None:
+def test_reviewer_can_patch_approvals_and_agents_need_no_role() -> None:
+    """The sidecar reaches ApprovalRequests through the operator's approvals gateway with its own
+    token: no role for agents' service accounts, which every container of the pod shares."""
     docs = render(WITH_PEOPLE)
-    reviewer = one(docs, "ClusterRole", "pgwarden-reviewer")
-    agent = one(docs, "ClusterRole", "pgwarden-agent")
+    reviewer = one(docs, "ClusterRole", f"{RELEASE}-pgwarden-reviewer")
     assert grants(reviewer, "pgwarden.dev", "approvalrequests") == {"get", "list", "watch", "patch"}
-    agent_verbs = grants(agent, "pgwarden.dev", "approvalrequests")
-    assert {"create", "get", "watch"} <= agent_verbs
-    assert not {"update", "patch"} & agent_verbs, "an agent must never be able to decide a request"
-    assert grants(agent, "pgwarden.dev", "approvalrequests/status") == set()
-    # agents get no Secrets (the credentials Secret lives in their namespace) and no policies
-    for role in (agent, reviewer):
-        assert grants(role, "", "secrets") == set()
-        assert grants(role, "pgwarden.dev", "accesspolicies") == set()
-    binding = one(docs, "RoleBinding", "pgwarden-agent-cursor-agent")
-    assert binding["metadata"]["namespace"] == "agents"
-    assert binding["roleRef"]["name"] == "pgwarden-agent"
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "cursor-agent", "namespace": "agents"}]
-    crb = one(docs, "ClusterRoleBinding", "pgwarden-reviewer")
+    assert grants(reviewer, "", "secrets") == set()
+    assert grants(reviewer, "pgwarden.dev", "accesspolicies") == set()
+    for role in all_roles(docs):
+        assert "agent" not in role["metadata"]["name"], role["metadata"]["name"]
+    assert not [b for b in of_kind(docs, "RoleBinding") if b["roleRef"]["name"].startswith("pgwarden-agent")]
+    crb = one(docs, "ClusterRoleBinding", f"{RELEASE}-pgwarden-reviewer")
     assert crb["subjects"] == [{"kind": "Group", "name": "dba", "apiGroup": "rbac.authorization.k8s.io"}]
 
 
-def test_agent_role_is_the_requester_role_docs_approvals_describes() -> None:
-    """What the sidecar does with the agent's service account (create, watch, withdraw requests;
-    the `<request>.executed` Event): the chart's pgwarden-agent and docs/approvals.md agree."""
-    text = (ROOT / "docs" / "approvals.md").read_text()
-    documented = next(d for d in (yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, re.S))
-                      if isinstance(d, dict) and d.get("kind") == "Role" and d["metadata"]["name"] == "pgwarden-requester")
-    agent = one(render(), "ClusterRole", "pgwarden-agent")
+@pytest.mark.parametrize("value,expected", [(None, None), (1000, 1000)])
+def test_sidecar_run_as_user_can_be_left_to_the_platform(value: int | None, expected: int | None) -> None:
+    from pgwarden.operator.settings import OperatorSettings
 
-    def flat(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
-        return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    dep = operator_deployment({"sidecar.runAsUser": value})
+    env = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
+    assert OperatorSettings.from_env(env).injection.run_as_user == expected
 
-    assert flat(agent["rules"]) == flat(documented["rules"])
-    assert grants(agent, "pgwarden.dev", "approvalrequests") == {"create", "get", "list", "watch", "delete"}
-    assert grants(agent, "", "events") == {"create"}
+
+def test_cluster_scoped_names_carry_the_release() -> None:
+    """Two releases in one cluster must not fight over a ClusterRole or a peering object; for a
+    release named pgwarden the names stay the documented ones (pgwarden-reviewer, pgwarden)."""
+    for release in ("pgw", "other"):
+        proc = run_helm("template", release, str(CHART), "--namespace", NAMESPACE,
+                        *set_args({"rbac.reviewers": [{"kind": "Group", "name": "dba"}]}))
+        assert proc.returncode == 0, proc.stderr
+        docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+        cluster_scoped = [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering",
+                                                           "MutatingWebhookConfiguration",
+                                                           "ValidatingWebhookConfiguration")]
+        assert cluster_scoped and all(d["metadata"]["name"].startswith(f"{release}-") for d in cluster_scoped)
+        env = {e["name"]: e.get("value") for e in
+               one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["PGWARDEN_PEERING_NAME"] == one(docs, "ClusterKopfPeering")["metadata"]["name"]
+    proc = run_helm("template", "pgwarden", str(CHART), "--namespace", NAMESPACE)
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    assert one(docs, "ClusterRole", "pgwarden-reviewer") and one(docs, "ClusterKopfPeering", "pgwarden")
+
+
+def test_workload_rights_only_with_the_carry_feature() -> None:
+    from pgwarden.operator.settings import OperatorSettings
+
+    docs = render({"operator.carryWorkloadAnnotations": False})
+    role = one(docs, "ClusterRole", OPERATOR)
+    for group, plural in (("apps", "deployments"), ("apps", "statefulsets"), ("apps", "daemonsets"),
+                          ("batch", "jobs"), ("batch", "cronjobs")):
+        assert grants(role, group, plural) == set()
+    env = {e["name"]: e.get("value") for e in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert OperatorSettings.from_env({k: v for k, v in env.items() if v is not None}).carry_annotations is False
+    # and the operator then registers no workload watch (it would be forbidden)
+    import kopf
+    from pgwarden.operator import main as operator_main
+    from pgwarden.operator.kube import ApiConfig, Kube
+    from pgwarden.operator.runtime import Runtime
+
+    for carry, expected in ((True, True), (False, False)):
+        registry = kopf.OperatorRegistry()
+        operator_main.register(registry, Runtime(OperatorSettings(carry_annotations=carry),
+                                                 Kube(ApiConfig(server="http://unused"))))
+        watched = {s.any_name for s in registry._changing.get_all_selectors()}
+        assert ("deployments" in watched) is expected
+
+
+def test_the_approvals_gateway_is_served_and_configured() -> None:
+    docs = render()
+    dep = one(docs, "Deployment", OPERATOR)
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["PGWARDEN_GATEWAY"] == "true" and env["PGWARDEN_GATEWAY_PORT"] == "9444"
+    assert env["PGWARDEN_APPROVALS_URL"] == f"https://{RELEASE}-pgwarden-webhook.{NAMESPACE}.svc:9444"
+    assert env["PGWARDEN_OPERATOR_USERNAME"] == f"system:serviceaccount:{NAMESPACE}:{RELEASE}-pgwarden"
+    assert env["PGWARDEN_GATEWAY_CAFILE"] == "/etc/pgwarden/webhook/ca.crt"
+    assert {"name": "approvals", "containerPort": 9444, "protocol": "TCP"} in container["ports"]
+    svc = one(docs, "Service", f"{RELEASE}-pgwarden-webhook")
+    assert {"name": "https-approvals", "port": 9444, "targetPort": "approvals", "protocol": "TCP"} in svc["spec"]["ports"]
+    # the settings the operator reads from that env
+    from pgwarden.operator.settings import OperatorSettings
+
+    settings = OperatorSettings.from_env({k: v for k, v in env.items() if v is not None})
+    assert settings.gateway.enabled and settings.gateway.port == 9444
+    assert settings.injection.approvals_url == env["PGWARDEN_APPROVALS_URL"]
+    assert settings.operator_username == env["PGWARDEN_OPERATOR_USERNAME"]
+    policy = one(render(HARDENED), "NetworkPolicy", OPERATOR)
+    assert {"port": 9444, "protocol": "TCP"} in [p for rule in policy["spec"]["ingress"] for p in rule["ports"]]
 
 
 # -- webhooks ----------------------------------------------------------------------------------
@@ -388,7 +465,13 @@ def test_webhook_configurations_match_the_operators_handlers() -> None:
         for k in kopf_hooks:
             w = ours[k["name"]]
             assert w["clientConfig"]["service"]["path"] == k["clientConfig"]["service"]["path"], k["name"]
-            assert w["failurePolicy"] == k["failurePolicy"], k["name"]
+            if k["name"].startswith("pgwarden-inject."):
+                # kopf cannot express matchConditions, so the configuration it would manage itself
+                # fails open; the chart narrows the webhook to annotated pods and fails closed
+                assert (k["failurePolicy"], w["failurePolicy"]) == ("Ignore", "Fail")
+                assert w["matchConditions"]
+            else:
+                assert w["failurePolicy"] == k["failurePolicy"], k["name"]
             assert w["sideEffects"] == k["sideEffects"], k["name"]
             assert rule_set(w["rules"]) == rule_set(k["rules"]), k["name"]
 
@@ -420,10 +503,45 @@ def test_pod_injection_skips_system_namespaces_and_the_operator_itself() -> None
     hooks = {w["name"]: w for w in one(render(), "MutatingWebhookConfiguration")["webhooks"]}
     expr = hooks["pgwarden-inject.pgwarden.dev"]["namespaceSelector"]["matchExpressions"][0]
     assert expr["operator"] == "NotIn" and {"kube-system", NAMESPACE} <= set(expr["values"])
-    # injection fails open for the pod but closed for data (no sidecar = no credentials);
-    # approvals fail closed: nobody decides while the operator is away
-    assert hooks["pgwarden-inject.pgwarden.dev"]["failurePolicy"] == "Ignore"
+    # injection fails closed, narrowed to the pods that ask for it; approvals fail closed: nobody
+    # decides while the operator is away
+    assert hooks["pgwarden-inject.pgwarden.dev"]["failurePolicy"] == "Fail"
     assert hooks["pgwarden-approval-decide.pgwarden.dev"]["failurePolicy"] == "Fail"
+    assert hooks["pgwarden-inject.pgwarden.dev"]["timeoutSeconds"] <= 5
+
+
+def match_conditions_pass(webhook: Manifest, obj: Manifest) -> bool:
+    """The API server's evaluation of matchConditions: every expression true (CEL, celpy)."""
+    import celpy
+
+    env = celpy.Environment()
+    for cond in webhook.get("matchConditions") or []:
+        program = env.program(env.compile(cond["expression"]))
+        if not bool(program.evaluate({"object": celpy.json_to_cel(obj)})):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("annotations,sent", [
+    ({"pgwarden.dev/inject": "orders-prod"}, True),
+    ({"pgwarden.dev/inject": "orders-prod", "pgwarden.dev/injected": "orders-prod"}, False),
+    ({"team": "x"}, False),
+    (None, False),
+])
+def test_only_pods_that_ask_for_the_proxy_reach_the_fail_closed_webhook(annotations: Any, sent: bool) -> None:
+    hooks = {w["name"]: w for w in one(render(), "MutatingWebhookConfiguration")["webhooks"]}
+    pod: Manifest = {"apiVersion": "v1", "kind": "Pod", "metadata": {"generateName": "a-"}, "spec": {}}
+    if annotations is not None:
+        pod["metadata"]["annotations"] = annotations
+    assert match_conditions_pass(hooks["pgwarden-inject.pgwarden.dev"], pod) is sent
+    vhooks = {w["name"]: w for w in one(render(), "ValidatingWebhookConfiguration")["webhooks"]}
+    injected = bool(annotations and "pgwarden.dev/injected" in annotations)
+    assert match_conditions_pass(vhooks["pgwarden-ephemeral.pgwarden.dev"], pod) is injected
+
+
+def test_readiness_is_an_https_check_of_both_servers() -> None:
+    probe = operator_deployment()["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    assert probe["httpGet"] == {"path": "/readyz", "port": "approvals", "scheme": "HTTPS"}
 
 
 def test_approval_webhooks_cover_every_namespace() -> None:
@@ -439,9 +557,18 @@ def test_approval_webhooks_cover_every_namespace() -> None:
 def test_cert_manager_mode_injects_the_ca_and_generates_no_key() -> None:
     docs = render(HARDENED)
     assert not of_kind(docs, "Secret"), "with cert-manager the chart must not generate a private key"
-    cert = one(docs, "Certificate")
+    cert = one(docs, "Certificate", f"{RELEASE}-pgwarden-webhook")
     svc = one(docs, "Service")["metadata"]["name"]
     assert f"{svc}.{NAMESPACE}.svc" in cert["spec"]["dnsNames"]
+    # renewals keep the CA: the serving certificate is signed by a CA Issuer, whose CA comes from
+    # a self-signed Issuer once and is never re-keyed
+    ca_cert = one(docs, "Certificate", f"{RELEASE}-pgwarden-webhook-ca")
+    assert ca_cert["spec"]["isCA"] is True and ca_cert["spec"]["privateKey"]["rotationPolicy"] == "Never"
+    ca_issuer = one(docs, "Issuer", f"{RELEASE}-pgwarden-ca")
+    assert ca_issuer["spec"]["ca"]["secretName"] == ca_cert["spec"]["secretName"]
+    assert cert["spec"]["issuerRef"] == {"name": ca_issuer["metadata"]["name"], "kind": "Issuer"}
+    assert one(docs, "Issuer", f"{RELEASE}-pgwarden-selfsigned")["spec"] == {"selfSigned": {}}
+    assert ca_cert["spec"]["issuerRef"]["name"] == f"{RELEASE}-pgwarden-selfsigned"
     for kind in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
         config = one(docs, kind)
         assert config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == \
@@ -451,12 +578,74 @@ def test_cert_manager_mode_injects_the_ca_and_generates_no_key() -> None:
     assert secret_name == cert["spec"]["secretName"]
 
 
-def test_network_policy_limits_ingress_to_the_webhook_port() -> None:
+def ca_pems() -> tuple[str, str, str]:
+    """(CA cert, CA key, another CA cert) in PEM, as a user keeps them in a secret store."""
+    from pgwarden.operator.webhook_server import self_signed
+
+    cert, key = self_signed(["pgwarden-webhook-ca"])
+    other, _ = self_signed(["pgwarden-webhook-ca-old"])
+    return cert.decode(), key.decode(), other.decode()
+
+
+def ca_bundles(docs: list[Manifest]) -> set[str]:
+    return {w["clientConfig"]["caBundle"] for kind in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration")
+            for w in one(docs, kind)["webhooks"]}
+
+
+def test_a_given_ca_keeps_the_ca_bundle_stable_across_helm_template_runs() -> None:
+    """GitOps renders with `helm template` (lookup finds nothing) at every sync: with webhook.tls.ca
+    the caBundle is the same each time, and each run's serving certificate verifies under it, so
+    replacing the Secret never leaves the API server or the sidecars distrusting the server."""
+    from cryptography import x509
+
+    ca_cert, ca_key, _ = ca_pems()
+    values = {"webhook.tls.ca.cert": ca_cert, "webhook.tls.ca.key": ca_key}
+    runs = []
+    for _ in range(2):
+        proc = run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *set_args(values))
+        assert proc.returncode == 0, proc.stderr
+        runs.append([d for d in yaml.safe_load_all(proc.stdout) if d])
+    bundles = [ca_bundles(docs) for docs in runs]
+    assert bundles[0] == bundles[1] and len(bundles[0]) == 1
+    (bundle,) = bundles[0]
+    assert base64.b64decode(bundle).decode().strip() == ca_cert.strip()
+    ca = x509.load_pem_x509_certificate(ca_cert.encode())
+    for docs in runs:
+        secret = one(docs, "Secret")
+        assert secret["data"]["ca.crt"] == bundle
+        x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"])).verify_directly_issued_by(ca)
+
+
+def test_the_old_ca_stays_trusted_while_rotating() -> None:
+    """Overlap: during a CA rotation the caBundle (and the sidecars' CA file) holds both CAs."""
+    from cryptography import x509
+
+    ca_cert, ca_key, old = ca_pems()
+    docs = render({"webhook.tls.ca.cert": ca_cert, "webhook.tls.ca.key": ca_key, "webhook.tls.extraCABundle": old})
+    (bundle,) = ca_bundles(docs)
+    certs = x509.load_pem_x509_certificates(base64.b64decode(bundle))
+    assert [c.public_bytes(serialization.Encoding.PEM).decode() for c in certs] == [ca_cert, old]
+    assert one(docs, "Secret")["data"]["ca.crt"] == bundle
+
+
+def test_a_generated_ca_changes_per_render_and_notes_say_so() -> None:
+    """Without a given CA or cert-manager, `helm template` cannot keep the CA: documented."""
+    a = ca_bundles(render({"operator.replicaCount": 2}))
+    proc = run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE)
+    b = ca_bundles([d for d in yaml.safe_load_all(proc.stdout) if d])
+    assert a != b
+    proc = run_helm("install", RELEASE, str(CHART), "--dry-run=client", "--namespace", NAMESPACE)
+    assert "webhook.tls.ca" in proc.stdout.split("NOTES:", 1)[1]
+    proc = run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *set_args({"webhook.tls.ca.cert": "x"}))
+    assert proc.returncode != 0 and "needs both cert and key" in proc.stderr
+
+
+def test_network_policy_limits_ingress_to_the_webhook_and_gateway_ports() -> None:
     docs = render(HARDENED)
     np = one(docs, "NetworkPolicy")
     assert set(np["spec"]["policyTypes"]) == {"Ingress", "Egress"}
     ingress_ports = [p["port"] for rule in np["spec"]["ingress"] for p in rule["ports"]]
-    assert ingress_ports == [9443]
+    assert ingress_ports == [9443, 9444]
     egress_ports = {p["port"] for rule in np["spec"]["egress"] for p in rule["ports"]}
     assert egress_ports == {53, 443, 6443, 5432}
     assert not of_kind(render(), "NetworkPolicy"), "off by default"
@@ -485,7 +674,7 @@ def test_notes_give_the_next_three_commands() -> None:
     {"webhook.certmanager.enabled": True},              # a typo must not silently keep the default
     {"operator.replicaCount": 0},
     {"operator.watchNamespaces": ["Agents"]},            # not a namespace name
-    {"rbac.agents": [{"namespace": "agents"}]},          # no service account
+    {"rbac.agents": [{"namespace": "agents", "serviceAccount": "a"}]},  # agents need no RBAC any more
     {"otel.endpoint": "collector:4318"},                 # OTLP over HTTP needs a scheme
 ])
 def test_values_schema_rejects_mistakes(values: dict[str, Any]) -> None:
@@ -522,3 +711,63 @@ def test_sample_agent_injected_with_the_charts_settings_is_a_valid_hardened_pod(
     # the agent's own token is for the proxy's audience, not the API server's
     token = next(v for v in spec["volumes"] if v["name"] == "pgwarden-token")
     assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "pgwarden"
+
+
+def test_the_documented_crd_upgrade_works_with_helm_installed_crds() -> None:
+    """Helm owns the CRDs' fields after `helm install`: a server-side apply without
+    --force-conflicts stops at a conflict with the field manager `helm`."""
+    text = (ROOT / "docs" / "install.md").read_text()
+    upgrade = text.split("## Upgrading", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    apply = " ".join(upgrade.replace("\\\n", " ").strip().split("\n")[0].split())
+    assert apply.startswith("kubectl apply --server-side --force-conflicts")
+    for path in ("crds/", "charts/pgwarden/crds/kopf-peering.yaml"):
+        assert f"-f {path}" in apply and (ROOT / path).exists()
+    # the chart's CRDs are the same files (symlinks), so what Helm installed is what this applies
+    for f in (CHART / "crds").glob("*.yaml"):
+        assert f.is_symlink() or f.name == "kopf-peering.yaml"
+
+
+VAP_API = "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy"
+
+
+def test_the_api_server_itself_refuses_an_annotated_pod_without_its_sidecar() -> None:
+    """ValidatingAdmissionPolicy (Kubernetes >= 1.30): no operator, webhook setting or outage lets
+    a pod that asks for the proxy run without it. Evaluated here with CEL as the API server does."""
+    import celpy
+    from pgwarden.operator.injection import InjectionTarget, inject_pod
+    from pgwarden.operator.settings import InjectionSettings
+
+    assert not of_kind(render(), "ValidatingAdmissionPolicy"), "only where the cluster serves the API"
+    proc = run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--api-versions", VAP_API)
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    policy = one(docs, "ValidatingAdmissionPolicy")
+    binding = one(docs, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    for doc in (policy, binding):
+        kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+
+    env = celpy.Environment()
+
+    def admitted(pod: Manifest) -> bool:
+        act = {"object": celpy.json_to_cel(pod)}
+        for cond in policy["spec"]["matchConditions"]:
+            if not bool(env.program(env.compile(cond["expression"])).evaluate(act)):
+                return True  # not matched: the policy does not apply
+        return all(bool(env.program(env.compile(v["expression"])).evaluate(act)) for v in policy["spec"]["validations"])
+
+    annotated = {"apiVersion": "v1", "kind": "Pod",
+                 "metadata": {"generateName": "a-", "annotations": {"pgwarden.dev/inject": "orders-prod"}},
+                 "spec": {"containers": [{"name": "agent", "image": "a"}]}}
+    assert not admitted(annotated)
+    forged = copy.deepcopy(annotated)
+    forged["metadata"]["annotations"]["pgwarden.dev/injected"] = "orders-prod"  # skips the webhook, not the policy
+    assert not admitted(forged)
+    for mode in ("native", "container"):
+        pod = copy.deepcopy(annotated)
+        pod["metadata"]["annotations"]["pgwarden.dev/sidecar-mode"] = mode
+        assert admitted(inject_pod(pod, InjectionTarget.for_connection("orders-prod"), InjectionSettings()))
+    plain = {"apiVersion": "v1", "kind": "Pod", "metadata": {"generateName": "p-"},
+             "spec": {"containers": [{"name": "x", "image": "x"}]}}
+    assert admitted(plain)

@@ -73,12 +73,23 @@ class TestVolumes:
         sources = vol["projected"]["sources"]
         cm = next(s["configMap"] for s in sources if "configMap" in s)
         assert cm["name"] == "orders-prod-pgwarden-bundle"
-        assert {i["path"] for i in cm["items"]} == {"bundle/bundle.yaml", "proxy.yaml"}
+        assert {i["path"] for i in cm["items"]} == {"bundle/bundle.yaml", "proxy.yaml", "operator-ca.crt"}
         secret = next(s["secret"] for s in sources if "secret" in s)
         assert secret["name"] == "orders-prod-pgwarden-credentials"
         assert {"credentials/username", "credentials/password"} <= {i["path"] for i in secret["items"]}
         token = next(s["serviceAccountToken"] for s in sources if "serviceAccountToken" in s)
-        assert token["audience"] == "pgwarden"
+        # the proxy's own audience, for the operator's approvals gateway; not the agents' `pgwarden`
+        assert token["audience"] == "pgwarden-operator"
+
+    def test_refuses_an_agent_token_for_the_proxys_audience(self) -> None:
+        """Whoever holds a pgwarden-operator token is the proxy to the approvals gateway."""
+        p = pod(volumes=[{"name": "mine", "projected": {"sources": [
+            {"serviceAccountToken": {"audience": "pgwarden-operator", "path": "t"}}]}}])
+        with pytest.raises(inj.InjectionError, match="only the pgwarden proxy may hold"):
+            inj.inject_pod(p, TARGET, SETTINGS)
+        ok = pod(volumes=[{"name": "mine", "projected": {"sources": [
+            {"serviceAccountToken": {"audience": "pgwarden", "path": "t"}}]}}])
+        assert sidecar(inj.inject_pod(ok, TARGET, SETTINGS))
 
     def test_credentials_mounted_into_the_proxy_only(self) -> None:
         out = inj.inject_pod(pod(initContainers=[{"name": "init", "image": "i"}]), TARGET, SETTINGS)
@@ -193,5 +204,91 @@ class TestWorkloads:
         out = inj.inject_manifest(self.deployment(), None, {}, SETTINGS)
         tpl = out["spec"]["template"]
         assert tpl["metadata"]["annotations"]["pgwarden.dev/injected"] == "orders-prod"
-        assert tpl["metadata"]["labels"] == {"app": "a"}
+        assert tpl["metadata"]["labels"] == {"app": "a", inj.LABEL_PROXY_VERSION: "test"}
         assert tpl["spec"]["initContainers"][0]["name"] == inj.PROXY_CONTAINER
+
+
+class TestPodsTheProxyCannotProtect:
+    def test_refuses_host_network(self) -> None:
+        """On the node's network the proxy's loopback is the node's: every process there would
+        pass for this pod's service account (podIdentity)."""
+        with pytest.raises(inj.InjectionError, match="hostNetwork"):
+            inj.inject_pod(pod(hostNetwork=True), TARGET, SETTINGS)
+        assert sidecar(inj.inject_pod(pod(hostNetwork=False), TARGET, SETTINGS))
+
+    @pytest.mark.parametrize("port", [5432, 8081])
+    def test_refuses_a_container_port_the_proxy_listens_on(self, port: int) -> None:
+        p = pod()
+        p["spec"]["containers"][0]["ports"] = [{"name": "pg", "containerPort": port}]
+        with pytest.raises(inj.InjectionError, match=f"declares port {port}"):
+            inj.inject_pod(p, TARGET, SETTINGS)
+
+    def test_other_ports_and_udp_are_fine(self) -> None:
+        p = pod()
+        p["spec"]["containers"][0]["ports"] = [{"containerPort": 8080}, {"containerPort": 5432, "protocol": "UDP"}]
+        assert sidecar(inj.inject_pod(p, TARGET, SETTINGS))
+
+
+class TestVersionAndIdentity:
+    def test_proxy_version_is_stamped_for_listing_stale_sidecars(self) -> None:
+        out = inj.inject_pod(pod(), TARGET, SETTINGS)
+        assert out["metadata"]["labels"][inj.LABEL_PROXY_VERSION] == "test"
+        assert out["metadata"]["annotations"][inj.ANNOTATION_PROXY_IMAGE] == SETTINGS.image
+
+    @pytest.mark.parametrize("image,label", [
+        ("ghcr.io/pgwarden/pgwarden-proxy:0.2.0", "0.2.0"),
+        ("registry:5000/pgwarden-proxy:1.0.0-rc.1", "1.0.0-rc.1"),
+        ("registry:5000/pgwarden-proxy", "latest"),
+        ("ghcr.io/pgwarden/pgwarden-proxy@sha256:0123456789abcdef0123", "sha256-0123456789abc"),
+    ])
+    def test_version_label_value(self, image: str, label: str) -> None:
+        assert inj.proxy_version(image) == label
+
+    def test_run_as_user_is_optional_but_non_root_stays(self) -> None:
+        """OpenShift's restricted SCC assigns UIDs and refuses pods that pick their own."""
+        from dataclasses import replace
+
+        sc = sidecar(inj.inject_pod(pod(), TARGET, replace(SETTINGS, run_as_user=None)))["securityContext"]
+        assert "runAsUser" not in sc and "runAsGroup" not in sc and sc["runAsNonRoot"] is True
+        sc = sidecar(inj.inject_pod(pod(), TARGET, SETTINGS))["securityContext"]
+        assert sc["runAsUser"] == sc["runAsGroup"] == 65532
+
+    def test_run_as_user_from_the_charts_env(self) -> None:
+        from pgwarden.operator.settings import OperatorSettings
+
+        assert OperatorSettings.from_env({"PGWARDEN_SIDECAR_RUN_AS_USER": ""}).injection.run_as_user is None
+        assert OperatorSettings.from_env({"PGWARDEN_SIDECAR_RUN_AS_USER": "1000"}).injection.run_as_user == 1000
+        assert OperatorSettings.from_env({}).injection.run_as_user == 65532
+        with pytest.raises(ValueError, match="never runs as root"):
+            OperatorSettings.from_env({"PGWARDEN_SIDECAR_RUN_AS_USER": "0"})
+
+
+class TestEphemeralContainers:
+    """`kubectl debug` adds ephemeral containers through pods/ephemeralcontainers (an UPDATE the
+    pod webhook never sees): one that targets the proxy or mounts its volumes is refused."""
+
+    def injected(self, **ephemeral: object) -> dict:
+        p = pod(volumes=[{"name": "creds-copy", "secret": {"secretName": TARGET.secret_name}}])
+        out = inj.inject_pod(pod(), TARGET, SETTINGS)
+        out["spec"]["volumes"] += p["spec"]["volumes"]  # as if added some other way
+        out["spec"]["ephemeralContainers"] = [{"name": "debugger", "image": "busybox", **ephemeral}]
+        return out
+
+    def test_targeting_the_proxy_is_refused(self) -> None:
+        with pytest.raises(inj.InjectionError, match="targets pgwarden-proxy"):
+            inj.check_ephemeral_containers(self.injected(targetContainerName=inj.PROXY_CONTAINER))
+
+    @pytest.mark.parametrize("volume", [inj.CONFIG_VOLUME, inj.DATA_VOLUME, inj.TMP_VOLUME, "creds-copy"])
+    def test_mounting_the_proxys_volumes_or_secret_is_refused(self, volume: str) -> None:
+        with pytest.raises(inj.InjectionError, match="only the proxy may mount"):
+            inj.check_ephemeral_containers(self.injected(volumeMounts=[{"name": volume, "mountPath": "/x"}]))
+
+    def test_debugging_the_agent_is_fine(self) -> None:
+        inj.check_ephemeral_containers(self.injected(targetContainerName="agent"))
+        inj.check_ephemeral_containers(self.injected())
+
+    def test_pods_without_the_proxy_are_not_pgwardens_business(self) -> None:
+        p = pod()
+        p["spec"]["ephemeralContainers"] = [{"name": "d", "image": "b", "targetContainerName": "pgwarden-proxy"}]
+        p["metadata"]["annotations"] = {}
+        inj.check_ephemeral_containers(p)

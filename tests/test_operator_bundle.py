@@ -184,3 +184,32 @@ class TestCredentialsSecret:
             credentials.read_admin_secret({"data": {"username": credentials.b64("a"), "user": "eA=="}}, "agents/admin")
         assert credentials.read_admin_secret({"stringData": {"username": "a", "password": "b", "sslrootcert": "PEM"}},
                                              "x") == ("a", "b", "PEM")
+
+
+class TestOwnership:
+    OWNER = {"kind": "DatabaseConnection", "metadata": {"name": "shop", "namespace": "agents", "uid": "u-1"}}
+
+    def test_absent_or_ours_may_be_written(self) -> None:
+        assert credentials.not_ours(None, self.OWNER) == ""
+        ours = credentials.credentials_secret(CONN, username="u", password="p", version=1, owner=self.OWNER)
+        assert credentials.not_ours(ours, self.OWNER) == ""
+
+    @pytest.mark.parametrize("labels,refs,why", [
+        ({}, [], "not made by pgwarden"),
+        ({"app.kubernetes.io/managed-by": "pgwarden", "pgwarden.dev/connection": "other"}, [], "not made by pgwarden"),
+        ({"app.kubernetes.io/managed-by": "pgwarden", "pgwarden.dev/connection": "shop"},
+         [{"kind": "DatabaseConnection", "name": "shop", "uid": "u-old", "controller": True}], "controlled by"),
+    ])
+    def test_foreign_objects_are_refused(self, labels: dict[str, str], refs: list[dict[str, Any]], why: str) -> None:
+        obj = {"kind": "Secret", "metadata": {"name": "shop-admin", "namespace": "agents", "labels": labels,
+                                              "ownerReferences": refs}}
+        assert why in credentials.not_ours(obj, self.OWNER)
+
+    def test_drift_of_any_key_is_undone(self) -> None:
+        r = bundle.compile_bundle(CONN_RAW, [policy()], CONN, SETTINGS)
+        desired = bundle.bundle_configmap(CONN, r, CONN_RAW)
+        assert bundle.configmap_drift(desired, desired) is None
+        edited = {**desired, "data": {**desired["data"], "bundle.yaml": "loosened", "extra": "x"}}
+        patch = bundle.configmap_drift(edited, desired)
+        assert patch is not None and patch["data"]["extra"] is None
+        assert patch["data"]["bundle.yaml"] == desired["data"]["bundle.yaml"]

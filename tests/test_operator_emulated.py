@@ -24,9 +24,9 @@ NS = "agents"
 PGW = kube.PGW
 pytestmark = pytest.mark.slow
 
-# rotationInterval 1m and gracePeriod 40s in the spec (valid for the CRD), scaled to 3s / 2s
+# rotationInterval 3m and gracePeriod 2m in the spec (valid for the CRD), scaled to 3s / 2s
 FAST = OperatorSettings(
-    rotation=RotationSettings(time_scale=0.05, retry_delay=1.0, check_interval=0.5),
+    rotation=RotationSettings(time_scale=1 / 60, retry_delay=1.0, check_interval=0.5),
     webhook=WebhookSettings(enabled=False),
     peering_name=None,
 )
@@ -58,7 +58,7 @@ def connection(pg: Any, name: str = "shop", admin: str = "shop-admin", **creds: 
         "metadata": {"name": name, "namespace": NS, "resourceVersion": "1", "generation": 1},
         "spec": {"host": pg.host, "port": pg.port, "database": "shop", "sslMode": "disable",
                  "adminSecretRef": {"name": admin},
-                 "credentials": {"grantRoles": ["shop_reader"], "rotationInterval": "1m", "gracePeriod": "40s",
+                 "credentials": {"grantRoles": ["shop_reader"], "rotationInterval": "3m", "gracePeriod": "2m",
                                  **creds}},
     }
 
@@ -244,6 +244,67 @@ async def _is_none(aw: Any) -> bool:
 
 
 def test_settings_are_scaled_not_validation() -> None:
-    """Tests shrink time through RotationSettings.time_scale; the spec still says 1m."""
-    assert replace(FAST).rotation.time_scale == 0.05
+    """Tests shrink time through RotationSettings.time_scale; the spec still says 3m."""
+    assert replace(FAST).rotation.time_scale == 1 / 60
     assert OperatorSettings().rotation.time_scale == 1.0
+
+
+async def test_a_connection_never_takes_over_objects_it_did_not_make(kmock: kmock.KubernetesEmulator, pg: Any) -> None:
+    """credentials.secretName naming the admin Secret: the operator neither overwrites nor
+    deletes it, and says why in the connection's condition; a bundle ConfigMap name taken by
+    someone else is left alone as well."""
+    advertise(kmock)
+    k = client_for(kmock)
+    await k.create(kube.path("v1", "secrets", NS), admin_secret(pg))
+    foreign_cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "other-pgwarden-bundle", "namespace": NS},
+                  "data": {"app.conf": "mine"}}
+    await k.create(kube.path("v1", "configmaps", NS), foreign_cm)
+    async with operator(kmock):
+        await k.create(kube.path(PGW, "databaseconnections", NS), connection(pg, name="grabby", secretName="shop-admin"))
+
+        async def cond(name: str, kind: str) -> dict[str, Any] | None:
+            obj = await k.get(kube.path(PGW, "databaseconnections", NS, name))
+            return {c["type"]: c for c in ((obj or {}).get("status") or {}).get("conditions") or []}.get(kind)
+
+        c = await eventually(lambda: cond("grabby", "CredentialsReady"), what="CredentialsReady")
+        assert c["status"] == "False" and c["reason"] == "SecretNotOwned"
+        assert "not made by pgwarden" in c["message"] and "spec.credentials.secretName" in c["message"]
+        assert await read_secret(k, "shop-admin") == {"username": pg.superuser, "password": pg.password}
+        assert not roles(pg, "pgw_grabby"), "nothing is rotated for a Secret pgwarden cannot write"
+
+        # a connection whose bundle ConfigMap name is taken
+        await k.create(kube.path(PGW, "databaseconnections", NS), connection(pg, name="other"))
+        c = await eventually(lambda: _when(cond("other", "BundleReady"), lambda c: c["status"] == "False"),
+                             timeout=60, what="BundleReady False")
+        assert c["reason"] == "ConfigMapNotOwned"
+        cm = await k.get(kube.path("v1", "configmaps", NS, "other-pgwarden-bundle"))
+        assert cm is not None and cm["data"] == {"app.conf": "mine"}
+
+        # deleting the connections deletes neither object
+        for name in ("grabby", "other"):
+            await k.delete(kube.path(PGW, "databaseconnections", NS, name))
+            await eventually(lambda n=name: _is_none(k.get(kube.path(PGW, "databaseconnections", NS, n))), timeout=15,
+                             what="finalizer released")
+        assert await read_secret(k, "shop-admin") == {"username": pg.superuser, "password": pg.password}
+        assert (await k.get(kube.path("v1", "configmaps", NS, "other-pgwarden-bundle")))["data"] == {"app.conf": "mine"}
+    await k.close()
+
+
+async def test_a_hand_edited_bundle_is_repaired(kmock: kmock.KubernetesEmulator, pg: Any) -> None:
+    """Whoever can edit ConfigMaps could loosen the policy the sidecars load while keeping the
+    digest key: the operator compares all of the ConfigMap and writes the compiled bundle back."""
+    advertise(kmock)
+    k = client_for(kmock)
+    await k.create(kube.path("v1", "secrets", NS), admin_secret(pg))
+    cm_path = kube.path("v1", "configmaps", NS, "shop-pgwarden-bundle")
+    async with operator(kmock):
+        await k.create(kube.path(PGW, "databaseconnections", NS), connection(pg))
+        good = await eventually(lambda: k.get(cm_path), what="bundle ConfigMap")
+        await k.patch(cm_path, {"data": {"bundle.yaml": "kind: AccessPolicy  # everything allowed now", "extra": "x"}})
+
+        async def repaired() -> dict[str, Any] | None:
+            cm = await k.get(cm_path)
+            return cm if cm and cm["data"] == good["data"] else None
+
+        await eventually(repaired, timeout=15, what="the compiled bundle written back")
+    await k.close()

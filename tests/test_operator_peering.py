@@ -32,8 +32,8 @@ from test_operator_emulated import NS, PGW, admin_secret, can_login, connection,
 
 pytestmark = pytest.mark.slow
 LOG = logging.getLogger("test.peering")
-# the spec's own units (rotationInterval 1m, gracePeriod 40s): the shared fake clock moves instead
-INTERVAL, GRACE = 60.0, 40.0
+# the spec's own units (rotationInterval 3m, gracePeriod 2m): the shared fake clock moves instead
+INTERVAL, GRACE = 180.0, 120.0
 
 
 class Clock:
@@ -181,7 +181,7 @@ async def test_peered_operator_against_the_emulator(kmock: kmock.KubernetesEmula
     await k.create(kube.path("kopf.dev/v1", "clusterkopfpeerings"),
                    {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "pgwarden"}})
     await k.create(kube.path("v1", "secrets", NS), admin_secret(pg))
-    settings = OperatorSettings(rotation=RotationSettings(time_scale=0.05, retry_delay=1.0, check_interval=0.5),
+    settings = OperatorSettings(rotation=RotationSettings(time_scale=1 / 60, retry_delay=1.0, check_interval=0.5),
                                 webhook=WebhookSettings(enabled=False), peering_priority=7)
     assert settings.peering_name == "pgwarden"
     body: dict[str, Any] | None = None

@@ -126,6 +126,47 @@ async def test_pod_admission_over_https(kmock: kmock.KubernetesEmulator, pg: Any
             r = await admit(job, job_hook["clientConfig"]["url"], resource=("batch", "v1", "jobs"), kind="Job")
             patched = jsonpatch.apply_patch(job, json.loads(base64.b64decode(r["patch"])))
             assert patched["spec"]["template"]["metadata"]["annotations"] == {injection.ANNOTATION_INJECT: "orders-prod"}
+
+            # as the API server sends a ReplicaSet's pod: no name yet (generateName), and a dry run
+            generated = agent_pod({injection.ANNOTATION_INJECT: "orders-prod"})
+            del generated["metadata"]["name"]
+            generated["metadata"]["generateName"] = "cursor-agent-7d9f-"
+            dry = review(generated)
+            dry["request"]["dryRun"] = True
+            dry["request"].pop("name", None)
+            async with http.post(url, json=dry, ssl=ctx) as resp:
+                r = (await resp.json())["response"]
+            assert r["allowed"] is True
+            mutated = jsonpatch.apply_patch(copy.deepcopy(generated), json.loads(base64.b64decode(r["patch"])))
+            assert mutated["spec"]["initContainers"][0]["name"] == injection.PROXY_CONTAINER
+
+            # kubectl debug on the injected pod: an UPDATE of pods/ephemeralcontainers with oldObject
+            vcfg_path = kube.path("admissionregistration.k8s.io/v1", "validatingwebhookconfigurations", None,
+                                  "pgwarden.dev")
+            vcfg = await eventually(lambda: _with_webhooks(k.get(vcfg_path)), what="ValidatingWebhookConfiguration")
+            eph_hook = next(h for h in vcfg["webhooks"]
+                            if any("pods/ephemeralcontainers" in r["resources"] for r in h["rules"]))
+            assert eph_hook["rules"][0]["operations"] == ["UPDATE"]
+
+            async def debug(target: str) -> dict[str, Any]:
+                new = copy.deepcopy(mutated)
+                new["metadata"]["name"] = "cursor-agent-7d9f-x1"
+                new["spec"]["ephemeralContainers"] = [{"name": "debugger", "image": "busybox",
+                                                        "targetContainerName": target}]
+                rv = review(new)
+                rv["request"].update(operation="UPDATE", subResource="ephemeralcontainers", name="cursor-agent-7d9f-x1",
+                                     oldObject={**mutated, "metadata": {**mutated["metadata"],
+                                                                        "name": "cursor-agent-7d9f-x1"}},
+                                     options={"apiVersion": "meta.k8s.io/v1", "kind": "UpdateOptions"})
+                rv["request"]["requestSubResource"] = "ephemeralcontainers"
+                async with http.post(eph_hook["clientConfig"]["url"], json=rv, ssl=ctx) as resp:
+                    assert resp.status == 200
+                    return (await resp.json())["response"]
+
+            r = await debug(injection.PROXY_CONTAINER)
+            assert r["allowed"] is False and "targets pgwarden-proxy" in r["status"]["message"]
+            r = await debug("agent")
+            assert r["allowed"] is True
     await k.close()
 
 

@@ -7,7 +7,7 @@ way kubelet updates a mounted Secret (a timestamped folder, the `..data` symlink
 atomically, each key a symlink through `..data`); the proxy's `upstream.credentialsDir` points
 at that directory and re-reads it for every new upstream connection.
 
-Rotation runs at `time_scale` 0.1: rotationInterval 1m -> 6s, gracePeriod 40s -> 4s. pgbench
+Rotation runs at `time_scale` 1/30: rotationInterval 3m -> 6s, gracePeriod 2m -> 4s. pgbench
 keeps running, run after run, until the operator has rotated three times and retired the role
 of the third rotation; every run must report zero failed transactions and no aborted client.
 
@@ -43,9 +43,9 @@ from test_operator_emulated import NS, PGW, admin_secret, can_login, connection,
 
 pytestmark = pytest.mark.slow
 
-# rotationInterval 1m / gracePeriod 40s in the spec, scaled to 6s / 4s
+# rotationInterval 3m / gracePeriod 2m in the spec, scaled to 6s / 4s
 SETTINGS = OperatorSettings(
-    rotation=RotationSettings(time_scale=0.1, retry_delay=1.0, check_interval=0.3),
+    rotation=RotationSettings(time_scale=1 / 30, retry_delay=1.0, check_interval=0.3),
     webhook=WebhookSettings(enabled=False),
     peering_name=None,
 )

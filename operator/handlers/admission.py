@@ -1,9 +1,10 @@
 """Pod admission: inject the proxy into pods annotated `pgwarden.dev/inject: <connection>`.
 
-Failure policy (documented choice): Ignore. A pod admitted while the operator is down starts
-without the sidecar — and therefore without any database credentials, because they exist only
-in the proxy's volume. Failing closed by construction keeps an operator outage from blocking
-every pod creation in the cluster.
+Failure policy (the chart's, docs/operator.md): Fail, with matchConditions that send only
+annotated, not yet injected pods — an annotated pod is not created while the operator is down,
+and no other pod ever waits for it. kopf's self-managed configuration cannot express
+matchConditions and stays Ignore (an uninjected pod still holds no database credentials).
+Ephemeral containers of injected pods are checked by `validate_ephemeral`.
 """
 
 from __future__ import annotations
@@ -68,6 +69,14 @@ async def mutate_pod(body: Mapping[str, Any], patch: MutableMapping[str, Any], r
 
     patch.fns.append(replace)  # type: ignore[attr-defined]  # kopf.Patch: diffed into the JSON patch
     logger.info(f"injecting the pgwarden proxy for connection {connection}")
+
+
+def validate_ephemeral(body: Mapping[str, Any]) -> None:
+    """pods/ephemeralcontainers UPDATE: no debug container may reach the proxy's credentials."""
+    try:
+        injection.check_ephemeral_containers(body)
+    except injection.InjectionError as e:
+        raise kopf.AdmissionError(f"pgwarden refuses this ephemeral container: {e}", code=403) from e
 
 
 def mutate_workload(body: Mapping[str, Any], patch: MutableMapping[str, Any]) -> None:

@@ -92,7 +92,7 @@ async def admit(kind: str, operation: str, old: Any, new: Any, userinfo: Mapping
     new_raw = dict(new) if new is not None else {}
     policy = await review_policy(runtime, old_raw if old_raw is not None else new_raw)
     fn = approvals.mutate if kind == "mutate" else approvals.validate
-    res = fn(operation, old_raw, new_raw, userinfo, policy, runtime.clock())
+    res = fn(operation, old_raw, new_raw, userinfo, policy, runtime.clock(), gateway=runtime.settings.operator_username)
     if not res.allowed:
         raise kopf.AdmissionError(res.message, code=res.code)
     warnings.extend(res.warnings)

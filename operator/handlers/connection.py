@@ -85,6 +85,9 @@ async def _reconcile_locked(
 
     def publish(outcome: database.RotationOutcome) -> None:
         assert outcome.password is not None
+        foreign = credentials.not_ours(on_loop(runtime.kube.get(secret_path)), body)
+        if foreign:  # appeared since the check below: never overwrite it
+            raise database.DatabaseProblem("SecretNotOwned", foreign)
         secret = credentials.credentials_secret(
             conn, username=outcome.plan.active, password=outcome.password, version=outcome.plan.version,
             sslrootcert=admin.sslrootcert, owner=body,
@@ -92,6 +95,9 @@ async def _reconcile_locked(
         on_loop(runtime.kube.apply(kube.path("v1", "secrets", conn.namespace), secret))
 
     try:
+        foreign = credentials.not_ours(await runtime.kube.get(secret_path), body)
+        if foreign:
+            raise database.DatabaseProblem("SecretNotOwned", foreign)
         admin = await read_admin(conn, runtime)
         # the Secret is read and written under the database's rotation lock (two replicas)
         outcome = await asyncio.to_thread(
@@ -100,11 +106,11 @@ async def _reconcile_locked(
             read_secret_version=read_secret_version, publish=publish,
         )
     except database.DatabaseProblem as e:
-        reachable = None if e.reason == "AdminSecretInvalid" else e.reason in ("GrantRoleMissing", "SQLFailed")
+        reachable = (None if e.reason in ("AdminSecretInvalid", "SecretNotOwned")
+                     else e.reason in ("GrantRoleMissing", "SQLFailed"))
         creds_cond = status.condition("CredentialsReady", False, e.reason, str(e), generation)
         reach = status.condition("Reachable", reachable, "Connected" if reachable else e.reason, str(e), generation)
-        conds = status.merge_conditions(prev, [reach, creds_cond])
-        st["conditions"], st["phase"] = conds, status.connection_phase(conds)
+        st["conditions"], st["phase"] = status.connection_conditions(prev, [reach, creds_cond], generation)
         kopf.warn(dict(body), reason=e.reason, message=str(e))
         raise kopf.TemporaryError(str(e), delay=runtime.settings.rotation.retry_delay) from e
 
@@ -142,18 +148,17 @@ async def _reconcile_locked(
         conds.append(status.condition("BundleReady", False, "ApiError", str(e), generation))
     if result is not None:
         conds.append(_bundle_condition(result, generation))
-        if result.data is not None:
+        if result.data is not None and result.published:
             st["bundle"] = {"configMapName": bundle_mod.bundle_configmap_name(conn.name), "digest": result.digest,
                             "updatedAt": status.iso(runtime.clock()),
                             "policies": sum(1 for k in result.reports if k[0] == "AccessPolicy"),
                             "maskingRules": sum(1 for k in result.reports if k[0] == "MaskingRule")}
-    merged = status.merge_conditions(prev, conds)
-    st["conditions"], st["phase"] = merged, status.connection_phase(merged)
+    st["conditions"], st["phase"] = status.connection_conditions(prev, conds, generation)
 
 
 def _bundle_condition(result: bundle_mod.BundleResult, generation: int | None) -> dict[str, Any]:
-    if result.data is None:
-        return status.condition("BundleReady", False, "InvalidObjects", result.problem, generation)
+    if result.data is None or not result.published:
+        return status.condition("BundleReady", False, result.reason, result.problem, generation)
     return status.condition("BundleReady", True, "Published", f"bundle {result.digest}", generation)
 
 
@@ -175,5 +180,10 @@ async def delete(body: Mapping[str, Any], runtime: Runtime, logger: logging.Logg
                 kopf.warn(dict(body), reason=e.reason, message=msg)
                 raise kopf.TemporaryError(msg, delay=runtime.settings.rotation.retry_delay) from e
             logger.info(f"dropped login roles: {', '.join(dropped) or 'none existed'}")
-        await runtime.kube.delete(kube.path("v1", "secrets", conn.namespace, conn.secret_name))
-        await runtime.kube.delete(kube.path("v1", "configmaps", conn.namespace, bundle_mod.bundle_configmap_name(conn.name)))
+        for path in (kube.path("v1", "secrets", conn.namespace, conn.secret_name),
+                     kube.path("v1", "configmaps", conn.namespace, bundle_mod.bundle_configmap_name(conn.name))):
+            foreign = credentials.not_ours(await runtime.kube.get(path), body)
+            if foreign:
+                logger.warning(f"not deleting it: {foreign}")
+            else:
+                await runtime.kube.delete(path)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pgwarden.operator import bundle as bundle_mod
-from pgwarden.operator import database, kube, status
+from pgwarden.operator import credentials, database, kube, status
 from pgwarden.operator.runtime import Runtime
 
 from pgwarden.connection import DatabaseConnection, parse_connection
@@ -37,11 +37,12 @@ async def rebuild_bundle(
                and not (o.get("metadata") or {}).get("deletionTimestamp")]
     if body is None:
         for o in objects:
+            why = (f"DatabaseConnection {connection!r} does not exist in namespace {namespace}; create it "
+                   "or fix spec.connectionRef.name")
             await _patch_status(runtime, o, {"phase": "Invalid", "conditions": status.merge_conditions(
                 (o.get("status") or {}).get("conditions"),
-                [status.condition("Compiled", False, "ConnectionNotFound",
-                                  f"DatabaseConnection {connection!r} does not exist in namespace {namespace}; create it "
-                                  "or fix spec.connectionRef.name")])})
+                [status.condition("Compiled", False, "ConnectionNotFound", why),
+                 status.condition("Ready", False, "ConnectionNotFound", why)])})
         return None
     try:
         conn = parse_connection(document_from_object({**body, "kind": "DatabaseConnection"}, source="DatabaseConnection"))
@@ -49,15 +50,25 @@ async def rebuild_bundle(
         return None  # the connection's own handler reports that
     catalog = await _catalog(conn, runtime, admin, logger)
     result = bundle_mod.compile_bundle(body, objects, conn, runtime.settings.injection,
-                                       has_ca=bool(admin and admin.sslrootcert), catalog=catalog)
+                                       has_ca=bool(admin and admin.sslrootcert), catalog=catalog,
+                                       operator_ca=runtime.operator_ca)
     published = False
     if result.data is not None:
         cm_path = kube.path("v1", "configmaps", namespace, bundle_mod.bundle_configmap_name(connection))
         existing = await k.get(cm_path)
-        if existing is None or (existing.get("data") or {}).get(bundle_mod.DIGEST_KEY) != result.digest:
-            await k.apply(kube.path("v1", "configmaps", namespace), bundle_mod.bundle_configmap(conn, result, body))
+        desired = bundle_mod.bundle_configmap(conn, result, body)
+        foreign = credentials.not_ours(existing, body)
+        if foreign:
+            result.published, result.reason, result.problem = False, "ConfigMapNotOwned", foreign
+            logger.warning(f"bundle of {connection} not published: {foreign}")
+        elif existing is None:
+            await k.apply(kube.path("v1", "configmaps", namespace), desired)
             logger.info(f"bundle of {connection} published: {result.digest}")
-        published = True
+        elif (drift := bundle_mod.configmap_drift(existing, desired)) is not None:
+            # a new digest, or a hand edit (of any key, not only the digest): the compiled bundle wins
+            await k.patch(cm_path, drift)
+            logger.info(f"bundle of {connection} published: {result.digest}")
+        published = result.published
     else:
         logger.warning(f"bundle of {connection} not updated: {result.problem}")
     for o in objects:

@@ -174,8 +174,10 @@ def build_request(spec: ApprovalSpec, name: str, namespace: str, now: float) -> 
     who = spec.requester
     wl = spec.workload
     pod = f"{wl.get('namespace', namespace)}/{wl['pod']}" if wl.get("pod") else ""
-    sa = who.service_account or (f"{wl.get('namespace', namespace)}/{wl['service_account']}"
-                                 if wl.get("service_account") else "")
+    # the proxy's own pod and service account (who files the request, which the operator's
+    # gateway checks); the client's identity is `subject`
+    sa = (f"{wl.get('namespace', namespace)}/{wl['service_account']}" if wl.get("service_account")
+          else who.service_account)
     requester: dict[str, Any] = {"subject": who.subject, "groups": list(who.groups)}
     if pod:
         requester["pod"] = pod

@@ -56,3 +56,13 @@ app.kubernetes.io/component: operator
 {{- define "pgwarden.clusterwide" -}}
 {{- if .Values.operator.watchNamespaces -}}{{- else -}}true{{- end -}}
 {{- end -}}
+
+{{/* Cluster-scoped names carry the release's full name, so two releases never share one:
+the kopf peering object and the reviewer ClusterRole ("pgwarden-reviewer" for a release named pgwarden). */}}
+{{- define "pgwarden.peeringName" -}}
+{{- include "pgwarden.fullname" . -}}
+{{- end -}}
+
+{{- define "pgwarden.reviewerRole" -}}
+{{- printf "%s-reviewer" (include "pgwarden.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}

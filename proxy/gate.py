@@ -468,7 +468,11 @@ class SessionGate:
             if a.mode == "defer":
                 ticket = await backend.consume(spec)
                 if ticket is not None:
+                    # attributed in the chain before the statement is forwarded, as in wait mode
                     ctx.approval_id, ctx.ticket = ticket.id, ticket
+                    ctx.approver = ticket.decided_by or "(the approval backend did not say)"
+                    await self._approval_event(ctx, "approved", approver=ctx.approver,
+                                               reason="a deferred approval is used for this run")
                     return await self._durable(ctx, Verdict(results=results, context=ctx, max_rows=decision.limits.max_rows), "approved")
             ticket = await backend.create(spec)
         except AgentError as e:

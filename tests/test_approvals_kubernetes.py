@@ -138,6 +138,7 @@ async def test_defer_one_time(kmock: Any, backend: KubernetesApprovals) -> None:
     assert await backend.consume(spec(mode="defer", params=("2",))) is None
     used = await backend.consume(s)
     assert used is not None and used.name == ticket.name
+    assert "alice" in used.decided_by  # the gate writes who approved into the audit chain
     assert await backend.consume(s) is None  # the .executed Event exists: one time only
     # a second proxy (another replica, same service account) cannot use it either
     other = KubernetesApprovals(KubeClient(backend.client.api))

@@ -149,6 +149,27 @@ def test_defer_mode_runs_the_identical_statement_once(reviewed: Any, pg: Any) ->
     conn.close()
 
 
+def test_defer_mode_approval_is_attributed_in_the_chain_before_the_statement_runs(
+        reviewed: Any, tmp_path: Path) -> None:
+    proxy, db = reviewed("defer")
+    sql = "INSERT INTO audit_scratch (payload) VALUES ('deferred-attributed')"
+    conn = connect(proxy)
+    with pytest.raises(pg8000.native.DatabaseError):
+        conn.run(sql)
+    rid = pending(db)[0]["id"]
+    assert cli(db, "approve", rid, "--as", "dba-carol").returncode == 0
+    conn.run(sql)
+    conn.close()
+    events = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    approved = [e for e in events if e["event"] == "approval" and e["approval"]["event"] == "approved"]
+    assert approved and approved[-1]["approval"]["approver"] == "dba-carol"
+    ran_rec = [e for e in events if e["event"] == "statement" and e["decision"]["action"] == "approved"]
+    assert ran_rec and ran_rec[-1]["approval"] == {"id": rid, "approver": "dba-carol"}
+    outcome = [e for e in events if e["event"] == "statement.outcome" and e["stmt"] == ran_rec[-1]["stmt"]]
+    # in the chain before the statement's outcome: written before it was forwarded
+    assert approved[-1]["seq"] < ran_rec[-1]["seq"] < outcome[-1]["seq"]
+
+
 def test_cancel_withdraws_a_held_statement(reviewed: Any, pg: Any) -> None:
     import psycopg
 

@@ -25,7 +25,7 @@ import secrets
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -409,7 +409,8 @@ class KubernetesApprovals:
             if not expires or parse_iso(expires) <= now:
                 continue
             if await self._claim(obj, f"deferred statement runs now (approved by {outcome.decided_by})"):
-                ticket = self._ticket(obj)
+                # who approved goes into the audit chain before the statement is forwarded
+                ticket = replace(self._ticket(obj), decided_by=outcome.decided_by)
                 self._objects[ticket.name] = obj
                 return ticket
         return None

@@ -245,7 +245,8 @@ def test_psycopg_type_introspection_works_through_the_gate(pg, catalog_proxy) ->
 SECRETS = ("ada@example.com", "123-45-6789", "4111111111111111", "grace@example.org", "+1 415 555 0101")
 
 
-@pytest.mark.parametrize("command", [r"\d customers", r"\d+ customers", r"\sv customer_contacts", r"\dX"])
+@pytest.mark.parametrize("command", [r"\d customers", r"\d+ customers", r"\sv customer_contacts", r"\dX", r"\dL", r"\dd",
+                                     r"\dt+", r"\l"])
 def test_describing_masked_tables_works_and_shows_no_values(pg, masked_proxy, command: str) -> None:
     out = masked_proxy.psql("-c", command)
     assert out.returncode == 0, out.stderr

@@ -179,6 +179,11 @@ class _Reads(threading.local):
 # without a bump is a function of the parse tree with literals blanked, and is cached by it.
 LITERAL_READS = _Reads()
 
+# Every table's system columns: where the row lives and which transactions wrote it, never a
+# stored value (a table cannot have a column of these names; a subquery's alias that has one is
+# found as that alias's column first).
+SYSTEM_COLUMNS = frozenset({"tableoid", "ctid", "xmin", "xmax", "cmin", "cmax"})
+
 _SESSION_STMTS = (ast.DeclareCursorStmt, ast.FetchStmt, ast.ClosePortalStmt, ast.PrepareStmt,
                   ast.ExecuteStmt, ast.DeallocateStmt)
 _HINT = ("Select other columns, or ask an administrator for an exemption "
@@ -806,7 +811,7 @@ class Analyzer:
             rel = self.find_rel(names, scope)
             if rel is not None:
                 return rel.whole_row()
-            if allow_missing:
+            if allow_missing or names[0] in SYSTEM_COLUMNS:
                 return CLEAR_T
             return Taint(UNKNOWN, None, frozenset({names[0]}))
         rel = self.find_rel(names[:-1], scope)
@@ -823,6 +828,8 @@ class Analyzer:
             for c in rel.columns:
                 if c.spread:
                     t, found = union(t, c.taint), True
+        if not found and names[-1] in SYSTEM_COLUMNS:
+            return CLEAR_T  # a table's own bookkeeping (psql's \dL joins on l.tableoid): no row data
         return t if found else Taint(UNKNOWN, None, frozenset({".".join(names)}))
 
     def lookup(self, name: str, scope: Scope) -> Taint | None:

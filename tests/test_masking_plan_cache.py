@@ -1,4 +1,4 @@
-"""Masking plans are cached by the parse tree with literals blanked — but never when the plan read
+"""Masking plans: cached by the parse tree with literals blanked — but never when the plan read
 a literal's value (ORDER BY 2 names a column), and never across different names."""
 
 from __future__ import annotations
@@ -46,3 +46,12 @@ def test_a_refusal_is_never_turned_into_a_cached_pass() -> None:
     assert plan(m, "SELECT id FROM customers WHERE ssn = '123-45-6789'").error is not None
     assert plan(m, "SELECT id FROM customers WHERE ssn = '000-00-0000'").error is not None
     assert plan(m, "SELECT id FROM customers WHERE id = 1").error is None
+
+
+def test_system_columns_are_clear_but_never_a_route_to_a_masked_value() -> None:
+    m = masking()
+    joined = plan(m, "SELECT c.tableoid, c.ctid, c.xmin, c.id FROM customers c JOIN orders o ON o.tableoid = c.tableoid")
+    assert joined.error is None and actions(joined) == [None, None, None, None]
+    # a subquery column that happens to be called ctid is that column, masked as such
+    aliased = plan(m, "SELECT s.ctid FROM (SELECT ssn AS ctid FROM customers) s")
+    assert aliased.error is None and actions(aliased) == ["redact"]

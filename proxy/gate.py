@@ -317,8 +317,12 @@ class SessionGate:
             if analysed is not None and analysed.plan is not None:
                 plan = analysed.plan
             else:
+                # the planner changes the session it is given only for texts that make or drop
+                # names; those get a scratch copy (the registry is the one that changes)
+                names_change = any(st.effects or st.cursors for st in analysis.statements)
                 plan = self.masking.plan(sql, catalog.current(), self.rt.search_path,
-                                         session=self._scratch_session(), blind=analysis.blind)
+                                         session=self._scratch_session() if names_change else self.msession,
+                                         blind=analysis.blind)
             if plan.error is not None:
                 return self._refuse(ctx, plan.error)
             if plan.ddl:

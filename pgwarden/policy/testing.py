@@ -70,7 +70,8 @@ class Outcome:
 
     def same_decision(self, other: Outcome) -> bool:
         return self.action == other.action and (self.enforce or self.action == "allow") == (
-            other.enforce or other.action == "allow")
+            other.enforce or other.action == "allow"
+        )
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"action": self.action, "enforce": self.enforce, "rule": self.rule}
@@ -95,8 +96,14 @@ class Candidate:
     search_path: tuple[str, ...] = ("public",)
     default_action: str = "deny"
 
-    def decide(self, identity: Identity, connection: str, sql: str, state: SessionState,
-               prepare_as: str | None = None) -> Outcome | Decision:
+    def decide(
+        self,
+        identity: Identity,
+        connection: str,
+        sql: str,
+        state: SessionState,
+        prepare_as: str | None = None,
+    ) -> Outcome | Decision:
         if connection not in self.policies.connections:
             rule = "ProxyConfig defaultAction"
             if self.default_action == "allow":
@@ -110,6 +117,7 @@ def _outcome(result: Outcome | Decision) -> Outcome:
 
 
 # -- replay -----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Replayed:
@@ -172,9 +180,13 @@ def _identity(rec: Mapping[str, Any]) -> Identity | None:
     if not isinstance(ident, dict) or not isinstance(ident.get("subject"), str):
         return None
     groups = ident.get("groups") or []
-    return Identity(subject=ident["subject"], groups=tuple(str(g) for g in groups if isinstance(g, str)),
-                    issuer=str(ident.get("issuer") or ""), service_account=str(ident.get("serviceAccount") or ""),
-                    method=str(ident.get("method") or "static"))
+    return Identity(
+        subject=ident["subject"],
+        groups=tuple(str(g) for g in groups if isinstance(g, str)),
+        issuer=str(ident.get("issuer") or ""),
+        service_account=str(ident.get("serviceAccount") or ""),
+        method=str(ident.get("method") or "static"),
+    )
 
 
 def connection_name(recorded: str) -> str:
@@ -210,8 +222,9 @@ def _group_key(sql: str, search_path: tuple[str, ...], server_version: int) -> s
     return f"blind:{blind}" if blind else f"text:{sql}"
 
 
-def replay(records: Iterable[tuple[str, Mapping[str, Any]]], candidate: Candidate, *,
-           server_version: int = 0) -> list[Replayed]:
+def replay(
+    records: Iterable[tuple[str, Mapping[str, Any]]], candidate: Candidate, *, server_version: int = 0
+) -> list[Replayed]:
     """Decide every recorded statement again under `candidate`.
 
     `records` are (file:line, record) in log order. Per audit session the replay keeps its own
@@ -243,7 +256,9 @@ def replay(records: Iterable[tuple[str, Mapping[str, Any]]], candidate: Candidat
                 out[i] = replace(out[i], params=(*out[i].params, values))
             continue
         version = versions.get(sid, server_version)
-        state = sessions.setdefault(sid, SessionState(search_path=candidate.search_path, server_version=version))
+        state = sessions.setdefault(
+            sid, SessionState(search_path=candidate.search_path, server_version=version)
+        )
         sql = r["sql"]
         identity = _identity(r)
         conn = connection_name(str(r.get("connection") or ""))
@@ -256,24 +271,41 @@ def replay(records: Iterable[tuple[str, Mapping[str, Any]]], candidate: Candidat
         elif not conn:
             why = why or "the record names no connection"
         if not why and old is not None and old.action != "deny":
-            missing = [n for n in _executed_names(sql, candidate.search_path, version) if n not in state.prepared]
+            missing = [
+                n for n in _executed_names(sql, candidate.search_path, version) if n not in state.prepared
+            ]
             if missing:
-                why = (f"EXECUTE {missing[0]}: the statement was prepared through the extended protocol "
-                       "(Parse), whose name the audit log does not record, or before the log begins")
+                why = (
+                    f"EXECUTE {missing[0]}: the statement was prepared through the extended protocol "
+                    "(Parse), whose name the audit log does not record, or before the log begins"
+                )
         if not why and identity is not None:
             is_parse = protocol == "extended" and values is None
             try:
-                new = _outcome(candidate.decide(identity, conn, sql, state,
-                                                prepare_as=_PARSE_NAME if is_parse else None))
+                new = _outcome(
+                    candidate.decide(identity, conn, sql, state, prepare_as=_PARSE_NAME if is_parse else None)
+                )
             except Exception as e:  # the engine failing on a record is reported, not fatal
                 why = f"the policy engine failed on it ({type(e).__name__}: {e})"
         if forwarded and (sid, stmt) not in failed:
             _apply_recorded(state, sql, candidate.search_path, version)
         by_stmt[(sid, stmt)] = len(out)
-        out.append(Replayed(session=sid, stmt=stmt, where=where, sql=sql,
-                            identity=identity or Identity(subject="?"), connection=conn, protocol=protocol,
-                            params=(values,) if values is not None else (), old=old, new=new,
-                            group_key=key, not_comparable=why))
+        out.append(
+            Replayed(
+                session=sid,
+                stmt=stmt,
+                where=where,
+                sql=sql,
+                identity=identity or Identity(subject="?"),
+                connection=conn,
+                protocol=protocol,
+                params=(values,) if values is not None else (),
+                old=old,
+                new=new,
+                group_key=key,
+                not_comparable=why,
+            )
+        )
     return out
 
 
@@ -298,11 +330,21 @@ class Group:
     def to_json(self) -> dict[str, Any]:
         ex = self.example
         return {
-            "category": self.category, "count": self.count, "distinctTexts": self.texts,
-            "old": self.old.to_json(), "new": self.new.to_json(),
-            "example": {"sql": ex.sql, "session": ex.session, "stmt": ex.stmt, "where": ex.where,
-                        "identity": ex.identity.as_dict(), "connection": ex.connection},
-            "subjects": list(self.subjects), "params": [list(p) for p in self.params],
+            "category": self.category,
+            "count": self.count,
+            "distinctTexts": self.texts,
+            "old": self.old.to_json(),
+            "new": self.new.to_json(),
+            "example": {
+                "sql": ex.sql,
+                "session": ex.session,
+                "stmt": ex.stmt,
+                "where": ex.where,
+                "identity": ex.identity.as_dict(),
+                "connection": ex.connection,
+            },
+            "subjects": list(self.subjects),
+            "params": [list(p) for p in self.params],
         }
 
 
@@ -322,9 +364,20 @@ def group_changes(results: Sequence[Replayed], max_params: int = 5) -> list[Grou
     groups = []
     for (c, old, new, _), rs in buckets.items():
         params = tuple(p for r in rs for p in r.params)[:max_params]
-        groups.append(Group(c, rs[0].old or old, rs[0].new or new, rs[0], len(rs), len({r.sql for r in rs}),
-                            tuple(sorted({r.identity.subject for r in rs})), params))
-    groups.sort(key=lambda g: (CATEGORY_ORDER.index(g.category), -g.count, g.example.where))
+        groups.append(
+            Group(
+                c,
+                rs[0].old or old,
+                rs[0].new or new,
+                rs[0],
+                len(rs),
+                len({r.sql for r in rs}),
+                tuple(sorted({r.identity.subject for r in rs})),
+                params,
+            )
+        )
+    # stable: equal groups stay in log order (of their first statement)
+    groups.sort(key=lambda g: (CATEGORY_ORDER.index(g.category), -g.count))
     return groups
 
 
@@ -350,6 +403,7 @@ def fails(results: Sequence[Replayed], fail_on: str) -> bool:
 
 
 # -- unit cases -------------------------------------------------------------------------------
+
 
 class CaseFileError(ValueError):
     """The cases file is malformed; the message names the case and field."""
@@ -380,10 +434,17 @@ class CaseResult:
 
     def to_json(self) -> dict[str, Any]:
         c = self.case
-        return {"name": c.name, "where": c.where, "passed": self.passed, "sql": c.sql,
-                "identity": c.identity.as_dict(), "connection": c.connection,
-                "expected": {"action": c.expect, "rule": c.rule}, "got": self.got.to_json(),
-                **({"failure": self.failure} if self.failure else {})}
+        return {
+            "name": c.name,
+            "where": c.where,
+            "passed": self.passed,
+            "sql": c.sql,
+            "identity": c.identity.as_dict(),
+            "connection": c.connection,
+            "expected": {"action": c.expect, "rule": c.rule},
+            "got": self.got.to_json(),
+            **({"failure": self.failure} if self.failure else {}),
+        }
 
 
 _CASE_KEYS = {"name", "sql", "identity", "connection", "setup", "expect", "rule", "serverVersion"}
@@ -395,10 +456,14 @@ def parse_cases(doc: Any, *, default_connection: str = "", lines: Sequence[int] 
 
     `lines` are the 1-based line numbers of the cases, for reports."""
     if not isinstance(doc, dict) or not isinstance(doc.get("cases"), list):
-        raise CaseFileError("a cases file is a mapping with a `cases:` list (see docs/policy.md, Testing policies)")
+        raise CaseFileError(
+            "a cases file is a mapping with a `cases:` list (see docs/policy.md, Testing policies)"
+        )
     unknown = set(doc) - {"cases", "defaults"}
     if unknown:
-        raise CaseFileError(f"unknown top-level key(s) {', '.join(sorted(unknown))}; expected cases and defaults")
+        raise CaseFileError(
+            f"unknown top-level key(s) {', '.join(sorted(unknown))}; expected cases and defaults"
+        )
     defaults = doc.get("defaults") or {}
     if not isinstance(defaults, dict) or set(defaults) - (_CASE_KEYS - {"name", "sql", "expect", "rule"}):
         raise CaseFileError("defaults may set identity, connection, setup and serverVersion")
@@ -412,8 +477,10 @@ def parse_cases(doc: Any, *, default_connection: str = "", lines: Sequence[int] 
         label = f"{at} ({c['name']})" if isinstance(c.get("name"), str) else at
         bad = set(c) - _CASE_KEYS
         if bad:
-            raise CaseFileError(f"{label}: unknown key(s) {', '.join(sorted(bad))}; "
-                                f"a case has {', '.join(sorted(_CASE_KEYS))}")
+            raise CaseFileError(
+                f"{label}: unknown key(s) {', '.join(sorted(bad))}; "
+                f"a case has {', '.join(sorted(_CASE_KEYS))}"
+            )
         sql = c.get("sql")
         if not isinstance(sql, str) or not sql.strip():
             raise CaseFileError(f"{label}: `sql` must be the statement text")
@@ -422,7 +489,7 @@ def parse_cases(doc: Any, *, default_connection: str = "", lines: Sequence[int] 
             raise CaseFileError(f"{label}: `expect` must be allow, review or deny, got {expect!r}")
         rule = c.get("rule")
         if rule is not None and not isinstance(rule, str):
-            raise CaseFileError(f"{label}: `rule` must be a string such as \"default/agents rule 1\"")
+            raise CaseFileError(f'{label}: `rule` must be a string such as "default/agents rule 1"')
         ident = c.get("identity") or {}
         if not isinstance(ident, dict) or set(ident) - _IDENTITY_KEYS:
             raise CaseFileError(f"{label}: `identity` may set {', '.join(sorted(_IDENTITY_KEYS))}")
@@ -442,15 +509,28 @@ def parse_cases(doc: Any, *, default_connection: str = "", lines: Sequence[int] 
             raise CaseFileError(f"{label}: `setup` must be a list of statements run before `sql`")
         conn = c.get("connection") or default_connection
         if not isinstance(conn, str) or not conn:
-            raise CaseFileError(f"{label}: `connection` is needed: the configuration names several connections")
+            raise CaseFileError(
+                f"{label}: `connection` is needed: the configuration names several connections"
+            )
         version = c.get("serverVersion", 0)
         if not isinstance(version, int) or isinstance(version, bool):
             raise CaseFileError(f"{label}: `serverVersion` must be a major version such as 16")
         name = c.get("name") if isinstance(c.get("name"), str) else sql.strip().splitlines()[0][:60]
-        out.append(Case(name=name, sql=sql, identity=Identity(subject=user, groups=tuple(groups),
-                                                                 service_account=sa, method="policy-test"),
-                        connection=conn, expect=expect, rule=rule, setup=tuple(setup), server_version=version,
-                        where=where))
+        out.append(
+            Case(
+                name=name,
+                sql=sql,
+                identity=Identity(
+                    subject=user, groups=tuple(groups), service_account=sa, method="policy-test"
+                ),
+                connection=conn,
+                expect=expect,
+                rule=rule,
+                setup=tuple(setup),
+                server_version=version,
+                where=where,
+            )
+        )
     return out
 
 
@@ -462,8 +542,11 @@ def run_case(case: Case, candidate: Candidate) -> CaseResult:
         result = candidate.decide(case.identity, case.connection, text, state)
         o = _outcome(result)
         if o.effect != "allow":
-            return CaseResult(case, o, f"setup statement {i} was not allowed ({o.label()}), so the case "
-                                       "could not run as written")
+            return CaseResult(
+                case,
+                o,
+                f"setup statement {i} was not allowed ({o.label()}), so the case could not run as written",
+            )
         if isinstance(result, Decision):
             state.apply(result)
     got = _outcome(candidate.decide(case.identity, case.connection, case.sql, state))
@@ -491,4 +574,3 @@ def rule_matches(expected: str, got: str) -> bool:
 
 def run_cases(cases: Sequence[Case], candidate: Candidate) -> list[CaseResult]:
     return [run_case(c, candidate) for c in cases]
-

@@ -69,6 +69,7 @@ def load_candidate(paths: Sequence[str]) -> tuple[list[Document], Candidate]:
 
 # -- replay -----------------------------------------------------------------------------------
 
+
 def read_audit(path: str) -> tuple[list[tuple[str, Mapping[str, Any]]], list[str]]:
     """The records of one audit chain (PATH.N … PATH.1, PATH), oldest first, and notes on it."""
     files = chain_files(path)
@@ -93,9 +94,11 @@ def read_audit(path: str) -> tuple[list[tuple[str, Mapping[str, Any]]], list[str
             records.append((str(loc), rec))
     report = verify_lines(iter(lines))
     if not report.ok:
-        notes.append(f"the audit chain of {path} does not verify ({len(report.problems)} problem(s), first: "
-                     f"{report.problems[0]}); its records were replayed as they are — run "
-                     f"`pgwarden audit verify {path}` for the details")
+        notes.append(
+            f"the audit chain of {path} does not verify ({len(report.problems)} problem(s), first: "
+            f"{report.problems[0]}); its records were replayed as they are — run "
+            f"`pgwarden audit verify {path}` for the details"
+        )
     if bad:
         notes.append(f"{bad} line(s) of {path} are not JSON and were skipped")
     if len(files) > 1:
@@ -114,9 +117,14 @@ def _replay_main(args: argparse.Namespace, candidate: Candidate) -> int:
         notes.extend(n)
     results = replay(records, candidate, server_version=args.server_version or 0)
     if not any(r.get("serverVersion") for _, r in records if r.get("event") == "session.start"):
-        notes.append("the audit log does not record the server's version: statements were decided for "
-                     + (f"PostgreSQL {args.server_version}" if args.server_version else
-                        "the newest release pgwarden knows (set it with --server-version)"))
+        notes.append(
+            "the audit log does not record the server's version: statements were decided for "
+            + (
+                f"PostgreSQL {args.server_version}"
+                if args.server_version
+                else "the newest release pgwarden knows (set it with --server-version)"
+            )
+        )
     groups = group_changes(results)
     failed = fails(results, args.fail_on)
     if args.json:
@@ -126,8 +134,17 @@ def _replay_main(args: argparse.Namespace, candidate: Candidate) -> int:
             "failed": failed,
             "notes": notes,
             "changes": [g.to_json() for g in groups],
-            "notComparable": [{"where": r.where, "session": r.session, "stmt": r.stmt, "sql": r.sql,
-                               "reason": r.not_comparable} for r in results if r.category == "not-comparable"],
+            "notComparable": [
+                {
+                    "where": r.where,
+                    "session": r.session,
+                    "stmt": r.stmt,
+                    "sql": r.sql,
+                    "reason": r.not_comparable,
+                }
+                for r in results
+                if r.category == "not-comparable"
+            ],
         }
         sys.stdout.write(json_dumps(out, indent=2) + "\n")
     else:
@@ -143,8 +160,9 @@ def _indent(text: str, prefix: str) -> str:
     return ("\n" + prefix).join(text.splitlines() or [""])
 
 
-def render_replay(results: Sequence[Replayed], groups: Sequence[Group], notes: Sequence[str],
-                  safe: Escaper) -> Iterator[str]:
+def render_replay(
+    results: Sequence[Replayed], groups: Sequence[Group], notes: Sequence[str], safe: Escaper
+) -> Iterator[str]:
     c = counts(results)
     sessions = len({r.session for r in results})
     yield f"replayed {c['replayed']} statement(s) of {sessions} session(s) against the candidate policies"
@@ -163,8 +181,10 @@ def render_replay(results: Sequence[Replayed], groups: Sequence[Group], notes: S
             yield f"      {_label(g.old, safe)}  ->  {_label(g.new, safe)}"
             if g.new.reason and g.new.action != "allow":
                 yield f"      why: {safe(g.new.reason)}"
-            yield (f"      who: {', '.join(safe(s) for s in g.subjects)} on {safe(ex.connection)}; first at "
-                   f"{safe(ex.where)} (session {safe(ex.session)}, stmt {safe(ex.stmt)})")
+            yield (
+                f"      who: {', '.join(safe(s) for s in g.subjects)} on {safe(ex.connection)}; first at "
+                f"{safe(ex.where)} (session {safe(ex.session)}, stmt {safe(ex.stmt)})"
+            )
             for p in g.params:
                 yield "      params: " + ", ".join("NULL" if v is None else repr(safe(v)) for v in p)
     nc = [r for r in results if r.category == "not-comparable"]
@@ -185,6 +205,7 @@ def _label(o: Outcome, safe: Escaper) -> str:
 
 
 # -- cases ------------------------------------------------------------------------------------
+
 
 def _case_lines(text: str) -> list[int]:
     """1-based line of each item of the top-level `cases:` list (for reports)."""
@@ -213,7 +234,9 @@ def _cases_main(args: argparse.Namespace, docs: list[Document], candidate: Candi
         raise UserError(f"cannot read the cases file {path}: {e.strerror}") from None
     try:
         doc = yaml.safe_load(text)
-        cases = parse_cases(doc, default_connection=_only_connection(docs, candidate), lines=_case_lines(text))
+        cases = parse_cases(
+            doc, default_connection=_only_connection(docs, candidate), lines=_case_lines(text)
+        )
     except yaml.YAMLError as e:
         raise UserError(f"{path} is not valid YAML: {e}") from None
     except CaseFileError as e:
@@ -221,8 +244,17 @@ def _cases_main(args: argparse.Namespace, docs: list[Document], candidate: Candi
     results = run_cases(cases, candidate)
     failed = [r for r in results if not r.passed]
     if args.json:
-        sys.stdout.write(json_dumps({"passed": len(results) - len(failed), "failed": len(failed),
-                                     "cases": [r.to_json() for r in results]}, indent=2) + "\n")
+        sys.stdout.write(
+            json_dumps(
+                {
+                    "passed": len(results) - len(failed),
+                    "failed": len(failed),
+                    "cases": [r.to_json() for r in results],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     else:
         safe = Escaper()
         for line in render_cases(results, path, safe):

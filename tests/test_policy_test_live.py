@@ -276,3 +276,21 @@ def test_the_shipped_example_cases_pass() -> None:
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.startswith("ok: ")
+
+
+def test_a_log_whose_chain_does_not_verify_is_replayed_with_a_note(recorded: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy_dir = tmp_path / "log"
+    shutil.copytree(recorded.parent, copy_dir)
+    newest = copy_dir / "audit.jsonl"
+    lines = newest.read_text().splitlines(keepends=True)
+    first = next(i for i, line in enumerate(lines) if '"event":"statement"' in line)
+    lines[first] = lines[first].replace('"protocol":', '"edited":true,"protocol":')
+    newest.write_text("".join(lines))
+    cfg = policy_file(tmp_path, "same", RECORDED)
+    r = pgwarden("policy", "test", "--config", cfg, "--audit", str(newest))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"note: the audit chain of {newest} does not verify (1 problem(s)" in r.stdout
+    assert "was edited" in r.stdout
+    assert "replayed 10 statement(s)" in r.stdout

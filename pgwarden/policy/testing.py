@@ -200,7 +200,8 @@ def _recorded(rec: Mapping[str, Any]) -> tuple[Outcome | None, bool, str]:
     if not isinstance(dec, dict) or dec.get("action") not in _RECORDED:
         return None, False, f"the record's decision {dec!r} is not one pgwarden writes"
     action, enforce, forwarded = _RECORDED[dec["action"]]
-    refusal = rec.get("refusal") if isinstance(rec.get("refusal"), dict) else {}
+    raw_refusal = rec.get("refusal")
+    refusal: Mapping[str, Any] = raw_refusal if isinstance(raw_refusal, dict) else {}
     message = str(refusal.get("message") or "")
     policy = rec.get("policy") if isinstance(rec.get("policy"), dict) else None
     rule = str(dec.get("rule") or "") or ("ProxyConfig defaultAction" if policy is None else "")
@@ -515,7 +516,8 @@ def parse_cases(doc: Any, *, default_connection: str = "", lines: Sequence[int] 
         version = c.get("serverVersion", 0)
         if not isinstance(version, int) or isinstance(version, bool):
             raise CaseFileError(f"{label}: `serverVersion` must be a major version such as 16")
-        name = c.get("name") if isinstance(c.get("name"), str) else sql.strip().splitlines()[0][:60]
+        given = c.get("name")
+        name = given if isinstance(given, str) else sql.strip().splitlines()[0][:60]
         out.append(
             Case(
                 name=name,

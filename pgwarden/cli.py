@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-on", choices=["any", "new-denials", "new-allows"], default="any",
                    help="replay: exit 1 when a decision changes in this direction (default: any)")
     p.add_argument("--server-version", type=int, default=0, metavar="MAJOR",
-                   help="replay: the server's major version when the audit log does not record it")
+                   help="the server's major version when the audit log or a case does not give it "
+                        "(default: the newest pgwarden knows)")
     p.add_argument("--json", action="store_true", help="the report as JSON")
 
     p = _verb(sub, "inject", "pgwarden.operator.inject_cli:main", "print a manifest with the proxy sidecar injected")

@@ -263,6 +263,15 @@ def test_bind_values_go_with_their_parse_and_are_not_decided_twice() -> None:
     assert g.params == (("7",), ("8",))
 
 
+def test_a_text_the_record_clipped_is_not_comparable() -> None:
+    log = Log()
+    long = "SELECT * FROM orders WHERE id IN (" + ", ".join(str(i) for i in range(20000)) + ")"
+    log.stmt("s1", 1, long, "allow", "default/agents rule 1 (read)")
+    (r,) = replay(log.recs, candidate(policy(READ_ORDERS)))
+    assert log.recs[0][1]["sql"].endswith("more chars]")
+    assert r.category == "not-comparable" and "only the beginning" in r.not_comparable
+
+
 def test_a_parse_is_decided_as_a_prepared_statement() -> None:
     log = Log()
     log.stmt(

@@ -48,6 +48,8 @@ _RECORDED: dict[str, tuple[Action, bool, bool]] = {
 _POLICY_DENIAL = "pgwarden denied this statement"
 # A name no SQL PREPARE can give without quoting: decides a Parse as a named one would be.
 _PARSE_NAME = "pgwarden replay parse"
+# records.statement keeps the first MAX_SQL_CHARS of a text and says how much it cut
+_CLIPPED = re.compile(r"…\[\d+ more chars\]\Z")
 
 
 @dataclass(frozen=True)
@@ -267,6 +269,10 @@ def replay(
         old, forwarded, why = _recorded(r)
         key = _group_key(sql, candidate.search_path, version)
         new: Outcome | None = None
+        if _CLIPPED.search(sql):
+            why = (
+                why or "the record holds only the beginning of this long text, so it cannot be decided again"
+            )
         if identity is None:
             why = why or "the record names no identity"
         elif not conn:
@@ -452,7 +458,9 @@ _CASE_KEYS = {"name", "sql", "identity", "connection", "setup", "expect", "rule"
 _IDENTITY_KEYS = {"user", "groups", "serviceAccount"}
 
 
-def parse_cases(doc: Any, *, default_connection: str = "", lines: Sequence[int] = ()) -> list[Case]:
+def parse_cases(
+    doc: Any, *, default_connection: str = "", default_server_version: int = 0, lines: Sequence[int] = ()
+) -> list[Case]:
     """The cases file's content (as loaded from YAML) into Cases; CaseFileError names what is wrong.
 
     `lines` are the 1-based line numbers of the cases, for reports."""
@@ -513,7 +521,7 @@ def parse_cases(doc: Any, *, default_connection: str = "", lines: Sequence[int] 
             raise CaseFileError(
                 f"{label}: `connection` is needed: the configuration names several connections"
             )
-        version = c.get("serverVersion", 0)
+        version = c.get("serverVersion", default_server_version)
         if not isinstance(version, int) or isinstance(version, bool):
             raise CaseFileError(f"{label}: `serverVersion` must be a major version such as 16")
         given = c.get("name")

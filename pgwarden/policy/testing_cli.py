@@ -235,7 +235,10 @@ def _cases_main(args: argparse.Namespace, docs: list[Document], candidate: Candi
     try:
         doc = yaml.safe_load(text)
         cases = parse_cases(
-            doc, default_connection=_only_connection(docs, candidate), lines=_case_lines(text)
+            doc,
+            default_connection=_only_connection(docs, candidate),
+            default_server_version=args.server_version or 0,
+            lines=_case_lines(text),
         )
     except yaml.YAMLError as e:
         raise UserError(f"{path} is not valid YAML: {e}") from None

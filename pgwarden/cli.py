@@ -44,6 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the server's PostgreSQL major version, e.g. 15 (default: the newest pgwarden knows)")
     p.add_argument("sql", help="the statement(s)")
 
+    p = _verb(pol, "test", "pgwarden.policy.testing_cli:main",
+              "replay audit logs (--audit) or run policy unit cases (-f) against candidate policies, "
+              "without a database")
+    p.add_argument("--config", "-c", action="extend", nargs="+", required=True,
+                   help="YAML files or folders with the candidate policies (repeatable)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--audit", action="extend", nargs="+", metavar="PATH",
+                      help="audit log(s) to replay; rotated siblings (PATH.1 …) are read too")
+    what.add_argument("-f", "--file", dest="cases", metavar="CASES.yaml",
+                      help="policy unit cases (see docs/policy.md), - for stdin")
+    p.add_argument("--fail-on", choices=["any", "new-denials", "new-allows"], default="any",
+                   help="replay: exit 1 when a decision changes in this direction (default: any)")
+    p.add_argument("--server-version", type=int, default=0, metavar="MAJOR",
+                   help="the server's major version when the audit log or a case does not give it "
+                        "(default: the newest pgwarden knows)")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+
     p = _verb(sub, "inject", "pgwarden.operator.inject_cli:main", "print a manifest with the proxy sidecar injected")
     p.add_argument("--connection", required=True, help="DatabaseConnection name")
     p.add_argument("-f", "--filename", required=True, help="manifest file, or - for stdin")

@@ -263,13 +263,22 @@ def test_bind_values_go_with_their_parse_and_are_not_decided_twice() -> None:
     assert g.params == (("7",), ("8",))
 
 
-def test_a_text_the_record_clipped_is_not_comparable() -> None:
+def test_a_long_text_is_recorded_whole_and_compared() -> None:
     log = Log()
     long = "SELECT * FROM orders WHERE id IN (" + ", ".join(str(i) for i in range(20000)) + ")"
     log.stmt("s1", 1, long, "allow", "default/agents rule 1 (read)")
     (r,) = replay(log.recs, candidate(policy(READ_ORDERS)))
-    assert log.recs[0][1]["sql"].endswith("more chars]")
-    assert r.category == "not-comparable" and "only the beginning" in r.not_comparable
+    assert log.recs[0][1]["sql"] == long  # the audit keeps the full text (bounded by maxStatementBytes)
+    assert r.category == "unchanged"
+
+
+def test_a_text_refused_unread_for_its_size_is_not_comparable() -> None:
+    log = Log()
+    head = "SELECT * FROM orders WHERE id IN (1, 2, 3"
+    log.stmt("s1", 1, head + " …[refused unread: 900,000 bytes in all]", "deny",
+             refusal=("54000", "pgwarden refuses this 900,000-byte statement"))
+    (r,) = replay(log.recs, candidate(policy(READ_ORDERS)))
+    assert r.category == "not-comparable"
 
 
 def test_a_parse_is_decided_as_a_prepared_statement() -> None:

@@ -48,8 +48,9 @@ _RECORDED: dict[str, tuple[Action, bool, bool]] = {
 _POLICY_DENIAL = "pgwarden denied this statement"
 # A name no SQL PREPARE can give without quoting: decides a Parse as a named one would be.
 _PARSE_NAME = "pgwarden replay parse"
-# records.statement keeps the first MAX_SQL_CHARS of a text and says how much it cut
-_CLIPPED = re.compile(r"…\[\d+ more chars\]\Z")
+# A statement refused for its size is recorded with only its first KiB and this marker (the gate's
+# refuse_unread); older logs clipped long texts with "…[N more chars]"
+_CLIPPED = re.compile(r"(…\[\d+ more chars\]| …\[refused unread: [\d,]+ bytes in all\])\Z")
 
 
 @dataclass(frozen=True)

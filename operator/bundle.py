@@ -24,6 +24,7 @@ from pgwarden.operator.injection import (
     AUDIT_FILE,
     BUNDLE_KEY,
     CREDENTIALS_DIR,
+    LOCKOUTS_FILE,
     OPERATOR_CA_FILE,
     OPERATOR_CA_KEY,
     PROXY_CONFIG_KEY,
@@ -103,7 +104,7 @@ def proxy_config_object(conn: DatabaseConnection, settings: InjectionSettings) -
       env POD_NAMESPACE / SERVICE_ACCOUNT), with no password; no static users in a cluster.
     - `audit`: the hash-chained file on the proxy-only emptyDir (the root filesystem is read-only),
       also on stdout for the cluster's log shipper; OTLP when the chart enables it.
-    - `recording`: session recordings beside it.
+    - `recording`: session recordings beside it; `lockouts`: limits.maxDenials lockouts, too.
     - `approvals`: ApprovalRequest objects in the connection's namespace (= the pod's: injection
       only uses a DatabaseConnection of the pod's own namespace), through the operator's approvals
       gateway with the proxy's own projected token (`approvals_url`; the agent's service account
@@ -133,6 +134,7 @@ def proxy_config_object(conn: DatabaseConnection, settings: InjectionSettings) -
                 "otel": settings.audit_otel,
             },
             "recording": {"dir": RECORDINGS_DIR},
+            "lockouts": {"path": LOCKOUTS_FILE},
             "approvals": approvals,
         },
     }

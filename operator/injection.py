@@ -50,6 +50,7 @@ OPERATOR_CA_FILE = f"{CONFIG_DIR}/operator-ca.crt"
 DATA_DIR = "/var/lib/pgwarden"
 AUDIT_FILE = f"{DATA_DIR}/audit.jsonl"
 RECORDINGS_DIR = f"{DATA_DIR}/recordings"
+LOCKOUTS_FILE = f"{DATA_DIR}/lockouts.json"  # limits.maxDenials: lifted with kubectl exec … pgwarden lockouts lift
 BUNDLE_KEY = "bundle.yaml"
 PROXY_CONFIG_KEY = "proxy.yaml"
 OPERATOR_CA_KEY = "operator-ca.crt"  # the approvals gateway's CA, in the bundle ConfigMap

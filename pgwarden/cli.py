@@ -94,6 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", help="recordings folder (default: $PGWARDEN_RECORDINGS or ./pgwarden-data/recordings)")
     p.add_argument("--json", action="store_true")
 
+    lo = sub.add_parser("lockouts", help="identities locked out by limits.maxDenials on a proxy")
+    lo_verbs = lo.add_subparsers(dest="lockouts_verb", required=True)
+    for name, help_ in (("list", "list the lockouts in force"), ("lift", "lift one identity's lockout")):
+        p = _verb(lo_verbs, name, "pgwarden.proxy.lockouts_cli:main", help_)
+        p.add_argument("--state", help="the proxy's lockout file (ProxyConfig spec.lockouts.path; "
+                                       "default ./pgwarden-data/lockouts.json)")
+        if name == "list":
+            p.add_argument("--json", action="store_true")
+        else:
+            p.add_argument("subject", help="the locked-out identity's subject, as `list` shows it")
+            p.add_argument("--as", dest="as_user", required=True, help="your name, for the audit record")
+
     p = _verb(sub, "demo", "pgwarden.demo.run:main", "run everything on an embedded PostgreSQL, no cluster")
     p.add_argument("--keep", action="store_true", help="leave the proxy running after the scripted session")
     return parser

@@ -51,6 +51,19 @@ class ApprovalExpired(AgentError):
     sqlstate = "PW003"
 
 
+class LockedOut(AgentError):
+    """Too many refused statements: the session ends and the identity is locked out for a while."""
+
+    sqlstate = "PW006"
+    severity = "FATAL"
+
+
+class RateLimited(AgentError):
+    """More statements per minute than the policy's limits.maxStatementsPerMinute; the session goes on."""
+
+    sqlstate = "53400"
+
+
 class AuditUnavailable(AgentError):
     """The audit record could not be written, so nothing was forwarded."""
 

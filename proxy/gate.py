@@ -18,6 +18,7 @@ from typing import Any
 
 from pgwarden.proxy import messages as m
 from pgwarden.proxy.analysis_budget import Analysed, AnalysisOffload
+from pgwarden.proxy.circuit import CircuitBreaker
 from pgwarden.proxy.relay import Verdict
 from pgwarden.proxy.session import PortalEntry, PreparedEntry, SessionNames
 from pgwarden.proxy.statements import rebinds, shown_sql, statement_changes
@@ -29,7 +30,9 @@ from pgwarden.errors import (
     ApprovalExpired,
     ApprovalRequired,
     AuditUnavailable,
+    LockedOut,
     PolicyDenied,
+    RateLimited,
     StatementLimit,
 )
 from pgwarden.policy import analyze
@@ -77,6 +80,7 @@ class Runtime:
     # bumped by a hot reload: sessions re-resolve their policy and masking at the next statement
     generation: int = 0
     offload: AnalysisOffload | None = None  # analysis of long statements off the event loop
+    breaker: CircuitBreaker | None = None  # limits.maxDenials / maxStatementsPerMinute (proxy/circuit.py)
     # background work (approval bookkeeping) that must finish before the audit log closes
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -292,6 +296,8 @@ class SessionGate:
         ctx = StatementContext(id=str(next(self._ids)), sql=sql, started=time.time(),
                                prepared=prepared_name is not None or bind is not None,
                                params=bind_params(bind) if bind is not None else None)
+        if analysed is None and (limited := self._rate_limited()) is not None:
+            return self._audited(ctx, Verdict(error=limited, context=ctx), "deny")  # not a denial that counts
         if analysed is not None and analysed.error is not None:
             return self._refuse(ctx, analysed.error)
         try:
@@ -359,8 +365,62 @@ class SessionGate:
         return _with(verdict, changes=changes) if any(changes) else verdict
 
     def _refuse(self, ctx: StatementContext, err: AgentError) -> Verdict:
-        verdict = Verdict(error=err, context=ctx)
+        verdict = Verdict(error=self._count_refusal(err), context=ctx)
         return self._audited(ctx, verdict, "deny")
+
+    # -- the circuit breaker (proxy/circuit.py) ---------------------------------------------------
+    def _count_refusal(self, err: AgentError) -> AgentError:
+        """A refused statement counts towards limits.maxDenials; past it the session ends (PW006)
+        and the identity is locked out. Only policy and masking refusals (42501) and reviewers'
+        denials (PW002) count: not the rate limit, not the proxy's own failures."""
+        breaker = self.rt.breaker
+        limit = self.policy.limits.max_denials if self.policy is not None else None
+        if breaker is None or limit is None or err.sqlstate not in ("42501", "PW002"):
+            return err
+        subject = self.info.identity.subject
+        lk = breaker.refused(subject, limit.count, limit.window, limit.lockout, err.message)
+        if lk is None:
+            return err
+        until = records.iso(lk.until)
+        lift = f"pgwarden lockouts lift {subject!r} --state {breaker.path}" if breaker.path else "restart the proxy"
+        if self.rt.audit is not None:
+            rec = self.ainfo.base("lockout")
+            rec.update(lockout={"subject": subject, "until": until, "refused": lk.refused,
+                                "window": limit.window, "count": limit.count, "lastRefusal": err.message})
+            self.rt.audit.emit(rec)
+        self._notify_lockout(subject, until, lk.refused, limit.window)
+        log.warning("%s locked out until %s after %d refused statements", subject, until, lk.refused)
+        return LockedOut(
+            f"pgwarden ended this session: {lk.refused} statements were refused within {limit.window:g}s "
+            f"(limits.maxDenials allows {limit.count}); {subject} may not connect through this proxy until "
+            f"{until}. The last refusal: {err.message}",
+            hint="Stop retrying refused statements and ask the policy owner. Whoever runs this proxy can lift "
+                 f"the lockout early: {lift} (in a cluster, from the pgwarden-proxy container).",
+        )
+
+    def _notify_lockout(self, subject: str, until: str, refused: int, window: float) -> None:
+        from pgwarden.approvals.model import mrkdwn_code
+
+        notifier = getattr(self.rt.approvals, "notifier", None)
+        if notifier is None or self.policy is None:
+            return
+        # the approval webhook of the policies that apply to this identity
+        url = next((p.approval.notify_url for p in self.policy.policies
+                    if p.approval is not None and p.approval.notify_url), "")
+        who = mrkdwn_code(" ".join(subject.split()))[0]
+        notifier.notify_text(url, f":no_entry: pgwarden locked out `{who}` on `{mrkdwn_code(self.rt.connection)[0]}` "
+                                  f"until {until}: {refused} statements refused within {window:g}s.")
+
+    def _rate_limited(self) -> AgentError | None:
+        per_minute = self.policy.limits.max_statements_per_minute if self.policy is not None else None
+        breaker = self.rt.breaker
+        if per_minute is None or breaker is None or breaker.statement(self.info.identity.subject, per_minute):
+            return None
+        return RateLimited(
+            f"pgwarden refused this statement: more than {per_minute} statements in the last minute from "
+            f"{self.info.identity.subject} (limits.maxStatementsPerMinute); nothing was sent to the database",
+            hint="Wait a few seconds and retry, or batch the work into fewer statements.",
+        )
 
     def _record(self, ctx: StatementContext, outcome: str, verdict: Verdict) -> dict[str, Any]:
         d = ctx.decision
@@ -517,7 +577,7 @@ class SessionGate:
                 f"request {ticket.name} was not approved within {a.timeout:g}s",
                 hint="Run the statement again to create a new request, or ask a reviewer to be ready.",
             )
-        return await self._durable(ctx, Verdict(error=err2, context=ctx), outcome.state)
+        return await self._durable(ctx, Verdict(error=self._count_refusal(err2), context=ctx), outcome.state)
 
     async def _executed(self, ctx: StatementContext, ticket: Any, tag: str) -> None:
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pgwarden.proxy import messages as m
@@ -53,6 +53,24 @@ def _names_connection(doc: Document, connection: str) -> bool:
     return isinstance(ref, dict) and ref.get("name") == connection
 
 
+def _breaker(doc: Document) -> Any:
+    """The circuit breaker (limits.maxDenials, maxStatementsPerMinute) and where its lockouts are
+    kept: `spec.lockouts.path` of the ProxyConfig (default pgwarden-data/lockouts.json)."""
+    from pathlib import Path
+
+    from pgwarden.proxy.circuit import CircuitBreaker
+
+    from pgwarden.audit.config import DEFAULT_DATA_DIR
+    from pgwarden.resources import get_field
+
+    raw = get_field(doc, doc.spec, "lockouts", Mapping, "spec.lockouts", {})
+    for k in raw:
+        if k != "path":
+            raise doc.error(f"spec.lockouts.{k}", "unknown field; expected path")
+    path = get_field(doc, raw, "path", str, "spec.lockouts.path", f"{DEFAULT_DATA_DIR}/lockouts.json")
+    return CircuitBreaker(Path(path))
+
+
 def prepare_runtime(config: ProxyConfig, docs: list[Document]) -> Runtime:
     """Parse and check every section; raises ResourceError. No I/O yet."""
     from pgwarden.audit.config import parse_audit_config, parse_recording_config
@@ -64,6 +82,7 @@ def prepare_runtime(config: ProxyConfig, docs: list[Document]) -> Runtime:
     rt = Runtime(connection=conn, search_path=config.search_path)
     rt.workload = workload_from_env()
     rt.backoff = FailureBackoff()
+    rt.breaker = _breaker(pc_doc)
     rt.offload = AnalysisOffload(config.analysis_offload_bytes, config.analysis_timeout)
     rt.audit_config = parse_audit_config(pc_doc.spec, pc_doc) if "audit" in pc_doc.spec else None
     rt.recording_config = parse_recording_config(pc_doc.spec, pc_doc) if "recording" in pc_doc.spec else None

@@ -372,6 +372,8 @@ class Relay:
                         verdict = self.gate.query(m.parse_query(buf[ps:end]))
                     if verdict is not None and verdict.wait is not None:
                         return self._hold(buf, span_start, pos, out, verdict)
+                    if verdict is not None and verdict.error is not None and verdict.error.severity == "FATAL":
+                        self._end(buf, span_start, pos, out, verdict.error)
                     self._unsynced = False
                     entry = Pending(QUERY)
                     if verdict is not None:
@@ -403,6 +405,8 @@ class Relay:
                         verdict = self.gate.parse(parse.name, parse.query)
                     if verdict is not None and verdict.wait is not None:
                         return self._hold(buf, span_start, pos, out, verdict)
+                    if verdict is not None and verdict.error is not None and verdict.error.severity == "FATAL":
+                        self._end(buf, span_start, pos, out, verdict.error)
                     if verdict is not None and verdict.error is not None:
                         self._refuse_extended(out, buf, span_start, pos, verdict.error)
                         span_start = end
@@ -425,6 +429,8 @@ class Relay:
                         verdict = self.gate.bind(bind, stmt)
                     if verdict is not None and verdict.wait is not None:
                         return self._hold(buf, span_start, pos, out, verdict)
+                    if verdict is not None and verdict.error is not None and verdict.error.severity == "FATAL":
+                        self._end(buf, span_start, pos, out, verdict.error)
                     if verdict is not None and verdict.error is not None:
                         # refused at Bind (approval bound to parameters, a name not known): fail the batch
                         self._refuse_extended(out, buf, span_start, pos, verdict.error)
@@ -456,6 +462,8 @@ class Relay:
                         verdict = self.gate.execute(portal_name, p)
                     if verdict is not None and verdict.wait is not None:
                         return self._hold(buf, span_start, pos, out, verdict)
+                    if verdict is not None and verdict.error is not None and verdict.error.severity == "FATAL":
+                        self._end(buf, span_start, pos, out, verdict.error)
                     if verdict is not None and verdict.error is not None:
                         self._refuse_extended(out, buf, span_start, pos, verdict.error)
                         span_start = end
@@ -638,6 +646,14 @@ class Relay:
         err = statement_too_large(what, size, self.max_statement_bytes or 0)
         refuse = getattr(self.gate, "refuse_unread", None)
         return refuse(head, size, err) if refuse is not None else Verdict(error=err)
+
+    def _end(self, buf: bytes, span_start: int, pos: int, out: list[bytes], error: AgentError) -> None:
+        """A FATAL verdict (a lockout): what was decided before it is forwarded, then the session
+        ends with the error (the shell sends it and closes both sides)."""
+        out.append(buf[span_start:pos])
+        self._flush_out(out)
+        self.terminated = True
+        raise error
 
     def _take_resolved(self) -> Verdict | None:
         """The verdict a held statement resolved to, once, when processing resumes at it."""

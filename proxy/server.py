@@ -30,6 +30,7 @@ from pgwarden.errors import (
     AgentError,
     AuthenticationFailed,
     AuthorizationFailed,
+    LockedOut,
     ProtocolViolation,
     UpstreamUnavailable,
 )
@@ -266,6 +267,8 @@ class ProxyServer:
         if backoff is not None:
             backoff.reset(source)
         ainfo = ainfo.with_identity(identity)
+        if rt is not None and rt.breaker is not None:
+            await _refuse_if_locked_out(rt, ainfo, identity.subject)
         if rt is not None and rt.audit is not None:
             await rt.audit.write(records.session_start(ainfo, tls=tls))
         forwarded = {k: v for k, v in params.items() if k in FORWARDED_STARTUP_PARAMS}
@@ -444,6 +447,33 @@ class ProxyServer:
             lv.held.cancel()
             return
         await up.send_cancel(self.config, lv.upstream.pid, lv.upstream.secret)
+
+
+async def _refuse_if_locked_out(rt: Any, ainfo: records.SessionInfo, subject: str) -> None:
+    """limits.maxDenials: an identity locked out on this proxy gets no session until the lockout
+    ends or a person lifts it (`pgwarden lockouts lift`); lifts go into the audit chain first."""
+    breaker = rt.breaker
+    assert breaker is not None
+    for lk in breaker.take_lifts():
+        if rt.audit is not None:
+            rec = ainfo.base("lockout.end")
+            rec.update(lockout={"subject": lk.subject, "until": records.iso(lk.until),
+                                **({"liftedBy": lk.lifted_by, "liftedAt": records.iso(lk.lifted_at)}
+                                   if lk.lifted_by else {"expired": True})})
+            rt.audit.emit(rec)
+    lk = breaker.locked(subject)
+    if lk is None:
+        return
+    err = LockedOut(
+        f"pgwarden refuses a session to {subject}: locked out of this proxy until {records.iso(lk.until)} "
+        f"after {lk.refused} refused statements (limits.maxDenials)",
+        hint="Whoever runs this proxy can lift it early: pgwarden lockouts lift SUBJECT --state "
+             f"{breaker.path} (in a cluster, from the pgwarden-proxy container).",
+    )
+    if rt.audit is not None:
+        with contextlib.suppress(AgentError):  # refused either way; written before the answer
+            await rt.audit.write(records.auth_failure(ainfo, reason=err.message, method="lockout", delay_s=0.0))
+    raise err
 
 
 def _end_session(ep: Endpoint, finish: Callable[[str], None], e: Exception) -> None:

@@ -208,3 +208,31 @@ def test_explain_config_errors_are_user_errors(tmp_path, capsys):
                            text=AGENTS_POLICY.replace("[select, update]", "[select, upsert]"))
     assert rc == 2 and out == ""
     assert "spec.rules[4].operations[1]" in err and "unknown operation 'upsert'" in err
+
+
+def test_limits_max_denials_and_rate_parse_and_combine_to_the_strictest() -> None:
+    from pgwarden.policy.model import DenialLimit, Limits
+
+    a = Limits(max_denials=DenialLimit(5, 60, 300), max_statements_per_minute=100)
+    b = Limits(max_denials=DenialLimit(3, 600, 60), max_statements_per_minute=None)
+    c = a.combine(b)
+    assert c.max_denials == DenialLimit(3, 600, 300) and c.max_statements_per_minute == 100
+    assert Limits().combine(b).max_denials == DenialLimit(3, 600, 60)
+
+
+@pytest.mark.parametrize("limits, message", [
+    ({"maxDenials": {"count": 0}}, "spec.limits.maxDenials.count"),
+    ({"maxDenials": {"count": 3, "windw": "1m"}}, "windw"),
+    ({"maxDenials": {"count": 3, "lockout": "0s"}}, "positive"),
+    ({"maxStatementsPerMinute": 0}, "maxStatementsPerMinute"),
+])
+def test_limits_that_cannot_work_are_refused_with_the_field(limits: dict, message: str) -> None:
+    import yaml
+
+    from pgwarden.policy import load_policies
+    from pgwarden.resources import ResourceError, parse_documents
+
+    doc = {"apiVersion": "pgwarden.dev/v1alpha1", "kind": "AccessPolicy", "metadata": {"name": "p"},
+           "spec": {"connectionRef": {"name": "shop"}, "subjects": [{"group": "g"}], "rules": [], "limits": limits}}
+    with pytest.raises(ResourceError, match=message):
+        load_policies(parse_documents(yaml.safe_dump(doc)))

@@ -45,6 +45,17 @@ class Notifier:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def notify_text(self, url: str, text: str) -> asyncio.Task[bool] | None:
+        """Schedule a message of `text` (already escaped for mrkdwn) to `url`, else the default."""
+        url = url or self.default_url
+        if not url:
+            return None
+        body = {"text": text, "parse": "none", "link_names": False, "unfurl_links": False, "unfurl_media": False}
+        task = asyncio.get_running_loop().create_task(self._send(url, body))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     async def _send(self, url: str, payload: dict[str, Any]) -> bool:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))

@@ -32,6 +32,11 @@ Param = str | bytes | bytearray | memoryview | None
 MAX_PARAM_CHARS = 4096
 
 
+def iso(epoch: float) -> str:
+    """An epoch time as the records write times (UTC, ISO 8601, Z)."""
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 

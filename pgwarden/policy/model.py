@@ -43,7 +43,8 @@ OPERATIONS: dict[str, str] = {
 _SPEC_KEYS = {"connectionRef", "subjects", "rules", "defaultAction", "mode", "limits", "approval",
               "allowedFunctions", "systemCatalogs", "description"}
 _RULE_KEYS = {"name", "action", "operations", "tables", "functions", "requireWhere", "description"}
-_LIMIT_KEYS = {"maxRows", "statementTimeout"}
+_LIMIT_KEYS = {"maxRows", "statementTimeout", "maxDenials", "maxStatementsPerMinute"}
+_DENIAL_KEYS = {"count", "window", "lockout"}
 _APPROVAL_KEYS = {"reviewers", "minApprovals", "timeout", "mode", "notifyUrl"}
 
 ANY = ("*", "*")  # an access whose objects the engine cannot list (e.g. TRUNCATE … CASCADE)
@@ -66,17 +67,43 @@ class Pattern:
 
 
 @dataclass(frozen=True)
+class DenialLimit:
+    """`limits.maxDenials`: past `count` refused statements within `window` seconds the session
+    is ended (PW006) and the identity is refused new sessions for `lockout` seconds."""
+
+    count: int
+    window: float
+    lockout: float
+
+    def combine(self, other: DenialLimit | None) -> DenialLimit:
+        if other is None:
+            return self
+        return DenialLimit(min(self.count, other.count), max(self.window, other.window),
+                           max(self.lockout, other.lockout))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"count": self.count, "window": self.window, "lockout": self.lockout}
+
+
+@dataclass(frozen=True)
 class Limits:
-    """Per-statement limits; None means no limit. Several policies combine to the strictest."""
+    """Per-statement and per-identity limits; None means no limit. Several policies combine to
+    the strictest."""
 
     max_rows: int | None = None
     statement_timeout: float | None = None  # seconds
+    max_denials: DenialLimit | None = None
+    max_statements_per_minute: int | None = None
 
     def combine(self, other: Limits) -> Limits:
-        return Limits(_min(self.max_rows, other.max_rows), _min(self.statement_timeout, other.statement_timeout))
+        denials = other.max_denials if self.max_denials is None else self.max_denials.combine(other.max_denials)
+        return Limits(_min(self.max_rows, other.max_rows), _min(self.statement_timeout, other.statement_timeout),
+                      denials, _min(self.max_statements_per_minute, other.max_statements_per_minute))
 
     def to_json(self) -> dict[str, Any]:
-        return {"maxRows": self.max_rows, "statementTimeout": self.statement_timeout}
+        return {"maxRows": self.max_rows, "statementTimeout": self.statement_timeout,
+                "maxDenials": self.max_denials.to_json() if self.max_denials else None,
+                "maxStatementsPerMinute": self.max_statements_per_minute}
 
 
 @dataclass(frozen=True)
@@ -231,7 +258,24 @@ def _parse_limits(doc: Document, raw: Mapping[str, Any]) -> Limits:
         timeout = parse_duration(raw["statementTimeout"], doc, "spec.limits.statementTimeout")
         if timeout <= 0:
             raise doc.error("spec.limits.statementTimeout", "must be positive (leave it out for no limit)")
-    return Limits(max_rows=max_rows, statement_timeout=timeout)
+    denials = None
+    raw_denials = get_field(doc, raw, "maxDenials", Mapping, "spec.limits.maxDenials", None)
+    if raw_denials is not None:
+        path = "spec.limits.maxDenials"
+        _check_keys(doc, raw_denials, _DENIAL_KEYS, path)
+        count = get_field(doc, raw_denials, "count", int, f"{path}.count", None)
+        if count is None or count < 1:
+            raise doc.error(f"{path}.count", "must be at least 1: the number of refused statements a session may have")
+        window = parse_duration(raw_denials.get("window", "10m"), doc, f"{path}.window")
+        lockout = parse_duration(raw_denials.get("lockout", "15m"), doc, f"{path}.lockout")
+        if window <= 0 or lockout <= 0:
+            raise doc.error(path, "window and lockout must be positive durations such as 10m")
+        denials = DenialLimit(count, window, lockout)
+    per_minute = get_field(doc, raw, "maxStatementsPerMinute", int, "spec.limits.maxStatementsPerMinute", None)
+    if per_minute is not None and per_minute < 1:
+        raise doc.error("spec.limits.maxStatementsPerMinute", "must be at least 1 (leave it out for no limit)")
+    return Limits(max_rows=max_rows, statement_timeout=timeout, max_denials=denials,
+                  max_statements_per_minute=per_minute)
 
 
 def _parse_approval(doc: Document, raw: Mapping[str, Any]) -> ApprovalSettings:

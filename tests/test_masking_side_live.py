@@ -281,8 +281,9 @@ def test_a_masked_column_keeps_its_own_null_ness(live: ProxyHandle) -> None:
 # -- error and notice text -------------------------------------------------------------------------
 ECHOES = {
     "cast-int": ("SELECT ssn::int FROM customers WHERE id = 1", "22P02"),
-    "xmlparse-content": ("SELECT xmlparse(content '<' || ssn) FROM customers WHERE id = 1", "2200N"),
-    "xmlparse-document": ("SELECT xmlparse(document ssn) FROM customers WHERE id = 1", "2200M"),
+    # a server built without libxml (the PyPI wheel's 16 and 18) answers 0A000 before parsing
+    "xmlparse-content": ("SELECT xmlparse(content '<' || ssn) FROM customers WHERE id = 1", ("2200N", "0A000")),
+    "xmlparse-document": ("SELECT xmlparse(document ssn) FROM customers WHERE id = 1", ("2200M", "0A000")),
     "to-date": ("SELECT to_date(ssn, 'MM-DD-YYYY') FROM customers WHERE id = 1", "22008"),
     "json": ("SELECT ssn::json FROM customers WHERE id = 1", "22P02"),
     "jsonb-derived": ("SELECT ('[' || ssn)::jsonb FROM customers WHERE id = 1", "22P02"),
@@ -323,14 +324,15 @@ def extended(h: ProxyHandle, sql: str) -> tuple[bytes, dict[str, str]]:
 @pytest.mark.parametrize("case", list(ECHOES))
 def test_error_text_keeps_no_value_of_a_masked_column(live: ProxyHandle, case: str) -> None:
     sql, state = ECHOES[case]
+    states = state if isinstance(state, tuple) else (state,)
     for client in ("psql", "psycopg-binary", "asyncpg-binary"):
         got = CLIENTS[client](live, sql)
-        assert got.sqlstate == state, (client, got.error)
+        assert got.sqlstate in states, (client, got.error)
         assert "pgwarden redacted the values" in got.error and "public.customers.ssn" in got.error, got.error
         no_secret(got.wire)
         no_secret(got.error)
     wire, err = extended(live, sql)
-    assert err.get("C") == state, err
+    assert err.get("C") in states, err
     assert "pgwarden redacted" in err["M"]
     assert all(err.get(k) in (None, "[redacted]") for k in ("D", "W", "H", "q")), err
     no_secret(wire)
@@ -395,11 +397,11 @@ def test_errors_of_prepared_statements_and_cursors_are_redacted_in_full(live: Pr
     """The body runs at EXECUTE / FETCH, not at PREPARE / DECLARE: their errors are masked with it."""
     got = run_psql(
         live,
-        "PREPARE p AS SELECT xmlparse(document ssn) FROM customers WHERE id = 1",
+        "PREPARE p AS SELECT to_date(ssn, 'YYYY-MM-DD') FROM customers WHERE id = 1",
         "EXECUTE p",
         extra=("-v", "ON_ERROR_STOP=0"),
     )
-    assert got.sqlstate == "2200M" and "pgwarden redacted the values" in got.error, got.error
+    assert got.sqlstate.startswith("22") and "pgwarden redacted the values" in got.error, got.error
     no_secret(got.wire)
     got = run_psql(
         live,

@@ -135,6 +135,17 @@ def _with(verdict: Verdict, **fields: Any) -> Verdict:
     return Verdict(wait=resolved(verdict.wait), context=verdict.context)
 
 
+def _unwritten(e: Exception, verdict: Verdict) -> Verdict:
+    """The refusal when a statement's audit record could not be written: nothing is forwarded."""
+    if isinstance(e, AgentError):  # AuditUnavailable (PW004) from the log itself
+        return Verdict(error=e, context=verdict.context)
+    log.exception("audit write failed")  # any sink failure closes the gate
+    return Verdict(
+        error=AuditUnavailable(f"the audit record could not be written ({type(e).__name__}); nothing was forwarded"),
+        context=verdict.context,
+    )
+
+
 _refreshing: set[int] = set()
 
 
@@ -462,14 +473,8 @@ class SessionGate:
             return Verdict(wait=self._write(record, verdict), context=verdict.context)
         try:
             self.rt.audit.write_now(record)
-        except AgentError as e:
-            return Verdict(error=e, context=verdict.context)
-        except Exception as e:  # any sink failure closes the gate
-            log.exception("audit write failed")
-            return Verdict(
-                error=AuditUnavailable(f"the audit record could not be written ({type(e).__name__}); nothing was forwarded"),
-                context=verdict.context,
-            )
+        except Exception as e:
+            return _unwritten(e, verdict)
         return verdict
 
     def _note(self, ctx: StatementContext, verdict: Verdict) -> None:
@@ -483,14 +488,8 @@ class SessionGate:
         """`verdict` once `record` is durable; PW004 (nothing forwarded) if it cannot be."""
         try:
             await self.rt.audit.write(record)
-        except AgentError as e:
-            return Verdict(error=e, context=verdict.context)
-        except Exception as e:  # any sink failure closes the gate
-            log.exception("audit write failed")
-            return Verdict(
-                error=AuditUnavailable(f"the audit record could not be written ({type(e).__name__}); nothing was forwarded"),
-                context=verdict.context,
-            )
+        except Exception as e:
+            return _unwritten(e, verdict)
         return verdict
 
     async def _durable(self, ctx: StatementContext, verdict: Verdict, outcome: str) -> Verdict:

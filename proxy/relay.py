@@ -372,13 +372,13 @@ class Relay:
                         verdict = self.gate.query(m.parse_query(buf[ps:end]))
                     if verdict is not None and verdict.wait is not None:
                         return self._hold(buf, span_start, pos, out, verdict)
-                    if verdict is not None and verdict.error is not None and verdict.error.severity == "FATAL":
-                        self._end(buf, span_start, pos, out, verdict.error)
                     self._unsynced = False
                     entry = Pending(QUERY)
                     if verdict is not None:
                         entry.results, entry.context, entry.max_rows = verdict.results, verdict.context, verdict.max_rows
                         if verdict.error is not None:
+                            if verdict.error.severity == "FATAL":
+                                self._end(buf, span_start, pos, out, verdict.error)
                             out.append(buf[span_start:pos])
                             out.append(_SENTINEL_QUERY)
                             span_start = end
@@ -405,8 +405,6 @@ class Relay:
                         verdict = self.gate.parse(parse.name, parse.query)
                     if verdict is not None and verdict.wait is not None:
                         return self._hold(buf, span_start, pos, out, verdict)
-                    if verdict is not None and verdict.error is not None and verdict.error.severity == "FATAL":
-                        self._end(buf, span_start, pos, out, verdict.error)
                     if verdict is not None and verdict.error is not None:
                         self._refuse_extended(out, buf, span_start, pos, verdict.error)
                         span_start = end
@@ -429,8 +427,6 @@ class Relay:
                         verdict = self.gate.bind(bind, stmt)
                     if verdict is not None and verdict.wait is not None:
                         return self._hold(buf, span_start, pos, out, verdict)
-                    if verdict is not None and verdict.error is not None and verdict.error.severity == "FATAL":
-                        self._end(buf, span_start, pos, out, verdict.error)
                     if verdict is not None and verdict.error is not None:
                         # refused at Bind (approval bound to parameters, a name not known): fail the batch
                         self._refuse_extended(out, buf, span_start, pos, verdict.error)
@@ -462,8 +458,6 @@ class Relay:
                         verdict = self.gate.execute(portal_name, p)
                     if verdict is not None and verdict.wait is not None:
                         return self._hold(buf, span_start, pos, out, verdict)
-                    if verdict is not None and verdict.error is not None and verdict.error.severity == "FATAL":
-                        self._end(buf, span_start, pos, out, verdict.error)
                     if verdict is not None and verdict.error is not None:
                         self._refuse_extended(out, buf, span_start, pos, verdict.error)
                         span_start = end
@@ -614,7 +608,10 @@ class Relay:
     def _refuse_extended(self, out: list[bytes], buf: bytes, span_start: int, pos: int, error: AgentError) -> None:
         """Replace the message at `pos` by a Parse that fails in the raw parser: the server skips
         the rest of the batch up to Sync, as for any failing message, and drops its unnamed
-        statement. The messages up to Sync are dropped here."""
+        statement. The messages up to Sync are dropped here. A FATAL error (a lockout) ends the
+        session instead."""
+        if error.severity == "FATAL":
+            self._end(buf, span_start, pos, out, error)
         out.append(buf[span_start:pos])
         out.append(_SENTINEL_PARSE)
         self.names.stage(_SENTINEL_PARSE_FAILS)

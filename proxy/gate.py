@@ -238,6 +238,8 @@ class SessionGate:
                 "through the extended protocol on this connection",
                 hint="Run SQL-prepared statements with EXECUTE, or Parse the statement before binding it.",
             ))
+        if not statement.rebind and (limited := self._rate_limited()) is not None:
+            return Verdict(error=limited)  # every run of a prepared statement counts towards the rate
         if statement.rebind:  # EXECUTE / FETCH by name: decided as the name is now, with these values
             if self.rt.offload is not None and self.rt.offload.wants(statement.sql):
                 # deciding it again at every Bind would analyse a long text on the event loop
@@ -307,7 +309,8 @@ class SessionGate:
         ctx = StatementContext(id=str(next(self._ids)), sql=sql, started=time.time(),
                                prepared=prepared_name is not None or bind is not None,
                                params=bind_params(bind) if bind is not None else None)
-        if analysed is None and (limited := self._rate_limited()) is not None:
+        # the rate counts runs: a Query, a Bind (below); a Parse alone runs nothing
+        if analysed is None and prepared_name is None and (limited := self._rate_limited()) is not None:
             return self._audited(ctx, Verdict(error=limited, context=ctx), "deny")  # not a denial that counts
         if analysed is not None and analysed.error is not None:
             return self._refuse(ctx, analysed.error)

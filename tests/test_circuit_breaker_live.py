@@ -161,3 +161,17 @@ def test_the_rate_limit_answers_with_an_error_and_the_session_stays_usable(guard
     clock.advance(61)
     assert conn.run("SELECT 4") == [[4]]
     conn.close()
+
+
+def test_every_run_of_a_prepared_statement_counts_towards_the_rate(guarded: Any) -> None:
+    import psycopg
+
+    proxy, clock = guarded({"maxStatementsPerMinute": 3})
+    dsn = f"host={proxy.host} port={proxy.port} dbname=shop user=agent password=agent-pw"
+    with psycopg.connect(dsn, prepare_threshold=0, autocommit=True) as c:  # Parse once, then Bind/Execute
+        for i in range(3):
+            assert c.execute("SELECT %s::int", (i,)).fetchone() == (i,)
+        with pytest.raises(psycopg.errors.ConfigurationLimitExceeded, match="maxStatementsPerMinute"):
+            c.execute("SELECT %s::int", (9,))
+        clock.advance(61)
+        assert c.execute("SELECT %s::int", (10,)).fetchone() == (10,)

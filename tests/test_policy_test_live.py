@@ -272,7 +272,7 @@ def test_the_shipped_example_cases_pass() -> None:
         "--config",
         str(root / "examples/access-policy.yaml"),
         "-f",
-        str(root / "examples/policy-tests.yaml"),
+        str(root / "examples/policy-tests/orders-prod.yaml"),
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.startswith("ok: ")

@@ -189,7 +189,10 @@ def token_proxy(make_proxy: Any, tmp_path: Path, signing_key: Any) -> Any:
         "audit": {"path": str(tmp_path / "audit.jsonl")},
         "identity": {"oidc": [{"issuer": ISSUER, "audience": "pgwarden", "jwksFile": str(tmp_path / "jwks.json")}]},
     }
-    return make_proxy(extra=[POLICY], proxy_spec=spec)
+    # the IdP's groups are namespaced by its URL (identity.oidc[].groupsPrefix's default)
+    policy = json.loads(json.dumps(POLICY))
+    policy["spec"]["subjects"].append({"group": f"{ISSUER}#ai-agents"})
+    return make_proxy(extra=[policy], proxy_spec=spec)
 
 
 def _token(key: Any, **over: Any) -> str:
@@ -205,7 +208,7 @@ def test_a_jwt_password_identifies_the_caller_in_the_audit(token_proxy: Any, tmp
     assert conn.run("SELECT count(*) FROM orders") == [[20]]
     conn.close()
     rec = statements(read_records(tmp_path / "audit.jsonl"))["SELECT count(*) FROM orders"]
-    assert rec["identity"]["subject"] == "ci-job-42"
+    assert rec["identity"]["subject"] == f"{ISSUER}#ci-job-42"
     assert rec["identity"]["method"] == "jwt"
     assert rec["identity"]["issuer"] == ISSUER
 

@@ -26,7 +26,9 @@ IDP = "https://idp.example.com/realms/eng"
 SA_SUBJECT = "system:serviceaccount:agents:cursor-agent"
 
 AGENT_POLICY = {
-    "apiVersion": API, "kind": "AccessPolicy", "metadata": {"name": "cursor", "namespace": "agents"},
+    "apiVersion": API,
+    "kind": "AccessPolicy",
+    "metadata": {"name": "cursor", "namespace": "agents"},
     "spec": {
         "connectionRef": {"name": "shop"},
         "subjects": [{"serviceAccount": "agents/cursor-agent"}, {"group": f"{IDP}#ai-agents"}],
@@ -38,7 +40,9 @@ AGENT_POLICY = {
     },
 }
 DBA_POLICY = {  # meant for the static users in group dba (and, by its prefixed name, the IdP's dba group)
-    "apiVersion": API, "kind": "AccessPolicy", "metadata": {"name": "dba", "namespace": "agents"},
+    "apiVersion": API,
+    "kind": "AccessPolicy",
+    "metadata": {"name": "dba", "namespace": "agents"},
     "spec": {
         "connectionRef": {"name": "shop"},
         "subjects": [{"group": "dba"}, {"group": f"{IDP}#db-admins"}],
@@ -78,8 +82,18 @@ def token(keys: dict[str, Any], issuer: str, **claims: Any) -> str:
 
 
 def service_account_token(keys: dict[str, Any]) -> str:
-    return token(keys, CLUSTER, sub=SA_SUBJECT, **{"kubernetes.io": {
-        "namespace": "agents", "serviceaccount": {"name": "cursor-agent"}, "pod": {"name": "cursor-agent-7d9f"}}})
+    return token(
+        keys,
+        CLUSTER,
+        sub=SA_SUBJECT,
+        **{
+            "kubernetes.io": {
+                "namespace": "agents",
+                "serviceaccount": {"name": "cursor-agent"},
+                "pod": {"name": "cursor-agent-7d9f"},
+            }
+        },
+    )
 
 
 def impostor_token(keys: dict[str, Any]) -> str:
@@ -88,7 +102,9 @@ def impostor_token(keys: dict[str, Any]) -> str:
 
 
 def connect(proxy: Any, user: str, password: str) -> pg8000.native.Connection:
-    return pg8000.native.Connection(user, host=proxy.host, port=proxy.port, database="shop", password=password)
+    return pg8000.native.Connection(
+        user, host=proxy.host, port=proxy.port, database="shop", password=password
+    )
 
 
 def sqlstate(conn: pg8000.native.Connection, sql: str) -> str:
@@ -102,12 +118,17 @@ def ran(pg: Any, mark: int, marker: str) -> int:
 
 
 def approvals(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pgwarden.cli", "approvals", *args, "--db", str(db)],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "pgwarden.cli", "approvals", *args, "--db", str(db)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
-def test_another_issuers_groups_dba_do_not_get_the_dba_policy(two_issuers: tuple[Any, Path], keys: Any,
-                                                              pg: Any) -> None:
+def test_another_issuers_groups_dba_do_not_get_the_dba_policy(
+    two_issuers: tuple[Any, Path], keys: Any, pg: Any
+) -> None:
     proxy, _ = two_issuers
     carol = connect(proxy, "dba-carol", "carol-pw")  # the dba the policy means
     assert carol.run("SELECT count(*) FROM customers")[0][0] > 0
@@ -123,8 +144,9 @@ def test_another_issuers_groups_dba_do_not_get_the_dba_policy(two_issuers: tuple
     admin.close()
 
 
-def test_another_issuer_cannot_consume_the_service_accounts_approval(two_issuers: tuple[Any, Path], keys: Any,
-                                                                     pg: Any, tmp_path: Path) -> None:
+def test_another_issuer_cannot_consume_the_service_accounts_approval(
+    two_issuers: tuple[Any, Path], keys: Any, pg: Any, tmp_path: Path
+) -> None:
     proxy, db = two_issuers
     sql = "INSERT INTO audit_scratch (payload) VALUES ('issuer-bound-approval')"
     mark = pg.log_position()
@@ -146,7 +168,11 @@ def test_another_issuer_cannot_consume_the_service_accounts_approval(two_issuers
     assert ran(pg, mark, "issuer-bound-approval") == 1
     agent.close()
     events = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
-    starts = [e["identity"] for e in events if e["event"] == "session.start" and e["identity"]["method"] == "jwt"]
+    starts = [
+        e["identity"] for e in events if e["event"] == "session.start" and e["identity"]["method"] == "jwt"
+    ]
     assert {"subject": SA_SUBJECT, "issuer": CLUSTER}.items() <= starts[0].items()
-    assert any(s["subject"] == f"{IDP}#{SA_SUBJECT}" and s["groups"] == [f"{IDP}#dba", f"{IDP}#ai-agents"]
-               for s in starts)
+    assert any(
+        s["subject"] == f"{IDP}#{SA_SUBJECT}" and s["groups"] == [f"{IDP}#dba", f"{IDP}#ai-agents"]
+        for s in starts
+    )

@@ -31,6 +31,7 @@ from pgwarden.operator.injection import (
     RECORDINGS_DIR,
     TOKEN_FILE,
     bundle_configmap_name,
+    recordings_budget,
 )
 from pgwarden.operator.settings import InjectionSettings
 
@@ -104,7 +105,8 @@ def proxy_config_object(conn: DatabaseConnection, settings: InjectionSettings) -
       env POD_NAMESPACE / SERVICE_ACCOUNT), with no password; no static users in a cluster.
     - `audit`: the hash-chained file on the proxy-only emptyDir (the root filesystem is read-only),
       also on stdout for the cluster's log shipper; OTLP when the chart enables it.
-    - `recording`: session recordings beside it; `lockouts`: limits.maxDenials lockouts, too.
+    - `recording`: session recordings on their own volume, capped below its sizeLimit; `lockouts`:
+      limits.maxDenials lockouts, on the audit log's volume.
     - `approvals`: ApprovalRequest objects in the connection's namespace (= the pod's: injection
       only uses a DatabaseConnection of the pod's own namespace), through the operator's approvals
       gateway with the proxy's own projected token (`approvals_url`; the agent's service account
@@ -133,7 +135,12 @@ def proxy_config_object(conn: DatabaseConnection, settings: InjectionSettings) -
                 "stdout": settings.audit_stdout,
                 "otel": settings.audit_otel,
             },
-            "recording": {"dir": RECORDINGS_DIR},
+            # private files on their own size-limited volume, bounded per session and in total
+            "recording": {
+                "dir": RECORDINGS_DIR,
+                "maxBytesPerSession": settings.recording_max_bytes_per_session,
+                "maxTotalBytes": recordings_budget(settings),
+            },
             "lockouts": {"path": LOCKOUTS_FILE},
             "approvals": approvals,
         },

@@ -10,8 +10,10 @@ What an injected pod gets:
   (a Job's pod then never completes on its own: the proxy keeps running);
 - one projected volume, mounted into the proxy only, holding the policy bundle, the ProxyConfig,
   the rotating credentials and a service-account token for the audience `pgwarden`;
-- an emptyDir at /var/lib/pgwarden, mounted into the proxy only, for the audit log and the
-  session recordings (the evidence trail: the agent's containers cannot read or rewrite it);
+- an emptyDir at /var/lib/pgwarden, mounted into the proxy only, for the audit log, and one of its
+  own at /var/lib/pgwarden/recordings for the session recordings, each with a sizeLimit, so
+  recordings can never fill the audit log's volume (the evidence trail: the agent's containers
+  cannot read or rewrite either);
 - PGHOST/PGPORT on every agent container (opt out: `pgwarden.dev/inject-env: "false"`).
 """
 
@@ -40,6 +42,7 @@ PROXY_CONTAINER = "pgwarden-proxy"
 CONFIG_VOLUME = "pgwarden-proxy-config"
 TMP_VOLUME = "pgwarden-proxy-tmp"
 DATA_VOLUME = "pgwarden-proxy-data"
+RECORDINGS_VOLUME = "pgwarden-proxy-recordings"
 CONFIG_DIR = "/etc/pgwarden"
 BUNDLE_DIR = f"{CONFIG_DIR}/bundle"
 PROXY_CONFIG_FILE = f"{CONFIG_DIR}/proxy.yaml"
@@ -51,6 +54,9 @@ DATA_DIR = "/var/lib/pgwarden"
 AUDIT_FILE = f"{DATA_DIR}/audit.jsonl"
 RECORDINGS_DIR = f"{DATA_DIR}/recordings"
 LOCKOUTS_FILE = f"{DATA_DIR}/lockouts.json"  # limits.maxDenials: lifted with kubectl exec … pgwarden lockouts lift
+# the share of the recordings volume's sizeLimit the proxy fills (recording.maxTotalBytes): the
+# rest is headroom for files being written, so kubelet never evicts the pod for its recordings
+RECORDINGS_BUDGET = 0.75
 BUNDLE_KEY = "bundle.yaml"
 PROXY_CONFIG_KEY = "proxy.yaml"
 OPERATOR_CA_KEY = "operator-ca.crt"  # the approvals gateway's CA, in the bundle ConfigMap
@@ -140,6 +146,7 @@ def proxy_container(target: InjectionTarget, settings: InjectionSettings, *, nat
             {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": TMP_VOLUME, "mountPath": "/tmp"},
             {"name": DATA_VOLUME, "mountPath": DATA_DIR},
+            {"name": RECORDINGS_VOLUME, "mountPath": RECORDINGS_DIR},
         ],
     }
     if native:
@@ -176,7 +183,26 @@ def proxy_volumes(target: InjectionTarget, settings: InjectionSettings) -> list[
         {"name": TMP_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
         # on the node's disk, not memory: it would count against the proxy's memory limit
         {"name": DATA_VOLUME, "emptyDir": {"sizeLimit": settings.data_size_limit}},
+        {"name": RECORDINGS_VOLUME, "emptyDir": {"sizeLimit": settings.recordings_size_limit}},
     ]
+
+
+_QUANTITY = re.compile(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?")
+_QUANTITY_UNITS = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+                   "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity_bytes(value: str) -> int:
+    """A Kubernetes quantity of bytes (`512Mi`, `1G`, `1048576`) as an int; ValueError otherwise."""
+    m = _QUANTITY.fullmatch(value.strip())
+    if not m:
+        raise ValueError(f"{value!r} is not a byte quantity such as 512Mi")
+    return int(m.group(1)) * _QUANTITY_UNITS[m.group(2)]
+
+
+def recordings_budget(settings: InjectionSettings) -> int:
+    """recording.maxTotalBytes for the sidecar: a share of its recordings volume's sizeLimit."""
+    return int(quantity_bytes(settings.recordings_size_limit) * RECORDINGS_BUDGET)
 
 
 def proxy_version(image: str) -> str:
@@ -208,9 +234,9 @@ def _check_no_leak(spec: Mapping[str, Any], target: InjectionTarget, settings: I
                 raise InjectionError(f"container {c.get('name')!r} declares port {port['containerPort']}, "
                                      f"{taken[port['containerPort']]} (the containers of a pod share one network); "
                                      "move it, or run the agent without a local server on that port")
-    leaking = {CONFIG_VOLUME, DATA_VOLUME, TMP_VOLUME}
+    leaking = {CONFIG_VOLUME, DATA_VOLUME, TMP_VOLUME, RECORDINGS_VOLUME}
     for v in spec.get("volumes") or []:
-        if v.get("name") in (CONFIG_VOLUME, TMP_VOLUME, DATA_VOLUME):
+        if v.get("name") in (CONFIG_VOLUME, TMP_VOLUME, DATA_VOLUME, RECORDINGS_VOLUME):
             raise InjectionError(f"the pod already defines a volume named {v.get('name')!r}; rename it")
         refs = [(v.get("secret") or {}).get("secretName")]
         refs += [(s.get("secret") or {}).get("name") for s in (v.get("projected") or {}).get("sources") or []]
@@ -251,7 +277,7 @@ def check_ephemeral_containers(pod: Mapping[str, Any]) -> None:
     proxy_volume: Mapping[str, Any] = next((v for v in volumes if v.get("name") == CONFIG_VOLUME), {})
     secrets = {(s.get("secret") or {}).get("name") for s in (proxy_volume.get("projected") or {}).get("sources") or []}
     secrets.discard(None)
-    leaking = {CONFIG_VOLUME, TMP_VOLUME, DATA_VOLUME}
+    leaking = {CONFIG_VOLUME, TMP_VOLUME, DATA_VOLUME, RECORDINGS_VOLUME}
     for v in volumes:
         refs = {(v.get("secret") or {}).get("secretName")}
         refs |= {(s.get("secret") or {}).get("name") for s in (v.get("projected") or {}).get("sources") or []}

@@ -83,8 +83,13 @@ class InjectionSettings:
     audit_keep: int = 3
     # OTEL_EXPORTER_OTLP_ENDPOINT of the proxy container; "" leaves it unset
     otel_endpoint: str = ""
-    # the emptyDir holding the audit log and session recordings (evicted beyond this size)
+    # the emptyDir holding the audit log (kubelet evicts the pod beyond this size)
     data_size_limit: str = "1Gi"
+    # the session recordings' own emptyDir, so recordings can never fill the audit log's volume
+    # (every statement would then fail with PW004); the proxy keeps the recordings under
+    # RECORDINGS_BUDGET of it, removing the oldest first, so kubelet never evicts the pod for them
+    recordings_size_limit: str = "512Mi"
+    recording_max_bytes_per_session: str = "16Mi"
     # the approvals gateway the sidecars call (https://<service>.<namespace>.svc:9444); empty: the
     # sidecar calls the API server with the pod's service account (which the agent shares)
     approvals_url: str = ""

@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     au = sub.add_parser("audit", help="audit log tools").add_subparsers(dest="audit_verb", required=True)
     p = _verb(au, "verify", "pgwarden.audit.cli:verify_main", "check the audit log's hash chain")
     p.add_argument("path", help="audit log file (rotated siblings are checked too)")
+    p.add_argument("--expect-head", metavar="HASH",
+                   help="a record hash kept off the node (an earlier 'head'): fail unless it is still in the chain")
 
     p = _verb(sub, "replay", "pgwarden.audit.cli:replay_main", "play back a recorded session")
     p.add_argument("session", help="session id or recording file")

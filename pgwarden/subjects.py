@@ -4,6 +4,11 @@ An `Identity` is produced by the proxy's authentication (static user, OIDC JWT, 
 service-account token) and carried into every decision and audit record. Subject references
 (`{group: dba}`, `{user: alice}`, `{serviceAccount: agents/cursor-agent}`) appear in
 AccessPolicy.subjects, MaskingRule.exemptSubjects and approval reviewers.
+
+Names from tokens arrive namespaced by their issuer (pgwarden.identity.claims): an OIDC
+provider's `sub: alice` is `https://idp#alice` by default, so references compare plain strings
+and `{group: dba}` never matches another issuer's `groups: [dba]`. `issuer` stays on the
+identity so approvals can be bound to it as well.
 """
 
 from __future__ import annotations

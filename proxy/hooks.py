@@ -114,12 +114,13 @@ async def open_runtime(rt: Runtime, config: ProxyConfig) -> None:
         # until the path works again, and /readyz says so.
         await rt.audit.open()
     if rt.recording_config is not None:
-        from pgwarden.audit.recording import open_recorder
+        from pgwarden.audit.recording import open_recorder, open_store
 
         rcfg = rt.recording_config
+        store = open_store(rcfg)  # one per process: the folder's total cap spans all sessions
 
         def recorder(info: SessionInfo) -> Any:
-            return open_recorder(rcfg, info.id, info.audit.base("session.start"))
+            return open_recorder(rcfg, info.id, info.audit.base("session.start"), store)
 
         rt.recorder_factory = recorder
     if rt.approvals_config:

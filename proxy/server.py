@@ -34,6 +34,7 @@ from pgwarden.errors import (
     ProtocolViolation,
     UpstreamUnavailable,
 )
+from pgwarden.identity.workload import is_loopback
 from pgwarden.subjects import Identity, Workload
 
 log = logging.getLogger("pgwarden.proxy")
@@ -235,7 +236,7 @@ class ProxyServer:
                 sqlstate="3D000",
             )
         peer = _peer(ep)
-        loopback = peer.startswith(("127.", "::1", "unix"))  # the sidecar case: the agent's own pod
+        loopback = is_loopback(peer)  # the sidecar case: the agent's own pod
         tls = ep.transport is not None and ep.transport.get_extra_info("sslcontext") is not None
         rt = self.runtime
         ainfo = records.SessionInfo(
@@ -249,23 +250,26 @@ class ProxyServer:
         )
         source = peer.rsplit(":", 1)[0]
         backoff = rt.backoff if rt is not None else None
-        if backoff is not None:
-            delay = backoff.delay_for(source, time.monotonic())
-            if delay > 0:  # slow down guessing from one source, before looking at the password
-                await asyncio.sleep(delay)
+        attempt = None
         try:
+            if backoff is not None:  # a limit, not a sleep: refused before the password is looked at
+                attempt = await backoff.begin(source, params.get("user", ""))
             pod = pod_identity(ainfo.workload) if self.config.pod_identity and loopback else None
             identity = await authenticate(
                 ep, params, {u.name: u for u in self.config.users}, self.token_auth, secure_channel=tls or loopback, pod=pod
             )
         except AuthenticationFailed as e:
-            next_delay = backoff.record_failure(source, time.monotonic()) if backoff is not None else 0.0
+            next_delay = backoff.failed(attempt, time.monotonic()) if backoff is not None and attempt else 0.0
             if rt is not None and rt.audit is not None:
                 with contextlib.suppress(AgentError):  # refused either way; written before the answer
                     await rt.audit.write(records.auth_failure(ainfo, reason=e.message, method="password", delay_s=next_delay))
             raise
-        if backoff is not None:
-            backoff.reset(source)
+        else:
+            if backoff is not None and attempt is not None:
+                backoff.succeeded(attempt)
+        finally:
+            if backoff is not None and attempt is not None:
+                backoff.end(attempt)
         ainfo = ainfo.with_identity(identity)
         if rt is not None and rt.breaker is not None:
             await _refuse_if_locked_out(rt, ainfo, identity.subject)

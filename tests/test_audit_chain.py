@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pgwarden.audit.chain import GENESIS, digest, seal, verify_path
+from pgwarden.audit.chain import GENESIS, digest, rotation_marker, seal, verify_path
 from pgwarden.cli import main
 
 
@@ -90,13 +90,127 @@ def test_rotated_files_are_one_chain(tmp_path: Path, capsys: pytest.CaptureFixtu
     p = tmp_path / "audit.jsonl"
     old = write_chain(tmp_path / "audit.jsonl.1", 3)
     last_hash = json.loads(old[-1])["hash"]
-    write_chain(p, 3, start_seq=3, prev=last_hash)
+    marker, h = seal(rotation_marker("2026-11-29T00:00:00Z", rotated_files=1, keep=1), 3, last_hash)
+    p.write_bytes(marker + b"".join(write_chain(tmp_path / "tmp", 3, start_seq=4, prev=h)))
     code, out = verify(p, capsys)
-    assert code == 0 and "ok: 6 records" in out and "seq 0..5" in out
-    # the oldest file rotated away: a note, not a failure
-    (tmp_path / "audit.jsonl.1").unlink()
+    assert code == 0 and "ok: 7 records" in out and "seq 0..6" in out
+    # keep: 1 and a second rotation: audit.jsonl.1 deleted by the writer, a marker says so
+    (tmp_path / "audit.jsonl.1").rename(tmp_path / "gone")
+    p.rename(tmp_path / "audit.jsonl.1")
+    marker2, h2 = seal(rotation_marker("2026-11-29T00:00:01Z", rotated_files=1, keep=1), 7,
+                       json.loads((tmp_path / "audit.jsonl.1").read_bytes().splitlines()[-1])["hash"])
+    p.write_bytes(marker2 + b"".join(write_chain(tmp_path / "tmp", 2, start_seq=8, prev=h2)))
     code, out = verify(p, capsys)
-    assert code == 0 and "starts at seq 3" in out
+    assert code == 0 and "starts at seq 3" in out and "rotated away" in out
+
+
+def test_deleting_the_oldest_records_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "audit.jsonl"
+    lines = write_chain(p, 6)
+    p.write_bytes(b"".join(lines[2:]))  # no rotation ever happened: the head was cut
+    code, out = verify(p, capsys)
+    assert code == 1
+    assert f"{p}:1: the chain starts at seq 2 and its first record is no rotation marker" in out
+    assert "seq 0..1" in out and "deleted" in out
+
+
+def test_deleting_the_oldest_rotated_file_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "audit.jsonl"
+    old = write_chain(tmp_path / "audit.jsonl.1", 3)
+    marker, h = seal(rotation_marker("2026-11-29T00:00:00Z", rotated_files=1, keep=5), 3,
+                     json.loads(old[-1])["hash"])
+    p.write_bytes(marker + b"".join(write_chain(tmp_path / "tmp", 2, start_seq=4, prev=h)))
+    assert verify(p, capsys)[0] == 0
+    (tmp_path / "audit.jsonl.1").unlink()  # keep is 5: rotation never deleted it
+    code, out = verify(p, capsys)
+    assert code == 1 and "left 1 rotated file(s) and only 0 hold records" in out
+    # an empty stand-in file does not explain it either
+    (tmp_path / "audit.jsonl.1").write_bytes(b"")
+    code, out = verify(p, capsys)
+    assert code == 1 and "only 0 hold records" in out
+
+
+@pytest.mark.parametrize("rewrite", [
+    "unicode-escape", "duplicate-key", "reordered", "whitespace", "crlf", "trailing-blank-line",
+])
+def test_a_line_that_is_not_its_canonical_bytes_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      rewrite: str) -> None:
+    p = tmp_path / "a.jsonl"
+    lines = []
+    prev = GENESIS
+    for i, sql in enumerate(["SELECT 1", "DELETE FROM orders WHERE id = 8 OR id > 0", "SELECT 3"]):
+        line, prev = seal({"event": "statement", "sql": sql}, i, prev)
+        lines.append(line)
+    rec = json.loads(lines[1])
+    if rewrite == "unicode-escape":
+        # what a grep for "OR id" no longer finds; the parsed record is unchanged
+        lines[1] = lines[1].replace(b"OR id > 0", b"\\u004fR id \\u003e 0")
+    elif rewrite == "duplicate-key":
+        # a reader that keeps the first value sees a harmless statement; json.loads keeps the last
+        lines[1] = lines[1].replace(b'{"event"', b'{"sql":"DELETE FROM orders WHERE id = 8","event"', 1)
+    elif rewrite == "reordered":
+        moved = {"hash": rec["hash"], **{k: v for k, v in rec.items() if k != "hash"}}
+        lines[1] = json.dumps(moved, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    elif rewrite == "whitespace":
+        lines[1] = lines[1].replace(b'":"', b'": "')
+    elif rewrite == "crlf":
+        lines[1] = lines[1][:-1] + b"\r\n"
+    else:
+        lines.append(b"\n")
+    assert json.loads(lines[1]) == rec  # the parsed record (and so its hash) is what was sealed
+    p.write_bytes(b"".join(lines))
+    code, out = verify(p, capsys)
+    assert code == 1, out
+    if rewrite == "trailing-blank-line":
+        assert f"{p}:4: an empty line" in out
+    else:
+        assert f"{p}:2: record seq 1 is not byte for byte what the writer wrote" in out
+
+
+def test_a_lone_surrogate_escape_is_refused_not_a_crash(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "a.jsonl"
+    lines = write_chain(p, 2)
+    lines[1] = lines[1].replace(b"SELECT 1", b"SELECT \\ud800")
+    p.write_bytes(b"".join(lines))
+    code, out = verify(p, capsys)
+    assert code == 1 and f"{p}:2: record seq 1 was edited" in out
+
+
+def test_expect_head_anchors_the_tail(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "a.jsonl"
+    lines = write_chain(p, 6)
+    code, out = verify(p, capsys)
+    head = json.loads(lines[-1])["hash"]
+    assert code == 0 and f"head {head}" in out  # the full hash, to keep off the node
+    assert main(["audit", "verify", "--expect-head", head, str(p)]) == 0
+    capsys.readouterr()
+    # the chain grows: the kept head is still in it
+    write_chain(p, 8)
+    assert main(["audit", "verify", "--expect-head", head, str(p)]) == 0
+    assert "is seq 5" in capsys.readouterr().out
+    # the tail cut back to before the kept head: the chain alone looks intact, the anchor does not
+    p.write_bytes(b"".join(lines[:4]))
+    assert verify(p, capsys)[0] == 0
+    code = main(["audit", "verify", "--expect-head", head, str(p)])
+    out = capsys.readouterr().err
+    assert code == 1 and f"the expected head {head} is not in the chain" in out
+    # the tail rewritten and re-hashed from seq 3 on: same length, different hashes
+    prev = json.loads(lines[2])["hash"]
+    forged = lines[:3]
+    for i in range(3, 6):
+        line, prev = seal({"event": "statement", "stmt": i, "sql": "SELECT 0", "decision": {"action": "allow"}}, i, prev)
+        forged.append(line)
+    p.write_bytes(b"".join(forged))
+    assert verify(p, capsys)[0] == 0
+    assert main(["audit", "verify", "--expect-head", head, str(p)]) == 1
+    capsys.readouterr()
+
+
+def test_expect_head_wants_a_full_hash(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "a.jsonl"
+    lines = write_chain(p, 2)
+    code = main(["audit", "verify", "--expect-head", json.loads(lines[-1])["hash"][:16], str(p)])
+    assert code == 2 and "64 hex digits" in capsys.readouterr().err
 
 
 def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -87,6 +87,57 @@ def test_the_chain_verifies_and_an_edit_is_reported(audited: Any, tmp_path: Path
     assert f":{i + 1}" in bad.stderr
 
 
+def test_verify_refuses_rewritten_lines_deleted_heads_and_a_cut_tail(make_proxy: Any, tmp_path: Path) -> None:
+    """The attacks on a rotated log the proxy wrote, each caught by the real CLI."""
+    path = tmp_path / "audit.jsonl"
+    proxy = make_proxy(extra=[POLICY], proxy_spec={"audit": {"path": str(path), "rotateBytes": 4000, "keep": 2}})
+    for i in range(12):
+        proxy.psql("-c", f"SELECT count(*) FROM orders WHERE id > {i}")
+    proxy.psql("-c", "DELETE FROM orders WHERE id = 8 OR id > 0")
+    proxy.stop()
+    rotated = sorted(tmp_path.glob("audit.jsonl.*"))
+    assert [f.name for f in rotated] == ["audit.jsonl.1", "audit.jsonl.2"]  # keep: 2, more rotations than that
+    for f in [*rotated, path]:  # every file starts with the marker that explains the files before it
+        assert json.loads(f.read_bytes().splitlines()[0])["event"] == "audit.rotation"
+    ok = pgwarden("audit", "verify", str(path))
+    assert ok.returncode == 0, ok.stderr
+    assert "rotated away" in ok.stdout
+    head = ok.stdout.split("head ")[1].strip()
+    assert len(head) == 64
+    pristine = {f: f.read_bytes() for f in [*rotated, path]}
+
+    def restore() -> None:
+        for f, data in pristine.items():
+            f.write_bytes(data)
+
+    # 1. the reviewed-and-denied statement re-encoded so a grep for it finds nothing
+    data = path.read_bytes()
+    assert b"OR id > 0" in data
+    path.write_bytes(data.replace(b"OR id > 0", b"\\u004fR id \\u003e 0"))
+    bad = pgwarden("audit", "verify", str(path))
+    assert bad.returncode == 1 and "not byte for byte what the writer wrote" in bad.stderr
+    restore()
+    # 2. the oldest rotated file deleted: rotation did not do that
+    (tmp_path / "audit.jsonl.2").unlink()
+    bad = pgwarden("audit", "verify", str(path))
+    assert bad.returncode == 1 and "older files were deleted, not rotated away" in bad.stderr
+    restore()
+    # 3. the oldest records of the oldest file deleted (its marker with them)
+    old = (tmp_path / "audit.jsonl.2").read_bytes().splitlines(keepends=True)
+    (tmp_path / "audit.jsonl.2").write_bytes(b"".join(old[2:]))
+    bad = pgwarden("audit", "verify", str(path))
+    assert bad.returncode == 1 and "no rotation marker" in bad.stderr
+    restore()
+    # 4. the newest records cut off: only the head kept off the node shows it
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:-3]))
+    assert pgwarden("audit", "verify", str(path)).returncode == 0
+    bad = pgwarden("audit", "verify", "--expect-head", head, str(path))
+    assert bad.returncode == 1 and "is not in the chain" in bad.stderr
+    restore()
+    assert pgwarden("audit", "verify", "--expect-head", head, str(path)).returncode == 0
+
+
 def test_unwritable_audit_refuses_with_pw004_and_nothing_runs(make_proxy: Any, pg: Any, tmp_path: Path) -> None:
     if os.geteuid() == 0:
         # root ignores permissions: make the path a directory, which cannot be opened as a file
@@ -138,7 +189,10 @@ def token_proxy(make_proxy: Any, tmp_path: Path, signing_key: Any) -> Any:
         "audit": {"path": str(tmp_path / "audit.jsonl")},
         "identity": {"oidc": [{"issuer": ISSUER, "audience": "pgwarden", "jwksFile": str(tmp_path / "jwks.json")}]},
     }
-    return make_proxy(extra=[POLICY], proxy_spec=spec)
+    # the IdP's groups are namespaced by its URL (identity.oidc[].groupsPrefix's default)
+    policy = json.loads(json.dumps(POLICY))
+    policy["spec"]["subjects"].append({"group": f"{ISSUER}#ai-agents"})
+    return make_proxy(extra=[policy], proxy_spec=spec)
 
 
 def _token(key: Any, **over: Any) -> str:
@@ -154,7 +208,7 @@ def test_a_jwt_password_identifies_the_caller_in_the_audit(token_proxy: Any, tmp
     assert conn.run("SELECT count(*) FROM orders") == [[20]]
     conn.close()
     rec = statements(read_records(tmp_path / "audit.jsonl"))["SELECT count(*) FROM orders"]
-    assert rec["identity"]["subject"] == "ci-job-42"
+    assert rec["identity"]["subject"] == f"{ISSUER}#ci-job-42"
     assert rec["identity"]["method"] == "jwt"
     assert rec["identity"]["issuer"] == ISSUER
 

@@ -93,3 +93,19 @@ async def test_tokenreview_unreachable_api_server() -> None:
             await a.authenticate(as_jwt("sa-token"))
     finally:
         await a.close()
+
+
+async def test_an_answer_without_audiences_is_refused_when_audiences_were_asked(kmock: Any) -> None:
+    """An authenticator that ignores audiences says `authenticated: true` for a token meant for another
+    service, and no `status.audiences`: that does not make the token this proxy's."""
+    kmock["post", REVIEW_PATH] << (lambda request: {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                                                   "status": {"authenticated": True, "user": {
+                                                       "username": "system:serviceaccount:agents:ci"}}})
+    cfg = parse_identity_config({"identity": {"tokenReview": {"enabled": True, "audiences": ["pgwarden"],
+                                                               "apiUrl": str(kmock.url)}}})
+    a = TokenAuthenticator(cfg)
+    try:
+        with pytest.raises(AuthenticationFailed, match="did not confirm the token's audience"):
+            await a.authenticate(as_jwt("other-aud"))
+    finally:
+        await a.close()

@@ -88,28 +88,30 @@ async def rejected(auth: TokenAuthenticator, token: str) -> str:
 
 async def test_valid_rs256_and_es256(auth: TokenAuthenticator, rsa_key: Any, ec_key: Any) -> None:
     who = await auth.authenticate(sign(rsa_key, "r1"))
-    assert (who.subject, who.groups, who.issuer, who.method) == ("u-123", ("ai-agents", "eng"), ISSUER, "jwt")
+    # namespaced by issuer (the default prefix: the issuer URL and "#")
+    assert (who.subject, who.groups, who.issuer, who.method) == (
+        f"{ISSUER}#u-123", (f"{ISSUER}#ai-agents", f"{ISSUER}#eng"), ISSUER, "jwt")
     who = await auth.authenticate(sign(ec_key, "e1", "ES256"))
-    assert who.subject == "u-123"
+    assert who.subject == f"{ISSUER}#u-123"
 
 
 async def test_subject_and_groups_from_configured_claims(tmp_path: Path, rsa_key: Any) -> None:
     a = TokenAuthenticator(config(tmp_path, [jwk_of(rsa_key, "r1", "RS256")], subjectClaim="email",
-                                  groupsClaim="realm_access.roles"))
+                                  groupsClaim="realm_access.roles", usernamePrefix="", groupsPrefix="eng:"))
     who = await a.authenticate(sign(rsa_key, "r1", realm_access={"roles": ["dba", "privacy-officers"]}))
     assert who.subject == "alice@example.com"
-    assert who.groups == ("dba", "privacy-officers")
+    assert who.groups == ("eng:dba", "eng:privacy-officers")
 
 
 async def test_audience_list_claim_and_leeway(auth: TokenAuthenticator, rsa_key: Any) -> None:
     now = int(time.time())
     who = await auth.authenticate(sign(rsa_key, "r1", aud=["other", AUD], exp=now - 5))  # within 30s leeway
-    assert who.subject == "u-123"
+    assert who.subject == f"{ISSUER}#u-123"
 
 
 async def test_token_without_kid_uses_matching_key(auth: TokenAuthenticator, rsa_key: Any) -> None:
     token = jwt.encode(claims(), rsa_key, algorithm="RS256")
-    assert (await auth.authenticate(token)).subject == "u-123"
+    assert (await auth.authenticate(token)).subject == f"{ISSUER}#u-123"
 
 
 async def test_kubernetes_service_account_token(tmp_path: Path, rsa_key: Any) -> None:
@@ -133,6 +135,46 @@ async def test_kubernetes_service_account_token(tmp_path: Path, rsa_key: Any) ->
 
 
 # --- attacks -----------------------------------------------------------------------------------
+
+async def test_another_issuer_cannot_be_a_service_account_or_in_its_groups(tmp_path: Path, rsa_key: Any,
+                                                                         other_rsa_key: Any) -> None:
+    """Two trusted issuers: the cluster's and an IdP. The IdP's token names the cluster's service
+    account as `sub` and claims `groups: [dba, system:masters]`: it becomes neither."""
+    from pgwarden.subjects import SubjectRef
+
+    k8s_iss = "https://kubernetes.default.svc.cluster.local"
+    (tmp_path / "k8s.json").write_text(json.dumps({"keys": [jwk_of(rsa_key, "k1", "RS256")]}))
+    (tmp_path / "idp.json").write_text(json.dumps({"keys": [jwk_of(other_rsa_key, "i1", "RS256")]}))
+    a = TokenAuthenticator(parse_identity_config({"identity": {"oidc": [
+        {"issuer": k8s_iss, "audience": AUD, "jwksFile": str(tmp_path / "k8s.json")},
+        {"issuer": ISSUER, "audience": AUD, "jwksFile": str(tmp_path / "idp.json")},
+    ]}}))
+    sa_sub = "system:serviceaccount:agents:cursor-agent"
+    real = await a.authenticate(sign(rsa_key, "k1", iss=k8s_iss, sub=sa_sub, groups=None, email=None, **{
+        "kubernetes.io": {"namespace": "agents", "serviceaccount": {"name": "cursor-agent"}}}))
+    fake = await a.authenticate(sign(other_rsa_key, "i1", sub=sa_sub, groups=["dba"]))
+    assert real.subject == sa_sub and real.service_account == "agents/cursor-agent"
+    assert fake.subject == f"{ISSUER}#{sa_sub}" and fake.service_account == ""
+    assert fake.groups == (f"{ISSUER}#dba",)
+    assert not SubjectRef(service_account="agents/cursor-agent").matches(fake)
+    assert not SubjectRef(user=sa_sub).matches(fake)
+    assert not SubjectRef(group="dba").matches(fake)
+    assert SubjectRef(group=f"{ISSUER}#dba").matches(fake)  # how a policy names that IdP's group
+    # the approval bound to the account is not the other issuer's to consume
+    from pgwarden.approvals import statement_hash
+    assert statement_hash("DELETE FROM t", (), real.subject, "c", real.issuer) != \
+        statement_hash("DELETE FROM t", (), sa_sub, "c", fake.issuer)
+
+
+async def test_an_unprefixed_issuer_cannot_claim_system_names(tmp_path: Path, rsa_key: Any) -> None:
+    a = TokenAuthenticator(config(tmp_path, [jwk_of(rsa_key, "r1", "RS256")], usernamePrefix="", groupsPrefix=""))
+    assert "names under 'system:' belong to Kubernetes" in await rejected(
+        a, sign(rsa_key, "r1", sub="system:serviceaccount:agents:cursor-agent"))
+    assert "groups under 'system:' belong to Kubernetes" in await rejected(
+        a, sign(rsa_key, "r1", groups=["system:masters"]))
+    assert (await a.authenticate(sign(rsa_key, "r1"))).groups == ("ai-agents", "eng")
+
+
 
 async def test_alg_none(auth: TokenAuthenticator) -> None:
     token = f"{b64(json.dumps({'alg': 'none', 'kid': 'r1'}).encode())}.{b64(json.dumps(claims()).encode())}."
@@ -265,7 +307,7 @@ async def test_discovery_and_refresh_on_unknown_kid(idp: IdP, rsa_key: Any, othe
         # key rotation: the IdP publishes r2; after the interval the new kid is found
         idp.keys.append(jwk_of(other_rsa_key, "r2", "RS256"))
         clock.now += 31
-        assert (await a.authenticate(sign(other_rsa_key, "r2", iss=idp.issuer))).subject == "u-123"
+        assert (await a.authenticate(sign(other_rsa_key, "r2", iss=idp.issuer))).subject == f"{idp.issuer}#u-123"
         assert len(idp.hits) == 6
     finally:
         await a.close()
@@ -280,7 +322,7 @@ async def test_jwks_url_and_outage_keeps_cached_keys(idp: IdP, rsa_key: Any) -> 
         await a.authenticate(sign(rsa_key, "r1", iss=idp.issuer))
         await idp.server.close()
         clock.now += 120  # stale, and the IdP is down: cached keys still verify
-        assert (await a.authenticate(sign(rsa_key, "r1", iss=idp.issuer))).subject == "u-123"
+        assert (await a.authenticate(sign(rsa_key, "r1", iss=idp.issuer))).subject == f"{idp.issuer}#u-123"
     finally:
         await a.close()
 

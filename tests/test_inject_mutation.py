@@ -116,7 +116,7 @@ class TestVolumes:
             inj.inject_pod(p, TARGET, SETTINGS)
 
 
-    @pytest.mark.parametrize("volume", [inj.TMP_VOLUME, inj.DATA_VOLUME])
+    @pytest.mark.parametrize("volume", [inj.TMP_VOLUME, inj.DATA_VOLUME, inj.RECORDINGS_VOLUME])
     def test_refuses_agent_mounting_the_proxys_scratch_volumes(self, volume: str) -> None:
         p = pod()
         p["spec"]["containers"][0]["volumeMounts"] = [{"name": volume, "mountPath": "/x"}]
@@ -278,7 +278,8 @@ class TestEphemeralContainers:
         with pytest.raises(inj.InjectionError, match="targets pgwarden-proxy"):
             inj.check_ephemeral_containers(self.injected(targetContainerName=inj.PROXY_CONTAINER))
 
-    @pytest.mark.parametrize("volume", [inj.CONFIG_VOLUME, inj.DATA_VOLUME, inj.TMP_VOLUME, "creds-copy"])
+    @pytest.mark.parametrize("volume", [inj.CONFIG_VOLUME, inj.DATA_VOLUME, inj.TMP_VOLUME, inj.RECORDINGS_VOLUME,
+                                        "creds-copy"])
     def test_mounting_the_proxys_volumes_or_secret_is_refused(self, volume: str) -> None:
         with pytest.raises(inj.InjectionError, match="only the proxy may mount"):
             inj.check_ephemeral_containers(self.injected(volumeMounts=[{"name": volume, "mountPath": "/x"}]))

@@ -70,7 +70,9 @@ def test_the_sidecar_config_is_complete_for_a_cluster() -> None:
     assert spec["podIdentity"] is True and spec["users"] == []
     assert spec["audit"]["path"] == "/var/lib/pgwarden/audit.jsonl"
     assert spec["audit"]["stdout"] is True and spec["audit"]["otel"] is False
-    assert spec["recording"] == {"dir": "/var/lib/pgwarden/recordings"}
+    # recordings: capped per session and in total, below their own volume's sizeLimit
+    assert spec["recording"] == {"dir": "/var/lib/pgwarden/recordings", "maxBytesPerSession": "16Mi",
+                                 "maxTotalBytes": 384 * 1024**2}
     assert spec["approvals"] == {"backend": "kubernetes", "namespace": "agents"}
     # the writable folder is the proxy's own emptyDir, and the only writable mount besides /tmp
     from pgwarden.operator import injection
@@ -81,7 +83,11 @@ def test_the_sidecar_config_is_complete_for_a_cluster() -> None:
     vol = next(v for v in injection.proxy_volumes(target, SETTINGS) if v["name"] == data["name"])
     assert "emptyDir" in vol and vol["emptyDir"]["sizeLimit"]
     assert spec["audit"]["path"].startswith(data["mountPath"] + "/")
-    assert spec["recording"]["dir"].startswith(data["mountPath"] + "/")
+    # the recordings have a volume of their own: they can never fill the audit log's (PW004 for all)
+    rec = next(m for m in sidecar["volumeMounts"] if m["mountPath"] == spec["recording"]["dir"])
+    rec_vol = next(v for v in injection.proxy_volumes(target, SETTINGS) if v["name"] == rec["name"])
+    assert rec["name"] != data["name"] and rec_vol["emptyDir"]["sizeLimit"] == "512Mi"
+    assert spec["recording"]["maxTotalBytes"] < injection.quantity_bytes(rec_vol["emptyDir"]["sizeLimit"])
     # the downward-API variables podIdentity reads
     env = {e["name"]: e for e in sidecar["env"]}
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
@@ -105,6 +111,8 @@ def test_the_proxy_builds_a_server_from_the_bundle(tmp_path: Any, monkeypatch: p
     rt = server.runtime
     assert rt.audit_config.path == "/var/lib/pgwarden/audit.jsonl" and rt.audit_config.stdout is True
     assert rt.recording_config.dir == "/var/lib/pgwarden/recordings"
+    assert (rt.recording_config.max_bytes_per_session, rt.recording_config.max_total_bytes) == (
+        16 * 1024**2, 384 * 1024**2)
     # what open_runtime builds inside the pod: the service account's own API access
     sa = tmp_path / "sa"
     sa.mkdir()

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
+import pg8000.native
 import pytest
 
 from pgwarden.audit import SessionRecorder, parse_recording_config
-from pgwarden.audit.recording import open_recorder
+from pgwarden.audit.recording import RecordingStore, open_recorder, open_store
 from pgwarden.audit.replay import find_recording, load_events, render
 from pgwarden.cli import main
 from pgwarden.errors import UserError
+from pgwarden.resources import ResourceError
 
 META = {"identity": {"subject": "alice", "groups": ["ai-agents"], "method": "jwt"}, "applicationName": "cursor",
         "workload": {"namespace": "agents", "pod": "cursor-7d9f"}}
@@ -113,7 +121,7 @@ def test_unwritable_folder_disables_recording_quietly(tmp_path: Path) -> None:
     blocker.write_text("")
     rec = SessionRecorder(blocker / "rec", "s")
     rec.statement(1, "SELECT 1")
-    assert rec.row(1, ["1"])
+    assert not rec.row(1, ["1"])  # nothing to record into: the proxy stops handing rows over
     rec.complete(1, "SELECT 1")
     rec.close()
     assert rec.failed
@@ -124,3 +132,146 @@ def test_disabled_by_config(tmp_path: Path) -> None:
     rec = open_recorder(parse_recording_config({"recording": {"dir": str(tmp_path), "maxRowsPerResult": 1}}), "s")
     assert rec is not None and rec.max_rows == 1
     rec.close()
+
+
+# -- private, bounded recordings ------------------------------------------------------------------
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_recordings_are_private(tmp_path: Path) -> None:
+    d = tmp_path / "rec"
+    old_umask = os.umask(0o022)
+    try:
+        path = record_session(d)
+    finally:
+        os.umask(old_umask)
+    assert mode(d) == 0o700 and mode(path) == 0o600
+    # a folder and a file an older version left readable to everyone are made private
+    d.chmod(0o755)
+    path.chmod(0o644)
+    open_store(parse_recording_config({"recording": {"dir": str(d)}}))
+    assert mode(d) == 0o700 and mode(path) == 0o600
+
+
+def test_a_session_over_its_cap_stops_recording_with_a_marker(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rec = SessionRecorder(tmp_path, "big", META, max_session_bytes=8192)
+    for i in range(50):
+        rec.statement(i, f"DROP TABLE orders /* {'x' * 1000} */")
+        rec.error(i, {"S": "ERROR", "C": "42501", "M": "denied"})
+    assert rec.stopped == "maxBytesPerSession 8192"
+    assert not rec.row(51, ["1"])
+    rec.close("client closed")
+    path = tmp_path / "big.jsonl"
+    assert path.stat().st_size <= 8192
+    events = load_events(path)
+    assert events[-1]["k"] == "stopped" and events[-1]["reason"] == "maxBytesPerSession 8192"
+    assert main(["replay", str(path)]) == 0
+    assert "recording stopped (maxBytesPerSession 8192)" in capsys.readouterr().out
+
+
+def test_the_folder_stays_under_its_total_oldest_recordings_first(tmp_path: Path) -> None:
+    d = tmp_path / "rec"
+    d.mkdir()
+    for i in range(4):  # recordings of earlier runs, oldest first
+        (d / f"old-{i}.jsonl").write_bytes(b"x" * 20_000)
+        os.utime(d / f"old-{i}.jsonl", (1_000_000 + i, 1_000_000 + i))
+    store = RecordingStore(d, max_total_bytes=100_000)
+    store.prepare()
+    assert store.total == 80_000
+    rec = SessionRecorder(d, "new", META, max_session_bytes=60_000, store=store)
+    for i in range(40):
+        rec.statement(i, "SELECT 1 /* " + "y" * 1000 + " */")
+    rec.close()
+    left = sorted(f.name for f in d.iterdir())
+    assert "old-0.jsonl" not in left and "old-1.jsonl" not in left  # the oldest went first
+    assert "old-3.jsonl" in left and "new.jsonl" in left
+    assert sum(f.stat().st_size for f in d.iterdir()) <= 100_000
+    assert store.removed >= 2
+
+
+def test_open_sessions_are_not_removed_the_one_needing_room_stops(tmp_path: Path) -> None:
+    store = RecordingStore(tmp_path, max_total_bytes=30_000)
+    store.prepare()
+    a = SessionRecorder(tmp_path, "a", META, store=store)
+    b = SessionRecorder(tmp_path, "b", META, store=store)
+    for i in range(40):
+        a.statement(i, "SELECT 1 /* " + "a" * 1000 + " */")
+    assert a.stopped == "maxTotalBytes 30000"
+    b.statement(1, "SELECT 2")  # the other session keeps what it has, and its file
+    b.close()
+    a.close()
+    assert (tmp_path / "a.jsonl").exists() and (tmp_path / "b.jsonl").exists()
+    assert sum(f.stat().st_size for f in tmp_path.iterdir()) <= 30_000
+
+
+@pytest.mark.parametrize(("raw", "needle"), [
+    ({"maxBytesPerSession": "1Ki"}, "at least 4Ki"),
+    ({"maxBytesPerSession": "64Mi", "maxTotalBytes": "16Mi"}, "at least maxBytesPerSession"),
+    ({"maxTotal": "1Gi"}, "unknown field"),
+])
+def test_recording_caps_config(raw: dict[str, Any], needle: str) -> None:
+    cfg = parse_recording_config({"recording": {}})
+    assert (cfg.max_bytes_per_session, cfg.max_total_bytes) == (16 * 1024**2, 512 * 1024**2)
+    with pytest.raises(ResourceError, match=needle):
+        parse_recording_config({"recording": raw})
+
+
+POLICY = {
+    "apiVersion": "pgwarden.dev/v1alpha1", "kind": "AccessPolicy", "metadata": {"name": "agents"},
+    "spec": {
+        "connectionRef": {"name": "shop"},
+        "subjects": [{"group": "ai-agents"}],
+        "rules": [{"action": "allow", "operations": ["select"], "tables": ["public.orders"]}],
+        "defaultAction": "deny",
+    },
+}
+
+
+def test_a_volume_filling_session_leaves_others_working_and_the_audit_writable(make_proxy: Any, pg: Any,
+                                                                               tmp_path: Path) -> None:
+    """One agent sends many large denied statements, session after session. Its recordings stop
+    at their caps and the oldest go; the folder stays under its total; another user's statements
+    run and are recorded; every statement of both is in an intact audit log."""
+    rec_dir, audit = tmp_path / "rec", tmp_path / "audit.jsonl"
+    proxy = make_proxy(extra=[POLICY], proxy_spec={
+        "audit": {"path": str(audit)},
+        "recording": {"dir": str(rec_dir), "maxBytesPerSession": "64Ki", "maxTotalBytes": "256Ki"},
+    })
+    mark = pg.log_position()
+    filler = "z" * 16_000
+    sent = 0
+    for _ in range(12):
+        flood = pg8000.native.Connection(proxy.user, host=proxy.host, port=proxy.port, database="shop",
+                                         password=proxy.password)
+        for _ in range(10):
+            with pytest.raises(pg8000.native.DatabaseError) as e:
+                flood.run(f"DROP TABLE orders /* flood {filler} */")
+            assert e.value.args[0]["C"] == "42501"  # never PW004: the audit log stays writable
+            sent += 1
+        flood.close()
+        other = pg8000.native.Connection(proxy.user, host=proxy.host, port=proxy.port, database="shop",
+                                         password=proxy.password)
+        assert other.run("SELECT count(*) FROM orders /* other-user */") == [[20]]
+        other.close()
+    assert "flood" not in pg.log_since(mark)
+    deadline = time.monotonic() + 10  # the proxy closes each recording when it sees the session end
+    while time.monotonic() < deadline and any(b'"k":"end"' not in f.read_bytes() and b'"k":"stopped"'
+                                               not in f.read_bytes() for f in rec_dir.glob("*.jsonl")):
+        time.sleep(0.05)
+    files = list(rec_dir.glob("*.jsonl"))
+    assert sum(f.stat().st_size for f in files) <= 256 * 1024
+    assert all(f.stat().st_size <= 64 * 1024 for f in files)
+    assert mode(rec_dir) == 0o700 and all(mode(f) == 0o600 for f in files)
+    texts = [f.read_text() for f in files]
+    assert any('"reason":"maxBytesPerSession 65536"' in t for t in texts)  # a flood session, stopped
+    assert texts and "other-user" in "".join(texts)  # the newest sessions are there, the other user's too
+    proxy.stop()
+    recs = [json.loads(line) for line in audit.read_text().splitlines()]
+    stmts = [r for r in recs if r.get("event") == "statement"]
+    assert sum(1 for r in stmts if "flood" in r["sql"]) == sent
+    assert sum(1 for r in stmts if "other-user" in r["sql"]) == 12
+    ok = subprocess.run([sys.executable, "-m", "pgwarden.cli", "audit", "verify", str(audit)],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr

@@ -179,6 +179,8 @@ def build_request(spec: ApprovalSpec, name: str, namespace: str, now: float) -> 
     sa = (f"{wl.get('namespace', namespace)}/{wl['service_account']}" if wl.get("service_account")
           else who.service_account)
     requester: dict[str, Any] = {"subject": who.subject, "groups": list(who.groups)}
+    if who.issuer:
+        requester["issuer"] = who.issuer
     if pod:
         requester["pod"] = pod
     if sa:
@@ -225,7 +227,10 @@ def matches(obj: Mapping[str, Any], spec: ApprovalSpec) -> bool:
     # create a request whose `params` and `parametersHash` disagree
     if list(s.get("params") or []) != list(spec.params):
         return False
-    if (s.get("requester") or {}).get("subject") != spec.requester.subject:
+    requester = s.get("requester") or {}
+    if requester.get("subject") != spec.requester.subject:
+        return False
+    if (requester.get("issuer") or "") != spec.requester.issuer:  # the same sub from another issuer
         return False
     if (s.get("connectionRef") or {}).get("name") != spec.connection:
         return False

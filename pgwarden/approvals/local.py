@@ -413,7 +413,8 @@ class LocalApprovals:
             with self._tx() as db:
                 self._expire(db, now)
                 rows = db.execute(
-                    "SELECT id, expires_at, statement, params, requester_subject, connection, policy, decided_by "
+                    "SELECT id, expires_at, statement, params, requester_subject, requester, connection, policy, "
+                    "decided_by "
                     "FROM requests "
                     "WHERE statement_hash = ? AND state = 'approved' AND mode = 'defer' ORDER BY decided_at",
                     (h,)).fetchall()
@@ -421,6 +422,8 @@ class LocalApprovals:
                     # the hash is a lookup key; the binding is checked field by field
                     if (r["statement"], tuple(json.loads(r["params"])), r["requester_subject"], r["connection"]) != (
                             spec.statement, spec.params, spec.requester.subject, spec.connection):
+                        continue
+                    if _issuer_of(r["requester"]) != spec.requester.issuer:  # same sub, another issuer
                         continue
                     if spec.policy_id and r["policy"] and r["policy"] != spec.policy_id:
                         continue
@@ -445,3 +448,12 @@ class LocalApprovals:
     async def close(self) -> None:
         if self.notifier is not None:
             await self.notifier.close()
+
+
+def _issuer_of(requester_json: str) -> str:
+    try:
+        data = json.loads(requester_json)
+    except ValueError:
+        return "\0unreadable"  # matches no issuer
+    issuer = data.get("issuer", "") if isinstance(data, dict) else "\0unreadable"
+    return issuer if isinstance(issuer, str) else "\0unreadable"

@@ -2,7 +2,7 @@
 
 An approval is bound to exactly one statement run by exactly one requester on exactly one
 connection: `statement_hash` covers the statement text, its parameters, the requester's subject
-and the connection, so an approval for `DELETE … WHERE id = $1` with `1` never lets `2` through,
+and issuer (a token of another issuer with the same `sub` is someone else) and the connection, so an approval for `DELETE … WHERE id = $1` with `1` never lets `2` through,
 and an approval granted to one agent never lets another agent run the same text.
 
 Everything here is pure (no I/O): the backends are thin shells that store what these functions
@@ -60,7 +60,8 @@ class ApprovalSpec:
 
     @property
     def hash(self) -> str:
-        return statement_hash(self.statement, self.params, self.requester.subject, self.connection)
+        return statement_hash(self.statement, self.params, self.requester.subject, self.connection,
+                              self.requester.issuer)
 
     @property
     def params_hash(self) -> str:
@@ -123,13 +124,15 @@ def canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def statement_hash(statement: str, params: Sequence[str | None], requester_subject: str, connection: str) -> str:
+def statement_hash(statement: str, params: Sequence[str | None], requester_subject: str, connection: str,
+                   requester_issuer: str = "") -> str:
     """sha256 of the canonical JSON of everything an approval is bound to (versioned)."""
     return hashlib.sha256(canonical_json({
-        "v": 1,
+        "v": 2,
         "statement": statement,
         "params": list(params),
         "requester": requester_subject,
+        "issuer": requester_issuer,
         "connection": connection,
     })).hexdigest()
 

@@ -10,9 +10,20 @@ higher `seq`. An edit that also recomputes the record's hash breaks the next rec
 `seq` and `prev` continue across rotated files (audit.jsonl.2 -> .1 -> audit.jsonl), so the
 files together form one chain; deleting a middle file shows up as a gap.
 
+Each line must be byte-identical to what `seal` writes for the record it parses to: a line
+re-encoded (`\\u` escapes, reordered keys, whitespace, a duplicate key whose last value is the
+sealed one) is a different line even when its parsed record hashes right, and an auditor who
+reads the bytes (grep, a log pipeline) may see something else than what was hashed.
+
+Every file after the first starts with a rotation marker (`event: audit.rotation`), a chained
+record like any other that says how many rotated files existed when it was written. A chain whose
+oldest present record is neither seq 0 nor such a marker, or whose marker promises more rotated
+files than are present, lost its oldest records without a rotation to explain it.
+
 What a chain alone cannot show: the newest records cut off the end, or the whole tail rewritten
 and re-hashed by someone who can write the file. The stdout / OpenTelemetry copies (sealed lines
-with their hashes) are the outside witnesses for that.
+with their hashes) are the outside witnesses for that, and `expect_head` checks the chain against
+a head hash kept off the node.
 """
 
 from __future__ import annotations
@@ -26,6 +37,26 @@ from pathlib import Path
 from typing import Any
 
 GENESIS = "0" * 64
+ROTATION_EVENT = "audit.rotation"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def is_head_hash(value: str) -> bool:
+    """A full record hash as `verify` prints it (64 lowercase hex digits)."""
+    return bool(_HEX64.fullmatch(value))
+
+
+def rotation_marker(time: str, *, rotated_files: int, keep: int) -> dict[str, Any]:
+    """The first record of every file after the first: why the chain continues from another file.
+
+    `rotated_files` is how many rotated files (PATH.1 ...) exist right after the rotation, so the
+    verifier can tell a file that rotation deleted from one that someone deleted."""
+    return {"time": time, "event": ROTATION_EVENT, "rotatedFiles": rotated_files, "keep": keep}
+
+
+def sealed_form(record_without_hash: Mapping[str, Any], hash_: str) -> bytes:
+    """The exact line `seal` writes for a record (without its newline)."""
+    return canonical(record_without_hash)[:-1] + b',"hash":"' + hash_.encode() + b'"}'
 
 
 def canonical(record: Mapping[str, Any]) -> bytes:
@@ -44,7 +75,7 @@ def seal(record: Mapping[str, Any], seq: int, prev: str) -> tuple[bytes, str]:
     body["prev"] = prev
     data = canonical(body)
     h = hashlib.sha256(data).hexdigest()
-    return data[:-1] + b',"hash":"' + h.encode() + b'"}\n', h
+    return data[:-1] + b',"hash":"' + h.encode() + b'"}\n', h  # == sealed_form(body, h) + newline
 
 
 @dataclass(frozen=True)
@@ -107,15 +138,26 @@ def read_lines(files: Iterable[Path]) -> Iterator[tuple[Location, bytes]]:
                 yield Location(str(f), i), line
 
 
-def verify_lines(lines: Iterable[tuple[Location, bytes]]) -> Report:
-    """Check hashes and links of a sequence of sealed lines (pure: no file access)."""
+def verify_lines(lines: Iterable[tuple[Location, bytes]], *, expect_head: str | None = None,
+                 complete: bool = True) -> Report:
+    """Check bytes, hashes and links of a sequence of sealed lines (pure: no file access).
+
+    `complete`: the lines are the whole chain as found on disk (all rotated files), so a missing
+    head must be explained by a rotation marker. `expect_head`: a record hash kept elsewhere that
+    must still be in the chain."""
     report = Report()
     by_seq: dict[int, tuple[str, Location]] = {}
     max_seen: tuple[int, Location] | None = None
     pending_links: list[tuple[int, str, Location]] = []
+    files: list[str] = []                                   # files that hold records, oldest first
+    oldest: tuple[int, dict[str, Any], Location] | None = None   # the first record of the chain
+    newest_marker: dict[str, Any] | None = None
+    last_loc: Location | None = None
     for loc, raw in lines:
+        last_loc = loc
         text = raw.strip()
         if not text:
+            report.problems.append(Problem(loc, "an empty line: the writer never writes one"))
             continue
         try:
             rec = json.loads(text)
@@ -130,8 +172,18 @@ def verify_lines(lines: Iterable[tuple[Location, bytes]]) -> Report:
         report.records += 1
         stored = rec.pop("hash")
         seq, prev = rec["seq"], rec["prev"]
-        if digest(rec) != stored:
+        if digest_or_none(rec) != stored:
             report.problems.append(Problem(loc, f"record seq {seq} was edited: its content does not match its hash"))
+        elif not _is_sealed_form(raw, rec, stored):
+            report.problems.append(Problem(loc, f"record seq {seq} is not byte for byte what the writer wrote "
+                                                f"(re-encoded, reordered or duplicate keys, or whitespace): "
+                                                f"what a reader of this line sees may not be what was hashed"))
+        if not files or files[-1] != loc.file:
+            files.append(loc.file)
+            if oldest is None:
+                oldest = (seq, rec, loc)
+        if rec.get("event") == ROTATION_EVENT:
+            newest_marker = rec
         if seq in by_seq:
             report.problems.append(Problem(loc, f"seq {seq} appears twice (first at {by_seq[seq][1]}): a record "
                                                 f"was duplicated or replaced"))
@@ -144,12 +196,13 @@ def verify_lines(lines: Iterable[tuple[Location, bytes]]) -> Report:
             max_seen = (seq, loc)
         pending_links.append((seq, prev, loc))
         report.last_hash = stored
-    if not by_seq:
+    if expect_head is not None:
+        _check_expected_head(report, expect_head, by_seq, last_loc)
+    if not by_seq or oldest is None:
         return report
     first, last = min(by_seq), max(by_seq)
     report.first_seq, report.last_seq = first, last
-    if first != 0:
-        report.notes.append(f"the chain starts at seq {first}: older records were rotated away")
+    _check_head(report, oldest, newest_marker, rotated_present=len(files) - 1, complete=complete)
     for seq, prev, loc in pending_links:
         if seq == 0:
             if prev != GENESIS:
@@ -173,11 +226,62 @@ def verify_lines(lines: Iterable[tuple[Location, bytes]]) -> Report:
     return report
 
 
-def verify_path(path: str | Path) -> Report:
+def digest_or_none(record_without_hash: Mapping[str, Any]) -> str | None:
+    """`digest`, or None for a record no writer could have sealed (a lone surrogate from `\\ud800`)."""
+    try:
+        return digest(record_without_hash)
+    except UnicodeEncodeError:
+        return None
+
+
+def _is_sealed_form(raw: bytes, rec: Mapping[str, Any], stored: str) -> bool:
+    try:
+        return raw == sealed_form(rec, stored) + b"\n"
+    except UnicodeEncodeError:
+        return False
+
+
+def _check_head(report: Report, oldest: tuple[int, dict[str, Any], Location], newest_marker: dict[str, Any] | None,
+                *, rotated_present: int, complete: bool) -> None:
+    """The oldest record must be seq 0, or a rotation marker with every rotated file it promises."""
+    seq, rec, loc = oldest
+    if seq == 0:
+        return
+    if rec.get("event") != ROTATION_EVENT:
+        msg = (f"the chain starts at seq {seq} and its first record is no rotation marker: the oldest records "
+               f"(seq 0..{seq - 1}) were deleted, not rotated away")
+    else:
+        promised = newest_marker.get("rotatedFiles") if newest_marker is not None else None
+        if not isinstance(promised, int) or rotated_present >= promised:
+            report.notes.append(f"the chain starts at seq {seq}: older records were rotated away")
+            return
+        msg = (f"the chain starts at seq {seq}, but the last rotation left {promised} rotated file(s) and only "
+               f"{rotated_present} hold records: older files were deleted, not rotated away")
+    if complete:
+        report.problems.append(Problem(loc, msg))
+    else:
+        report.notes.append(f"{loc}: {msg} (only this file was checked)")
+
+
+def _check_expected_head(report: Report, expect_head: str, by_seq: Mapping[int, tuple[str, Location]],
+                         last_loc: Location | None) -> None:
+    for seq, (h, loc) in by_seq.items():
+        if h == expect_head:
+            after = max(by_seq) - seq
+            report.notes.append(f"the expected head is seq {seq} ({loc}); {after} record(s) follow it")
+            return
+    where = last_loc or Location("-", 0)
+    report.problems.append(Problem(where, f"the expected head {expect_head} is not in the chain: the records from it "
+                                          f"on were cut off or rewritten (or it was rotated away: anchor with a "
+                                          f"newer head)"))
+
+
+def verify_path(path: str | Path, *, expect_head: str | None = None) -> Report:
     files = chain_files(path)
     if not files:
         raise FileNotFoundError(path)
-    return verify_lines(read_lines(files))
+    complete = not (len(files) == 1 and _ROTATED.search(files[0].name) is not None)
+    return verify_lines(read_lines(files), expect_head=expect_head, complete=complete)
 
 
 def last_link(files: Iterable[Path]) -> tuple[int, str] | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pgwarden.audit.chain import verify_path
+from pgwarden.audit.chain import is_head_hash, verify_path
 from pgwarden.audit.replay import find_recording, load_events, recordings_dir, render
 from pgwarden.errors import UserError
 from pgwarden.textsafe import Escaper, json_dumps
@@ -13,8 +13,14 @@ from pgwarden.textsafe import Escaper, json_dumps
 
 def verify_main(args: argparse.Namespace) -> int:
     """Exit 0 if the chain is intact, 1 with one line per problem (file:line: what) if not."""
+    expect = getattr(args, "expect_head", None)
+    if expect is not None:
+        expect = expect.strip().lower()
+        if not is_head_hash(expect):
+            raise UserError("--expect-head takes a full record hash (64 hex digits), as `pgwarden audit verify` "
+                            "prints after 'head' or as the 'hash' of the newest line shipped off the node")
     try:
-        report = verify_path(args.path)
+        report = verify_path(args.path, expect_head=expect)
     except FileNotFoundError:
         raise UserError(f"no audit log at {args.path}") from None
     except OSError as e:
@@ -28,7 +34,8 @@ def verify_main(args: argparse.Namespace) -> int:
         print(safe.note(), file=sys.stderr)
     if report.ok:
         span = f"seq {report.first_seq}..{report.last_seq}" if report.records else "empty"
-        print(f"ok: {report.records} records, chain intact ({span}), head {report.last_hash[:16] or '-'}")
+        # the full head: keep it off the node and pass it back as --expect-head next time
+        print(f"ok: {report.records} records, chain intact ({span}), head {report.last_hash or '-'}")
         return 0
     print(f"FAILED: {len(report.problems)} problem(s) in {report.records} records; the audit log was "
           f"altered — keep a copy and compare with the stdout/OpenTelemetry copies", file=sys.stderr)

@@ -16,6 +16,8 @@ recording:
   dir: /var/lib/pgwarden/recordings
   maxRowsPerResult: 100
   maxBytesPerResult: 64Ki
+  maxBytesPerSession: 16Mi              # then the session stops recording (a `stopped` line says so)
+  maxTotalBytes: 512Mi                  # the folder; the oldest recordings are removed first
 ```
 """
 
@@ -57,6 +59,10 @@ class RecordingConfig:
     dir: str = f"{DEFAULT_DATA_DIR}/recordings"
     max_rows_per_result: int = 100
     max_bytes_per_result: int = 64 * 1024
+    # one session's recording stops past this (its statements still run)
+    max_bytes_per_session: int = 16 * 1024**2
+    # the whole folder: the oldest recordings are removed to stay under it
+    max_total_bytes: int = 512 * 1024**2
 
 
 def parse_size(value: Any, doc: Document, path: str) -> int:
@@ -115,15 +121,27 @@ def parse_recording_config(spec: Mapping[str, Any], doc: Document | None = None)
     """Read `spec.recording` of a ProxyConfig (missing: recordings on, defaults above)."""
     raw, doc = _section(spec, "recording", doc)
     p = "spec.recording"
-    _no_unknown(doc, raw, {"enabled", "dir", "maxRowsPerResult", "maxBytesPerResult"}, p)
+    _no_unknown(doc, raw, {"enabled", "dir", "maxRowsPerResult", "maxBytesPerResult", "maxBytesPerSession",
+                           "maxTotalBytes"}, p)
     d = RecordingConfig()
     rows = get_field(doc, raw, "maxRowsPerResult", int, f"{p}.maxRowsPerResult", d.max_rows_per_result)
     if rows < 0:
         raise doc.error(f"{p}.maxRowsPerResult", "must be 0 or more")
+
+    def size(key: str, default: int) -> int:
+        return parse_size(raw[key], doc, f"{p}.{key}") if key in raw else default
+
+    per_session = size("maxBytesPerSession", d.max_bytes_per_session)
+    total = size("maxTotalBytes", d.max_total_bytes)
+    if per_session < 4096:
+        raise doc.error(f"{p}.maxBytesPerSession", "must be at least 4Ki (room for the session's header)")
+    if total < per_session:
+        raise doc.error(f"{p}.maxTotalBytes", f"must be at least maxBytesPerSession ({per_session} bytes)")
     return RecordingConfig(
         enabled=get_field(doc, raw, "enabled", bool, f"{p}.enabled", d.enabled),
         dir=get_field(doc, raw, "dir", str, f"{p}.dir", d.dir),
         max_rows_per_result=rows,
-        max_bytes_per_result=(parse_size(raw["maxBytesPerResult"], doc, f"{p}.maxBytesPerResult")
-                              if "maxBytesPerResult" in raw else d.max_bytes_per_result),
+        max_bytes_per_result=size("maxBytesPerResult", d.max_bytes_per_result),
+        max_bytes_per_session=per_session,
+        max_total_bytes=total,
     )

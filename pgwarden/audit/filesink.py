@@ -2,7 +2,9 @@
 
 Rotation renames PATH -> PATH.1 -> PATH.2 ... and keeps `keep` rotated files. The chain's `seq`
 and `prev` continue into the new file (the writer holds them), so `pgwarden audit verify PATH`
-checks PATH.keep ... PATH.1, PATH as one chain.
+checks PATH.keep ... PATH.1, PATH as one chain. The writer starts every file after the first with
+a rotation marker that records `rotated_files()`, so the verifier can tell files that rotation
+deleted from files that someone deleted.
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ class RotatingFile:
         self._fd = fd
         self.size = size
         return last_link(chain_files(self.path))
+
+    def rotated_files(self) -> int:
+        """How many rotated files (PATH.1, PATH.2, ... without a gap) exist now."""
+        n = 0
+        while self.path.with_name(f"{self.path.name}.{n + 1}").exists():
+            n += 1
+        return n
 
     def make_room(self, n: int) -> None:
         """Rotate first if `n` more bytes would pass the size limit (a batch never spans files)."""

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pgwarden.audit.chain import GENESIS, seal
+from pgwarden.audit.chain import GENESIS, rotation_marker, seal
 from pgwarden.audit.config import AuditConfig
 from pgwarden.audit.filesink import RotatingFile
 from pgwarden.audit.records import now_iso
@@ -274,16 +274,18 @@ class AuditLog:
         if not self.file.is_open:
             with self._io_lock:
                 self._open_sync()
-        seq, prev = self._seq, self._prev
-        lines = []
-        for rec in records:
-            line, prev = seal(rec, seq, prev)
-            lines.append(line)
-            seq += 1
+        lines, seq, prev = self._seal(records)
         data = b"".join(lines)
         if self.file.size and self.file.size + len(data) > self.file.rotate_bytes:
             with self._io_lock:
                 self.file.make_room(len(data))
+        if self.file.size == 0 and self._seq > 0:
+            # a file that continues the chain starts with a marker: rotation, not deletion, explains
+            # the records before it (also after a crash between rotating and writing)
+            marker = rotation_marker(now_iso(), rotated_files=self.file.rotated_files(), keep=self.file.keep)
+            records = [marker, *records]
+            lines, seq, prev = self._seal(records)
+            data = b"".join(lines)
         start = self.file.size
         try:
             self.file.write(data)
@@ -308,6 +310,15 @@ class AuditLog:
                 sink.publish(lines, records)
             except Exception:
                 log.exception("audit sink %s failed", type(sink).__name__)
+
+    def _seal(self, records: list[dict[str, Any]]) -> tuple[list[bytes], int, str]:
+        seq, prev = self._seq, self._prev
+        lines = []
+        for rec in records:
+            line, prev = seal(rec, seq, prev)
+            lines.append(line)
+            seq += 1
+        return lines, seq, prev
 
     def _sync_dirty(self) -> None:
         with self._io_lock:

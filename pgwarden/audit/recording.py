@@ -10,12 +10,19 @@ The recorder sits on the proxy's hot path, so its methods only append to in-memo
 buffered file; rows are serialised once per result, not per row. Recording is best effort: an
 I/O error disables the recorder for the session (logged once) and never fails a statement — the
 audit log is the fail-closed record.
+
+Recordings hold what the agent saw and sent: the folder is 0700 and each file 0600. They are
+bounded, so one agent's large statements cannot fill the volume: a session past
+`maxBytesPerSession` stops recording with a `stopped` line saying why (its statements still
+run), and a `RecordingStore` keeps the folder under `maxTotalBytes` by removing the oldest closed
+recordings first; when only open sessions are left, the session that needs room stops instead.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -35,6 +42,10 @@ FIELD_NAMES = {"S": "severity", "V": "severity", "C": "code", "M": "message", "D
                "t": "table", "c": "column", "d": "dataType", "n": "constraint", "F": "file", "L": "line",
                "R": "routine"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+# room kept in every budget for the `stopped` line that says why recording stopped
+STOP_RESERVE = 512
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 
 
 def recording_name(session_id: str) -> str:
@@ -60,22 +71,31 @@ class SessionRecorder:
     """One per client session. Every method is cheap and never raises into the proxy."""
 
     def __init__(self, directory: str | Path, session_id: str, meta: Mapping[str, Any] | None = None, *,
-                 max_rows: int = 100, max_bytes: int = 64 * 1024) -> None:
+                 max_rows: int = 100, max_bytes: int = 64 * 1024, max_session_bytes: int = 0,
+                 store: RecordingStore | None = None) -> None:
         self.session_id = session_id
         self.path = Path(directory) / recording_name(session_id)
         self.max_rows = max_rows
         self.max_bytes = max_bytes
+        self.max_session_bytes = max_session_bytes  # 0: no cap
+        self.store = store
         self._t0 = time.monotonic()
         self._last_flush = self._t0
         self._results: dict[Any, _Result] = {}
         self._fh: IO[bytes] | None = None
         self.failed = False
+        self.stopped = ""  # why recording stopped early (a cap), "" while recording
+        self.written = 0
         self.statements = 0
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = self.path.open("ab", buffering=64 * 1024)
+            private_dir(self.path.parent)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), FILE_MODE)
+            os.fchmod(fd, FILE_MODE)  # an existing file keeps its mode on open: make it private too
+            self._fh = os.fdopen(fd, "ab", buffering=64 * 1024)
         except OSError as e:
             self._fail(e)
+        if self.store is not None and self._fh is not None:
+            self.store.opened(self)
         self._put({"k": "session", "format": FORMAT, "session": session_id, "started": now_iso(),
                    "meta": dict(meta or {})})
 
@@ -98,6 +118,8 @@ class SessionRecorder:
 
     def row(self, stmt_id: Any, values: Sequence[str | None]) -> bool:
         """Record one row as the agent saw it; False once this result reached its cap."""
+        if self._fh is None:  # stopped or failed: the proxy need not hand over more rows
+            return False
         r = self._result(stmt_id)
         if r.capped:
             return False
@@ -143,12 +165,17 @@ class SessionRecorder:
         if reason:
             ev["reason"] = reason
         self._put(ev)
+        self._close_file()
+
+    def _close_file(self) -> None:
         if self._fh is not None:
             try:
                 self._fh.close()
             except OSError as e:
                 self._fail(e)
             self._fh = None
+        if self.store is not None:
+            self.store.closed(self)
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -176,13 +203,45 @@ class SessionRecorder:
         if self._fh is None:
             return
         try:
-            self._fh.write(json.dumps(ev, ensure_ascii=False, separators=(",", ":"), default=str).encode() + b"\n")
+            line = json.dumps(ev, ensure_ascii=False, separators=(",", ":"), default=str).encode() + b"\n"
+            why = self._over_budget(len(line))
+            if why:
+                self._stop(why)
+                return
+            self._fh.write(line)
+            self.written += len(line)
             now = time.monotonic()
             if now - self._last_flush > FLUSH_EVERY_S:
                 self._fh.flush()
                 self._last_flush = now
         except (OSError, ValueError) as e:
             self._fail(e)
+
+    def _over_budget(self, n: int) -> str:
+        """Why `n` more bytes may not be written ("" if they may): the session's cap, then the folder's."""
+        if self.max_session_bytes and self.written + n > self.max_session_bytes - STOP_RESERVE:
+            return f"maxBytesPerSession {self.max_session_bytes}"
+        if self.store is not None and not self.store.charge(self, n):
+            return f"maxTotalBytes {self.store.max_total_bytes}"
+        return ""
+
+    def _stop(self, why: str) -> None:
+        """Past a cap: one last line says so, then nothing more is recorded (statements still run)."""
+        assert self._fh is not None
+        self.stopped = why
+        log.warning("session recording %s stopped at %d bytes (%s)", self.path, self.written, why)
+        ev = {"k": "stopped", "t": round(time.monotonic() - self._t0, 6), "reason": why,
+              "statements": self.statements}
+        line = json.dumps(ev, separators=(",", ":")).encode() + b"\n"
+        try:
+            self._fh.write(line)  # within STOP_RESERVE, kept out of every budget for this line
+            self.written += len(line)
+            if self.store is not None:
+                self.store.charge(self, len(line), force=True)
+        except (OSError, ValueError) as e:
+            self._fail(e)
+        self._results.clear()
+        self._close_file()
 
     def _fail(self, e: Exception) -> None:
         if not self.failed:
@@ -194,11 +253,104 @@ class SessionRecorder:
             except (OSError, ValueError):
                 pass
             self._fh = None
+        if self.store is not None:
+            self.store.closed(self)
 
 
-def open_recorder(config: Any, session_id: str, meta: Mapping[str, Any] | None = None) -> SessionRecorder | None:
-    """A recorder per `recording:` config (pgwarden.audit.config.RecordingConfig), None when disabled."""
+def private_dir(path: Path) -> None:
+    """The recordings folder, 0700: recordings hold what agents sent and saw."""
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, DIR_MODE)  # an existing folder (an older version made it 0755)
+
+
+class RecordingStore:
+    """One per proxy: the recordings folder kept under `max_total_bytes`, oldest recordings first.
+
+    Runs on the event loop with the recorders; the folder is listed only when a write would pass
+    the limit, and then enough is removed to get under `low_water` of it."""
+
+    def __init__(self, directory: str | Path, *, max_total_bytes: int, low_water: float = 0.9) -> None:
+        self.dir = Path(directory)
+        self.max_total_bytes = max_total_bytes
+        self.low_water = low_water
+        self.total = 0
+        self.removed = 0  # recordings removed to make room
+        self._open: dict[Path, SessionRecorder] = {}
+
+    def prepare(self) -> None:
+        """Make the folder private and count what it already holds (files from earlier runs too)."""
+        private_dir(self.dir)
+        self.total = 0
+        for f in self.dir.glob("*.jsonl"):
+            try:
+                st = f.stat()
+                if st.st_mode & 0o077:
+                    os.chmod(f, FILE_MODE)
+                self.total += st.st_size
+            except OSError:
+                continue
+
+    def opened(self, rec: SessionRecorder) -> None:
+        self._open[rec.path] = rec
+
+    def closed(self, rec: SessionRecorder) -> None:
+        self._open.pop(rec.path, None)
+
+    def charge(self, rec: SessionRecorder, n: int, *, force: bool = False) -> bool:
+        """Count `n` bytes `rec` is about to write; False when no room can be made for them."""
+        if force or self.total + n <= self.max_total_bytes - STOP_RESERVE * max(1, len(self._open)):
+            self.total += n
+            return True
+        self._make_room(n)
+        if self.total + n <= self.max_total_bytes - STOP_RESERVE * max(1, len(self._open)):
+            self.total += n
+            return True
+        return False
+
+    def _make_room(self, n: int) -> None:
+        target = int(self.max_total_bytes * self.low_water) - n
+        candidates = []
+        for f in self.dir.glob("*.jsonl"):
+            if f in self._open:
+                continue
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            candidates.append((st.st_mtime, st.st_size, f))
+        for _, size, f in sorted(candidates):  # oldest first
+            if self.total <= target:
+                break
+            try:
+                f.unlink()
+            except OSError:
+                continue
+            self.total -= size
+            self.removed += 1
+            log.info("session recording %s removed to stay under maxTotalBytes %d", f.name, self.max_total_bytes)
+
+
+def open_recorder(config: Any, session_id: str, meta: Mapping[str, Any] | None = None,
+                  store: RecordingStore | None = None) -> SessionRecorder | None:
+    """A recorder per `recording:` config (pgwarden.audit.config.RecordingConfig), None when disabled.
+
+    Pass the proxy's one `RecordingStore` (`open_store(config)`) so the folder's total is kept."""
     if not config.enabled:
         return None
     return SessionRecorder(config.dir, session_id, meta, max_rows=config.max_rows_per_result,
-                           max_bytes=config.max_bytes_per_result)
+                           max_bytes=config.max_bytes_per_result, max_session_bytes=config.max_bytes_per_session,
+                           store=store)
+
+
+def open_store(config: Any) -> RecordingStore | None:
+    """The proxy's recordings folder, prepared (private, its size counted); None when disabled.
+    An unusable folder is logged: sessions then record nothing and still run."""
+    if not config.enabled:
+        return None
+    store = RecordingStore(config.dir, max_total_bytes=config.max_total_bytes)
+    try:
+        store.prepare()
+    except OSError as e:
+        log.error("session recordings folder %s cannot be prepared: %s", config.dir, e)
+    return store

@@ -159,6 +159,10 @@ def render(events: Iterable[Mapping[str, Any]], safe: Escaper | None = None) -> 
             out.append("")
             reason = f" ({safe(ev['reason'])})" if ev.get("reason") else ""
             out.append(f"{t}  session ended{reason}: {safe(ev.get('statements', 0))} statements")
+        elif k == "stopped":
+            out.append("")
+            out.append(f"{t}  recording stopped ({safe(ev.get('reason', ''))}): the session went on, its later "
+                       f"statements are in the audit log only")
         elif k == "damaged":
             out.append(f"(line {safe(ev.get('line'))} of the recording is damaged and skipped)")
     return "\n".join(out) + "\n"

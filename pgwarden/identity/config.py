@@ -9,6 +9,8 @@ identity:
       algorithms: [RS256, ES256]        # allowlist; `none` and HMAC (HS*) are refused at load time
       subjectClaim: sub
       groupsClaim: groups               # dotted paths reach nested claims: realm_access.roles
+      usernamePrefix: "corp:"           # default: the issuer URL and "#" (https://login…/eng#alice)
+      groupsPrefix: "corp:"             # default: the same; "" only for the one issuer you mean unprefixed
       leeway: 30s
     - issuer: https://kubernetes.default.svc.cluster.local
       audience: pgwarden
@@ -63,12 +65,30 @@ class OIDCIssuerConfig:
     jwks_max_age: float = 3600.0
     # at most one refetch per this interval when a token names an unknown `kid`
     refresh_min_interval: float = 30.0
+    # None: the default (see user_prefix / group_prefix)
+    username_prefix: str | None = None
+    groups_prefix: str | None = None
 
     @property
     def is_kubernetes(self) -> bool:
         if self.kubernetes is not None:
             return self.kubernetes
         return self.issuer.startswith(KUBERNETES_ISSUER_PREFIX)
+
+    @property
+    def default_prefix(self) -> str:
+        """As Kubernetes does for OIDC usernames: the issuer URL and `#`, so that `sub` and `groups`
+        of one issuer never equal another's. A Kubernetes issuer's names (`system:serviceaccount:…`)
+        are the cluster's own: no prefix, unless set."""
+        return "" if self.is_kubernetes else f"{self.issuer}#"
+
+    @property
+    def user_prefix(self) -> str:
+        return self.default_prefix if self.username_prefix is None else self.username_prefix
+
+    @property
+    def group_prefix(self) -> str:
+        return self.default_prefix if self.groups_prefix is None else self.groups_prefix
 
 
 @dataclass(frozen=True)
@@ -120,13 +140,24 @@ def parse_issuer(doc: Document, raw: Any, path: str) -> OIDCIssuerConfig:
     if not isinstance(raw, Mapping):
         raise doc.error(path, "must be a mapping with issuer, audience and one of jwksFile, jwksUrl, discovery")
     known = {"issuer", "audience", "audiences", "jwksFile", "jwksUrl", "discovery", "algorithms", "subjectClaim",
-             "groupsClaim", "leeway", "kubernetes", "caFile", "tokenFile", "jwksMaxAge", "refreshMinInterval"}
+             "groupsClaim", "leeway", "kubernetes", "caFile", "tokenFile", "jwksMaxAge", "refreshMinInterval",
+             "usernamePrefix", "groupsPrefix"}
     for key in raw:
         if key not in known:
             raise doc.error(f"{path}.{key}", f"unknown field; expected one of {', '.join(sorted(known))}")
     issuer = get_field(doc, raw, "issuer", str, f"{path}.issuer")
     if not _url_ok(issuer):
         raise doc.error(f"{path}.issuer", "must be an https:// URL (http only for localhost)")
+    if "#" in issuer:
+        # an issuer URL has no fragment (OIDC Discovery 1.0), and `#` ends the default name prefix
+        raise doc.error(f"{path}.issuer", "must not contain '#' (issuer URLs have no fragment)")
+    prefixes = {}
+    for key in ("usernamePrefix", "groupsPrefix"):
+        if key in raw:
+            value = raw[key]
+            if not isinstance(value, str) or not value.isprintable() or len(value) > 256:
+                raise doc.error(f"{path}.{key}", "must be a printable string of at most 256 characters ('' for none)")
+            prefixes[key] = value
     aud_raw = raw.get("audience", raw.get("audiences"))
     if aud_raw is None:
         raise doc.error(f"{path}.audience", "is required: tokens must be bound to this proxy's audience")
@@ -162,7 +193,39 @@ def parse_issuer(doc: Document, raw: Any, path: str) -> OIDCIssuerConfig:
         token_file=get_field(doc, raw, "tokenFile", str, f"{path}.tokenFile", ""),
         jwks_max_age=parse_duration(raw.get("jwksMaxAge", 3600), doc, f"{path}.jwksMaxAge"),
         refresh_min_interval=parse_duration(raw.get("refreshMinInterval", 30), doc, f"{path}.refreshMinInterval"),
+        username_prefix=prefixes.get("usernamePrefix"),
+        groups_prefix=prefixes.get("groupsPrefix"),
     )
+
+
+def check_prefixes(doc: Document, issuers: tuple[OIDCIssuerConfig, ...]) -> None:
+    """Names of two issuers must never collide. Each issuer's names start with its root: the prefix,
+    and for a Kubernetes issuer `system:` after it; other issuers never yield `system:` names (they
+    are refused). Two roots collide when one starts the other (`corp:` and `corp:eu:` would let
+    `corp:`'s `sub: eu:alice` be `corp:eu:`'s alice)."""
+    for attr, key in (("user_prefix", "usernamePrefix"), ("group_prefix", "groupsPrefix")):
+        seen: list[tuple[int, str, bool]] = []
+        for i, iss in enumerate(issuers):
+            root = getattr(iss, attr) + ("system:" if iss.is_kubernetes else "")
+            for j, other, other_k8s in seen:
+                if _roots_collide(root, iss.is_kubernetes, other, other_k8s):
+                    raise doc.error(
+                        f"spec.identity.oidc[{i}].{key}",
+                        f"{getattr(iss, attr)!r} collides with the names of spec.identity.oidc[{j}]: a name from "
+                        f"one issuer could equal a name from the other; give each issuer its own {key} (the "
+                        f"default is the issuer URL and '#'; Kubernetes issuers have none by default)")
+            seen.append((i, root, iss.is_kubernetes))
+
+
+def _roots_collide(a: str, a_k8s: bool, b: str, b_k8s: bool) -> bool:
+    if not (a.startswith(b) or b.startswith(a)):
+        return False
+    # an unprefixed non-Kubernetes issuer covers every name except those under system:
+    if a == "" and not a_k8s and b.startswith("system:"):
+        return False
+    if b == "" and not b_k8s and a.startswith("system:"):
+        return False
+    return True
 
 
 def parse_token_review(doc: Document, raw: Any, path: str) -> TokenReviewConfig:
@@ -201,6 +264,7 @@ def parse_identity_config(spec: Mapping[str, Any], doc: Document | None = None) 
         if iss.issuer in seen:
             raise doc.error(f"spec.identity.oidc[{i}].issuer", f"{iss.issuer!r} is listed twice")
         seen.add(iss.issuer)
+    check_prefixes(doc, issuers)
     static = raw.get("staticUsers") or []
     if not isinstance(static, list) or not all(isinstance(u, Mapping) for u in static):
         raise doc.error("spec.identity.staticUsers", "must be a list of mappings")

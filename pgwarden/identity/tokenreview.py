@@ -47,7 +47,13 @@ def identity_from_review(status: Mapping[str, Any], audiences: tuple[str, ...]) 
         why = status.get("error") or "the API server did not authenticate it"
         raise TokenRejected(f"the Kubernetes API server rejected the token: {why}")
     granted = status.get("audiences")
-    if audiences and isinstance(granted, list) and not set(granted) & set(audiences):
+    if audiences and not isinstance(granted, list):
+        # an answer without status.audiences does not say the token is for this proxy: an
+        # authenticator that ignores audiences (a token meant for another service) answers so
+        raise TokenRejected(f"the Kubernetes API server did not confirm the token's audience (no "
+                            f"status.audiences in its TokenReview answer); this proxy needs a token for "
+                            f"{', '.join(audiences)}")
+    if audiences and not {g for g in granted if isinstance(g, str)} & set(audiences):
         raise TokenRejected(f"the token is not meant for this proxy: its audience must include one of "
                             f"{', '.join(audiences)}")
     user = status.get("user") or {}

@@ -6,6 +6,7 @@ The operator's injection sets POD_NAMESPACE, POD_NAME, POD_SERVICE_ACCOUNT and N
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 
@@ -25,3 +26,19 @@ def workload_from_env(env: Mapping[str, str] | None = None) -> Workload:
     for field_name, names in ENV_NAMES.items():
         values[field_name] = next((env[n] for n in names if env.get(n)), "")
     return Workload(**values)
+
+
+def is_loopback(peer: str) -> bool:
+    """Is the client on this host (in a sidecar: a container of this pod)? `peer` is "HOST:PORT"
+    or "unix". Decided on the parsed address, never on its spelling: a prefix test let
+    `::10.0.0.1` (an IPv4-compatible address of another host) pass for `::1`."""
+    if peer == "unix":
+        return True
+    host = peer.rsplit(":", 1)[0].strip("[]").split("%", 1)[0]
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped.is_loopback  # ::ffff:127.0.0.1 is 127.0.0.1
+    return addr.is_loopback

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", help="recordings folder (default: $PGWARDEN_RECORDINGS or ./pgwarden-data/recordings)")
     p.add_argument("--json", action="store_true")
 
-    p = _verb(sub, "mcp", "pgwarden.mcp.server:main",
+    p = _verb(sub, "mcp", "pgwarden.mcp.cli:main",
               "the gate as a Model Context Protocol server for agents (stdio, or streamable HTTP with --http)")
     p.add_argument("--config", "-c", action="append", help="the proxy's YAML file or folder: its listen address and database")
     p.add_argument("--http", metavar="HOST:PORT", help="serve streamable HTTP on this loopback address (default: stdio)")

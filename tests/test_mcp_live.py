@@ -19,12 +19,15 @@ from typing import Any
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from fix_proxy import proxy_documents
 from jwt.algorithms import RSAAlgorithm
 from mcp import Client, StdioServerParameters
 
 from pgwarden.errors import UserError
 from pgwarden.mcp.gate import GateSettings
-from pgwarden.mcp.server import build_server, parse_addr, serve_http
+from pgwarden.mcp.policyview import PolicyView
+from pgwarden.mcp.server import POLICY_URI, build_server, parse_addr, serve_http
+from pgwarden.resources import parse_documents
 
 API = "pgwarden.dev/v1alpha1"
 ISSUER = "https://login.example.test/realms/eng"
@@ -100,7 +103,7 @@ def make_token(key: Any, **over: Any) -> str:
 
 
 @pytest.fixture
-def gated(make_proxy: Any, tmp_path: Path, signing_key: Any) -> Any:
+def gated(make_proxy: Any, pg: Any, tmp_path: Path, signing_key: Any) -> Any:
     jwk = RSAAlgorithm.to_jwk(signing_key.public_key(), as_dict=True)
     jwk.update(kid="k1", alg="RS256", use="sig")
     (tmp_path / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
@@ -117,7 +120,14 @@ def gated(make_proxy: Any, tmp_path: Path, signing_key: Any) -> Any:
             "allowProxyUserDecisions": True,
         },
     }
-    return make_proxy(extra=[POLICY, MASKING], proxy_spec=spec)
+    text = proxy_documents(pg, extra=[POLICY, MASKING], proxy_spec=spec)
+    handle = make_proxy(yaml_text=text)
+    handle.view = PolicyView.from_documents(
+        parse_documents(text)
+    )  # the proxy's own YAML, as --config gives it
+    handle.config = tmp_path / "pgwarden.yaml"
+    handle.config.write_text(text)
+    return handle
 
 
 def settings(proxy: Any, token: str, **over: Any) -> GateSettings:
@@ -130,6 +140,12 @@ def settings(proxy: Any, token: str, **over: Any) -> GateSettings:
 def agent(gated: Any, signing_key: Any) -> Any:
     """An MCP client session, in-process, to a server whose gate session uses the agent's JWT."""
     return Client(build_server(settings(gated, make_token(signing_key))), raise_exceptions=True)
+
+
+@pytest.fixture
+def planner_agent(gated: Any, signing_key: Any) -> Any:
+    """The same, with the proxy's policies loaded (`pgwarden mcp --config`)."""
+    return Client(build_server(settings(gated, make_token(signing_key)), gated.view), raise_exceptions=True)
 
 
 def data(res: Any) -> dict[str, Any]:
@@ -167,6 +183,7 @@ async def test_the_tools_and_their_schemas(agent: Any) -> None:
         "list_schemas",
         "list_tables",
         "describe_table",
+        "explain",
     }
     for t in tools.values():
         assert t.input_schema["type"] == "object" and t.input_schema["additionalProperties"] is False
@@ -275,15 +292,16 @@ async def test_bypasses_of_read_only_wrappers_are_decided_as_over_psql(
 
 # -- approvals ---------------------------------------------------------------------------------
 async def test_a_reviewed_write_is_held_then_runs_once_after_approval(
-    agent: Any, pg: Any, tmp_path: Path
+    planner_agent: Any, pg: Any, tmp_path: Path
 ) -> None:
     sql = "INSERT INTO audit_scratch (payload) VALUES ('mcp-approved-1')"
     mark = pg.log_position()
-    async with agent as client:
+    async with planner_agent as client:
         held = data(await client.call_tool("execute", {"sql": sql}))
         assert held["status"] == "held_for_approval" and held["mode"] == "wait"
         request = held["request"]
         assert "wait_for_approval" in held["next_step"] and request in held["reviewer_hint"]
+        assert held["reviewers"] == ["group:dba"] and "group:dba" in held["next_step"]
         # the held statement waits on its own connection; other calls go on meanwhile
         assert data(await client.call_tool("query", {"sql": "SELECT count(*) FROM orders"}))["rows"] == [[20]]
         pending = data(
@@ -415,18 +433,17 @@ def test_http_is_served_on_loopback_only() -> None:
 async def test_stdio_subprocess_with_the_token_from_the_environment(
     gated: Any, signing_key: Any, pg: Any
 ) -> None:
+    """`pgwarden mcp --config` with the proxy's own YAML (its listen port is 0 there: --port names it)."""
     params = StdioServerParameters(
         command=sys.executable,
         args=[
             "-m",
             "pgwarden.cli",
             "mcp",
-            "--host",
-            gated.host,
+            "--config",
+            str(gated.config),
             "--port",
             str(gated.port),
-            "--database",
-            "shop",
             "--user",
             SUBJECT,
         ],
@@ -439,7 +456,87 @@ async def test_stdio_subprocess_with_the_token_from_the_environment(
             "query", {"sql": "SELECT count(*) AS n FROM orders WHERE status <> 'mcp-stdio'"}
         )
         denied = await client.call_tool("execute", {"sql": "TRUNCATE customers /* mcp-stdio-denied */"})
+        explained = await client.call_tool("explain", {"sql": "TRUNCATE customers"})
     assert "execute" in names
+    assert data(explained)["decision"] == "deny"
     assert data(res)["rows"] == [[20]]
     assert denied.is_error and denied.structured_content["sqlstate"] == "42501"
     assert statements_ran(pg, mark, "mcp-stdio-denied") == 0
+
+
+# -- with the policies (--config) ---------------------------------------------------------------
+async def test_explain_gives_the_decision_without_running_the_statement(
+    planner_agent: Any, agent: Any, pg: Any
+) -> None:
+    mark = pg.log_position()
+    async with planner_agent as client:
+        review = data(
+            await client.call_tool(
+                "explain", {"sql": "DELETE FROM audit_scratch WHERE payload = 'mcp-explain-1'"}
+            )
+        )
+        deny = data(
+            await client.call_tool(
+                "explain", {"sql": "UPDATE customers SET notes = 'mcp-explain-2' WHERE id = 1"}
+            )
+        )
+        allow = data(
+            await client.call_tool(
+                "explain", {"sql": "SELECT count(*) FROM orders WHERE status = 'mcp-explain-3'"}
+            )
+        )
+    assert review["decision"] == "review" and "scratch-changes" in review["rule"]
+    assert review["approval"]["reviewers"] == ["group:dba"]
+    assert deny["decision"] == "deny" and deny["sqlstate"] == "42501"
+    assert allow["decision"] == "allow" and "read-shop" in allow["rule"]
+    assert review["identity"]["subject"] == SUBJECT and review["identity"]["method"] == "jwt"
+    assert "Advisory" in review["note"]
+    assert "mcp-explain" not in pg.log_since(mark)
+    async with agent as client:  # started without --config: explain says what is missing
+        res = await client.call_tool("explain", {"sql": "SELECT 1"})
+    assert res.is_error and res.structured_content["kind"] == "no_policies"
+
+
+async def test_a_table_without_access_is_not_listed_and_masked_columns_are_marked(planner_agent: Any) -> None:
+    async with planner_agent as client:
+        tables = data(await client.call_tool("list_tables", {"schema": "public"}))
+        customers = data(await client.call_tool("describe_table", {"table": "customers"}))
+        hidden = await client.call_tool("describe_table", {"table": "customer_contacts"})
+    by_name = {t["name"]: t for t in tables["tables"]}
+    assert set(by_name) == {"customers", "orders", "audit_scratch"}  # customer_contacts: no rule names it
+    assert "1 tables or views you have no access to are not listed." in tables["notes"]
+    assert by_name["orders"]["access"] == {
+        "select": "allow",
+        "insert": "deny",
+        "update": "deny",
+        "delete": "deny",
+    }
+    assert by_name["audit_scratch"]["access"]["insert"] == "review"
+    masked = {c["column"]: c["masked"] for c in customers["columns"]}
+    assert masked == {
+        "id": False,
+        "name": False,
+        "email": "email",
+        "ssn": "redact",
+        "card_number": "last4",
+        "phone": False,
+        "notes": False,
+        "created_at": False,
+    }
+    assert hidden.is_error and hidden.structured_content["status"] == "not_found"
+
+
+async def test_the_policy_resource_says_what_the_agent_may_do(planner_agent: Any, agent: Any) -> None:
+    async with planner_agent as client:
+        listed = [str(r.uri) for r in (await client.list_resources()).resources]
+        body = json.loads((await client.read_resource(POLICY_URI)).contents[0].text)
+    assert listed == [POLICY_URI]
+    assert body["identity"]["subject"] == SUBJECT and body["connection"] == "shop"
+    (policy,) = body["policies"]
+    assert policy["policy"] == "default/mcp-agents" and policy["defaultAction"] == "deny"
+    assert [r["rule"] for r in policy["rules"]] == ["read-shop", "scratch-changes", "scratch-ids"]
+    assert policy["approval"]["reviewers"] == ["group:dba"]
+    assert {"table": "public.customers", "column": "ssn", "strategy": "redact"} in body["maskedColumns"]
+    async with agent as client:
+        bare = json.loads((await client.read_resource(POLICY_URI)).contents[0].text)
+    assert bare["status"] == "unavailable"

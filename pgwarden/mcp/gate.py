@@ -19,11 +19,12 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pg8000.native
 from pg8000.exceptions import DatabaseError, InterfaceError
 
+from pgwarden.errors import AgentError
 from pgwarden.mcp.outcomes import (
     Held,
     Refusal,
@@ -32,6 +33,9 @@ from pgwarden.mcp.outcomes import (
     held_from_notice,
     refusal_from_fields,
 )
+
+if TYPE_CHECKING:
+    from pgwarden.mcp.policyview import Planner, PolicyView
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +154,10 @@ class Deferred:
 class GateSession:
     """One agent's session to the gate. Statements run one at a time, in order."""
 
-    def __init__(self, settings: GateSettings) -> None:
+    def __init__(self, settings: GateSettings, view: PolicyView | None = None) -> None:
         self.settings = settings
+        self.view = view
+        self._planner: Planner | None = None
         self._conn: Any = None
         self._lock = asyncio.Lock()
         self._parked: dict[str, _Parked] = {}
@@ -187,19 +193,47 @@ class GateSession:
             self._close(self._conn)
             self._conn = None
 
+    async def _ensure_connected(self) -> Refusal | None:
+        """Connect if needed (the caller holds the lock); a refusal if the proxy said no."""
+        if self._conn is not None:
+            return None
+        try:
+            self._conn = await asyncio.to_thread(self._connect)
+        except DatabaseError as e:
+            refusal = refusal_from_fields(_fields(e))
+            return refusal if isinstance(refusal, Refusal) else None
+        except (OSError, InterfaceError) as e:
+            s = self.settings
+            return connection_failure(f"cannot reach the pgwarden proxy at {s.host}:{s.port}", e)
+        return None
+
+    async def planner(self) -> Planner | Refusal | None:
+        """The policy view for this agent (None without --config policies). Resolved once the
+        proxy has accepted the credential, with the proxy's own identity code."""
+        if self.view is None:
+            return None
+        if self._planner is not None:
+            return self._planner
+        async with self._lock:
+            failed = await self._ensure_connected()
+            if failed is not None:
+                return failed
+            version = str(self._conn.parameter_statuses.get("server_version", "0"))
+        try:
+            identity = await self.view.identity(self.settings.user, self.settings.credential())
+        except AgentError as e:
+            return refusal_from_fields({"C": e.sqlstate, "M": e.message, "H": e.hint})  # type: ignore[return-value]
+        major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else 0
+        self._planner = self.view.planner(identity, major)
+        return self._planner
+
     # -- statements ----------------------------------------------------------------------------
     async def run(self, sql: str) -> Outcome:
         """Send `sql` to the gate; the answer: rows, a refusal, or a statement held for approval."""
         async with self._lock:
-            if self._conn is None:
-                try:
-                    self._conn = await asyncio.to_thread(self._connect)
-                except DatabaseError as e:
-                    return refusal_from_fields(_fields(e))
-                except (OSError, InterfaceError) as e:
-                    return connection_failure(
-                        f"cannot reach the pgwarden proxy at {self.settings.host}:{self.settings.port}", e
-                    )
+            failed = await self._ensure_connected()
+            if failed is not None:
+                return failed
             conn = self._conn
             conn.notices.clear()
             task: asyncio.Future[Outcome] = asyncio.ensure_future(asyncio.to_thread(self._execute, conn, sql))

@@ -121,17 +121,19 @@ class Held:
     mode: Literal["wait", "defer"]
     message: str
     hint: str = ""
+    reviewers: tuple[str, ...] = ()  # from the policy, when the server has it (--config)
 
     def as_dict(self) -> dict[str, Any]:
+        ask = f"Ask a reviewer ({', '.join(self.reviewers)})" if self.reviewers else "Ask a reviewer"
         if self.mode == "wait":
             step = (
-                f"The statement is held, not failed. Ask a reviewer to approve request {self.request}, "
+                f"The statement is held, not failed. {ask} to approve request {self.request}, "
                 f"then call wait_for_approval with request={self.request!r} to get its result. "
                 "Do not send the statement again: that would create a second request."
             )
         else:
             step = (
-                f"The statement did not run. Ask a reviewer to approve request {self.request}; once they "
+                f"The statement did not run. {ask} to approve request {self.request}; once they "
                 "have, call the same tool again with the identical statement: it then runs once."
             )
         d: dict[str, Any] = {
@@ -140,6 +142,8 @@ class Held:
             "mode": self.mode,
             "message": self.message,
         }
+        if self.reviewers:
+            d["reviewers"] = list(self.reviewers)
         if self.hint:
             d["reviewer_hint"] = self.hint
         d["next_step"] = step

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,10 +19,15 @@ from typing import Any
 import mcp_types as types
 from mcp.server import Server
 from mcp.server.context import ServerRequestContext
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_PARAMS
 
 from pgwarden.errors import UserError
 from pgwarden.mcp import tools
 from pgwarden.mcp.gate import GateSession, GateSettings
+from pgwarden.mcp.outcomes import Refusal
+from pgwarden.mcp.policyview import PolicyView
+from pgwarden.resources import Document, ResourceError, load_documents, of_kind
 
 
 def _version() -> str:
@@ -42,13 +48,16 @@ INSTRUCTIONS = (
 )
 
 
-def build_server(settings: GateSettings) -> Server[dict[str, Any]]:
+POLICY_URI = "pgwarden://policy"
+
+
+def build_server(settings: GateSettings, view: PolicyView | None = None) -> Server[dict[str, Any]]:
     """The MCP server; each lifespan (one stdio connection, or the HTTP server's life) has its own
     session to the gate."""
 
     @asynccontextmanager
     async def lifespan(_: Server[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
-        gate = GateSession(settings)
+        gate = GateSession(settings, view)
         try:
             yield {"gate": gate}
         finally:
@@ -62,6 +71,42 @@ def build_server(settings: GateSettings) -> Server[dict[str, Any]]:
     ) -> types.CallToolResult:
         return await tools.call(ctx.lifespan_context["gate"], params.name, params.arguments)
 
+    async def list_resources(
+        ctx: ServerRequestContext[dict[str, Any]], params: Any
+    ) -> types.ListResourcesResult:
+        policy = types.Resource(
+            uri=POLICY_URI,
+            name="policy",
+            title="What this agent may do here",
+            description="The access rules, approval settings, limits and masked columns that apply to this "
+            "agent's identity, as JSON: read it to plan instead of probing.",
+            mime_type="application/json",
+        )
+        return types.ListResourcesResult(resources=[policy])
+
+    async def read_resource(
+        ctx: ServerRequestContext[dict[str, Any]], params: types.ReadResourceRequestParams
+    ) -> types.ReadResourceResult:
+        if str(params.uri) != POLICY_URI:
+            raise MCPError(
+                INVALID_PARAMS, f"no resource {str(params.uri)[:200]!r}; this server has {POLICY_URI}"
+            )
+        planner = await ctx.lifespan_context["gate"].planner()
+        if planner is None:
+            body: dict[str, Any] = {
+                "status": "unavailable",
+                "message": "this server was started without the access policies (--config); every statement "
+                "is still decided by the gate",
+            }
+        elif isinstance(planner, Refusal):
+            body = planner.as_dict()
+        else:
+            body = planner.summary()
+        text = json.dumps(body, ensure_ascii=False, indent=2)
+        return types.ReadResourceResult(
+            contents=[types.TextResourceContents(uri=POLICY_URI, mime_type="application/json", text=text)]
+        )
+
     return Server(
         "pgwarden",
         version=_version(),
@@ -70,18 +115,14 @@ def build_server(settings: GateSettings) -> Server[dict[str, Any]]:
         lifespan=lifespan,
         on_list_tools=list_tools,
         on_call_tool=call_tool,
+        on_list_resources=list_resources,
+        on_read_resource=read_resource,
     )
 
 
 # -- settings from the command line ------------------------------------------------------------
-def _from_config(paths: list[str]) -> dict[str, Any]:
+def _from_config(docs: list[Document]) -> dict[str, Any]:
     """The proxy's listen address and database from the same YAML documents the proxy runs with."""
-    from pgwarden.resources import ResourceError, load_documents, of_kind
-
-    try:
-        docs = load_documents(paths)
-    except ResourceError as e:
-        raise UserError(str(e)) from e
     found: dict[str, Any] = {}
     proxies = of_kind(docs, "ProxyConfig")
     if proxies:
@@ -111,8 +152,18 @@ def credential_source(token_file: str | None, token_env: str) -> Any:
     return read
 
 
-def settings_from_args(args: argparse.Namespace) -> GateSettings:
-    found = _from_config(args.config) if args.config else {}
+def load_config(paths: list[str] | None) -> tuple[list[Document], PolicyView | None]:
+    if not paths:
+        return [], None
+    try:
+        docs = load_documents(paths)
+        return docs, PolicyView.from_documents(docs)
+    except ResourceError as e:
+        raise UserError(str(e)) from e
+
+
+def settings_from_args(args: argparse.Namespace, docs: list[Document]) -> GateSettings:
+    found = _from_config(docs)
     host = args.host or found.get("host") or os.environ.get("PGHOST") or "127.0.0.1"
     port = args.port or found.get("port") or int(os.environ.get("PGPORT", "5432"))
     database = args.database or found.get("database") or os.environ.get("PGDATABASE")
@@ -165,8 +216,9 @@ async def serve_http(server: Server[dict[str, Any]], host: str, port: int, *, re
 def main(args: argparse.Namespace) -> int:
     import anyio
 
-    settings = settings_from_args(args)
-    server = build_server(settings)
+    docs, view = load_config(args.config)
+    settings = settings_from_args(args, docs)
+    server = build_server(settings, view)
     if args.http:
         host, port = parse_addr(args.http)
         anyio.run(serve_http, server, host, port)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import mcp_types as types
@@ -17,6 +17,7 @@ from jsonschema import Draft202012Validator
 
 from pgwarden.mcp.gate import GateSession
 from pgwarden.mcp.outcomes import Held, Refusal, Rows
+from pgwarden.mcp.policyview import Planner
 
 MAX_SQL_CHARS = 65536
 MAX_WAIT_SECONDS = 300
@@ -137,7 +138,9 @@ TOOLS: tuple[ToolSpec, ...] = (
         "list_tables",
         "List tables and views",
         "List the tables, views and materialized views of one schema (default: every non-system schema), read "
-        "from the catalog through the gate. Listing a table does not mean the policy lets you read it.",
+        "from the catalog through the gate. With the policies loaded (--config) each entry has access: the policy's "
+        "decision (allow, review, deny) for select, insert, update and delete, and tables with no access at all "
+        "are left out.",
         _object({"schema": {**_NAME, "description": "Schema name, e.g. public."}}, []),
         types.ToolAnnotations(
             title="List tables and views", read_only_hint=True, idempotent_hint=True, open_world_hint=False
@@ -147,7 +150,8 @@ TOOLS: tuple[ToolSpec, ...] = (
         "describe_table",
         "Describe a table's columns",
         "Describe one table or view: its columns with type, nullability and default, and its primary key, read "
-        "from the catalog through the gate.",
+        "from the catalog through the gate. With the policies loaded (--config), columns whose values come back "
+        "masked say so (masked: the strategy) and access gives the policy's decision per operation.",
         _object(
             {
                 "table": {**_NAME, "description": "Table or view name, without schema."},
@@ -157,6 +161,21 @@ TOOLS: tuple[ToolSpec, ...] = (
         ),
         types.ToolAnnotations(
             title="Describe a table's columns",
+            read_only_hint=True,
+            idempotent_hint=True,
+            open_world_hint=False,
+        ),
+    ),
+    ToolSpec(
+        "explain",
+        "Explain the policy's decision for a statement",
+        "Ask what the access policy would decide for a SQL statement, without running it: decision allow, deny "
+        "or review, the rule that decided, each table access with its own decision, and for review who approves. "
+        "Use it to plan a change before sending it. Advisory: the gate decides again when the statement runs. "
+        "Needs the server to be started with the policies (--config).",
+        _object({"sql": _SQL}, ["sql"]),
+        types.ToolAnnotations(
+            title="Explain the policy's decision",
             read_only_hint=True,
             idempotent_hint=True,
             open_world_hint=False,
@@ -242,8 +261,35 @@ def describe_sql(schema: str, table: str) -> str:
 Handler = Callable[[GateSession, dict[str, Any]], Awaitable[types.CallToolResult]]
 
 
+def _no_policies() -> types.CallToolResult:
+    return result(
+        {
+            "status": "error",
+            "kind": "no_policies",
+            "message": "this server was started without the access policies",
+            "next_step": "Explaining needs the policies: a person starts pgwarden mcp with --config and the "
+            "proxy's YAML. Meanwhile, send the statement and read the gate's answer.",
+        },
+        error=True,
+    )
+
+
 async def _query(gate: GateSession, args: dict[str, Any]) -> types.CallToolResult:
-    return outcome_result(await gate.run(args["sql"]), gate.settings.max_rows)
+    outcome = await gate.run(args["sql"])
+    if isinstance(outcome, Held):
+        planner = await gate.planner()
+        if isinstance(planner, Planner):
+            outcome = replace(outcome, reviewers=tuple(planner.reviewers(args["sql"])))
+    return outcome_result(outcome, gate.settings.max_rows)
+
+
+async def _explain(gate: GateSession, args: dict[str, Any]) -> types.CallToolResult:
+    planner = await gate.planner()
+    if planner is None:
+        return _no_policies()
+    if isinstance(planner, Refusal):
+        return result(planner.as_dict(), error=True)
+    return result(planner.explain(args["sql"]))
 
 
 async def _wait(gate: GateSession, args: dict[str, Any]) -> types.CallToolResult:
@@ -251,45 +297,76 @@ async def _wait(gate: GateSession, args: dict[str, Any]) -> types.CallToolResult
     return result(data, error=data.get("status") in ("refused", "error", "unknown_request"))
 
 
-async def _catalog(gate: GateSession, sql: str, key: str) -> types.CallToolResult:
+async def _catalog(gate: GateSession, sql: str) -> Rows | types.CallToolResult:
     outcome = await gate.run(sql)
     if not isinstance(outcome, Rows):
         return outcome_result(outcome, gate.settings.max_rows)
-    names = [c["name"] for c in outcome.columns]
-    items = [dict(zip(names, row, strict=False)) for row in outcome.rows]
-    data: dict[str, Any] = {"status": "ok", key: items}
-    if outcome.truncated:
-        data["notes"] = [
-            f"Only the first {gate.settings.max_rows} entries are listed; name a schema to narrow."
-        ]
-    return result(data)
+    return outcome
+
+
+def _items(rows: Rows) -> list[dict[str, Any]]:
+    names = [c["name"] for c in rows.columns]
+    return [dict(zip(names, row, strict=False)) for row in rows.rows]
 
 
 async def _list_schemas(gate: GateSession, args: dict[str, Any]) -> types.CallToolResult:
-    return await _catalog(gate, SCHEMAS_SQL, "schemas")
+    rows = await _catalog(gate, SCHEMAS_SQL)
+    if not isinstance(rows, Rows):
+        return rows
+    return result({"status": "ok", "schemas": _items(rows)})
 
 
 async def _list_tables(gate: GateSession, args: dict[str, Any]) -> types.CallToolResult:
-    return await _catalog(gate, tables_sql(args.get("schema")), "tables")
+    rows = await _catalog(gate, tables_sql(args.get("schema")))
+    if not isinstance(rows, Rows):
+        return rows
+    tables = _items(rows)
+    data: dict[str, Any] = {"status": "ok"}
+    notes = []
+    if rows.truncated:
+        notes.append(f"Only the first {gate.settings.max_rows} entries are listed; name a schema to narrow.")
+    planner = await gate.planner()
+    if isinstance(planner, Planner):
+        shown = []
+        for t in tables:
+            t["access"] = planner.table_access(t["schema"], t["name"])
+            if set(t["access"].values()) != {"deny"}:
+                shown.append(t)
+        if len(shown) < len(tables):
+            notes.append(f"{len(tables) - len(shown)} tables or views you have no access to are not listed.")
+        tables = shown
+    data["tables"] = tables
+    if notes:
+        data["notes"] = notes
+    return result(data)
 
 
 async def _describe(gate: GateSession, args: dict[str, Any]) -> types.CallToolResult:
     schema, table = args.get("schema", "public"), args["table"]
-    answer = await _catalog(gate, describe_sql(schema, table), "columns")
-    data = answer.structured_content or {}
-    if data.get("status") == "ok" and not data.get("columns"):
+    rows = await _catalog(gate, describe_sql(schema, table))
+    if not isinstance(rows, Rows):
+        return rows
+    columns = _items(rows)
+    planner = await gate.planner()
+    access = planner.table_access(schema, table) if isinstance(planner, Planner) else None
+    if not columns or access is not None and set(access.values()) == {"deny"}:
+        # a table the policy gives no access to is described as missing, as list_tables leaves it out
         return result(
             {
                 "status": "not_found",
                 "schema": schema,
                 "table": table,
-                "next_step": "No such table or view (or no visible columns). Call list_tables to see the names.",
+                "next_step": "No such table or view that you have access to. Call list_tables to see the names.",
             },
             error=True,
         )
-    if data.get("status") == "ok":
-        return result({"status": "ok", "schema": schema, "table": table, "columns": data["columns"]})
-    return answer
+    data: dict[str, Any] = {"status": "ok", "schema": schema, "table": table, "columns": columns}
+    if isinstance(planner, Planner):
+        masked = planner.masked_columns(schema, table)
+        for c in columns:
+            c["masked"] = masked.get(c["column"], False)
+        data["access"] = access
+    return result(data)
 
 
 HANDLERS: dict[str, Handler] = {
@@ -299,6 +376,7 @@ HANDLERS: dict[str, Handler] = {
     "list_schemas": _list_schemas,
     "list_tables": _list_tables,
     "describe_table": _describe,
+    "explain": _explain,
 }
 
 

@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -399,6 +401,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def post_with_host(port: int, host: str) -> int:
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).encode()
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/mcp",
+        data=body,
+        method="POST",
+        headers={
+            "Host": host,
+            "Content-Type": "application/json",
+            "Accept": "application/json, text/event-stream",
+        },
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
 async def test_streamable_http_answers_on_loopback(gated: Any, signing_key: Any, pg: Any) -> None:
     port = free_port()
     servers: list[Any] = []
@@ -410,6 +431,7 @@ async def test_streamable_http_answers_on_loopback(gated: Any, signing_key: Any,
     try:
         while not (servers and servers[0].started):
             await asyncio.sleep(0.05)
+        rebound = await asyncio.to_thread(post_with_host, port, "attacker.example:80")
         async with Client(f"http://127.0.0.1:{port}/mcp") as client:
             names = {t.name for t in (await client.list_tools()).tools}
             res = await client.call_tool("query", {"sql": "SELECT ssn FROM customers ORDER BY id"})
@@ -417,6 +439,7 @@ async def test_streamable_http_answers_on_loopback(gated: Any, signing_key: Any,
         servers[0].should_exit = True
         await asyncio.wait_for(task, 10)
     assert "query" in names
+    assert rebound in (403, 421)  # a DNS-rebound page's Host is refused
     assert len(data(res)["rows"]) == 5
     for ssn in SSNS:
         assert ssn not in every_byte(res)
@@ -540,3 +563,17 @@ async def test_the_policy_resource_says_what_the_agent_may_do(planner_agent: Any
     async with agent as client:
         bare = json.loads((await client.read_resource(POLICY_URI)).contents[0].text)
     assert bare["status"] == "unavailable"
+
+
+async def test_ending_the_session_withdraws_a_held_request(agent: Any, pg: Any, tmp_path: Path) -> None:
+    mark = pg.log_position()
+    async with agent as client:
+        held = data(
+            await client.call_tool(
+                "execute", {"sql": "DELETE FROM audit_scratch WHERE payload = 'mcp-withdrawn'"}
+            )
+        )
+    requests = json.loads((await asyncio.to_thread(approvals, tmp_path, "list", "--all", "--json")).stdout)
+    (request,) = [r for r in requests if r["id"] == held["request"]]
+    assert request["state"] == "withdrawn"
+    assert statements_ran(pg, mark, "mcp-withdrawn") == 0

@@ -16,6 +16,8 @@ import asyncio
 import contextlib
 import logging
 import math
+import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Outcome = Rows | Refusal | Held
+
+_CANCEL_REQUEST_CODE = 80877102
 
 # type OIDs whose text form becomes a JSON number or boolean; everything else stays text, exactly
 # as the proxy sent it (a masked value is text even in a numeric column)
@@ -186,12 +190,27 @@ class GateSession:
             conn.close()
 
     async def close(self) -> None:
+        """End the session. A statement still held for a reviewer is cancelled, which withdraws its
+        request (closing the connection alone would leave the request pending until it expires)."""
         for parked in list(self._parked.values()):
-            self._close(parked.conn)  # the proxy withdraws a held request when its client goes away
+            if not parked.task.done():
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self._cancel, parked.conn)
+                    await asyncio.wait_for(asyncio.shield(parked.task), 5)
+            self._close(parked.conn)
         self._parked.clear()
         if self._conn is not None:
             self._close(self._conn)
             self._conn = None
+
+    def _cancel(self, conn: Any) -> None:
+        """A CancelRequest for `conn`, as psql sends on Ctrl-C, on a connection of its own."""
+        key = getattr(conn, "_backend_key_data", None)
+        if not key:
+            return
+        with socket.create_connection((self.settings.host, self.settings.port), timeout=5) as sock:
+            sock.sendall(struct.pack("!ii", 8 + len(key), _CANCEL_REQUEST_CODE) + key)
+            sock.recv(1)  # the proxy closes the connection once it has the request
 
     async def _ensure_connected(self) -> Refusal | None:
         """Connect if needed (the caller holds the lock); a refusal if the proxy said no."""

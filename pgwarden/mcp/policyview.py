@@ -11,7 +11,7 @@ statement again when it runs.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pgwarden.errors import AgentError
@@ -43,6 +43,19 @@ def probe_sql(operation: str, schema: str, table: str) -> str:
     }[operation]
 
 
+def _masking_without_key(docs: list[Document]) -> MaskingSet:
+    """The MaskingRules' columns and exemptions. The hash key is the proxy's secret and never needed
+    here (the proxy masks), so a placeholder stands in for hashKeyEnv / hashKeyFile."""
+    placeholder = {"PGWARDEN_MCP_NO_HASH_KEY": "0" * 32}
+    stripped = []
+    for d in docs:
+        if d.kind == "MaskingRule":
+            spec = {k: v for k, v in d.spec.items() if k not in ("hashKeyEnv", "hashKeyFile")}
+            d = replace(d, spec={**spec, "hashKeyEnv": "PGWARDEN_MCP_NO_HASH_KEY"})
+        stripped.append(d)
+    return load_masking(stripped, placeholder)
+
+
 @dataclass(frozen=True)
 class PolicyView:
     """The policies and masking rules of one connection, and how the proxy identifies callers."""
@@ -62,7 +75,7 @@ class PolicyView:
         policies = load_policies(docs)
         names = [d.name for d in of_kind(docs, "DatabaseConnection")] or list(policies.connections)
         connection = ref or (names[0] if len(names) == 1 else "")
-        return cls(policies, load_masking(docs), connection, spec)
+        return cls(policies, _masking_without_key(docs), connection, spec)
 
     async def identity(self, user: str, credential: str | None) -> Identity:
         """The identity the proxy gives this credential, by the proxy's own rules (proxy.auth)."""

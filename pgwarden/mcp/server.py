@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import logging
 import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,6 +30,9 @@ from pgwarden.mcp.gate import GateSession, GateSettings
 from pgwarden.mcp.outcomes import Refusal
 from pgwarden.mcp.policyview import PolicyView
 from pgwarden.resources import Document, ResourceError, load_documents, of_kind
+from pgwarden.textsafe import escape
+
+log = logging.getLogger(__name__)
 
 
 def _version() -> str:
@@ -69,7 +74,16 @@ def build_server(settings: GateSettings, view: PolicyView | None = None) -> Serv
     async def call_tool(
         ctx: ServerRequestContext[dict[str, Any]], params: types.CallToolRequestParams
     ) -> types.CallToolResult:
-        return await tools.call(ctx.lifespan_context["gate"], params.name, params.arguments)
+        res = await tools.call(ctx.lifespan_context["gate"], params.name, params.arguments)
+        body = res.structured_content or {}
+        # one line per call on stderr (the MCP client's log): the audit log has the statements it ran
+        log.info(
+            "tool %s: %s%s",
+            escape(params.name[:100]),
+            body.get("status", "?"),
+            f" ({body['sqlstate']})" if body.get("sqlstate") else "",
+        )
+        return res
 
     async def list_resources(
         ctx: ServerRequestContext[dict[str, Any]], params: Any
@@ -204,8 +218,16 @@ def parse_addr(addr: str) -> tuple[str, int]:
 
 async def serve_http(server: Server[dict[str, Any]], host: str, port: int, *, ready: Any = None) -> None:
     import uvicorn
+    from mcp.server.transport_security import TransportSecuritySettings
 
-    app = server.streamable_http_app(host=host)
+    # DNS-rebinding protection: a web page the agent's browser opens must not reach this endpoint
+    names = [f"[{h}]" if ":" in h else h for h in dict.fromkeys([host, "127.0.0.1", "localhost", "::1"])]
+    security = TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=[f"{n}:*" for n in names],
+        allowed_origins=[f"http://{n}:*" for n in names],
+    )
+    app = server.streamable_http_app(host=host, transport_security=security)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
     userver = uvicorn.Server(config)
     if ready is not None:
@@ -215,6 +237,9 @@ async def serve_http(server: Server[dict[str, Any]], host: str, port: int, *, re
 
 def main(args: argparse.Namespace) -> int:
     import anyio
+
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="pgwarden mcp: %(message)s")
+    logging.getLogger("mcp").setLevel(logging.WARNING)  # the SDK logs every request at INFO
 
     docs, view = load_config(args.config)
     settings = settings_from_args(args, docs)

@@ -2,19 +2,23 @@
 
 The MCP server is a client of the proxy, authenticated with a JWT (never a database password), so
 every tool call is decided by the proxy's gate; the server's statement log proves what reached the
-database, the audit log who asked.
+database, the audit log who asked. The behaviours an agent relies on run over each transport: the
+server in-process, `pgwarden mcp` as a stdio subprocess, and streamable HTTP on loopback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +109,12 @@ def make_token(key: Any, **over: Any) -> str:
 
 
 @pytest.fixture
-def gated(make_proxy: Any, pg: Any, tmp_path: Path, signing_key: Any) -> Any:
+def approval_mode() -> str:
+    return "wait"
+
+
+@pytest.fixture
+def gated(make_proxy: Any, pg: Any, tmp_path: Path, signing_key: Any, approval_mode: str) -> Any:
     jwk = RSAAlgorithm.to_jwk(signing_key.public_key(), as_dict=True)
     jwk.update(kid="k1", alg="RS256", use="sig")
     (tmp_path / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
@@ -122,7 +131,11 @@ def gated(make_proxy: Any, pg: Any, tmp_path: Path, signing_key: Any) -> Any:
             "allowProxyUserDecisions": True,
         },
     }
-    text = proxy_documents(pg, extra=[POLICY, MASKING], proxy_spec=spec)
+    policy = {
+        **POLICY,
+        "spec": {**POLICY["spec"], "approval": {**POLICY["spec"]["approval"], "mode": approval_mode}},
+    }
+    text = proxy_documents(pg, extra=[policy, MASKING], proxy_spec=spec)
     handle = make_proxy(yaml_text=text)
     handle.view = PolicyView.from_documents(
         parse_documents(text)
@@ -138,16 +151,87 @@ def settings(proxy: Any, token: str, **over: Any) -> GateSettings:
     )
 
 
-@pytest.fixture
-def agent(gated: Any, signing_key: Any) -> Any:
-    """An MCP client session, in-process, to a server whose gate session uses the agent's JWT."""
-    return Client(build_server(settings(gated, make_token(signing_key))), raise_exceptions=True)
+class Connector:
+    """`async with connector as client`: an MCP client session to a server whose gate session uses the
+    agent's JWT, over one transport: in-process, a `pgwarden mcp` subprocess on stdio, or streamable
+    HTTP on loopback."""
+
+    def __init__(self, proxy: Any, token: str, *, policies: bool, transport: str) -> None:
+        self.proxy, self.token, self.policies, self.transport = proxy, token, policies, transport
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> Client:
+        view = self.proxy.view if self.policies else None
+        if self.transport == "memory":
+            client = Client(build_server(settings(self.proxy, self.token), view), raise_exceptions=True)
+        elif self.transport == "stdio":
+            where = (
+                ["--config", str(self.proxy.config)]
+                if self.policies
+                else ["--host", self.proxy.host, "--database", "shop"]
+            )
+            env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+            client = Client(
+                StdioServerParameters(
+                    command=sys.executable,
+                    args=[
+                        "-m",
+                        "pgwarden.cli",
+                        "mcp",
+                        *where,
+                        "--port",
+                        str(self.proxy.port),
+                        "--user",
+                        SUBJECT,
+                    ],
+                    env={**env, "PGWARDEN_TOKEN": self.token},
+                )
+            )
+        else:
+            port = await self._stack.enter_async_context(
+                http_server(build_server(settings(self.proxy, self.token), view))
+            )
+            client = Client(f"http://127.0.0.1:{port}/mcp")
+        return await self._stack.enter_async_context(client)
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._stack.aclose()
+
+
+@contextlib.asynccontextmanager
+async def http_server(server: Any) -> AsyncIterator[int]:
+    port = free_port()
+    started: list[Any] = []
+    task = asyncio.create_task(serve_http(server, "127.0.0.1", port, ready=started.append))
+    try:
+        while not (started and started[0].started):
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.05)
+        yield port
+    finally:
+        if started:
+            started[0].should_exit = True
+        await asyncio.wait_for(task, 10)
 
 
 @pytest.fixture
-def planner_agent(gated: Any, signing_key: Any) -> Any:
+def transport(request: pytest.FixtureRequest) -> str:
+    return getattr(request, "param", "memory")
+
+
+TRANSPORTS = pytest.mark.parametrize("transport", ["memory", "stdio", "http"], indirect=True)
+
+
+@pytest.fixture
+def agent(gated: Any, signing_key: Any, transport: str) -> Connector:
+    return Connector(gated, make_token(signing_key), policies=False, transport=transport)
+
+
+@pytest.fixture
+def planner_agent(gated: Any, signing_key: Any, transport: str) -> Connector:
     """The same, with the proxy's policies loaded (`pgwarden mcp --config`)."""
-    return Client(build_server(settings(gated, make_token(signing_key)), gated.view), raise_exceptions=True)
+    return Connector(gated, make_token(signing_key), policies=True, transport=transport)
 
 
 def data(res: Any) -> dict[str, Any]:
@@ -175,6 +259,7 @@ def approvals(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 # -- the tool list -----------------------------------------------------------------------------
+@TRANSPORTS
 async def test_the_tools_and_their_schemas(agent: Any) -> None:
     async with agent as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
@@ -198,6 +283,7 @@ async def test_the_tools_and_their_schemas(agent: Any) -> None:
 
 
 # -- reads -------------------------------------------------------------------------------------
+@TRANSPORTS
 async def test_a_read_returns_masked_rows_and_no_secret_in_any_part(agent: Any) -> None:
     async with agent as client:
         res = await client.call_tool(
@@ -244,6 +330,7 @@ async def test_the_catalog_tools_read_through_the_gate(agent: Any) -> None:
 
 
 # -- refusals ----------------------------------------------------------------------------------
+@TRANSPORTS
 async def test_a_denied_statement_returns_the_rule_and_nothing_reaches_the_server(
     agent: Any, pg: Any
 ) -> None:
@@ -293,6 +380,7 @@ async def test_bypasses_of_read_only_wrappers_are_decided_as_over_psql(
 
 
 # -- approvals ---------------------------------------------------------------------------------
+@TRANSPORTS
 async def test_a_reviewed_write_is_held_then_runs_once_after_approval(
     planner_agent: Any, pg: Any, tmp_path: Path
 ) -> None:
@@ -320,6 +408,33 @@ async def test_a_reviewed_write_is_held_then_runs_once_after_approval(
     assert again["status"] == "unknown_request"
 
 
+@pytest.mark.parametrize("approval_mode", ["defer"])
+@TRANSPORTS
+async def test_a_deferred_write_runs_once_when_sent_again_after_approval(
+    planner_agent: Any, pg: Any, tmp_path: Path
+) -> None:
+    sql = "INSERT INTO audit_scratch (payload) VALUES ('mcp-deferred-1')"
+    mark = pg.log_position()
+    async with planner_agent as client:
+        first = await client.call_tool("execute", {"sql": sql})
+        held = data(first)
+        assert not first.is_error and held["status"] == "held_for_approval" and held["mode"] == "defer"
+        assert "identical statement" in held["next_step"] and held["reviewers"] == ["group:dba"]
+        waiting = data(
+            await client.call_tool("wait_for_approval", {"request": held["request"], "timeout_seconds": 0})
+        )
+        assert waiting["status"] == "not_waiting"
+        decided = await asyncio.to_thread(
+            approvals, tmp_path, "approve", held["request"], "--as", "dba-alice"
+        )
+        assert decided.returncode == 0, decided.stderr
+        ran = data(await client.call_tool("execute", {"sql": sql}))
+        again = data(await client.call_tool("execute", {"sql": sql}))
+    assert ran["status"] == "ok" and ran["row_count"] == 1
+    assert again["status"] == "held_for_approval" and again["request"] != held["request"]  # once
+    assert statements_ran(pg, mark, "mcp-deferred-1") == 1
+
+
 async def test_a_write_the_reviewer_denies_never_runs(agent: Any, pg: Any, tmp_path: Path) -> None:
     mark = pg.log_position()
     async with agent as client:
@@ -338,6 +453,7 @@ async def test_a_write_the_reviewer_denies_never_runs(agent: Any, pg: Any, tmp_p
     assert statements_ran(pg, mark, "mcp-denied-2") == 0
 
 
+@TRANSPORTS
 async def test_the_audit_log_names_the_agent_for_every_call(agent: Any, tmp_path: Path) -> None:
     async with agent as client:
         await client.call_tool("query", {"sql": "SELECT count(*) FROM orders WHERE status = 'mcp-audit'"})
@@ -355,6 +471,7 @@ async def test_the_audit_log_names_the_agent_for_every_call(agent: Any, tmp_path
 
 
 # -- bad arguments -----------------------------------------------------------------------------
+@TRANSPORTS
 async def test_malformed_and_oversized_arguments_get_a_clear_error_and_the_session_stays_usable(
     agent: Any, pg: Any
 ) -> None:
@@ -420,29 +537,12 @@ def post_with_host(port: int, host: str) -> int:
         return int(e.code)
 
 
-async def test_streamable_http_answers_on_loopback(gated: Any, signing_key: Any, pg: Any) -> None:
-    port = free_port()
-    servers: list[Any] = []
-    task = asyncio.create_task(
-        serve_http(
-            build_server(settings(gated, make_token(signing_key))), "127.0.0.1", port, ready=servers.append
-        )
-    )
-    try:
-        while not (servers and servers[0].started):
-            await asyncio.sleep(0.05)
+async def test_streamable_http_refuses_a_rebound_host(gated: Any, signing_key: Any) -> None:
+    async with http_server(build_server(settings(gated, make_token(signing_key)))) as port:
         rebound = await asyncio.to_thread(post_with_host, port, "attacker.example:80")
-        async with Client(f"http://127.0.0.1:{port}/mcp") as client:
-            names = {t.name for t in (await client.list_tools()).tools}
-            res = await client.call_tool("query", {"sql": "SELECT ssn FROM customers ORDER BY id"})
-    finally:
-        servers[0].should_exit = True
-        await asyncio.wait_for(task, 10)
-    assert "query" in names
+        local = await asyncio.to_thread(post_with_host, port, f"127.0.0.1:{port}")
     assert rebound in (403, 421)  # a DNS-rebound page's Host is refused
-    assert len(data(res)["rows"]) == 5
-    for ssn in SSNS:
-        assert ssn not in every_byte(res)
+    assert local not in (403, 421)
 
 
 def test_http_is_served_on_loopback_only() -> None:
@@ -488,6 +588,7 @@ async def test_stdio_subprocess_with_the_token_from_the_environment(
 
 
 # -- with the policies (--config) ---------------------------------------------------------------
+@TRANSPORTS
 async def test_explain_gives_the_decision_without_running_the_statement(
     planner_agent: Any, agent: Any, pg: Any
 ) -> None:
@@ -520,6 +621,7 @@ async def test_explain_gives_the_decision_without_running_the_statement(
     assert res.is_error and res.structured_content["kind"] == "no_policies"
 
 
+@TRANSPORTS
 async def test_a_table_without_access_is_not_listed_and_masked_columns_are_marked(planner_agent: Any) -> None:
     async with planner_agent as client:
         tables = data(await client.call_tool("list_tables", {"schema": "public"}))
@@ -549,6 +651,7 @@ async def test_a_table_without_access_is_not_listed_and_masked_columns_are_marke
     assert hidden.is_error and hidden.structured_content["status"] == "not_found"
 
 
+@TRANSPORTS
 async def test_the_policy_resource_says_what_the_agent_may_do(planner_agent: Any, agent: Any) -> None:
     async with planner_agent as client:
         listed = [str(r.uri) for r in (await client.list_resources()).resources]
@@ -565,6 +668,7 @@ async def test_the_policy_resource_says_what_the_agent_may_do(planner_agent: Any
     assert bare["status"] == "unavailable"
 
 
+@pytest.mark.parametrize("transport", ["memory", "stdio"], indirect=True)
 async def test_ending_the_session_withdraws_a_held_request(agent: Any, pg: Any, tmp_path: Path) -> None:
     mark = pg.log_position()
     async with agent as client:

@@ -30,6 +30,7 @@ from jwt.algorithms import RSAAlgorithm
 from mcp import Client, StdioServerParameters
 
 from pgwarden.errors import UserError
+from pgwarden.mcp import gate as gate_module
 from pgwarden.mcp.gate import GateSettings
 from pgwarden.mcp.policyview import PolicyView
 from pgwarden.mcp.server import POLICY_URI, build_server, parse_addr, serve_http
@@ -681,3 +682,28 @@ async def test_ending_the_session_withdraws_a_held_request(agent: Any, pg: Any, 
     (request,) = [r for r in requests if r["id"] == held["request"]]
     assert request["state"] == "withdrawn"
     assert statements_ran(pg, mark, "mcp-withdrawn") == 0
+
+
+async def test_several_statements_return_the_last_result_set(agent: Any) -> None:
+    async with agent as client:
+        body = data(await client.call_tool("query", {"sql": "SELECT 1 AS a; SELECT 'x' AS b, 2 AS c"}))
+    assert [c["name"] for c in body["columns"]] == ["b", "c"] and body["rows"] == [["x", 2]]
+    assert "2 result sets" in body["notes"][0]
+
+
+async def test_held_statements_are_bounded(agent: Any, pg: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(gate_module, "MAX_HELD", 1)
+    mark = pg.log_position()
+    async with agent as client:
+        held = data(
+            await client.call_tool(
+                "execute", {"sql": "DELETE FROM audit_scratch WHERE payload = 'mcp-held-1'"}
+            )
+        )
+        over = await client.call_tool(
+            "execute", {"sql": "DELETE FROM audit_scratch WHERE payload = 'mcp-held-2'"}
+        )
+    assert held["status"] == "held_for_approval"
+    assert over.is_error and over.structured_content["kind"] == "too_many_held"
+    assert "wait_for_approval" in over.structured_content["next_step"]
+    assert "mcp-held-2" not in pg.log_since(mark)

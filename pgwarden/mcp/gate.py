@@ -18,6 +18,7 @@ import logging
 import math
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 Outcome = Rows | Refusal | Held
 
 _CANCEL_REQUEST_CODE = 80877102
+MAX_HELD = 16  # statements waiting for a reviewer at once, each on its own connection and thread
 
 # type OIDs whose text form becomes a JSON number or boolean; everything else stays text, exactly
 # as the proxy sent it (a masked value is text even in a numeric column)
@@ -112,6 +114,13 @@ class _CappedConnection(pg8000.native.Connection):  # type: ignore[misc]
     costs the server's memory nothing beyond the cap."""
 
     row_cap = 500
+
+    def handle_ROW_DESCRIPTION(self, data: bytes, context: Any) -> None:  # noqa: N802 (pg8000's name)
+        # several statements in one Query: keep the last result set, so rows match their columns
+        if context.columns is not None:
+            context.earlier_results = getattr(context, "earlier_results", 0) + 1
+            context.rows, context.dropped = [], 0
+        super().handle_ROW_DESCRIPTION(data, context)
 
     def handle_DATA_ROW(self, data: bytes, context: Any) -> None:  # noqa: N802 (pg8000's name)
         if context.rows is not None and len(context.rows) >= self.row_cap:
@@ -223,7 +232,7 @@ class GateSession:
             return refusal if isinstance(refusal, Refusal) else None
         except (OSError, InterfaceError) as e:
             s = self.settings
-            return connection_failure(f"cannot reach the pgwarden proxy at {s.host}:{s.port}", e)
+            return connection_failure(f"cannot connect to the pgwarden proxy at {s.host}:{s.port}", e)
         return None
 
     async def planner(self) -> Planner | Refusal | None:
@@ -249,13 +258,21 @@ class GateSession:
     # -- statements ----------------------------------------------------------------------------
     async def run(self, sql: str) -> Outcome:
         """Send `sql` to the gate; the answer: rows, a refusal, or a statement held for approval."""
+        if len(self._parked) >= MAX_HELD:
+            return Refusal(
+                kind="too_many_held",
+                sqlstate="PW001",
+                retryable=True,
+                message=f"{MAX_HELD} statements are already waiting for a reviewer; nothing was sent",
+                next_step="Call wait_for_approval for the held requests (or end the session to withdraw them) first.",
+            )
         async with self._lock:
             failed = await self._ensure_connected()
             if failed is not None:
                 return failed
             conn = self._conn
             conn.notices.clear()
-            task: asyncio.Future[Outcome] = asyncio.ensure_future(asyncio.to_thread(self._execute, conn, sql))
+            task: asyncio.Future[Outcome] = _in_thread(self._execute, conn, sql)
             while True:
                 done, _ = await asyncio.wait({task}, timeout=self.settings.notice_grace)
                 if done:
@@ -304,6 +321,10 @@ class GateSession:
             for c in (ctx.columns or [])
         ]
         notes = [f"{_s(n.get(b'S', b'NOTICE'))}: {_s(n.get(b'M', b''))}" for n in conn.notices]
+        if getattr(ctx, "earlier_results", 0):
+            notes.append(
+                f"The statements returned {ctx.earlier_results + 1} result sets; only the last one is shown."
+            )
         return Rows(
             columns=columns,
             rows=[list(r) for r in (ctx.rows or [])],
@@ -362,6 +383,32 @@ class GateSession:
             }
             for p in self._parked.values()
         ]
+
+
+def _in_thread(fn: Callable[..., Outcome], *args: Any) -> asyncio.Future[Outcome]:
+    """`fn(*args)` on a thread of its own: a statement held for a reviewer can block for its whole
+    approval timeout, and must not take a worker of the event loop's shared executor."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Outcome] = loop.create_future()
+
+    def settle(value: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+    def run() -> None:
+        try:
+            value, error = fn(*args), None
+        except BaseException as e:  # handed to the awaiting task, not lost in the thread
+            value, error = None, e
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, value, error)
+
+    threading.Thread(target=run, name="pgwarden-mcp-statement", daemon=True).start()
+    return future
 
 
 def _s(b: bytes | str) -> str:

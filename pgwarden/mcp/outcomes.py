@@ -24,6 +24,7 @@ Kind = Literal[
     "cancelled",
     "database_error",
     "connection_failed",
+    "too_many_held",
 ]
 
 # SQLSTATE → (kind, whether running the same statement again can succeed, the next step)

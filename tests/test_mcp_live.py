@@ -27,7 +27,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fix_proxy import proxy_documents
 from jwt.algorithms import RSAAlgorithm
-from mcp import Client, StdioServerParameters
+from mcp import Client, MCPError, StdioServerParameters
 
 from pgwarden.errors import UserError
 from pgwarden.mcp import gate as gate_module
@@ -707,3 +707,20 @@ async def test_held_statements_are_bounded(agent: Any, pg: Any, monkeypatch: Any
     assert over.is_error and over.structured_content["kind"] == "too_many_held"
     assert "wait_for_approval" in over.structured_content["next_step"]
     assert "mcp-held-2" not in pg.log_since(mark)
+
+
+async def test_a_call_the_client_gives_up_on_is_cancelled_and_the_session_goes_on(
+    agent: Any, pg: Any
+) -> None:
+    slow = "SELECT count(*) FROM generate_series(1, 400000000) AS g WHERE g::text <> 'mcp-slow'"
+    mark = pg.log_position()
+    async with agent as client:
+        with pytest.raises(MCPError, match="Timed out"):
+            await client.call_tool("query", {"sql": slow}, read_timeout_seconds=0.5)
+        started = time.monotonic()
+        after = data(await client.call_tool("query", {"sql": "SELECT 'next' AS s"}))
+    assert after["rows"] == [["next"]] and time.monotonic() - started < 10
+    deadline = time.monotonic() + 10
+    while "canceling statement due to user request" not in pg.log_since(mark) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert "canceling statement due to user request" in pg.log_since(mark)

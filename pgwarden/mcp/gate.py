@@ -212,6 +212,12 @@ class GateSession:
             self._close(self._conn)
             self._conn = None
 
+    async def _abandon(self, conn: Any, task: asyncio.Future[Outcome]) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self._cancel, conn)
+            await asyncio.wait_for(asyncio.shield(task), 30)
+        self._close(conn)
+
     def _cancel(self, conn: Any) -> None:
         """A CancelRequest for `conn`, as psql sends on Ctrl-C, on a connection of its own."""
         key = getattr(conn, "_backend_key_data", None)
@@ -261,7 +267,7 @@ class GateSession:
         if len(self._parked) >= MAX_HELD:
             return Refusal(
                 kind="too_many_held",
-                sqlstate="PW001",
+                sqlstate="53000",
                 retryable=True,
                 message=f"{MAX_HELD} statements are already waiting for a reviewer; nothing was sent",
                 next_step="Call wait_for_approval for the held requests (or end the session to withdraw them) first.",
@@ -273,15 +279,22 @@ class GateSession:
             conn = self._conn
             conn.notices.clear()
             task: asyncio.Future[Outcome] = _in_thread(self._execute, conn, sql)
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=self.settings.notice_grace)
-                if done:
-                    break
-                held = _held_notice(conn)
-                if held is not None:  # park the waiting connection; the next statement gets a new one
-                    self._conn = None
-                    self._parked[held.request] = _Parked(held.request, sql, conn, task, held)
-                    return held
+            try:
+                while True:
+                    done, _ = await asyncio.wait({task}, timeout=self.settings.notice_grace)
+                    if done:
+                        break
+                    held = _held_notice(conn)
+                    if held is not None:  # park the waiting connection; the next statement gets a new one
+                        self._conn = None
+                        self._parked[held.request] = _Parked(held.request, sql, conn, task, held)
+                        return held
+            except asyncio.CancelledError:
+                # the client gave up on the call: cancel the statement as psql would, and never reuse
+                # a connection that is still in the middle of it
+                self._conn = None
+                asyncio.get_running_loop().create_task(self._abandon(conn, task))
+                raise
             outcome = task.result()
             if isinstance(outcome, Held):
                 self._deferred[outcome.request] = Deferred(outcome.request, sql)

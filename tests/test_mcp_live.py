@@ -724,3 +724,41 @@ async def test_a_call_the_client_gives_up_on_is_cancelled_and_the_session_goes_o
     while "canceling statement due to user request" not in pg.log_since(mark) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     assert "canceling statement due to user request" in pg.log_since(mark)
+
+
+async def test_in_an_injected_pod_the_pod_identity_needs_no_token(
+    make_proxy: Any, pg: Any, monkeypatch: Any
+) -> None:
+    """The agent container's environment after injection: PGHOST/PGPORT at the sidecar, no password."""
+    for name, value in (
+        ("POD_NAMESPACE", "agents"),
+        ("POD_NAME", "cursor-agent-7d9f"),
+        ("SERVICE_ACCOUNT", "cursor-agent"),
+    ):
+        monkeypatch.setenv(name, value)  # the sidecar's downward API (the proxy runs in this process)
+    policy = {
+        "apiVersion": API,
+        "kind": "AccessPolicy",
+        "metadata": {"name": "cursor", "namespace": "agents"},
+        "spec": {
+            "connectionRef": {"name": "shop"},
+            "subjects": [{"serviceAccount": "agents/cursor-agent"}],
+            "rules": [{"action": "allow", "operations": ["select"], "tables": ["public.orders"]}],
+        },
+    }
+    sidecar = make_proxy(extra=[policy], proxy_spec={"podIdentity": True, "users": []})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "POD_", "SERVICE_ACCOUNT"))}
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "pgwarden.cli", "mcp", "--database", "shop", "--user", "cursor-agent"],
+        env={**env, "PGHOST": sidecar.host, "PGPORT": str(sidecar.port)},
+    )
+    mark = pg.log_position()
+    async with Client(params) as client:
+        rows = data(await client.call_tool("query", {"sql": "SELECT count(*) FROM orders"}))
+        denied = await client.call_tool("query", {"sql": "SELECT ssn FROM customers WHERE name = 'mcp-pod'"})
+    assert rows["rows"] == [[20]]
+    assert denied.is_error and denied.structured_content["sqlstate"] == "42501"
+    # the rule of agents/cursor, whose only subject is the pod's service account, decided
+    assert "rule of agents/cursor " in denied.structured_content["message"]
+    assert "mcp-pod" not in pg.log_since(mark)

@@ -455,7 +455,7 @@ async def test_a_write_the_reviewer_denies_never_runs(agent: Any, pg: Any, tmp_p
 
 
 @TRANSPORTS
-async def test_the_audit_log_names_the_agent_for_every_call(agent: Any, tmp_path: Path) -> None:
+async def test_the_audit_log_names_the_agent_and_the_tool_for_every_call(agent: Any, tmp_path: Path) -> None:
     async with agent as client:
         await client.call_tool("query", {"sql": "SELECT count(*) FROM orders WHERE status = 'mcp-audit'"})
         await client.call_tool("execute", {"sql": "DROP TABLE orders"})
@@ -463,12 +463,19 @@ async def test_the_audit_log_names_the_agent_for_every_call(agent: Any, tmp_path
     recs = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     stmts = [r for r in recs if r["event"] == "statement"]
     by_sql = {r["sql"]: r for r in stmts}
-    assert by_sql["SELECT count(*) FROM orders WHERE status = 'mcp-audit'"]["decision"]["action"] == "allow"
-    assert by_sql["DROP TABLE orders"]["decision"]["action"] == "deny"
-    assert any("pg_catalog.pg_class" in r["sql"] for r in stmts)
+    read = by_sql["/* pgwarden-mcp: query */ SELECT count(*) FROM orders WHERE status = 'mcp-audit'"]
+    assert read["decision"]["action"] == "allow"
+    assert by_sql["/* pgwarden-mcp: execute */ DROP TABLE orders"]["decision"]["action"] == "deny"
+    assert any(r["sql"].startswith("/* pgwarden-mcp: list_tables */ SELECT") for r in stmts)
     for r in stmts:
         assert r["identity"]["subject"] == SUBJECT and r["identity"]["method"] == "jwt"
         assert r["applicationName"] == "pgwarden-mcp"
+    deadline = time.monotonic() + 10  # the proxy writes a recording as its session ends
+    recordings = ""
+    while "pgwarden-mcp: query" not in recordings and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        recordings = "".join(f.read_text() for f in (tmp_path / "rec").glob("*.jsonl"))
+    assert "/* pgwarden-mcp: query */ SELECT count(*) FROM orders" in recordings
 
 
 # -- bad arguments -----------------------------------------------------------------------------

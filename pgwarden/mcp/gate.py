@@ -1,10 +1,11 @@
 """The MCP server's session to the gate: a PostgreSQL client of the pgwarden proxy.
 
-Statements go to the proxy as simple-protocol Query messages, byte for byte what the model wrote,
-so the proxy decides them exactly as it decides psql's. The credential is the agent's (a token
-read afresh for every connection, because tokens rotate) and never a database password.
+Statements go to the proxy as simple-protocol Query messages, what the model wrote behind a
+comment naming the tool, so the proxy decides them exactly as it decides psql's. The credential
+is the agent's (a token read afresh for every connection, because tokens rotate) and never a
+database password.
 
-pg8000 is synchronous: each statement runs on a worker thread while the event loop watches the
+pg8000 is synchronous: each statement runs on a thread of its own while the event loop watches the
 connection's notices. When the proxy holds a statement for a reviewer (mode: wait) it says so in
 a NoticeResponse at once; the tool returns "held" and the connection, still waiting, is parked
 under the request's name until `wait` collects its result. Later statements use a new connection.
@@ -262,8 +263,11 @@ class GateSession:
         return self._planner
 
     # -- statements ----------------------------------------------------------------------------
-    async def run(self, sql: str) -> Outcome:
-        """Send `sql` to the gate; the answer: rows, a refusal, or a statement held for approval."""
+    async def run(self, sql: str, tool: str = "") -> Outcome:
+        """Send `sql` to the gate; the answer: rows, a refusal, or a statement held for approval.
+
+        `tool` names the MCP tool in a leading comment, so the audit log, the recording and an
+        approval request show which tool call ran the statement (a comment changes no decision)."""
         if len(self._parked) >= MAX_HELD:
             return Refusal(
                 kind="too_many_held",
@@ -278,7 +282,8 @@ class GateSession:
                 return failed
             conn = self._conn
             conn.notices.clear()
-            task: asyncio.Future[Outcome] = _in_thread(self._execute, conn, sql)
+            text = f"/* pgwarden-mcp: {tool} */ {sql}" if tool else sql
+            task: asyncio.Future[Outcome] = _in_thread(self._execute, conn, text)
             try:
                 while True:
                     done, _ = await asyncio.wait({task}, timeout=self.settings.notice_grace)

@@ -55,7 +55,7 @@ _SQL = {
     "type": "string",
     "minLength": 1,
     "maxLength": MAX_SQL_CHARS,
-    "description": "The SQL text, sent to the database exactly as written.",
+    "description": "The SQL text, sent to the database as written (after a comment naming this tool).",
 }
 
 TOOLS: tuple[ToolSpec, ...] = (
@@ -258,7 +258,7 @@ def describe_sql(schema: str, table: str) -> str:
     )
 
 
-Handler = Callable[[GateSession, dict[str, Any]], Awaitable[types.CallToolResult]]
+Handler = Callable[[GateSession, str, dict[str, Any]], Awaitable[types.CallToolResult]]
 
 
 def _no_policies() -> types.CallToolResult:
@@ -274,8 +274,8 @@ def _no_policies() -> types.CallToolResult:
     )
 
 
-async def _query(gate: GateSession, args: dict[str, Any]) -> types.CallToolResult:
-    outcome = await gate.run(args["sql"])
+async def _query(gate: GateSession, tool: str, args: dict[str, Any]) -> types.CallToolResult:
+    outcome = await gate.run(args["sql"], tool)
     if isinstance(outcome, Held):
         planner = await gate.planner()
         if isinstance(planner, Planner):
@@ -283,7 +283,7 @@ async def _query(gate: GateSession, args: dict[str, Any]) -> types.CallToolResul
     return outcome_result(outcome, gate.settings.max_rows)
 
 
-async def _explain(gate: GateSession, args: dict[str, Any]) -> types.CallToolResult:
+async def _explain(gate: GateSession, tool: str, args: dict[str, Any]) -> types.CallToolResult:
     planner = await gate.planner()
     if planner is None:
         return _no_policies()
@@ -292,13 +292,13 @@ async def _explain(gate: GateSession, args: dict[str, Any]) -> types.CallToolRes
     return result(planner.explain(args["sql"]))
 
 
-async def _wait(gate: GateSession, args: dict[str, Any]) -> types.CallToolResult:
+async def _wait(gate: GateSession, tool: str, args: dict[str, Any]) -> types.CallToolResult:
     data = await gate.wait(args["request"], float(args.get("timeout_seconds", 30)))
     return result(data, error=data.get("status") in ("refused", "error", "unknown_request"))
 
 
-async def _catalog(gate: GateSession, sql: str) -> Rows | types.CallToolResult:
-    outcome = await gate.run(sql)
+async def _catalog(gate: GateSession, tool: str, sql: str) -> Rows | types.CallToolResult:
+    outcome = await gate.run(sql, tool)
     if not isinstance(outcome, Rows):
         return outcome_result(outcome, gate.settings.max_rows)
     return outcome
@@ -309,15 +309,15 @@ def _items(rows: Rows) -> list[dict[str, Any]]:
     return [dict(zip(names, row, strict=False)) for row in rows.rows]
 
 
-async def _list_schemas(gate: GateSession, args: dict[str, Any]) -> types.CallToolResult:
-    rows = await _catalog(gate, SCHEMAS_SQL)
+async def _list_schemas(gate: GateSession, tool: str, args: dict[str, Any]) -> types.CallToolResult:
+    rows = await _catalog(gate, tool, SCHEMAS_SQL)
     if not isinstance(rows, Rows):
         return rows
     return result({"status": "ok", "schemas": _items(rows)})
 
 
-async def _list_tables(gate: GateSession, args: dict[str, Any]) -> types.CallToolResult:
-    rows = await _catalog(gate, tables_sql(args.get("schema")))
+async def _list_tables(gate: GateSession, tool: str, args: dict[str, Any]) -> types.CallToolResult:
+    rows = await _catalog(gate, tool, tables_sql(args.get("schema")))
     if not isinstance(rows, Rows):
         return rows
     tables = _items(rows)
@@ -341,9 +341,9 @@ async def _list_tables(gate: GateSession, args: dict[str, Any]) -> types.CallToo
     return result(data)
 
 
-async def _describe(gate: GateSession, args: dict[str, Any]) -> types.CallToolResult:
+async def _describe(gate: GateSession, tool: str, args: dict[str, Any]) -> types.CallToolResult:
     schema, table = args.get("schema", "public"), args["table"]
-    rows = await _catalog(gate, describe_sql(schema, table))
+    rows = await _catalog(gate, tool, describe_sql(schema, table))
     if not isinstance(rows, Rows):
         return rows
     columns = _items(rows)
@@ -404,4 +404,4 @@ async def call(gate: GateSession, name: str, arguments: dict[str, Any] | None) -
             },
             error=True,
         )
-    return await HANDLERS[name](gate, dict(arguments or {}))
+    return await HANDLERS[name](gate, name, dict(arguments or {}))

@@ -108,6 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("subject", help="the locked-out identity's subject, as `list` shows it")
             p.add_argument("--as", dest="as_user", required=True, help="your name, for the audit record")
 
+    p = _verb(sub, "mcp", "pgwarden.mcp.cli:main",
+              "the gate as a Model Context Protocol server for agents (stdio, or streamable HTTP with --http)")
+    p.add_argument("--config", "-c", action="append", help="the proxy's YAML file or folder: its listen address and database")
+    p.add_argument("--http", metavar="HOST:PORT", help="serve streamable HTTP on this loopback address (default: stdio)")
+    p.add_argument("--host", help="the pgwarden proxy's host (default: from --config, $PGHOST, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="the pgwarden proxy's port (default: from --config, $PGPORT, 5432)")
+    p.add_argument("--database", help="database name (default: from --config, $PGDATABASE)")
+    p.add_argument("--user", help="user name sent at startup (default: $PGUSER or agent; a token names the identity)")
+    p.add_argument("--token-env", default="PGWARDEN_TOKEN",
+                   help="environment variable holding the agent's token (default: PGWARDEN_TOKEN)")
+    p.add_argument("--token-file", help="file holding the agent's token, re-read for every connection "
+                   "(e.g. a projected service-account token); neither set: no password (pod identity)")
+    p.add_argument("--max-rows", type=int, default=500, help="rows returned per statement at most (default: 500)")
+
     p = _verb(sub, "demo", "pgwarden.demo.run:main", "run everything on an embedded PostgreSQL, no cluster")
     p.add_argument("--keep", action="store_true", help="leave the proxy running after the scripted session")
     return parser

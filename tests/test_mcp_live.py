@@ -39,6 +39,9 @@ from pgwarden.resources import parse_documents
 API = "pgwarden.dev/v1alpha1"
 ISSUER = "https://login.example.test/realms/eng"
 SUBJECT = "mcp-agent-7"
+# the proxy namespaces an OIDC issuer's names (docs/identity.md): this issuer's prefix is "eng:"
+PREFIX = "eng:"
+IDENTITY = PREFIX + SUBJECT
 SSNS = ("123-45-6789", "234-56-7890", "345-67-8901", "456-78-9012", "567-89-0123")
 CARDS = ("4111111111111111", "5500005555555559")
 
@@ -48,7 +51,7 @@ POLICY = {
     "metadata": {"name": "mcp-agents"},
     "spec": {
         "connectionRef": {"name": "shop"},
-        "subjects": [{"group": "ai-agents"}],
+        "subjects": [{"group": PREFIX + "ai-agents"}],
         "rules": [
             {
                 "name": "read-shop",
@@ -121,7 +124,8 @@ def gated(make_proxy: Any, pg: Any, tmp_path: Path, signing_key: Any, approval_m
     (tmp_path / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
     spec = {
         "identity": {
-            "oidc": [{"issuer": ISSUER, "audience": "pgwarden", "jwksFile": str(tmp_path / "jwks.json")}]
+            "oidc": [{"issuer": ISSUER, "audience": "pgwarden", "jwksFile": str(tmp_path / "jwks.json"),
+                      "usernamePrefix": PREFIX, "groupsPrefix": PREFIX}]
         },
         "audit": {"path": str(tmp_path / "audit.jsonl")},
         "recording": {"dir": str(tmp_path / "rec")},
@@ -468,7 +472,7 @@ async def test_the_audit_log_names_the_agent_and_the_tool_for_every_call(agent: 
     assert by_sql["/* pgwarden-mcp: execute */ DROP TABLE orders"]["decision"]["action"] == "deny"
     assert any(r["sql"].startswith("/* pgwarden-mcp: list_tables */ SELECT") for r in stmts)
     for r in stmts:
-        assert r["identity"]["subject"] == SUBJECT and r["identity"]["method"] == "jwt"
+        assert r["identity"]["subject"] == IDENTITY and r["identity"]["method"] == "jwt"
         assert r["applicationName"] == "pgwarden-mcp"
     deadline = time.monotonic() + 10  # the proxy writes a recording as its session ends
     recordings = ""
@@ -621,7 +625,7 @@ async def test_explain_gives_the_decision_without_running_the_statement(
     assert review["approval"]["reviewers"] == ["group:dba"]
     assert deny["decision"] == "deny" and deny["sqlstate"] == "42501"
     assert allow["decision"] == "allow" and "read-shop" in allow["rule"]
-    assert review["identity"]["subject"] == SUBJECT and review["identity"]["method"] == "jwt"
+    assert review["identity"]["subject"] == IDENTITY and review["identity"]["method"] == "jwt"
     assert "Advisory" in review["note"]
     assert "mcp-explain" not in pg.log_since(mark)
     async with agent as client:  # started without --config: explain says what is missing
@@ -665,7 +669,7 @@ async def test_the_policy_resource_says_what_the_agent_may_do(planner_agent: Any
         listed = [str(r.uri) for r in (await client.list_resources()).resources]
         body = json.loads((await client.read_resource(POLICY_URI)).contents[0].text)
     assert listed == [POLICY_URI]
-    assert body["identity"]["subject"] == SUBJECT and body["connection"] == "shop"
+    assert body["identity"]["subject"] == IDENTITY and body["connection"] == "shop"
     (policy,) = body["policies"]
     assert policy["policy"] == "default/mcp-agents" and policy["defaultAction"] == "deny"
     assert [r["rule"] for r in policy["rules"]] == ["read-shop", "scratch-changes", "scratch-ids"]

@@ -32,7 +32,7 @@ lock:
 	CUSTOM_COMPILE_COMMAND="make lock" pip-compile -q --strip-extras --annotation-style=line --no-emit-index-url --no-emit-find-links \
 	  --output-file requirements/runtime.lock pyproject.toml
 	CUSTOM_COMPILE_COMMAND="make lock" pip-compile -q --strip-extras --annotation-style=line --no-emit-index-url --no-emit-find-links \
-	  --output-file requirements/proxy.lock requirements/proxy.in
+	  -c requirements/runtime.lock --output-file requirements/proxy.lock requirements/proxy.in
 	$(PYTHON) -m pytest tests/test_images_build.py -q
 
 crd-reference:

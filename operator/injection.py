@@ -32,17 +32,23 @@ ANNOTATION_INJECT = "pgwarden.dev/inject"
 ANNOTATION_INJECTED = "pgwarden.dev/injected"
 ANNOTATION_SIDECAR_MODE = "pgwarden.dev/sidecar-mode"  # native (default) | container
 ANNOTATION_INJECT_ENV = "pgwarden.dev/inject-env"  # "false" to leave the agents' env alone
+# "true" or a port: a second sidecar serves `pgwarden mcp` (streamable HTTP) on the pod's loopback,
+# talking to the proxy as the pod's identity
+ANNOTATION_MCP = "pgwarden.dev/mcp"
+MCP_CONTAINER = "pgwarden-mcp"
+MCP_DEFAULT_PORT = 8765
 # which proxy an injected pod runs: `kubectl get pods -A -L pgwarden.dev/proxy-version` lists stale
 # sidecars after an upgrade (the label holds the image tag; the annotation the full image)
 LABEL_PROXY_VERSION = "pgwarden.dev/proxy-version"
 ANNOTATION_PROXY_IMAGE = "pgwarden.dev/proxy-image"
-CARRIED_ANNOTATIONS = (ANNOTATION_INJECT, ANNOTATION_SIDECAR_MODE, ANNOTATION_INJECT_ENV)
+CARRIED_ANNOTATIONS = (ANNOTATION_INJECT, ANNOTATION_SIDECAR_MODE, ANNOTATION_INJECT_ENV, ANNOTATION_MCP)
 
 PROXY_CONTAINER = "pgwarden-proxy"
 CONFIG_VOLUME = "pgwarden-proxy-config"
 TMP_VOLUME = "pgwarden-proxy-tmp"
 DATA_VOLUME = "pgwarden-proxy-data"
 RECORDINGS_VOLUME = "pgwarden-proxy-recordings"
+MCP_TMP_VOLUME = "pgwarden-mcp-tmp"
 CONFIG_DIR = "/etc/pgwarden"
 BUNDLE_DIR = f"{CONFIG_DIR}/bundle"
 PROXY_CONFIG_FILE = f"{CONFIG_DIR}/proxy.yaml"
@@ -154,6 +160,42 @@ def proxy_container(target: InjectionTarget, settings: InjectionSettings, *, nat
     return container
 
 
+def mcp_port(annotations: Mapping[str, Any]) -> int | None:
+    """The port the pgwarden.dev/mcp annotation asks for; None when it is absent or "false"."""
+    value = str(annotations.get(ANNOTATION_MCP, "")).strip().lower()
+    if value in ("", "false"):
+        return None
+    if value == "true":
+        return MCP_DEFAULT_PORT
+    if value.isdigit() and 1024 <= int(value) <= 65535:
+        return int(value)
+    raise InjectionError(f"annotation {ANNOTATION_MCP}={value!r}: use \"true\" (port {MCP_DEFAULT_PORT}) "
+                         "or a port number from 1024 to 65535")
+
+
+def mcp_container(target: InjectionTarget, settings: InjectionSettings, port: int, *, native: bool) -> dict[str, Any]:
+    """`pgwarden mcp --http 127.0.0.1:PORT`: the gate as an MCP server on the pod's loopback. It is a
+    client of the proxy beside it, as the pod's identity (podIdentity: no password, no token), so
+    it can do nothing the agent could not do over the wire protocol. It mounts nothing of the
+    proxy's: no credentials, no configuration."""
+    proxy = proxy_container(target, settings, native=native)
+    container: dict[str, Any] = {
+        "name": MCP_CONTAINER,
+        "image": settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["pgwarden"],
+        "args": ["mcp", "--http", f"127.0.0.1:{port}", "--host", settings.listen_host,
+                 "--port", str(settings.listen_port), "--database", target.connection],
+        "ports": [{"name": "pgw-mcp", "containerPort": port, "protocol": "TCP"}],
+        "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+        "securityContext": proxy["securityContext"],
+        "volumeMounts": [{"name": MCP_TMP_VOLUME, "mountPath": "/tmp"}],
+    }
+    if native:
+        container["restartPolicy"] = "Always"
+    return container
+
+
 def proxy_volumes(target: InjectionTarget, settings: InjectionSettings) -> list[dict[str, Any]]:
     return [
         {
@@ -218,7 +260,8 @@ def proxy_version(image: str) -> str:
     return value or "unknown"
 
 
-def _check_no_leak(spec: Mapping[str, Any], target: InjectionTarget, settings: InjectionSettings) -> None:
+def _check_no_leak(spec: Mapping[str, Any], target: InjectionTarget, settings: InjectionSettings,
+                   mcp: int | None = None) -> None:
     """Refuse pods whose own containers could read the proxy's credentials or pass for the proxy."""
     for key in ("shareProcessNamespace", "hostPID"):
         if spec.get(key) is True:
@@ -228,15 +271,17 @@ def _check_no_leak(spec: Mapping[str, Any], target: InjectionTarget, settings: I
         raise InjectionError("spec.hostNetwork: true would make the proxy listen on the node's loopback, where every "
                              "process on the node would pass for this pod's service account; remove it")
     taken = {settings.listen_port: "the proxy's PostgreSQL port", settings.health_port: "the proxy's health port"}
+    if mcp is not None:
+        taken[mcp] = "the port pgwarden.dev/mcp serves MCP on"
     for c in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:
         for port in c.get("ports") or []:
             if port.get("containerPort") in taken and (port.get("protocol") or "TCP") == "TCP":
                 raise InjectionError(f"container {c.get('name')!r} declares port {port['containerPort']}, "
                                      f"{taken[port['containerPort']]} (the containers of a pod share one network); "
                                      "move it, or run the agent without a local server on that port")
-    leaking = {CONFIG_VOLUME, DATA_VOLUME, TMP_VOLUME, RECORDINGS_VOLUME}
+    leaking = {CONFIG_VOLUME, DATA_VOLUME, TMP_VOLUME, RECORDINGS_VOLUME, MCP_TMP_VOLUME}
     for v in spec.get("volumes") or []:
-        if v.get("name") in (CONFIG_VOLUME, TMP_VOLUME, DATA_VOLUME, RECORDINGS_VOLUME):
+        if v.get("name") in (CONFIG_VOLUME, TMP_VOLUME, DATA_VOLUME, RECORDINGS_VOLUME, MCP_TMP_VOLUME):
             raise InjectionError(f"the pod already defines a volume named {v.get('name')!r}; rename it")
         refs = [(v.get("secret") or {}).get("secretName")]
         refs += [(s.get("secret") or {}).get("name") for s in (v.get("projected") or {}).get("sources") or []]
@@ -306,7 +351,7 @@ def inject_pod_spec(meta: Mapping[str, Any], spec: Mapping[str, Any], target: In
     new_meta, new_spec = copy.deepcopy(dict(meta)), copy.deepcopy(dict(spec))
     if is_injected(meta, spec):
         return new_meta, new_spec
-    _check_no_leak(spec, target, settings)
+    _check_no_leak(spec, target, settings, mcp_port(meta.get("annotations") or {}))
     annotations = new_meta.setdefault("annotations", {})
     mode = annotations.get(ANNOTATION_SIDECAR_MODE, "native")
     if mode not in ("native", "container"):
@@ -319,12 +364,17 @@ def inject_pod_spec(meta: Mapping[str, Any], spec: Mapping[str, Any], target: In
         for c in [*(new_spec.get("initContainers") or []), *(new_spec.get("containers") or [])]:
             _set_env(c, pg_env)
 
-    sidecar = proxy_container(target, settings, native=native)
+    sidecars = [proxy_container(target, settings, native=native)]
+    volumes = proxy_volumes(target, settings)
+    port = mcp_port(annotations)
+    if port is not None:  # after the proxy: native sidecars start in order
+        sidecars.append(mcp_container(target, settings, port, native=native))
+        volumes.append({"name": MCP_TMP_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}})
     if native:
-        new_spec["initContainers"] = [sidecar, *(new_spec.get("initContainers") or [])]
+        new_spec["initContainers"] = [*sidecars, *(new_spec.get("initContainers") or [])]
     else:
-        new_spec["containers"] = [*(new_spec.get("containers") or []), sidecar]
-    new_spec["volumes"] = [*(new_spec.get("volumes") or []), *proxy_volumes(target, settings)]
+        new_spec["containers"] = [*(new_spec.get("containers") or []), *sidecars]
+    new_spec["volumes"] = [*(new_spec.get("volumes") or []), *volumes]
 
     annotations[ANNOTATION_INJECTED] = target.connection
     annotations[ANNOTATION_PROXY_IMAGE] = settings.image

@@ -130,14 +130,19 @@ def test_runtime_lock_pins_every_dependency_of_pyproject() -> None:
 def test_proxy_requirements_are_pyproject_without_the_operator() -> None:
     ours = {requirement_name(ln) for ln in (ROOT / "requirements" / "proxy.in").read_text().splitlines()
             if ln.strip() and not ln.startswith("#")}
-    expected = {requirement_name(d) for d in pyproject_dependencies()} - OPERATOR_ONLY
-    assert ours == expected, "requirements/proxy.in must list pyproject's dependencies minus kopf and kubernetes"
+    # plus the mcp extra: the sidecar serves `pgwarden mcp` when a pod asks for it (pgwarden.dev/mcp)
+    expected = ({requirement_name(d) for d in pyproject_dependencies()} - OPERATOR_ONLY) | {"mcp"}
+    assert ours == expected, ("requirements/proxy.in must list pyproject's dependencies minus kopf and kubernetes, "
+                              "plus mcp")
 
 
-def test_proxy_lock_is_a_subset_of_the_runtime_lock_at_the_same_versions() -> None:
+def test_the_two_locks_agree_and_the_sidecar_adds_only_the_mcp_server() -> None:
     proxy, runtime = pins(LOCKS["proxy"]), pins(LOCKS["operator"])
-    differ = {k: (v, runtime.get(k)) for k, v in proxy.items() if runtime.get(k) != v}
+    differ = {k: (v, runtime[k]) for k, v in proxy.items() if k in runtime and runtime[k] != v}
     assert not differ, f"the two images would run different versions: {differ}"
+    # what only the sidecar carries is the MCP server's (make lock compiles it under runtime.lock)
+    only_proxy = {k for k in proxy if k not in runtime}
+    assert "mcp" in only_proxy and {"starlette", "uvicorn"} <= only_proxy
     assert not OPERATOR_ONLY & set(proxy), "the sidecar image must not carry the operator's dependencies"
 
 
@@ -186,7 +191,7 @@ def test_proxy_image_install_step_gives_a_working_proxy(tmp_path: Path, wheel: P
     # everything the sidecar can load at run time imports without the operator's dependencies
     modules = ["pgwarden.proxy.server", "pgwarden.proxy.hooks", "pgwarden.policy", "pgwarden.masking",
                "pgwarden.audit.otel", "pgwarden.audit.log", "pgwarden.identity.authenticator",
-               "pgwarden.approvals", "uvloop", "jwt.algorithms"]
+               "pgwarden.approvals", "uvloop", "jwt.algorithms", "pgwarden.mcp.server"]
     proc = run_in(venv, py, "-c", "import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)", *modules)
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = run_in(venv, py, "-c", "import kopf")

@@ -293,3 +293,56 @@ class TestEphemeralContainers:
         p["spec"]["ephemeralContainers"] = [{"name": "d", "image": "b", "targetContainerName": "pgwarden-proxy"}]
         p["metadata"]["annotations"] = {}
         inj.check_ephemeral_containers(p)
+
+
+class TestMcpSidecar:
+    """pgwarden.dev/mcp: the gate as an MCP server on the pod's loopback, beside the proxy."""
+
+    def mcp(self, p: dict) -> dict | None:
+        found = [c for c in p["spec"].get("initContainers", []) + p["spec"]["containers"] if c["name"] == inj.MCP_CONTAINER]
+        return found[0] if found else None
+
+    def test_absent_unless_asked_for(self) -> None:
+        assert self.mcp(inj.inject_pod(pod(), TARGET, SETTINGS)) is None
+        assert self.mcp(inj.inject_pod(pod({"pgwarden.dev/mcp": "false"}), TARGET, SETTINGS)) is None
+
+    def test_serves_mcp_on_loopback_after_the_proxy_as_the_pods_identity(self) -> None:
+        out = inj.inject_pod(pod({"pgwarden.dev/mcp": "true"}), TARGET, SETTINGS)
+        names = [c["name"] for c in out["spec"]["initContainers"]]
+        assert names[:2] == [inj.PROXY_CONTAINER, inj.MCP_CONTAINER]  # native sidecars start in order
+        c = self.mcp(out)
+        assert c is not None and c["restartPolicy"] == "Always" and c["image"] == SETTINGS.image
+        assert c["args"] == ["mcp", "--http", "127.0.0.1:8765", "--host", SETTINGS.listen_host,
+                             "--port", str(SETTINGS.listen_port), "--database", "orders-prod"]
+        # no credentials, no configuration, no token: it is a client of the proxy like the agent
+        mounted = {m["name"] for m in c["volumeMounts"]}
+        assert mounted == {inj.MCP_TMP_VOLUME}
+        assert "env" not in c or not any("TOKEN" in e["name"] or "PASSWORD" in e["name"] for e in c["env"])
+        assert c["securityContext"] == sidecar(out)["securityContext"]
+
+    def test_a_port_of_ones_own(self) -> None:
+        c = self.mcp(inj.inject_pod(pod({"pgwarden.dev/mcp": "9100"}), TARGET, SETTINGS))
+        assert c is not None and "127.0.0.1:9100" in c["args"] and c["ports"][0]["containerPort"] == 9100
+
+    @pytest.mark.parametrize("value", ["yes", "80", "70000", "-1"])
+    def test_a_bad_value_is_refused(self, value: str) -> None:
+        with pytest.raises(inj.InjectionError, match="pgwarden.dev/mcp"):
+            inj.inject_pod(pod({"pgwarden.dev/mcp": value}), TARGET, SETTINGS)
+
+    def test_an_agent_port_on_the_mcp_port_is_refused(self) -> None:
+        p = pod({"pgwarden.dev/mcp": "true"})
+        p["spec"]["containers"][0]["ports"] = [{"containerPort": 8765}]
+        with pytest.raises(inj.InjectionError, match="8765"):
+            inj.inject_pod(p, TARGET, SETTINGS)
+
+    def test_container_mode_and_carried_from_the_deployment(self) -> None:
+        out = inj.inject_pod(pod({"pgwarden.dev/mcp": "true", "pgwarden.dev/sidecar-mode": "container"}), TARGET, SETTINGS)
+        assert [c["name"] for c in out["spec"]["containers"]] == ["agent", inj.PROXY_CONTAINER, inj.MCP_CONTAINER]
+        assert "pgwarden.dev/mcp" in inj.CARRIED_ANNOTATIONS
+
+    def test_the_injected_pod_is_a_valid_pod(self) -> None:
+        import kubernetes_validate
+
+        out = inj.inject_pod(pod({"pgwarden.dev/mcp": "true"}), TARGET, SETTINGS)
+        for version in ("1.29.0", kubernetes_validate.utils.latest_version()):
+            kubernetes_validate.validate(out, version, strict=True)

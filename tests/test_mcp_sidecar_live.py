@@ -7,6 +7,7 @@ password — so it can do nothing the agent could not do over the wire protocol.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -25,6 +26,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def start_sidecar(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "pgwarden.cli", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def wait_port(port: int, proc: subprocess.Popen[str], timeout: float = 30) -> None:
@@ -56,10 +62,9 @@ async def test_the_injected_mcp_sidecar_serves_the_gate_as_the_pods_identity(
                                  listen_port=proxy.port)
     container = inj.mcp_container(inj.InjectionTarget.for_connection("shop"), settings, mcp_port, native=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "POD_", "SERVICE_ACCOUNT"))}
-    proc = subprocess.Popen([sys.executable, "-m", "pgwarden.cli", *container["args"]], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = await asyncio.to_thread(start_sidecar, container["args"], env)
     try:
-        wait_port(mcp_port, proc)
+        await asyncio.to_thread(wait_port, mcp_port, proc)
         mark = pg.log_position()
         async with Client(f"http://127.0.0.1:{mcp_port}/mcp") as client:
             rows = await client.call_tool("query", {"sql": "SELECT count(*) FROM orders"})
@@ -71,4 +76,4 @@ async def test_the_injected_mcp_sidecar_serves_the_gate_as_the_pods_identity(
         assert "mcp-sidecar" not in pg.log_since(mark)
     finally:
         proc.terminate()
-        proc.wait(10)
+        await asyncio.to_thread(proc.wait, 10)

@@ -257,7 +257,7 @@ class Relay:
         if attach is not None:
             attach(self.names)
         self._puts_in_flight = 0  # pending entries that make a name the server has not confirmed
-        self._barrier: Any = None  # future resolved when _puts_in_flight drops to 0
+        self._barrier: _Barrier | None = None  # released when _puts_in_flight drops to 0
         self._rewriter: RowRewriter | None = None
         # the statement context whose rows the observer records, while it wants them
         self._recording: Any = None

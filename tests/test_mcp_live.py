@@ -641,7 +641,9 @@ async def test_a_table_without_access_is_not_listed_and_masked_columns_are_marke
         hidden = await client.call_tool("describe_table", {"table": "customer_contacts"})
     by_name = {t["name"]: t for t in tables["tables"]}
     assert set(by_name) == {"customers", "orders", "audit_scratch"}  # customer_contacts: no rule names it
-    assert "1 tables or views you have no access to are not listed." in tables["notes"]
+    # customer_contacts at least (other tests of the session may have made more tables in public)
+    assert any(n.endswith("tables or views you have no access to are not listed.") and int(n.split()[0]) >= 1
+               for n in tables["notes"]), tables["notes"]
     assert by_name["orders"]["access"] == {
         "select": "allow",
         "insert": "deny",

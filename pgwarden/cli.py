@@ -1,4 +1,4 @@
-"""`pgwarden` — one entry point for every verb in DESIGN.md.
+"""`pgwarden` — one entry point for every verb (the README's command table).
 
 Each verb's implementation lives with the package that owns it and is imported lazily, so
 `pgwarden policy explain` does not pay for kopf and the proxy does not import the operator.

@@ -1,4 +1,4 @@
-"""Errors the agent sees, each with its SQLSTATE (DESIGN.md), and the user-facing CLI error.
+"""Errors the agent sees, each with its SQLSTATE (the README lists them), and the user-facing CLI error.
 
 The proxy turns an `AgentError` into a PostgreSQL ErrorResponse in exactly one place
 (`pgwarden.proxy.messages.error_response_from`). Every message says what decided and what the

@@ -1,6 +1,6 @@
 """ProxyConfig: how one proxy listens, whom it lets in, and how it reaches its database.
 
-The proxy is configured by the same YAML documents as the operator (DESIGN.md) plus one
+The proxy is configured by the same YAML documents as the operator (examples/, docs/crd-reference.md) plus one
 `ProxyConfig`. Upstream credentials come from a mounted folder (the operator's rotating
 Secret: files `username` and `password`, re-read for every new upstream connection), a file,
 an environment variable or, for development, the config itself.

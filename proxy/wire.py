@@ -2,7 +2,7 @@
 
 During the handshake it buffers bytes and offers awaitable reads; after it the relay takes
 over `on_data` and bytes go straight through (asyncio Protocols, not streams: streams cost a
-task switch and a copy per chunk, which DESIGN.md's measurements show the proxy cannot afford).
+task switch and a copy per chunk, which the measurements in docs/benchmarks.md show the proxy cannot afford).
 Flow control links the two sides: when one side's write buffer fills up, the other side stops
 reading, so a 1,000,000-row result never piles up in the proxy's memory.
 """

@@ -1,6 +1,6 @@
 """What the proxy answered, as results a model can act on (pure functions, no I/O).
 
-The proxy reports every refusal as an ErrorResponse with a SQLSTATE (DESIGN.md), and a statement
+The proxy reports every refusal as an ErrorResponse with a SQLSTATE (the README lists them), and a statement
 held for a reviewer as a NoticeResponse naming the request. These become typed outcomes with a
 `next_step` written for a model, so that a refusal is not mistaken for a transient failure and
 retried blindly.

@@ -30,10 +30,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from pgwarden.proxy.main import start_proxy  # noqa: E402
 from rawpg import RawConn, query  # noqa: E402
 
 from pgwarden.embedded import EmbeddedPostgres  # noqa: E402
+from pgwarden.proxy.main import start_proxy  # noqa: E402
 from pgwarden.resources import parse_documents  # noqa: E402
 
 DB, APP, APP_PW, AGENT, AGENT_PW = "bench", "benchapp", "benchapp-pw", "agent", "agent-pw"

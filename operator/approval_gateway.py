@@ -34,13 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+from pgwarden.identity.tokenreview import REVIEW_PATH, identity_from_review
+from pgwarden.identity.tokens import TokenRejected
 from pgwarden.operator import kube
 from pgwarden.operator.approvals import EXECUTED_EVENT_SUFFIX, MANAGED_ANNOTATIONS
 from pgwarden.operator.runtime import Runtime
 from pgwarden.operator.webhook_server import self_signed
-
-from pgwarden.identity.tokenreview import REVIEW_PATH, identity_from_review
-from pgwarden.identity.tokens import TokenRejected
 
 log = logging.getLogger("pgwarden.operator.gateway")
 

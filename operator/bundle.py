@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from pgwarden.connection import DatabaseConnection
 from pgwarden.operator.credentials import managed_labels, owner_reference
 from pgwarden.operator.injection import (
     AUDIT_FILE,
@@ -34,8 +36,6 @@ from pgwarden.operator.injection import (
     recordings_budget,
 )
 from pgwarden.operator.settings import InjectionSettings
-
-from pgwarden.connection import DatabaseConnection
 from pgwarden.resources import API_VERSION, Document, ResourceError, document_from_object
 
 ANNOTATION_DIGEST = "pgwarden.dev/bundle-digest"

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import pg8000.exceptions
 import pg8000.native
-from pgwarden.operator import roles_sql
-from pgwarden.operator.rotation import LoginRole, RotationPlan, RotationSpec, RotationState, plan_rotation
 
 from pgwarden.connection import DatabaseConnection
+from pgwarden.operator import roles_sql
+from pgwarden.operator.rotation import LoginRole, RotationPlan, RotationSpec, RotationState, plan_rotation
 
 
 class DatabaseProblem(Exception):

@@ -12,10 +12,10 @@ import sys
 from typing import Any
 
 import yaml
-from pgwarden.operator.injection import InjectionError, InjectionTarget, inject_manifest
-from pgwarden.operator.settings import OperatorSettings
 
 from pgwarden.errors import UserError
+from pgwarden.operator.injection import InjectionError, InjectionTarget, inject_manifest
+from pgwarden.operator.settings import OperatorSettings
 
 
 def inject_documents(text: str, connection: str, image: str | None = None) -> list[Any]:

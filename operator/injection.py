@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jsonpatch  # type: ignore[import-untyped]  # kopf's own dependency, used for its admission patches
+
 from pgwarden.operator.settings import InjectionSettings
 
 ANNOTATION_INJECT = "pgwarden.dev/inject"

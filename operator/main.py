@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 import kopf
+
 from pgwarden.operator import approval_gateway, injection
 from pgwarden.operator.handlers import admission, approvals, connection, policies, workloads
 from pgwarden.operator.kube import Kube, load_api_config

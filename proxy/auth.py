@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 
 import scramp
+
+from pgwarden.errors import AuthenticationFailed
 from pgwarden.proxy import messages as m
 from pgwarden.proxy.config import StaticUser
 from pgwarden.proxy.wire import Endpoint
-
-from pgwarden.errors import AuthenticationFailed
 from pgwarden.subjects import Identity, Workload
 
 TokenAuthenticator = Callable[[str], Awaitable[Identity]]

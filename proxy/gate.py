@@ -16,13 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pgwarden.proxy import messages as m
-from pgwarden.proxy.analysis_budget import Analysed, AnalysisOffload
-from pgwarden.proxy.circuit import CircuitBreaker
-from pgwarden.proxy.relay import Verdict
-from pgwarden.proxy.session import PortalEntry, PreparedEntry, SessionNames
-from pgwarden.proxy.statements import rebinds, shown_sql, statement_changes
-
 from pgwarden.audit import records
 from pgwarden.errors import (
     AgentError,
@@ -36,6 +29,12 @@ from pgwarden.errors import (
     StatementLimit,
 )
 from pgwarden.policy import analyze
+from pgwarden.proxy import messages as m
+from pgwarden.proxy.analysis_budget import Analysed, AnalysisOffload
+from pgwarden.proxy.circuit import CircuitBreaker
+from pgwarden.proxy.relay import Verdict
+from pgwarden.proxy.session import PortalEntry, PreparedEntry, SessionNames
+from pgwarden.proxy.statements import rebinds, shown_sql, statement_changes
 from pgwarden.subjects import Workload
 
 log = logging.getLogger("pgwarden.proxy.gate")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 from aiohttp import web
+
 from pgwarden.proxy.server import ProxyServer
 
 

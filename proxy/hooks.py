@@ -14,14 +14,13 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from pgwarden.errors import PolicyDenied
 from pgwarden.proxy import messages as m
 from pgwarden.proxy.analysis_budget import AnalysisOffload
 from pgwarden.proxy.config import ProxyConfig
 from pgwarden.proxy.gate import Runtime, SessionGate
 from pgwarden.proxy.relay import Gate, Observer, Verdict
 from pgwarden.proxy.server import SessionHooks, SessionInfo
-
-from pgwarden.errors import PolicyDenied
 from pgwarden.resources import Document, of_kind
 
 log = logging.getLogger("pgwarden.proxy")
@@ -58,9 +57,8 @@ def _breaker(doc: Document) -> Any:
     kept: `spec.lockouts.path` of the ProxyConfig (default pgwarden-data/lockouts.json)."""
     from pathlib import Path
 
-    from pgwarden.proxy.circuit import CircuitBreaker
-
     from pgwarden.audit.config import DEFAULT_DATA_DIR
+    from pgwarden.proxy.circuit import CircuitBreaker
     from pgwarden.resources import get_field
 
     raw = get_field(doc, doc.spec, "lockouts", Mapping, "spec.lockouts", {})
@@ -138,6 +136,7 @@ async def open_runtime(rt: Runtime, config: ProxyConfig) -> None:
 def catalog_connection(config: ProxyConfig) -> Any:
     """A side connection for reading the catalog, with the proxy's own upstream login."""
     import pg8000.native
+
     from pgwarden.proxy.upstream import ssl_context_for
 
     conn = config.connection

@@ -14,9 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from pgwarden.proxy.circuit import lift, read_book
-
 from pgwarden.audit.records import iso
+from pgwarden.proxy.circuit import lift, read_book
 from pgwarden.textsafe import escape
 
 DEFAULT_STATE = "pgwarden-data/lockouts.json"

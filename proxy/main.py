@@ -12,12 +12,11 @@ import logging
 import signal
 from dataclasses import dataclass
 
+from pgwarden.errors import UserError
 from pgwarden.proxy.config import ProxyConfig, parse_proxy_config
 from pgwarden.proxy.hooks import close_runtime, open_runtime, prepare_runtime, session_hooks
 from pgwarden.proxy.reload import watch
 from pgwarden.proxy.server import ProxyServer
-
-from pgwarden.errors import UserError
 from pgwarden.resources import Document, ResourceError, load_documents
 
 log = logging.getLogger("pgwarden.proxy")

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from pgwarden.errors import AgentError, PolicyDenied, ProtocolViolation
 from pgwarden.proxy import messages as m
 from pgwarden.proxy.analysis_budget import statement_too_large
 from pgwarden.proxy.session import (
@@ -38,8 +39,6 @@ from pgwarden.proxy.session import (
     PreparedEntry,
     SessionNames,
 )
-
-from pgwarden.errors import AgentError, PolicyDenied, ProtocolViolation
 
 # A statement that fails in the raw parser: no catalog access, no side effects.
 SENTINEL_SQL = "pgwarden refused the statement that was sent here"

@@ -17,14 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pgwarden.proxy import messages as m
-from pgwarden.proxy import upstream as up
-from pgwarden.proxy.auth import TokenAuthenticator, authenticate, pod_identity
-from pgwarden.proxy.config import FORWARDED_STARTUP_PARAMS, ProxyConfig
-from pgwarden.proxy.relay import Gate, Observer, Relay, Verdict
-from pgwarden.proxy.reload import ReloadStatus
-from pgwarden.proxy.wire import ConnectionClosed, Endpoint
-
 from pgwarden.audit import records
 from pgwarden.errors import (
     AgentError,
@@ -35,6 +27,13 @@ from pgwarden.errors import (
     UpstreamUnavailable,
 )
 from pgwarden.identity.workload import is_loopback
+from pgwarden.proxy import messages as m
+from pgwarden.proxy import upstream as up
+from pgwarden.proxy.auth import TokenAuthenticator, authenticate, pod_identity
+from pgwarden.proxy.config import FORWARDED_STARTUP_PARAMS, ProxyConfig
+from pgwarden.proxy.relay import Gate, Observer, Relay, Verdict
+from pgwarden.proxy.reload import ReloadStatus
+from pgwarden.proxy.wire import ConnectionClosed, Endpoint
 from pgwarden.subjects import Identity, Workload
 
 log = logging.getLogger("pgwarden.proxy")

@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import pglast
+
+from pgwarden.policy.analysis import Analysis, Prepare
 from pgwarden.proxy.session import (
     DISCARD,
     DROP_PORTAL,
@@ -20,8 +22,6 @@ from pgwarden.proxy.session import (
     PreparedEntry,
     SessionNames,
 )
-
-from pgwarden.policy.analysis import Analysis, Prepare
 
 
 def statement_slices(sql: str, count: int) -> list[str]:

@@ -14,11 +14,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import scramp
+
+from pgwarden.errors import UpstreamUnavailable
 from pgwarden.proxy import messages as m
 from pgwarden.proxy.config import ProxyConfig
 from pgwarden.proxy.wire import ConnectionClosed, Endpoint
-
-from pgwarden.errors import UpstreamUnavailable
 
 MAX_AUTH_MESSAGE = 1 << 20
 

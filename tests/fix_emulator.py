@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import kmock
 import yaml
+
 from pgwarden.operator import kube
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import yaml
 from fix_pg import APP_PASSWORD, APP_USER, SHOP_DB
-from pgwarden.proxy.main import RunningProxy, start_proxy
 
 from pgwarden.embedded import EmbeddedPostgres
+from pgwarden.proxy.main import RunningProxy, start_proxy
 from pgwarden.resources import parse_documents
 
 AGENT_USER = "agent"

@@ -12,14 +12,14 @@ import jsonpatch
 import kubernetes_validate
 import pytest
 from apiserver_model import Invalid, crds, merge_patch, patch_status, prune, store, update
-from pgwarden.operator import approvals as ar
-from pgwarden.operator import bundle, credentials, status
-from pgwarden.operator import injection as inj
-from pgwarden.operator.settings import InjectionSettings
 
 from pgwarden.approvals import ApprovalSpec
 from pgwarden.approvals.kubernetes import build_event, build_request, matches, outcome_of
 from pgwarden.connection import parse_connection
+from pgwarden.operator import approvals as ar
+from pgwarden.operator import bundle, credentials, status
+from pgwarden.operator import injection as inj
+from pgwarden.operator.settings import InjectionSettings
 from pgwarden.resources import document_from_object
 from pgwarden.subjects import Identity, SubjectRef
 

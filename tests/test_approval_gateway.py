@@ -20,17 +20,17 @@ import kmock
 import pytest
 import yaml
 from fix_emulator import advertise, client_for
-from pgwarden.operator import approval_gateway as gw
-from pgwarden.operator import approvals as ar
-from pgwarden.operator import bundle
-from pgwarden.operator.runtime import Runtime
-from pgwarden.operator.settings import GatewaySettings, InjectionSettings, OperatorSettings
 
 from pgwarden.approvals import ApprovalSpec, KubeApi, KubeClient, KubernetesApprovals, backend_from_config
 from pgwarden.approvals import kubernetes as kapprovals
 from pgwarden.approvals.kubernetes import build_request, collection_path, events_path
 from pgwarden.connection import parse_connection
 from pgwarden.identity.tokenreview import REVIEW_PATH
+from pgwarden.operator import approval_gateway as gw
+from pgwarden.operator import approvals as ar
+from pgwarden.operator import bundle
+from pgwarden.operator.runtime import Runtime
+from pgwarden.operator.settings import GatewaySettings, InjectionSettings, OperatorSettings
 from pgwarden.resources import document_from_object
 from pgwarden.subjects import Identity, SubjectRef
 
@@ -402,10 +402,9 @@ async def test_readiness_needs_both_the_gateway_and_the_webhook_port(kmock: Any,
     webhook port does not complete a TLS handshake, so the Service sends no admission there."""
     import ssl
 
+    from pgwarden.embedded import free_port
     from pgwarden.operator.settings import WebhookSettings
     from pgwarden.operator.webhook_server import self_signed
-
-    from pgwarden.embedded import free_port
 
     advertise(kmock)
     port = free_port()
@@ -448,6 +447,7 @@ async def test_a_renewed_certificate_is_served_without_a_restart(kmock: Any, tmp
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
+
     from pgwarden.operator.webhook_server import self_signed
 
     ca_pem, ca_key_pem = self_signed(["pgwarden-webhook-ca"])

@@ -16,10 +16,10 @@ import jsonpatch
 import kmock
 import pytest
 from fix_emulator import advertise
-from pgwarden.operator import approvals as ar
 
 from pgwarden.approvals import ApprovalSpec, KubeApi, KubeClient, KubernetesApprovals
 from pgwarden.approvals.kubernetes import collection_path
+from pgwarden.operator import approvals as ar
 from pgwarden.subjects import Identity, SubjectRef
 
 NS = "agents"

@@ -23,14 +23,14 @@ import jsonpatch
 import kmock
 import pytest
 from fix_emulator import advertise, client_for, eventually
-from pgwarden.operator import approvals as ar
-from pgwarden.operator import kube
-from pgwarden.operator.settings import WebhookSettings
 from test_operator_emulated import FAST, NS, operator
 
 from pgwarden.approvals import ApprovalSpec, KubeApi, KubeClient, KubernetesApprovals
 from pgwarden.approvals.kubernetes import collection_path
 from pgwarden.embedded import free_port
+from pgwarden.operator import approvals as ar
+from pgwarden.operator import kube
+from pgwarden.operator.settings import WebhookSettings
 from pgwarden.subjects import Identity, SubjectRef
 
 pytestmark = pytest.mark.slow

@@ -11,9 +11,9 @@ from typing import Any
 
 import jsonpatch
 import pytest
-from pgwarden.operator import approvals as ar
 
 from pgwarden.approvals.model import iso
+from pgwarden.operator import approvals as ar
 from pgwarden.subjects import SubjectRef
 
 NS = "agents"

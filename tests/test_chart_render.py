@@ -217,10 +217,9 @@ def test_every_pgwarden_variable_the_chart_sets_is_read_by_the_operator() -> Non
 def test_audit_and_otel_values_reach_the_injected_sidecar() -> None:
     """audit.* and otel.endpoint travel chart -> operator env -> settings -> the sidecar's
     proxy.yaml and environment."""
+    from pgwarden.connection import parse_connection
     from pgwarden.operator import bundle, injection
     from pgwarden.operator.settings import OperatorSettings
-
-    from pgwarden.connection import parse_connection
     from pgwarden.resources import document_from_object
 
     dep = operator_deployment({"audit.stdout": False, "audit.otel": True, "otel.endpoint": "http://collector:4318"})
@@ -379,6 +378,7 @@ def test_workload_rights_only_with_the_carry_feature() -> None:
     assert OperatorSettings.from_env({k: v for k, v in env.items() if v is not None}).carry_annotations is False
     # and the operator then registers no workload watch (it would be forbidden)
     import kopf
+
     from pgwarden.operator import main as operator_main
     from pgwarden.operator.kube import ApiConfig, Kube
     from pgwarden.operator.runtime import Runtime
@@ -423,6 +423,7 @@ def kopf_webhooks() -> dict[str, list[dict[str, Any]]]:
     from kopf._cogs.structs import references
     from kopf._core.engines import admission
     from kopf._core.intents import causes
+
     from pgwarden.operator import main as operator_main
     from pgwarden.operator.kube import ApiConfig, Kube
     from pgwarden.operator.runtime import Runtime
@@ -734,6 +735,7 @@ def test_the_api_server_itself_refuses_an_annotated_pod_without_its_sidecar() ->
     """ValidatingAdmissionPolicy (Kubernetes >= 1.30): no operator, webhook setting or outage lets
     a pod that asks for the proxy run without it. Evaluated here with CEL as the API server does."""
     import celpy
+
     from pgwarden.operator.injection import InjectionTarget, inject_pod
     from pgwarden.operator.settings import InjectionSettings
 

@@ -13,8 +13,9 @@ from typing import Any
 import pg8000.native
 import pytest
 from circuit_clock import FakeClock
-from pgwarden.proxy.circuit import CircuitBreaker, lift, read_book
 from rawpg import Closed, PgError, RawConn, error_fields, query
+
+from pgwarden.proxy.circuit import CircuitBreaker, lift, read_book
 
 API = "pgwarden.dev/v1alpha1"
 USERS = [{"name": "agent", "password": "agent-pw", "groups": ["ai-agents"]},

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import yaml
-from pgwarden.operator import injection as inj
 
 from pgwarden.cli import main
+from pgwarden.operator import injection as inj
 
 MANIFEST = """
 apiVersion: apps/v1

@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 from kubelet_model import fs_user, projected_files, write_volume
+
+from pgwarden.connection import parse_connection
 from pgwarden.operator import bundle, credentials
 from pgwarden.operator import injection as inj
 from pgwarden.operator.settings import InjectionSettings
-
-from pgwarden.connection import parse_connection
 from pgwarden.resources import document_from_object
 
 pytestmark = pytest.mark.skipif(

@@ -6,6 +6,7 @@ import copy
 
 import jsonpatch
 import pytest
+
 from pgwarden.operator import injection as inj
 from pgwarden.operator.settings import InjectionSettings
 

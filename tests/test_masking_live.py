@@ -41,11 +41,11 @@ from masking_live_helpers import (
     seeded_names,
     server_messages,
 )
-from pgwarden.proxy.main import start_proxy
 from proxy_helpers import superuser
 
 from pgwarden.cli import main
 from pgwarden.embedded import EmbeddedPostgres
+from pgwarden.proxy.main import start_proxy
 from pgwarden.resources import parse_documents
 
 # Free text with secrets in it, in a table no MaskingRule names: only the detectors stand guard.

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import pytest
 from fix_proxy import AGENT_PASSWORD, AGENT_USER, ProxyHandle, ProxyThread, proxy_documents
 from masking_live_helpers import OFFICER_PASSWORD, OFFICER_USER, leaks, live_documents, officer_user
-from pgwarden.proxy.main import start_proxy
 from proxy_helpers import superuser
 from rawpg import RawConn, data_row, error_fields, msg
 from test_masking_live import CLIENTS, Received, run_psql
 
 from pgwarden.embedded import EmbeddedPostgres
+from pgwarden.proxy.main import start_proxy
 from pgwarden.resources import parse_documents
 
 SECRET = "123-45-6789"  # customers.id = 1 in pgwarden/demo/shop.sql

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from mcp import Client
+
 from pgwarden.operator import injection as inj
 from pgwarden.operator.settings import InjectionSettings
 

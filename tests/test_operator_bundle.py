@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 import yaml
-from pgwarden.operator import bundle, credentials
-from pgwarden.operator.settings import InjectionSettings
 
 from pgwarden.connection import parse_connection
+from pgwarden.operator import bundle, credentials
+from pgwarden.operator.settings import InjectionSettings
 from pgwarden.resources import document_from_object, parse_documents
 
 CONN_RAW = {"apiVersion": "pgwarden.dev/v1alpha1", "kind": "DatabaseConnection",

@@ -15,6 +15,7 @@ import pg8000.exceptions
 import pg8000.native
 import pytest
 from fix_emulator import advertise, client_for, eventually
+
 from pgwarden.operator import credentials, kube
 from pgwarden.operator.main import run
 from pgwarden.operator.runtime import Runtime

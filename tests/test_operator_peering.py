@@ -23,12 +23,13 @@ import kopf
 import pg8000.native
 import pytest
 from fix_emulator import advertise, client_for, eventually
+from test_operator_emulated import NS, PGW, admin_secret, can_login, connection, operator, read_secret
+
 from pgwarden.operator import database, kube, roles_sql
 from pgwarden.operator.handlers import connection as handler
 from pgwarden.operator.main import configure_kopf, settings_from_args
 from pgwarden.operator.runtime import Runtime
 from pgwarden.operator.settings import OperatorSettings, RotationSettings, WebhookSettings
-from test_operator_emulated import NS, PGW, admin_secret, can_login, connection, operator, read_secret
 
 pytestmark = pytest.mark.slow
 LOG = logging.getLogger("test.peering")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from pgwarden.operator import roles_sql
 from pgwarden.operator.rotation import (
     Action,

@@ -19,11 +19,11 @@ import jsonpatch
 import kmock
 import pytest
 from fix_emulator import advertise, client_for, eventually
-from pgwarden.operator import injection, kube
-from pgwarden.operator.settings import WebhookSettings
 from test_operator_emulated import FAST, NS, admin_secret, connection, operator
 
 from pgwarden.embedded import free_port
+from pgwarden.operator import injection, kube
+from pgwarden.operator.settings import WebhookSettings
 
 pytestmark = pytest.mark.slow
 
@@ -204,9 +204,10 @@ async def test_a_standby_replica_answers_admission_from_the_api(kmock: kmock.Kub
     from the policy's reviewers, by reading the objects from the API."""
     import datetime
 
-    from pgwarden.operator import approvals as ar
     from test_approvals_webhook import ALICE, MALLORY, request_obj
     from test_approvals_webhook import review as approval_review
+
+    from pgwarden.operator import approvals as ar
 
     advertise(kmock)
     k = client_for(kmock)

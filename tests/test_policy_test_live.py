@@ -80,8 +80,8 @@ def wait_for_outcomes(path: Path, sessions: int) -> None:
 def recorded(tmp_path_factory: pytest.TempPathFactory, pg: Any, proxy_thread: Any) -> Path:
     """An audit log of three agent sessions under RECORDED, written by the live proxy."""
     from fix_proxy import ProxyHandle, proxy_documents
-    from pgwarden.proxy.main import start_proxy
 
+    from pgwarden.proxy.main import start_proxy
     from pgwarden.resources import parse_documents
 
     tmp = tmp_path_factory.mktemp("policytest")

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 from fix_proxy import ProxyHandle, proxy_documents
-from pgwarden.proxy.main import start_proxy
 from test_proxy_drivers import jdbc_jar
 
+from pgwarden.proxy.main import start_proxy
 from pgwarden.resources import parse_documents
 
 ROOT = Path(__file__).resolve().parents[1]

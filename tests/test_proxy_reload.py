@@ -10,8 +10,8 @@ import pg8000.native
 import pytest
 import yaml
 from fix_proxy import ProxyHandle, proxy_documents
-from pgwarden.proxy.main import start_proxy
 
+from pgwarden.proxy.main import start_proxy
 from pgwarden.resources import load_documents
 
 API = "pgwarden.dev/v1alpha1"

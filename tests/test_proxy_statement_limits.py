@@ -18,10 +18,11 @@ from typing import Any
 import psycopg
 import pytest
 from fix_proxy import AGENT_PASSWORD, AGENT_USER, proxy_documents
+from rawpg import RawConn, error_fields, msg, query
+
 from pgwarden.proxy import messages as m
 from pgwarden.proxy.config import DEFAULT_MAX_STATEMENT_BYTES
 from pgwarden.proxy.relay import SENTINEL_SQL, Relay, Verdict
-from rawpg import RawConn, error_fields, msg, query
 
 API = "pgwarden.dev/v1alpha1"
 POLICY = {
@@ -136,7 +137,6 @@ def test_oversize_statement_is_audited_as_refused_unread(make_proxy: Any, pg: An
 
 def test_max_statement_bytes_is_checked_in_the_config(make_proxy: Any) -> None:
     from pgwarden.proxy.config import parse_proxy_config
-
     from pgwarden.resources import ResourceError, parse_documents
 
     class FakePg:

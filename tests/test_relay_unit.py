@@ -9,11 +9,11 @@ from __future__ import annotations
 import struct
 
 import pytest
-from pgwarden.proxy import messages as m
-from pgwarden.proxy.relay import BARRIER, SENTINEL_SQL, Relay, Verdict
 from rawpg import error_fields, msg
 
 from pgwarden.errors import PolicyDenied, ProtocolViolation
+from pgwarden.proxy import messages as m
+from pgwarden.proxy.relay import BARRIER, SENTINEL_SQL, Relay, Verdict
 
 MARKER = "forbidden_table"
 

@@ -34,12 +34,13 @@ import kmock
 import pytest
 from fix_emulator import advertise, client_for, eventually
 from fix_proxy import ProxyHandle
+from rawpg import RawConn
+from test_operator_emulated import NS, PGW, admin_secret, can_login, connection, operator, read_secret
+
 from pgwarden.operator import database, kube
 from pgwarden.operator.handlers import connection as handler
 from pgwarden.operator.settings import OperatorSettings, RotationSettings, WebhookSettings
 from pgwarden.proxy.config import UpstreamCredentials
-from rawpg import RawConn
-from test_operator_emulated import NS, PGW, admin_secret, can_login, connection, operator, read_secret
 
 pytestmark = pytest.mark.slow
 

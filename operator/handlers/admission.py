@@ -14,6 +14,7 @@ from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import kopf
+
 from pgwarden.operator import injection
 from pgwarden.operator.runtime import Runtime
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import kopf
+
 from pgwarden.operator import approvals, kube
 from pgwarden.operator.runtime import Runtime
-
 from pgwarden.resources import parse_duration
 
 APPROVAL_REQUESTS = ("pgwarden.dev", "v1alpha1", "approvalrequests")

@@ -13,13 +13,13 @@ from collections.abc import Coroutine, Mapping, MutableMapping
 from typing import Any, TypeVar
 
 import kopf
+
+from pgwarden.connection import DatabaseConnection, parse_connection
 from pgwarden.operator import bundle as bundle_mod
 from pgwarden.operator import credentials, database, kube, status
 from pgwarden.operator.handlers.policies import rebuild_bundle
 from pgwarden.operator.rotation import Action, RotationSpec
 from pgwarden.operator.runtime import Runtime
-
-from pgwarden.connection import DatabaseConnection, parse_connection
 from pgwarden.resources import ResourceError, document_from_object
 
 ANNOTATION_SKIP_CLEANUP = "pgwarden.dev/skip-role-cleanup"

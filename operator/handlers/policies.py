@@ -13,11 +13,10 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from pgwarden.connection import DatabaseConnection, parse_connection
 from pgwarden.operator import bundle as bundle_mod
 from pgwarden.operator import credentials, database, kube, status
 from pgwarden.operator.runtime import Runtime
-
-from pgwarden.connection import DatabaseConnection, parse_connection
 from pgwarden.resources import ResourceError, document_from_object
 
 PLURALS = {"AccessPolicy": "accesspolicies", "MaskingRule": "maskingrules"}

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
+
 from pgwarden.operator import injection, kube
 from pgwarden.operator.runtime import Runtime
 

@@ -301,16 +301,17 @@ class SessionGate:
         if self.generation != self.rt.generation:
             self._resolve()
         self._sync_views()
+        ctx = StatementContext(id=str(next(self._ids)), sql=sql, started=time.time(),
+                               prepared=prepared_name is not None or bind is not None,
+                               params=bind_params(bind) if bind is not None else None)
+        # the rate counts runs: a Query, a Bind (below); a Parse alone runs nothing. Counted once,
+        # before a long text goes off the loop (it comes back here with `analysed`)
+        if analysed is None and prepared_name is None and (limited := self._rate_limited()) is not None:
+            return self._audited(ctx, Verdict(error=limited, context=ctx), "deny")  # not a denial that counts
         offload = self.rt.offload
         if analysed is None and bind is None and offload is not None and offload.wants(sql):
             # a long text is analysed off the event loop within a time budget; this runs again with the result
             return Verdict(wait=offload.check(self, sql, prepared_name))
-        ctx = StatementContext(id=str(next(self._ids)), sql=sql, started=time.time(),
-                               prepared=prepared_name is not None or bind is not None,
-                               params=bind_params(bind) if bind is not None else None)
-        # the rate counts runs: a Query, a Bind (below); a Parse alone runs nothing
-        if analysed is None and prepared_name is None and (limited := self._rate_limited()) is not None:
-            return self._audited(ctx, Verdict(error=limited, context=ctx), "deny")  # not a denial that counts
         if analysed is not None and analysed.error is not None:
             return self._refuse(ctx, analysed.error)
         try:

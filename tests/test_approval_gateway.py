@@ -533,3 +533,14 @@ def test_the_events_the_gateway_writes_are_valid_events() -> None:
         assert event["reportingInstance"] == "cursor-agent-7d9f"
         for version in ("1.29.0", kubernetes_validate.utils.latest_version()):
             kubernetes_validate.validate(event, version, strict=True)
+
+
+async def test_a_name_that_is_a_path_never_reaches_the_api(kmock: Any, gateway: Any, tmp_path: Path) -> None:
+    """`..` in a watched or withdrawn name would make the operator request another object with its
+    own credentials (and tell the caller whether it exists)."""
+    for name in ("../../../../../api/v1/namespaces/kube-system/secrets/admin", "x?watch=true", "a/b"):
+        status, answer = await raw(
+            gateway, tmp_path, "proxy-a", "GET", collection_path(NS),
+            params={"watch": "true", "fieldSelector": f"metadata.name={name}"},
+        )
+        assert status == 400 and "is not an ApprovalRequest name" in answer["message"], (name, status, answer)

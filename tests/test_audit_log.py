@@ -7,6 +7,7 @@ import io
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -225,14 +226,17 @@ async def test_write_mode_fails_closed_after_a_failed_background_fsync(tmp_path:
         await asyncio.sleep(0.02)
     with pytest.raises(AuditUnavailable, match="fsync failed: Input/output error"):
         await log.write(records.statement(info, 2, "DELETE FROM orders", decision="allow"))
-    fsync.fail = False  # the disk recovers: the next interval's fsync clears the refusal
-    for _ in range(100):
-        if not log._sync_error:
-            break
-        await asyncio.sleep(0.02)
-    await log.write(records.statement(info, 3, "SELECT 3", decision="allow"))
+    fsync.fail = False  # a later fsync succeeds: it proves nothing about what the failed one lost
+    await asyncio.sleep(0.1)
+    with pytest.raises(AuditUnavailable, match="fsync failed"):
+        await log.write(records.statement(info, 3, "SELECT 3", decision="allow"))
     await log.close()
-    assert [r["stmt"] for r in lines(path)] == [1, 3]
+    # the proxy restarts: it chains from what the file really holds
+    log = AuditLog(AuditConfig(path=str(path), sync_interval=0.02), fsync=fsync)
+    await log.open()
+    await log.write(records.statement(info, 4, "SELECT 4", decision="allow"))
+    await log.close()
+    assert [r["stmt"] for r in lines(path)] == [1, 4]
     assert verify_path(path).ok
 
 
@@ -263,4 +267,23 @@ def test_write_mode_records_survive_the_proxy_being_killed(tmp_path: Path) -> No
     done = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == -9 and "acknowledged" in done.stdout, done.stderr
     assert [r["stmt"] for r in lines(path)] == list(range(200))
+    assert verify_path(path).ok
+
+
+async def test_write_mode_a_disk_stuck_in_fsync_fails_the_statement_instead_of_the_proxy(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(AuditConfig(path=str(path), rotate_bytes=600, write_timeout=0.2, sync_interval=10))
+    await log.open()
+    info = SessionInfo("s")
+    await log.write(records.statement(info, 1, "SELECT 1", decision="allow"))
+    log._io_lock.acquire()  # the writer thread is inside an fsync that does not come back
+    try:
+        started = time.monotonic()
+        with pytest.raises(AuditUnavailable, match="did not finish an fsync"):
+            await log.write(records.statement(info, 2, "SELECT 2 /* past rotateBytes: rotates */", decision="allow"))
+        assert time.monotonic() - started < 2  # the event loop was held for writeTimeout, not forever
+    finally:
+        log._io_lock.release()
+    await log.write(records.statement(info, 3, "SELECT 3", decision="allow"))
+    await log.close()
     assert verify_path(path).ok

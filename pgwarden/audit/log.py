@@ -7,8 +7,9 @@ fsync) before the statement is forwarded, so it survives the node crashing too. 
 writers share one write (and one fsync): while the writer thread handles one batch, new records
 gather into the next. If the batch cannot be written, every waiter gets `AuditUnavailable`
 (PW004) and the proxy forwards nothing; the file is cut back to the last acknowledged record, so
-the chain stays intact. A failed background fsync fails every later write until one succeeds:
-records the kernel may have lost are never followed by statements forwarded as if they were kept.
+the chain stays intact. A failed background fsync fails every later write until the proxy
+restarts: records the kernel may have lost are never followed by statements forwarded as if they
+were kept (a later fsync's success says nothing about pages the kernel dropped after a failure).
 
 `emit(record)` joins the same chain and order but nobody waits for it: outcome and session-end
 records, where failing the client would help no one. Lost emits are counted.
@@ -25,10 +26,12 @@ that are already acknowledged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -126,11 +129,12 @@ class AuditLog:
             except Exception as e:
                 why = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
                 if not self._sync_error:
-                    log.error("audit log %s: fsync failed (%s); statements fail with PW004 until it works",
-                              self.config.path, why)
+                    log.error("audit log %s: fsync failed (%s); statements fail with PW004 until the proxy "
+                              "restarts", self.config.path, why)
+                # for good: after a failed fsync the kernel may drop the pages it could not write and
+                # report the next fsync clean, so a later success proves nothing about the records
+                # acknowledged before it. A restart re-reads the file's tail and chains from what is there.
                 self._sync_error = self.last_error = why
-            else:
-                self._sync_error = ""
 
     def write_now(self, record: dict[str, Any]) -> None:
         """durability: write — seal and write `record` now, on the calling (event loop) thread;
@@ -272,12 +276,12 @@ class AuditLog:
     def _commit_sync(self, records: list[dict[str, Any]]) -> None:
         # opening, rotating and closing take the lock: never under the syncer's fsync of that fd
         if not self.file.is_open:
-            with self._io_lock:
+            with self._file_lock():
                 self._open_sync()
         lines, seq, prev = self._seal(records)
         data = b"".join(lines)
         if self.file.size and self.file.size + len(data) > self.file.rotate_bytes:
-            with self._io_lock:
+            with self._file_lock():
                 self.file.make_room(len(data))
         if self.file.size == 0 and self._seq > 0:
             # a file that continues the chain starts with a marker: rotation, not deletion, explains
@@ -298,7 +302,7 @@ class AuditLog:
                 if self.file.size != start:
                     self.file.truncate(start)
             except OSError:
-                with self._io_lock:
+                with self._file_lock():
                     self.file.close()  # reopened (and its tail re-read) on the next batch
             raise
         self._seq, self._prev = seq, prev
@@ -319,6 +323,18 @@ class AuditLog:
             lines.append(line)
             seq += 1
         return lines, seq, prev
+
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """The lock an fsync holds, for opening, rotating or closing the file — bounded, since with
+        durability: write this runs on the event loop: a disk stuck in fsync fails the statement
+        (PW004) instead of freezing every session."""
+        if not self._io_lock.acquire(timeout=self.config.write_timeout):
+            raise OSError(errno.ETIMEDOUT, f"the disk did not finish an fsync within {self.config.write_timeout:g}s")
+        try:
+            yield
+        finally:
+            self._io_lock.release()
 
     def _sync_dirty(self) -> None:
         with self._io_lock:

@@ -83,7 +83,7 @@ def mask_error_fields(fields: Mapping[str, str], masking: SubjectMasking,
     return out
 
 
-_NUMBER = re.compile(r"(?<![A-Za-z_$])[-+]?[0-9][A-Za-z0-9_.+-]*")
+_NUMBER = re.compile(r"[-+]?[0-9][A-Za-z0-9_.+-]*")  # also after a letter: "ssn123-45-6789" keeps no digits
 REDACTED_FIELDS = ("D", "H", "W", "q")
 
 

@@ -236,7 +236,10 @@ class GateSession:
             self._conn = await asyncio.to_thread(self._connect)
         except DatabaseError as e:
             refusal = refusal_from_fields(_fields(e))
-            return refusal if isinstance(refusal, Refusal) else None
+            if isinstance(refusal, Refusal):
+                return refusal
+            s = self.settings  # not a refusal the proxy gives at login: never "connected"
+            return connection_failure(f"the pgwarden proxy at {s.host}:{s.port} did not accept the login", e)
         except (OSError, InterfaceError) as e:
             s = self.settings
             return connection_failure(f"cannot connect to the pgwarden proxy at {s.host}:{s.port}", e)

@@ -51,6 +51,12 @@ class ApprovalExpired(AgentError):
     sqlstate = "PW003"
 
 
+class TooManyRowsAffected(AgentError):
+    """A write changed more rows than its approval's preview or limits.maxAffectedRows allows: undone."""
+
+    sqlstate = "PW005"
+
+
 class LockedOut(AgentError):
     """Too many refused statements: the session ends and the identity is locked out for a while."""
 

@@ -106,6 +106,18 @@ class Verdict:
     entry: PreparedEntry | None = None
 
 
+@dataclass(frozen=True)
+class AffectedGuard:
+    """Run a write so that it is undone if it changes more than `limit` rows (PW005).
+
+    `source` names what set the limit, for the agent's error and the audit: "request pgw-…" (an
+    approval bound to its preview) or "limits.maxAffectedRows of <rule>".
+    """
+
+    limit: int
+    source: str
+
+
 # what a barrier resolves to: the held messages are decided afresh, with no verdict taken
 BARRIER = Verdict()
 

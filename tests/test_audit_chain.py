@@ -236,3 +236,38 @@ def test_seal_writes_the_canonical_form_it_hashes_with_the_hash_last() -> None:
         assert line == canonical(body)[:-1] + b',"hash":"' + h.encode() + b'"}\n'  # hash appended last
         assert _json.loads(line)["hash"] == h
         prev = h
+
+
+def test_the_writer_encodes_every_character_as_earlier_versions_did() -> None:
+    """The fast encoder must write the bytes json.dumps wrote: an auditor's grep and the hash see one text."""
+    from pgwarden.audit.chain import canonical, legacy_canonical
+
+    text = "".join(chr(c) for c in range(0, 0xD800)) + "".join(chr(c) for c in range(0xE000, 0x10000, 7)) + "\U0001F600"
+    rec = {"sql": text, "z": [1, None, True, 2.5, -0.0, 2**63 - 1], "a": {"b\n": "\u2028\x7f"}, "durationMs": 0.001}
+    assert canonical(rec) == legacy_canonical(rec)
+    big = {"n": 2**64}  # past what the fast encoder takes: the earlier one writes it
+    assert canonical(big) == legacy_canonical(big) == b'{"n":18446744073709551616}'
+
+
+def test_a_chain_written_by_the_earlier_encoder_still_verifies(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Records sealed with json.dumps' spelling of floats (1e-05) by an earlier version stay valid."""
+    import hashlib
+
+    from pgwarden.audit.chain import legacy_canonical
+
+    prev, out = GENESIS, []
+    for i in range(3):
+        body = {"event": "statement.outcome", "stmt": i, "durationMs": 1e-05 * (i + 1), "seq": i, "prev": prev}
+        data = legacy_canonical(body)
+        h = hashlib.sha256(data).hexdigest()
+        out.append(data[:-1] + b',"hash":"' + h.encode() + b'"}\n')
+        prev = h
+    assert b"e-05" in out[0]
+    p = tmp_path / "old.jsonl"
+    p.write_bytes(b"".join(out))
+    code, text = verify(p, capsys)
+    assert code == 0 and "ok: 3 records" in text, text
+    p.write_bytes(b"".join(out).replace(b"1e-05", b"2e-05", 1))
+    code, text = verify(p, capsys)
+    assert code == 1 and "was edited" in text, text

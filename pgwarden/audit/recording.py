@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import orjson
+
 from pgwarden.audit.records import now_iso
 
 log = logging.getLogger(__name__)
@@ -203,7 +205,7 @@ class SessionRecorder:
         if self._fh is None:
             return
         try:
-            line = json.dumps(ev, ensure_ascii=False, separators=(",", ":"), default=str).encode() + b"\n"
+            line = _line(ev)
             why = self._over_budget(len(line))
             if why:
                 self._stop(why)
@@ -255,6 +257,17 @@ class SessionRecorder:
             self._fh = None
         if self.store is not None:
             self.store.closed(self)
+
+
+def _line(ev: dict[str, Any]) -> bytes:
+    """One JSON line (UTF-8, compact); orjson for speed, json for what it cannot encode."""
+    try:
+        return orjson.dumps(ev, default=str, option=orjson.OPT_APPEND_NEWLINE | _PASSTHROUGH)
+    except orjson.JSONEncodeError:  # an integer past 64 bits; a lone surrogate (fails here as before)
+        return json.dumps(ev, ensure_ascii=False, separators=(",", ":"), default=str).encode() + b"\n"
+
+
+_PASSTHROUGH = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
 
 
 def private_dir(path: Path) -> None:

@@ -19,9 +19,11 @@ proxy's `limits.maxStatementBytes` (512 KiB by default), not by clipping here.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any
 
 from pgwarden.subjects import Identity, Workload
@@ -37,8 +39,17 @@ def iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+_second: list[Any] = [-1, ""]  # the last whole second formatted, and its text up to the seconds
+
+
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """Now, as `2026-11-29T23:41:24.123456Z`; the date and time of day are formatted once a second
+    (every record carries a time, so this runs twice per statement)."""
+    t = time.time()
+    sec = int(t)
+    if sec != _second[0]:
+        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{_second[1]}.{int((t - sec) * 1e6):06d}Z"
 
 
 @dataclass(frozen=True)
@@ -59,7 +70,13 @@ class SessionInfo:
                            self.application_name, self.client, self.user)
 
     def base(self, event: str) -> dict[str, Any]:
-        rec: dict[str, Any] = {"time": now_iso(), "event": event, "session": self.session_id}
+        return {"time": now_iso(), "event": event, **self._common}
+
+    @cached_property
+    def _common(self) -> dict[str, Any]:
+        """What every record of the session repeats, built once (records are serialized, never
+        mutated in place, so sharing the nested identity and workload dicts is safe)."""
+        rec: dict[str, Any] = {"session": self.session_id}
         if self.identity is not None:
             rec["identity"] = self.identity.as_dict()
         w = self.workload.as_dict()

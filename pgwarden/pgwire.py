@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import NamedTuple
 
 _I16 = struct.Struct("!h")
@@ -29,7 +30,17 @@ class Field(NamedTuple):
 
 
 def parse_row_description(payload: bytes | memoryview) -> list[Field]:
+    # a session sends the same few result shapes again and again: parse each once (small ones)
     data = bytes(payload)
+    return list(_parse_cached(data) if len(data) <= 4096 else _parse_row_description(data))
+
+
+@lru_cache(maxsize=512)
+def _parse_cached(data: bytes) -> tuple[Field, ...]:
+    return _parse_row_description(data)
+
+
+def _parse_row_description(data: bytes) -> tuple[Field, ...]:
     (count,) = _I16.unpack_from(data, 0)
     pos = 2
     out = []
@@ -39,7 +50,7 @@ def parse_row_description(payload: bytes | memoryview) -> list[Field]:
         pos = end + 1
         out.append(Field(name, *_FIELD_TAIL.unpack_from(data, pos)))
         pos += _FIELD_TAIL.size
-    return out
+    return tuple(out)
 
 
 def build_row_description(fields: Sequence[Field]) -> bytes:

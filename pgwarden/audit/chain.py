@@ -87,10 +87,9 @@ def digest(record_without_hash: Mapping[str, Any]) -> str:
 
 def seal(record: Mapping[str, Any], seq: int, prev: str) -> tuple[bytes, str]:
     """One JSON line for `record` at position `seq` after `prev`; returns (line, its hash)."""
-    body = dict(record)
-    body.pop("hash", None)
-    body["seq"] = seq
-    body["prev"] = prev
+    body = {**record, "seq": seq, "prev": prev}
+    if "hash" in body:
+        del body["hash"]
     data = canonical(body)
     h = hashlib.sha256(data).hexdigest()
     return data[:-1] + b',"hash":"' + h.encode() + b'"}\n', h  # == sealed_form(body, h) + newline

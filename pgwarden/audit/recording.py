@@ -26,7 +26,6 @@ import os
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -59,14 +58,18 @@ def named_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     return {FIELD_NAMES.get(k, k): v for k, v in fields.items()}
 
 
-@dataclass
 class _Result:
-    started: float
-    columns: list[str] = field(default_factory=list)
-    types: list[int] = field(default_factory=list)
-    rows: list[list[str | None]] = field(default_factory=list)
-    bytes: int = 0
-    capped: str = ""
+    """One statement's result as recorded so far (one per statement: kept light)."""
+
+    __slots__ = ("started", "columns", "types", "rows", "bytes", "capped")
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.columns: list[str] = []
+        self.types: list[int] = []
+        self.rows: list[list[str | None]] = []
+        self.bytes = 0
+        self.capped = ""
 
 
 class SessionRecorder:

@@ -284,6 +284,12 @@ class EmbeddedPostgres:
         with open(self.datadir / "postgresql.conf", "a") as f:
             for k, v in conf.items():
                 f.write(f"{k} = {v}\n")
+        self._spawn()
+        return self
+
+    def _spawn(self) -> None:
+        """Start `postgres` on the data folder (as its owner under root) and wait until it accepts."""
+        assert self.bindir is not None
         log = open(self.logfile, "ab")
         self._chown(self.logfile)
         argv = [str(self.bindir / "postgres"), "-D", str(self.datadir)]
@@ -292,7 +298,6 @@ class EmbeddedPostgres:
         self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         self._wait_ready()
-        return self
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -325,13 +330,7 @@ class EmbeddedPostgres:
         assert self._proc is not None and self.bindir is not None
         self._run_as_owner([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "stop", "-m", "immediate", "-w"])  # type: ignore[operator]
         self._proc.wait(timeout=20)
-        log = open(self.logfile, "ab")
-        argv = [str(self.bindir / "postgres"), "-D", str(self.datadir)]
-        if self._owner is not None:
-            argv = ["runuser", "-u", self._owner.pw_name, "--", *argv]
-        self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        self._wait_ready()
+        self._spawn()
 
     def __enter__(self) -> EmbeddedPostgres:
         return self.start()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -25,6 +24,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from pgwarden.cache import BoundedCache
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class OtelSink:
         self.masked = meter.create_counter("pgwarden.masked_values", unit="{value}",
                                            description="values masked before reaching the agent")
         self.auth_failures = meter.create_counter("pgwarden.auth.failures", unit="{attempt}")
-        self._open: OrderedDict[tuple[str, Any], dict[str, Any]] = OrderedDict()
+        self._open: BoundedCache[tuple[str, Any], dict[str, Any]] = BoundedCache(max(1, max_open))
         self.max_open = max_open
 
     @classmethod
@@ -133,12 +134,10 @@ class OtelSink:
     def _on_statement(self, rec: dict[str, Any]) -> None:
         decision = (rec.get("decision") or {}).get("action", "")
         self.statements.add(1, {"decision": decision})
-        self._open[(rec.get("session", ""), rec.get("stmt"))] = rec
-        while len(self._open) > self.max_open:
-            self._open.popitem(last=False)
+        self._open.put((rec.get("session", ""), rec.get("stmt")), rec)
 
     def _on_outcome(self, out: dict[str, Any]) -> None:
-        stmt = self._open.pop((out.get("session", ""), out.get("stmt")), None) or {}
+        stmt = self._open.pop((out.get("session", ""), out.get("stmt"))) or {}
         duration = float(out.get("durationMs") or 0.0)
         self.latency.record(duration, {"decision": out.get("decision") or (stmt.get("decision") or {}).get("action", "")})
         if out.get("maskedValues"):

@@ -26,6 +26,7 @@ from typing import Any
 
 from pglast.parser import ParseError, parse_sql_json
 
+from pgwarden.cache import BoundedCache
 from pgwarden.policy import functions as fn
 from pgwarden.policy.catalog_names import (
     CATALOG_OPERATORS,
@@ -215,9 +216,7 @@ def _analyze(sql: str, search_path: tuple[str, ...], server_version: int = 0) ->
     if _CONSTANT_READS.count == reads_before and len(key[0]) <= MAX_BLIND_KEY:
         # The walk never looked at a literal's value, so the analysis is a function of the tree
         # with its literal values blanked: statements that differ only in literals share it.
-        _BLIND_CACHE[key] = analysis
-        if len(_BLIND_CACHE) > BLIND_CACHE_SIZE:
-            _BLIND_CACHE.pop(next(iter(_BLIND_CACHE)))
+        _BLIND_CACHE.put(key, analysis)
     return analysis
 
 
@@ -242,7 +241,7 @@ def _parse_error(sql: str, e: ParseError, server_version: int) -> str:
 # under it only when the walk read no literal value (_const_string / _const_value count reads).
 MAX_BLIND_KEY = 16384
 BLIND_CACHE_SIZE = 2048
-_BLIND_CACHE: dict[tuple[str, tuple[str, ...], int], Analysis] = {}
+_BLIND_CACHE: BoundedCache[tuple[str, tuple[str, ...], int], Analysis] = BoundedCache(BLIND_CACHE_SIZE)
 _LITERAL = re.compile(
     r'("A_Const":\{"(sval|fval|bsval|ival|boolval)":)\{(?:"\2":(?:"(?:[^"\\]|\\.)*"|[-+.0-9eE]+|true|false))?\}'
 )

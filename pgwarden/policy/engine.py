@@ -18,12 +18,11 @@ How several policies combine (docs/policy.md says the same):
 
 from __future__ import annotations
 
-import contextlib
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pgwarden.cache import BoundedCache
 from pgwarden.errors import AgentError, ApprovalRequired, PolicyDenied
 from pgwarden.policy import functions as fn
 from pgwarden.policy.analysis import (
@@ -181,8 +180,8 @@ class SubjectPolicy:
         self.limits = Limits()
         for p in self.policies:
             self.limits = self.limits.combine(p.limits)
-        self._cache: OrderedDict[tuple[str, tuple[str, ...], int], Decision] = OrderedDict()
-        self._by_analysis: dict[int, tuple[Analysis, Decision]] = {}
+        self._cache: BoundedCache[tuple[str, tuple[str, ...], int], Decision] = BoundedCache(DECISION_CACHE_SIZE)
+        self._by_analysis: BoundedCache[int, tuple[Analysis, Decision]] = BoundedCache(DECISION_CACHE_SIZE)
         self._summary = _allowed_summary(self.policies)
 
     # -- public --------------------------------------------------------------------------------
@@ -199,8 +198,6 @@ class SubjectPolicy:
         if prepare_as is None:
             cached = self._cache.get(key)
             if cached is not None:
-                with contextlib.suppress(KeyError):  # evicted by the analysis thread meanwhile
-                    self._cache.move_to_end(key)
                 return cached
         analysis = analyze(sql, session.search_path, session.server_version)
         if prepare_as is None and not analysis.session_dependent:
@@ -211,13 +208,9 @@ class SubjectPolicy:
                 return hit[1]
         decision = self._decide(analysis, session, prepare_as)
         if prepare_as is None and not analysis.session_dependent:
-            self._by_analysis[id(analysis)] = (analysis, decision)
-            if len(self._by_analysis) > DECISION_CACHE_SIZE:
-                self._by_analysis.pop(next(iter(self._by_analysis)))
+            self._by_analysis.put(id(analysis), (analysis, decision))
         if prepare_as is None and not analysis.session_dependent and len(sql) <= MAX_CACHED_TEXT:
-            self._cache[key] = decision
-            if len(self._cache) > DECISION_CACHE_SIZE:
-                self._cache.popitem(last=False)
+            self._cache.put(key, decision)
         return decision
 
     # -- deciding ------------------------------------------------------------------------------

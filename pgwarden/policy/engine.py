@@ -43,6 +43,7 @@ from pgwarden.policy.model import (
     OPERATIONS,
     SEVERITY,
     AccessPolicy,
+    Action,
     ApprovalSettings,
     Limits,
     Rule,
@@ -105,7 +106,7 @@ def apply_effects(prepared: dict[str, StatementAnalysis], effects: Iterable[Effe
 class Decision:
     """The verdict on one Query / Parse text, with everything the proxy, audit and errors need."""
 
-    action: str  # allow | review | deny
+    action: Action
     enforce: bool = True  # False: audit mode, the proxy forwards it and logs what would have happened
     sqlstate: str = ""
     message: str = ""
@@ -160,7 +161,7 @@ class Decision:
 class _Verdict:
     """One contributor to a decision: an access, a function call or a built-in guard."""
 
-    action: str
+    action: Action
     rule: str
     reason: str
     enforce: bool = True
@@ -288,11 +289,11 @@ class SubjectPolicy:
         what = f"{a.operation} on {display(a.obj)}" if a.obj is not None else a.operation
         if not self.policies:
             return self._no_policy(what)
-        explicit: list[tuple[AccessPolicy, Rule, str]] = []
+        explicit: list[tuple[AccessPolicy, Rule, Action]] = []
         for p in self.policies:
             for rule in p.rules:
                 if rule.matches_access(a.operation, a.obj):
-                    action = rule.action
+                    action: Action = rule.action
                     if rule.require_where and a.operation in ("update", "delete") and not a.has_where:
                         action = "deny"
                     explicit.append((p, rule, action))

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from pgwarden.resources import Document, get_field, parse_duration
 from pgwarden.subjects import SubjectRef, parse_subjects
 
-ACTIONS = ("allow", "review", "deny")
+Action = Literal["allow", "review", "deny"]
+ACTIONS: tuple[Action, ...] = get_args(Action)
 # Strictness order used everywhere actions combine: deny wins over review wins over allow.
-SEVERITY = {"allow": 0, "review": 1, "deny": 2}
+SEVERITY: dict[Action, int] = {"allow": 0, "review": 1, "deny": 2}
 MODES = ("enforce", "audit")
 APPROVAL_MODES = ("wait", "defer")
 SYSTEM_CATALOG_MODES = ("read", "deny")
@@ -131,7 +132,7 @@ class Rule:
     """One ordered rule. It matches table accesses (operations + tables) or function calls (functions)."""
 
     index: int  # 1-based, as people count
-    action: str
+    action: Action
     operations: frozenset[str] = frozenset()
     tables: tuple[Pattern, ...] | None = None  # None: any object, and statements with none
     functions: tuple[Pattern, ...] | None = None
@@ -156,7 +157,7 @@ class AccessPolicy:
     connection: str
     subjects: tuple[SubjectRef, ...]
     rules: tuple[Rule, ...] = ()
-    default_action: str = "deny"
+    default_action: Action = "deny"
     mode: str = "enforce"
     limits: Limits = Limits()
     approval: ApprovalSettings | None = None
@@ -207,14 +208,19 @@ def parse_pattern(doc: Document, raw: Any, path: str, what: str = "table") -> Pa
     return Pattern(schema, name)
 
 
+def _action(doc: Document, value: str, path: str) -> Action:
+    for action in ACTIONS:
+        if value == action:
+            return action
+    raise doc.error(path, f"{value!r} is not one of {', '.join(ACTIONS)}")
+
+
 def _parse_rule(doc: Document, raw: Any, index: int) -> Rule:
     path = f"spec.rules[{index}]"
     if not isinstance(raw, Mapping):
         raise doc.error(path, "must be a mapping with action and operations (or functions)")
     _check_keys(doc, raw, _RULE_KEYS, path)
-    action = get_field(doc, raw, "action", str, f"{path}.action")
-    if action not in ACTIONS:
-        raise doc.error(f"{path}.action", f"{action!r} is not one of {', '.join(ACTIONS)}")
+    action = _action(doc, get_field(doc, raw, "action", str, f"{path}.action"), f"{path}.action")
     name = get_field(doc, raw, "name", str, f"{path}.name", "")
     functions_raw = get_field(doc, raw, "functions", list, f"{path}.functions", None)
     ops_raw = get_field(doc, raw, "operations", list, f"{path}.operations", None)
@@ -309,9 +315,8 @@ def parse_access_policy(doc: Document) -> AccessPolicy:
         raise doc.error("spec.subjects", "must name at least one group, user or service account")
     rules_raw = get_field(doc, s, "rules", list, "spec.rules", [])
     rules = tuple(_parse_rule(doc, r, i) for i, r in enumerate(rules_raw))
-    default_action = get_field(doc, s, "defaultAction", str, "spec.defaultAction", "deny")
-    if default_action not in ACTIONS:
-        raise doc.error("spec.defaultAction", f"{default_action!r} is not one of {', '.join(ACTIONS)}")
+    default_action = _action(doc, get_field(doc, s, "defaultAction", str, "spec.defaultAction", "deny"),
+                             "spec.defaultAction")
     mode = get_field(doc, s, "mode", str, "spec.mode", "enforce")
     if mode not in MODES:
         raise doc.error("spec.mode", f"{mode!r} is not one of {', '.join(MODES)}")

@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 
 CLEAR, DIRECT, DERIVED, WHOLEROW, UNKNOWN = range(5)
 
-
 @dataclass(frozen=True)
 class Taint:
     kind: int = CLEAR
@@ -64,6 +63,7 @@ def union(a: Taint, b: Taint) -> Taint:
     kind = max(a.kind, b.kind)
     sources = a.sources | b.sources
     if kind == DIRECT:
+        strat: str | None
         if a.kind == DIRECT and b.kind == DIRECT and a.strategy != b.strategy:
             from pgwarden.masking.model import strongest
 
@@ -811,9 +811,9 @@ class Analyzer:
             return rel.whole_row() if rel else Taint(UNKNOWN, None, frozenset({".".join(names)}))
         names = [f.sval for f in fields]
         if len(names) == 1:
-            t = self.lookup(names[0], scope)
-            if t is not None:
-                return t
+            hit = self.lookup(names[0], scope)
+            if hit is not None:
+                return hit
             rel = self.find_rel(names, scope)
             if rel is not None:
                 return rel.whole_row()

@@ -21,13 +21,14 @@ from pgwarden.proxy.config import ProxyConfig
 from pgwarden.proxy.gate import Runtime, SessionGate
 from pgwarden.proxy.relay import Gate, Observer, Verdict
 from pgwarden.proxy.server import SessionHooks, SessionInfo
+from pgwarden.proxy.session import PortalEntry, PreparedEntry
 from pgwarden.resources import Document, of_kind
 
 log = logging.getLogger("pgwarden.proxy")
 
 
 class DenyAll:
-    """No policy covers this connection: nothing runs."""
+    """No policy covers this connection: nothing runs, whichever message asks for it."""
 
     def __init__(self, connection: str) -> None:
         self._verdict = Verdict(
@@ -43,8 +44,11 @@ class DenyAll:
     def parse(self, name: str, sql: str) -> Verdict | None:
         return self._verdict
 
-    def bind(self, bind: m.BindMsg) -> Verdict | None:
-        return None
+    def bind(self, bind: m.BindMsg, statement: PreparedEntry | None) -> Verdict | None:
+        return self._verdict
+
+    def execute(self, name: str, portal: PortalEntry | None) -> Verdict | None:
+        return self._verdict
 
 
 def _names_connection(doc: Document, connection: str) -> bool:

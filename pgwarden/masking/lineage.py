@@ -27,7 +27,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pglast import ast, enums
 
@@ -38,6 +38,23 @@ if TYPE_CHECKING:
     from pgwarden.masking.subject import SubjectMasking
 
 CLEAR, DIRECT, DERIVED, WHOLEROW, UNKNOWN = range(5)
+
+T = TypeVar("T")
+
+
+def present(value: T | None, what: str) -> T:
+    """`value`, a child the parser always fills in, or a refusal when the tree lacks it.
+
+    pglast types every child of a node as optional. A tree without one (a newer parser, a shape
+    the analysis was not written for) cannot be vouched for, so it is refused with 42501 instead
+    of being analysed as if the child were empty."""
+    if value is None:
+        raise PolicyDenied(
+            f"masking: the statement's parse tree has no {what}: not analysed",
+            hint="Write the statement in a plainer form (named columns and tables), or ask an "
+                 "administrator to report the statement as a pgwarden bug.",
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -64,6 +81,7 @@ def union(a: Taint, b: Taint) -> Taint:
     kind = max(a.kind, b.kind)
     sources = a.sources | b.sources
     if kind == DIRECT:
+        strat: str | None
         if a.kind == DIRECT and b.kind == DIRECT and a.strategy != b.strategy:
             from pgwarden.masking.model import strongest
 
@@ -250,15 +268,17 @@ class Analyzer:
         if outs is not None and not any(o.spread for o in outs):
             if isinstance(node, ast.A_Const) and isinstance(node.val, ast.Integer):
                 LITERAL_READS.count += 1  # the plan now depends on a literal: not constant-blind
-                i = node.val.ival
+                i = present(node.val.ival, "integer value")
                 return outs[i - 1].taint if 0 < i <= len(outs) else CLEAR_T
-            if isinstance(node, ast.ColumnRef) and len(node.fields) == 1 and isinstance(node.fields[0], ast.String):
-                name = node.fields[0].sval
-                by_out = [o.taint for o in outs if o.name == name]
-                t = self.expr(node, scope, allow_missing=True)
-                for b in by_out:
-                    t = union(t, b)
-                return t
+            if isinstance(node, ast.ColumnRef):
+                fields = present(node.fields, "column name")
+                if len(fields) == 1 and isinstance(fields[0], ast.String):
+                    name = fields[0].sval
+                    by_out = [o.taint for o in outs if o.name == name]
+                    t = self.expr(node, scope, allow_missing=True)
+                    for b in by_out:
+                        t = union(t, b)
+                    return t
         elif outs is not None and isinstance(node, ast.A_Const):
             return derive(o.taint for o in outs)
         return self.expr(node, scope)
@@ -344,8 +364,8 @@ class Analyzer:
         if stmt.withClause is not None:
             self.with_clause(stmt.withClause, scope)
         if stmt.op and stmt.op != enums.SetOperation.SETOP_NONE:
-            left = self.select(stmt.larg, scope)
-            right = self.select(stmt.rarg, scope)
+            left = self.select(present(stmt.larg, "left side of a set operation"), scope)
+            right = self.select(present(stmt.rarg, "right side of a set operation"), scope)
             outs = merge_positional(left, right)
             if stmt.op != enums.SetOperation.SETOP_UNION or not stmt.all:
                 op = stmt.op.name.removeprefix("SETOP_") + (" ALL" if stmt.all else "")
@@ -390,7 +410,7 @@ class Analyzer:
             q = cte.ctequery
             if wc.recursive and isinstance(q, ast.SelectStmt) and q.op and q.op != enums.SetOperation.SETOP_NONE:
                 scope.ctes[name] = None  # a self-reference while analysing the seed: unknown
-                outs = rename(self.select(q.larg, scope), cte.aliascolnames)
+                outs = rename(self.select(present(q.larg, "non-recursive term"), scope), cte.aliascolnames)
                 # taints only grow, so this reaches a fixed point; a value can move one column
                 # per recursion step, so stopping early would leave a column that carries it clear
                 for _ in range(64):
@@ -419,7 +439,7 @@ class Analyzer:
         outs: list[OutCol] = []
         for rt in items:
             val = rt.val if isinstance(rt, ast.ResTarget) else rt
-            if isinstance(val, ast.ColumnRef) and isinstance(val.fields[-1], ast.A_Star):
+            if isinstance(val, ast.ColumnRef) and isinstance(present(val.fields, "column name")[-1], ast.A_Star):
                 outs.extend(self.star(val, scope))
                 continue
             if (isinstance(val, ast.A_Indirection) and val.indirection
@@ -436,7 +456,7 @@ class Analyzer:
         return outs
 
     def star(self, ref: ast.ColumnRef, scope: Scope) -> list[OutCol]:
-        names = [f.sval for f in ref.fields[:-1]]
+        names = [f.sval for f in present(ref.fields, "column name")[:-1]]
         if not names:
             return list(scope.star)
         rel = self.find_rel(names, scope)
@@ -446,8 +466,11 @@ class Analyzer:
 
     def row_rel(self, node: Any, scope: Scope) -> Rel | None:
         """`(c).*`: the relation when `node` is a plain whole-row reference."""
-        if isinstance(node, ast.ColumnRef) and all(isinstance(f, ast.String) for f in node.fields):
-            names = [f.sval for f in node.fields]
+        if isinstance(node, ast.ColumnRef):
+            fields = present(node.fields, "column name")
+            if not all(isinstance(f, ast.String) for f in fields):
+                return None
+            names = [f.sval for f in fields]
             if len(names) == 1 and self.lookup(names[0], scope) is not None:
                 return None
             return self.find_rel(names, scope)
@@ -466,7 +489,7 @@ class Analyzer:
         elif isinstance(item, ast.RangeSubselect):
             sub = Scope(parent=scope)  # LATERAL or not: seeing earlier items can only add taint
             outs = self.query(item.subquery, sub)
-            alias = item.alias.aliasname if item.alias else "?subquery"
+            alias = present(item.alias.aliasname, "alias name") if item.alias else "?subquery"
             rel = Rel(alias, None, rename(outs, item.alias.colnames if item.alias else None))
             scope.rels.append(rel)
             cols = rel.star()
@@ -477,10 +500,10 @@ class Analyzer:
                 fn = pair[0] if isinstance(pair, (list, tuple)) else pair
                 taints.append(self.expr(fn, scope))
                 if isinstance(fn, ast.FuncCall):
-                    fname = fn.funcname[-1].sval
+                    fname = present(present(fn.funcname, "function name")[-1].sval, "function name")
             t = derive(taints)
             self.oracle(t, f"the set-returning function {fname}() in FROM")
-            alias = item.alias.aliasname if item.alias else fname
+            alias = present(item.alias.aliasname, "alias name") if item.alias else fname
             rel = Rel(alias, None, spread(t))
             scope.rels.append(rel)
             cols = rel.star()
@@ -533,22 +556,24 @@ class Analyzer:
             cols = left + right
         self.predicate(j.quals, scope, "JOIN ON")
         if j.alias is not None:
-            scope.rels.append(Rel(j.alias.aliasname, None, rename(cols, j.alias.colnames)))
+            scope.rels.append(Rel(present(j.alias.aliasname, "alias name"), None, rename(cols, j.alias.colnames)))
         if j.join_using_alias is not None:
-            scope.rels.append(Rel(j.join_using_alias.aliasname, None, [c for c in cols if c.name in using]))
+            scope.rels.append(Rel(present(j.join_using_alias.aliasname, "alias name"), None,
+                                  [c for c in cols if c.name in using]))
         return cols
 
     def relation(self, rv: ast.RangeVar, scope: Scope) -> Rel:
-        alias = rv.alias.aliasname if rv.alias else rv.relname
+        relname = present(rv.relname, "relation name")
+        alias = present(rv.alias.aliasname, "alias name") if rv.alias else relname
         colnames = rv.alias.colnames if rv.alias else None
         if not rv.schemaname:
-            found, cte = scope.find_cte(rv.relname)
+            found, cte = scope.find_cte(relname)
             if found:
-                cols = cte if cte is not None else spread(Taint(UNKNOWN, None, frozenset({rv.relname})))
+                cols = cte if cte is not None else spread(Taint(UNKNOWN, None, frozenset({relname})))
                 return Rel(alias, None, rename(list(cols), colnames))
-            rel, candidates = self.catalog.resolve(rv.relname, self.search_path)
+            rel, candidates = self.catalog.resolve(relname, self.search_path)
         else:
-            rel = self.catalog.get(rv.schemaname, rv.relname)
+            rel = self.catalog.get(rv.schemaname, relname)
             candidates = [rel] if rel else []
         schema = None if rv.alias else (rel.schema if rel else rv.schemaname)
         if rel is None:
@@ -624,7 +649,7 @@ class Analyzer:
         if getattr(stmt, "withClause", None) is not None:
             self.with_clause(stmt.withClause, scope)
         if isinstance(stmt, ast.MergeStmt):
-            target = self.relation(stmt.relation, scope)
+            target = self.relation(present(stmt.relation, "target table"), scope)
             src_scope = Scope(parent=scope)
             self.from_item(stmt.sourceRelation, src_scope)
             t = derive([target.whole_row(), *(r.whole_row() for r in src_scope.rels)])
@@ -632,11 +657,12 @@ class Analyzer:
                 raise self.deny("MERGE over relations with masked columns is not analysed", t,
                                 hint="Use INSERT / UPDATE statements that leave masked columns out.")
             return []
-        target = self.relation(stmt.relation, scope)
+        target_rv = present(stmt.relation, "target table")
+        target = self.relation(target_rv, scope)
         scope.rels.append(target)
         scope.star.extend(target.star())
         if isinstance(stmt, ast.InsertStmt):
-            name = stmt.relation.relname
+            name = target_rv.relname
             for rt in stmt.cols or ():  # a subscript (col[(SELECT …)]) decides where a value lands
                 self.no_copy([OutCol("", self.expr(rt.indirection, scope))],
                              f"INSERT into {name} would copy masked values")
@@ -674,7 +700,7 @@ class Analyzer:
             outs = self.query(stmt.query, None)
         else:
             scope = Scope()
-            rel = self.relation(stmt.relation, scope)
+            rel = self.relation(present(stmt.relation, "table"), scope)
             cols = rel.star()
             if stmt.attlist:
                 wanted = [a.sval for a in stmt.attlist]
@@ -777,7 +803,8 @@ class Analyzer:
         return derive([self.expr(node.testexpr, scope), *(o.taint for o in outs)])
 
     def func(self, node: ast.FuncCall, scope: Scope) -> Taint:
-        names = [n.sval.lower() for n in node.funcname if isinstance(n, ast.String)]
+        parts = present(node.funcname, "function name")
+        names = [present(n.sval, "function name").lower() for n in parts if isinstance(n, ast.String)]
         name = names[-1] if names else ""
         schema = names[-2] if len(names) > 1 else None
         args = [self.expr(a, scope) for a in node.args or ()]
@@ -801,7 +828,7 @@ class Analyzer:
         return t
 
     def column_ref(self, node: ast.ColumnRef, scope: Scope, allow_missing: bool = False) -> Taint:
-        fields = node.fields
+        fields = present(node.fields, "column name")
         if isinstance(fields[-1], ast.A_Star):  # c.* as a value: a whole row
             names = [f.sval for f in fields[:-1]]
             if not names:
@@ -811,9 +838,9 @@ class Analyzer:
             return rel.whole_row() if rel else Taint(UNKNOWN, None, frozenset({".".join(names)}))
         names = [f.sval for f in fields]
         if len(names) == 1:
-            t = self.lookup(names[0], scope)
-            if t is not None:
-                return t
+            hit = self.lookup(names[0], scope)
+            if hit is not None:
+                return hit
             rel = self.find_rel(names, scope)
             if rel is not None:
                 return rel.whole_row()
@@ -890,7 +917,7 @@ def returning(stmt: Any) -> Sequence[Any]:
 def rename(cols: list[OutCol], colnames: Any) -> list[OutCol]:
     if not colnames:
         return cols
-    new = [c.sval if isinstance(c, ast.String) else str(c) for c in colnames]
+    new = [present(c.sval, "column alias") if isinstance(c, ast.String) else str(c) for c in colnames]
     if any(c.spread for c in cols):
         return cols
     return [OutCol(new[i] if i < len(new) else c.name, c.taint) for i, c in enumerate(cols)]
@@ -907,17 +934,19 @@ def merge_positional(left: list[OutCol], right: list[OutCol]) -> list[OutCol]:
 
 def output_name(node: Any) -> str:
     """PostgreSQL's default output column name, close enough for CTE and view column lookup."""
-    if isinstance(node, ast.ColumnRef) and isinstance(node.fields[-1], ast.String):
-        return str(node.fields[-1].sval)
+    if isinstance(node, ast.ColumnRef):
+        last = present(node.fields, "column name")[-1]
+        return str(last.sval) if isinstance(last, ast.String) else "?column?"
     if isinstance(node, ast.FuncCall):
-        return str(node.funcname[-1].sval)
+        return str(present(node.funcname, "function name")[-1].sval)
     if isinstance(node, ast.TypeCast):
         inner = output_name(node.arg)
         if inner != "?column?":
             return inner
-        return str(node.typeName.names[-1].sval)
-    if isinstance(node, ast.A_Indirection) and isinstance(node.indirection[-1], ast.String):
-        return str(node.indirection[-1].sval)
+        return str(present(present(node.typeName, "type name").names, "type name")[-1].sval)
+    if isinstance(node, ast.A_Indirection):
+        last = present(node.indirection, "field name")[-1]
+        return str(last.sval) if isinstance(last, ast.String) else "?column?"
     return "?column?"
 
 
@@ -962,7 +991,7 @@ def copy_options(options: Any) -> dict[str, Any]:
             val = arg.boolval
         else:
             val = arg
-        name = o.defname.lower()
+        name = present(o.defname, "COPY option name").lower()
         if name == "format" and isinstance(val, str):
             val = val.lower()
         elif name == "header":

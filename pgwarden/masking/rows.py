@@ -196,7 +196,7 @@ class RowRewriter:
         last_mask = max(maskers) if maskers else -1
         last_any = max([*maskers, *scanners]) if (maskers or scanners) else -1
         # per column: (masker, scanner) or None, up to the last column of interest
-        self._mask_plan = [(maskers.get(i), None) if i in maskers else None for i in range(last_mask + 1)]
+        self._mask_plan: list[tuple[Masker | None, Scanner | None] | None] = [(maskers.get(i), None) if i in maskers else None for i in range(last_mask + 1)]
         self._scan_plan = [(maskers.get(i), scanners.get(i)) if (i in maskers or i in scanners) else None
                            for i in range(last_any + 1)]
         self._pre = dets.may_match

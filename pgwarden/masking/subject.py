@@ -152,11 +152,11 @@ def expand(columns: Sequence[ln.ColumnPlan], n: int) -> list[str | None]:
     return head + [mid_worst] * middle_len + tail
 
 
-def redeclared(old: list[ln.OutCol] | None, new: list[ln.OutCol] | None) -> list[ln.OutCol] | None:
+def redeclared(old: list[ln.OutCol] | None, new: list[ln.OutCol]) -> list[ln.OutCol]:
     """A cursor or statement name declared again while the session still knows it. The server may
     have refused the new one (the name exists: `DECLARE c` inside a savepoint, then `ROLLBACK TO`)
     and kept the old, so the name takes the masks of both."""
-    if old is None or new is None:
+    if old is None:
         return new
     if len(old) == len(new) and not any(c.spread for c in (*old, *new)):
         return [ln.OutCol(n.name, ln.union(o.taint, n.taint)) for o, n in zip(old, new, strict=True)]

@@ -8,7 +8,7 @@ from pgwarden.masking.copy import CopyRewriter
 from pgwarden.masking.detectors import BUILTIN_DETECTORS, DetectorSet, iban_ok, luhn_ok
 from pgwarden.masking.errors_text import mask_error_fields
 from pgwarden.masking.lineage import ColumnPlan
-from pgwarden.masking.model import ColumnRule, MaskingRule, MaskingSet, load_masking, parse_masking_rule
+from pgwarden.masking.model import ColumnRule, MaskingRule, parse_masking_rule
 from pgwarden.masking.rows import (
     RowRewriter,
     build_data_row,
@@ -16,6 +16,7 @@ from pgwarden.masking.rows import (
     parse_data_row,
     parse_row_description,
 )
+from pgwarden.masking.ruleset import MaskingSet, load_masking
 from pgwarden.masking.strategies import REDACTED, STRATEGIES
 from pgwarden.masking.subject import Field, MaskingSession, ResultPlan, StatementPlan, SubjectMasking
 

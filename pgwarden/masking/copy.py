@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pgwarden.masking.catalog import NON_TEXT_SCALARS
 from pgwarden.masking.detectors import DetectorSet
-
-if TYPE_CHECKING:
-    from pgwarden.masking.subject import SubjectMasking
+from pgwarden.masking.view import MaskingView
 
 Fn = Callable[[str], str | None]
 
@@ -208,7 +206,7 @@ class CopyRewriter:
 
 
 def make_copy_rewriter(actions: Sequence[str | None], types: Sequence[int], options: Mapping[str, Any],
-                       masking: SubjectMasking) -> CopyRewriter | None:
+                       masking: MaskingView) -> CopyRewriter | None:
     maskers = {
         i: (masking.strategy(a), types[i] not in NON_TEXT_SCALARS)
         for i, a in enumerate(actions)

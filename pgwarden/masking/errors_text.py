@@ -28,10 +28,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from pgwarden.masking.strategies import REDACTED
+from pgwarden.masking.view import MaskingView, PlanView
 
 if TYPE_CHECKING:
     from pgwarden.masking.catalog import Catalog
-    from pgwarden.masking.subject import StatementPlan, SubjectMasking
 
 TEXT_FIELDS = ("M", "D", "H", "W", "q")
 
@@ -50,8 +50,8 @@ _QUOTED = re.compile(r"\"((?:[^\"]|\"\")*)\"")
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
 
 
-def mask_error_fields(fields: Mapping[str, str], masking: SubjectMasking,
-                      plan: StatementPlan | None = None, catalog: Catalog | None = None) -> dict[str, str]:
+def mask_error_fields(fields: Mapping[str, str], masking: MaskingView,
+                      plan: PlanView | None = None, catalog: Catalog | None = None) -> dict[str, str]:
     out = dict(fields)
     table = fields.get("t", "")
     schema = fields.get("s", "")
@@ -87,7 +87,7 @@ _NUMBER = re.compile(r"[-+]?[0-9][A-Za-z0-9_.+-]*")  # also after a letter: "ssn
 REDACTED_FIELDS = ("D", "H", "W", "q")
 
 
-def _redact_in_full(out: dict[str, str], masking: SubjectMasking, names: set[str], catalog: Catalog | None,
+def _redact_in_full(out: dict[str, str], masking: MaskingView, names: set[str], catalog: Catalog | None,
                     sources: frozenset[str]) -> dict[str, str]:
     """The error of a statement that read masked data: keep what kind of error it was, not its values."""
     message = out.get("M")
@@ -123,7 +123,7 @@ def _is_name(s: str, names: set[str], catalog: Catalog | None) -> bool:
         bool(_WORD.fullmatch(s)) and s.islower() and ("_" in s or s.endswith(("key", "pkey", "idx", "fkey"))))
 
 
-def _key_detail(text: str, masking: SubjectMasking, schema: str, table: str) -> str:
+def _key_detail(text: str, masking: MaskingView, schema: str, table: str) -> str:
     m = _KEY.search(text)
     if not m:
         return text
@@ -139,7 +139,7 @@ def _key_detail(text: str, masking: SubjectMasking, schema: str, table: str) -> 
     return f"{text[:m.start()]}Key ({m.group('cols')})=({REDACTED}){m.group('rest')}"
 
 
-def _failing_row(text: str, masking: SubjectMasking, schema: str, table: str) -> str:
+def _failing_row(text: str, masking: MaskingView, schema: str, table: str) -> str:
     m = _FAILING.search(text)
     if not m or not masking.has_columns:
         return text

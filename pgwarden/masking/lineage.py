@@ -27,15 +27,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from pglast import ast, enums
 
 from pgwarden.errors import PolicyDenied
 from pgwarden.masking.catalog import Catalog, Relation
-
-if TYPE_CHECKING:
-    from pgwarden.masking.subject import SubjectMasking
+from pgwarden.masking.model import strongest
+from pgwarden.masking.view import MaskingView
 
 CLEAR, DIRECT, DERIVED, WHOLEROW, UNKNOWN = range(5)
 
@@ -83,8 +82,6 @@ def union(a: Taint, b: Taint) -> Taint:
     if kind == DIRECT:
         strat: str | None
         if a.kind == DIRECT and b.kind == DIRECT and a.strategy != b.strategy:
-            from pgwarden.masking.model import strongest
-
             strat = strongest(a.strategy or "redact", b.strategy or "redact")
         else:
             strat = a.strategy if a.kind == DIRECT else b.strategy
@@ -211,7 +208,7 @@ _HINT = ("Select other columns, or ask an administrator for an exemption "
 class Analyzer:
     """One statement's walk; raises PolicyDenied at the first reason to refuse it."""
 
-    def __init__(self, masking: SubjectMasking, catalog: Catalog, search_path: Sequence[str],
+    def __init__(self, masking: MaskingView, catalog: Catalog, search_path: Sequence[str],
                  view_depth: int = 0, in_view: bool = False) -> None:
         self.m = masking
         self.catalog = catalog

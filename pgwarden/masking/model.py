@@ -1,8 +1,7 @@
-"""MaskingRule documents -> typed rules, and the masking that applies to one caller.
+"""MaskingRule documents -> typed rules (`ruleset.MaskingSet` holds them all).
 
-A `MaskingSet` holds every MaskingRule of the configuration. The proxy asks it once per session
-(`for_identity`) for the `SubjectMasking` of the authenticated caller on one connection: the
-union of the rules for that connection that do not exempt the caller. Several rules for one
+The proxy asks the set once per session for the `SubjectMasking` of the authenticated caller on
+one connection: the union of the rules for that connection that do not exempt the caller. Several rules for one
 connection merge, and where they disagree the stricter setting wins (deny over redact, the
 predicate ban over the permission), because the agent is the adversary and two documents
 should never add up to less protection than either.
@@ -12,18 +11,14 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from pgwarden.masking import detectors as det
 from pgwarden.masking.strategies import STRATEGIES
-from pgwarden.resources import Document, get_field, of_kind
-from pgwarden.subjects import Identity, SubjectRef, any_matches, parse_subjects
-
-if TYPE_CHECKING:
-    from pgwarden.masking.subject import SubjectMasking
+from pgwarden.resources import Document, get_field
+from pgwarden.subjects import SubjectRef, parse_subjects
 
 POLICIES = ("redact", "deny")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
@@ -152,33 +147,6 @@ def _hash_key(doc: Document, env: Mapping[str, str]) -> bytes | None:
             raise doc.error("spec.hashKeyFile", f"{file_name} must hold at least 16 bytes")
         return data
     return None
-
-
-@dataclass
-class MaskingSet:
-    """Every MaskingRule of the configuration."""
-
-    rules: tuple[MaskingRule, ...] = ()
-    _cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
-
-    def for_identity(self, identity: Identity, connection: str) -> SubjectMasking | None:
-        """The caller's masking on `connection` (a DatabaseConnection name); None = see clear values."""
-        applying = [r for r in self.rules if r.connection == connection and not any_matches(r.exempt, identity)]
-        if not applying:
-            return None
-        key = tuple(id(r) for r in applying)
-        hit = self._cache.get(key)
-        if hit is None:
-            from pgwarden.masking.subject import SubjectMasking
-
-            hit = SubjectMasking.merge(applying)
-            self._cache[key] = hit
-        return hit  # type: ignore[no-any-return]
-
-
-def load_masking(docs: Iterable[Document], env: Mapping[str, str] | None = None) -> MaskingSet:
-    """Parse every MaskingRule among `docs`; `env` defaults to os.environ (for hashKeyEnv)."""
-    return MaskingSet(tuple(parse_masking_rule(d, env) for d in of_kind(docs, "MaskingRule")))
 
 
 def strongest(a: str, b: str) -> str:

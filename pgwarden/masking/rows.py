@@ -25,19 +25,20 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pgwarden.masking.catalog import JSON_OID, JSONB_OID, NON_TEXT_SCALARS, XML_OID, Catalog
+from pgwarden.masking.copy import CopyRewriter
 from pgwarden.masking.detectors import DetectorSet, tag
+from pgwarden.masking.strategies import redact
+from pgwarden.masking.view import MaskingView
 
 # The RowDescription / DataRow codec is shared with the proxy (pgwarden.pgwire); re-exported here.
+from pgwarden.pgwire import Field
 from pgwarden.pgwire import build_data_row as build_data_row
 from pgwarden.pgwire import build_row_description as build_row_description
 from pgwarden.pgwire import parse_data_row as parse_data_row
 from pgwarden.pgwire import parse_row_description as parse_row_description
-
-if TYPE_CHECKING:
-    from pgwarden.masking.subject import Field, SubjectMasking
 
 Masker = Callable[[bytes | None], bytes | None]
 Scanner = Callable[[bytes], bytes | None]
@@ -203,9 +204,6 @@ class RowRewriter:
 
     def copy_data(self, payload: bytes) -> bytes:
         """CopyData reaching a row rewriter means the plan expected rows: redact every field."""
-        from pgwarden.masking.copy import CopyRewriter
-        from pgwarden.masking.strategies import redact
-
         n = payload.count(b"\t") + 1
         return CopyRewriter({i: (redact, True) for i in range(n)}, self.dets, {},
                             frozenset(range(n))).rewrite(payload)
@@ -260,7 +258,7 @@ class RowRewriter:
         return b"".join(out)
 
 
-def make_row_rewriter(actions: Sequence[str | None], fields: Sequence[Field], masking: SubjectMasking,
+def make_row_rewriter(actions: Sequence[str | None], fields: Sequence[Field], masking: MaskingView,
                       catalog: Catalog) -> RowRewriter | None:
     maskers: dict[int, Masker] = {}
     scanners: dict[int, Scanner] = {}

@@ -15,8 +15,6 @@ Order of calls in the proxy (one `SubjectMasking` per session, from `MaskingSet.
 
 from __future__ import annotations
 
-import contextlib
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,11 +22,15 @@ from typing import Any
 from pglast import ast, parse_sql
 from pglast.parser import ParseError
 
+from pgwarden.cache import BoundedCache
 from pgwarden.errors import PolicyDenied
 from pgwarden.masking import lineage as ln
 from pgwarden.masking.catalog import Catalog, Relation
+from pgwarden.masking.copy import make_copy_rewriter
 from pgwarden.masking.detectors import Detector, DetectorSet
+from pgwarden.masking.errors_text import mask_error_fields as _mask_error_fields
 from pgwarden.masking.model import MaskingRule, strongest
+from pgwarden.masking.rows import make_row_rewriter
 from pgwarden.masking.strategies import strategy_function
 from pgwarden.pgwire import Field
 
@@ -93,8 +95,6 @@ class ResultPlan:
         return rewriter
 
     def _make_rewriter(self, fields: Sequence[Sequence[Any]], formats: Sequence[int] | None) -> Any:
-        from pgwarden.masking.rows import make_row_rewriter
-
         fs = [_field(f) for f in fields]
         if formats:
             fmts = list(formats) * len(fs) if len(formats) == 1 else list(formats)
@@ -110,8 +110,6 @@ class ResultPlan:
 
     def copy_rewriter(self, column_count: int | None = None) -> Any:
         """A CopyRewriter for COPY … TO STDOUT (text / csv), or None to pass CopyData through."""
-        from pgwarden.masking.copy import make_copy_rewriter
-
         n = column_count if column_count is not None else sum(1 for c in self.columns if not c.spread)
         actions = self.actions(n)
         types = expand_types(self.columns, n)
@@ -251,7 +249,7 @@ class SubjectMasking:
                      ("redact", "partial", "email", "last4", "hash", "null", "derived")}
         self.view_cache: dict[Any, list[ln.OutCol]] = {}
         self.view_reads: dict[Any, frozenset[str]] = {}  # masked columns a view's own clauses read
-        self._plans: OrderedDict[Any, StatementPlan] = OrderedDict()
+        self._plans: BoundedCache[Any, StatementPlan] = BoundedCache(2048)
 
     @classmethod
     def merge(cls, rules: Sequence[MaskingRule]) -> SubjectMasking:
@@ -290,9 +288,6 @@ class SubjectMasking:
         if hit is None and blind:
             hit = self._plans.get((_BLIND, blind, catalog.version, key[2]))
         if hit is not None:
-            # the analysis thread (proxy/analysis_budget.py) plans too: the entry may be gone by now
-            with contextlib.suppress(KeyError):
-                self._plans.move_to_end(key if key in self._plans else (_BLIND, blind, catalog.version, key[2]))
             return hit
         reads_before = ln.LITERAL_READS.count
         try:
@@ -348,11 +343,9 @@ class SubjectMasking:
         plan = StatementPlan(tuple(results), ddl, touches, None, self, catalog,
                              sources if touches else frozenset())
         if cacheable:
-            self._plans[key] = plan
+            self._plans.put(key, plan)
             if blind and ln.LITERAL_READS.count == reads_before:
-                self._plans[(_BLIND, blind, catalog.version, key[2])] = plan
-            while len(self._plans) > 2048:
-                self._plans.popitem(last=False)
+                self._plans.put((_BLIND, blind, catalog.version, key[2]), plan)
         return plan
 
     def column_plan(self, i: int, out: ln.OutCol, analyzer: ln.Analyzer) -> ln.ColumnPlan:
@@ -373,6 +366,4 @@ class SubjectMasking:
 
     def mask_error_fields(self, fields: Mapping[str, str], plan: StatementPlan | None = None,
                           catalog: Catalog | None = None) -> dict[str, str]:
-        from pgwarden.masking.errors_text import mask_error_fields
-
-        return mask_error_fields(fields, self, plan, catalog)
+        return _mask_error_fields(fields, self, plan, catalog)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pgwarden.errors import AgentError
-from pgwarden.masking.model import MaskingSet, load_masking
+from pgwarden.masking.ruleset import MaskingSet, load_masking
 from pgwarden.policy.engine import SessionState, SubjectPolicy
 from pgwarden.policy.policyset import PolicySet, load_policies
 from pgwarden.resources import Document, of_kind

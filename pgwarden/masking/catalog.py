@@ -56,12 +56,6 @@ class Relation:
     def qualified(self) -> str:
         return f"{self.schema}.{self.name}"
 
-    def type_of(self, column: str) -> int:
-        try:
-            return self.type_oids[self.columns.index(column)] if self.type_oids else 0
-        except ValueError:
-            return 0
-
     def column_at(self, attnum: int) -> str | None:
         if self.attnums:
             try:

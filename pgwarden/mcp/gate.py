@@ -393,18 +393,6 @@ class GateSession:
         result = outcome.as_dict(self.settings.max_rows) if isinstance(outcome, Rows) else outcome.as_dict()
         return {**result, "request": request, "statement": parked.sql}
 
-    def held_requests(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "request": p.request,
-                "statement": p.sql,
-                "mode": "wait",
-                "waiting_seconds": round(time.monotonic() - p.since, 1),
-                "finished": p.task.done(),
-            }
-            for p in self._parked.values()
-        ]
-
 
 def _in_thread(fn: Callable[..., Outcome], *args: Any) -> asyncio.Future[Outcome]:
     """`fn(*args)` on a thread of its own: a statement held for a reviewer can block for its whole

@@ -537,20 +537,50 @@ class SessionGate:
         catalog = self.rt.catalog
         return self.masking.plan(sql, catalog.current(), self.rt.search_path, session=self._scratch_session())
 
-    def _preview_masker(self, sql: str) -> Any:
-        """The preview's sample is masked as the agent would see the same rows (RETURNING them)."""
+    def _preview_masker(self, preview: Any) -> Any:
+        """The preview's sample is masked as the agent would see the same rows (RETURNING them).
+        An UPDATE's "before" columns come from a snapshot of the target the lineage sees as one
+        composite (all derived); they are masked as the target's own columns, in the same order."""
+        from pgwarden.masking.rows import make_row_rewriter
+
         if self.masking is None:
             return None
-        plan = self._preview_plan(sql)
+        plan = self._preview_plan(preview.sql)
         if plan.error is not None:
             return plan.error.message
         result = plan.results[0]
+        if not preview.before_sql:
+            def masker(fields: Any) -> Any:
+                rewriter = result.bind(list(fields))
+                return rewriter.rewrite if rewriter is not None else None
 
-        def masker(fields: Any) -> Any:
-            rewriter = result.bind(list(fields))
+            return masker
+        before_plan = self._preview_plan(preview.before_sql)
+        if before_plan.error is not None:
+            return before_plan.error.message
+        before = before_plan.results[0]
+        catalog = self.rt.catalog.current()
+        masking = self.masking
+
+        def update_masker(fields: Any) -> Any:
+            fields = list(fields)
+            actions = result.actions(len(fields))
+            start = 1  # the count, then the target's columns before the change and after it
+            half = (len(fields) - start) // 2
+            names = [f.name for f in fields[start:]]
+            if half * 2 != len(fields) - start or names[:half] != names[half:]:
+                actions = ["derived"] * len(fields)  # not the shape planned: mask every value
+            else:
+                actions[start:start + half] = before.actions(half)
+                for i, f in enumerate(fields[start + half:], start + half):  # the server's word on a column
+                    rel = catalog.by_oid.get(f.table_oid) if f.table_oid else None
+                    col = rel.column_at(f.attnum) if rel is not None else None
+                    if actions[i] is None and col is not None:
+                        actions[i] = masking.column_strategy(rel, col)
+            rewriter = make_row_rewriter(actions, fields, masking, catalog)
             return rewriter.rewrite if rewriter is not None else None
 
-        return masker
+        return update_masker
 
     def _preview_error(self, sql: str, fields: dict[str, str]) -> dict[str, str]:
         if self.masking is None:

@@ -28,7 +28,7 @@ from typing import Any
 from pgwarden.approvals.model import PREVIEW_SAMPLE_MAX, PREVIEW_VALUE_MAX, Preview
 from pgwarden.errors import AgentError
 from pgwarden.pgwire import Field
-from pgwarden.policy.preview import COUNT_COLUMN, OLD_MARKERS, NoPreview, PreviewPlan, plan_preview
+from pgwarden.policy.preview import COUNT_COLUMN, NoPreview, PreviewPlan, plan_preview
 from pgwarden.proxy import messages as m
 from pgwarden.proxy import upstream as up
 from pgwarden.proxy.config import ProxyConfig
@@ -40,6 +40,7 @@ MAX_MESSAGE = 64 << 20
 # the share of the deadline left for the statement once connected goes to the server's own
 # timeouts, less this margin for ROLLBACK and the answer to travel back
 SERVER_MARGIN = 0.15
+LOCK_SHARE = 0.8  # of the statement's time: a wait on a lock ends first and is reported as such
 LOCK_WAIT = "55P03"  # lock_not_available: lock_timeout
 CANCELED = "57014"  # query_canceled: statement_timeout
 
@@ -63,8 +64,13 @@ def parse_message(sql: str, nparams: int) -> bytes:
 
 
 def bind_message(params: Sequence[bytes | None], formats: Sequence[int]) -> bytes:
-    out = [m.cstr(""), m.cstr(""), m.U16.pack(len(formats)), struct.pack(f"!{len(formats)}h", *formats),
-           m.U16.pack(len(params))]
+    out = [
+        m.cstr(""),
+        m.cstr(""),
+        m.U16.pack(len(formats)),
+        struct.pack(f"!{len(formats)}h", *formats),
+        m.U16.pack(len(params)),
+    ]
     for p in params:
         out.append(m.I32.pack(-1) if p is None else m.I32.pack(len(p)) + p)
     out.append(m.U16.pack(1) + m.I16.pack(0))  # every result column in text
@@ -72,9 +78,13 @@ def bind_message(params: Sequence[bytes | None], formats: Sequence[int]) -> byte
 
 
 def run_messages(sql: str, params: Sequence[bytes | None], formats: Sequence[int]) -> bytes:
-    return (parse_message(sql, len(params)) + bind_message(params, formats)
-            + m.message(m.F_DESCRIBE, b"P\0") + m.message(m.F_EXECUTE, b"\0" + m.I32.pack(0))
-            + m.message(m.F_SYNC))
+    return (
+        parse_message(sql, len(params))
+        + bind_message(params, formats)
+        + m.message(m.F_DESCRIBE, b"P\0")
+        + m.message(m.F_EXECUTE, b"\0" + m.I32.pack(0))
+        + m.message(m.F_SYNC)
+    )
 
 
 # -- pure: what a result means ------------------------------------------------------------------
@@ -92,8 +102,11 @@ def preview_of(plan: PreviewPlan, result: Result, notes: Sequence[str] = ()) -> 
         code = result.error.get("C", "")
         msg = result.error.get("M", "")
         if code in (LOCK_WAIT, CANCELED):
-            why = ("it waited for a lock another transaction holds" if code == LOCK_WAIT
-                   else "it ran longer than the preview may")
+            why = (
+                "it waited for a lock another transaction holds"
+                if code == LOCK_WAIT
+                else "it ran longer than the preview may"
+            )
             return Preview("timeout", reason=f"{why} ({msg})")
         return Preview("failed", reason=f"the database refused the preview run: {code} {msg}".strip())
     if plan.count_only:
@@ -112,19 +125,26 @@ def preview_of(plan: PreviewPlan, result: Result, notes: Sequence[str] = ()) -> 
         return Preview("failed", reason="the preview's row count could not be read")
     sample: list[dict[str, Any]] = []
     columns = names[1:]
-    if plan.kind == "update":
-        rest = columns[len(OLD_MARKERS):]
+    if plan.before_sql:  # UPDATE: the target's columns before the change, then after it
+        rest = columns
         half = len(rest) // 2
+        if half * 2 != len(rest) or rest[:half] != rest[half:]:
+            return Preview("failed", reason="the preview returned an unexpected shape")
         columns = rest[half:]
         for r in rows[:PREVIEW_SAMPLE_MAX]:
-            vals = [_text(v) for v in r[1 + len(OLD_MARKERS):]]
-            sample.append({"before": dict(zip(rest[:half], vals[:half], strict=True)),
-                           "after": dict(zip(rest[half:], vals[half:], strict=True))})
+            vals = [_text(v) for v in r[1:]]
+            sample.append(
+                {
+                    "before": dict(zip(rest[:half], vals[:half], strict=True)),
+                    "after": dict(zip(rest[half:], vals[half:], strict=True)),
+                }
+            )
     else:
         for r in rows[:PREVIEW_SAMPLE_MAX]:
             sample.append({"row": dict(zip(columns, [_text(v) for v in r[1:]], strict=True))})
-    return Preview("measured", affected_rows=int(count), sample=tuple(sample), reason=reason,
-                   columns=tuple(columns))
+    return Preview(
+        "measured", affected_rows=int(count), sample=tuple(sample), reason=reason, columns=tuple(columns)
+    )
 
 
 # -- the I/O shell ------------------------------------------------------------------------------
@@ -132,8 +152,9 @@ def _ms(seconds: float) -> str:
     return f"{max(1, int(seconds * 1000))}ms"
 
 
-async def _until_ready(ep: Any, mask_rows: RowMasker | None, mask_error: Callable[[dict[str, str]], dict[str, str]]
-                       ) -> Result:
+async def _until_ready(
+    ep: Any, mask_rows: RowMasker | None, mask_error: Callable[[dict[str, str]], dict[str, str]]
+) -> Result:
     fields: tuple[Field, ...] = ()
     rewrite: Callable[[bytes], bytes] | None = None
     rows: list[bytes] = []
@@ -160,15 +181,26 @@ async def _query(ep: Any, sql: str) -> Result:
     return await _until_ready(ep, None, lambda f: f)
 
 
-async def _run(cfg: ProxyConfig, settings: Mapping[str, str], plan: PreviewPlan, params: Sequence[bytes | None],
-               formats: Sequence[int], deadline: float, mask_rows: RowMasker | None,
-               mask_error: Callable[[dict[str, str]], dict[str, str]], session: list[Any]) -> Result:
+async def _run(
+    cfg: ProxyConfig,
+    settings: Mapping[str, str],
+    plan: PreviewPlan,
+    params: Sequence[bytes | None],
+    formats: Sequence[int],
+    deadline: float,
+    mask_rows: RowMasker | None,
+    mask_error: Callable[[dict[str, str]], dict[str, str]],
+    session: list[Any],
+) -> Result:
     conn = await up.connect(cfg, settings)
     session.append(conn)
     ep = conn.endpoint
     left = deadline - time.monotonic() - SERVER_MARGIN * max(0.0, deadline - time.monotonic())
-    begin = await _query(ep, f"BEGIN; SET LOCAL statement_timeout = '{_ms(left)}'; "
-                             f"SET LOCAL lock_timeout = '{_ms(left)}'")
+    begin = await _query(
+        ep,
+        f"BEGIN; SET LOCAL statement_timeout = '{_ms(left)}'; "
+        f"SET LOCAL lock_timeout = '{_ms(left * LOCK_SHARE)}'",
+    )
     if begin.error is not None:
         return Result(error={"C": begin.error.get("C", ""), "M": "could not start the preview transaction"})
     ep.write(run_messages(plan.sql, params, formats))
@@ -177,15 +209,23 @@ async def _run(cfg: ProxyConfig, settings: Mapping[str, str], plan: PreviewPlan,
     return result
 
 
-async def measure(cfg: ProxyConfig, settings: Mapping[str, str], sql: str, *, params: Sequence[bytes | None] = (),
-                  formats: Sequence[int] = (), timeout: float = 2.0, server_version: int = 0,
-                  mask_rows: Callable[[str], RowMasker | str | None] | None = None,
-                  mask_error: Callable[[str, dict[str, str]], dict[str, str]] | None = None) -> Preview:
+async def measure(
+    cfg: ProxyConfig,
+    settings: Mapping[str, str],
+    sql: str,
+    *,
+    params: Sequence[bytes | None] = (),
+    formats: Sequence[int] = (),
+    timeout: float = 2.0,
+    server_version: int = 0,
+    mask_rows: Callable[[PreviewPlan], RowMasker | str | None] | None = None,
+    mask_error: Callable[[str, dict[str, str]], dict[str, str]] | None = None,
+) -> Preview:
     """Run `sql` once in a rolled-back transaction and say what it changed; never raises, never
     takes longer than `timeout` (seconds).
 
-    `mask_rows(preview_sql)` returns a RowMasker for the preview text's rows (a function from its
-    fields to a DataRow rewriter), or a string saying why the sample must be withheld;
+    `mask_rows(plan)` returns a RowMasker for the preview text's rows (a function from its fields
+    to a DataRow rewriter), or a string saying why the sample must be withheld;
     `mask_error(preview_sql, fields)` masks an ErrorResponse of it."""
     plan = plan_preview(sql, server_version)
     if isinstance(plan, NoPreview):
@@ -193,7 +233,7 @@ async def measure(cfg: ProxyConfig, settings: Mapping[str, str], sql: str, *, pa
     notes = list(plan.notes)
     masker: RowMasker | None = None
     if mask_rows is not None and not plan.count_only:
-        made = mask_rows(plan.sql)
+        made = mask_rows(plan)
         if isinstance(made, str):
             notes.append(f"the sample is withheld: {made}")
             masker = _withhold
@@ -208,8 +248,17 @@ async def measure(cfg: ProxyConfig, settings: Mapping[str, str], sql: str, *, pa
     deadline = started + timeout
     try:
         async with asyncio.timeout(timeout):
-            result = await _run(cfg, {**settings, "application_name": "pgwarden preview"}, plan, params, formats,
-                                deadline, masker, error_masker, session)
+            result = await _run(
+                cfg,
+                {**settings, "application_name": "pgwarden preview"},
+                plan,
+                params,
+                formats,
+                deadline,
+                masker,
+                error_masker,
+                session,
+            )
     except TimeoutError:
         if session:  # the server may still be working on it: stop it, the dropped connection rolls back
             conn = session[0]
@@ -219,6 +268,9 @@ async def measure(cfg: ProxyConfig, settings: Mapping[str, str], sql: str, *, pa
         return Preview("failed", reason=e.message)
     except (OSError, ConnectionClosed, m.FrameError) as e:
         return Preview("failed", reason=f"the preview connection failed: {e or type(e).__name__}")
+    except Exception as e:  # a preview never stands between the agent and its request
+        log.exception("preview failed")
+        return Preview("failed", reason=f"pgwarden could not run the preview ({type(e).__name__})")
     finally:
         for conn in session:
             with contextlib.suppress(Exception):

@@ -42,13 +42,17 @@ PreviewKind = Literal["insert", "update", "delete", "merge"]
 CTE_NAME = "pgwarden_preview"
 COUNT_COLUMN = "pgwarden_affected"
 OLD_ALIAS = "pgwarden_old"
-OLD_MARKERS = ("pgwarden_tableoid", "pgwarden_ctid")  # the UPDATE snapshot's join keys
+OLD_MARKERS = ("pgwarden_tableoid", "pgwarden_ctid")  # the UPDATE snapshot's join keys (not returned)
 OLD_ROW = "pgwarden_row"
 SNAP = "pgwarden_snapshot"
 SAMPLE_ROWS = 5
 
-_KINDS: dict[str, PreviewKind] = {"InsertStmt": "insert", "UpdateStmt": "update", "DeleteStmt": "delete",
-                                  "MergeStmt": "merge"}
+_KINDS: dict[str, PreviewKind] = {
+    "InsertStmt": "insert",
+    "UpdateStmt": "update",
+    "DeleteStmt": "delete",
+    "MergeStmt": "merge",
+}
 _DML = frozenset(_KINDS)
 
 
@@ -62,6 +66,9 @@ class PreviewPlan:
     sql: str
     count_only: bool = False
     notes: tuple[str, ...] = ()  # what the preview does that a rollback does not undo (sequences)
+    # UPDATE: the target's rows as stored (`SELECT * FROM target`): masking plans the sample's
+    # "before" columns by this text, whose lineage is the table's own columns in the same order
+    before_sql: str = ""
 
 
 @dataclass(frozen=True)
@@ -103,8 +110,10 @@ def function_refusal(name: list[str], server_version: int = 0) -> str | None:
             return "it calls setval(), which sets a sequence for good (a rollback does not undo it)"
         if fn.is_builtin(bare, server_version):
             return None
-    return (f"it calls {shown}(), which is not a built-in pgwarden vouches for as free of side effects: "
-            "what it does outside the transaction could not be rolled back")
+    return (
+        f"it calls {shown}(), which is not a built-in pgwarden vouches for as free of side effects: "
+        "what it does outside the transaction could not be rolled back"
+    )
 
 
 def refusal(tree: dict[str, Any], server_version: int = 0) -> str | None:
@@ -138,7 +147,7 @@ def _star() -> ast.ResTarget:
     return ast.ResTarget(val=ast.ColumnRef(fields=(ast.A_Star(),)))
 
 
-def _snapshot_join(stmt: ast.UpdateStmt) -> None:
+def _snapshot_join(stmt: ast.UpdateStmt) -> str:
     """UPDATE … FROM …, (SELECT tableoid, ctid, row FROM target) pgwarden_old WHERE … AND the target
     row is that snapshot row … RETURNING (pgwarden_old.row).*, target.*: each changed row with its
     old values. (tableoid, ctid) identifies one row version, across partitions too; the snapshot's
@@ -151,16 +160,24 @@ def _snapshot_join(stmt: ast.UpdateStmt) -> None:
         f"SELECT FROM (SELECT {SNAP}.tableoid AS {OLD_MARKERS[0]}, {SNAP}.ctid AS {OLD_MARKERS[1]}, "
         f"{SNAP} AS {OLD_ROW} FROM {only}{target} AS {SNAP}) AS {OLD_ALIAS} "
         f"WHERE {_quote(ref)}.tableoid = {OLD_ALIAS}.{OLD_MARKERS[0]} AND {_quote(ref)}.ctid = {OLD_ALIAS}.{OLD_MARKERS[1]} "
-        f"RETURNING ({OLD_ALIAS}.{OLD_ROW}).*, {_quote(ref)}.*".replace("SELECT FROM", "UPDATE pgwarden_x SET a = 1 FROM", 1)
+        f"RETURNING ({OLD_ALIAS}.{OLD_ROW}).*, {_quote(ref)}.*".replace(
+            "SELECT FROM", "UPDATE pgwarden_x SET a = 1 FROM", 1
+        )
     )[0].stmt
     stmt.fromClause = (*(stmt.fromClause or ()), *template.fromClause)
     cond = template.whereClause
-    stmt.whereClause = cond if stmt.whereClause is None else ast.BoolExpr(
-        boolop=BoolExprType.AND_EXPR, args=(stmt.whereClause, cond))
+    stmt.whereClause = (
+        cond
+        if stmt.whereClause is None
+        else ast.BoolExpr(boolop=BoolExprType.AND_EXPR, args=(stmt.whereClause, cond))
+    )
     stmt.returningClause = template.returningClause
+    return f"SELECT * FROM {only}{target}"
 
 
-def plan_preview(sql: str, server_version: int = 0, sample_rows: int = SAMPLE_ROWS) -> PreviewPlan | NoPreview:
+def plan_preview(
+    sql: str, server_version: int = 0, sample_rows: int = SAMPLE_ROWS
+) -> PreviewPlan | NoPreview:
     """The text that measures what `sql` changes, or why it is not previewed."""
     try:
         tree = json.loads(parse_sql_json(sql))
@@ -173,25 +190,40 @@ def plan_preview(sql: str, server_version: int = 0, sample_rows: int = SAMPLE_RO
     why = refusal(raw[0].get("stmt") or {}, server_version)
     if why:
         return NoPreview(why)
-    notes = ("nextval() advances its sequence in the preview too (a rollback does not undo that): "
-             "the numbers it took are skipped",) if _uses_nextval(raw[0].get("stmt") or {}) else ()
+    notes = (
+        (
+            "nextval() advances its sequence in the preview too (a rollback does not undo that): "
+            "the numbers it took are skipped",
+        )
+        if _uses_nextval(raw[0].get("stmt") or {})
+        else ()
+    )
     stmt = stmts[0].stmt
     kind = _KINDS[type(stmt).__name__]
     if kind == "merge" and server_version and server_version < 17:
-        return PreviewPlan(kind, RawStream()(stmt), count_only=True, notes=(
-            *notes, f"MERGE returns no rows before PostgreSQL 17 (the server is {server_version}): count only"))
+        return PreviewPlan(
+            kind,
+            RawStream()(stmt),
+            count_only=True,
+            notes=(
+                *notes,
+                f"MERGE returns no rows before PostgreSQL 17 (the server is {server_version}): count only",
+            ),
+        )
     with_clause = stmt.withClause
     stmt.withClause = None
+    before_sql = ""
     if kind == "update":
-        _snapshot_join(stmt)
+        before_sql = _snapshot_join(stmt)
     else:
         stmt.returningClause = ast.ReturningClause(exprs=(_star(),))
     outer = parse_sql(
         f"WITH {CTE_NAME} AS (SELECT) SELECT (SELECT count(*) FROM {CTE_NAME}) AS {COUNT_COLUMN}, * "
-        f"FROM {CTE_NAME} LIMIT {int(sample_rows)}")[0].stmt
+        f"FROM {CTE_NAME} LIMIT {int(sample_rows)}"
+    )[0].stmt
     cte = outer.withClause.ctes[0]
     cte.ctequery = stmt
     # the statement's own WITH queries move up a level, beside it: a data-modifying CTE must be at the top
     outer.withClause.ctes = (*(with_clause.ctes if with_clause is not None else ()), cte)
     outer.withClause.recursive = bool(with_clause is not None and with_clause.recursive)
-    return PreviewPlan(kind, RawStream()(outer), notes=notes)
+    return PreviewPlan(kind, RawStream()(outer), notes=notes, before_sql=before_sql)

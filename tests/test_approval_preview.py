@@ -25,7 +25,7 @@ import jsonpatch
 import psycopg
 import pytest
 from apiserver_model import Invalid, crds, store, update
-from fix_pg import APP_USER, SHOP_DB
+from fix_pg import APP_PASSWORD, APP_USER, SHOP_DB
 
 from pgwarden.approvals import ApprovalSpec
 from pgwarden.approvals.kubernetes import build_request
@@ -465,3 +465,156 @@ def test_the_previewed_count_cannot_be_changed_after_filing() -> None:
             update(stored, patch, crd)
     decided, _ = update(stored, {"spec": {"decision": "approved"}}, crd)  # the decision itself still may
     assert decided["spec"]["preview"] == stored["spec"]["preview"]
+
+
+# -- the preview text means what the statement means ----------------------------------------------
+REWRITES = [
+    ("DELETE FROM {t} WHERE batch = 'rw' AND score < 2", 2),
+    ("DELETE FROM {t} p USING {t} q WHERE p.id = q.id AND q.batch = 'rw' RETURNING p.name", 3),
+    ("UPDATE {t} SET score = score + 1 WHERE batch = 'rw' RETURNING id", 3),
+    (
+        "UPDATE {t} AS p SET name = q.name || '!' FROM {t} q WHERE p.id = q.id AND q.batch = 'rw' AND q.score > 0",
+        2,
+    ),
+    ("UPDATE ONLY {t} SET score = 0", None),  # every row: compared with the statement's own count
+    ("WITH w AS (SELECT 'rw' AS b) UPDATE {t} SET score = 7 FROM w WHERE batch = w.b", 3),
+    ("WITH w AS (SELECT 'rw' AS b) INSERT INTO {t} (batch, name, secret) SELECT b, 'n', 's' FROM w", 1),
+    ("INSERT INTO {t} (batch, name, secret) VALUES ('rw', 'a', 'x'), ('rw', 'b', 'y')", 2),
+    (
+        "INSERT INTO {t} (id, batch, name, secret) SELECT id, batch, name, secret FROM {t} WHERE batch = 'rw' "
+        "ON CONFLICT (id) DO UPDATE SET score = EXCLUDED.score + 1",
+        3,
+    ),
+    (
+        "INSERT INTO {t} (id, batch, name, secret) SELECT id, batch, name, secret FROM {t} WHERE batch = 'rw' "
+        "ON CONFLICT (id) DO NOTHING",
+        0,
+    ),
+    (
+        "MERGE INTO {t} p USING (SELECT id FROM {t} WHERE batch = 'rw' AND score = 1) s ON p.id = s.id "
+        "WHEN MATCHED THEN DELETE",
+        1,
+    ),
+]
+
+
+@pytest.mark.parametrize(("statement", "expected"), REWRITES)
+def test_preview_text_counts_what_the_statement_changes(
+    people: None, pg: Any, statement: str, expected: int | None
+) -> None:
+    """The statement and its preview text, each run by the agent's upstream role in a transaction
+    rolled back: the same count, and the preview's sample is the changed rows."""
+    from pgwarden.policy.preview import PreviewPlan, plan_preview
+
+    pg.psql(
+        f"DELETE FROM {TABLE} WHERE batch = 'rw'; INSERT INTO {TABLE} (batch, name, secret, score) "
+        "VALUES ('rw', 'a', 's1', 0), ('rw', 'b', 's2', 1), ('rw', 'c', 's3', 2)",
+        dbname=SHOP_DB,
+    )
+    sql = statement.format(t=TABLE)
+    with psycopg.connect(pg.dsn(SHOP_DB, user=APP_USER, password=APP_PASSWORD)) as conn:
+        with conn.transaction(force_rollback=True):
+            real = conn.execute(sql).rowcount
+        plan = plan_preview(sql, conn.info.server_version // 10000)
+        assert isinstance(plan, PreviewPlan), plan
+        with conn.transaction(force_rollback=True):
+            cur = conn.execute(plan.sql)
+            rows = [] if plan.count_only else cur.fetchall()
+            counted = cur.rowcount if plan.count_only else (rows[0][0] if rows else 0)
+    assert counted == real
+    if expected is not None:
+        assert real == expected
+    if not plan.count_only:
+        assert len(rows) == min(real, 5)
+        if plan.before_sql and rows:  # UPDATE: the same row before and after
+            n = (len(rows[0]) - 1) // 2
+            assert all(r[1] == r[1 + n] for r in rows)  # id
+    assert direct_count(pg, "rw") == 3  # rolled back
+
+
+@pytest.mark.parametrize(
+    ("statement", "why"),
+    [
+        ("DELETE FROM t WHERE id = public.f(1)", "public.f()"),
+        ("DELETE FROM t WHERE id = f(1)", "f()"),
+        ("UPDATE t SET n = setval('s', 1)", "setval()"),
+        ("INSERT INTO t SELECT * FROM dblink('x', 'y') AS r(a int)", "dblink()"),
+        ("WITH d AS (DELETE FROM t RETURNING *) INSERT INTO u SELECT * FROM d", "data-modifying WITH"),
+        ("DELETE FROM t WHERE CURRENT OF c", "CURRENT OF"),
+        ("DELETE FROM t; DELETE FROM u", "2 statements"),
+        ("SELECT 1", "only INSERT, UPDATE, DELETE and MERGE"),
+        ("EXECUTE p(1)", "only INSERT, UPDATE, DELETE and MERGE"),
+        ("DELETE FROM", "could not be parsed"),
+    ],
+)
+def test_statements_a_rollback_cannot_undo_get_no_preview(statement: str, why: str) -> None:
+    from pgwarden.policy.preview import NoPreview, plan_preview
+
+    plan = plan_preview(statement, 15)
+    assert isinstance(plan, NoPreview) and why in plan.reason
+
+
+def test_sequences_are_previewed_and_say_what_they_skip() -> None:
+    from pgwarden.policy.preview import PreviewPlan, plan_preview
+
+    plan = plan_preview("INSERT INTO t (id) VALUES (nextval('s')), (upper('x')::int)", 15)
+    assert isinstance(plan, PreviewPlan) and "nextval() advances its sequence" in plan.notes[0]
+    assert isinstance(
+        plan_preview("MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE", 17), PreviewPlan
+    )
+    assert not plan_preview("MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE", 17).count_only  # type: ignore[union-attr]
+
+
+# -- the preview binds a deferred approval, and reviewers of a cluster read it first --------------
+async def test_a_deferred_approval_carries_its_preview_to_the_run(tmp_path: Path) -> None:
+    from pgwarden.approvals import LocalApprovals
+
+    q = LocalApprovals(tmp_path / "a.db")
+    s = ApprovalSpec(
+        connection="shop",
+        requester=Identity(subject="agent", groups=("ai-agents",)),
+        workload={},
+        statement="DELETE FROM t WHERE id < 4",
+        params=(),
+        rule="p rule 1",
+        reviewers=(),
+        min_approvals=1,
+        timeout=60,
+        mode="defer",
+        preview=PREVIEW,
+    )
+    t = await q.create(s)
+    q.decide_sync(t.id, "alice", "approved")
+    used = await q.consume(s)
+    assert used is not None and used.preview == PREVIEW  # the gate's AffectedGuard limit: 3
+
+
+def test_an_old_queue_file_gains_the_preview_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    from pgwarden.approvals import LocalApprovals
+    from pgwarden.approvals.local import SCHEMA
+
+    db = tmp_path / "old.db"
+    con = sqlite3.connect(db)
+    con.executescript(
+        SCHEMA.replace(
+            ",\n    preview TEXT NOT NULL DEFAULT ''  -- JSON of Preview.to_json(); '' for none", ""
+        )
+    )
+    con.close()
+    LocalApprovals(db)
+    con = sqlite3.connect(db)
+    assert "preview" in {r[1] for r in con.execute("PRAGMA table_info(requests)")}
+    con.close()
+
+
+def test_kubectl_recipe_shows_the_preview_before_the_statement() -> None:
+    import yaml
+
+    from pgwarden.approvals.cli import render_request, rows_from_objects
+
+    (row,) = rows_from_objects(yaml.safe_dump(stored_request()))
+    text = render_request(row, NOW)
+    assert text.index("3 rows affected") < text.index("DELETE FROM orders")
+    assert "before {" in text and "after  {" in text

@@ -534,8 +534,8 @@ class SessionGate:
         )
 
     def _preview_plan(self, sql: str) -> Any:
-        catalog = self.rt.catalog
-        return self.masking.plan(sql, catalog.current(), self.rt.search_path, session=self._scratch_session())
+        assert self.masking is not None
+        return self.masking.plan(sql, self.rt.catalog.current(), self.rt.search_path, session=self._scratch_session())
 
     def _preview_masker(self, preview: Any) -> Any:
         """The preview's sample is masked as the agent would see the same rows (RETURNING them).

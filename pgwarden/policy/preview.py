@@ -147,7 +147,7 @@ def _star() -> ast.ResTarget:
     return ast.ResTarget(val=ast.ColumnRef(fields=(ast.A_Star(),)))
 
 
-def _snapshot_join(stmt: ast.UpdateStmt) -> str:
+def _snapshot_join(stmt: Any) -> str:
     """UPDATE … FROM …, (SELECT tableoid, ctid, row FROM target) pgwarden_old WHERE … AND the target
     row is that snapshot row … RETURNING (pgwarden_old.row).*, target.*: each changed row with its
     old values. (tableoid, ctid) identifies one row version, across partitions too; the snapshot's
@@ -156,7 +156,7 @@ def _snapshot_join(stmt: ast.UpdateStmt) -> str:
     ref = rel.alias.aliasname if rel.alias is not None else rel.relname
     target = ".".join(_quote(p) for p in (rel.catalogname, rel.schemaname, rel.relname) if p)
     only = "" if rel.inh else "ONLY "
-    template = parse_sql(
+    template: Any = parse_sql(
         f"SELECT FROM (SELECT {SNAP}.tableoid AS {OLD_MARKERS[0]}, {SNAP}.ctid AS {OLD_MARKERS[1]}, "
         f"{SNAP} AS {OLD_ROW} FROM {only}{target} AS {SNAP}) AS {OLD_ALIAS} "
         f"WHERE {_quote(ref)}.tableoid = {OLD_ALIAS}.{OLD_MARKERS[0]} AND {_quote(ref)}.ctid = {OLD_ALIAS}.{OLD_MARKERS[1]} "
@@ -198,7 +198,7 @@ def plan_preview(
         if _uses_nextval(raw[0].get("stmt") or {})
         else ()
     )
-    stmt = stmts[0].stmt
+    stmt: Any = stmts[0].stmt
     kind = _KINDS[type(stmt).__name__]
     if kind == "merge" and server_version and server_version < 17:
         return PreviewPlan(
@@ -217,7 +217,7 @@ def plan_preview(
         before_sql = _snapshot_join(stmt)
     else:
         stmt.returningClause = ast.ReturningClause(exprs=(_star(),))
-    outer = parse_sql(
+    outer: Any = parse_sql(
         f"WITH {CTE_NAME} AS (SELECT) SELECT (SELECT count(*) FROM {CTE_NAME}) AS {COUNT_COLUMN}, * "
         f"FROM {CTE_NAME} LIMIT {int(sample_rows)}"
     )[0].stmt

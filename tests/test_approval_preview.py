@@ -73,7 +73,7 @@ def direct_count(pg: Any, batch: str) -> int:
     return int(pg.psql(f"SELECT count(*) FROM {TABLE} WHERE batch = '{batch}'", dbname=SHOP_DB).strip())
 
 
-def documents(preview_timeout: str = "2s", masking: bool = True) -> list[dict[str, Any]]:
+def documents(preview_timeout: str = "2s", masking: bool = True, mode: str = "wait") -> list[dict[str, Any]]:
     policy = {
         "apiVersion": API,
         "kind": "AccessPolicy",
@@ -90,7 +90,7 @@ def documents(preview_timeout: str = "2s", masking: bool = True) -> list[dict[st
             "approval": {
                 "reviewers": [{"group": "dba"}],
                 "timeout": "30s",
-                "mode": "wait",
+                "mode": mode,
                 "preview": "rows",
                 "previewTimeout": preview_timeout,
             },
@@ -144,7 +144,7 @@ def hook() -> Iterator[Hook]:
 
 @pytest.fixture
 def previewing(people: None, make_proxy: Any, tmp_path: Path, hook: Hook) -> Any:
-    def make(preview_timeout: str = "2s", masking: bool = True) -> tuple[Any, Path, Path]:
+    def make(preview_timeout: str = "2s", masking: bool = True, mode: str = "wait") -> tuple[Any, Path, Path]:
         db, audit = tmp_path / "approvals.db", tmp_path / "audit.jsonl"
         spec = {
             "approvals": {
@@ -155,9 +155,26 @@ def previewing(people: None, make_proxy: Any, tmp_path: Path, hook: Hook) -> Any
             },
             "audit": {"path": str(audit)},
         }
-        return make_proxy(extra=documents(preview_timeout, masking), proxy_spec=spec), db, audit
+        return make_proxy(extra=documents(preview_timeout, masking, mode), proxy_spec=spec), db, audit
 
     return make
+
+
+@pytest.fixture
+def guards(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The AffectedGuard each approved statement's verdict carries (the relay enforces it: PW005)."""
+    from pgwarden.proxy.gate import SessionGate
+
+    seen: list[Any] = []
+    original = SessionGate._guarded
+
+    def spy(verdict: Any, ticket: Any, preview: Any) -> Any:
+        out = original(verdict, ticket, preview)
+        seen.append(out.guard)
+        return out
+
+    monkeypatch.setattr(SessionGate, "_guarded", staticmethod(spy))
+    return seen
 
 
 def cli(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -274,7 +291,9 @@ def stored_rows(db: Path) -> list[dict[str, Any]]:
         con.close()
 
 
-def test_parameters_from_a_driver_are_previewed_with_their_values(previewing: Any, pg: Any) -> None:
+def test_parameters_from_a_driver_are_previewed_with_their_values(
+    previewing: Any, pg: Any, guards: list[Any]
+) -> None:
     proxy, db, audit = previewing()
     secrets = seed(pg, "drv-del", 4)
     seed(pg, "drv-other", 1)
@@ -294,6 +313,25 @@ def test_parameters_from_a_driver_are_previewed_with_their_values(previewing: An
     assert box.get("result") == 4, box
     assert direct_count(pg, "drv-del") == 0 and direct_count(pg, "drv-other") == 1
     assert not leaked(secrets, json.dumps(req), audit.read_text())
+    (guard,) = guards
+    assert (guard.limit, guard.source) == (4, f"request {req['id']}")
+
+
+def test_a_deferred_approval_runs_bound_to_its_preview(previewing: Any, pg: Any, guards: list[Any]) -> None:
+    proxy, db, _ = previewing(mode="defer")
+    seed(pg, "defer-del", 2)
+    sql = f"DELETE FROM {TABLE} WHERE batch = 'defer-del'"
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.Error) as e:
+            conn.execute(sql)
+        assert e.value.sqlstate == "PW001"
+        req = wait_pending(db)
+        assert req["preview"]["affectedRows"] == 2 and direct_count(pg, "defer-del") == 2
+        assert cli(db, "approve", req["id"], "--as", "dba-alice").returncode == 0
+        assert conn.execute(sql).rowcount == 2
+    assert direct_count(pg, "defer-del") == 0
+    (guard,) = guards
+    assert (guard.limit, guard.source) == (2, f"request {req['id']}")
 
 
 def test_update_sample_shows_before_and_after_masked(previewing: Any, pg: Any) -> None:
@@ -316,7 +354,9 @@ def test_update_sample_shows_before_and_after_masked(previewing: Any, pg: Any) -
     assert not leaked(secrets, json.dumps(req))
 
 
-def test_preview_waiting_on_a_lock_times_out_within_its_bound(previewing: Any, pg: Any) -> None:
+def test_preview_waiting_on_a_lock_times_out_within_its_bound(
+    previewing: Any, pg: Any, guards: list[Any]
+) -> None:
     proxy, db, _ = previewing(preview_timeout="1s")
     seed(pg, "locked", 2)
     holder = psycopg.connect(pg.dsn(SHOP_DB))
@@ -344,6 +384,7 @@ def test_preview_waiting_on_a_lock_times_out_within_its_bound(previewing: Any, p
     t.join(30)
     assert "DELETE 2" in box["result"].stdout
     assert direct_count(pg, "locked") == 0
+    assert guards == [None]  # no measured preview: no row bound
 
 
 def test_statement_calling_a_function_gets_no_preview_and_is_never_run_for_one(
@@ -618,3 +659,32 @@ def test_kubectl_recipe_shows_the_preview_before_the_statement() -> None:
     text = render_request(row, NOW)
     assert text.index("3 rows affected") < text.index("DELETE FROM orders")
     assert "before {" in text and "after  {" in text
+
+
+def test_sampled_values_cannot_steer_the_notification_or_the_terminal() -> None:
+    """A sampled value comes from the database, which the agent may have written."""
+    from pgwarden.approvals.cli import render_request, rows_from_objects
+    from pgwarden.approvals.model import Ticket, notification_text
+
+    forged = "x```\n*PRE-APPROVED* <!channel> <https://evil.example|approve>\x1b[2K\u202e"
+    preview = Preview("measured", affected_rows=1, sample=({"row": {"note": forged}},), columns=("note",))
+    spec = ApprovalSpec(
+        connection="shop",
+        requester=AGENT,
+        workload={},
+        statement="DELETE FROM t WHERE id = 1",
+        params=(),
+        rule="p rule 1",
+        reviewers=(),
+        min_approvals=1,
+        timeout=60,
+        mode="wait",
+        preview=preview,
+    )
+    text = notification_text(spec, Ticket(id="r1", name="r1", expires_at=NOW, approve_command="approve r1"))
+    assert "<!channel>" not in text and "<https://" not in text and "\x1b" not in text
+    assert text.count("```") % 2 == 0 and "```\n*PRE-APPROVED*" not in text
+    stored = stored_request(preview)
+    (row,) = rows_from_objects(json.dumps(stored))
+    shown = render_request(row, NOW)
+    assert "\x1b" not in shown and "\u202e" not in shown and "\\u202e" in shown

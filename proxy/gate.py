@@ -583,9 +583,13 @@ class SessionGate:
         return update_masker
 
     def _preview_error(self, sql: str, fields: dict[str, str]) -> dict[str, str]:
+        """The preview's error, as the agent would see it (a key conflict can print a masked value)."""
         if self.masking is None:
             return fields
-        masked: dict[str, str] = self.masking.mask_error_fields(fields, self._preview_plan(sql), self.rt.catalog.current())
+        plan = self._preview_plan(sql)
+        if plan.error is not None:  # no plan to mask by: keep the SQLSTATE only
+            return {"C": fields.get("C", ""), "M": "the error text is withheld (masking could not plan the preview)"}
+        masked: dict[str, str] = self.masking.mask_error_fields(fields, plan, self.rt.catalog.current())
         return masked
 
     @staticmethod

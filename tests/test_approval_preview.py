@@ -46,7 +46,7 @@ def people(pg: Any) -> Iterator[None]:
         f"""
         DROP TABLE IF EXISTS {TABLE};
         CREATE TABLE {TABLE} (id serial PRIMARY KEY, batch text NOT NULL, name text NOT NULL,
-                              secret text NOT NULL, score int NOT NULL DEFAULT 0);
+                              secret text NOT NULL UNIQUE, score int NOT NULL DEFAULT 0);
         GRANT SELECT, INSERT, UPDATE, DELETE ON {TABLE} TO {APP_USER};
         GRANT USAGE ON SEQUENCE public.preview_people_id_seq TO {APP_USER};
         DROP FUNCTION IF EXISTS public.preview_touch(int);
@@ -688,3 +688,23 @@ def test_sampled_values_cannot_steer_the_notification_or_the_terminal() -> None:
     (row,) = rows_from_objects(json.dumps(stored))
     shown = render_request(row, NOW)
     assert "\x1b" not in shown and "\u202e" not in shown and "\\u202e" in shown
+
+
+def test_a_failed_preview_says_why_without_the_masked_value(previewing: Any, pg: Any) -> None:
+    """A key conflict on a masked column: the server's error names the value; the request does not."""
+    proxy, db, _ = previewing()
+    (secret,) = seed(pg, "dup", 1)
+    t, box = in_background(
+        lambda: proxy.psql(
+            "-c", f"INSERT INTO {TABLE} (batch, name, secret) VALUES ('dup2', 'x', '{secret}')"
+        )
+    )
+    req = wait_pending(db)
+    pv = req["preview"]
+    assert pv["state"] == "failed" and "23505" in pv["reason"]
+    assert secret not in json.dumps(pv)
+    refused = cli(db, "approve", req["id"], "--as", "dba-alice")
+    assert refused.returncode != 0 and "--without-preview" in refused.stderr
+    assert cli(db, "deny", req["id"], "--as", "dba-alice").returncode == 0
+    t.join(30)
+    assert direct_count(pg, "dup2") == 0

@@ -44,6 +44,8 @@ LOCK_SHARE = 0.8  # of the statement's time: a wait on a lock ends first and is 
 LOCK_WAIT = "55P03"  # lock_not_available: lock_timeout
 CANCELED = "57014"  # query_canceled: statement_timeout
 
+_cancels: set[asyncio.Task[None]] = set()
+
 RowMasker = Callable[[Sequence[Field]], Callable[[bytes], bytes] | None]
 
 
@@ -262,7 +264,9 @@ async def measure(
     except TimeoutError:
         if session:  # the server may still be working on it: stop it, the dropped connection rolls back
             conn = session[0]
-            asyncio.get_running_loop().create_task(up.send_cancel(cfg, conn.pid, conn.secret))
+            task = asyncio.get_running_loop().create_task(up.send_cancel(cfg, conn.pid, conn.secret))
+            _cancels.add(task)  # held until done: the loop keeps only a weak reference
+            task.add_done_callback(_cancels.discard)
         return Preview("timeout", reason=f"no answer within {timeout:g}s (approval.previewTimeout)")
     except AgentError as e:  # UpstreamUnavailable: the database could not be reached
         return Preview("failed", reason=e.message)

@@ -708,3 +708,18 @@ def test_a_failed_preview_says_why_without_the_masked_value(previewing: Any, pg:
     assert cli(db, "deny", req["id"], "--as", "dba-alice").returncode == 0
     t.join(30)
     assert direct_count(pg, "dup2") == 0
+
+
+def test_kubectl_describe_names_the_preview_and_the_webhook_keeps_the_sample() -> None:
+    stored = stored_request()
+    change = ar.next_status(stored, NOW + 1)
+    requested = next(msg for _, reason, msg in change.events if reason == "Requested")
+    assert "(preview: 3 rows)" in requested
+    # the CEL rule leaves the sample to the webhook (cost); the webhook refuses any change to it
+    forged = json.loads(json.dumps(stored))
+    forged["spec"]["preview"]["sample"] = []
+    for verdict in (
+        ar.mutate("UPDATE", stored, forged, OPERATOR, POLICY, NOW + 1),
+        ar.validate("UPDATE", stored, forged, OPERATOR, POLICY, NOW + 1),
+    ):
+        assert not verdict.allowed and "only spec.decision and spec.reason" in verdict.message

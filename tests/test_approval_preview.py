@@ -723,3 +723,35 @@ def test_kubectl_describe_names_the_preview_and_the_webhook_keeps_the_sample() -
         ar.validate("UPDATE", stored, forged, OPERATOR, POLICY, NOW + 1),
     ):
         assert not verdict.allowed and "only spec.decision and spec.reason" in verdict.message
+
+
+def test_binary_parameters_from_asyncpg_are_previewed(previewing: Any, pg: Any) -> None:
+    """asyncpg sends integers in binary: the preview binds the very bytes the agent sent."""
+    import asyncio
+
+    import asyncpg
+
+    proxy, db, _ = previewing()
+    seed(pg, "apg", 3)
+
+    async def run() -> str:
+        conn = await asyncpg.connect(
+            host=proxy.host,
+            port=proxy.port,
+            user=proxy.user,
+            password=proxy.password,
+            database=proxy.dbname,
+            ssl=False,
+        )
+        try:
+            return str(await conn.execute(f"DELETE FROM {TABLE} WHERE batch = $1 AND score < $2", "apg", 1))
+        finally:
+            await conn.close()
+
+    t, box = in_background(lambda: asyncio.run(run()))
+    req = wait_pending(db)
+    assert req["params"] == ["\\x617067", "\\x00000001"]  # asyncpg sends both in binary: shown as hex
+    assert req["preview"]["state"] == "measured" and req["preview"]["affectedRows"] == 3, req["preview"]
+    assert cli(db, "approve", req["id"], "--as", "dba-alice").returncode == 0
+    t.join(30)
+    assert box.get("result") == "DELETE 3", box

@@ -368,7 +368,8 @@ def test_preview_waiting_on_a_lock_times_out_within_its_bound(
         t, box = in_background(lambda: proxy.psql("-c", f"DELETE FROM {TABLE} WHERE batch = 'locked'"))
         req = wait_pending(db)
         # the request is filed once the preview gave up: the agent was held no longer than the bound
-        assert req["createdAt"] - started < 1.0 + 0.75
+        # slack: psql starting and logging in through the proxy; the lock is held until the end
+        assert 0.5 <= req["createdAt"] - started < 1.0 + 1.25  # lock_timeout ends the wait within the bound
         assert req["preview"]["state"] == "timeout"
         assert "lock" in req["preview"]["reason"]
         assert "affectedRows" not in req["preview"]

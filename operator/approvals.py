@@ -31,6 +31,7 @@ from typing import Any
 import jsonpatch
 
 from pgwarden.approvals.model import (
+    Preview,
     describe_reviewers,
     identity_from_username,
     iso,
@@ -429,7 +430,8 @@ def next_status(obj: Mapping[str, Any], now: float, *, executed_at: str | None =
         out.update(phase="Pending", expiresAt=expires)
         events.append(("Normal", "Requested",
                        f"{req.get('subject', '?')} asks to run on {(spec.get('connectionRef') or {}).get('name', '?')}: "
-                       f"{_short(spec.get('statement', ''))} — approve: {kubectl_patch_command(name, ns)}"))
+                       f"{_short(spec.get('statement', ''))}{_preview_note(spec)} — approve: "
+                       f"{kubectl_patch_command(name, ns)}"))
         phase = "Pending"
     if votes != list(status.get("approvals") or []) and votes:
         out["approvals"] = votes
@@ -474,6 +476,16 @@ def _ended_at(status: Mapping[str, Any], changes: Mapping[str, Any], expires_at:
     if merged.get("phase") == "Expired" and expires_at is not None:
         stamps.append(expires_at)
     return max(stamps) if stamps else None
+
+
+def _preview_note(spec: Mapping[str, Any]) -> str:
+    """What `kubectl describe` says of the request's preview (approval.preview: rows)."""
+    preview = Preview.from_json(spec.get("preview"))
+    if preview is None:
+        return ""
+    if preview.measured:
+        return f" (preview: {preview.affected_rows} rows)"
+    return f" (preview {preview.state}: read spec.preview before approving)"
 
 
 def _short(text: str, width: int = 200) -> str:

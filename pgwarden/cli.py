@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("id", help="request id")
             p.add_argument("--as", dest="as_user", required=True, help="your name (self-declared in local mode)")
             p.add_argument("--reason", default="")
+            if name == "approve":
+                p.add_argument("--without-preview", action="store_true",
+                               help="approve although the request's preview failed or timed out")
 
     au = sub.add_parser("audit", help="audit log tools").add_subparsers(dest="audit_verb", required=True)
     p = _verb(au, "verify", _audit_cli_verify, "check the audit log's hash chain")

@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pgwarden.audit import records
@@ -32,7 +32,7 @@ from pgwarden.policy import analyze
 from pgwarden.proxy import messages as m
 from pgwarden.proxy.analysis_budget import Analysed, AnalysisOffload
 from pgwarden.proxy.circuit import CircuitBreaker
-from pgwarden.proxy.relay import Verdict
+from pgwarden.proxy.relay import AffectedGuard, Verdict
 from pgwarden.proxy.session import PortalEntry, PreparedEntry, SessionNames
 from pgwarden.proxy.statements import rebinds, shown_sql, statement_changes
 from pgwarden.subjects import Workload
@@ -82,6 +82,8 @@ class Runtime:
     breaker: CircuitBreaker | None = None  # limits.maxDenials / maxStatementsPerMinute (proxy/circuit.py)
     # background work (approval bookkeeping) that must finish before the audit log closes
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # how to reach the database for approval previews (a connection of their own): the ProxyConfig
+    proxy_config: Any = None
 
     def upstream_settings(self, identity: Any) -> dict[str, str]:
         """Session settings pinned at login: the policy's statement timeout for this caller."""
@@ -262,7 +264,7 @@ class SessionGate:
         decision, results = statement.reviewed
         ctx = StatementContext(id=str(next(self._ids)), sql=statement.sql, started=time.time(), prepared=True,
                                decision=decision, params=bind_params(bind))
-        return Verdict(wait=self._review(ctx, decision, results, params=ctx.params or ()), context=ctx)
+        return Verdict(wait=self._review(ctx, decision, results, params=ctx.params or (), bind=bind), context=ctx)
 
     def execute(self, name: str, portal: PortalEntry | None) -> Verdict | None:
         """A protocol Execute of a SQL cursor runs with the masking plan of its DECLARE; a portal
@@ -361,7 +363,8 @@ class SessionGate:
             verdict = self._audited(ctx, Verdict(results=results, context=ctx), "allow")
         elif decision.action == "review" and decision.enforce:
             if bind is not None:
-                verdict = Verdict(wait=self._review(ctx, decision, results, params=ctx.params or ()), context=ctx)
+                verdict = Verdict(wait=self._review(ctx, decision, results, params=ctx.params or (), bind=bind),
+                                  context=ctx)
             elif prepared_name is not None:
                 # Parsing is harmless; the human decides at Bind, when the parameters are known.
                 entry.reviewed = (decision, results)
@@ -501,15 +504,103 @@ class SessionGate:
             return verdict
         return await self._write(self._record(ctx, outcome, verdict), verdict)
 
-    async def _approval_event(self, ctx: StatementContext, event: str, approver: str = "", reason: str = "") -> None:
+    async def _approval_event(self, ctx: StatementContext, event: str, approver: str = "", reason: str = "",
+                              preview: Any = None) -> None:
         """Every approval step is an audit record, written before the step takes effect."""
         if self.rt.audit is not None:
             await self.rt.audit.write(
-                records.approval(self.ainfo, ctx.id, approval_id=ctx.approval_id, event=event, approver=approver, reason=reason)
+                records.approval(self.ainfo, ctx.id, approval_id=ctx.approval_id, event=event, approver=approver,
+                                 reason=reason, preview=preview.to_json() if preview is not None else None)
             )
 
+    # -- approval previews (proxy/preview.py) -----------------------------------------------------
+    async def _preview(self, ctx: StatementContext, decision: Any, bind: m.BindMsg | None) -> Any:
+        """What the held statement would change (approval.preview: rows), measured before the
+        request is filed; None when the policy asks for no preview."""
+        from pgwarden.approvals.model import Preview
+        from pgwarden.proxy.preview import measure
+
+        a = decision.approval
+        if a is None or a.preview != "rows":
+            return None
+        cfg = self.rt.proxy_config
+        if cfg is None:
+            return Preview("unavailable", reason="this proxy has no upstream connection settings for previews")
+        settings = {**self.info.params, **self.rt.upstream_settings(self.info.identity)}
+        return await measure(
+            cfg, settings, ctx.sql, params=bind.params if bind is not None else (),
+            formats=bind.param_formats if bind is not None else (), timeout=a.preview_timeout,
+            server_version=self.state.server_version, mask_rows=self._preview_masker, mask_error=self._preview_error,
+        )
+
+    def _preview_plan(self, sql: str) -> Any:
+        assert self.masking is not None
+        return self.masking.plan(sql, self.rt.catalog.current(), self.rt.search_path, session=self._scratch_session())
+
+    def _preview_masker(self, preview: Any) -> Any:
+        """The preview's sample is masked as the agent would see the same rows (RETURNING them).
+        An UPDATE's "before" columns come from a snapshot of the target the lineage sees as one
+        composite (all derived); they are masked as the target's own columns, in the same order."""
+        from pgwarden.masking.rows import make_row_rewriter
+
+        if self.masking is None:
+            return None
+        plan = self._preview_plan(preview.sql)
+        if plan.error is not None:
+            return plan.error.message
+        result = plan.results[0]
+        if not preview.before_sql:
+            def masker(fields: Any) -> Any:
+                rewriter = result.bind(list(fields))
+                return rewriter.rewrite if rewriter is not None else None
+
+            return masker
+        before_plan = self._preview_plan(preview.before_sql)
+        if before_plan.error is not None:
+            return before_plan.error.message
+        before = before_plan.results[0]
+        catalog = self.rt.catalog.current()
+        masking = self.masking
+
+        def update_masker(fields: Any) -> Any:
+            fields = list(fields)
+            actions = result.actions(len(fields))
+            start = 1  # the count, then the target's columns before the change and after it
+            half = (len(fields) - start) // 2
+            names = [f.name for f in fields[start:]]
+            if half * 2 != len(fields) - start or names[:half] != names[half:]:
+                actions = ["derived"] * len(fields)  # not the shape planned: mask every value
+            else:
+                actions[start:start + half] = before.actions(half)
+                for i, f in enumerate(fields[start + half:], start + half):  # the server's word on a column
+                    rel = catalog.by_oid.get(f.table_oid) if f.table_oid else None
+                    col = rel.column_at(f.attnum) if rel is not None else None
+                    if actions[i] is None and col is not None:
+                        actions[i] = masking.column_strategy(rel, col)
+            rewriter = make_row_rewriter(actions, fields, masking, catalog)
+            return rewriter.rewrite if rewriter is not None else None
+
+        return update_masker
+
+    def _preview_error(self, sql: str, fields: dict[str, str]) -> dict[str, str]:
+        """The preview's error, as the agent would see it (a key conflict can print a masked value)."""
+        if self.masking is None:
+            return fields
+        plan = self._preview_plan(sql)
+        if plan.error is not None:  # no plan to mask by: keep the SQLSTATE only
+            return {"C": fields.get("C", ""), "M": "the error text is withheld (masking could not plan the preview)"}
+        masked: dict[str, str] = self.masking.mask_error_fields(fields, plan, self.rt.catalog.current())
+        return masked
+
+    @staticmethod
+    def _guarded(verdict: Verdict, ticket: Any, preview: Any) -> Verdict:
+        """An approved write is bound to the effect its reviewer saw: it may change no more rows."""
+        if preview is not None and preview.measured:
+            verdict.guard = AffectedGuard(limit=preview.affected_rows, source=f"request {ticket.name}")
+        return verdict
+
     async def _review(self, ctx: StatementContext, decision: Any, results: Any,
-                      params: tuple[str | None, ...] = ()) -> Verdict:
+                      params: tuple[str | None, ...] = (), bind: m.BindMsg | None = None) -> Verdict:
         """A `review` decision: ask a human (wait: hold the statement; defer: PW001 now, run once later)."""
         from pgwarden.approvals import ApprovalSpec
 
@@ -539,12 +630,16 @@ class SessionGate:
                     ctx.approver = ticket.decided_by or "(the approval backend did not say)"
                     await self._approval_event(ctx, "approved", approver=ctx.approver,
                                                reason="a deferred approval is used for this run")
-                    return await self._durable(ctx, Verdict(results=results, context=ctx, max_rows=decision.limits.max_rows), "approved")
+                    verdict = Verdict(results=results, context=ctx, max_rows=decision.limits.max_rows)
+                    return await self._durable(ctx, self._guarded(verdict, ticket, ticket.preview), "approved")
+            # measured before the request exists, so the reviewer sees it from the first moment
+            preview = await self._preview(ctx, decision, bind)
+            spec = replace(spec, preview=preview)
             ticket = await backend.create(spec)
         except AgentError as e:
             return await self._durable(ctx, Verdict(error=e, context=ctx), "review")
         ctx.approval_id = ticket.id
-        await self._approval_event(ctx, "requested")
+        await self._approval_event(ctx, "requested", preview=preview)
         if self.notify_client is not None:
             self.notify_client(
                 m.notice_response(
@@ -568,7 +663,8 @@ class SessionGate:
         await self._approval_event(ctx, outcome.state, approver=outcome.decided_by, reason=outcome.reason)
         if outcome.state == "approved":
             ctx.ticket, ctx.approver = ticket, outcome.decided_by
-            return await self._durable(ctx, Verdict(results=results, context=ctx, max_rows=decision.limits.max_rows), "approved")
+            verdict = Verdict(results=results, context=ctx, max_rows=decision.limits.max_rows)
+            return await self._durable(ctx, self._guarded(verdict, ticket, preview), "approved")
         if outcome.state == "denied":
             err2: AgentError = ApprovalDenied(
                 f"request {ticket.name} was denied by {outcome.decided_by}" + (f": {outcome.reason}" if outcome.reason else ""),

@@ -82,6 +82,7 @@ def prepare_runtime(config: ProxyConfig, docs: list[Document]) -> Runtime:
     conn = config.connection.name
     pc_doc = of_kind(docs, "ProxyConfig")[0]
     rt = Runtime(connection=conn, search_path=config.search_path)
+    rt.proxy_config = config  # approval previews open a connection of their own
     rt.workload = workload_from_env()
     rt.backoff = FailureBackoff()
     rt.breaker = _breaker(pc_doc)

@@ -104,6 +104,8 @@ class Verdict:
     changes: tuple[tuple[Change, ...], ...] = ()
     # Parse: the statement as the gate decided it (kept in the session registry once confirmed)
     entry: PreparedEntry | None = None
+    # a write that must change no more rows than this (PW005)
+    guard: AffectedGuard | None = None
 
 
 @dataclass(frozen=True)

@@ -185,7 +185,7 @@ def test_cli_list_table_and_errors(tmp_path: Path) -> None:
     r = cli(db, "list")
     assert r.returncode == 0
     head, line = r.stdout.splitlines()
-    assert head.split() == ["ID", "AGE", "REQUESTER", "STATE", "APPROVALS", "STATEMENT"]
+    assert head.split() == ["ID", "AGE", "REQUESTER", "STATE", "APPROVALS", "ROWS", "STATEMENT"]
     assert t.id in line and "cursor-agent" in line and "UPDATE orders SET status = 'x' WHERE id = 7" in line
     r = cli(db, "approve", "nope", "--as", "alice")
     assert r.returncode == 2 and "there is no request 'nope'" in r.stderr

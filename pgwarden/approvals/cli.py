@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from pgwarden.approvals.local import DEV_WARNING, LocalApprovals, Row, default_db_path
-from pgwarden.approvals.model import APPROVED, DENIED, ApprovalError, iso
+from pgwarden.approvals.model import APPROVED, DENIED, ApprovalError, Preview, iso
 from pgwarden.errors import UserError
 from pgwarden.textsafe import Escaper
 
@@ -50,18 +50,48 @@ def render_table(rows: list[Row], now: float, safe: Escaper | None = None) -> st
     """The queue as a table; agent-supplied cells escaped (cut to one line after escaping, so an
     escape sequence is never cut in half into something a terminal would act on)."""
     safe = safe or Escaper()
-    header = ("ID", "AGE", "REQUESTER", "STATE", "APPROVALS", "STATEMENT")
+    header = ("ID", "AGE", "REQUESTER", "STATE", "APPROVALS", "ROWS", "STATEMENT")
     lines = [header]
     for r in rows:
         votes = f"{len(r.votes)}/{r.min_approvals}"
         lines.append((safe(r.id), _age(now - r.created_at), safe(r.requester_subject), safe(r.state), votes,
-                      _one_line(safe(_collapse(r.statement)))))
+                      _rows_cell(r.preview), _one_line(safe(_collapse(r.statement)))))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     table = "\n".join("  ".join(c.ljust(w) for c, w in zip(line[:-1], widths, strict=True)) + "  " + line[-1]
                       for line in lines)
     if any(len(_collapse(r.statement)) > 60 for r in rows):
         table += "\n(statements are cut to one line; `pgwarden approvals show ID` prints one in full)"
     return table
+
+
+def _rows_cell(preview: Preview | None) -> str:
+    """The ROWS column: the measured count, or what became of the preview (- for none)."""
+    if preview is None:
+        return "-"
+    return str(preview.affected_rows) if preview.measured else preview.state
+
+
+def render_preview(preview: Preview | None, safe: Escaper) -> list[str]:
+    """The preview's lines: first in `show` and `approve`, so the reviewer reads the effect before
+    the statement. Sampled values come from the database (the agent may have written them): escaped."""
+    if preview is None:
+        return ["preview     none (the AccessPolicy's approval.preview is not rows)"]
+    out = [f"preview     {safe(preview.summary())}"]
+    if preview.measured and preview.reason:  # notes that came with a measurement (sequences, a withheld sample)
+        out.append(f"  note: {safe(preview.reason)}")
+    if preview.state in ("failed", "timeout"):
+        out.append("  approving it needs --without-preview: nobody knows how many rows it changes")
+    if preview.sample:
+        shown = len(preview.sample)
+        total = preview.affected_rows if preview.affected_rows is not None else shown
+        out.append(f"sample      {shown} of {total:,} row(s), masked as the agent would see them")
+        for row in preview.sample:
+            if "before" in row or "after" in row:
+                out.append("  │ before " + safe(json.dumps(row.get("before"), ensure_ascii=False)))
+                out.append("  │ after  " + safe(json.dumps(row.get("after"), ensure_ascii=False)))
+            else:
+                out.append("  │ " + safe(json.dumps(row.get("row", row), ensure_ascii=False)))
+    return out
 
 
 def render_request(r: Row, now: float, safe: Escaper | None = None) -> str:
@@ -76,7 +106,7 @@ def render_request(r: Row, now: float, safe: Escaper | None = None) -> str:
         who += f", groups {safe(', '.join(str(g) for g in ident['groups']))}"
     if ident.get("method"):
         who += f", via {safe(ident['method'])}"
-    out = [f"request     {safe(r.id)}",
+    out = [f"request     {safe(r.id)}", *render_preview(r.preview, safe),
            f"state       {safe(r.state)}" + (f" by {safe(r.decided_by)}" if r.decided_by else "")
            + (f": {safe(r.reason)}" if r.reason else ""),
            f"requester   {who}"]
@@ -98,6 +128,16 @@ def render_request(r: Row, now: float, safe: Escaper | None = None) -> str:
         out += [f"  ${i} = " + ("NULL" if p is None else safe(json.dumps(p, ensure_ascii=False)))
                 for i, p in enumerate(r.params, 1)]
     return "\n".join(out)
+
+
+def preview_refusal(row: Row, decision: str, without_preview: bool) -> str | None:
+    """Approving a request whose preview failed or timed out is a choice made knowingly. Pure."""
+    pv = row.preview
+    if decision != APPROVED or pv is None or pv.state not in ("failed", "timeout") or without_preview:
+        return None
+    what = "timed out" if pv.state == "timeout" else "failed"
+    return (f"the preview of request {row.id} {what}, so nobody knows how many rows this statement changes; "
+            "read the statement above and approve again with --without-preview if you accept that, or deny it")
 
 
 def rows_from_objects(text: str) -> list[Row]:
@@ -139,7 +179,7 @@ def rows_from_objects(text: str) -> list[Row]:
             decided_by=str((status.get("decidedBy") or {}).get("username", "")), reason=str(spec.get("reason", "")),
             votes=tuple(str(a.get("username", "")) for a in status.get("approvals") or () if isinstance(a, dict)),
             policy=str(spec.get("policy", "")), requester={k: v for k, v in req.items() if k != "pod"},
-            workload={"pod": req["pod"]} if req.get("pod") else {}))
+            workload={"pod": req["pod"]} if req.get("pod") else {}, preview=Preview.from_json(spec.get("preview"))))
     if not rows:
         raise UserError("no ApprovalRequest in the input; pass the output of "
                         "`kubectl get approvalrequest NAME -o yaml` (or -o json)")
@@ -206,6 +246,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"{'approving' if decision == APPROVED else 'denying'}:")
         print(render_request(row, now, safe))
         print()
+        refused = preview_refusal(row, decision, bool(getattr(args, "without_preview", False)))
+        if refused:
+            _finish(safe)
+            raise UserError(refused)
         change = queue.decide_sync(args.id, args.as_user, decision, getattr(args, "reason", "") or "")
     except ApprovalError as e:
         raise UserError(str(e)) from e

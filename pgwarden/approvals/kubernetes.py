@@ -38,6 +38,7 @@ from pgwarden.approvals.model import (
     EXPIRED,
     ApprovalSpec,
     Outcome,
+    Preview,
     Ticket,
     iso,
     kubectl_patch_command,
@@ -199,6 +200,8 @@ def build_request(spec: ApprovalSpec, name: str, namespace: str, now: float) -> 
     }
     if spec.params:
         spec_out["params"] = list(spec.params)
+    if spec.preview is not None:
+        spec_out["preview"] = spec.preview.to_json()
     if policy_name:
         spec_out["policy"] = policy_name if ns_policy in ("", namespace) else spec.policy_id
     return {
@@ -311,7 +314,7 @@ class KubernetesApprovals:
         return Ticket(id=name, name=name, expires_at=parse_iso(expires) if expires else 0.0,
                       approve_command=kubectl_patch_command(name, self.namespace, "approved"),
                       deny_command=kubectl_patch_command(name, self.namespace, "denied"),
-                      namespace=self.namespace)
+                      namespace=self.namespace, preview=Preview.from_json(spec.get("preview")))
 
     async def create(self, spec: ApprovalSpec) -> Ticket:
         body = build_request(spec, request_name(spec), self.namespace, self.clock())

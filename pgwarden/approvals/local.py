@@ -42,6 +42,7 @@ from pgwarden.approvals.model import (
     ApprovalSpec,
     Change,
     Outcome,
+    Preview,
     RequestView,
     Ticket,
     Vote,
@@ -75,7 +76,8 @@ CREATE TABLE IF NOT EXISTS requests (
     decided_at REAL,
     reason TEXT NOT NULL DEFAULT '',
     executed_at REAL,
-    outcome_tag TEXT NOT NULL DEFAULT ''
+    outcome_tag TEXT NOT NULL DEFAULT '',
+    preview TEXT NOT NULL DEFAULT ''  -- JSON of Preview.to_json(); '' for none
 );
 CREATE INDEX IF NOT EXISTS requests_by_hash ON requests (statement_hash, state);
 CREATE TABLE IF NOT EXISTS meta (
@@ -143,6 +145,7 @@ class Row:
     policy: str = ""
     requester: dict[str, Any] = field(default_factory=dict)  # Identity.as_dict()
     workload: dict[str, Any] = field(default_factory=dict)
+    preview: Preview | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -152,6 +155,7 @@ class Row:
             "minApprovals": self.min_approvals, "mode": self.mode, "state": self.state,
             "decidedBy": self.decided_by, "reason": self.reason, "approvals": list(self.votes),
             "policy": self.policy, "requesterIdentity": self.requester, "workload": self.workload,
+            "preview": self.preview.to_json() if self.preview is not None else None,
         }
 
 
@@ -191,6 +195,9 @@ class LocalApprovals:
         self._prepare_files()
         with self._db() as db:
             db.executescript(SCHEMA)
+            columns = {r[1] for r in db.execute("PRAGMA table_info(requests)")}
+            if "preview" not in columns:  # a queue file from a version without previews
+                db.execute("ALTER TABLE requests ADD COLUMN preview TEXT NOT NULL DEFAULT ''")
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('proxy_uid', ?), "
                        "('proxy_user_may_decide', ?)", (str(os.geteuid()), "1" if proxy_user_may_decide else "0"))
 
@@ -296,7 +303,7 @@ class LocalApprovals:
             params=tuple(json.loads(r["params"])), rule=r["rule"], reviewers=tuple(json.loads(r["reviewers"])),
             min_approvals=r["min_approvals"], mode=r["mode"], state=r["state"], decided_by=r["decided_by"],
             reason=r["reason"], votes=votes, policy=r["policy"], requester=json.loads(r["requester"] or "{}"),
-            workload=json.loads(r["workload"] or "{}"))
+            workload=json.loads(r["workload"] or "{}"), preview=_preview(r))
 
     def list_sync(self, include_decided: bool = False) -> list[Row]:
         with self._tx() as db:
@@ -332,14 +339,15 @@ class LocalApprovals:
             json.dumps(who.as_dict()), json.dumps(dict(spec.workload)), spec.statement, json.dumps(list(spec.params)),
             spec.hash, spec.policy_id, spec.rule, json.dumps([str(r) for r in spec.reviewers]),
             max(1, spec.min_approvals), spec.mode, PENDING,
+            json.dumps(spec.preview.to_json()) if spec.preview is not None else "",
         )
 
         def insert() -> None:
             with self._tx() as db:
                 db.execute("INSERT INTO requests (id, created_at, expires_at, connection, requester_subject, "
                            "requester_sa, requester, workload, statement, params, statement_hash, policy, rule, "
-                           "reviewers, min_approvals, mode, state) VALUES "
-                           "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+                           "reviewers, min_approvals, mode, state, preview) VALUES "
+                           "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
 
         await asyncio.to_thread(insert)
         # the agent sees approve_command (the PW001 hint): the request to ask about, not the command
@@ -414,7 +422,7 @@ class LocalApprovals:
                 self._expire(db, now)
                 rows = db.execute(
                     "SELECT id, expires_at, statement, params, requester_subject, requester, connection, policy, "
-                    "decided_by "
+                    "decided_by, preview "
                     "FROM requests "
                     "WHERE statement_hash = ? AND state = 'approved' AND mode = 'defer' ORDER BY decided_at",
                     (h,)).fetchall()
@@ -430,8 +438,10 @@ class LocalApprovals:
                     cur = db.execute("UPDATE requests SET state = 'executed', executed_at = ? "
                                      "WHERE id = ? AND state = 'approved'", (now, r["id"]))
                     if cur.rowcount == 1:
+                        # the approval is bound to the effect its reviewer saw (the PW005 guard)
                         return Ticket(id=r["id"], name=r["id"], expires_at=r["expires_at"],
-                                      approve_command=local_agent_hint(r["id"]), decided_by=r["decided_by"])
+                                      approve_command=local_agent_hint(r["id"]), decided_by=r["decided_by"],
+                                      preview=_preview(r))
             return None
 
         return await asyncio.to_thread(run)
@@ -448,6 +458,13 @@ class LocalApprovals:
     async def close(self) -> None:
         if self.notifier is not None:
             await self.notifier.close()
+
+
+def _preview(r: sqlite3.Row) -> Preview | None:
+    try:
+        return Preview.from_json(json.loads(r["preview"])) if r["preview"] else None
+    except (ValueError, IndexError, KeyError):
+        return None
 
 
 def _issuer_of(requester_json: str) -> str:

@@ -31,6 +31,68 @@ PENDING, APPROVED, DENIED, EXPIRED, EXECUTED, WITHDRAWN = (
     "pending", "approved", "denied", "expired", "executed", "withdrawn")
 FINAL_STATES = (DENIED, EXPIRED, EXECUTED, WITHDRAWN)
 
+PreviewState = Literal["measured", "unavailable", "timeout", "failed"]
+PREVIEW_STATES: tuple[str, ...] = ("measured", "unavailable", "timeout", "failed")
+PREVIEW_SAMPLE_MAX = 5  # rows of a sample, as stored and shown
+PREVIEW_VALUE_MAX = 200  # characters of one sampled value
+
+
+@dataclass(frozen=True)
+class Preview:
+    """What the held write would change, measured before the request was filed (approval.preview: rows).
+
+    `state` measured: `affected_rows` is the count the statement reported in a rolled-back run, and
+    `sample` up to a few of those rows, masked as the agent would see them (UPDATE: each sample row
+    is {"before": {...}, "after": {...}}; INSERT and DELETE: {"row": {...}}). unavailable: the
+    statement was not run (`reason` says why); timeout / failed: it was run and did not finish.
+    """
+
+    state: str  # PreviewState
+    affected_rows: int | None = None
+    sample: tuple[Mapping[str, Any], ...] = ()
+    reason: str = ""
+    columns: tuple[str, ...] = ()  # the sample's column names, in the statement's order
+
+    @property
+    def measured(self) -> bool:
+        return self.state == "measured" and self.affected_rows is not None
+
+    def to_json(self) -> dict[str, Any]:
+        """The camelCase form stored on the request (CRD spec.preview, the local queue, --json)."""
+        out: dict[str, Any] = {"state": self.state}
+        if self.affected_rows is not None:
+            out["affectedRows"] = self.affected_rows
+        out["sample"] = [dict(r) for r in self.sample]
+        if self.columns:
+            out["columns"] = list(self.columns)
+        if self.reason:
+            out["reason"] = self.reason if len(self.reason) <= 2000 else self.reason[:1999] + "…"
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any) -> Preview | None:
+        """A stored preview, or None for none (or one this version cannot read)."""
+        if not isinstance(data, Mapping) or data.get("state") not in PREVIEW_STATES:
+            return None
+        rows = data.get("affectedRows")
+        sample = data.get("sample") or ()
+        return cls(
+            state=str(data["state"]),
+            affected_rows=rows if isinstance(rows, int) and not isinstance(rows, bool) and rows >= 0 else None,
+            sample=tuple(r for r in sample if isinstance(r, Mapping)) if isinstance(sample, list) else (),
+            reason=str(data.get("reason") or ""),
+            columns=tuple(str(c) for c in data.get("columns") or () if isinstance(c, str)),
+        )
+
+    def summary(self) -> str:
+        """One line: what the preview found (shown by the CLI and the notification)."""
+        if self.measured:
+            n = self.affected_rows
+            return f"{n:,} row{'' if n == 1 else 's'} affected (measured in a rolled-back run)"
+        what = {"unavailable": "no preview", "timeout": "the preview timed out",
+                "failed": "the preview failed"}.get(self.state, self.state)
+        return what + (f": {self.reason}" if self.reason else "")
+
 
 @dataclass(frozen=True)
 class ApprovalSpec:
@@ -50,6 +112,8 @@ class ApprovalSpec:
     policy: str = ""
     # Slack-compatible webhook called when the request is created (AccessPolicy approval.notifyUrl)
     notify_url: str = ""
+    # what the statement would change (approval.preview: rows); None: previews are off
+    preview: Preview | None = None
 
     @property
     def policy_id(self) -> str:
@@ -81,6 +145,8 @@ class Ticket:
     # who approved ("alice, bob"), when the backend knows it: `consume` (defer mode) fills it so the
     # gate can attribute the approval in the audit chain before the statement is forwarded
     decided_by: str = ""
+    # the preview stored with the request (`consume` fills it: an approval is bound to its effect)
+    preview: Preview | None = None
 
 
 @dataclass(frozen=True)
@@ -352,6 +418,20 @@ def mrkdwn_code(text: str) -> tuple[str, bool]:
     return text, had_backtick
 
 
+def sample_text_lines(preview: Preview) -> str:
+    """The sample as one JSON object per line (UPDATE: before → after), for people to read. The
+    values come from the database (which the agent may have written): callers escape the result."""
+    out = []
+    for r in preview.sample:
+        if "before" in r or "after" in r:
+            before = json.dumps(r.get("before"), ensure_ascii=False)
+            after = json.dumps(r.get("after"), ensure_ascii=False)
+            out.append(f"{before} -> {after}")
+        else:
+            out.append(json.dumps(r.get("row", r), ensure_ascii=False))
+    return "\n".join(out)
+
+
 def notification_text(spec: ApprovalSpec, ticket: Ticket, review_command: str = "") -> str:
     """The message for a Slack-compatible webhook. Everything the agent controls (its subject, pod,
     statement, parameters) is inside code, escaped by `mrkdwn_code`, so it cannot close the fence,
@@ -374,6 +454,15 @@ def notification_text(spec: ApprovalSpec, ticket: Ticket, review_command: str = 
         params_text, ticks_params = mrkdwn_code(json.dumps(list(spec.params), ensure_ascii=False))
         ticks = ticks or ticks_params
         lines.append(f"parameters:\n```\n{params_text}\n```")
+    if spec.preview is not None:
+        pv = spec.preview
+        summary, ticks_pv = mrkdwn_code(pv.summary())
+        ticks = ticks or ticks_pv
+        lines.append(f"preview: {summary}" if pv.measured else f"preview: `{summary}`")
+        if pv.sample:
+            sample_text, ticks_sample = mrkdwn_code(sample_text_lines(pv))
+            ticks = ticks or ticks_sample
+            lines.append(f"sample (masked):\n```\n{sample_text}\n```")
     if ticks or ticks_who or ticks_pod:
         lines.append("(backticks in agent-supplied text are shown as \u02cb)")
     lines.append(f"review: `{mrkdwn_code(review_command or ticket.approve_command)[0]}`")

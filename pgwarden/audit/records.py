@@ -196,12 +196,15 @@ def outcome(
 
 
 def approval(info: SessionInfo, stmt_id: str | int, *, approval_id: str, event: str, approver: str = "",
-             reason: str = "") -> dict[str, Any]:
-    """event: requested | approved | denied | expired | executed."""
+             reason: str = "", preview: dict[str, Any] | None = None) -> dict[str, Any]:
+    """event: requested | approved | denied | expired | executed. `preview` (requested): what the
+    statement would change, as the request carries it (its sample masked as the agent sees rows)."""
     rec = info.base("approval")
     rec.update(stmt=stmt_id, approval={"id": approval_id, "event": event})
     if approver:
         rec["approval"]["approver"] = approver
     if reason:
         rec["approval"]["reason"] = reason
+    if preview is not None:
+        rec["approval"]["preview"] = preview
     return rec

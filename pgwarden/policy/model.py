@@ -20,6 +20,9 @@ ACTIONS: tuple[Action, ...] = get_args(Action)
 SEVERITY: dict[Action, int] = {"allow": 0, "review": 1, "deny": 2}
 MODES = ("enforce", "audit")
 APPROVAL_MODES = ("wait", "defer")
+PREVIEW_KINDS = ("none", "rows")  # approval.preview
+PREVIEW_TIMEOUT_DEFAULT = 2.0  # seconds: the agent waits at most this long for a preview
+PREVIEW_TIMEOUT_MAX = 30.0
 SYSTEM_CATALOG_MODES = ("read", "deny")
 
 # The operation vocabulary (docs/policy.md explains each).
@@ -46,7 +49,7 @@ _SPEC_KEYS = {"connectionRef", "subjects", "rules", "defaultAction", "mode", "li
 _RULE_KEYS = {"name", "action", "operations", "tables", "functions", "requireWhere", "description"}
 _LIMIT_KEYS = {"maxRows", "statementTimeout", "maxDenials", "maxStatementsPerMinute"}
 _DENIAL_KEYS = {"count", "window", "lockout"}
-_APPROVAL_KEYS = {"reviewers", "minApprovals", "timeout", "mode", "notifyUrl"}
+_APPROVAL_KEYS = {"reviewers", "minApprovals", "timeout", "mode", "notifyUrl", "preview", "previewTimeout"}
 
 ANY = ("*", "*")  # an access whose objects the engine cannot list (e.g. TRUNCATE … CASCADE)
 
@@ -116,6 +119,10 @@ class ApprovalSettings:
     timeout: float = 900.0  # seconds
     mode: str = "wait"
     notify_url: str = ""
+    # "rows": a held INSERT/UPDATE/DELETE/MERGE is run once in a rolled-back transaction first, and
+    # the request shows how many rows it changed (docs/approvals.md); "none": no preview
+    preview: str = "none"
+    preview_timeout: float = PREVIEW_TIMEOUT_DEFAULT  # seconds, the whole preview's bound
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -124,6 +131,8 @@ class ApprovalSettings:
             "timeout": self.timeout,
             "mode": self.mode,
             "notifyUrl": self.notify_url or None,
+            "preview": self.preview,
+            "previewTimeout": self.preview_timeout,
         }
 
 
@@ -297,8 +306,17 @@ def _parse_approval(doc: Document, raw: Mapping[str, Any]) -> ApprovalSettings:
     notify_url = get_field(doc, raw, "notifyUrl", str, "spec.approval.notifyUrl", "")
     if notify_url and not notify_url.startswith(("http://", "https://")):
         raise doc.error("spec.approval.notifyUrl", "must be an http:// or https:// URL")
+    preview = get_field(doc, raw, "preview", str, "spec.approval.preview", "none")
+    if preview not in PREVIEW_KINDS:
+        raise doc.error("spec.approval.preview", f"{preview!r} is not one of {', '.join(PREVIEW_KINDS)}")
+    preview_timeout = parse_duration(raw.get("previewTimeout", PREVIEW_TIMEOUT_DEFAULT), doc,
+                                     "spec.approval.previewTimeout")
+    if not 0 < preview_timeout <= PREVIEW_TIMEOUT_MAX:
+        raise doc.error("spec.approval.previewTimeout",
+                        f"must be more than 0 and at most {PREVIEW_TIMEOUT_MAX:g}s: the agent waits that long "
+                        "before its request is filed")
     return ApprovalSettings(reviewers=reviewers, min_approvals=min_approvals, timeout=timeout, mode=mode,
-                            notify_url=notify_url)
+                            notify_url=notify_url, preview=preview, preview_timeout=preview_timeout)
 
 
 def parse_access_policy(doc: Document) -> AccessPolicy:

@@ -1,0 +1,229 @@
+"""Which held writes may be previewed, and the text that measures them (approval.preview: rows).
+
+A preview runs the held statement once, on a separate connection, inside a transaction that is
+always rolled back. A rollback undoes what the statement does to tables, but not what code it
+calls may do outside the transaction (a function that opens a connection, writes a file, sends
+a message). So only statements the engine fully understands are previewed, and only when every
+function they call is a built-in the engine vouches for as free of side effects
+(`functions.BUILTIN_FUNCTIONS`). `nextval()` is the one exception: a sequence advances even when
+the transaction rolls back, so a preview leaves a gap in its numbers (docs/approvals.md) and
+nothing else; `setval()` sets a sequence for good and gets no preview.
+
+Everything here is pure: `plan_preview(sql)` returns the text to run, or why there is none.
+
+The text wraps the statement in a data-modifying CTE that returns every changed row, so the
+server counts them and sends only a sample:
+
+    WITH pgwarden_preview AS (DELETE … RETURNING *)
+    SELECT (SELECT count(*) FROM pgwarden_preview) AS pgwarden_affected, * FROM pgwarden_preview LIMIT 5
+
+An UPDATE's rows before the change come from the same statement: the target is joined to a
+snapshot of itself by (tableoid, ctid), which matches each target row exactly once, and RETURNING
+gives that snapshot's columns next to the new ones. A MERGE on a server before PostgreSQL 17
+(no RETURNING for MERGE) is run as written: its count, no sample.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pglast import ast, parse_sql
+from pglast.enums import BoolExprType
+from pglast.parser import ParseError, parse_sql_json
+from pglast.stream import RawStream
+
+from pgwarden.policy import functions as fn
+
+PreviewKind = Literal["insert", "update", "delete", "merge"]
+
+CTE_NAME = "pgwarden_preview"
+COUNT_COLUMN = "pgwarden_affected"
+OLD_ALIAS = "pgwarden_old"
+OLD_MARKERS = ("pgwarden_tableoid", "pgwarden_ctid")  # the UPDATE snapshot's join keys (not returned)
+OLD_ROW = "pgwarden_row"
+SNAP = "pgwarden_snapshot"
+SAMPLE_ROWS = 5
+
+_KINDS: dict[str, PreviewKind] = {
+    "InsertStmt": "insert",
+    "UpdateStmt": "update",
+    "DeleteStmt": "delete",
+    "MergeStmt": "merge",
+}
+_DML = frozenset(_KINDS)
+
+
+@dataclass(frozen=True)
+class PreviewPlan:
+    """What to run for a preview. `count_only`: `sql` is the statement itself; its CommandComplete
+    tag carries the count. Otherwise the first result column is the count and the rest a sample
+    (`kind` update: the snapshot's columns, then the new ones)."""
+
+    kind: PreviewKind
+    sql: str
+    count_only: bool = False
+    notes: tuple[str, ...] = ()  # what the preview does that a rollback does not undo (sequences)
+    # UPDATE: the target's rows as stored (`SELECT * FROM target`): masking plans the sample's
+    # "before" columns by this text, whose lineage is the table's own columns in the same order
+    before_sql: str = ""
+
+
+@dataclass(frozen=True)
+class NoPreview:
+    """The statement is not run for a preview; `reason` is shown to the reviewer."""
+
+    reason: str
+
+
+def _walk(node: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every (node type, fields) pair of a parse tree in JSON form."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, dict):
+            for k, v in n.items():
+                if isinstance(v, dict) and k[:1].isupper():
+                    yield k, v
+                stack.append(v)
+        elif isinstance(n, list):
+            stack.extend(n)
+
+
+def _names(items: Any) -> list[str]:
+    return [i.get("String", {}).get("sval", "") for i in items or () if isinstance(i, dict)]
+
+
+def function_refusal(name: list[str], server_version: int = 0) -> str | None:
+    """Why a call of function `name` (as written: schema-qualified or not) rules out a preview."""
+    bare = name[-1] if name else ""
+    schema = name[-2] if len(name) >= 2 else None
+    shown = ".".join(name)
+    if schema == "information_schema" and bare in fn.INFORMATION_SCHEMA_FUNCTIONS:
+        return None
+    if schema in (None, "pg_catalog"):
+        if bare == "nextval" or bare in ("currval", "lastval"):
+            return None
+        if bare == "setval":
+            return "it calls setval(), which sets a sequence for good (a rollback does not undo it)"
+        if fn.is_builtin(bare, server_version):
+            return None
+    return (
+        f"it calls {shown}(), which is not a built-in pgwarden vouches for as free of side effects: "
+        "what it does outside the transaction could not be rolled back"
+    )
+
+
+def refusal(tree: dict[str, Any], server_version: int = 0) -> str | None:
+    """Why one parsed statement (JSON form) must not be run for a preview, or None. Pure."""
+    kind = next(iter(tree), "")
+    if kind not in _DML:
+        return "only INSERT, UPDATE, DELETE and MERGE are previewed"
+    for node_type, fields in _walk(tree):
+        if node_type == "FuncCall":
+            why = function_refusal(_names(fields.get("funcname")), server_version)
+            if why:
+                return why
+        elif node_type == "CurrentOfExpr":
+            return "WHERE CURRENT OF names a cursor of the agent's own session, which the preview cannot see"
+        elif node_type in _DML and fields is not tree[kind]:
+            return "a data-modifying WITH: the preview would count only the outer statement's rows"
+        elif node_type in ("CallStmt", "DoStmt"):
+            return "it runs code the policy engine cannot see"
+    return None
+
+
+def _uses_nextval(tree: dict[str, Any]) -> bool:
+    return any(t == "FuncCall" and _names(f.get("funcname"))[-1:] == ["nextval"] for t, f in _walk(tree))
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _star() -> ast.ResTarget:
+    return ast.ResTarget(val=ast.ColumnRef(fields=(ast.A_Star(),)))
+
+
+def _snapshot_join(stmt: Any) -> str:
+    """UPDATE … FROM …, (SELECT tableoid, ctid, row FROM target) pgwarden_old WHERE … AND the target
+    row is that snapshot row … RETURNING (pgwarden_old.row).*, target.*: each changed row with its
+    old values. (tableoid, ctid) identifies one row version, across partitions too; the snapshot's
+    columns sit inside one composite so no name in the statement becomes ambiguous."""
+    rel = stmt.relation
+    ref = rel.alias.aliasname if rel.alias is not None else rel.relname
+    target = ".".join(_quote(p) for p in (rel.catalogname, rel.schemaname, rel.relname) if p)
+    only = "" if rel.inh else "ONLY "
+    template: Any = parse_sql(
+        f"SELECT FROM (SELECT {SNAP}.tableoid AS {OLD_MARKERS[0]}, {SNAP}.ctid AS {OLD_MARKERS[1]}, "
+        f"{SNAP} AS {OLD_ROW} FROM {only}{target} AS {SNAP}) AS {OLD_ALIAS} "
+        f"WHERE {_quote(ref)}.tableoid = {OLD_ALIAS}.{OLD_MARKERS[0]} AND {_quote(ref)}.ctid = {OLD_ALIAS}.{OLD_MARKERS[1]} "
+        f"RETURNING ({OLD_ALIAS}.{OLD_ROW}).*, {_quote(ref)}.*".replace(
+            "SELECT FROM", "UPDATE pgwarden_x SET a = 1 FROM", 1
+        )
+    )[0].stmt
+    stmt.fromClause = (*(stmt.fromClause or ()), *template.fromClause)
+    cond = template.whereClause
+    stmt.whereClause = (
+        cond
+        if stmt.whereClause is None
+        else ast.BoolExpr(boolop=BoolExprType.AND_EXPR, args=(stmt.whereClause, cond))
+    )
+    stmt.returningClause = template.returningClause
+    return f"SELECT * FROM {only}{target}"
+
+
+def plan_preview(
+    sql: str, server_version: int = 0, sample_rows: int = SAMPLE_ROWS
+) -> PreviewPlan | NoPreview:
+    """The text that measures what `sql` changes, or why it is not previewed."""
+    try:
+        tree = json.loads(parse_sql_json(sql))
+        stmts = parse_sql(sql)
+    except (ParseError, RecursionError, ValueError) as e:
+        return NoPreview(f"the statement could not be parsed for a preview ({e})")
+    raw = tree.get("stmts") or []
+    if len(raw) != 1 or len(stmts) != 1:
+        return NoPreview(f"the text holds {len(raw)} statements; only a single statement is previewed")
+    why = refusal(raw[0].get("stmt") or {}, server_version)
+    if why:
+        return NoPreview(why)
+    notes = (
+        (
+            "nextval() advances its sequence in the preview too (a rollback does not undo that): "
+            "the numbers it took are skipped",
+        )
+        if _uses_nextval(raw[0].get("stmt") or {})
+        else ()
+    )
+    stmt: Any = stmts[0].stmt
+    kind = _KINDS[type(stmt).__name__]
+    if kind == "merge" and server_version and server_version < 17:
+        return PreviewPlan(
+            kind,
+            RawStream()(stmt),
+            count_only=True,
+            notes=(
+                *notes,
+                f"MERGE returns no rows before PostgreSQL 17 (the server is {server_version}): count only",
+            ),
+        )
+    with_clause = stmt.withClause
+    stmt.withClause = None
+    before_sql = ""
+    if kind == "update":
+        before_sql = _snapshot_join(stmt)
+    else:
+        stmt.returningClause = ast.ReturningClause(exprs=(_star(),))
+    outer: Any = parse_sql(
+        f"WITH {CTE_NAME} AS (SELECT) SELECT (SELECT count(*) FROM {CTE_NAME}) AS {COUNT_COLUMN}, * "
+        f"FROM {CTE_NAME} LIMIT {int(sample_rows)}"
+    )[0].stmt
+    cte = outer.withClause.ctes[0]
+    cte.ctequery = stmt
+    # the statement's own WITH queries move up a level, beside it: a data-modifying CTE must be at the top
+    outer.withClause.ctes = (*(with_clause.ctes if with_clause is not None else ()), cte)
+    outer.withClause.recursive = bool(with_clause is not None and with_clause.recursive)
+    return PreviewPlan(kind, RawStream()(outer), notes=notes, before_sql=before_sql)

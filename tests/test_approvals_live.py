@@ -160,12 +160,19 @@ def test_defer_mode_approval_is_attributed_in_the_chain_before_the_statement_run
     assert cli(db, "approve", rid, "--as", "dba-carol").returncode == 0
     conn.run(sql)
     conn.close()
-    events = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
-    approved = [e for e in events if e["event"] == "approval" and e["approval"]["event"] == "approved"]
-    assert approved and approved[-1]["approval"]["approver"] == "dba-carol"
-    ran_rec = [e for e in events if e["event"] == "statement" and e["decision"]["action"] == "approved"]
-    assert ran_rec and ran_rec[-1]["approval"] == {"id": rid, "approver": "dba-carol"}
-    outcome = [e for e in events if e["event"] == "statement.outcome" and e["stmt"] == ran_rec[-1]["stmt"]]
+    # the outcome record is emitted once the statement completed (after the client has its answer)
+    deadline = time.monotonic() + 10
+    while True:
+        events = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+        approved = [e for e in events if e["event"] == "approval" and e["approval"]["event"] == "approved"]
+        assert approved and approved[-1]["approval"]["approver"] == "dba-carol"
+        ran_rec = [e for e in events if e["event"] == "statement" and e["decision"]["action"] == "approved"]
+        assert ran_rec and ran_rec[-1]["approval"] == {"id": rid, "approver": "dba-carol"}
+        outcome = [e for e in events if e["event"] == "statement.outcome" and e["stmt"] == ran_rec[-1]["stmt"]]
+        if outcome or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert outcome, "the statement's outcome was never recorded"
     # in the chain before the statement's outcome: written before it was forwarded
     assert approved[-1]["seq"] < ran_rec[-1]["seq"] < outcome[-1]["seq"]
 

@@ -32,7 +32,7 @@ from pgwarden.policy import analyze
 from pgwarden.proxy import messages as m
 from pgwarden.proxy.analysis_budget import Analysed, AnalysisOffload
 from pgwarden.proxy.circuit import CircuitBreaker
-from pgwarden.proxy.relay import Verdict
+from pgwarden.proxy.relay import GUARD_PREFIX, AffectedGuard, Verdict
 from pgwarden.proxy.session import PortalEntry, PreparedEntry, SessionNames
 from pgwarden.proxy.statements import rebinds, shown_sql, statement_changes
 from pgwarden.subjects import Workload
@@ -109,6 +109,16 @@ def bind_params(bind: m.BindMsg) -> tuple[str | None, ...]:
         else:
             out.append("\\x" + value.hex())
     return tuple(out)
+
+
+_DML_KINDS = frozenset(("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"))
+_DML_KEYS = tuple(f'"{k}":{{' for k in sorted(_DML_KINDS))
+
+
+def _dml_nodes(blind: str) -> int:
+    """INSERT / UPDATE / DELETE / MERGE nodes in a blinded parse tree (literals are blanked, so
+    only a name spelled like a node could add one: that refuses more, never less)."""
+    return sum(blind.count(k) for k in _DML_KEYS)
 
 
 def _quote_ident(name: str) -> str:
@@ -328,6 +338,15 @@ class SessionGate:
             ctx.sql = shown_sql(sql, analysis, self.names)  # what EXECUTE runs, for reviewers and audit
         if decision is not None and decision.action == "deny" and decision.enforce:
             return self._refuse(ctx, decision.as_error())
+        if GUARD_PREFIX in analysis.blind.lower():
+            return self._refuse(ctx, PolicyDenied(
+                f"pgwarden reserves names starting with {GUARD_PREFIX} (its own savepoint, statement and portal)",
+                hint="Choose another name for the savepoint, prepared statement, cursor or object.",
+            ))
+        try:
+            guard = self._limit_guard(decision, analysis)
+        except AgentError as e:
+            return self._refuse(ctx, e)
         results = None
         plan = None
         if self.masking is not None:
@@ -352,7 +371,7 @@ class SessionGate:
         changes = statement_changes(sql, analysis, plan, max_rows)
         if prepared_name is not None:
             entry = PreparedEntry(
-                prepared_name, sql, "parse", results=results, context=ctx, max_rows=max_rows,
+                prepared_name, sql, "parse", results=results, context=ctx, max_rows=max_rows, guard=guard,
                 policy_body=analysis.statements[0] if len(analysis.statements) == 1 else None,
                 run_changes=changes[0] if len(changes) == 1 else (), rebind=rebinds(analysis),
             )
@@ -361,22 +380,53 @@ class SessionGate:
             verdict = self._audited(ctx, Verdict(results=results, context=ctx), "allow")
         elif decision.action == "review" and decision.enforce:
             if bind is not None:
-                verdict = Verdict(wait=self._review(ctx, decision, results, params=ctx.params or ()), context=ctx)
+                verdict = Verdict(wait=self._review(ctx, decision, results, params=ctx.params or (), guard=guard),
+                                  context=ctx)
             elif prepared_name is not None:
                 # Parsing is harmless; the human decides at Bind, when the parameters are known.
                 entry.reviewed = (decision, results)
                 verdict = self._audited(ctx, Verdict(results=results, context=ctx, max_rows=max_rows),
                                         "review-at-bind")
             else:
-                verdict = Verdict(wait=self._review(ctx, decision, results), context=ctx)
+                verdict = Verdict(wait=self._review(ctx, decision, results, guard=guard), context=ctx)
         else:
-            verdict = self._audited(ctx, Verdict(results=results, context=ctx, max_rows=max_rows),
+            verdict = self._audited(ctx, Verdict(results=results, context=ctx, max_rows=max_rows, guard=guard),
                                     "allow" if decision.action == "allow" else f"{decision.action}-audit-only")
         if prepared_name is not None:
             return _with(verdict, entry=entry)
         if bind is not None:  # what running it changes was captured at Parse (run_changes)
             return verdict
         return _with(verdict, changes=changes) if any(changes) else verdict
+
+    def _limit_guard(self, decision: Any, analysis: Any) -> AffectedGuard | None:
+        """The guard of limits.maxAffectedRows for a text that writes rows; PolicyDenied when the
+        text writes in a way whose changed rows its command tag does not count."""
+        limit = decision.limits.max_affected_rows if decision is not None else None
+        if limit is None:
+            return None
+        stmts = analysis.statements
+        # PREPARE runs nothing: its body is counted when an EXECUTE runs it
+        writes = 0 if all(st.kind == "PrepareStmt" for st in stmts) else _dml_nodes(analysis.blind)
+        bodies = [self.names.statement(ex.name) for st in analysis.statements for ex in st.executes]
+        for body in bodies:
+            if body is not None:
+                writes += _dml_nodes(analyze(body.sql, self.rt.search_path, self.state.server_version).blind)
+        if not writes and '"is_from":true' not in analysis.blind:
+            return None
+        one = stmts[0] if len(stmts) == 1 else None
+        countable = one is not None and writes == 1 and (
+            one.kind in _DML_KINDS
+            or (one.kind == "ExecuteStmt" and len(bodies) == 1 and bodies[0] is not None
+                and getattr(bodies[0].policy_body, "kind", "") in _DML_KINDS)
+        )
+        if not countable:
+            raise PolicyDenied(
+                f"pgwarden cannot bound the rows this text changes (limits.maxAffectedRows of {decision.rule}): "
+                "only a single INSERT, UPDATE, DELETE or MERGE statement, with no other statement in the same "
+                "text and no data-modifying WITH, is counted",
+                hint="Send the write alone, as one top-level INSERT, UPDATE, DELETE or MERGE statement.",
+            )
+        return AffectedGuard(limit=limit, source=f"limits.maxAffectedRows of {decision.rule}")
 
     def _refuse(self, ctx: StatementContext, err: AgentError) -> Verdict:
         verdict = Verdict(error=self._count_refusal(err), context=ctx)
@@ -509,7 +559,7 @@ class SessionGate:
             )
 
     async def _review(self, ctx: StatementContext, decision: Any, results: Any,
-                      params: tuple[str | None, ...] = ()) -> Verdict:
+                      params: tuple[str | None, ...] = (), guard: AffectedGuard | None = None) -> Verdict:
         """A `review` decision: ask a human (wait: hold the statement; defer: PW001 now, run once later)."""
         from pgwarden.approvals import ApprovalSpec
 
@@ -539,7 +589,8 @@ class SessionGate:
                     ctx.approver = ticket.decided_by or "(the approval backend did not say)"
                     await self._approval_event(ctx, "approved", approver=ctx.approver,
                                                reason="a deferred approval is used for this run")
-                    return await self._durable(ctx, Verdict(results=results, context=ctx, max_rows=decision.limits.max_rows), "approved")
+                    return await self._durable(ctx, Verdict(results=results, context=ctx, max_rows=decision.limits.max_rows,
+                                                                 guard=guard), "approved")
             ticket = await backend.create(spec)
         except AgentError as e:
             return await self._durable(ctx, Verdict(error=e, context=ctx), "review")
@@ -568,7 +619,8 @@ class SessionGate:
         await self._approval_event(ctx, outcome.state, approver=outcome.decided_by, reason=outcome.reason)
         if outcome.state == "approved":
             ctx.ticket, ctx.approver = ticket, outcome.decided_by
-            return await self._durable(ctx, Verdict(results=results, context=ctx, max_rows=decision.limits.max_rows), "approved")
+            return await self._durable(ctx, Verdict(results=results, context=ctx, max_rows=decision.limits.max_rows,
+                                                                 guard=guard), "approved")
         if outcome.state == "denied":
             err2: AgentError = ApprovalDenied(
                 f"request {ticket.name} was denied by {outcome.decided_by}" + (f": {outcome.reason}" if outcome.reason else ""),
@@ -596,13 +648,14 @@ class SessionGate:
         return masked
 
     # -- Observer -------------------------------------------------------------------------------
-    def statement_done(self, context: Any, tag: str, error: dict[str, str] | None) -> None:
+    def statement_done(self, context: Any, tag: str, error: dict[str, str] | None, undone: bool = False) -> None:
         if not isinstance(context, StatementContext):
             return
         self.statements += 1
         if context.ticket is not None and self.rt.approvals is not None:
             ticket, context.ticket = context.ticket, None
-            self.rt.spawn(self._executed(context, ticket, tag or (error or {}).get("C", "")))
+            ran = (error or {}).get("C", "") if undone else tag or (error or {}).get("C", "")
+            self.rt.spawn(self._executed(context, ticket, ran))
         if context.ddl and self.rt.catalog is not None:
             self.rt.catalog.mark_stale()  # a new or altered relation: re-read before the next plan
         rows = m.command_tag_rows(tag) if tag else None
@@ -615,7 +668,7 @@ class SessionGate:
             self.rt.audit.emit(
                 records.outcome(
                     self.ainfo, context.id, duration_ms=(time.time() - context.started) * 1000, tag=tag, rows=rows,
-                    sqlstate=(error or {}).get("C", ""), message=(error or {}).get("M", ""),
+                    sqlstate=(error or {}).get("C", ""), message=(error or {}).get("M", ""), undone=undone,
                 )
             )
 

@@ -281,6 +281,13 @@ _RELEASE = f"RELEASE SAVEPOINT {GUARD_PREFIX}"
 _ROLLBACK_TO = f"ROLLBACK TO SAVEPOINT {GUARD_PREFIX}"
 
 
+_TXN_UNKNOWN = PolicyDenied(
+    "pgwarden cannot tell whether this write runs inside a transaction: a COMMIT or ROLLBACK ran earlier "
+    "in the same batch, and the write must run so that it can be undone",
+    hint="Send Sync after the COMMIT or ROLLBACK, then the write.",
+)
+
+
 def _reserved(*names: str) -> PolicyDenied | None:
     for name in names:
         if name.startswith(GUARD_PREFIX):
@@ -374,6 +381,11 @@ class Relay:
     def busy(self) -> bool:
         """True while the server owes responses (a query is in flight)."""
         return bool(self.pending)
+
+    @property
+    def guarding(self) -> bool:
+        """True while the client is held for a guarded write (waiting for the server's answers)."""
+        return self._guard is not None or self._drain is not None
 
     # -- client -> server ------------------------------------------------------------------------
     def client_data(self, data: bytes) -> Awaitable[Verdict] | None:
@@ -477,8 +489,12 @@ class Relay:
                     if guard is not None:
                         if self.pending:  # the transaction state is known once all before it is answered
                             return self._drain_hold(buf, span_start, pos, out, verdict)
-                        if self.tx_status == b"E":
+                        state = self._unit_txn or self.tx_status  # a Query inside an open batch
+                        if state == b"E":
                             guard = None  # a failed transaction refuses it anyway: nothing to undo
+                        elif state == b"?":
+                            verdict = Verdict(error=_TXN_UNKNOWN, context=verdict.context)
+                            guard = None
                     self._unsynced = False
                     entry = Pending(QUERY)
                     if verdict is not None:
@@ -501,7 +517,7 @@ class Relay:
                     self._push(entry)
                     if guard is not None:
                         return self._start_guard(buf, span_start, pos, end, out, entry, guard, True,
-                                                 self.tx_status == b"I")
+                                                 (self._unit_txn or self.tx_status) == b"I")
                 elif t == _P:
                     self._unsynced = True
                     verdict = self._take_resolved()
@@ -1028,11 +1044,7 @@ class Relay:
             )), None
         state = self._unit_txn or self.tx_status
         if state == b"?":
-            return Verdict(error=PolicyDenied(
-                "pgwarden cannot tell whether this write runs inside a transaction: a COMMIT or ROLLBACK "
-                "ran earlier in the same batch, and the write must be run so that it can be undone",
-                hint="Send Sync after the COMMIT or ROLLBACK, then the write.",
-            )), None
+            return Verdict(error=_TXN_UNKNOWN), None
         return None, (True if state == b"I" else False if state == b"T" else None)
 
     def _start_guard(self, buf: bytes, span_start: int, pos: int, end: int, out: list[bytes], entry: Pending,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -382,3 +384,81 @@ def test_reserved_sql_names_are_refused(conn: RawConn, pg: Any, sql: str) -> Non
     got = answers(conn)
     assert ("error", "42501") in got
     assert "guard" not in pg.log_since(mark)
+
+
+# -- an approval's guard (the request's own limit) -------------------------------------------
+REVIEWED = {
+    "apiVersion": API,
+    "kind": "AccessPolicy",
+    "metadata": {"name": "agents"},
+    "spec": {
+        "connectionRef": {"name": "shop"},
+        "subjects": [{"group": "ai-agents"}],
+        "rules": [
+            {"action": "allow", "operations": ["select"], "tables": ["public.guard_items"]},
+            {"action": "review", "operations": ["delete"], "tables": ["public.guard_items"]},
+        ],
+        "approval": {"reviewers": [{"group": "dba"}], "mode": "defer"},
+    },
+}
+
+
+def approve(db: Path) -> str:
+    def cli(*args: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "pgwarden.cli", "approvals", *args, "--db", str(db)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+
+    pending = [r for r in json.loads(cli("list", "--json")) if r["state"] == "pending"]
+    assert len(pending) == 1, pending
+    cli("approve", pending[0]["id"], "--as", "dba-alice")
+    return str(pending[0]["id"])
+
+
+def test_an_approved_write_is_held_to_the_limit_its_approval_carries(
+    make_proxy: Any, items: Any, pg: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the approval carries the count the reviewer saw (here 2, as a preview would have shown)
+    from pgwarden.proxy.gate import SessionGate
+    from pgwarden.proxy.relay import AffectedGuard
+
+    review = SessionGate._review
+
+    async def bound_review(self: Any, ctx: Any, *args: Any, **kw: Any) -> Any:
+        verdict = await review(self, ctx, *args, **kw)
+        if verdict.error is None:
+            verdict.guard = AffectedGuard(limit=2, source=f"request {ctx.approval_id}")
+        return verdict
+
+    monkeypatch.setattr(SessionGate, "_review", bound_review)
+    db = tmp_path / "approvals.db"
+    spec = {
+        "approvals": {"backend": "local", "path": str(db), "allowProxyUserDecisions": True},
+        "audit": {"path": str(tmp_path / "audit.jsonl")},
+    }
+    proxy = make_proxy(extra=[REVIEWED], proxy_spec=spec)
+    sql = "DELETE FROM guard_items WHERE grp = 'a'"
+    assert "approval required" in proxy.psql("-c", sql).stderr
+    rid = approve(db)
+    pg.psql("INSERT INTO guard_items VALUES (6, 'a', 60)", dbname="shop")  # grown since the review
+    mark = pg.log_position()
+    out = proxy.psql("-c", sql)
+    assert f"DELETE changed 4 rows, more than the 2 approved by request {rid}; it was undone" in out.stderr
+    assert "data changed since the request was reviewed" in out.stderr
+    assert "statement: ROLLBACK" in pg.log_since(mark)
+    assert pg.psql("SELECT count(*) FROM guard_items WHERE grp = 'a'", dbname="shop").strip() == "4"
+    recs = outcomes(tmp_path / "audit.jsonl")
+    assert [r["tag"] for r in recs if r.get("undone")] == ["DELETE 4"]
+    # the approval was used (once): running it again files a new request with the current count
+    listed = subprocess.run(
+        [sys.executable, "-m", "pgwarden.cli", "approvals", "list", "--all", "--json", "--db", str(db)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert [r["state"] for r in json.loads(listed) if r["id"] == rid] == ["executed"]

@@ -115,6 +115,9 @@ _DML_KINDS = frozenset(("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"))
 _DML_KEYS = tuple(f'"{k}":{{' for k in sorted(_DML_KINDS))
 
 
+_UNCOUNTED_KEYS = ('"TruncateStmt":{', '"is_from":true')
+
+
 def _dml_nodes(blind: str) -> int:
     """INSERT / UPDATE / DELETE / MERGE nodes in a blinded parse tree (literals are blanked, so
     only a name spelled like a node could add one: that refuses more, never less)."""
@@ -371,7 +374,8 @@ class SessionGate:
         changes = statement_changes(sql, analysis, plan, max_rows)
         if prepared_name is not None:
             entry = PreparedEntry(
-                prepared_name, sql, "parse", results=results, context=ctx, max_rows=max_rows, guard=guard,
+                prepared_name, sql, "parse", results=results, context=ctx, max_rows=max_rows,
+                guard=None if rebinds(analysis) else guard,  # EXECUTE / FETCH: decided at every Bind
                 policy_body=analysis.statements[0] if len(analysis.statements) == 1 else None,
                 run_changes=changes[0] if len(changes) == 1 else (), rebind=rebinds(analysis),
             )
@@ -411,10 +415,13 @@ class SessionGate:
         for body in bodies:
             if body is not None:
                 writes += _dml_nodes(analyze(body.sql, self.rt.search_path, self.state.server_version).blind)
-        if not writes and '"is_from":true' not in analysis.blind:
+        # TRUNCATE and COPY … FROM change rows no command tag counts (COPY's tag does, but its
+        # sub-protocol cannot be held): refused under the limit
+        uncounted = any(k in analysis.blind for k in _UNCOUNTED_KEYS)
+        if not writes and not uncounted:
             return None
         one = stmts[0] if len(stmts) == 1 else None
-        countable = one is not None and writes == 1 and (
+        countable = not uncounted and one is not None and writes == 1 and (
             one.kind in _DML_KINDS
             or (one.kind == "ExecuteStmt" and len(bodies) == 1 and bodies[0] is not None
                 and getattr(bodies[0].policy_body, "kind", "") in _DML_KINDS)
@@ -423,7 +430,7 @@ class SessionGate:
             raise PolicyDenied(
                 f"pgwarden cannot bound the rows this text changes (limits.maxAffectedRows of {decision.rule}): "
                 "only a single INSERT, UPDATE, DELETE or MERGE statement, with no other statement in the same "
-                "text and no data-modifying WITH, is counted",
+                "text and no data-modifying WITH, is counted (not TRUNCATE, not COPY … FROM)",
                 hint="Send the write alone, as one top-level INSERT, UPDATE, DELETE or MERGE statement.",
             )
         return AffectedGuard(limit=limit, source=f"limits.maxAffectedRows of {decision.rule}")

@@ -553,7 +553,8 @@ class Relay:
                     stmt = self.names.statement(bind.statement)
                     verdict = self._take_resolved()
                     if verdict is None and self.gate is not None:
-                        verdict = Verdict(error=err) if (err := _reserved(bind.portal, bind.statement)) else None
+                        if bind.portal.startswith(GUARD_PREFIX) or bind.statement.startswith(GUARD_PREFIX):
+                            verdict = Verdict(error=_reserved(bind.portal, bind.statement))
                     if verdict is None and self.gate is not None:
                         verdict = self.gate.bind(bind, stmt)
                     if verdict is not None and verdict.wait is not None:
@@ -587,7 +588,8 @@ class Relay:
                     entry = Pending(EXECUTE, name=portal_name)
                     verdict = self._take_resolved()
                     if verdict is None and self.gate is not None:
-                        verdict = Verdict(error=err) if (err := _reserved(portal_name)) else None
+                        if portal_name.startswith(GUARD_PREFIX):
+                            verdict = Verdict(error=_reserved(portal_name))
                     own_tx: bool | None = None  # guarded: in its own transaction, or a savepoint
                     if verdict is None and p is not None and p.origin == "bind" and p.guard is not None:
                         if self.pending:  # the transaction state is known once all before it is answered

@@ -34,7 +34,7 @@ def policy(limit: int = 2) -> dict[str, Any]:
             "rules": [
                 {
                     "action": "allow",
-                    "operations": ["select", "insert", "update", "delete"],
+                    "operations": ["select", "insert", "update", "delete", "truncate"],
                     "tables": ["public.guard_items", "public.guard_pairs"],
                 }
             ],
@@ -142,6 +142,12 @@ def test_multi_statement_text_with_a_guarded_write_is_refused(proxy: Any, pg: An
     assert out.returncode != 0 and "Send the write alone" in out.stderr
     out = proxy.psql("-c", "WITH d AS (DELETE FROM guard_items RETURNING id) SELECT count(*) FROM d")
     assert out.returncode != 0 and "no data-modifying WITH" in out.stderr
+    out = proxy.psql("-c", "EXPLAIN ANALYZE DELETE FROM guard_items")
+    assert out.returncode != 0 and "Send the write alone" in out.stderr
+    out = proxy.psql("-c", "COPY guard_items FROM STDIN", input="9\tc\t1\n\\.\n")
+    assert out.returncode != 0 and "not COPY" in out.stderr
+    out = proxy.psql("-c", "TRUNCATE guard_items")  # the rule allows it; the limit cannot count it
+    assert out.returncode != 0 and "not TRUNCATE" in out.stderr
     assert "guard_items" not in pg.log_since(mark)
     assert table(pg) == ROWS
 

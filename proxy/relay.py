@@ -203,6 +203,7 @@ class Pending:
     # QUERY: per statement of the text, confirmed by that statement's CommandComplete
     qchanges: tuple[tuple[Change, ...], ...] = ()
     puts: bool = False  # makes a name: later units wait for the server's word on it
+    settle: bool = False  # SYNC: ends the batch whose implicit transaction a guard made explicit
 
 
 # A Query runs as if through the unnamed statement and portal: PostgreSQL drops both first.
@@ -246,7 +247,7 @@ class _GuardRun:
     commands are swallowed; the statement's messages are kept raw and replayed through the
     normal path (masking, audit, the session registry) once the outcome is known."""
 
-    guard: AffectedGuard
+    guard: AffectedGuard | None  # None: settling the transaction a guard left open (at Sync)
     head: Pending
     simple: bool  # a Query; else a protocol Execute (commands injected as Parse/Bind/Execute)
     own_tx: bool  # BEGIN … COMMIT/ROLLBACK; else a savepoint in the client's transaction
@@ -366,6 +367,11 @@ class Relay:
         self._guard: _GuardRun | None = None  # a guarded statement in flight (the client is held)
         # the transaction state an Execute in the open batch left: b"T" after BEGIN, b"?" unknown
         self._unit_txn: bytes | None = None
+        # an extended batch outside a transaction whose guarded write succeeded: the proxy's BEGIN
+        # stays open so the batch still commits (or rolls back) as one at Sync. b"": as the guard
+        # left it; b"T" / b"?": the client's own BEGIN / COMMIT / ROLLBACK ran in it since
+        self._open_tx: bytes | None = None
+        self._settle_waiter: _Barrier | None = None
         self._rewriter: RowRewriter | None = None
         # the statement context whose rows the observer records, while it wants them
         self._recording: Any = None
@@ -460,6 +466,8 @@ class Relay:
                         self._unsynced = False
                         self._push(Pending(SYNC))
                         span_start = pos  # forward the Sync itself
+                        if self._open_tx is not None:
+                            return self._settle_hold(buf, pos, end, out)
                     else:
                         span_start = end
                     pos = end
@@ -478,6 +486,12 @@ class Relay:
                             span_start = pos
                         return self._hold(buf, span_start, pos, out, Verdict(wait=self._barrier_wait()))
                 if t == _Q:
+                    if self._open_tx is not None:
+                        raise ProtocolViolation(
+                            "a simple Query inside an extended batch after a guarded write: pgwarden keeps that "
+                            "write's transaction open until Sync, and ends the session rather than commit it early",
+                            hint="Send Sync before a simple Query.",
+                        )
                     verdict = self._take_resolved()
                     if verdict is None and end - ps - 1 > self._stmt_limit:
                         verdict = self._oversize("Query", end - ps - 1, buf[ps : ps + 1024])
@@ -656,6 +670,8 @@ class Relay:
                 elif t == _S:
                     self._unsynced = False
                     self._push(Pending(SYNC))
+                    if self._open_tx is not None:
+                        return self._settle_hold(buf, span_start, end, out)
                 elif t in (_H, _COPY_D, _COPY_C, _COPY_F):
                     pass
                 elif t == _X:
@@ -913,9 +929,15 @@ class Relay:
                             tag = bytes(buf[ps : end - 1]).decode() if t == _CC else ""
                             if head.kind == EXECUTE and tag in _TXN_TAGS:
                                 self._unit_txn = _TXN_TAGS[tag]
+                                if self._open_tx is not None:
+                                    self._open_tx = _TXN_TAGS[tag]
                             self.observer.statement_done(head.context, tag, None)
                         self._command_done(head)
                 elif t == _Z:
+                    if pending and pending[0].settle and self._settle(pending[0], buf[ps : ps + 1]):
+                        out.append(buf[span_start:pos])  # held: the client gets the settled status
+                        span_start = pos = end
+                        continue
                     self.tx_status = buf[ps : ps + 1]
                     self._unit_txn = None
                     self._rewriter = None
@@ -1118,8 +1140,7 @@ class Relay:
                 g.tag = bytes(frame[5:-1]).decode("utf-8", "replace")
                 if not g.simple:
                     g.frames.append(frame)
-                    self._guard_finish(g)
-                    return False
+                    return self._guard_finish(g)
             elif t == _ER:
                 g.error = frame
                 if not g.simple:
@@ -1160,23 +1181,53 @@ class Relay:
             return not g.replies
         return False
 
-    def _guard_finish(self, g: _GuardRun) -> None:
-        """The statement completed: decide from its tag, then commit or undo it."""
+    def _guard_finish(self, g: _GuardRun) -> bool:
+        """The statement completed: decide from its tag, then commit or undo it. True: over now."""
         g.refusal = self._guard_refusal(g)
+        if g.refusal is None and g.own_tx and not g.simple:
+            # an extended batch commits at Sync, all or nothing: the proxy's BEGIN stays open till then
+            self._open_tx, self._unit_txn = b"", b"T"
+            return True
         if g.refusal is None:
             cmds = ["COMMIT" if g.own_tx else _RELEASE]
+        elif g.own_tx or self._open_tx == b"":
+            # undone with everything before it in the batch, as an error would have done
+            cmds, self._open_tx = ["ROLLBACK"], None
         else:
-            cmds = ["ROLLBACK"] if g.own_tx else [_ROLLBACK_TO, _RELEASE]
+            cmds = [_ROLLBACK_TO, _RELEASE]
         g.phase = _FINISH
         if g.simple:
             self.to_server(_query("; ".join(cmds)))
         else:
             self.to_server(b"".join(_injected(c) for c in cmds) + _FLUSH)
             g.replies = _GUARD_REPLIES * len(cmds)
+        return False
+
+    def _settle_hold(self, buf: bytes, span_start: int, end: int, out: list[bytes]) -> Awaitable[Verdict]:
+        """The client's Sync of a batch a guard left in the proxy's transaction: the Sync goes,
+        the client is held until that transaction is settled at its ReadyForQuery."""
+        self.pending[-1].settle = True
+        self._settle_waiter = _Barrier()
+        return self._hold(buf, span_start, end, out, Verdict(wait=self._settle_waiter.wait()))
+
+    def _settle(self, head: Pending, status: bytes) -> bool:
+        """ReadyForQuery of that Sync: commit the batch (or roll back a failed one) as its implicit
+        transaction would have been. True: the ReadyForQuery is held until the outcome."""
+        head.settle = False
+        taint, self._open_tx = self._open_tx, None
+        waiter, self._settle_waiter = self._settle_waiter, None
+        waiter = waiter or _Barrier()
+        if taint or status == b"I":  # the client's own BEGIN / COMMIT took the transaction over
+            waiter.release()
+            return False
+        self.to_server(_query("COMMIT" if status == b"T" else "ROLLBACK"))
+        self._guard = _GuardRun(None, head, True, True, waiter, phase=_FINISH)
+        return True
 
     def _guard_refusal(self, g: _GuardRun) -> bytes | None:
         """The ErrorResponse that replaces the results of a write changing too many rows."""
         guard, parts = g.guard, g.tag.split()
+        assert guard is not None
         count = int(parts[-1]) if len(parts) >= 2 and parts[-1].isdigit() else None
         head = g.head
         if head.max_rows is not None and g.rows > head.max_rows:
@@ -1206,7 +1257,9 @@ class Relay:
         """Give the client the outcome of a guarded statement, as one statement's answer, and
         release it."""
         head = g.head
-        if g.refusal is not None and g.error is None:
+        if g.guard is None:  # the batch's transaction settled: its error (a failed COMMIT), the status
+            self._relay_server((g.error or b"") + g.final_z)
+        elif g.refusal is not None and g.error is None:
             self.to_client(g.refusal)
             if self.observer is not None:
                 fields = m.parse_fields(g.refusal[5:])
@@ -1219,7 +1272,10 @@ class Relay:
             self._relay_server(g.error + g.final_z)
         else:  # the statement's own answer (rows and tag, or its own error), as the server sent it
             self._relay_server(b"".join(g.frames) + (g.error or b"") + g.final_z)
-        g.waiter.release()
+        if self._guard is not None:  # replaying settled a batch: that holds the client now
+            self._guard.waiter = g.waiter
+        else:
+            g.waiter.release()
 
     def _command_done(self, head: Pending) -> None:
         """CommandComplete / EmptyQueryResponse: an Execute ended, or one statement of a Query."""

@@ -188,6 +188,18 @@ def test_psycopg_refusal_inside_a_transaction_keeps_it_usable(proxy: Any, pg: An
     assert table(pg) == ROWS + "\n10|c|2\n11|c|3"
 
 
+def test_psycopg_executemany_is_all_or_nothing(proxy: Any, pg: Any) -> None:
+    with connect(proxy, autocommit=True) as conn:
+        with pytest.raises(psycopg.Error) as e:
+            conn.cursor().executemany(
+                "UPDATE guard_items SET v = v + %s WHERE grp = %s", [(1, "b"), (1, "a")]
+            )
+        assert e.value.sqlstate == "PW005"
+        assert table(pg) == ROWS  # the first UPDATE (2 rows, allowed) went with the refused one
+        conn.cursor().executemany("UPDATE guard_items SET v = v + %s WHERE id = %s", [(1, 1), (1, 4)])
+    assert table(pg) == "1|a|11\n2|a|20\n3|a|30\n4|b|41\n5|b|50"
+
+
 def test_psycopg_write_that_fails_on_its_own(proxy: Any, pg: Any) -> None:
     with connect(proxy, autocommit=True) as conn:
         with pytest.raises(psycopg.errors.CheckViolation):
@@ -316,6 +328,38 @@ def test_pipelined_batch_with_a_guarded_execute_between_other_statements(conn: R
         ("ready", "I"),
     ]
     assert table(pg) == "1|a|10\n2|a|20\n3|a|30"
+
+
+def test_a_batch_outside_a_transaction_still_commits_all_or_nothing(conn: RawConn, pg: Any) -> None:
+    # the guarded write was within the limit, a later statement of the batch fails: without the
+    # proxy the batch's implicit transaction would roll back as one, and so it does
+    conn.send(run("DELETE FROM guard_items WHERE grp = $1", "b") + run("SELECT 1/0") + SYNC)
+    assert answers(conn) == [("tag", "DELETE 2"), ("error", "22012"), ("ready", "I")]
+    assert table(pg) == ROWS
+    # two guarded writes in one batch: the second is over the limit, the first is undone with it
+    conn.send(
+        run("DELETE FROM guard_items WHERE grp = $1", "b")
+        + run("UPDATE guard_items SET v = 0 WHERE grp = $1", "a")
+        + run("SELECT 'skipped'")
+        + SYNC
+    )
+    assert answers(conn) == [("tag", "DELETE 2"), ("error", "PW005"), ("ready", "I")]
+    assert table(pg) == ROWS
+    # both within the limit: committed together at Sync
+    conn.send(
+        run("DELETE FROM guard_items WHERE id = $1", "4")
+        + run("UPDATE guard_items SET v = 0 WHERE id = $1", "1")
+        + SYNC
+    )
+    assert answers(conn) == [("tag", "DELETE 1"), ("tag", "UPDATE 1"), ("ready", "I")]
+    assert table(pg) == "1|a|0\n2|a|20\n3|a|30\n5|b|50"
+
+
+def test_a_simple_query_inside_a_batch_after_a_guarded_write_ends_the_session(conn: RawConn, pg: Any) -> None:
+    conn.send(run("DELETE FROM guard_items WHERE grp = $1", "b") + msg(b"Q", b"SELECT 1\0"))
+    assert conn.read_error()["M"].startswith("a simple Query inside an extended batch after a guarded write")
+    assert conn.at_eof()
+    assert table(pg) == ROWS  # the open transaction died with the session
 
 
 def test_batch_that_opens_a_transaction_uses_a_savepoint(conn: RawConn, pg: Any) -> None:

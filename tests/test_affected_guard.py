@@ -7,13 +7,17 @@ and the statement ran only inside a transaction or savepoint the proxy rolled ba
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 from fix_pg import APP_USER
@@ -38,7 +42,7 @@ def policy(limit: int = 2) -> dict[str, Any]:
                     "tables": ["public.guard_items", "public.guard_pairs"],
                 }
             ],
-            "limits": {"maxAffectedRows": limit},
+            "limits": {"maxAffectedRows": limit, "statementTimeout": "30s"},
         },
     }
 
@@ -47,7 +51,8 @@ def policy(limit: int = 2) -> dict[str, Any]:
 def items(pg: Any) -> Any:
     pg.psql(
         "DROP TABLE IF EXISTS guard_items, guard_pairs;"
-        "CREATE TABLE guard_items (id int PRIMARY KEY, grp text NOT NULL, v int NOT NULL CHECK (v >= 0));"
+        "CREATE TABLE guard_items (id int PRIMARY KEY, grp text NOT NULL, v int NOT NULL CHECK (v >= 0),"
+        " note text NOT NULL DEFAULT 'secret-note');"
         "INSERT INTO guard_items VALUES (1,'a',10),(2,'a',20),(3,'a',30),(4,'b',40),(5,'b',50);"
         "CREATE TABLE guard_pairs (id int PRIMARY KEY,"
         " peer int REFERENCES guard_pairs (id) DEFERRABLE INITIALLY DEFERRED);"
@@ -222,6 +227,89 @@ def test_psycopg_commit_that_fails_gives_its_error(proxy: Any, pg: Any) -> None:
         with pytest.raises(psycopg.errors.ForeignKeyViolation):
             conn.execute("INSERT INTO guard_pairs VALUES (%s, %s)", (1, 99))
         assert conn.execute("SELECT count(*) FROM guard_pairs").fetchone() == (0,)
+
+
+def test_asyncpg_guarded_writes(proxy: Any, pg: Any) -> None:
+    async def go() -> None:
+        conn = await asyncpg.connect(
+            host=proxy.host,
+            port=proxy.port,
+            user=proxy.user,
+            password=proxy.password,
+            database=proxy.dbname,
+            ssl=False,
+        )
+        try:
+            with pytest.raises(asyncpg.PostgresError) as e:
+                await conn.execute("DELETE FROM guard_items WHERE grp = $1", "a")
+            assert e.value.sqlstate == "PW005"
+            async with conn.transaction():
+                await conn.execute("INSERT INTO guard_items (id, grp, v) VALUES ($1, $2, $3)", 10, "c", 1)
+                with pytest.raises(asyncpg.PostgresError):
+                    await conn.execute("UPDATE guard_items SET v = $1 WHERE grp = $2", 0, "a")
+                rows = await conn.fetch("DELETE FROM guard_items WHERE grp = $1 RETURNING id", "b")
+                assert [r["id"] for r in rows] == [4, 5]
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
+    assert table(pg) == "1|a|10\n2|a|20\n3|a|30\n10|c|1"
+
+
+def test_returning_rows_of_a_guarded_write_are_still_masked(make_proxy: Any, items: Any, pg: Any) -> None:
+    masking = {
+        "apiVersion": API,
+        "kind": "MaskingRule",
+        "metadata": {"name": "notes"},
+        "spec": {
+            "connectionRef": {"name": "shop"},
+            "columns": [{"table": "public.guard_items", "column": "note", "strategy": "redact"}],
+        },
+    }
+    proxy = make_proxy(extra=[policy(), masking])
+    out = proxy.psql("-A", "-t", "-c", "UPDATE guard_items SET v = v + 1 WHERE id = 1 RETURNING id, note")
+    assert out.returncode == 0, out.stderr
+    assert "secret-note" not in out.stdout and out.stdout.startswith("1|")
+    with connect(proxy, autocommit=True) as conn:
+        cur = conn.execute("DELETE FROM guard_items WHERE grp = %s RETURNING note", ("b",))
+        assert len(cur.fetchall()) == 2
+        cur = conn.execute("UPDATE guard_items SET v = v WHERE id = %s RETURNING note", (2,))
+        assert cur.fetchone() != ("secret-note",)
+
+
+def test_a_cancel_during_a_guarded_write_undoes_it(proxy: Any, pg: Any) -> None:
+    marker = f"guard-cancel-{time.time_ns()}"
+
+    def running() -> bool:
+        sql = (
+            f"SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%{marker}%' AND pid <> pg_backend_pid()"
+        )
+        return pg.psql(sql, dbname="shop").strip() != "0"
+
+    with connect(proxy, autocommit=True) as conn:
+
+        def cancel() -> None:
+            deadline = time.time() + 20
+            while not running() and time.time() < deadline:
+                time.sleep(0.05)
+            conn.cancel_safe()
+
+        timer = threading.Thread(target=cancel)
+        timer.start()
+        try:
+            mark = pg.log_position()
+            with pytest.raises(psycopg.errors.QueryCanceled) as e:
+                conn.execute(
+                    f"UPDATE guard_items SET v = 0 WHERE id = %s AND pg_sleep(20) IS NOT NULL /* {marker} */",
+                    (1,),
+                )
+        finally:
+            timer.join()
+        # the server cancelled it (not a held statement withdrawn), and the proxy rolled it back
+        assert "nothing was forwarded" not in str(e.value)
+        assert "statement: ROLLBACK" in pg.log_since(mark)
+        assert conn.execute("SELECT v FROM guard_items WHERE id = %s", (1,)).fetchone() == (10,)
+    assert table(pg) == ROWS
 
 
 # -- the raw wire: pipelined batches and reserved names ---------------------------------------

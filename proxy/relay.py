@@ -500,7 +500,7 @@ class Relay:
                     if verdict is not None and verdict.wait is not None:
                         return self._hold(buf, span_start, pos, out, verdict)
                     guard = verdict.guard if verdict is not None and verdict.error is None else None
-                    if guard is not None:
+                    if guard is not None and verdict is not None:
                         if self.pending:  # the transaction state is known once all before it is answered
                             return self._drain_hold(buf, span_start, pos, out, verdict)
                         state = self._unit_txn or self.tx_status  # a Query inside an open batch
@@ -1133,7 +1133,7 @@ class Relay:
         if g.phase == _STATEMENT:
             if t == _DR:
                 g.rows += 1
-                if g.rows > g.guard.limit:
+                if g.guard is not None and g.rows > g.guard.limit:
                     g.overflow = True  # refused whatever the tag says; not kept
                     return False
             elif t == _CC:
@@ -1269,7 +1269,7 @@ class Relay:
             else:  # as for a failed message: the rest of the batch goes nowhere
                 self._batch_failed(head)
         elif g.finish_failed:  # COMMIT / RELEASE failed: only that error
-            self._relay_server(g.error + g.final_z)
+            self._relay_server((g.error or b"") + g.final_z)
         else:  # the statement's own answer (rows and tag, or its own error), as the server sent it
             self._relay_server(b"".join(g.frames) + (g.error or b"") + g.final_z)
         if self._guard is not None:  # replaying settled a batch: that holds the client now

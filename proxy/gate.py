@@ -275,7 +275,8 @@ class SessionGate:
         decision, results = statement.reviewed
         ctx = StatementContext(id=str(next(self._ids)), sql=statement.sql, started=time.time(), prepared=True,
                                decision=decision, params=bind_params(bind))
-        return Verdict(wait=self._review(ctx, decision, results, params=ctx.params or ()), context=ctx)
+        return Verdict(wait=self._review(ctx, decision, results, params=ctx.params or (), guard=statement.guard),
+                       context=ctx)
 
     def execute(self, name: str, portal: PortalEntry | None) -> Verdict | None:
         """A protocol Execute of a SQL cursor runs with the masking plan of its DECLARE; a portal

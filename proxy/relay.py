@@ -51,6 +51,7 @@ _SENTINEL_QUERY = m.message(m.F_QUERY, m.cstr(SENTINEL_SQL))
 _ABSORBER_QUERY = m.message(m.F_QUERY, m.cstr("SELECT 1 /* pgwarden: absorbs a late row-limit cancel */"))
 _SENTINEL_PARSE = m.message(m.F_PARSE, m.cstr("") + m.cstr(SENTINEL_SQL) + b"\0\0")
 _FLUSH = m.message(b"H", b"")
+_SYNC = m.message(b"S", b"")
 _UNREAD_PARSE = m.ParseMsg("", "", ())
 
 # client message type bytes as ints (frames() yields ints)
@@ -1146,8 +1147,9 @@ class Relay:
                 if not g.simple:
                     if not g.own_tx:
                         return True  # the client's transaction is failed, as without the guard
-                    # end the skipped batch and our failed transaction; the client's Sync follows
-                    self.to_server(m.message(b"S") + _query("ROLLBACK"))
+                    # end the skipped batch and our failed transaction (never by a Query: it would
+                    # drop the client's unnamed statement); the client's Sync follows
+                    self.to_server(_SYNC + _injected("ROLLBACK") + _SYNC)
                     g.phase, g.replies = _CLEANUP, 2
                     return False
             elif t == _Z:
@@ -1175,9 +1177,13 @@ class Relay:
                 g.replies -= 1
                 return not g.replies
             return False
-        # _CLEANUP: the answers to our Sync and ROLLBACK
-        if t == _Z:
+        # _CLEANUP: the answers to our own Syncs (and what ran between them)
+        if t == _ER and g.error is None:  # the COMMIT that settles a batch failed: the client gets that
+            g.error = frame
+        elif t == _Z:
             g.replies -= 1
+            if not g.replies and g.guard is None:
+                g.final_z = frame  # settling: the client's Sync is answered with the settled status
             return not g.replies
         return False
 
@@ -1220,8 +1226,9 @@ class Relay:
         if taint or status == b"I":  # the client's own BEGIN / COMMIT took the transaction over
             waiter.release()
             return False
-        self.to_server(_query("COMMIT" if status == b"T" else "ROLLBACK"))
-        self._guard = _GuardRun(None, head, True, True, waiter, phase=_FINISH)
+        # extended-protocol messages and a Sync: a Query would drop the client's unnamed statement
+        self.to_server(_injected("COMMIT" if status == b"T" else "ROLLBACK") + _SYNC)
+        self._guard = _GuardRun(None, head, False, True, waiter, phase=_CLEANUP, replies=1)
         return True
 
     def _guard_refusal(self, g: _GuardRun) -> bytes | None:

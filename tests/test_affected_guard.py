@@ -307,7 +307,7 @@ def test_a_cancel_during_a_guarded_write_undoes_it(proxy: Any, pg: Any) -> None:
             timer.join()
         # the server cancelled it (not a held statement withdrawn), and the proxy rolled it back
         assert "nothing was forwarded" not in str(e.value)
-        assert "statement: ROLLBACK" in pg.log_since(mark)
+        assert "pgwarden_guard: ROLLBACK" in pg.log_since(mark)
         assert conn.execute("SELECT v FROM guard_items WHERE id = %s", (1,)).fetchone() == (10,)
     assert table(pg) == ROWS
 
@@ -448,6 +448,40 @@ def test_a_simple_query_inside_a_batch_after_a_guarded_write_ends_the_session(co
     assert conn.read_error()["M"].startswith("a simple Query inside an extended batch after a guarded write")
     assert conn.at_eof()
     assert table(pg) == ROWS  # the open transaction died with the session
+
+
+def test_the_clients_prepared_statements_and_portals_are_untouched(conn: RawConn, pg: Any) -> None:
+    # the unnamed statement and a named one, prepared once, run again and again: the proxy's own
+    # commands go under reserved names and never replace or close them
+    conn.send(
+        parse("UPDATE guard_items SET v = v + 1 WHERE grp = $1")
+        + parse("UPDATE guard_items SET v = v + 1 WHERE grp = $1", "u1")
+        + parse("SELECT v FROM guard_items WHERE id = $1", "s1")
+        + SYNC
+    )
+    assert answers(conn) == [("ready", "I")]
+    for _ in range(2):
+        conn.send(bind("", params=(b"b",)) + execute() + bind("s1", params=(b"4",)) + execute() + SYNC)
+        got = answers(conn)
+        assert got[0] == ("tag", "UPDATE 2") and got[-1] == ("ready", "I"), got
+    conn.send(bind("", params=(b"a",)) + execute() + SYNC)
+    assert answers(conn) == [("error", "PW005"), ("ready", "I")]
+    conn.simple("BEGIN")  # a Query drops the unnamed statement (as PostgreSQL does): named ones stay
+    conn.send(
+        bind("u1", "p1", params=(b"b",))
+        + bind("s1", "p2", params=(b"5",))
+        + execute("p1")
+        + execute("p2")
+        + SYNC
+    )
+    assert answers(conn) == [
+        ("tag", "UPDATE 2"),
+        ("row", ["52"]),
+        ("tag", "SELECT 1"),
+        ("ready", "T"),
+    ]  # p2 was bound first
+    conn.simple("COMMIT")
+    assert table(pg) == "1|a|10\n2|a|20\n3|a|30\n4|b|43\n5|b|53"
 
 
 def test_batch_that_opens_a_transaction_uses_a_savepoint(conn: RawConn, pg: Any) -> None:

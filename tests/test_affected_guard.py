@@ -38,7 +38,7 @@ def policy(limit: int = 2) -> dict[str, Any]:
             "rules": [
                 {
                     "action": "allow",
-                    "operations": ["select", "insert", "update", "delete", "truncate"],
+                    "operations": ["select", "insert", "update", "delete", "merge", "truncate"],
                     "tables": ["public.guard_items", "public.guard_pairs"],
                 }
             ],
@@ -163,6 +163,16 @@ def test_prepared_write_run_by_execute_is_guarded(proxy: Any, pg: Any) -> None:
     assert "DELETE changed 3 rows" in out.stderr
     assert "DELETE 2" in out.stdout
     assert table(pg) == "1|a|10\n2|a|20\n3|a|30"
+
+
+def test_psql_merge_is_counted(proxy: Any, pg: Any) -> None:
+    merge = "MERGE INTO guard_items t USING (SELECT 'a' AS grp) s ON t.grp = s.grp WHEN MATCHED THEN UPDATE SET v = 0"
+    out = proxy.psql("-c", merge)
+    assert "MERGE changed 3 rows, more than the 2 allowed" in out.stderr
+    assert table(pg) == ROWS
+    out = proxy.psql("-c", merge.replace("'a'", "'b'"))
+    assert out.returncode == 0 and "MERGE 2" in out.stdout, out.stderr
+    assert table(pg) == "1|a|10\n2|a|20\n3|a|30\n4|b|0\n5|b|0"
 
 
 # -- extended protocol (psycopg with parameters) ----------------------------------------------
@@ -482,6 +492,16 @@ def test_the_clients_prepared_statements_and_portals_are_untouched(conn: RawConn
     ]  # p2 was bound first
     conn.simple("COMMIT")
     assert table(pg) == "1|a|10\n2|a|20\n3|a|30\n4|b|43\n5|b|53"
+
+
+def test_a_protocol_execute_of_a_sql_prepared_write_is_guarded(conn: RawConn, pg: Any) -> None:
+    conn.simple("PREPARE d(text) AS DELETE FROM guard_items WHERE grp = $1")
+    conn.send(parse("EXECUTE d('a')") + bind() + execute() + SYNC)
+    assert answers(conn) == [("error", "PW005"), ("ready", "I")]
+    assert table(pg) == ROWS
+    conn.send(parse("EXECUTE d('b')") + bind() + execute() + SYNC)
+    assert answers(conn) == [("tag", "DELETE 2"), ("ready", "I")]
+    assert table(pg) == "1|a|10\n2|a|20\n3|a|30"
 
 
 def test_batch_that_opens_a_transaction_uses_a_savepoint(conn: RawConn, pg: Any) -> None:

@@ -113,8 +113,6 @@ def bind_params(bind: m.BindMsg) -> tuple[str | None, ...]:
 
 _DML_KINDS = frozenset(("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"))
 _DML_KEYS = tuple(f'"{k}":{{' for k in sorted(_DML_KINDS))
-
-
 _UNCOUNTED_KEYS = ('"TruncateStmt":{', '"is_from":true')
 
 
@@ -342,7 +340,9 @@ class SessionGate:
             ctx.sql = shown_sql(sql, analysis, self.names)  # what EXECUTE runs, for reviewers and audit
         if decision is not None and decision.action == "deny" and decision.enforce:
             return self._refuse(ctx, decision.as_error())
-        if GUARD_PREFIX in analysis.blind.lower():
+        # names as the parser read them (U& escapes decoded; unquoted ones folded): a quoted
+        # name in other case is another name, never the proxy's
+        if GUARD_PREFIX in analysis.blind:
             return self._refuse(ctx, PolicyDenied(
                 f"pgwarden reserves names starting with {GUARD_PREFIX} (its own savepoint, statement and portal)",
                 hint="Choose another name for the savepoint, prepared statement, cursor or object.",
@@ -597,8 +597,8 @@ class SessionGate:
                     ctx.approver = ticket.decided_by or "(the approval backend did not say)"
                     await self._approval_event(ctx, "approved", approver=ctx.approver,
                                                reason="a deferred approval is used for this run")
-                    return await self._durable(ctx, Verdict(results=results, context=ctx, max_rows=decision.limits.max_rows,
-                                                                 guard=guard), "approved")
+                    ran = Verdict(results=results, context=ctx, max_rows=decision.limits.max_rows, guard=guard)
+                    return await self._durable(ctx, ran, "approved")
             ticket = await backend.create(spec)
         except AgentError as e:
             return await self._durable(ctx, Verdict(error=e, context=ctx), "review")
@@ -627,8 +627,8 @@ class SessionGate:
         await self._approval_event(ctx, outcome.state, approver=outcome.decided_by, reason=outcome.reason)
         if outcome.state == "approved":
             ctx.ticket, ctx.approver = ticket, outcome.decided_by
-            return await self._durable(ctx, Verdict(results=results, context=ctx, max_rows=decision.limits.max_rows,
-                                                                 guard=guard), "approved")
+            ran = Verdict(results=results, context=ctx, max_rows=decision.limits.max_rows, guard=guard)
+            return await self._durable(ctx, ran, "approved")
         if outcome.state == "denied":
             err2: AgentError = ApprovalDenied(
                 f"request {ticket.name} was denied by {outcome.decided_by}" + (f": {outcome.reason}" if outcome.reason else ""),

@@ -392,7 +392,7 @@ class Relay:
     @property
     def guarding(self) -> bool:
         """True while the client is held for a guarded write (waiting for the server's answers)."""
-        return self._guard is not None or self._drain is not None
+        return self._guard is not None or self._drain is not None or self._settle_waiter is not None
 
     # -- client -> server ------------------------------------------------------------------------
     def client_data(self, data: bytes) -> Awaitable[Verdict] | None:

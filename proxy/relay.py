@@ -1226,6 +1226,14 @@ class Relay:
         if taint or status == b"I":  # the client's own BEGIN / COMMIT took the transaction over
             waiter.release()
             return False
+        if self._absorbing:
+            # a row-limit absorber is in flight behind this Sync: its answers would come first and
+            # could not be told from ours; the session ends and the server rolls the batch back
+            raise ProtocolViolation(
+                "pgwarden ended the session: a result of the batch passed maxRows while its guarded write "
+                "waited to be committed at Sync; nothing of the batch was committed",
+                hint="Reconnect; add LIMIT to the query that returned too many rows.",
+            )
         # extended-protocol messages and a Sync: a Query would drop the client's unnamed statement
         self.to_server(_injected("COMMIT" if status == b"T" else "ROLLBACK") + _SYNC)
         self._guard = _GuardRun(None, head, False, True, waiter, phase=_CLEANUP, replies=1)

@@ -32,7 +32,7 @@ from pgwarden.policy import analyze
 from pgwarden.proxy import messages as m
 from pgwarden.proxy.analysis_budget import Analysed, AnalysisOffload
 from pgwarden.proxy.circuit import CircuitBreaker
-from pgwarden.proxy.relay import AffectedGuard, Verdict
+from pgwarden.proxy.relay import GUARD_PREFIX, AffectedGuard, Verdict, stricter
 from pgwarden.proxy.session import PortalEntry, PreparedEntry, SessionNames
 from pgwarden.proxy.statements import rebinds, shown_sql, statement_changes
 from pgwarden.subjects import Workload
@@ -111,6 +111,17 @@ def bind_params(bind: m.BindMsg) -> tuple[str | None, ...]:
         else:
             out.append("\\x" + value.hex())
     return tuple(out)
+
+
+_DML_KINDS = frozenset(("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"))
+_DML_KEYS = tuple(f'"{k}":{{' for k in sorted(_DML_KINDS))
+_UNCOUNTED_KEYS = ('"TruncateStmt":{', '"is_from":true')
+
+
+def _dml_nodes(blind: str) -> int:
+    """INSERT / UPDATE / DELETE / MERGE nodes in a blinded parse tree (literals are blanked, so
+    only a name spelled like a node could add one: that refuses more, never less)."""
+    return sum(blind.count(k) for k in _DML_KEYS)
 
 
 def _quote_ident(name: str) -> str:
@@ -264,7 +275,8 @@ class SessionGate:
         decision, results = statement.reviewed
         ctx = StatementContext(id=str(next(self._ids)), sql=statement.sql, started=time.time(), prepared=True,
                                decision=decision, params=bind_params(bind))
-        return Verdict(wait=self._review(ctx, decision, results, params=ctx.params or (), bind=bind), context=ctx)
+        return Verdict(wait=self._review(ctx, decision, results, params=ctx.params or (), bind=bind,
+                                         guard=statement.guard), context=ctx)
 
     def execute(self, name: str, portal: PortalEntry | None) -> Verdict | None:
         """A protocol Execute of a SQL cursor runs with the masking plan of its DECLARE; a portal
@@ -330,6 +342,17 @@ class SessionGate:
             ctx.sql = shown_sql(sql, analysis, self.names)  # what EXECUTE runs, for reviewers and audit
         if decision is not None and decision.action == "deny" and decision.enforce:
             return self._refuse(ctx, decision.as_error())
+        # names as the parser read them (U& escapes decoded; unquoted ones folded): a quoted
+        # name in other case is another name, never the proxy's
+        if GUARD_PREFIX in analysis.blind:
+            return self._refuse(ctx, PolicyDenied(
+                f"pgwarden reserves names starting with {GUARD_PREFIX} (its own savepoint, statement and portal)",
+                hint="Choose another name for the savepoint, prepared statement, cursor or object.",
+            ))
+        try:
+            guard = self._limit_guard(decision, analysis)
+        except AgentError as e:
+            return self._refuse(ctx, e)
         results = None
         plan = None
         if self.masking is not None:
@@ -355,6 +378,7 @@ class SessionGate:
         if prepared_name is not None:
             entry = PreparedEntry(
                 prepared_name, sql, "parse", results=results, context=ctx, max_rows=max_rows,
+                guard=None if rebinds(analysis) else guard,  # EXECUTE / FETCH: decided at every Bind
                 policy_body=analysis.statements[0] if len(analysis.statements) == 1 else None,
                 run_changes=changes[0] if len(changes) == 1 else (), rebind=rebinds(analysis),
             )
@@ -363,7 +387,8 @@ class SessionGate:
             verdict = self._audited(ctx, Verdict(results=results, context=ctx), "allow")
         elif decision.action == "review" and decision.enforce:
             if bind is not None:
-                verdict = Verdict(wait=self._review(ctx, decision, results, params=ctx.params or (), bind=bind),
+                verdict = Verdict(wait=self._review(ctx, decision, results, params=ctx.params or (), bind=bind,
+                                                    guard=guard),
                                   context=ctx)
             elif prepared_name is not None:
                 # Parsing is harmless; the human decides at Bind, when the parameters are known.
@@ -371,15 +396,48 @@ class SessionGate:
                 verdict = self._audited(ctx, Verdict(results=results, context=ctx, max_rows=max_rows),
                                         "review-at-bind")
             else:
-                verdict = Verdict(wait=self._review(ctx, decision, results), context=ctx)
+                verdict = Verdict(wait=self._review(ctx, decision, results, guard=guard), context=ctx)
         else:
-            verdict = self._audited(ctx, Verdict(results=results, context=ctx, max_rows=max_rows),
+            verdict = self._audited(ctx, Verdict(results=results, context=ctx, max_rows=max_rows, guard=guard),
                                     "allow" if decision.action == "allow" else f"{decision.action}-audit-only")
         if prepared_name is not None:
             return _with(verdict, entry=entry)
         if bind is not None:  # what running it changes was captured at Parse (run_changes)
             return verdict
         return _with(verdict, changes=changes) if any(changes) else verdict
+
+    def _limit_guard(self, decision: Any, analysis: Any) -> AffectedGuard | None:
+        """The guard of limits.maxAffectedRows for a text that writes rows; PolicyDenied when the
+        text writes in a way whose changed rows its command tag does not count."""
+        limit = decision.limits.max_affected_rows if decision is not None else None
+        if limit is None:
+            return None
+        stmts = analysis.statements
+        # PREPARE runs nothing: its body is counted when an EXECUTE runs it
+        writes = 0 if all(st.kind == "PrepareStmt" for st in stmts) else _dml_nodes(analysis.blind)
+        bodies = [self.names.statement(ex.name) for st in analysis.statements for ex in st.executes]
+        for body in bodies:
+            if body is not None:
+                writes += _dml_nodes(analyze(body.sql, self.rt.search_path, self.state.server_version).blind)
+        # TRUNCATE and COPY … FROM change rows no command tag counts (COPY's tag does, but its
+        # sub-protocol cannot be held): refused under the limit
+        uncounted = any(k in analysis.blind for k in _UNCOUNTED_KEYS)
+        if not writes and not uncounted:
+            return None
+        one = stmts[0] if len(stmts) == 1 else None
+        countable = not uncounted and one is not None and writes == 1 and (
+            one.kind in _DML_KINDS
+            or (one.kind == "ExecuteStmt" and len(bodies) == 1 and bodies[0] is not None
+                and getattr(bodies[0].policy_body, "kind", "") in _DML_KINDS)
+        )
+        if not countable:
+            raise PolicyDenied(
+                f"pgwarden cannot bound the rows this text changes (limits.maxAffectedRows of {decision.rule}): "
+                "only a single INSERT, UPDATE, DELETE or MERGE statement, with no other statement in the same "
+                "text and no data-modifying WITH, is counted (not TRUNCATE, not COPY … FROM)",
+                hint="Send the write alone, as one top-level INSERT, UPDATE, DELETE or MERGE statement.",
+            )
+        return AffectedGuard(limit=limit, source=f"limits.maxAffectedRows of {decision.rule}")
 
     def _refuse(self, ctx: StatementContext, err: AgentError) -> Verdict:
         verdict = Verdict(error=self._count_refusal(err), context=ctx)
@@ -594,13 +652,16 @@ class SessionGate:
 
     @staticmethod
     def _guarded(verdict: Verdict, ticket: Any, preview: Any) -> Verdict:
-        """An approved write is bound to the effect its reviewer saw: it may change no more rows."""
+        """An approved write is bound to the effect its reviewer saw: it may change no more rows
+        (nor more than limits.maxAffectedRows, whichever is smaller)."""
         if preview is not None and preview.measured:
-            verdict.guard = AffectedGuard(limit=preview.affected_rows, source=f"request {ticket.name}")
+            seen = AffectedGuard(limit=preview.affected_rows, source=f"request {ticket.name}")
+            verdict.guard = stricter(verdict.guard, seen)
         return verdict
 
     async def _review(self, ctx: StatementContext, decision: Any, results: Any,
-                      params: tuple[str | None, ...] = (), bind: m.BindMsg | None = None) -> Verdict:
+                      params: tuple[str | None, ...] = (), bind: m.BindMsg | None = None,
+                      guard: AffectedGuard | None = None) -> Verdict:
         """A `review` decision: ask a human (wait: hold the statement; defer: PW001 now, run once later)."""
         from pgwarden.approvals import ApprovalSpec
 
@@ -630,7 +691,7 @@ class SessionGate:
                     ctx.approver = ticket.decided_by or "(the approval backend did not say)"
                     await self._approval_event(ctx, "approved", approver=ctx.approver,
                                                reason="a deferred approval is used for this run")
-                    verdict = Verdict(results=results, context=ctx, max_rows=decision.limits.max_rows)
+                    verdict = Verdict(results=results, context=ctx, max_rows=decision.limits.max_rows, guard=guard)
                     return await self._durable(ctx, self._guarded(verdict, ticket, ticket.preview), "approved")
             # measured before the request exists, so the reviewer sees it from the first moment
             preview = await self._preview(ctx, decision, bind)
@@ -663,7 +724,7 @@ class SessionGate:
         await self._approval_event(ctx, outcome.state, approver=outcome.decided_by, reason=outcome.reason)
         if outcome.state == "approved":
             ctx.ticket, ctx.approver = ticket, outcome.decided_by
-            verdict = Verdict(results=results, context=ctx, max_rows=decision.limits.max_rows)
+            verdict = Verdict(results=results, context=ctx, max_rows=decision.limits.max_rows, guard=guard)
             return await self._durable(ctx, self._guarded(verdict, ticket, preview), "approved")
         if outcome.state == "denied":
             err2: AgentError = ApprovalDenied(
@@ -692,13 +753,14 @@ class SessionGate:
         return masked
 
     # -- Observer -------------------------------------------------------------------------------
-    def statement_done(self, context: Any, tag: str, error: dict[str, str] | None) -> None:
+    def statement_done(self, context: Any, tag: str, error: dict[str, str] | None, undone: bool = False) -> None:
         if not isinstance(context, StatementContext):
             return
         self.statements += 1
         if context.ticket is not None and self.rt.approvals is not None:
             ticket, context.ticket = context.ticket, None
-            self.rt.spawn(self._executed(context, ticket, tag or (error or {}).get("C", "")))
+            ran = (error or {}).get("C", "") if undone else tag or (error or {}).get("C", "")
+            self.rt.spawn(self._executed(context, ticket, ran))
         if context.ddl and self.rt.catalog is not None:
             self.rt.catalog.mark_stale()  # a new or altered relation: re-read before the next plan
         rows = m.command_tag_rows(tag) if tag else None
@@ -711,7 +773,7 @@ class SessionGate:
             self.rt.audit.emit(
                 records.outcome(
                     self.ainfo, context.id, duration_ms=(time.time() - context.started) * 1000, tag=tag, rows=rows,
-                    sqlstate=(error or {}).get("C", ""), message=(error or {}).get("M", ""),
+                    sqlstate=(error or {}).get("C", ""), message=(error or {}).get("M", ""), undone=undone,
                 )
             )
 

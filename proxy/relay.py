@@ -13,6 +13,9 @@ The asyncio shell (`server.py`) feeds it what each side sent and gives it two si
   client message it answers: this is where results get their `RowRewriter` (masking) and
   where outcomes are reported.
 * refuses FunctionCall (`F`), which could call any function by OID.
+* runs a write whose verdict carries an `AffectedGuard` so that it can be undone: in its own
+  transaction, or in a savepoint inside the client's, with its results held back until its
+  command tag says how many rows it changed (see `_GuardRun`). The client sees one statement.
 
 Hot path: an unmasked DataRow costs one frame step and no copy; a client chunk whose messages
 are all forwarded unchanged is written upstream as the same bytes object.
@@ -23,10 +26,10 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pgwarden.errors import AgentError, PolicyDenied, ProtocolViolation
+from pgwarden.errors import AgentError, PolicyDenied, ProtocolViolation, TooManyRowsAffected
 from pgwarden.proxy import messages as m
 from pgwarden.proxy.analysis_budget import statement_too_large
 from pgwarden.proxy.session import (
@@ -48,6 +51,7 @@ _SENTINEL_QUERY = m.message(m.F_QUERY, m.cstr(SENTINEL_SQL))
 _ABSORBER_QUERY = m.message(m.F_QUERY, m.cstr("SELECT 1 /* pgwarden: absorbs a late row-limit cancel */"))
 _SENTINEL_PARSE = m.message(m.F_PARSE, m.cstr("") + m.cstr(SENTINEL_SQL) + b"\0\0")
 _FLUSH = m.message(b"H", b"")
+_SYNC = m.message(b"S", b"")
 _UNREAD_PARSE = m.ParseMsg("", "", ())
 
 # client message type bytes as ints (frames() yields ints)
@@ -60,6 +64,16 @@ _UNIT_OPENERS = frozenset((_P, _B, _D, _E, _C))
 _T, _DR, _CC, _EQ, _ER, _Z = ord("T"), ord("D"), ord("C"), ord("I"), ord("E"), ord("Z")
 _PC, _BC, _CLC, _ND, _PS, _COPYOUT = ord("1"), ord("2"), ord("3"), ord("n"), ord("s"), ord("H")
 _NOTICE = ord("N")
+_ASYNC = frozenset((ord("A"), ord("S")))  # NotificationResponse, ParameterStatus: any time
+
+# The guard's savepoint, prepared statement and portal; clients may not use names with this prefix.
+GUARD_PREFIX = "pgwarden_guard"
+_GUARD_REPLIES = 5  # ParseComplete, BindComplete, CommandComplete, CloseComplete (portal, statement)
+_COUNTED = frozenset(("INSERT", "UPDATE", "DELETE", "MERGE"))
+# CommandComplete tags of an Execute that change the transaction state inside an extended batch:
+# BEGIN opens a block; COMMIT / ROLLBACK may end it or, AND CHAIN, open the next one (unknown)
+_TXN_TAGS = {"BEGIN": b"T", "START TRANSACTION": b"T", "COMMIT": b"?", "ROLLBACK": b"?",
+             "PREPARE TRANSACTION": b"?"}
 
 # The server is trusted to frame its messages; a field value may be up to 1 GB, so results are
 # not held to the client's message limit.
@@ -104,7 +118,7 @@ class Verdict:
     changes: tuple[tuple[Change, ...], ...] = ()
     # Parse: the statement as the gate decided it (kept in the session registry once confirmed)
     entry: PreparedEntry | None = None
-    # a write that must change no more rows than this (PW005)
+    # a write that is undone when it changes more rows than this allows (PW005)
     guard: AffectedGuard | None = None
 
 
@@ -118,6 +132,13 @@ class AffectedGuard:
 
     limit: int
     source: str
+
+
+def stricter(a: AffectedGuard | None, b: AffectedGuard | None) -> AffectedGuard | None:
+    """The guard with the smaller limit, when two apply (an approval's preview and maxAffectedRows)."""
+    if a is None or (b is not None and b.limit < a.limit):
+        return b
+    return a
 
 
 # what a barrier resolves to: the held messages are decided afresh, with no verdict taken
@@ -141,7 +162,9 @@ class Gate(Protocol):
 class Observer(Protocol):
     """Outcome events, for audit and recording."""
 
-    def statement_done(self, context: Any, tag: str, error: dict[str, str] | None) -> None: ...
+    def statement_done(self, context: Any, tag: str, error: dict[str, str] | None, undone: bool = False) -> None:
+        """`undone`: the statement ran (`tag` is the server's) and the proxy rolled it back (PW005)."""
+        ...
 
     def server_error(self, fields: dict[str, str]) -> None: ...
 
@@ -181,6 +204,7 @@ class Pending:
     # QUERY: per statement of the text, confirmed by that statement's CommandComplete
     qchanges: tuple[tuple[Change, ...], ...] = ()
     puts: bool = False  # makes a name: later units wait for the server's word on it
+    settle: bool = False  # SYNC: ends the batch whose implicit transaction a guard made explicit
 
 
 # A Query runs as if through the unnamed statement and portal: PostgreSQL drops both first.
@@ -190,22 +214,91 @@ _SENTINEL_PARSE_FAILS: tuple[Change, ...] = ((DROP_STATEMENT, "", None),)
 
 class _Barrier:
     """Held client messages wait here until the server has answered every earlier unit that
-    makes a name. Made without an event loop (the relay is pure code); awaited in one."""
+    makes a name (or everything sent, or a guarded statement). Made without an event loop (the
+    relay is pure code); awaited in one. Resolves to `result`: BARRIER, or the verdict of a held
+    Query that is to be taken up again as decided."""
 
-    def __init__(self) -> None:
+    def __init__(self, result: Verdict = BARRIER) -> None:
         self.released = False
+        self.result = result
         self._fut: asyncio.Future[Verdict] | None = None
 
     def release(self) -> None:
         self.released = True
         if self._fut is not None and not self._fut.done():
-            self._fut.set_result(BARRIER)
+            self._fut.set_result(self.result)
 
     async def wait(self) -> Verdict:
         if self.released:
-            return BARRIER
+            return self.result
         self._fut = asyncio.get_running_loop().create_future()
         return await self._fut
+
+
+# phases of a guarded statement
+_PRELUDE, _STATEMENT, _FINISH, _CLEANUP = range(4)
+
+
+@dataclass(slots=True)
+class _GuardRun:
+    """One guarded write in flight. The client is held from its message on, and the server had
+    answered everything sent before it, so every server message until the guard ends belongs to
+    the guard: the prelude (BEGIN, or SAVEPOINT inside the client's transaction), the statement,
+    and the finish (COMMIT / RELEASE, or ROLLBACK / ROLLBACK TO + RELEASE). The proxy's own
+    commands are swallowed; the statement's messages are kept raw and replayed through the
+    normal path (masking, audit, the session registry) once the outcome is known."""
+
+    guard: AffectedGuard | None  # None: settling the transaction a guard left open (at Sync)
+    head: Pending
+    simple: bool  # a Query; else a protocol Execute (commands injected as Parse/Bind/Execute)
+    own_tx: bool  # BEGIN … COMMIT/ROLLBACK; else a savepoint in the client's transaction
+    waiter: _Barrier
+    phase: int = _PRELUDE
+    replies: int = 0  # extended: completion messages still owed for the injected commands
+    frames: list[bytes] = field(default_factory=list)
+    rows: int = 0
+    overflow: bool = False  # more RETURNING rows than the limit: refused, rows not kept
+    tag: str = ""
+    broken: bool = False  # the prelude failed (simple): the statement fails on its own
+    error: bytes | None = None  # the ErrorResponse the client gets (statement's, prelude's, COMMIT's)
+    refusal: bytes | None = None  # ours, when the count is over the limit: the write is rolled back
+    finish_failed: bool = False  # COMMIT / RELEASE / ROLLBACK failed: its error is the answer
+    final_z: bytes = b""
+
+
+def _query(sql: str) -> bytes:
+    return m.message(b"Q", m.cstr(sql))
+
+
+def _injected(sql: str) -> bytes:
+    """`sql` through the extended protocol under the reserved names, closed again at once: the
+    client's unnamed statement and portal are untouched, and no Sync ends its batch."""
+    n = m.cstr(GUARD_PREFIX)
+    return (m.message(b"P", n + m.cstr(sql) + b"\0\0") + m.message(b"B", n + n + b"\0" * 6)
+            + m.message(b"E", n + b"\0\0\0\0") + m.message(b"C", b"P" + n) + m.message(b"C", b"S" + n))
+
+
+_SAVEPOINT = f"SAVEPOINT {GUARD_PREFIX}"
+_RELEASE = f"RELEASE SAVEPOINT {GUARD_PREFIX}"
+_ROLLBACK_TO = f"ROLLBACK TO SAVEPOINT {GUARD_PREFIX}"
+
+
+_TXN_UNKNOWN = PolicyDenied(
+    "pgwarden cannot tell whether this write runs inside a transaction: a COMMIT or ROLLBACK ran earlier "
+    "in the same batch, and the write must run so that it can be undone",
+    hint="Send Sync after the COMMIT or ROLLBACK, then the write.",
+)
+
+
+def _reserved(*names: str) -> PolicyDenied | None:
+    for name in names:
+        if name.startswith(GUARD_PREFIX):
+            return PolicyDenied(
+                f"pgwarden reserves the names starting with {GUARD_PREFIX} for its own statements; "
+                f"{name!r} cannot be used",
+                hint="Choose another prepared statement or portal name.",
+            )
+    return None
 
 
 def _makes_names(changes: tuple[Change, ...]) -> bool:
@@ -271,6 +364,15 @@ class Relay:
             attach(self.names)
         self._puts_in_flight = 0  # pending entries that make a name the server has not confirmed
         self._barrier: _Barrier | None = None  # released when _puts_in_flight drops to 0
+        self._drain: _Barrier | None = None  # a guarded statement waits for every answer before it
+        self._guard: _GuardRun | None = None  # a guarded statement in flight (the client is held)
+        # the transaction state an Execute in the open batch left: b"T" after BEGIN, b"?" unknown
+        self._unit_txn: bytes | None = None
+        # an extended batch outside a transaction whose guarded write succeeded: the proxy's BEGIN
+        # stays open so the batch still commits (or rolls back) as one at Sync. b"": as the guard
+        # left it; b"T" / b"?": the client's own BEGIN / COMMIT / ROLLBACK ran in it since
+        self._open_tx: bytes | None = None
+        self._settle_waiter: _Barrier | None = None
         self._rewriter: RowRewriter | None = None
         # the statement context whose rows the observer records, while it wants them
         self._recording: Any = None
@@ -286,6 +388,11 @@ class Relay:
     def busy(self) -> bool:
         """True while the server owes responses (a query is in flight)."""
         return bool(self.pending)
+
+    @property
+    def guarding(self) -> bool:
+        """True while the client is held for a guarded write (waiting for the server's answers)."""
+        return self._guard is not None or self._drain is not None or self._settle_waiter is not None
 
     # -- client -> server ------------------------------------------------------------------------
     def client_data(self, data: bytes) -> Awaitable[Verdict] | None:
@@ -360,6 +467,8 @@ class Relay:
                         self._unsynced = False
                         self._push(Pending(SYNC))
                         span_start = pos  # forward the Sync itself
+                        if self._open_tx is not None:
+                            return self._settle_hold(buf, pos, end, out)
                     else:
                         span_start = end
                     pos = end
@@ -378,6 +487,12 @@ class Relay:
                             span_start = pos
                         return self._hold(buf, span_start, pos, out, Verdict(wait=self._barrier_wait()))
                 if t == _Q:
+                    if self._open_tx is not None:
+                        raise ProtocolViolation(
+                            "a simple Query inside an extended batch after a guarded write: pgwarden keeps that "
+                            "write's transaction open until Sync, and ends the session rather than commit it early",
+                            hint="Send Sync before a simple Query.",
+                        )
                     verdict = self._take_resolved()
                     if verdict is None and end - ps - 1 > self._stmt_limit:
                         verdict = self._oversize("Query", end - ps - 1, buf[ps : ps + 1024])
@@ -385,6 +500,16 @@ class Relay:
                         verdict = self.gate.query(m.parse_query(buf[ps:end]))
                     if verdict is not None and verdict.wait is not None:
                         return self._hold(buf, span_start, pos, out, verdict)
+                    guard = verdict.guard if verdict is not None and verdict.error is None else None
+                    if guard is not None and verdict is not None:
+                        if self.pending:  # the transaction state is known once all before it is answered
+                            return self._drain_hold(buf, span_start, pos, out, verdict)
+                        state = self._unit_txn or self.tx_status  # a Query inside an open batch
+                        if state == b"E":
+                            guard = None  # a failed transaction refuses it anyway: nothing to undo
+                        elif state == b"?":
+                            verdict = Verdict(error=_TXN_UNKNOWN, context=verdict.context)
+                            guard = None
                     self._unsynced = False
                     entry = Pending(QUERY)
                     if verdict is not None:
@@ -405,6 +530,9 @@ class Relay:
                     entry.changes = _QUERY_DROPS
                     self.names.stage(_QUERY_DROPS)
                     self._push(entry)
+                    if guard is not None:
+                        return self._start_guard(buf, span_start, pos, end, out, entry, guard, True,
+                                                 (self._unit_txn or self.tx_status) == b"I")
                 elif t == _P:
                     self._unsynced = True
                     verdict = self._take_resolved()
@@ -414,6 +542,8 @@ class Relay:
                         parse = _UNREAD_PARSE
                     else:
                         parse = m.parse_parse(buf[ps:end])
+                    if verdict is None and self.gate is not None:
+                        verdict = Verdict(error=err) if (err := _reserved(parse.name)) else None
                     if verdict is None and self.gate is not None:
                         verdict = self.gate.parse(parse.name, parse.query)
                     if verdict is not None and verdict.wait is not None:
@@ -427,6 +557,7 @@ class Relay:
                             stmt = PreparedEntry(parse.name, parse.query, "parse")
                             if verdict is not None:
                                 stmt.results, stmt.context, stmt.max_rows = verdict.results, verdict.context, verdict.max_rows
+                                stmt.guard = verdict.guard
                         put: tuple[Change, ...] = ((PUT_STATEMENT, parse.name, stmt),)
                         self.names.stage(put)
                         self._push(Pending(PARSE, name=parse.name, changes=put, puts=True,
@@ -436,6 +567,9 @@ class Relay:
                     bind = m.parse_bind(buf[ps:end])
                     stmt = self.names.statement(bind.statement)
                     verdict = self._take_resolved()
+                    if verdict is None and self.gate is not None:
+                        if bind.portal.startswith(GUARD_PREFIX) or bind.statement.startswith(GUARD_PREFIX):
+                            verdict = Verdict(error=_reserved(bind.portal, bind.statement))
                     if verdict is None and self.gate is not None:
                         verdict = self.gate.bind(bind, stmt)
                     if verdict is not None and verdict.wait is not None:
@@ -449,7 +583,7 @@ class Relay:
                     portal = PortalEntry(bind.portal, "bind", statement=stmt, formats=bind.result_formats)
                     if stmt is not None:
                         portal.results, portal.context, portal.max_rows = stmt.results, stmt.context, stmt.max_rows
-                        portal.sql = stmt.sql
+                        portal.sql, portal.guard = stmt.sql, stmt.guard
                     if verdict is not None:
                         if verdict.context is not None:
                             portal.context = verdict.context  # the approval this Bind runs under
@@ -457,6 +591,7 @@ class Relay:
                             portal.results = verdict.results
                         if verdict.max_rows is not None:
                             portal.max_rows = verdict.max_rows
+                        portal.guard = stricter(portal.guard, verdict.guard)
                     put = ((PUT_PORTAL, bind.portal, portal),)
                     self.names.stage(put)
                     self._push(Pending(BIND, changes=put, puts=True,
@@ -467,6 +602,14 @@ class Relay:
                     p = self.names.portal(portal_name)
                     entry = Pending(EXECUTE, name=portal_name)
                     verdict = self._take_resolved()
+                    if verdict is None and self.gate is not None:
+                        if portal_name.startswith(GUARD_PREFIX):
+                            verdict = Verdict(error=_reserved(portal_name))
+                    own_tx: bool | None = None  # guarded: in its own transaction, or a savepoint
+                    if verdict is None and p is not None and p.origin == "bind" and p.guard is not None:
+                        if self.pending:  # the transaction state is known once all before it is answered
+                            return self._drain_hold(buf, span_start, pos, out, BARRIER)
+                        verdict, own_tx = self._guard_mode(_max_rows)
                     if verdict is None and self.gate is not None and (p is None or p.origin != "bind"):
                         verdict = self.gate.execute(portal_name, p)
                     if verdict is not None and verdict.wait is not None:
@@ -501,21 +644,35 @@ class Relay:
                         elif entry.results is not None:
                             entry.portal = p
                     self._push(entry)
+                    if own_tx is not None and p is not None and p.guard is not None:
+                        return self._start_guard(buf, span_start, pos, end, out, entry, p.guard, False, own_tx)
                 elif t == _D:
                     self._unsynced = True
                     kind, name = m.parse_target(buf[ps:end])
+                    if self.gate is not None and (err := _reserved(name)) is not None:
+                        self._refuse_extended(out, buf, span_start, pos, err)
+                        span_start = end
+                        pos = end
+                        continue
                     self._push(Pending(DESCRIBE, target=kind, name=name,
                                        portal=self.names.portal(name) if kind == "P" else None,
                                        prep=self.names.statement(name) if kind == "S" else None))
                 elif t == _C:
                     self._unsynced = True
                     kind, name = m.parse_target(buf[ps:end])
+                    if self.gate is not None and (err := _reserved(name)) is not None:
+                        self._refuse_extended(out, buf, span_start, pos, err)
+                        span_start = end
+                        pos = end
+                        continue
                     drop: tuple[Change, ...] = ((DROP_STATEMENT if kind == "S" else DROP_PORTAL, name, None),)
                     self.names.stage(drop)  # dropping from the view early only refuses more
                     self._push(Pending(CLOSE, changes=drop))
                 elif t == _S:
                     self._unsynced = False
                     self._push(Pending(SYNC))
+                    if self._open_tx is not None:
+                        return self._settle_hold(buf, span_start, end, out)
                 elif t in (_H, _COPY_D, _COPY_C, _COPY_F):
                     pass
                 elif t == _X:
@@ -687,6 +844,12 @@ class Relay:
 
     # -- server -> client ------------------------------------------------------------------------
     def server_data(self, data: bytes) -> None:
+        if self._guard is not None:
+            self._guard_data(data)
+        else:
+            self._relay_server(data)
+
+    def _relay_server(self, data: bytes) -> None:
         if self._sneed:
             self._sparts.append(data)
             self._shave += len(data)
@@ -765,10 +928,19 @@ class Relay:
                         head.rows = 0
                         if self.observer is not None:
                             tag = bytes(buf[ps : end - 1]).decode() if t == _CC else ""
+                            if head.kind == EXECUTE and tag in _TXN_TAGS:
+                                self._unit_txn = _TXN_TAGS[tag]
+                                if self._open_tx is not None:
+                                    self._open_tx = _TXN_TAGS[tag]
                             self.observer.statement_done(head.context, tag, None)
                         self._command_done(head)
                 elif t == _Z:
+                    if pending and pending[0].settle and self._settle(pending[0], buf[ps : ps + 1]):
+                        out.append(buf[span_start:pos])  # held: the client gets the settled status
+                        span_start = pos = end
+                        continue
                     self.tx_status = buf[ps : ps + 1]
+                    self._unit_txn = None
                     self._rewriter = None
                     if pending:
                         head = self._pop()
@@ -822,15 +994,7 @@ class Relay:
                             else:
                                 self.observer.server_error(fields_err)
                     if head is not None and head.kind != QUERY:
-                        # extended protocol: the failed message changes only what its failure
-                        # changes, and the server skips the rest up to Sync (Query messages too)
-                        self.names.confirm(head.fail_changes)
-                        while pending and pending[0].kind != SYNC:
-                            self._pop()
-                        if not pending:
-                            # the client's Sync is not sent yet (held, or still to come): the
-                            # server ignores every message until it arrives, so they go nowhere
-                            self._skip_until_sync = True
+                        self._batch_failed(head)
                 elif t == _NOTICE and self.error_masker is not None:
                     fields_n = m.parse_fields(buf[ps:end])
                     head = pending[0] if pending else None
@@ -858,6 +1022,9 @@ class Relay:
                 self._sparts, self._shave, self._sneed = [rest], len(rest), need
             else:
                 self._sbuf = rest
+        if self._drain is not None and not pending:
+            drain, self._drain = self._drain, None
+            drain.release()
         if span_start == 0 and not out:
             if pos:
                 self.to_client(buf if pos == len(buf) else buf[:pos])
@@ -866,6 +1033,264 @@ class Relay:
         data_out = b"".join(out)
         if data_out:
             self.to_client(data_out)
+
+    def _batch_failed(self, head: Pending) -> None:
+        """An extended-protocol message failed: it changes only what its failure changes, and the
+        server skips the rest up to Sync (Query messages too)."""
+        pending = self.pending
+        self.names.confirm(head.fail_changes)
+        while pending and pending[0].kind != SYNC:
+            self._pop()
+        if not pending:
+            # the client's Sync is not sent yet (held, or still to come): the server ignores
+            # every message until it arrives, so they go nowhere
+            self._skip_until_sync = True
+
+    # -- guarded writes (AffectedGuard) ----------------------------------------------------------
+    def _drain_hold(self, buf: bytes, span_start: int, pos: int, out: list[bytes], result: Verdict) -> Awaitable[Verdict]:
+        """Hold the guarded message at `pos` until the server answered everything sent before it:
+        only then are the transaction state and an earlier failure in its batch known."""
+        self._drain = _Barrier(result)
+        if self._unsynced:  # an open batch is answered only at Sync or Flush
+            out.append(buf[span_start:pos])
+            out.append(_FLUSH)
+            span_start = pos
+        return self._hold(buf, span_start, pos, out, Verdict(wait=self._drain.wait()))
+
+    def _guard_mode(self, max_rows: int) -> tuple[Verdict | None, bool | None]:
+        """How a guarded Execute runs, now that everything before it is answered: (refusal,
+        None), or (None, True) in its own transaction, (None, False) in a savepoint, (None, None)
+        as it is (a failed transaction refuses it anyway)."""
+        if max_rows:
+            return Verdict(error=PolicyDenied(
+                "pgwarden runs this write only to completion: it counts the rows it changed before "
+                "the results are sent, so it cannot be executed a few rows at a time",
+                hint="Execute the portal with no row limit (0), as drivers do by default.",
+            )), None
+        state = self._unit_txn or self.tx_status
+        if state == b"?":
+            return Verdict(error=_TXN_UNKNOWN), None
+        return None, (True if state == b"I" else False if state == b"T" else None)
+
+    def _start_guard(self, buf: bytes, span_start: int, pos: int, end: int, out: list[bytes], entry: Pending,
+                     guard: AffectedGuard, simple: bool, own_tx: bool) -> Awaitable[Verdict]:
+        """Send the prelude and the guarded message at buf[pos:end]; hold the client until done."""
+        g = _GuardRun(guard, entry, simple, own_tx, _Barrier())
+        begin = "BEGIN" if own_tx else _SAVEPOINT
+        out.append(buf[span_start:pos])
+        if simple:
+            out += (_query(begin), buf[pos:end])
+        else:
+            out += (_injected(begin), buf[pos:end], _FLUSH)
+            g.replies = _GUARD_REPLIES
+        self._guard = g
+        return self._hold(buf, end, end, out, Verdict(wait=g.waiter.wait()))
+
+    def _guard_data(self, data: bytes) -> None:
+        """Server bytes while a guarded statement is in flight (never on the hot path)."""
+        if self._sneed:
+            self._sparts.append(data)
+            data = b"".join(self._sparts)
+            self._sparts, self._shave, self._sneed = [], 0, 0
+        buf = self._sbuf + data if self._sbuf else data
+        self._sbuf = b""
+        g = self._guard
+        assert g is not None
+        pos = 0
+        try:
+            for t, ps, end in m.frames(buf, 0, MAX_SERVER_MESSAGE):
+                pos = end
+                if t in _ASYNC:
+                    self.to_client(buf[ps - 5 : end])
+                elif self._guard_step(g, t, buf[ps - 5 : end]):
+                    self._guard = None
+                    self._guard_end(g)
+                    if end < len(buf):
+                        self._relay_server(buf[end:])
+                    return
+        except m.FrameError as e:
+            raise ProtocolViolation(f"invalid message from the server: {e}") from e
+        if pos < len(buf):
+            self._sbuf = buf[pos:]
+
+    def _guard_step(self, g: _GuardRun, t: int, frame: bytes) -> bool:
+        """One server message of a guarded statement; True when the guard is over."""
+        if t == _ER and m.parse_fields(frame[5:]).get("S") in ("FATAL", "PANIC"):
+            self.server_fatal = True  # the server is closing: the guard never ends, nor the session
+        if g.phase == _PRELUDE:
+            if g.simple:
+                g.broken = g.broken or t == _ER  # the statement then fails on its own (25P02)
+                if t == _Z:
+                    g.phase = _STATEMENT
+                return False
+            if t == _ER:  # the server skips the statement too, up to the client's Sync
+                g.error = frame
+                return True
+            if t in (_PC, _BC, _CC, _CLC):
+                g.replies -= 1
+                if not g.replies:
+                    g.phase = _STATEMENT
+            return False
+        if g.phase == _STATEMENT:
+            if t == _DR:
+                g.rows += 1
+                if g.guard is not None and g.rows > g.guard.limit:
+                    g.overflow = True  # refused whatever the tag says; not kept
+                    return False
+            elif t == _CC:
+                g.tag = bytes(frame[5:-1]).decode("utf-8", "replace")
+                if not g.simple:
+                    g.frames.append(frame)
+                    return self._guard_finish(g)
+            elif t == _ER:
+                g.error = frame
+                if not g.simple:
+                    if not g.own_tx:
+                        return True  # the client's transaction is failed, as without the guard
+                    # end the skipped batch and our failed transaction (never by a Query: it would
+                    # drop the client's unnamed statement); the client's Sync follows
+                    self.to_server(_SYNC + _injected("ROLLBACK") + _SYNC)
+                    g.phase, g.replies = _CLEANUP, 2
+                    return False
+            elif t == _Z:
+                if g.error is not None or g.broken:
+                    if not g.own_tx:
+                        g.final_z = frame
+                        return True
+                    self.to_server(_query("ROLLBACK"))
+                    g.phase = _FINISH
+                else:
+                    self._guard_finish(g)
+                return False
+            g.frames.append(frame)
+            return False
+        if g.phase == _FINISH:
+            if t == _ER:
+                if g.error is None:  # COMMIT failed (a deferred constraint): the client gets that error
+                    g.error, g.finish_failed = frame, True
+                if not g.simple:
+                    return True  # the server skips the rest up to the client's Sync
+            elif t == _Z:
+                g.final_z = frame
+                return True
+            elif not g.simple and t in (_PC, _BC, _CC, _CLC):
+                g.replies -= 1
+                return not g.replies
+            return False
+        # _CLEANUP: the answers to our own Syncs (and what ran between them)
+        if t == _ER and g.error is None:  # the COMMIT that settles a batch failed: the client gets that
+            g.error = frame
+        elif t == _Z:
+            g.replies -= 1
+            if not g.replies and g.guard is None:
+                g.final_z = frame  # settling: the client's Sync is answered with the settled status
+            return not g.replies
+        return False
+
+    def _guard_finish(self, g: _GuardRun) -> bool:
+        """The statement completed: decide from its tag, then commit or undo it. True: over now."""
+        g.refusal = self._guard_refusal(g)
+        if g.refusal is None and g.own_tx and not g.simple:
+            # an extended batch commits at Sync, all or nothing: the proxy's BEGIN stays open till then
+            self._open_tx, self._unit_txn = b"", b"T"
+            return True
+        if g.refusal is None:
+            cmds = ["COMMIT" if g.own_tx else _RELEASE]
+        elif g.own_tx or self._open_tx == b"":
+            # undone with everything before it in the batch, as an error would have done
+            cmds, self._open_tx = ["ROLLBACK"], None
+        else:
+            cmds = [_ROLLBACK_TO, _RELEASE]
+        g.phase = _FINISH
+        if g.simple:
+            self.to_server(_query("; ".join(cmds)))
+        else:
+            self.to_server(b"".join(_injected(c) for c in cmds) + _FLUSH)
+            g.replies = _GUARD_REPLIES * len(cmds)
+        return False
+
+    def _settle_hold(self, buf: bytes, span_start: int, end: int, out: list[bytes]) -> Awaitable[Verdict]:
+        """The client's Sync of a batch a guard left in the proxy's transaction: the Sync goes,
+        the client is held until that transaction is settled at its ReadyForQuery."""
+        self.pending[-1].settle = True
+        self._settle_waiter = _Barrier()
+        return self._hold(buf, span_start, end, out, Verdict(wait=self._settle_waiter.wait()))
+
+    def _settle(self, head: Pending, status: bytes) -> bool:
+        """ReadyForQuery of that Sync: commit the batch (or roll back a failed one) as its implicit
+        transaction would have been. True: the ReadyForQuery is held until the outcome."""
+        head.settle = False
+        taint, self._open_tx = self._open_tx, None
+        waiter, self._settle_waiter = self._settle_waiter, None
+        waiter = waiter or _Barrier()
+        if taint or status == b"I":  # the client's own BEGIN / COMMIT took the transaction over
+            waiter.release()
+            return False
+        if self._absorbing:
+            # a row-limit absorber is in flight behind this Sync: its answers would come first and
+            # could not be told from ours; the session ends and the server rolls the batch back
+            raise ProtocolViolation(
+                "pgwarden ended the session: a result of the batch passed maxRows while its guarded write "
+                "waited to be committed at Sync; nothing of the batch was committed",
+                hint="Reconnect; add LIMIT to the query that returned too many rows.",
+            )
+        # extended-protocol messages and a Sync: a Query would drop the client's unnamed statement
+        self.to_server(_injected("COMMIT" if status == b"T" else "ROLLBACK") + _SYNC)
+        self._guard = _GuardRun(None, head, False, True, waiter, phase=_CLEANUP, replies=1)
+        return True
+
+    def _guard_refusal(self, g: _GuardRun) -> bytes | None:
+        """The ErrorResponse that replaces the results of a write changing too many rows."""
+        guard, parts = g.guard, g.tag.split()
+        assert guard is not None
+        count = int(parts[-1]) if len(parts) >= 2 and parts[-1].isdigit() else None
+        head = g.head
+        if head.max_rows is not None and g.rows > head.max_rows:
+            return self._limit_error(head)
+        by = "approved by" if guard.source.startswith("request") else "allowed by"
+        if not parts or parts[0] not in _COUNTED or count is None:
+            return m.error_response_from(TooManyRowsAffected(
+                f"pgwarden could not count the rows this statement changed (its command tag was {g.tag!r}), "
+                f"and at most {guard.limit} are {by} {guard.source}; it was undone",
+                hint="Send the write as one INSERT, UPDATE, DELETE or MERGE statement.",
+            ))
+        if count <= guard.limit and not g.overflow:
+            return None
+        if guard.source.startswith("request"):
+            hint = ("Nothing was changed: the data changed since the request was reviewed. Run the statement "
+                    "again to file a new request that shows the current count.")
+        else:
+            hint = (f"Nothing was changed. Narrow the WHERE clause so it changes at most {guard.limit} rows, "
+                    "or make the change in smaller batches.")
+        return m.error_response_from(TooManyRowsAffected(
+            f"{parts[0]} changed {max(count, g.rows)} rows, more than the {guard.limit} {by} {guard.source}; "
+            "it was undone",
+            hint=hint,
+        ))
+
+    def _guard_end(self, g: _GuardRun) -> None:
+        """Give the client the outcome of a guarded statement, as one statement's answer, and
+        release it."""
+        head = g.head
+        if g.guard is None:  # the batch's transaction settled: its error (a failed COMMIT), the status
+            self._relay_server((g.error or b"") + g.final_z)
+        elif g.refusal is not None and g.error is None:
+            self.to_client(g.refusal)
+            if self.observer is not None:
+                fields = m.parse_fields(g.refusal[5:])
+                self.observer.statement_done(head.context, g.tag, fields, undone=True)
+            if g.simple:
+                self._relay_server(g.final_z)  # the Query is done: its names, the true status
+            else:  # as for a failed message: the rest of the batch goes nowhere
+                self._batch_failed(head)
+        elif g.finish_failed:  # COMMIT / RELEASE failed: only that error
+            self._relay_server((g.error or b"") + g.final_z)
+        else:  # the statement's own answer (rows and tag, or its own error), as the server sent it
+            self._relay_server(b"".join(g.frames) + (g.error or b"") + g.final_z)
+        if self._guard is not None:  # replaying settled a batch: that holds the client now
+            self._guard.waiter = g.waiter
+        else:
+            g.waiter.release()
 
     def _command_done(self, head: Pending) -> None:
         """CommandComplete / EmptyQueryResponse: an Execute ended, or one statement of a Query."""

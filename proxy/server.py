@@ -446,7 +446,9 @@ class ProxyServer:
         lv = self._live.get((pid, secret))
         if lv is None or lv.upstream is None:
             return  # as PostgreSQL does: no answer either way
-        if lv.held is not None:  # a statement waiting for approval or audit: withdraw it
+        # a statement waiting for approval or audit: withdraw it (a guarded write in flight is
+        # running on the server: cancel it there, and the guard undoes what it did)
+        if lv.held is not None and not (lv.relay is not None and lv.relay.guarding):
             lv.held.cancel()
             return
         await up.send_cancel(self.config, lv.upstream.pid, lv.upstream.secret)

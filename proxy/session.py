@@ -52,6 +52,7 @@ class PreparedEntry:
     results: Any = None  # the relay's ResultPolicy for its rows (protocol)
     context: Any = None  # the gate's StatementContext of the Parse
     max_rows: int | None = None
+    guard: Any = None  # the relay's AffectedGuard: a run changing more rows is undone
     reviewed: Any = None  # (decision, results): every Bind needs its own approval
     fields: list[Any] | None = None  # RowDescription from a Describe of the statement
     # what running it does to the registry (a Parse of "DECLARE c …"): staged at Execute
@@ -70,6 +71,7 @@ class PortalEntry:
     results: Any = None
     context: Any = None
     max_rows: int | None = None
+    guard: Any = None  # the relay's AffectedGuard of its statement or its approval
     formats: tuple[int, ...] = ()
     fields: list[Any] | None = None
     holdable: bool = False

@@ -220,11 +220,21 @@ def test_limits_max_denials_and_rate_parse_and_combine_to_the_strictest() -> Non
     assert Limits().combine(b).max_denials == DenialLimit(3, 600, 60)
 
 
+def test_limits_max_affected_rows_combine_to_the_smallest() -> None:
+    from pgwarden.policy.model import Limits
+
+    assert Limits(max_affected_rows=100).combine(Limits(max_affected_rows=7)).max_affected_rows == 7
+    assert Limits().combine(Limits(max_affected_rows=7)).max_affected_rows == 7
+    assert Limits(max_affected_rows=7).to_json()["maxAffectedRows"] == 7
+
+
 @pytest.mark.parametrize("limits, message", [
     ({"maxDenials": {"count": 0}}, "spec.limits.maxDenials.count"),
     ({"maxDenials": {"count": 3, "windw": "1m"}}, "windw"),
     ({"maxDenials": {"count": 3, "lockout": "0s"}}, "positive"),
     ({"maxStatementsPerMinute": 0}, "maxStatementsPerMinute"),
+    ({"maxAffectedRows": 0}, "spec.limits.maxAffectedRows: must be at least 1"),
+    ({"maxAffectedRows": "10"}, "spec.limits.maxAffectedRows: must be a int"),
 ])
 def test_limits_that_cannot_work_are_refused_with_the_field(limits: dict, message: str) -> None:
     import yaml

@@ -126,7 +126,8 @@ def test_deny_and_review_errors_name_the_rule_and_what_to_do():
 def test_decision_json_carries_limits_and_approval():
     d = agent().decide("DELETE FROM orders WHERE id = 1", SessionState())
     j = d.to_json()
-    assert j["limits"] == {"maxRows": 100, "statementTimeout": 30.0, "maxDenials": None, "maxStatementsPerMinute": None}
+    assert j["limits"] == {"maxRows": 100, "statementTimeout": 30.0, "maxDenials": None, "maxStatementsPerMinute": None,
+                           "maxAffectedRows": None}
     assert j["approval"]["reviewers"] == ["group:dba"] and j["approval"]["timeout"] == 600.0
     assert j["accesses"] == [{"operation": "delete", "object": "public.orders", "action": "review",
                               "rule": "shop/agents rule 4 (order-changes)"}]

@@ -176,8 +176,11 @@ def outcome(
     message: str = "",
     masked_values: int = 0,
     decision: str = "",
+    undone: bool = False,
 ) -> dict[str, Any]:
-    """What happened once forwarded (or refused): command tag, rows, SQLSTATE, duration."""
+    """What happened once forwarded (or refused): command tag, rows, SQLSTATE, duration.
+    `undone`: it ran and was rolled back by the proxy (more rows changed than allowed, PW005);
+    `tag` and `rows` are then what the server reported before the rollback."""
     rec: dict[str, Any] = {"time": now_iso(), "event": "statement.outcome", "session": info.session_id,
                            "stmt": stmt_id, "durationMs": round(duration_ms, 3)}
     if decision:
@@ -192,6 +195,8 @@ def outcome(
         rec["message"] = _clip(message, 2000)
     if masked_values:
         rec["maskedValues"] = masked_values
+    if undone:
+        rec["undone"] = True
     return rec
 
 

@@ -47,7 +47,7 @@ OPERATIONS: dict[str, str] = {
 _SPEC_KEYS = {"connectionRef", "subjects", "rules", "defaultAction", "mode", "limits", "approval",
               "allowedFunctions", "systemCatalogs", "description"}
 _RULE_KEYS = {"name", "action", "operations", "tables", "functions", "requireWhere", "description"}
-_LIMIT_KEYS = {"maxRows", "statementTimeout", "maxDenials", "maxStatementsPerMinute"}
+_LIMIT_KEYS = {"maxRows", "statementTimeout", "maxDenials", "maxStatementsPerMinute", "maxAffectedRows"}
 _DENIAL_KEYS = {"count", "window", "lockout"}
 _APPROVAL_KEYS = {"reviewers", "minApprovals", "timeout", "mode", "notifyUrl", "preview", "previewTimeout"}
 
@@ -98,16 +98,20 @@ class Limits:
     statement_timeout: float | None = None  # seconds
     max_denials: DenialLimit | None = None
     max_statements_per_minute: int | None = None
+    # an INSERT / UPDATE / DELETE / MERGE changing more rows than this is undone (PW005)
+    max_affected_rows: int | None = None
 
     def combine(self, other: Limits) -> Limits:
         denials = other.max_denials if self.max_denials is None else self.max_denials.combine(other.max_denials)
         return Limits(_min(self.max_rows, other.max_rows), _min(self.statement_timeout, other.statement_timeout),
-                      denials, _min(self.max_statements_per_minute, other.max_statements_per_minute))
+                      denials, _min(self.max_statements_per_minute, other.max_statements_per_minute),
+                      _min(self.max_affected_rows, other.max_affected_rows))
 
     def to_json(self) -> dict[str, Any]:
         return {"maxRows": self.max_rows, "statementTimeout": self.statement_timeout,
                 "maxDenials": self.max_denials.to_json() if self.max_denials else None,
-                "maxStatementsPerMinute": self.max_statements_per_minute}
+                "maxStatementsPerMinute": self.max_statements_per_minute,
+                "maxAffectedRows": self.max_affected_rows}
 
 
 @dataclass(frozen=True)
@@ -289,8 +293,11 @@ def _parse_limits(doc: Document, raw: Mapping[str, Any]) -> Limits:
     per_minute = get_field(doc, raw, "maxStatementsPerMinute", int, "spec.limits.maxStatementsPerMinute", None)
     if per_minute is not None and per_minute < 1:
         raise doc.error("spec.limits.maxStatementsPerMinute", "must be at least 1 (leave it out for no limit)")
+    affected = get_field(doc, raw, "maxAffectedRows", int, "spec.limits.maxAffectedRows", None)
+    if affected is not None and affected < 1:
+        raise doc.error("spec.limits.maxAffectedRows", "must be at least 1 (leave it out for no limit)")
     return Limits(max_rows=max_rows, statement_timeout=timeout, max_denials=denials,
-                  max_statements_per_minute=per_minute)
+                  max_statements_per_minute=per_minute, max_affected_rows=affected)
 
 
 def _parse_approval(doc: Document, raw: Mapping[str, Any]) -> ApprovalSettings:

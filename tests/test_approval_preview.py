@@ -756,3 +756,59 @@ def test_binary_parameters_from_asyncpg_are_previewed(previewing: Any, pg: Any) 
     assert cli(db, "approve", req["id"], "--as", "dba-alice").returncode == 0
     t.join(30)
     assert box.get("result") == "DELETE 3", box
+
+
+# -- the preview and the guard together ---------------------------------------------------------------
+def test_approved_but_grown_since_the_preview_is_undone_with_pw005(previewing: Any, pg: Any) -> None:
+    """The reviewer saw 2 rows; a third appears (written directly) before approval: the run is
+    refused with PW005 naming both counts and the request, and nothing is deleted."""
+    proxy, db, audit = previewing()
+    seed(pg, "grow-del", 2)
+    t, box = in_background(lambda: proxy.psql("-c", f"DELETE FROM {TABLE} WHERE batch = 'grow-del'"))
+    req = wait_pending(db)
+    assert req["preview"]["state"] == "measured" and req["preview"]["affectedRows"] == 2
+    seed(pg, "grow-del", 1)  # the data changed between review and run
+    assert cli(db, "approve", req["id"], "--as", "dba-alice").returncode == 0
+    t.join(30)
+    res = box["result"]
+    assert res.returncode != 0
+    assert "PW005" in res.stderr or "3 rows" in res.stderr, res.stderr
+    assert "3 rows" in res.stderr and "2 approved" in res.stderr and req["id"] in res.stderr, res.stderr
+    assert direct_count(pg, "grow-del") == 3  # undone: nothing was deleted
+    outcomes = [json.loads(x) for x in audit.read_text().splitlines() if '"statement.outcome"' in x]
+    assert any(o.get("sqlstate") == "PW005" and o.get("undone") for o in outcomes)
+
+
+def test_approved_inside_an_open_transaction_grown_rolls_back_to_a_savepoint(previewing: Any, pg: Any) -> None:
+    """Inside the agent's transaction the refused write is undone alone: the transaction goes on."""
+    import psycopg
+
+    proxy, db, _ = previewing()
+    seed(pg, "tx-del", 2)
+    conn = psycopg.connect(proxy.dsn())  # not autocommit: psycopg opens a transaction
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        box["before"] = conn.execute(f"SELECT count(*) FROM {TABLE} WHERE batch = 'tx-del'").fetchone()
+        try:
+            conn.execute(f"DELETE FROM {TABLE} WHERE batch = %s", ("tx-del",))
+        except psycopg.Error as e:
+            box["sqlstate"], box["message"] = e.sqlstate, str(e)
+        box["status"] = conn.info.transaction_status
+        box["after"] = conn.execute(f"SELECT count(*) FROM {TABLE} WHERE batch = 'tx-del'").fetchone()
+        conn.commit()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    req = wait_pending(db)
+    assert req["preview"]["affectedRows"] == 2
+    seed(pg, "tx-del", 1)
+    assert cli(db, "approve", req["id"], "--as", "dba-alice").returncode == 0
+    t.join(30)
+    conn.close()
+    assert box.get("sqlstate") == "PW005", box
+    assert "3 rows" in box["message"] and req["id"] in box["message"]
+    assert box["before"] == (2,)
+    # the transaction is still usable (not aborted), and the guarded DELETE left nothing behind in it
+    assert box["status"] == psycopg.pq.TransactionStatus.INTRANS and box["after"] == (3,)
+    assert direct_count(pg, "tx-del") == 3

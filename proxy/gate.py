@@ -12,9 +12,9 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgwarden.audit import records
 from pgwarden.errors import (
@@ -35,7 +35,21 @@ from pgwarden.proxy.circuit import CircuitBreaker
 from pgwarden.proxy.relay import GUARD_PREFIX, AffectedGuard, Verdict, stricter
 from pgwarden.proxy.session import PortalEntry, PreparedEntry, SessionNames
 from pgwarden.proxy.statements import rebinds, shown_sql, statement_changes
-from pgwarden.subjects import Workload
+from pgwarden.subjects import Identity, Workload
+
+if TYPE_CHECKING:  # the composition root's parts, built by hooks.py (imported there, not here)
+    from pgwarden.approvals.model import ApprovalBackend
+    from pgwarden.audit.config import AuditConfig, RecordingConfig
+    from pgwarden.audit.log import AuditLog
+    from pgwarden.audit.recording import SessionRecorder
+    from pgwarden.identity.authenticator import TokenAuthenticator
+    from pgwarden.identity.backoff import FailureBackoff
+    from pgwarden.identity.config import IdentityConfig
+    from pgwarden.masking.catalog import CatalogCache
+    from pgwarden.masking.ruleset import MaskingSet
+    from pgwarden.policy.policyset import PolicySet
+    from pgwarden.proxy.config import ProxyConfig
+    from pgwarden.proxy.sessioninfo import SessionInfo
 
 log = logging.getLogger("pgwarden.proxy.gate")
 
@@ -63,19 +77,19 @@ class Runtime:
 
     connection: str
     search_path: tuple[str, ...]
-    policies: Any = None  # pgwarden.policy.PolicySet; None: ProxyConfig.defaultAction decides
-    masking: Any = None  # pgwarden.masking.MaskingSet
-    catalog: Any = None  # pgwarden.proxy.catalog.CatalogCache
-    audit: Any = None  # pgwarden.audit.log.AuditLog
-    recorder_factory: Callable[[Any], Any] | None = None
-    approvals: Any = None  # pgwarden.approvals backend
-    token_auth: Any = None  # pgwarden.identity.authenticator.TokenAuthenticator
-    backoff: Any = None  # pgwarden.identity.backoff.FailureBackoff
+    policies: PolicySet | None = None  # None: ProxyConfig.defaultAction decides
+    masking: MaskingSet | None = None
+    catalog: CatalogCache | None = None  # set whenever masking is
+    audit: AuditLog | None = None
+    recorder_factory: Callable[[SessionInfo], SessionRecorder | None] | None = None
+    approvals: ApprovalBackend | None = None
+    token_auth: TokenAuthenticator | None = None
+    backoff: FailureBackoff | None = None
     workload: Workload = field(default_factory=Workload)
-    audit_config: Any = None
-    recording_config: Any = None
-    approvals_config: Any = None
-    identity_config: Any = None
+    audit_config: AuditConfig | None = None
+    recording_config: RecordingConfig | None = None
+    approvals_config: Mapping[str, Any] | None = None  # ProxyConfig spec.approvals, as written
+    identity_config: IdentityConfig | None = None
     # bumped by a hot reload: sessions re-resolve their policy and masking at the next statement
     generation: int = 0
     offload: AnalysisOffload | None = None  # analysis of long statements off the event loop
@@ -83,9 +97,9 @@ class Runtime:
     # background work (approval bookkeeping) that must finish before the audit log closes
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     # how to reach the database for approval previews (a connection of their own): the ProxyConfig
-    proxy_config: Any = None
+    proxy_config: ProxyConfig | None = None
 
-    def upstream_settings(self, identity: Any) -> dict[str, str]:
+    def upstream_settings(self, identity: Identity) -> dict[str, str]:
         """Session settings pinned at login: the policy's statement timeout for this caller."""
         if self.policies is None:
             return {}
@@ -201,6 +215,14 @@ class SessionGate:
         self.statements = 0
         self._formats: list[int] = []
 
+    @property
+    def catalog(self) -> CatalogCache:
+        """The relations masking plans against: hooks.py builds it whenever a MaskingRule applies."""
+        if self.rt.catalog is None:  # a wiring error: refuse rather than plan against nothing
+            raise PolicyDenied("pgwarden has masking rules but no catalog to plan them against",
+                               hint="Report this: the proxy's configuration was not loaded completely.")
+        return self.rt.catalog
+
     def attach(self, names: SessionNames) -> None:
         """The relay's registry of the server session's names: the one copy, read here."""
         self.names = names
@@ -213,7 +235,7 @@ class SessionGate:
         # None: no AccessPolicy for this connection and defaultAction allow (development)
         self.policy = rt.policies.for_identity(self.info.identity, rt.connection) if rt.policies is not None else None
         self.masking = rt.masking.for_identity(self.info.identity, rt.connection) if rt.masking is not None else None
-        detectors = getattr(self.masking, "detectors", None)
+        detectors = self.masking.detectors if self.masking is not None else None
         self._scrub = detectors.scrub if detectors else None
 
     def _sync_views(self) -> None:
@@ -293,7 +315,7 @@ class SessionGate:
         results = None
         if self.masking is not None:
             self._sync_views()
-            plan = self.masking.plan(f"FETCH FORWARD ALL FROM {_quote_ident(name)}", self.rt.catalog.current(),
+            plan = self.masking.plan(f"FETCH FORWARD ALL FROM {_quote_ident(name)}", self.catalog.current(),
                                      self.rt.search_path, session=self._scratch_session())
             if plan.error is not None:
                 return self._refuse(ctx, plan.error)
@@ -356,7 +378,7 @@ class SessionGate:
         results = None
         plan = None
         if self.masking is not None:
-            catalog = self.rt.catalog
+            catalog = self.catalog
             if catalog.stale:
                 refresh_catalog(catalog)
             if analysed is not None and analysed.plan is not None:
@@ -476,7 +498,7 @@ class SessionGate:
     def _notify_lockout(self, subject: str, until: str, refused: int, window: float) -> None:
         from pgwarden.approvals.model import mrkdwn_code
 
-        notifier = getattr(self.rt.approvals, "notifier", None)
+        notifier = self.rt.approvals.notifier if self.rt.approvals is not None else None
         if notifier is None or self.policy is None:
             return
         # the approval webhook of the policies that apply to this identity
@@ -533,10 +555,13 @@ class SessionGate:
     def _written(self, record: dict[str, Any], verdict: Verdict) -> Verdict:
         """`verdict` once `record` is written (durability: write, on this thread), else held
         until it is durable; PW004 (nothing forwarded) if it cannot be."""
-        if not self.rt.audit.inline:
+        audit = self.rt.audit
+        if audit is None:  # callers write records only when an audit log is configured
+            return verdict
+        if not audit.inline:
             return Verdict(wait=self._write(record, verdict), context=verdict.context)
         try:
-            self.rt.audit.write_now(record)
+            audit.write_now(record)
         except Exception as e:
             return _unwritten(e, verdict)
         return verdict
@@ -550,6 +575,8 @@ class SessionGate:
 
     async def _write(self, record: dict[str, Any], verdict: Verdict) -> Verdict:
         """`verdict` once `record` is durable; PW004 (nothing forwarded) if it cannot be."""
+        if self.rt.audit is None:
+            return verdict
         try:
             await self.rt.audit.write(record)
         except Exception as e:
@@ -593,7 +620,7 @@ class SessionGate:
 
     def _preview_plan(self, sql: str) -> Any:
         assert self.masking is not None
-        return self.masking.plan(sql, self.rt.catalog.current(), self.rt.search_path, session=self._scratch_session())
+        return self.masking.plan(sql, self.catalog.current(), self.rt.search_path, session=self._scratch_session())
 
     def _preview_masker(self, preview: Any) -> Any:
         """The preview's sample is masked as the agent would see the same rows (RETURNING them).
@@ -617,7 +644,7 @@ class SessionGate:
         if before_plan.error is not None:
             return before_plan.error.message
         before = before_plan.results[0]
-        catalog = self.rt.catalog.current()
+        catalog = self.catalog.current()
         masking = self.masking
 
         def update_masker(fields: Any) -> Any:
@@ -633,7 +660,7 @@ class SessionGate:
                 for i, f in enumerate(fields[start + half:], start + half):  # the server's word on a column
                     rel = catalog.by_oid.get(f.table_oid) if f.table_oid else None
                     col = rel.column_at(f.attnum) if rel is not None else None
-                    if actions[i] is None and col is not None:
+                    if actions[i] is None and rel is not None and col is not None:
                         actions[i] = masking.column_strategy(rel, col)
             rewriter = make_row_rewriter(actions, fields, masking, catalog)
             return rewriter.rewrite if rewriter is not None else None
@@ -647,7 +674,7 @@ class SessionGate:
         plan = self._preview_plan(sql)
         if plan.error is not None:  # no plan to mask by: keep the SQLSTATE only
             return {"C": fields.get("C", ""), "M": "the error text is withheld (masking could not plan the preview)"}
-        masked: dict[str, str] = self.masking.mask_error_fields(fields, plan, self.rt.catalog.current())
+        masked: dict[str, str] = self.masking.mask_error_fields(fields, plan, self.catalog.current())
         return masked
 
     @staticmethod
@@ -739,6 +766,8 @@ class SessionGate:
         return await self._durable(ctx, Verdict(error=self._count_refusal(err2), context=ctx), outcome.state)
 
     async def _executed(self, ctx: StatementContext, ticket: Any, tag: str) -> None:
+        if self.rt.approvals is None:
+            return
         try:
             await self.rt.approvals.executed(ticket, tag)
             await self._approval_event(ctx, "executed", reason=tag)
@@ -749,7 +778,7 @@ class SessionGate:
         """ErrorResponse / NoticeResponse text can print a masked value (a failed cast, a key conflict)."""
         if self.masking is None:
             return fields
-        masked: dict[str, str] = self.masking.mask_error_fields(fields, plan, self.rt.catalog.current())
+        masked: dict[str, str] = self.masking.mask_error_fields(fields, plan, self.catalog.current())
         return masked
 
     # -- Observer -------------------------------------------------------------------------------

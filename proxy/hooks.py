@@ -19,15 +19,15 @@ from pgwarden.proxy import messages as m
 from pgwarden.proxy.analysis_budget import AnalysisOffload
 from pgwarden.proxy.config import ProxyConfig
 from pgwarden.proxy.gate import Runtime, SessionGate
-from pgwarden.proxy.relay import Gate, Observer, Verdict
-from pgwarden.proxy.server import SessionHooks, SessionInfo
+from pgwarden.proxy.relay import ForwardingGate, Gate, Observer, Verdict
 from pgwarden.proxy.session import PortalEntry, PreparedEntry
+from pgwarden.proxy.sessioninfo import SessionHooks, SessionInfo
 from pgwarden.resources import Document, of_kind
 
 log = logging.getLogger("pgwarden.proxy")
 
 
-class DenyAll:
+class DenyAll(ForwardingGate):
     """No policy covers this connection: nothing runs, whichever message asks for it."""
 
     def __init__(self, connection: str) -> None:
@@ -168,9 +168,8 @@ async def open_catalog(rt: Runtime, config: ProxyConfig) -> None:
 async def close_runtime(rt: Runtime) -> None:
     if rt.tasks:
         await asyncio.wait(list(rt.tasks), timeout=10)
-    close = getattr(rt.approvals, "close", None)
-    if close is not None:
-        await close()
+    if rt.approvals is not None:
+        await rt.approvals.close()
     if rt.audit is not None:
         await rt.audit.close()
     if rt.token_auth is not None:

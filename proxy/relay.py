@@ -158,6 +158,44 @@ class Gate(Protocol):
         """An Execute of a portal that no protocol Bind made: a SQL cursor, or a name unknown."""
         ...
 
+    def attach(self, names: SessionNames) -> None:
+        """The session's registry of names, which the gate decides against (once, at the start)."""
+        ...
+
+    def mask_error(self, fields: dict[str, str], plan: Any) -> dict[str, str]:
+        """ErrorResponse / NoticeResponse fields as the client may see them (masked values out)."""
+        ...
+
+    def refuse_unread(self, head: bytes, size: int, err: AgentError) -> Verdict:
+        """The refusal of a text too large to read (only its first bytes are known), recorded."""
+        ...
+
+
+class ForwardingGate:
+    """A gate that decides nothing (every message is forwarded): the base of gates that decide
+    only some messages, so each member of the Gate protocol has a plain default."""
+
+    def query(self, sql: str) -> Verdict | None:
+        return None
+
+    def parse(self, name: str, sql: str) -> Verdict | None:
+        return None
+
+    def bind(self, bind: m.BindMsg, statement: PreparedEntry | None) -> Verdict | None:
+        return None
+
+    def execute(self, name: str, portal: PortalEntry | None) -> Verdict | None:
+        return None
+
+    def attach(self, names: SessionNames) -> None:
+        return None
+
+    def mask_error(self, fields: dict[str, str], plan: Any) -> dict[str, str]:
+        return fields
+
+    def refuse_unread(self, head: bytes, size: int, err: AgentError) -> Verdict:
+        return Verdict(error=err)
+
 
 class Observer(Protocol):
     """Outcome events, for audit and recording."""
@@ -174,6 +212,10 @@ class Observer(Protocol):
 
     def result_row(self, context: Any, payload: bytes) -> bool:
         """One DataRow payload as sent to the client; return False to stop receiving rows."""
+        ...
+
+    def session_end(self, reason: str) -> None:
+        """The session is over (the client, the server or the proxy ended it): close its records."""
         ...
 
 
@@ -359,9 +401,8 @@ class Relay:
         self._resolved: Verdict | None = None
         # every prepared statement, portal and cursor of the server session (see session.py)
         self.names = SessionNames()
-        attach = getattr(gate, "attach", None)
-        if attach is not None:
-            attach(self.names)
+        if gate is not None:
+            gate.attach(self.names)
         self._puts_in_flight = 0  # pending entries that make a name the server has not confirmed
         self._barrier: _Barrier | None = None  # released when _puts_in_flight drops to 0
         self._drain: _Barrier | None = None  # a guarded statement waits for every answer before it
@@ -381,7 +422,8 @@ class Relay:
         # masks values printed in ErrorResponse / NoticeResponse text (a failed cast shows its input)
         # called once when a result passes its row limit: the shell cancels the query upstream
         self.on_limit: Callable[[], None] | None = None
-        self.error_masker: Callable[[dict[str, str], Any], dict[str, str]] | None = getattr(gate, "mask_error", None)
+        self.error_masker: Callable[[dict[str, str], Any], dict[str, str]] | None = (
+            gate.mask_error if gate is not None else None)
 
     # -- state visible to the shell ----------------------------------------------------------
     @property
@@ -811,8 +853,7 @@ class Relay:
         """The refusal of a statement text above max_statement_bytes, decided before any parsing;
         the gate may record it (audit), given the text's first bytes."""
         err = statement_too_large(what, size, self.max_statement_bytes or 0)
-        refuse = getattr(self.gate, "refuse_unread", None)
-        return refuse(head, size, err) if refuse is not None else Verdict(error=err)
+        return self.gate.refuse_unread(head, size, err) if self.gate is not None else Verdict(error=err)
 
     def _end(self, buf: bytes, span_start: int, pos: int, out: list[bytes], error: AgentError) -> None:
         """A FATAL verdict (a lockout): what was decided before it is forwarded, then the session

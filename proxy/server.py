@@ -31,35 +31,15 @@ from pgwarden.proxy import messages as m
 from pgwarden.proxy import upstream as up
 from pgwarden.proxy.auth import TokenAuthenticator, authenticate, pod_identity
 from pgwarden.proxy.config import FORWARDED_STARTUP_PARAMS, ProxyConfig
-from pgwarden.proxy.relay import Gate, Observer, Relay, Verdict
+from pgwarden.proxy.relay import Relay, Verdict
 from pgwarden.proxy.reload import ReloadStatus
+from pgwarden.proxy.sessioninfo import SessionHooks, SessionInfo
 from pgwarden.proxy.wire import ConnectionClosed, Endpoint
-from pgwarden.subjects import Identity, Workload
+from pgwarden.subjects import Workload
 
 log = logging.getLogger("pgwarden.proxy")
 
 _session_ids = itertools.count(1)
-
-
-@dataclass
-class SessionInfo:
-    """What the gate and observers know about a session."""
-
-    id: str
-    identity: Identity
-    peer: str
-    application_name: str
-    started: float
-    params: dict[str, str]
-    # the same session as audit records name it
-    audit: records.SessionInfo
-    # the server's major version, from its login (pg_catalog's names differ between releases)
-    server_version: int = 0
-
-
-# Builds the per-session gate and observer (policy, masking, audit, recording); None = allow all.
-# The second argument writes to the client at any time (NoticeResponse while a statement waits).
-SessionHooks = Callable[[SessionInfo, Callable[[bytes], None]], tuple[Gate | None, Observer | None]]
 
 
 @dataclass
@@ -386,9 +366,8 @@ class ProxyServer:
         try:
             reason = await done
         finally:  # also when the proxy shuts down under this session: close its recording
-            end = getattr(observer, "session_end", None)
-            if end is not None:
-                end(done.result() if done.done() else "proxy shutdown")
+            if observer is not None:
+                observer.session_end(done.result() if done.done() else "proxy shutdown")
         if reason == "client" and relay.busy:
             # the client vanished mid-query: stop the work it left behind
             await up.send_cancel(self.config, upstream.pid, upstream.secret)

@@ -22,7 +22,7 @@ from rawpg import RawConn, error_fields, msg, query
 
 from pgwarden.proxy import messages as m
 from pgwarden.proxy.config import DEFAULT_MAX_STATEMENT_BYTES
-from pgwarden.proxy.relay import SENTINEL_SQL, Relay, Verdict
+from pgwarden.proxy.relay import SENTINEL_SQL, ForwardingGate, Relay, Verdict
 
 API = "pgwarden.dev/v1alpha1"
 POLICY = {
@@ -369,7 +369,7 @@ def test_largest_statement_does_not_stall_other_sessions(pg: Any, tmp_path: Path
 
 
 # -- 3. client messages gathered in many reads ---------------------------------------------------
-class _Gate:
+class _Gate(ForwardingGate):
     def __init__(self) -> None:
         self.seen: list[str] = []
 
@@ -379,9 +379,6 @@ class _Gate:
 
     def parse(self, name: str, sql: str) -> Verdict | None:
         self.seen.append(sql)
-        return None
-
-    def bind(self, bind: m.BindMsg) -> Verdict | None:
         return None
 
 

@@ -13,12 +13,12 @@ from rawpg import error_fields, msg
 
 from pgwarden.errors import PolicyDenied, ProtocolViolation
 from pgwarden.proxy import messages as m
-from pgwarden.proxy.relay import BARRIER, SENTINEL_SQL, Relay, Verdict
+from pgwarden.proxy.relay import BARRIER, SENTINEL_SQL, ForwardingGate, Relay, Verdict
 
 MARKER = "forbidden_table"
 
 
-class MarkerGate:
+class MarkerGate(ForwardingGate):
     def __init__(self) -> None:
         self.seen: list[str] = []
 

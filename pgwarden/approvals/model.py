@@ -156,12 +156,22 @@ class Outcome:
     reason: str = ""
 
 
+class TextNotifier(Protocol):
+    """Posts a line of text to a webhook (approvals/notify.py `Notifier`)."""
+
+    def notify_text(self, url: str, text: str) -> Any: ...
+
+
 class ApprovalBackend(Protocol):
     """Where requests live and where decisions come from. Both backends enforce the same rules.
 
     The gate calls `create` then `wait` (mode wait) or `consume` then `create` (mode defer);
     `withdraw` on a client cancel; `executed` after the statement ran (the audit of its tag).
+    `notifier`: the webhook the backend posts new requests to (the proxy posts lockouts there too).
     """
+
+    @property
+    def notifier(self) -> TextNotifier | None: ...
 
     async def create(self, spec: ApprovalSpec) -> Ticket: ...
 

@@ -19,7 +19,7 @@ import time
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 from pgwarden.subjects import Identity, SubjectRef
 
@@ -27,8 +27,12 @@ Mode = Literal["wait", "defer"]
 State = Literal["approved", "denied", "expired"]
 
 # Request states of the local queue (the Kubernetes phases are these, capitalised).
-PENDING, APPROVED, DENIED, EXPIRED, EXECUTED, WITHDRAWN = (
-    "pending", "approved", "denied", "expired", "executed", "withdrawn")
+PENDING: Final = "pending"
+APPROVED: Final = "approved"
+DENIED: Final = "denied"
+EXPIRED: Final = "expired"
+EXECUTED: Final = "executed"
+WITHDRAWN: Final = "withdrawn"
 FINAL_STATES = (DENIED, EXPIRED, EXECUTED, WITHDRAWN)
 
 PreviewState = Literal["measured", "unavailable", "timeout", "failed"]
@@ -107,7 +111,7 @@ class ApprovalSpec:
     reviewers: tuple[SubjectRef, ...]
     min_approvals: int
     timeout: float
-    mode: str  # Mode: "wait" | "defer"
+    mode: Mode
     # "namespace/name" of the AccessPolicy that asked for review; derived from `rule` when empty
     policy: str = ""
     # Slack-compatible webhook called when the request is created (AccessPolicy approval.notifyUrl)
@@ -151,7 +155,7 @@ class Ticket:
 
 @dataclass(frozen=True)
 class Outcome:
-    state: str  # State: "approved" | "denied" | "expired"
+    state: State
     decided_by: str = ""
     reason: str = ""
 

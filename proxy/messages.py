@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from pgwarden.errors import AgentError
 from pgwarden.pgwire import Field as Field  # re-exported: the relay reads results through this codec
@@ -33,18 +34,45 @@ HEADER = struct.Struct("!cI")
 _unpack_len = U32.unpack_from
 
 # Frontend (client -> server) message types
-F_QUERY, F_PARSE, F_BIND, F_DESCRIBE, F_EXECUTE = b"Q", b"P", b"B", b"D", b"E"
-F_CLOSE, F_SYNC, F_FLUSH, F_TERMINATE, F_FUNCTION_CALL = b"C", b"S", b"H", b"X", b"F"
-F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL, F_PASSWORD = b"d", b"c", b"f", b"p"
+F_QUERY: Final[bytes] = b"Q"
+F_PARSE: Final[bytes] = b"P"
+F_BIND: Final[bytes] = b"B"
+F_DESCRIBE: Final[bytes] = b"D"
+F_EXECUTE: Final[bytes] = b"E"
+F_CLOSE: Final[bytes] = b"C"
+F_SYNC: Final[bytes] = b"S"
+F_FLUSH: Final[bytes] = b"H"
+F_TERMINATE: Final[bytes] = b"X"
+F_FUNCTION_CALL: Final[bytes] = b"F"
+F_COPY_DATA: Final[bytes] = b"d"
+F_COPY_DONE: Final[bytes] = b"c"
+F_COPY_FAIL: Final[bytes] = b"f"
+F_PASSWORD: Final[bytes] = b"p"
 FRONTEND_TYPES = frozenset(b"QPBDECSHXFdcfp")
 
 # Backend (server -> client) message types
-B_AUTH, B_KEY_DATA, B_PARAM_STATUS, B_READY = b"R", b"K", b"S", b"Z"
-B_ROW_DESCRIPTION, B_DATA_ROW, B_COMMAND_COMPLETE, B_EMPTY_QUERY = b"T", b"D", b"C", b"I"
-B_ERROR, B_NOTICE, B_NOTIFICATION = b"E", b"N", b"A"
-B_PARSE_COMPLETE, B_BIND_COMPLETE, B_CLOSE_COMPLETE = b"1", b"2", b"3"
-B_PARAM_DESCRIPTION, B_NO_DATA, B_PORTAL_SUSPENDED = b"t", b"n", b"s"
-B_COPY_IN, B_COPY_OUT, B_COPY_BOTH, B_COPY_DATA, B_COPY_DONE = b"G", b"H", b"W", b"d", b"c"
+B_AUTH: Final[bytes] = b"R"
+B_KEY_DATA: Final[bytes] = b"K"
+B_PARAM_STATUS: Final[bytes] = b"S"
+B_READY: Final[bytes] = b"Z"
+B_ROW_DESCRIPTION: Final[bytes] = b"T"
+B_DATA_ROW: Final[bytes] = b"D"
+B_COMMAND_COMPLETE: Final[bytes] = b"C"
+B_EMPTY_QUERY: Final[bytes] = b"I"
+B_ERROR: Final[bytes] = b"E"
+B_NOTICE: Final[bytes] = b"N"
+B_NOTIFICATION: Final[bytes] = b"A"
+B_PARSE_COMPLETE: Final[bytes] = b"1"
+B_BIND_COMPLETE: Final[bytes] = b"2"
+B_CLOSE_COMPLETE: Final[bytes] = b"3"
+B_PARAM_DESCRIPTION: Final[bytes] = b"t"
+B_NO_DATA: Final[bytes] = b"n"
+B_PORTAL_SUSPENDED: Final[bytes] = b"s"
+B_COPY_IN: Final[bytes] = b"G"
+B_COPY_OUT: Final[bytes] = b"H"
+B_COPY_BOTH: Final[bytes] = b"W"
+B_COPY_DATA: Final[bytes] = b"d"
+B_COPY_DONE: Final[bytes] = b"c"
 B_NEGOTIATE_VERSION = b"v"
 
 AUTH_OK, AUTH_CLEARTEXT, AUTH_MD5 = 0, 3, 5

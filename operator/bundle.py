@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from pgwarden.connection import DatabaseConnection
+from pgwarden.k8s.names import ANNOTATION_BUNDLE_DIGEST, API_VERSION
 from pgwarden.operator.credentials import managed_labels, owner_reference
 from pgwarden.operator.injection import (
     AUDIT_FILE,
@@ -36,9 +37,9 @@ from pgwarden.operator.injection import (
     recordings_budget,
 )
 from pgwarden.operator.settings import InjectionSettings
-from pgwarden.resources import API_VERSION, Document, ResourceError, document_from_object
+from pgwarden.operator.status import BundleReason
+from pgwarden.resources import Document, ResourceError, document_from_object
 
-ANNOTATION_DIGEST = "pgwarden.dev/bundle-digest"
 DIGEST_KEY = "digest"
 
 
@@ -62,7 +63,7 @@ class BundleResult:
     digest: str | None
     reports: dict[tuple[str, str], ObjectReport]
     problem: str = ""  # why no bundle was produced (or published)
-    reason: str = "InvalidObjects"  # the BundleReady condition's reason when there is a problem
+    reason: BundleReason = "InvalidObjects"  # the BundleReady condition's reason when there is a problem
     published: bool = True  # False: valid, but not written (the ConfigMap is not ours)
 
 
@@ -291,7 +292,7 @@ def bundle_configmap(conn: DatabaseConnection, result: BundleResult, owner: Mapp
         "name": bundle_configmap_name(conn.name),
         "namespace": conn.namespace,
         "labels": managed_labels(conn.name),
-        "annotations": {ANNOTATION_DIGEST: result.digest or ""},
+        "annotations": {ANNOTATION_BUNDLE_DIGEST: result.digest or ""},
     }
     refs = owner_reference(owner)
     if refs:

@@ -21,14 +21,15 @@ import pg8000.native
 from pgwarden.connection import DatabaseConnection
 from pgwarden.operator import roles_sql
 from pgwarden.operator.rotation import LoginRole, RotationPlan, RotationSpec, RotationState, plan_rotation
+from pgwarden.operator.status import DatabaseReason
 
 
 class DatabaseProblem(Exception):
     """The database could not be reached or refused the admin; the message says what to do."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: DatabaseReason, message: str) -> None:
         super().__init__(message)
-        self.reason = reason  # a condition reason, e.g. Unreachable, AuthenticationFailed
+        self.reason: DatabaseReason = reason  # the reason of the CredentialsReady/Reachable conditions
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,12 @@ from urllib.parse import quote, urlencode
 
 import aiohttp
 
+from pgwarden.k8s.names import API_VERSION
+
 IN_CLUSTER_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
-PGW = "pgwarden.dev/v1alpha1"
+PGW = API_VERSION  # tests build paths with it
 
 
 class ApiError(Exception):

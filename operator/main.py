@@ -16,28 +16,29 @@ from typing import Any
 
 import kopf
 
-from pgwarden.operator import approval_gateway, injection
+from pgwarden.k8s import names
+from pgwarden.operator import approval_gateway
 from pgwarden.operator.handlers import admission, approvals, connection, policies, workloads
 from pgwarden.operator.kube import Kube, load_api_config
 from pgwarden.operator.runtime import Runtime
 from pgwarden.operator.settings import OperatorSettings
 from pgwarden.operator.webhook_server import WebhookServer
 
-PGW = "pgwarden.dev"
-CONNECTIONS = (PGW, "v1alpha1", "databaseconnections")
-POLICIES = (PGW, "v1alpha1", "accesspolicies")
-MASKING = (PGW, "v1alpha1", "maskingrules")
+CONNECTIONS = (names.GROUP, names.VERSION, names.DATABASE_CONNECTIONS)
+POLICIES = (names.GROUP, names.VERSION, names.ACCESS_POLICIES)
+MASKING = (names.GROUP, names.VERSION, names.MASKING_RULES)
 WORKLOADS = (("apps", "v1", "deployments"), ("apps", "v1", "statefulsets"), ("apps", "v1", "daemonsets"),
              ("batch", "v1", "cronjobs"), ("batch", "v1", "jobs"))
-INJECT_PRESENT = {injection.ANNOTATION_INJECT: kopf.PRESENT}
+INJECT_PRESENT = {names.ANNOTATION_INJECT: kopf.PRESENT}
 
 
 def configure_kopf(settings: kopf.OperatorSettings, ours: OperatorSettings) -> None:
     """kopf's own settings, derived from ours."""
     # keep kopf's bookkeeping in annotations: a structural CRD status would prune status.kopf
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PGW)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=PGW, key="last-handled-configuration")
-    settings.persistence.finalizer = f"{PGW}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.KOPF_ANNOTATIONS_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=names.KOPF_ANNOTATIONS_PREFIX,
+                                                                            key="last-handled-configuration")
+    settings.persistence.finalizer = names.FINALIZER
     settings.posting.level = logging.INFO
     if ours.peering_name:
         settings.peering.name = ours.peering_name

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pgwarden.k8s import names
 from pgwarden.operator import kube
 from pgwarden.operator.kube import Kube
 from pgwarden.operator.settings import OperatorSettings
@@ -39,7 +40,7 @@ class Runtime:
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         return self.locks[(namespace, name)]
 
-    async def read(self, plural: str, namespace: str, name: str, fresh: bool = False) -> dict[str, Any] | None:
+    async def read(self, plural: names.Plural, namespace: str, name: str, fresh: bool = False) -> dict[str, Any] | None:
         """A pgwarden object read from the API (None: it does not exist), reused for
         `settings.lookup_cache_seconds`, so a burst of pod creations costs one GET; `fresh`
         skips the reuse. API errors propagate: the caller refuses rather than guesses."""
@@ -48,7 +49,7 @@ class Runtime:
         hit = self._reads.get(key)
         if hit is not None and hit[0] > now and not fresh:
             return hit[1]
-        obj = await self.kube.get(kube.path(kube.PGW, plural, namespace, name))
+        obj = await self.kube.get(kube.path(names.API_VERSION, plural, namespace, name))
         if len(self._reads) > 1024:  # short-lived entries; keep the dict from growing without bound
             self._reads = {k: v for k, v in self._reads.items() if v[0] > now}
         self._reads[key] = (now + self.settings.lookup_cache_seconds, obj)

@@ -15,6 +15,7 @@ from typing import Any
 
 import kopf
 
+from pgwarden.k8s import names
 from pgwarden.operator import injection
 from pgwarden.operator.runtime import Runtime
 
@@ -35,7 +36,7 @@ async def connection_secret(runtime: Runtime, namespace: str, connection: str) -
     if secret is not None:
         return secret
     try:
-        obj = await runtime.read("databaseconnections", namespace, connection)
+        obj = await runtime.read(names.DATABASE_CONNECTIONS, namespace, connection)
     except Exception as e:  # API down or forbidden: say so, do not guess
         raise kopf.AdmissionError(
             f"pgwarden cannot look up DatabaseConnection {namespace}/{connection}: {e}; try again", code=503) from e
@@ -47,7 +48,7 @@ async def target_for(runtime: Runtime, namespace: str, connection: str) -> injec
     secret = await connection_secret(runtime, namespace, connection)
     if secret is None:
         raise kopf.AdmissionError(
-            f"pod annotation {injection.ANNOTATION_INJECT}={connection}: there is no DatabaseConnection {connection!r} "
+            f"pod annotation {names.ANNOTATION_INJECT}={connection}: there is no DatabaseConnection {connection!r} "
             f"in namespace {namespace}; create it there or fix the annotation", code=400)
     return injection.InjectionTarget.for_connection(connection, secret)
 

@@ -24,12 +24,13 @@ from typing import Any
 
 import kopf
 
+from pgwarden.k8s import names
 from pgwarden.operator import approvals, kube
 from pgwarden.operator.runtime import Runtime
 from pgwarden.resources import parse_duration
 
-APPROVAL_REQUESTS = ("pgwarden.dev", "v1alpha1", "approvalrequests")
-POLICIES = ("pgwarden.dev", "v1alpha1", "accesspolicies")
+APPROVAL_REQUESTS = (names.GROUP, names.VERSION, names.APPROVAL_REQUESTS)
+POLICIES = (names.GROUP, names.VERSION, names.ACCESS_POLICIES)
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ async def review_policy(runtime: Runtime, obj: Mapping[str, Any] | None) -> appr
     if key is None:
         return None
     try:
-        raw = await runtime.read("accesspolicies", *key, fresh=True)
+        raw = await runtime.read(names.ACCESS_POLICIES, *key, fresh=True)
     except Exception as e:  # API down or forbidden: refuse (failurePolicy Fail), never guess
         raise kopf.AdmissionError(f"pgwarden cannot look up AccessPolicy {key[0]}/{key[1]}: {e}; try again",
                                   code=503) from e
@@ -108,11 +109,11 @@ async def reconcile(body: Mapping[str, Any], runtime: Runtime, settings: Approva
         return
     executed_at = None
     if (body.get("status") or {}).get("phase") == "Approved":
-        ev = await runtime.kube.get(kube.path("v1", "events", ns, name + approvals.EXECUTED_EVENT_SUFFIX))
+        ev = await runtime.kube.get(kube.path("v1", "events", ns, name + names.EXECUTED_EVENT_SUFFIX))
         if ev is not None:
             executed_at = ev.get("firstTimestamp") or ev.get("eventTime") or approvals.iso(runtime.clock())
     change = approvals.next_status(dict(body), runtime.clock(), executed_at=executed_at, retention=settings.retention)
-    path = kube.path(kube.PGW, "approvalrequests", ns, name)
+    path = kube.path(names.API_VERSION, names.APPROVAL_REQUESTS, ns, name)
     if change.status:
         await runtime.kube.patch(path + "/status", {"status": dict(change.status)})
     for type_, reason, message in change.events:
@@ -131,7 +132,7 @@ async def sweep(runtime: Runtime, settings: ApprovalSettings, logger: logging.Lo
         await asyncio.sleep(settings.check_interval)
         for ns in namespaces:
             try:
-                for obj in await runtime.kube.list(kube.path(kube.PGW, "approvalrequests", ns)):
+                for obj in await runtime.kube.list(kube.path(names.API_VERSION, names.APPROVAL_REQUESTS, ns)):
                     await reconcile(obj, runtime, settings, logger)
             except Exception as e:  # a failed sweep is retried at the next interval
                 logger.warning(f"approval sweep failed ({type(e).__name__}: {e}); retrying in {settings.check_interval:g}s")

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import kopf
 
 from pgwarden.connection import DatabaseConnection, parse_connection
+from pgwarden.k8s.names import ANNOTATION_SKIP_ROLE_CLEANUP
 from pgwarden.operator import bundle as bundle_mod
 from pgwarden.operator import credentials, database, kube, status
 from pgwarden.operator.handlers.policies import rebuild_bundle
@@ -22,7 +23,6 @@ from pgwarden.operator.rotation import Action, RotationSpec
 from pgwarden.operator.runtime import Runtime
 from pgwarden.resources import ResourceError, document_from_object
 
-ANNOTATION_SKIP_CLEANUP = "pgwarden.dev/skip-role-cleanup"
 API_TIMEOUT = 30.0  # seconds for one API call made while the rotation lock is held
 T = TypeVar("T")
 
@@ -170,13 +170,13 @@ async def delete(body: Mapping[str, Any], runtime: Runtime, logger: logging.Logg
         return  # never had roles we could have created
     annotations = (body.get("metadata") or {}).get("annotations") or {}
     async with runtime.lock(conn.namespace, conn.name):
-        if annotations.get(ANNOTATION_SKIP_CLEANUP, "").lower() != "true":
+        if annotations.get(ANNOTATION_SKIP_ROLE_CLEANUP, "").lower() != "true":
             try:
                 admin = await read_admin(conn, runtime)
                 dropped = await asyncio.to_thread(database.drop_roles, conn, admin, timeout=runtime.settings.connect_timeout)
             except database.DatabaseProblem as e:
                 msg = (f"{e} — the login roles could not be dropped; fix it, or annotate the DatabaseConnection "
-                       f"{ANNOTATION_SKIP_CLEANUP}=true to delete it and leave the roles behind")
+                       f"{ANNOTATION_SKIP_ROLE_CLEANUP}=true to delete it and leave the roles behind")
                 kopf.warn(dict(body), reason=e.reason, message=msg)
                 raise kopf.TemporaryError(msg, delay=runtime.settings.rotation.retry_delay) from e
             logger.info(f"dropped login roles: {', '.join(dropped) or 'none existed'}")

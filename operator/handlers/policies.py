@@ -14,12 +14,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from pgwarden.connection import DatabaseConnection, parse_connection
+from pgwarden.k8s import names
 from pgwarden.operator import bundle as bundle_mod
 from pgwarden.operator import credentials, database, kube, status
 from pgwarden.operator.runtime import Runtime
 from pgwarden.resources import ResourceError, document_from_object
 
-PLURALS = {"AccessPolicy": "accesspolicies", "MaskingRule": "maskingrules"}
+PLURALS: dict[str, names.Plural] = {"AccessPolicy": names.ACCESS_POLICIES, "MaskingRule": names.MASKING_RULES}
 
 
 async def rebuild_bundle(
@@ -29,8 +30,8 @@ async def rebuild_bundle(
 ) -> bundle_mod.BundleResult | None:
     """Recompile and publish the bundle of one connection; None when the connection does not exist."""
     k = runtime.kube
-    body = connection_body or await k.get(kube.path(kube.PGW, "databaseconnections", namespace, connection))
-    objects = [o for plural in PLURALS.values() for o in await k.list(kube.path(kube.PGW, plural, namespace))]
+    body = connection_body or await k.get(kube.path(names.API_VERSION, names.DATABASE_CONNECTIONS, namespace, connection))
+    objects = [o for plural in PLURALS.values() for o in await k.list(kube.path(names.API_VERSION, plural, namespace))]
     objects = [o for o in objects if bundle_mod.connection_of(o) == connection
                and (o.get("kind"), (o.get("metadata") or {}).get("name")) != exclude
                and not (o.get("metadata") or {}).get("deletionTimestamp")]
@@ -98,7 +99,7 @@ async def _catalog(conn: DatabaseConnection, runtime: Runtime, admin: database.A
 async def _patch_status(runtime: Runtime, obj: Mapping[str, Any], body: dict[str, Any]) -> None:
     meta = obj.get("metadata") or {}
     plural = PLURALS[str(obj.get("kind"))]
-    url = kube.path(kube.PGW, plural, meta.get("namespace"), meta.get("name"), "status")
+    url = kube.path(names.API_VERSION, plural, meta.get("namespace"), meta.get("name"), "status")
     await runtime.kube.patch(url, {"status": body})
 
 

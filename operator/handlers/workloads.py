@@ -13,6 +13,7 @@ from typing import Any
 
 import kopf
 
+from pgwarden.k8s import names
 from pgwarden.operator import injection, kube
 from pgwarden.operator.runtime import Runtime
 
@@ -33,4 +34,4 @@ async def carry(body: Mapping[str, Any], runtime: Runtime, logger: logging.Logge
         return
     api, plural = APIS[kind]
     await runtime.kube.patch(kube.path(api, plural, meta.get("namespace"), meta.get("name")), patch)
-    logger.info(f"carried {injection.ANNOTATION_INJECT} into the pod template of {kind} {meta.get('name')}")
+    logger.info(f"carried {names.ANNOTATION_INJECT} into the pod template of {kind} {meta.get('name')}")

@@ -44,16 +44,25 @@ from pgwarden.approvals.model import (
     parse_iso,
 )
 from pgwarden.approvals.notify import Notifier
+from pgwarden.k8s.names import (
+    ANNOTATION_DECIDED_BY,
+    API_VERSION,
+    APPROVAL_REQUESTS,
+    EXECUTED_EVENT_SUFFIX,
+    GROUP,
+    LABEL_CONNECTION,
+    LABEL_MANAGED_BY,
+    LABEL_STATEMENT_HASH,
+    MANAGED_BY_PROXY,
+    VERSION,
+    Kind,
+)
 
 log = logging.getLogger("pgwarden.approvals.kubernetes")
 
-GROUP, VERSION, PLURAL, KIND = "pgwarden.dev", "v1alpha1", "approvalrequests", "ApprovalRequest"
-API_VERSION = f"{GROUP}/{VERSION}"
+PLURAL = APPROVAL_REQUESTS
+KIND: Kind = "ApprovalRequest"
 IN_CLUSTER_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-LABEL_HASH = "pgwarden.dev/statement-hash"
-LABEL_CONNECTION = "pgwarden.dev/connection"
-EXECUTED_SUFFIX = ".executed"
-DECIDED_BY = "pgwarden.dev/decided-by"  # stamped by the operator's webhook from userInfo
 
 
 class KubeError(Exception):
@@ -208,9 +217,9 @@ def build_request(spec: ApprovalSpec, name: str, namespace: str, now: float) -> 
             "name": name,
             "namespace": namespace,
             "labels": {
-                "app.kubernetes.io/managed-by": "pgwarden-proxy",
+                LABEL_MANAGED_BY: MANAGED_BY_PROXY,
                 LABEL_CONNECTION: spec.connection,
-                LABEL_HASH: spec.hash[:63],
+                LABEL_STATEMENT_HASH: spec.hash[:63],
             },
         },
         "spec": spec_out,
@@ -250,7 +259,7 @@ def outcome_of(obj: Mapping[str, Any]) -> Outcome | None:
     decided_by = by.get("username", "") if isinstance(by, Mapping) else str(by)
     if not decided_by:  # a denial can be read before the operator wrote status: the webhook's stamp
         try:
-            stamp = json.loads(((obj.get("metadata") or {}).get("annotations") or {}).get(DECIDED_BY) or "{}")
+            stamp = json.loads(((obj.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_DECIDED_BY) or "{}")
             decided_by = str(stamp.get("username", "")) if isinstance(stamp, dict) else ""
         except ValueError:
             decided_by = ""
@@ -378,7 +387,7 @@ class KubernetesApprovals:
     async def _claim(self, obj: Mapping[str, Any], message: str) -> bool:
         """Atomically mark an approval as used: only one creator of `<name>.executed` wins."""
         name = (obj.get("metadata") or {}).get("name", "")
-        event = build_event(obj, name + EXECUTED_SUFFIX, "Executed", message, self.reporter, self.clock())
+        event = build_event(obj, name + EXECUTED_EVENT_SUFFIX, "Executed", message, self.reporter, self.clock())
         try:
             await self.client.request("POST", events_path(self.namespace), event)
         except KubeError as e:
@@ -401,7 +410,7 @@ class KubernetesApprovals:
             self._objects.pop(ticket.name, None)
 
     async def consume(self, spec: ApprovalSpec) -> Ticket | None:
-        data = await self.client.request("GET", self._path(), params={"labelSelector": f"{LABEL_HASH}={spec.hash[:63]}"})
+        data = await self.client.request("GET", self._path(), params={"labelSelector": f"{LABEL_STATEMENT_HASH}={spec.hash[:63]}"})
         now = self.clock()
         for obj in (data or {}).get("items") or []:
             s = obj.get("spec") or {}

@@ -37,9 +37,9 @@ from aiohttp import web
 
 from pgwarden.identity.tokenreview import REVIEW_PATH, identity_from_review
 from pgwarden.identity.tokens import TokenRejected
+from pgwarden.k8s import client as kube
 from pgwarden.k8s import names
 from pgwarden.k8s.names import EXECUTED_EVENT_SUFFIX
-from pgwarden.operator import kube
 from pgwarden.operator.approvals import MANAGED_ANNOTATIONS
 from pgwarden.operator.runtime import Runtime
 from pgwarden.operator.webhook_server import self_signed

@@ -17,9 +17,9 @@ from typing import Any
 import kopf
 
 from pgwarden.k8s import names
+from pgwarden.k8s.client import Kube, load_api_config
 from pgwarden.operator import approval_gateway
 from pgwarden.operator.handlers import admission, approvals, connection, policies, workloads
-from pgwarden.operator.kube import Kube, load_api_config
 from pgwarden.operator.runtime import Runtime
 from pgwarden.operator.settings import OperatorSettings
 from pgwarden.operator.webhook_server import WebhookServer
@@ -67,11 +67,7 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     @kopf.on.login(registry=registry)
     def _login(**_: Any) -> kopf.ConnectionInfo:
         c = runtime.kube.config
-        token = c.token
-        if c.token_file:
-            with open(c.token_file) as f:
-                token = f.read().strip()
-        return kopf.ConnectionInfo(server=c.server, token=token, ca_path=c.ca_file, certificate_path=c.cert_file,
+        return kopf.ConnectionInfo(server=c.server, token=c.bearer_token(), ca_path=c.ca_file, certificate_path=c.cert_file,
                                    private_key_path=c.key_file, insecure=c.insecure,
                                    default_namespace=c.default_namespace)
 

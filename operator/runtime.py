@@ -9,9 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pgwarden.k8s import client as kube
 from pgwarden.k8s import names
-from pgwarden.operator import kube
-from pgwarden.operator.kube import Kube
+from pgwarden.k8s.client import Kube
 from pgwarden.operator.settings import OperatorSettings
 
 

@@ -24,8 +24,9 @@ from typing import Any
 
 import kopf
 
+from pgwarden.k8s import client as kube
 from pgwarden.k8s import names
-from pgwarden.operator import approvals, kube
+from pgwarden.operator import approvals
 from pgwarden.operator.runtime import Runtime
 from pgwarden.resources import parse_duration
 

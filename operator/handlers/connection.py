@@ -15,9 +15,10 @@ from typing import Any, TypeVar
 import kopf
 
 from pgwarden.connection import DatabaseConnection, parse_connection
+from pgwarden.k8s import client as kube
 from pgwarden.k8s.names import ANNOTATION_SKIP_ROLE_CLEANUP
 from pgwarden.operator import bundle as bundle_mod
-from pgwarden.operator import credentials, database, kube, status
+from pgwarden.operator import credentials, database, status
 from pgwarden.operator.handlers.policies import rebuild_bundle
 from pgwarden.operator.rotation import Action, RotationSpec
 from pgwarden.operator.runtime import Runtime

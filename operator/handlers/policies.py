@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from pgwarden.connection import DatabaseConnection, parse_connection
+from pgwarden.k8s import client as kube
 from pgwarden.k8s import names
 from pgwarden.operator import bundle as bundle_mod
-from pgwarden.operator import credentials, database, kube, status
+from pgwarden.operator import credentials, database, status
 from pgwarden.operator.runtime import Runtime
 from pgwarden.resources import ResourceError, document_from_object
 

@@ -13,8 +13,9 @@ from typing import Any
 
 import kopf
 
+from pgwarden.k8s import client as kube
 from pgwarden.k8s import names
-from pgwarden.operator import injection, kube
+from pgwarden.operator import injection
 from pgwarden.operator.runtime import Runtime
 
 APIS = {"Deployment": ("apps/v1", "deployments"), "StatefulSet": ("apps/v1", "statefulsets"),

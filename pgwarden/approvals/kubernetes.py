@@ -11,8 +11,8 @@ One-time use without update rights: executing an approval creates the Event
 `<request>.executed` (create is atomic — a second claimant gets 409 Conflict); the operator
 then moves the request to phase Executed, which outlives the Event's TTL.
 
-The HTTP layer is deliberately small (aiohttp; a base URL, a bearer token, a CA) so tests run it
-against kmock's KubernetesEmulator and a pod runs it with its service account.
+The HTTP layer is the shared client (`pgwarden.k8s.client`: a base URL, a bearer token, a CA), so
+tests run it against kmock's KubernetesEmulator and a pod runs it with its service account.
 """
 
 from __future__ import annotations
@@ -22,13 +22,11 @@ import json
 import logging
 import os
 import secrets
-import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 import aiohttp
 
@@ -44,6 +42,7 @@ from pgwarden.approvals.model import (
     parse_iso,
 )
 from pgwarden.approvals.notify import Notifier
+from pgwarden.k8s.client import IN_CLUSTER_DIR, ApiConfig, ApiError, Kube, in_cluster_namespace
 from pgwarden.k8s.names import (
     ANNOTATION_DECIDED_BY,
     API_VERSION,
@@ -62,13 +61,7 @@ log = logging.getLogger("pgwarden.approvals.kubernetes")
 
 PLURAL = APPROVAL_REQUESTS
 KIND: Kind = "ApprovalRequest"
-IN_CLUSTER_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-
-
-class KubeError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"Kubernetes API {status}: {message}")
-        self.status = status
+KubeError = ApiError  # what the API server answered; `status` is its HTTP code
 
 
 @dataclass(frozen=True)
@@ -86,9 +79,8 @@ class KubeApi:
     def from_section(cls, section: Mapping[str, Any]) -> KubeApi:
         """`approvals: {backend: kubernetes, namespace?, apiUrl?, tokenFile?, caFile?}`;
         without apiUrl, the pod's own service account (in-cluster)."""
-        ns_file = IN_CLUSTER_DIR / "namespace"
-        in_cluster_ns = ns_file.read_text().strip() if ns_file.exists() else ""
-        namespace = str(section.get("namespace") or os.environ.get("POD_NAMESPACE") or in_cluster_ns or "default")
+        namespace = str(section.get("namespace") or os.environ.get("POD_NAMESPACE") or in_cluster_namespace()
+                        or "default")
         url = section.get("apiUrl")
         if url:
             return cls(server=str(url).rstrip("/"), namespace=namespace, token_file=section.get("tokenFile"),
@@ -101,66 +93,17 @@ class KubeApi:
                    token_file=section.get("tokenFile") or str(IN_CLUSTER_DIR / "token"),
                    ca_file=section.get("caFile") or str(IN_CLUSTER_DIR / "ca.crt"))
 
+    def config(self) -> ApiConfig:
+        return ApiConfig(server=self.server, token=self.token, token_file=self.token_file, ca_file=self.ca_file,
+                         insecure=self.insecure, default_namespace=self.namespace)
 
-class KubeClient:
-    """GET / POST / DELETE / watch, JSON in and out; errors carry the API's status code."""
+
+class KubeClient(Kube):
+    """The shared client for one `KubeApi`; each request gives up after 30 s (watches run on)."""
 
     def __init__(self, api: KubeApi) -> None:
+        super().__init__(api.config(), timeout=30)
         self.api = api
-        self._session: aiohttp.ClientSession | None = None
-
-    def _ssl(self) -> ssl.SSLContext | bool:
-        if not self.api.server.startswith("https"):
-            return False
-        ctx = ssl.create_default_context(cafile=self.api.ca_file)
-        if self.api.insecure:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        return ctx
-
-    def _headers(self) -> dict[str, str]:
-        h = {"Accept": "application/json"}
-        token = Path(self.api.token_file).read_text().strip() if self.api.token_file else self.api.token
-        if token:
-            h["Authorization"] = f"Bearer {token}"
-        return h
-
-    def _sess(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl()))
-        return self._session
-
-    def url(self, path: str, params: Mapping[str, str] | None = None) -> str:
-        return self.api.server + path + ("?" + urlencode(params) if params else "")
-
-    async def request(self, method: str, path: str, body: Any = None,
-                      params: Mapping[str, str] | None = None) -> Any:
-        async with self._sess().request(method, self.url(path, params), json=body, headers=self._headers(),
-                                        timeout=aiohttp.ClientTimeout(total=30)) as resp:
-            try:
-                data = await resp.json(content_type=None)
-            except ValueError:
-                data = None
-            if resp.status >= 400:
-                msg = data.get("message") if isinstance(data, dict) else resp.reason
-                raise KubeError(resp.status, str(msg))
-            return data
-
-    async def watch(self, path: str, params: Mapping[str, str]) -> AsyncIterator[dict[str, Any]]:
-        """Watch events as dicts; ends when the server closes the stream."""
-        q = {**params, "watch": "true"}
-        async with self._sess().get(self.url(path, q), headers=self._headers(),
-                                    timeout=aiohttp.ClientTimeout(total=None, sock_read=None)) as resp:
-            if resp.status >= 400:
-                raise KubeError(resp.status, (await resp.text())[:500])
-            async for line in resp.content:
-                line = line.strip()
-                if line:
-                    yield json.loads(line)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
 
 
 def collection_path(namespace: str) -> str:

@@ -13,7 +13,6 @@ Fail-closed rules:
 from __future__ import annotations
 
 import hashlib
-import importlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,19 +150,26 @@ def proxy_config_object(conn: DatabaseConnection, settings: InjectionSettings) -
 Validator = Callable[[Sequence[Document]], object]
 
 
-def _validator(module: str, func: str) -> Validator | None:
+def _policy_loader() -> Validator | None:
     try:
-        return getattr(importlib.import_module(module), func)  # type: ignore[no-any-return]
-    except (ImportError, AttributeError):
+        from pgwarden.policy import load_policies
+    except ImportError:
         return None
+    return load_policies
+
+
+def _masking_loader() -> Validator | None:
+    try:
+        from pgwarden.masking import load_masking
+    except ImportError:
+        return None
+    return load_masking
 
 
 def default_validators() -> dict[str, Validator | None]:
-    """The proxy's own loaders, imported lazily (the operator must not import the proxy)."""
-    return {
-        "AccessPolicy": _validator("pgwarden.policy", "load_policies"),
-        "MaskingRule": _validator("pgwarden.masking", "load_masking"),
-    }
+    """The loaders the proxy itself runs (policy, masking), imported lazily: the operator never
+    imports the proxy, and pays for pglast only when it compiles a bundle."""
+    return {"AccessPolicy": _policy_loader(), "MaskingRule": _masking_loader()}
 
 
 def _tables_of(raw: Mapping[str, Any]) -> list[tuple[str, str, str | None]]:

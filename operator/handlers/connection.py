@@ -19,6 +19,7 @@ from pgwarden.k8s import client as kube
 from pgwarden.k8s.names import ANNOTATION_SKIP_ROLE_CLEANUP
 from pgwarden.operator import bundle as bundle_mod
 from pgwarden.operator import credentials, database, status
+from pgwarden.operator.handlers.admin import read_admin
 from pgwarden.operator.handlers.policies import rebuild_bundle
 from pgwarden.operator.rotation import Action, RotationSpec
 from pgwarden.operator.runtime import Runtime
@@ -44,18 +45,6 @@ def parse(body: Mapping[str, Any]) -> DatabaseConnection:
 def rotation_spec(conn: DatabaseConnection, runtime: Runtime) -> RotationSpec:
     scale = runtime.settings.rotation.time_scale
     return RotationSpec(interval=conn.credentials.rotation_interval * scale, grace=conn.credentials.grace_period * scale)
-
-
-async def read_admin(conn: DatabaseConnection, runtime: Runtime) -> database.AdminCredentials:
-    ref = conn.admin_secret_ref
-    assert ref is not None
-    ns = ref.namespace or conn.namespace
-    secret = await runtime.kube.get(kube.path("v1", "secrets", ns, ref.name))
-    try:
-        user, pw, ca = credentials.read_admin_secret(secret, f"{ns}/{ref.name}")
-    except ValueError as e:
-        raise database.DatabaseProblem("AdminSecretInvalid", str(e)) from e
-    return database.AdminCredentials(user, pw, ca)
 
 
 async def reconcile(

@@ -18,6 +18,7 @@ from pgwarden.k8s import client as kube
 from pgwarden.k8s import names
 from pgwarden.operator import bundle as bundle_mod
 from pgwarden.operator import credentials, database, status
+from pgwarden.operator.handlers.admin import read_admin
 from pgwarden.operator.runtime import Runtime
 from pgwarden.resources import ResourceError, document_from_object
 
@@ -88,8 +89,6 @@ async def _catalog(conn: DatabaseConnection, runtime: Runtime, admin: database.A
     """The live catalog for warnings; None (no warnings) when the database cannot be asked."""
     try:
         if admin is None:
-            from pgwarden.operator.handlers.connection import read_admin
-
             admin = await read_admin(conn, runtime)
         return await asyncio.to_thread(database.catalog_columns, conn, admin, timeout=runtime.settings.connect_timeout)
     except database.DatabaseProblem as e:

@@ -14,6 +14,7 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pg8000.exceptions
 import pg8000.native
@@ -128,7 +129,7 @@ def read_state(con: pg8000.native.Connection, names: tuple[str, str], secret_ver
     return RotationState(a=a, b=b, secret_version=secret_version), members
 
 
-def _parse_comment(comment: str | None) -> dict:
+def _parse_comment(comment: str | None) -> dict[str, Any]:
     if not comment:
         return {}
     try:

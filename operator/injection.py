@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import jsonpatch  # type: ignore[import-untyped]  # kopf's own dependency, used for its admission patches
+import jsonpatch  # kopf's own dependency, used for its admission patches
 
 from pgwarden.k8s.names import (
     ANNOTATION_INJECT,

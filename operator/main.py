@@ -90,25 +90,25 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     # indexes are not passed to admission handlers, so the watch stream feeds a plain dict; a
     # standby replica, which watches nothing, reads what it lacks from the API)
     @kopf.on.event(*CONNECTIONS, registry=registry)
-    def _track(event: dict[str, Any], namespace: str, name: str, spec: Any, **_: Any) -> None:
+    def _track(event: kopf.RawEvent, namespace: str | None, name: str, spec: Any, **_: Any) -> None:
         if event.get("type") == "DELETED":
-            runtime.connections.pop((namespace, name), None)
+            runtime.connections.pop((namespace or "", name), None)
         else:
-            runtime.connections[(namespace, name)] = admission.secret_name(name, spec)
+            runtime.connections[(namespace or "", name)] = admission.secret_name(name, spec)
 
     @kopf.on.resume(*CONNECTIONS, registry=registry, id="reconcile")
     @kopf.on.create(*CONNECTIONS, registry=registry, id="reconcile")
     @kopf.on.update(*CONNECTIONS, registry=registry, id="reconcile", field="spec")
-    async def _connection(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
+    async def _connection(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
         await connection.reconcile(body, patch, runtime, logger)
 
     @kopf.timer(*CONNECTIONS, registry=registry, id="rotate", interval=ours.rotation.check_interval,
                 initial_delay=ours.rotation.check_interval)
-    async def _rotate(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
+    async def _rotate(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
         await connection.reconcile(body, patch, runtime, logger)
 
     @kopf.on.delete(*CONNECTIONS, registry=registry, id="cleanup")
-    async def _connection_deleted(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    async def _connection_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
         await connection.delete(body, runtime, logger)
 
     # -- AccessPolicy / MaskingRule -> bundle -----------------------------------------------
@@ -116,19 +116,19 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
         @kopf.on.resume(*resource, registry=registry, id="compile")
         @kopf.on.create(*resource, registry=registry, id="compile")
         @kopf.on.update(*resource, registry=registry, id="compile", field="spec")
-        async def _compile(body: kopf.Body, old: Any, logger: logging.Logger, **_: Any) -> None:
+        async def _compile(body: kopf.Body, old: Any, logger: kopf.Logger, **_: Any) -> None:
             previous = ((old or {}).get("connectionRef") or {}).get("name") if isinstance(old, dict) else None
             await policies.on_change(body, runtime, logger, old_connection=previous)
 
         @kopf.on.delete(*resource, registry=registry, id="compile-on-delete", optional=True)
-        async def _compile_deleted(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+        async def _compile_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
             await policies.on_change(body, runtime, logger, deleted=True)
 
     # -- injection ------------------------------------------------------------------------
     if ours.webhook.enabled:
         @kopf.on.mutate("", "v1", "pods", registry=registry, id="pgwarden-inject", operations=["CREATE"],
                         ignore_failures=True, side_effects=False)
-        async def _inject(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
+        async def _inject(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
             await admission.mutate_pod(body, patch, runtime, logger)
 
         # failure policy Fail (chart): `kubectl debug` on an injected pod waits for the operator
@@ -149,7 +149,7 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
         @kopf.on.create(group, version, plural, registry=registry, id="pgwarden-carry", annotations=INJECT_PRESENT)
         @kopf.on.update(group, version, plural, registry=registry, id="pgwarden-carry", annotations=INJECT_PRESENT,
                         field="metadata.annotations")
-        async def _carry(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+        async def _carry(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
             await workloads.carry(body, runtime, logger)
 
     # -- ApprovalRequest: admission webhooks, status, expiry, retention -----------------------

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
+
+import kopf
 
 from pgwarden.k8s import client as kube
 from pgwarden.k8s import names
@@ -54,3 +56,9 @@ class Runtime:
             self._reads = {k: v for k, v in self._reads.items() if v[0] > now}
         self._reads[key] = (now + self.settings.lookup_cache_seconds, obj)
         return obj
+
+
+def for_events(obj: Mapping[str, Any]) -> kopf.Body:
+    """`obj` as the object of kopf's events (kopf.info, kopf.warn, kopf.event): they read only its
+    apiVersion, kind and metadata, so any mapping serves, but they are typed for a kopf.Body."""
+    return cast(kopf.Body, dict(obj))

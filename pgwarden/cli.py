@@ -83,7 +83,7 @@ def _demo_run(args: argparse.Namespace) -> int | None:
     return main(args)
 
 
-def _verb(sub: argparse._SubParsersAction, name: str, target: Main, help: str) -> argparse.ArgumentParser:
+def _verb(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, target: Main, help: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help)
     p.set_defaults(_target=target)
     return p

@@ -9,7 +9,6 @@ Ephemeral containers of injected pods are checked by `validate_ephemeral`.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
@@ -54,7 +53,7 @@ async def target_for(runtime: Runtime, namespace: str, connection: str) -> injec
 
 
 async def mutate_pod(body: Mapping[str, Any], patch: MutableMapping[str, Any], runtime: Runtime,
-                     logger: logging.Logger | logging.LoggerAdapter) -> None:
+                     logger: kopf.Logger) -> None:
     meta, spec = body.get("metadata") or {}, body.get("spec") or {}
     connection = injection.wants_injection(meta)
     if connection is None or injection.is_injected(meta, spec):

@@ -16,7 +16,6 @@ Call `register(registry, runtime)` from `pgwarden.operator.main.register`.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
@@ -24,10 +23,11 @@ from typing import Any
 
 import kopf
 
+from pgwarden.approvals.model import iso
 from pgwarden.k8s import client as kube
 from pgwarden.k8s import names
 from pgwarden.operator import approvals
-from pgwarden.operator.runtime import Runtime
+from pgwarden.operator.runtime import Runtime, for_events
 from pgwarden.resources import parse_duration
 
 APPROVAL_REQUESTS = (names.GROUP, names.VERSION, names.APPROVAL_REQUESTS)
@@ -103,7 +103,7 @@ async def admit(kind: str, operation: str, old: Any, new: Any, userinfo: Mapping
 
 
 async def reconcile(body: Mapping[str, Any], runtime: Runtime, settings: ApprovalSettings,
-                    logger: logging.Logger | logging.LoggerAdapter) -> None:
+                    logger: kopf.Logger) -> None:
     meta = body.get("metadata") or {}
     ns, name = meta.get("namespace") or "default", meta.get("name")
     if not name or meta.get("deletionTimestamp"):
@@ -112,23 +112,23 @@ async def reconcile(body: Mapping[str, Any], runtime: Runtime, settings: Approva
     if (body.get("status") or {}).get("phase") == "Approved":
         ev = await runtime.kube.get(kube.path("v1", "events", ns, name + names.EXECUTED_EVENT_SUFFIX))
         if ev is not None:
-            executed_at = ev.get("firstTimestamp") or ev.get("eventTime") or approvals.iso(runtime.clock())
+            executed_at = ev.get("firstTimestamp") or ev.get("eventTime") or iso(runtime.clock())
     change = approvals.next_status(dict(body), runtime.clock(), executed_at=executed_at, retention=settings.retention)
     path = kube.path(names.API_VERSION, names.APPROVAL_REQUESTS, ns, name)
     if change.status:
         await runtime.kube.patch(path + "/status", {"status": dict(change.status)})
     for type_, reason, message in change.events:
-        kopf.event(kopf.Body(dict(body)), type=type_, reason=reason, message=message)
+        kopf.event(for_events(body), type=type_, reason=reason, message=message)
         logger.info(f"{reason}: {message}")
     if change.delete:
         logger.info(f"deleting {ns}/{name}: ended more than {settings.retention:g}s ago")
         await runtime.kube.delete(path)
 
 
-async def sweep(runtime: Runtime, settings: ApprovalSettings, logger: logging.Logger | logging.LoggerAdapter) -> None:
+async def sweep(runtime: Runtime, settings: ApprovalSettings, logger: kopf.Logger) -> None:
     """Expiry, execution and retention happen without any watch event: look at every request
     every `check_interval` (one list call per namespace watched)."""
-    namespaces = list(runtime.settings.namespaces) or [None]
+    namespaces: list[str | None] = [*runtime.settings.namespaces] or [None]
     while True:
         await asyncio.sleep(settings.check_interval)
         for ns in namespaces:
@@ -148,28 +148,29 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime, settings: Approv
     review_policies = runtime.review_policies
 
     @kopf.on.event(*POLICIES, registry=registry)
-    def _track_reviewers(event: Mapping[str, Any], namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
+    def _track_reviewers(event: kopf.RawEvent, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
         p = approvals.review_policy_from_object(dict(body))
         if event.get("type") == "DELETED" or p is None:
-            review_policies.pop((namespace, name), None)
+            review_policies.pop((namespace or "", name), None)
         else:
-            review_policies[(namespace, name)] = p
+            review_policies[(namespace or "", name)] = p
 
     if runtime.settings.webhook.enabled:
         @kopf.on.mutate(*APPROVAL_REQUESTS, registry=registry, id="pgwarden-approval-decide",
                         operations=["CREATE", "UPDATE"], side_effects=False)
-        async def _decide(operation: str, old: Any, new: Any, userinfo: Mapping[str, Any], patch: kopf.Patch,
-                          warnings: list[str], **_: Any) -> None:
+        # kopf passes operation, old and new to admission handlers (its WebhookFn type omits them)
+        async def _decide(userinfo: kopf.UserInfo, patch: kopf.Patch, warnings: list[str],
+                          operation: str = "", old: Any = None, new: Any = None, **_: Any) -> None:
             await admit("mutate", operation, old, new, userinfo, patch, warnings, runtime)
 
         @kopf.on.validate(*APPROVAL_REQUESTS, registry=registry, id="pgwarden-approval-check",
                           operations=["CREATE", "UPDATE"], side_effects=False)
-        async def _check(operation: str, old: Any, new: Any, userinfo: Mapping[str, Any], patch: kopf.Patch,
-                         warnings: list[str], **_: Any) -> None:
+        async def _check(userinfo: kopf.UserInfo, patch: kopf.Patch, warnings: list[str],
+                         operation: str = "", old: Any = None, new: Any = None, **_: Any) -> None:
             await admit("validate", operation, old, new, userinfo, patch, warnings, runtime)
 
     @kopf.on.event(*APPROVAL_REQUESTS, registry=registry)
-    async def _approval_event(event: Mapping[str, Any], body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    async def _approval_event(event: kopf.RawEvent, body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
         if event.get("type") in ("ADDED", "MODIFIED", None):
             await reconcile(body, runtime, ours, logger)
 
@@ -178,7 +179,7 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime, settings: Approv
     sweeper: dict[str, asyncio.Task[None]] = {}
 
     @kopf.on.startup(registry=registry)
-    async def _start_sweep(logger: logging.Logger, **_: Any) -> None:
+    async def _start_sweep(logger: kopf.Logger, **_: Any) -> None:
         sweeper["task"] = asyncio.create_task(sweep(runtime, ours, logger))
 
     @kopf.on.cleanup(registry=registry)

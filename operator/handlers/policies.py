@@ -9,15 +9,16 @@ which tables/columns the live catalog does not know.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Mapping
 from typing import Any
+
+import kopf
 
 from pgwarden.connection import DatabaseConnection, parse_connection
 from pgwarden.k8s import client as kube
 from pgwarden.k8s import names
 from pgwarden.operator import bundle as bundle_mod
-from pgwarden.operator import credentials, database, status
+from pgwarden.operator import credentials, database, injection, status
 from pgwarden.operator.handlers.admin import read_admin
 from pgwarden.operator.runtime import Runtime
 from pgwarden.resources import ResourceError, document_from_object
@@ -26,7 +27,7 @@ PLURALS: dict[str, names.Plural] = {"AccessPolicy": names.ACCESS_POLICIES, "Mask
 
 
 async def rebuild_bundle(
-    namespace: str, connection: str, runtime: Runtime, logger: logging.Logger | logging.LoggerAdapter, *,
+    namespace: str, connection: str, runtime: Runtime, logger: kopf.Logger, *,
     connection_body: Mapping[str, Any] | None = None, admin: database.AdminCredentials | None = None,
     exclude: tuple[str, str] | None = None,
 ) -> bundle_mod.BundleResult | None:
@@ -56,7 +57,7 @@ async def rebuild_bundle(
                                        operator_ca=runtime.operator_ca)
     published = False
     if result.data is not None:
-        cm_path = kube.path("v1", "configmaps", namespace, bundle_mod.bundle_configmap_name(connection))
+        cm_path = kube.path("v1", "configmaps", namespace, injection.bundle_configmap_name(connection))
         existing = await k.get(cm_path)
         desired = bundle_mod.bundle_configmap(conn, result, body)
         foreign = credentials.not_ours(existing, body)
@@ -75,7 +76,8 @@ async def rebuild_bundle(
         logger.warning(f"bundle of {connection} not updated: {result.problem}")
     for o in objects:
         meta = o.get("metadata") or {}
-        report = result.reports.get((o.get("kind"), meta.get("name")))
+        kind, name = o.get("kind"), meta.get("name")
+        report = result.reports.get((kind, name)) if isinstance(kind, str) and isinstance(name, str) else None
         if report is None:
             continue
         await _patch_status(runtime, o, status.compiled_status(
@@ -85,7 +87,7 @@ async def rebuild_bundle(
 
 
 async def _catalog(conn: DatabaseConnection, runtime: Runtime, admin: database.AdminCredentials | None,
-                   logger: logging.Logger | logging.LoggerAdapter) -> dict[str, set[str]] | None:
+                   logger: kopf.Logger) -> dict[str, set[str]] | None:
     """The live catalog for warnings; None (no warnings) when the database cannot be asked."""
     try:
         if admin is None:
@@ -103,7 +105,7 @@ async def _patch_status(runtime: Runtime, obj: Mapping[str, Any], body: dict[str
     await runtime.kube.patch(url, {"status": body})
 
 
-async def on_change(body: Mapping[str, Any], runtime: Runtime, logger: logging.Logger | logging.LoggerAdapter,
+async def on_change(body: Mapping[str, Any], runtime: Runtime, logger: kopf.Logger,
                     *, deleted: bool = False, old_connection: str | None = None) -> None:
     meta = body.get("metadata") or {}
     namespace = meta.get("namespace") or "default"

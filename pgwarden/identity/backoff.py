@@ -147,4 +147,4 @@ class FailureBackoff:
         over = failures - self.free_failures
         if over < 0:
             return 0.0
-        return min(self.max_delay, self.base * (2 ** min(over, 30)))
+        return min(self.max_delay, self.base * (2.0 ** min(over, 30)))

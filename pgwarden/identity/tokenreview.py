@@ -50,7 +50,7 @@ def identity_from_review(status: Mapping[str, Any], audiences: tuple[str, ...]) 
         raise TokenRejected(f"the Kubernetes API server did not confirm the token's audience (no "
                             f"status.audiences in its TokenReview answer); this proxy needs a token for "
                             f"{', '.join(audiences)}")
-    if audiences and not {g for g in granted if isinstance(g, str)} & set(audiences):
+    if audiences and not {g for g in granted or () if isinstance(g, str)} & set(audiences):
         raise TokenRejected(f"the token is not meant for this proxy: its audience must include one of "
                             f"{', '.join(audiences)}")
     user = status.get("user") or {}

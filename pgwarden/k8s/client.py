@@ -109,10 +109,10 @@ def load_api_config() -> ApiConfig:
             ca_file=str(IN_CLUSTER_DIR / "ca.crt"),
             default_namespace=in_cluster_namespace() or "default",
         )
-    from kubernetes import client, config  # type: ignore[import-untyped]
+    from kubernetes import client, config
 
     cfg = client.Configuration()
-    config.load_kube_config(client_configuration=cfg)
+    config.load_kube_config(client_configuration=cfg)  # type: ignore[no-untyped-call]  # not annotated upstream
     auth = (cfg.api_key or {}).get("authorization", "")
     return ApiConfig(
         server=cfg.host,

@@ -39,7 +39,7 @@ from pgwarden.approvals.model import (
     same_principal,
 )
 from pgwarden.k8s.names import ANNOTATION_APPROVED_BY, ANNOTATION_CREATED_BY, ANNOTATION_DECIDED_BY
-from pgwarden.resources import Document, ResourceError, parse_duration
+from pgwarden.resources import Document, ResourceError
 from pgwarden.subjects import Identity, SubjectRef, parse_subjects
 
 DECIDED_BY = ANNOTATION_DECIDED_BY
@@ -478,7 +478,3 @@ def _ended_at(status: Mapping[str, Any], changes: Mapping[str, Any], expires_at:
 def _short(text: str, width: int = 200) -> str:
     t = " ".join(str(text).split())
     return t if len(t) <= width else t[: width - 1] + "…"
-
-
-def retention_seconds(value: Any) -> float:
-    return parse_duration(value) if value is not None else 86400.0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -265,18 +265,3 @@ def _quiet_close(con: pg8000.native.Connection) -> None:
         con.close()
     except Exception:  # closing a broken socket can fail; nothing left to release
         pass
-
-
-def login_works(conn: DatabaseConnection, username: str, password: str, sslrootcert: str = "",
-                database: str | None = None) -> bool:
-    """True when `username`/`password` can log in (used by tests and `status` diagnostics)."""
-    try:
-        c = connect(conn, AdminCredentials(username, password, sslrootcert), database=database, timeout=5)
-    except DatabaseProblem:
-        return False
-    _quiet_close(c)
-    return True
-
-
-def names_for(conn: DatabaseConnection) -> Sequence[str]:
-    return role_names(conn)

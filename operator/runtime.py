@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -62,3 +62,13 @@ def for_events(obj: Mapping[str, Any]) -> kopf.Body:
     """`obj` as the object of kopf's events (kopf.info, kopf.warn, kopf.event): they read only its
     apiVersion, kind and metadata, so any mapping serves, but they are typed for a kopf.Body."""
     return cast(kopf.Body, dict(obj))
+
+
+def add_to_patch(patch: MutableMapping[str, Any], changes: Mapping[str, Any]) -> None:
+    """Merge `changes` into the merge patch kopf sends for a handler (or an admission response):
+    nested mappings merge key by key, anything else (None too: a merge patch's "remove") is set."""
+    for k, v in changes.items():
+        if isinstance(v, Mapping):
+            add_to_patch(patch.setdefault(k, {}), v)
+        else:
+            patch[k] = v

@@ -16,7 +16,7 @@ import kopf
 
 from pgwarden.k8s import names
 from pgwarden.operator import injection
-from pgwarden.operator.runtime import Runtime
+from pgwarden.operator.runtime import Runtime, add_to_patch
 
 
 def secret_name(connection: str, spec: Mapping[str, Any] | None) -> str:
@@ -85,12 +85,4 @@ def mutate_workload(body: Mapping[str, Any], patch: MutableMapping[str, Any]) ->
     immutable afterwards, so this is the only moment for them)."""
     carry = injection.carry_annotations_patch(body)
     if carry is not None:
-        _merge(patch, carry)
-
-
-def _merge(dst: MutableMapping[str, Any], src: Mapping[str, Any]) -> None:
-    for k, v in src.items():
-        if isinstance(v, Mapping):
-            _merge(dst.setdefault(k, {}), v)
-        else:
-            dst[k] = v
+        add_to_patch(patch, carry)

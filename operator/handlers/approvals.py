@@ -27,7 +27,7 @@ from pgwarden.approvals.model import iso
 from pgwarden.k8s import client as kube
 from pgwarden.k8s import names
 from pgwarden.operator import approvals
-from pgwarden.operator.runtime import Runtime, for_events
+from pgwarden.operator.runtime import Runtime, add_to_patch, for_events
 from pgwarden.resources import parse_duration
 
 APPROVAL_REQUESTS = (names.GROUP, names.VERSION, names.APPROVAL_REQUESTS)
@@ -79,14 +79,6 @@ async def review_policy(runtime: Runtime, obj: Mapping[str, Any] | None) -> appr
     return approvals.review_policy_from_object(raw) if raw is not None else None
 
 
-def _merge(dst: MutableMapping[str, Any], src: Mapping[str, Any]) -> None:
-    for k, v in src.items():
-        if isinstance(v, Mapping):
-            _merge(dst.setdefault(k, {}), v)
-        else:
-            dst[k] = v
-
-
 async def admit(kind: str, operation: str, old: Any, new: Any, userinfo: Mapping[str, Any],
                 patch: MutableMapping[str, Any], warnings: list[str], runtime: Runtime) -> None:
     """Run one webhook's rule; raise kopf.AdmissionError (-> allowed: false) when it refuses."""
@@ -99,7 +91,7 @@ async def admit(kind: str, operation: str, old: Any, new: Any, userinfo: Mapping
         raise kopf.AdmissionError(res.message, code=res.code)
     warnings.extend(res.warnings)
     if res.patch:
-        _merge(patch, res.patch)
+        add_to_patch(patch, res.patch)
 
 
 async def reconcile(body: Mapping[str, Any], runtime: Runtime, settings: ApprovalSettings,

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pgwarden.cache import BoundedCache
 from pgwarden.errors import AuthenticationFailed
 
 
@@ -51,7 +51,7 @@ class FailureBackoff:
         self.max_delay = max_delay
         self.forget_after = forget_after
         self.max_sources = max_sources
-        self._entries: OrderedDict[tuple[str, str | None], _Entry] = OrderedDict()
+        self._entries: BoundedCache[tuple[str, str | None], _Entry] = BoundedCache(max_sources)
         # one lock per (source, user) with attempts running or waiting, and how many there are
         self._turns: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
 
@@ -128,18 +128,15 @@ class FailureBackoff:
         e = self._live(key, now)
         if e is None:
             e = _Entry(0, now)
-            self._entries[key] = e
         e.failures += 1
         e.last = now
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_sources:
-            self._entries.popitem(last=False)
+        self._entries.put(key, e)
         return self._delay(e.failures)
 
     def _live(self, key: tuple[str, str | None], now: float) -> _Entry | None:
         e = self._entries.get(key)
         if e is not None and now - e.last > self.forget_after:
-            del self._entries[key]
+            self._entries.pop(key)
             return None
         return e
 

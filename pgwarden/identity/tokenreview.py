@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import aiohttp
 
+from pgwarden.cache import BoundedCache
 from pgwarden.identity.config import TokenReviewConfig
 from pgwarden.identity.tokens import TokenRejected
 from pgwarden.k8s.client import IN_CLUSTER_DIR, ApiConfig, Kube, TokenUnreadable
@@ -129,7 +129,7 @@ class ReviewCache:
         self.ttl = ttl
         self.size = size
         self._clock = clock
-        self._entries: OrderedDict[str, tuple[float, Identity]] = OrderedDict()
+        self._entries: BoundedCache[str, tuple[float, Identity]] = BoundedCache(size)
 
     @staticmethod
     def key(token: str) -> str:
@@ -141,12 +141,9 @@ class ReviewCache:
         if hit is None:
             return None
         if self._clock() - hit[0] > self.ttl:
-            del self._entries[k]
+            self._entries.pop(k)
             return None
         return hit[1]
 
     def put(self, token: str, identity: Identity) -> None:
-        self._entries[self.key(token)] = (self._clock(), identity)
-        self._entries.move_to_end(self.key(token))
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        self._entries.put(self.key(token), (self._clock(), identity))

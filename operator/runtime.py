@@ -32,8 +32,6 @@ class Runtime:
     # half of the admission requests: what is missing here is read from the API (`read`).
     # (namespace, DatabaseConnection name) -> credentials Secret name
     connections: dict[tuple[str, str], str] = field(default_factory=dict)
-    # (namespace, AccessPolicy name) -> pgwarden.operator.approvals.ReviewPolicy
-    review_policies: dict[tuple[str, str], Any] = field(default_factory=dict)
     # the CA (PEM) the sidecars trust for the approvals gateway, set when it starts
     operator_ca: str = ""
     # (plural, namespace, name) -> (monotonic deadline, object or None)

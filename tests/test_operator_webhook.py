@@ -238,7 +238,7 @@ async def test_a_standby_replica_answers_admission_from_the_api(kmock: kmock.Kub
         # paused: nothing reconciled, nothing remembered
         stored = await k.get(kube.path(PGW, "databaseconnections", NS, "orders-prod"))
         assert stored is not None and not stored["metadata"].get("finalizers")
-        assert runtime.connections == {} and runtime.review_policies == {}
+        assert runtime.connections == {}
         ctx = ssl.create_default_context(cafile=str(ca))
         base = f"https://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as http:

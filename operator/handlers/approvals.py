@@ -4,8 +4,8 @@ Thin kopf registrations over the pure rules in `pgwarden.operator.approvals`:
 - `pgwarden-approval-decide` (mutating) and `pgwarden-approval-check` (validating) on
   approvalrequests CREATE/UPDATE, failure policy Fail: without the operator nobody can decide,
   which fails closed (pending requests simply expire).
-- AccessPolicies' reviewers tracked from the watch stream, so the webhook answers from memory;
-  a policy missing there (a standby replica has no watch streams) is read from the API.
+- The AccessPolicy a request names is read from the API for every decision (`review_policy`),
+  never from memory that a paused replica could hold stale.
 - Every watch event and a periodic sweep reconcile the status (`next_status`): Pending ->
   Approved/Denied (decidedBy copied from the stamped annotation) -> Executed (the proxy's
   `<name>.executed` Event), Expired past expiresAt, deleted after the retention period.
@@ -31,7 +31,6 @@ from pgwarden.operator.runtime import Runtime, add_to_patch, for_events
 from pgwarden.resources import parse_duration
 
 APPROVAL_REQUESTS = (names.GROUP, names.VERSION, names.APPROVAL_REQUESTS)
-POLICIES = (names.GROUP, names.VERSION, names.ACCESS_POLICIES)
 
 
 @dataclass(frozen=True)
@@ -133,19 +132,6 @@ async def sweep(runtime: Runtime, settings: ApprovalSettings, logger: kopf.Logge
 
 def register(registry: kopf.OperatorRegistry, runtime: Runtime, settings: ApprovalSettings | None = None) -> None:
     ours = settings or ApprovalSettings.from_env()
-
-    # reviewers per AccessPolicy, fed by the watch stream (kopf does not pass its indexes to
-    # admission handlers); the webhook answers from memory, without an API call per decision,
-    # and reads from the API what it lacks (a standby replica watches nothing)
-    review_policies = runtime.review_policies
-
-    @kopf.on.event(*POLICIES, registry=registry)
-    def _track_reviewers(event: kopf.RawEvent, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
-        p = approvals.review_policy_from_object(dict(body))
-        if event.get("type") == "DELETED" or p is None:
-            review_policies.pop((namespace or "", name), None)
-        else:
-            review_policies[(namespace or "", name)] = p
 
     if runtime.settings.webhook.enabled:
         @kopf.on.mutate(*APPROVAL_REQUESTS, registry=registry, id="pgwarden-approval-decide",

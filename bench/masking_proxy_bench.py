@@ -33,11 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from rawpg import RawConn, query  # noqa: E402
 
 from pgwarden.embedded import EmbeddedPostgres  # noqa: E402
+from pgwarden.k8s.names import API_VERSION  # noqa: E402
 from pgwarden.proxy.main import start_proxy  # noqa: E402
 from pgwarden.resources import parse_documents  # noqa: E402
 
 DB, APP, APP_PW, AGENT, AGENT_PW = "bench", "benchapp", "benchapp-pw", "agent", "agent-pw"
-API = "pgwarden.dev/v1alpha1"
+API = API_VERSION
 READY = b"Z\x00\x00\x00\x05"
 
 

@@ -44,6 +44,7 @@ from urllib.parse import unquote, urlparse
 import yaml
 
 from pgwarden.embedded import EmbeddedPostgres, free_port
+from pgwarden.k8s.names import API_VERSION
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUTPUT = BENCH_DIR / "results" / "latest.json"
@@ -292,7 +293,7 @@ def full_spec(workdir: Path, durability: str) -> dict[str, object]:
 
 def proxy_documents(srv: Server, port: int, extra: list[Path], spec: dict[str, object] | None = None) -> str:
     """The YAML of tests/fix_proxy.py's default proxy, aimed at the bench database."""
-    api = "pgwarden.dev/v1alpha1"
+    api = API_VERSION
     docs: list[dict[str, object]] = [
         {"apiVersion": api, "kind": "DatabaseConnection", "metadata": {"name": BENCH_DB},
          "spec": {"host": srv.host, "port": srv.port, "database": BENCH_DB, "sslMode": "disable"}},

@@ -37,15 +37,17 @@ from aiohttp import web
 
 from pgwarden.identity.tokenreview import REVIEW_PATH, identity_from_review
 from pgwarden.identity.tokens import TokenRejected
-from pgwarden.operator import kube
-from pgwarden.operator.approvals import EXECUTED_EVENT_SUFFIX, MANAGED_ANNOTATIONS
+from pgwarden.k8s import client as kube
+from pgwarden.k8s import names
+from pgwarden.k8s.names import EXECUTED_EVENT_SUFFIX
+from pgwarden.operator.approvals import MANAGED_ANNOTATIONS
 from pgwarden.operator.runtime import Runtime
 from pgwarden.operator.webhook_server import self_signed
 
 log = logging.getLogger("pgwarden.operator.gateway")
 
 POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
-PLURAL = "approvalrequests"
+PLURAL = names.APPROVAL_REQUESTS
 EVENT_REASONS = ("Executed", "StatementCompleted")
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
@@ -176,7 +178,7 @@ def check_event(
         "kind": "Event",
         "metadata": {"name": name, "namespace": namespace},
         "involvedObject": {
-            "apiVersion": request.get("apiVersion", kube.PGW),
+            "apiVersion": request.get("apiVersion", names.API_VERSION),
             "kind": "ApprovalRequest",
             "name": target,
             "namespace": namespace,
@@ -280,7 +282,7 @@ class Gateway:
         return ""
 
     def _collection(self, namespace: str) -> str:
-        return kube.path(kube.PGW, PLURAL, namespace)
+        return kube.path(names.API_VERSION, PLURAL, namespace)
 
     async def create(self, caller: Caller, namespace: str, body: Any) -> web.StreamResponse:
         obj = check_create(caller, namespace, body if isinstance(body, Mapping) else {})
@@ -299,7 +301,7 @@ class Gateway:
         items = await self.runtime.kube.list(self._collection(namespace), params.get("labelSelector") or None)
         return web.json_response(
             {
-                "apiVersion": kube.PGW,
+                "apiVersion": names.API_VERSION,
                 "kind": "ApprovalRequestList",
                 "metadata": {},
                 "items": [o for o in items if owned(caller, o)],
@@ -385,7 +387,7 @@ class Gateway:
 
         app = web.Application(client_max_size=4 * 1024 * 1024)
         app.router.add_get("/readyz", readyz)
-        base = f"/apis/{kube.PGW}/namespaces/{{ns}}/{{kind:{PLURAL}}}"
+        base = f"/apis/{names.API_VERSION}/namespaces/{{ns}}/{{kind:{PLURAL}}}"
         for route in (base, base + "/{name}", "/api/v1/namespaces/{ns}/{kind:events}"):
             app.router.add_route("*", route, handle)
         return app

@@ -39,17 +39,16 @@ from pgwarden.approvals.model import (
     parse_iso,
     same_principal,
 )
-from pgwarden.resources import Document, ResourceError, parse_duration
+from pgwarden.k8s.names import ANNOTATION_APPROVED_BY, ANNOTATION_CREATED_BY, ANNOTATION_DECIDED_BY
+from pgwarden.resources import Document, ResourceError
 from pgwarden.subjects import Identity, SubjectRef, parse_subjects
 
-DECIDED_BY = "pgwarden.dev/decided-by"
-# not "pgwarden.dev/approvals": kopf keeps handler progress in pgwarden.dev/<handler-id> annotations
-APPROVALS = "pgwarden.dev/approved-by"
-CREATED_BY = "pgwarden.dev/created-by"
+DECIDED_BY = ANNOTATION_DECIDED_BY
+APPROVALS = ANNOTATION_APPROVED_BY
+CREATED_BY = ANNOTATION_CREATED_BY
 MANAGED_ANNOTATIONS = (DECIDED_BY, APPROVALS, CREATED_BY)
 MUTABLE_SPEC = ("decision", "reason")
 DECISIONS = ("approved", "denied")
-EXECUTED_EVENT_SUFFIX = ".executed"
 
 
 @dataclass(frozen=True)
@@ -491,7 +490,3 @@ def _preview_note(spec: Mapping[str, Any]) -> str:
 def _short(text: str, width: int = 200) -> str:
     t = " ".join(str(text).split())
     return t if len(t) <= width else t[: width - 1] + "…"
-
-
-def retention_seconds(value: Any) -> float:
-    return parse_duration(value) if value is not None else 86400.0

@@ -13,7 +13,6 @@ Fail-closed rules:
 from __future__ import annotations
 
 import hashlib
-import importlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import yaml
 
 from pgwarden.connection import DatabaseConnection
+from pgwarden.k8s.names import ANNOTATION_BUNDLE_DIGEST, API_VERSION
 from pgwarden.operator.credentials import managed_labels, owner_reference
 from pgwarden.operator.injection import (
     AUDIT_FILE,
@@ -36,9 +36,9 @@ from pgwarden.operator.injection import (
     recordings_budget,
 )
 from pgwarden.operator.settings import InjectionSettings
-from pgwarden.resources import API_VERSION, Document, ResourceError, document_from_object
+from pgwarden.operator.status import BundleReason
+from pgwarden.resources import Document, ResourceError, document_from_object
 
-ANNOTATION_DIGEST = "pgwarden.dev/bundle-digest"
 DIGEST_KEY = "digest"
 
 
@@ -62,7 +62,7 @@ class BundleResult:
     digest: str | None
     reports: dict[tuple[str, str], ObjectReport]
     problem: str = ""  # why no bundle was produced (or published)
-    reason: str = "InvalidObjects"  # the BundleReady condition's reason when there is a problem
+    reason: BundleReason = "InvalidObjects"  # the BundleReady condition's reason when there is a problem
     published: bool = True  # False: valid, but not written (the ConfigMap is not ours)
 
 
@@ -150,19 +150,26 @@ def proxy_config_object(conn: DatabaseConnection, settings: InjectionSettings) -
 Validator = Callable[[Sequence[Document]], object]
 
 
-def _validator(module: str, func: str) -> Validator | None:
+def _policy_loader() -> Validator | None:
     try:
-        return getattr(importlib.import_module(module), func)  # type: ignore[no-any-return]
-    except (ImportError, AttributeError):
+        from pgwarden.policy import load_policies
+    except ImportError:
         return None
+    return load_policies
+
+
+def _masking_loader() -> Validator | None:
+    try:
+        from pgwarden.masking import load_masking
+    except ImportError:
+        return None
+    return load_masking
 
 
 def default_validators() -> dict[str, Validator | None]:
-    """The proxy's own loaders, imported lazily (the operator must not import the proxy)."""
-    return {
-        "AccessPolicy": _validator("pgwarden.policy", "load_policies"),
-        "MaskingRule": _validator("pgwarden.masking", "load_masking"),
-    }
+    """The loaders the proxy itself runs (policy, masking), imported lazily: the operator never
+    imports the proxy, and pays for pglast only when it compiles a bundle."""
+    return {"AccessPolicy": _policy_loader(), "MaskingRule": _masking_loader()}
 
 
 def _tables_of(raw: Mapping[str, Any]) -> list[tuple[str, str, str | None]]:
@@ -291,7 +298,7 @@ def bundle_configmap(conn: DatabaseConnection, result: BundleResult, owner: Mapp
         "name": bundle_configmap_name(conn.name),
         "namespace": conn.namespace,
         "labels": managed_labels(conn.name),
-        "annotations": {ANNOTATION_DIGEST: result.digest or ""},
+        "annotations": {ANNOTATION_BUNDLE_DIGEST: result.digest or ""},
     }
     refs = owner_reference(owner)
     if refs:

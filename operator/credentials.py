@@ -12,10 +12,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from pgwarden.connection import DatabaseConnection
-
-LABEL_CONNECTION = "pgwarden.dev/connection"
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-ANNOTATION_VERSION = "pgwarden.dev/credentials-version"
+from pgwarden.k8s.names import (
+    ANNOTATION_CREDENTIALS_VERSION,
+    API_VERSION,
+    LABEL_CONNECTION,
+    LABEL_MANAGED_BY,
+    MANAGED_BY_OPERATOR,
+)
 
 
 def b64(value: str) -> str:
@@ -27,7 +30,7 @@ def unb64(value: str | None) -> str:
 
 
 def managed_labels(connection: str) -> dict[str, str]:
-    return {LABEL_MANAGED_BY: "pgwarden", LABEL_CONNECTION: connection}
+    return {LABEL_MANAGED_BY: MANAGED_BY_OPERATOR, LABEL_CONNECTION: connection}
 
 
 def owner_reference(owner: Mapping[str, Any] | None) -> list[dict[str, Any]]:
@@ -36,7 +39,7 @@ def owner_reference(owner: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     if not meta.get("uid"):
         return []
     return [{
-        "apiVersion": (owner or {}).get("apiVersion", "pgwarden.dev/v1alpha1"),
+        "apiVersion": (owner or {}).get("apiVersion", API_VERSION),
         "kind": (owner or {}).get("kind", "DatabaseConnection"),
         "name": meta.get("name"),
         "uid": meta["uid"],
@@ -59,7 +62,7 @@ def not_ours(existing: Mapping[str, Any] | None, owner: Mapping[str, Any]) -> st
     where = f"{kind} {meta.get('namespace', '')}/{meta.get('name', '')}"
     conn = (owner.get("metadata") or {}).get("name", "")
     labels = meta.get("labels") or {}
-    if labels.get(LABEL_MANAGED_BY) != "pgwarden" or labels.get(LABEL_CONNECTION) != conn:
+    if labels.get(LABEL_MANAGED_BY) != MANAGED_BY_OPERATOR or labels.get(LABEL_CONNECTION) != conn:
         return (f"{where} already exists and was not made by pgwarden for DatabaseConnection {conn}; pgwarden does "
                 "not take over objects it did not create: choose another name (spec.credentials.secretName) or "
                 "delete that object")
@@ -90,7 +93,7 @@ def credentials_secret(
         "name": conn.secret_name,
         "namespace": conn.namespace,
         "labels": managed_labels(conn.name),
-        "annotations": {ANNOTATION_VERSION: str(version)},
+        "annotations": {ANNOTATION_CREDENTIALS_VERSION: str(version)},
     }
     refs = owner_reference(owner)
     if refs:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pg8000.exceptions
 import pg8000.native
@@ -21,14 +22,15 @@ import pg8000.native
 from pgwarden.connection import DatabaseConnection
 from pgwarden.operator import roles_sql
 from pgwarden.operator.rotation import LoginRole, RotationPlan, RotationSpec, RotationState, plan_rotation
+from pgwarden.operator.status import DatabaseReason
 
 
 class DatabaseProblem(Exception):
     """The database could not be reached or refused the admin; the message says what to do."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: DatabaseReason, message: str) -> None:
         super().__init__(message)
-        self.reason = reason  # a condition reason, e.g. Unreachable, AuthenticationFailed
+        self.reason: DatabaseReason = reason  # the reason of the CredentialsReady/Reachable conditions
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ def read_state(con: pg8000.native.Connection, names: tuple[str, str], secret_ver
     return RotationState(a=a, b=b, secret_version=secret_version), members
 
 
-def _parse_comment(comment: str | None) -> dict:
+def _parse_comment(comment: str | None) -> dict[str, Any]:
     if not comment:
         return {}
     try:
@@ -263,18 +265,3 @@ def _quiet_close(con: pg8000.native.Connection) -> None:
         con.close()
     except Exception:  # closing a broken socket can fail; nothing left to release
         pass
-
-
-def login_works(conn: DatabaseConnection, username: str, password: str, sslrootcert: str = "",
-                database: str | None = None) -> bool:
-    """True when `username`/`password` can log in (used by tests and `status` diagnostics)."""
-    try:
-        c = connect(conn, AdminCredentials(username, password, sslrootcert), database=database, timeout=5)
-    except DatabaseProblem:
-        return False
-    _quiet_close(c)
-    return True
-
-
-def names_for(conn: DatabaseConnection) -> Sequence[str]:
-    return role_names(conn)

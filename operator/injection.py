@@ -25,23 +25,25 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import jsonpatch  # type: ignore[import-untyped]  # kopf's own dependency, used for its admission patches
+import jsonpatch  # kopf's own dependency, used for its admission patches
 
+from pgwarden.k8s.names import (
+    ANNOTATION_INJECT,
+    ANNOTATION_INJECT_ENV,
+    ANNOTATION_INJECTED,
+    ANNOTATION_MCP,
+    ANNOTATION_PROXY_IMAGE,
+    ANNOTATION_SIDECAR_MODE,
+    LABEL_PROXY_VERSION,
+)
 from pgwarden.operator.settings import InjectionSettings
 
-ANNOTATION_INJECT = "pgwarden.dev/inject"
-ANNOTATION_INJECTED = "pgwarden.dev/injected"
-ANNOTATION_SIDECAR_MODE = "pgwarden.dev/sidecar-mode"  # native (default) | container
-ANNOTATION_INJECT_ENV = "pgwarden.dev/inject-env"  # "false" to leave the agents' env alone
-# "true" or a port: a second sidecar serves `pgwarden mcp` (streamable HTTP) on the pod's loopback,
-# talking to the proxy as the pod's identity
-ANNOTATION_MCP = "pgwarden.dev/mcp"
+# ANNOTATION_MCP ("true" or a port): a second sidecar serves `pgwarden mcp` (streamable HTTP) on the
+# pod's loopback, talking to the proxy as the pod's identity
 MCP_CONTAINER = "pgwarden-mcp"
 MCP_DEFAULT_PORT = 8765
 # which proxy an injected pod runs: `kubectl get pods -A -L pgwarden.dev/proxy-version` lists stale
-# sidecars after an upgrade (the label holds the image tag; the annotation the full image)
-LABEL_PROXY_VERSION = "pgwarden.dev/proxy-version"
-ANNOTATION_PROXY_IMAGE = "pgwarden.dev/proxy-image"
+# sidecars after an upgrade (LABEL_PROXY_VERSION holds the image tag, ANNOTATION_PROXY_IMAGE the image)
 CARRIED_ANNOTATIONS = (ANNOTATION_INJECT, ANNOTATION_SIDECAR_MODE, ANNOTATION_INJECT_ENV, ANNOTATION_MCP)
 
 PROXY_CONTAINER = "pgwarden-proxy"

@@ -16,28 +16,29 @@ from typing import Any
 
 import kopf
 
-from pgwarden.operator import approval_gateway, injection
+from pgwarden.k8s import names
+from pgwarden.k8s.client import Kube, load_api_config
+from pgwarden.operator import approval_gateway
 from pgwarden.operator.handlers import admission, approvals, connection, policies, workloads
-from pgwarden.operator.kube import Kube, load_api_config
 from pgwarden.operator.runtime import Runtime
 from pgwarden.operator.settings import OperatorSettings
 from pgwarden.operator.webhook_server import WebhookServer
 
-PGW = "pgwarden.dev"
-CONNECTIONS = (PGW, "v1alpha1", "databaseconnections")
-POLICIES = (PGW, "v1alpha1", "accesspolicies")
-MASKING = (PGW, "v1alpha1", "maskingrules")
+CONNECTIONS = (names.GROUP, names.VERSION, names.DATABASE_CONNECTIONS)
+POLICIES = (names.GROUP, names.VERSION, names.ACCESS_POLICIES)
+MASKING = (names.GROUP, names.VERSION, names.MASKING_RULES)
 WORKLOADS = (("apps", "v1", "deployments"), ("apps", "v1", "statefulsets"), ("apps", "v1", "daemonsets"),
              ("batch", "v1", "cronjobs"), ("batch", "v1", "jobs"))
-INJECT_PRESENT = {injection.ANNOTATION_INJECT: kopf.PRESENT}
+INJECT_PRESENT = {names.ANNOTATION_INJECT: kopf.PRESENT}
 
 
 def configure_kopf(settings: kopf.OperatorSettings, ours: OperatorSettings) -> None:
     """kopf's own settings, derived from ours."""
     # keep kopf's bookkeeping in annotations: a structural CRD status would prune status.kopf
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PGW)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=PGW, key="last-handled-configuration")
-    settings.persistence.finalizer = f"{PGW}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.KOPF_ANNOTATIONS_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=names.KOPF_ANNOTATIONS_PREFIX,
+                                                                            key="last-handled-configuration")
+    settings.persistence.finalizer = names.FINALIZER
     settings.posting.level = logging.INFO
     if ours.peering_name:
         settings.peering.name = ours.peering_name
@@ -66,11 +67,7 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     @kopf.on.login(registry=registry)
     def _login(**_: Any) -> kopf.ConnectionInfo:
         c = runtime.kube.config
-        token = c.token
-        if c.token_file:
-            with open(c.token_file) as f:
-                token = f.read().strip()
-        return kopf.ConnectionInfo(server=c.server, token=token, ca_path=c.ca_file, certificate_path=c.cert_file,
+        return kopf.ConnectionInfo(server=c.server, token=c.bearer_token(), ca_path=c.ca_file, certificate_path=c.cert_file,
                                    private_key_path=c.key_file, insecure=c.insecure,
                                    default_namespace=c.default_namespace)
 
@@ -93,25 +90,25 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     # indexes are not passed to admission handlers, so the watch stream feeds a plain dict; a
     # standby replica, which watches nothing, reads what it lacks from the API)
     @kopf.on.event(*CONNECTIONS, registry=registry)
-    def _track(event: dict[str, Any], namespace: str, name: str, spec: Any, **_: Any) -> None:
+    def _track(event: kopf.RawEvent, namespace: str | None, name: str, spec: Any, **_: Any) -> None:
         if event.get("type") == "DELETED":
-            runtime.connections.pop((namespace, name), None)
+            runtime.connections.pop((namespace or "", name), None)
         else:
-            runtime.connections[(namespace, name)] = admission.secret_name(name, spec)
+            runtime.connections[(namespace or "", name)] = admission.secret_name(name, spec)
 
     @kopf.on.resume(*CONNECTIONS, registry=registry, id="reconcile")
     @kopf.on.create(*CONNECTIONS, registry=registry, id="reconcile")
     @kopf.on.update(*CONNECTIONS, registry=registry, id="reconcile", field="spec")
-    async def _connection(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
+    async def _connection(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
         await connection.reconcile(body, patch, runtime, logger)
 
     @kopf.timer(*CONNECTIONS, registry=registry, id="rotate", interval=ours.rotation.check_interval,
                 initial_delay=ours.rotation.check_interval)
-    async def _rotate(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
+    async def _rotate(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
         await connection.reconcile(body, patch, runtime, logger)
 
     @kopf.on.delete(*CONNECTIONS, registry=registry, id="cleanup")
-    async def _connection_deleted(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    async def _connection_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
         await connection.delete(body, runtime, logger)
 
     # -- AccessPolicy / MaskingRule -> bundle -----------------------------------------------
@@ -119,19 +116,19 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
         @kopf.on.resume(*resource, registry=registry, id="compile")
         @kopf.on.create(*resource, registry=registry, id="compile")
         @kopf.on.update(*resource, registry=registry, id="compile", field="spec")
-        async def _compile(body: kopf.Body, old: Any, logger: logging.Logger, **_: Any) -> None:
+        async def _compile(body: kopf.Body, old: Any, logger: kopf.Logger, **_: Any) -> None:
             previous = ((old or {}).get("connectionRef") or {}).get("name") if isinstance(old, dict) else None
             await policies.on_change(body, runtime, logger, old_connection=previous)
 
         @kopf.on.delete(*resource, registry=registry, id="compile-on-delete", optional=True)
-        async def _compile_deleted(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+        async def _compile_deleted(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
             await policies.on_change(body, runtime, logger, deleted=True)
 
     # -- injection ------------------------------------------------------------------------
     if ours.webhook.enabled:
         @kopf.on.mutate("", "v1", "pods", registry=registry, id="pgwarden-inject", operations=["CREATE"],
                         ignore_failures=True, side_effects=False)
-        async def _inject(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
+        async def _inject(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
             await admission.mutate_pod(body, patch, runtime, logger)
 
         # failure policy Fail (chart): `kubectl debug` on an injected pod waits for the operator
@@ -152,7 +149,7 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
         @kopf.on.create(group, version, plural, registry=registry, id="pgwarden-carry", annotations=INJECT_PRESENT)
         @kopf.on.update(group, version, plural, registry=registry, id="pgwarden-carry", annotations=INJECT_PRESENT,
                         field="metadata.annotations")
-        async def _carry(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+        async def _carry(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
             await workloads.carry(body, runtime, logger)
 
     # -- ApprovalRequest: admission webhooks, status, expiry, retention -----------------------

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from pgwarden.operator import kube
-from pgwarden.operator.kube import Kube
+import kopf
+
+from pgwarden.k8s import client as kube
+from pgwarden.k8s import names
+from pgwarden.k8s.client import Kube
 from pgwarden.operator.settings import OperatorSettings
 
 
@@ -29,8 +32,6 @@ class Runtime:
     # half of the admission requests: what is missing here is read from the API (`read`).
     # (namespace, DatabaseConnection name) -> credentials Secret name
     connections: dict[tuple[str, str], str] = field(default_factory=dict)
-    # (namespace, AccessPolicy name) -> pgwarden.operator.approvals.ReviewPolicy
-    review_policies: dict[tuple[str, str], Any] = field(default_factory=dict)
     # the CA (PEM) the sidecars trust for the approvals gateway, set when it starts
     operator_ca: str = ""
     # (plural, namespace, name) -> (monotonic deadline, object or None)
@@ -39,7 +40,7 @@ class Runtime:
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         return self.locks[(namespace, name)]
 
-    async def read(self, plural: str, namespace: str, name: str, fresh: bool = False) -> dict[str, Any] | None:
+    async def read(self, plural: names.Plural, namespace: str, name: str, fresh: bool = False) -> dict[str, Any] | None:
         """A pgwarden object read from the API (None: it does not exist), reused for
         `settings.lookup_cache_seconds`, so a burst of pod creations costs one GET; `fresh`
         skips the reuse. API errors propagate: the caller refuses rather than guesses."""
@@ -48,8 +49,24 @@ class Runtime:
         hit = self._reads.get(key)
         if hit is not None and hit[0] > now and not fresh:
             return hit[1]
-        obj = await self.kube.get(kube.path(kube.PGW, plural, namespace, name))
+        obj = await self.kube.get(kube.path(names.API_VERSION, plural, namespace, name))
         if len(self._reads) > 1024:  # short-lived entries; keep the dict from growing without bound
             self._reads = {k: v for k, v in self._reads.items() if v[0] > now}
         self._reads[key] = (now + self.settings.lookup_cache_seconds, obj)
         return obj
+
+
+def for_events(obj: Mapping[str, Any]) -> kopf.Body:
+    """`obj` as the object of kopf's events (kopf.info, kopf.warn, kopf.event): they read only its
+    apiVersion, kind and metadata, so any mapping serves, but they are typed for a kopf.Body."""
+    return cast(kopf.Body, dict(obj))
+
+
+def add_to_patch(patch: MutableMapping[str, Any], changes: Mapping[str, Any]) -> None:
+    """Merge `changes` into the merge patch kopf sends for a handler (or an admission response):
+    nested mappings merge key by key, anything else (None too: a merge patch's "remove") is set."""
+    for k, v in changes.items():
+        if isinstance(v, Mapping):
+            add_to_patch(patch.setdefault(k, {}), v)
+        else:
+            patch[k] = v

@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+from pgwarden.k8s.names import WEBHOOK_CONFIGURATION
 from pgwarden.resources import parse_duration
 
 DEFAULT_PROXY_IMAGE = "ghcr.io/pgwarden/pgwarden-proxy:0.1.0"
@@ -115,7 +116,7 @@ class WebhookSettings:
     # write the CA bundle here (e.g. for curl --cacert, or for tests)
     cadump: str | None = None
     # name of the Mutating/ValidatingWebhookConfiguration kopf keeps up to date; None: unmanaged
-    managed: str | None = "pgwarden.dev"
+    managed: str | None = WEBHOOK_CONFIGURATION
 
 
 @dataclass(frozen=True)

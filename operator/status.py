@@ -11,7 +11,24 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
+
+ConditionType = Literal["Reachable", "CredentialsReady", "BundleReady", "Valid", "Compiled", "Ready"]
+ConnectionPhase = Literal["Pending", "Ready", "Degraded", "Error"]
+# why the operator could not administer the database (DatabaseProblem.reason)
+DatabaseReason = Literal[
+    "Unreachable", "ConnectFailed", "TLSFailed", "AuthenticationFailed", "DatabaseMissing", "GrantRoleMissing",
+    "SQLFailed", "AdminSecretInvalid", "SecretNotOwned",
+]
+# why a connection's bundle was not published (BundleResult.reason)
+BundleReason = Literal["InvalidObjects", "ConfigMapNotOwned"]
+# every reason a condition of a DatabaseConnection, AccessPolicy or MaskingRule can carry; `Ready`
+# of a DatabaseConnection carries its phase
+Reason = Literal[
+    DatabaseReason, BundleReason, ConnectionPhase,
+    "Connected", "Rotated", "Current", "Published", "ApiError",
+    "Validated", "ValidationFailed", "Invalid", "InBundle", "NotInBundle", "ConnectionNotFound",
+]
 
 
 def iso(epoch: float | None = None) -> str:
@@ -19,7 +36,7 @@ def iso(epoch: float | None = None) -> str:
     return t.replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def condition(type_: str, ok: bool | None, reason: str, message: str = "", generation: int | None = None) -> dict[str, Any]:
+def condition(type_: ConditionType, ok: bool | None, reason: Reason, message: str = "", generation: int | None = None) -> dict[str, Any]:
     c: dict[str, Any] = {
         "type": type_,
         "status": "Unknown" if ok is None else ("True" if ok else "False"),
@@ -43,14 +60,14 @@ def merge_conditions(previous: Iterable[Mapping[str, Any]] | None, updates: Iter
     return [out[k] for k in sorted(out, key=str)]
 
 
-def with_ready(conditions: list[dict[str, Any]], ok: bool, reason: str, message: str,
+def with_ready(conditions: list[dict[str, Any]], ok: bool, reason: Reason, message: str,
                generation: int | None = None) -> list[dict[str, Any]]:
     """The conditions plus the summary condition `Ready` (kept in order, transition time kept)."""
     return merge_conditions(conditions, [condition("Ready", ok, reason, message, generation)])
 
 
 def connection_conditions(previous: Iterable[Mapping[str, Any]] | None, updates: Iterable[dict[str, Any]],
-                          generation: int | None = None) -> tuple[list[dict[str, Any]], str]:
+                          generation: int | None = None) -> tuple[list[dict[str, Any]], ConnectionPhase]:
     """Merged DatabaseConnection conditions with `Ready`, and the phase."""
     merged = merge_conditions(previous, updates)
     phase = connection_phase(merged)
@@ -59,7 +76,7 @@ def connection_conditions(previous: Iterable[Mapping[str, Any]] | None, updates:
     return with_ready(merged, phase == "Ready", phase, message, generation), phase
 
 
-def connection_phase(conditions: Iterable[Mapping[str, Any]]) -> str:
+def connection_phase(conditions: Iterable[Mapping[str, Any]]) -> ConnectionPhase:
     by = {c.get("type"): c.get("status") for c in conditions}
     if by.get("Reachable") == "False" or by.get("CredentialsReady") == "False":
         return "Error"

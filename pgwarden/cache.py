@@ -1,10 +1,14 @@
-"""The one bounded cache type: a dict that keeps at most `maxsize` entries, least recently used out.
+"""The one bounded cache type: a mapping that keeps at most `size` entries and drops the oldest.
 
-Every cache the proxy keeps per statement text (analyses, decisions, masking plans) or per caller
-(login back-off, token reviews, open trace spans) is bounded: an agent that sends endless distinct
-texts or sources must not grow the proxy's memory. Reads and writes may come from the event loop
-and from the analysis thread (proxy/analysis_budget.py); each operation is safe under the GIL and
-an entry evicted by the other thread in between is simply a miss.
+Whatever is keyed by what a client sends (statement texts, tokens, addresses) must not grow
+without bound: an agent that sends endless distinct texts or sources must not grow the proxy's
+memory. "Oldest" is the entry stored longest ago; `get(key, touch=True)` counts a read as a use
+too, so a hot entry outlives a stream of one-off keys (least recently used). Expiry by age is the
+caller's (it knows what time means for its entries).
+
+Reads and writes may come from the event loop and from the analysis thread
+(proxy/analysis_budget.py); each operation is safe under the GIL, and an entry evicted by the
+other thread in between is simply a miss.
 """
 
 from __future__ import annotations
@@ -17,59 +21,62 @@ K = TypeVar("K")
 V = TypeVar("V")
 D = TypeVar("D")
 
+_MISSING = object()
+
 
 class BoundedCache(Generic[K, V]):
-    """At most `maxsize` entries; `get` and `put` make an entry the most recently used."""
+    __slots__ = ("size", "_entries")
 
-    __slots__ = ("maxsize", "_data")
-
-    def __init__(self, maxsize: int) -> None:
-        if maxsize < 1:
-            raise ValueError("a bounded cache holds at least one entry")
-        self.maxsize = maxsize
-        self._data: OrderedDict[K, V] = OrderedDict()
+    def __init__(self, size: int) -> None:
+        if size < 0:
+            raise ValueError(f"a cache holds zero entries or more, not {size}")
+        self.size = size
+        self._entries: OrderedDict[K, V] = OrderedDict()
 
     @overload
-    def get(self, key: K) -> V | None: ...
-
+    def get(self, key: K, *, touch: bool = False) -> V | None: ...
     @overload
-    def get(self, key: K, default: D) -> V | D: ...
+    def get(self, key: K, default: D, *, touch: bool = False) -> V | D: ...
 
-    def get(self, key: K, default: object = None) -> object:
-        value = self._data.get(key, _MISSING)
+    def get(self, key: K, default: object = None, *, touch: bool = False) -> object:
+        value = self._entries.get(key, _MISSING)
         if value is _MISSING:
             return default
-        try:
-            self._data.move_to_end(key)
-        except KeyError:  # evicted by the other thread meanwhile: still a valid answer
-            pass
+        if touch:
+            try:
+                self._entries.move_to_end(key)
+            except KeyError:  # evicted by the other thread meanwhile: still a valid answer
+                pass
         return value
 
     def put(self, key: K, value: V) -> None:
-        data = self._data
-        data[key] = value
-        data.move_to_end(key)
-        while len(data) > self.maxsize:
+        """Store `value` as the newest entry, dropping the oldest past `size`."""
+        entries = self._entries
+        entries[key] = value
+        entries.move_to_end(key)
+        while len(entries) > self.size:
             try:
-                data.popitem(last=False)
+                entries.popitem(last=False)
             except KeyError:  # emptied by the other thread meanwhile
                 break
 
-    def pop(self, key: K) -> V | None:
-        return self._data.pop(key, None)
+    @overload
+    def pop(self, key: K) -> V | None: ...
+    @overload
+    def pop(self, key: K, default: D) -> V | D: ...
+
+    def pop(self, key: K, default: object = None) -> object:
+        return self._entries.pop(key, default)
 
     def clear(self) -> None:
-        self._data.clear()
+        self._entries.clear()
 
     def __contains__(self, key: object) -> bool:
-        return key in self._data
+        return key in self._entries
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self._entries)
 
     def __iter__(self) -> Iterator[K]:
-        """Keys, least recently used first (a copy: safe to change the cache while iterating)."""
-        return iter(list(self._data))
-
-
-_MISSING = object()
+        """Keys, oldest first (a copy: safe to change the cache while iterating)."""
+        return iter(list(self._entries))

@@ -1,8 +1,9 @@
 """`pgwarden` — one entry point for every verb (the README's command table).
 
-Each verb's implementation lives with the package that owns it and is imported lazily, so
-`pgwarden policy explain` does not pay for kopf and the proxy does not import the operator.
-Every implementation is `main(args: argparse.Namespace) -> int`.
+Each verb's implementation lives with the package that owns it and is imported lazily (by the
+small functions below, when that verb runs), so `pgwarden policy explain` does not pay for kopf
+and the proxy does not import the operator. Every implementation is
+`main(args: argparse.Namespace) -> int`.
 """
 
 from __future__ import annotations
@@ -13,79 +14,76 @@ from collections.abc import Callable, Sequence
 
 from pgwarden.errors import UserError
 
-
-# Each verb's implementation, imported when the verb runs (real imports: the type checker and the
-# import-layer contracts see them).
-def _approvals_cli(args: argparse.Namespace) -> int:
-    from pgwarden.approvals.cli import main
-
-    return int(main(args) or 0)
+Main = Callable[[argparse.Namespace], int | None]
 
 
-def _audit_cli_replay(args: argparse.Namespace) -> int:
-    from pgwarden.audit.cli import replay_main
-
-    return int(replay_main(args) or 0)
-
-
-def _audit_cli_verify(args: argparse.Namespace) -> int:
-    from pgwarden.audit.cli import verify_main
-
-    return int(verify_main(args) or 0)
-
-
-def _demo_run(args: argparse.Namespace) -> int:
-    from pgwarden.demo.run import main
-
-    return int(main(args) or 0)
-
-
-def _mcp_cli(args: argparse.Namespace) -> int:
-    from pgwarden.mcp.cli import main
-
-    return int(main(args) or 0)
-
-
-def _operator_inject_cli(args: argparse.Namespace) -> int:
-    from pgwarden.operator.inject_cli import main
-
-    return int(main(args) or 0)
-
-
-def _operator_main(args: argparse.Namespace) -> int:
-    from pgwarden.operator.main import main
-
-    return int(main(args) or 0)
-
-
-def _policy_explain(args: argparse.Namespace) -> int:
-    from pgwarden.policy.explain import main
-
-    return int(main(args) or 0)
-
-
-def _policy_testing_cli(args: argparse.Namespace) -> int:
-    from pgwarden.policy.testing_cli import main
-
-    return int(main(args) or 0)
-
-
-def _proxy_lockouts_cli(args: argparse.Namespace) -> int:
-    from pgwarden.proxy.lockouts_cli import main
-
-    return int(main(args) or 0)
-
-
-def _proxy_main(args: argparse.Namespace) -> int:
+def _proxy_main(args: argparse.Namespace) -> int | None:
     from pgwarden.proxy.main import main
 
-    return int(main(args) or 0)
+    return main(args)
 
 
-Verb = Callable[[argparse.Namespace], int]
+def _operator_main(args: argparse.Namespace) -> int | None:
+    from pgwarden.operator.main import main
+
+    return main(args)
 
 
-def _verb(sub: argparse._SubParsersAction, name: str, target: Verb, help: str) -> argparse.ArgumentParser:
+def _policy_explain(args: argparse.Namespace) -> int | None:
+    from pgwarden.policy.explain import main
+
+    return main(args)
+
+
+def _policy_testing_cli(args: argparse.Namespace) -> int | None:
+    from pgwarden.policy.testing_cli import main
+
+    return main(args)
+
+
+def _operator_inject_cli(args: argparse.Namespace) -> int | None:
+    from pgwarden.operator.inject_cli import main
+
+    return main(args)
+
+
+def _approvals_cli(args: argparse.Namespace) -> int | None:
+    from pgwarden.approvals.cli import main
+
+    return main(args)
+
+
+def _audit_cli_verify(args: argparse.Namespace) -> int | None:
+    from pgwarden.audit.cli import verify_main
+
+    return verify_main(args)
+
+
+def _audit_cli_replay(args: argparse.Namespace) -> int | None:
+    from pgwarden.audit.cli import replay_main
+
+    return replay_main(args)
+
+
+def _proxy_lockouts_cli(args: argparse.Namespace) -> int | None:
+    from pgwarden.proxy.lockouts_cli import main
+
+    return main(args)
+
+
+def _mcp_cli(args: argparse.Namespace) -> int | None:
+    from pgwarden.mcp.cli import main
+
+    return main(args)
+
+
+def _demo_run(args: argparse.Namespace) -> int | None:
+    from pgwarden.demo.run import main
+
+    return main(args)
+
+
+def _verb(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, target: Main, help: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help)
     p.set_defaults(_target=target)
     return p
@@ -202,9 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    run: Verb = args._target
     try:
-        return run(args)
+        return int(args._target(args) or 0)
     except UserError as e:
         from pgwarden.textsafe import escape
 

@@ -233,7 +233,9 @@ class EmbeddedPostgres:
     def _run_as_owner(self, argv: list[str], **kw: object) -> subprocess.CompletedProcess[bytes]:
         if self._owner is not None:
             argv = ["runuser", "-u", self._owner.pw_name, "--", *argv]
-        return subprocess.run(argv, capture_output=True, check=False, **kw)  # type: ignore[call-overload]
+        done: subprocess.CompletedProcess[bytes] = subprocess.run(  # type: ignore[call-overload]
+            argv, capture_output=True, check=False, **kw)
+        return done
 
     def _chown(self, path: Path) -> None:
         if self._owner is not None:
@@ -328,7 +330,7 @@ class EmbeddedPostgres:
     def restart(self) -> None:
         """Stop the server (fast) and start it again on the same port, keeping the data."""
         assert self._proc is not None and self.bindir is not None
-        self._run_as_owner([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "stop", "-m", "immediate", "-w"])  # type: ignore[operator]
+        self._run_as_owner([str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "stop", "-m", "immediate", "-w"])
         self._proc.wait(timeout=20)
         self._spawn()
 

@@ -16,9 +16,7 @@ from typing import Any
 
 import yaml
 
-API_GROUP = "pgwarden.dev"
-API_VERSION = f"{API_GROUP}/v1alpha1"
-KINDS = ("DatabaseConnection", "AccessPolicy", "MaskingRule", "ApprovalRequest", "ProxyConfig")
+from pgwarden.k8s.names import API_VERSION, DOCUMENT_KINDS
 
 
 class ResourceError(ValueError):
@@ -76,8 +74,8 @@ def document_from_object(raw: Any, source: str = "<object>", index: int = 0) -> 
     if api_version != API_VERSION:
         raise ResourceError(where, "apiVersion", f"expected {API_VERSION!r}, got {api_version!r}")
     kind = raw.get("kind")
-    if kind not in KINDS:
-        raise ResourceError(where, "kind", f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if kind not in DOCUMENT_KINDS:
+        raise ResourceError(where, "kind", f"unknown kind {kind!r}; expected one of {', '.join(DOCUMENT_KINDS)}")
     meta = raw.get("metadata") or {}
     if not isinstance(meta, Mapping):
         raise ResourceError(where, "metadata", "must be a mapping")

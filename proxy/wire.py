@@ -135,4 +135,4 @@ class Endpoint(asyncio.Protocol):
         )
         if new is None:
             raise ConnectionClosed("TLS handshake failed: the connection closed")
-        self.transport = new  # type: ignore[assignment]
+        self.transport = new

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import kmock
 import yaml
 
-from pgwarden.operator import kube
+from pgwarden.k8s import client as kube
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")

@@ -28,8 +28,9 @@ from test_operator_emulated import FAST, NS, operator
 from pgwarden.approvals import ApprovalSpec, KubeApi, KubeClient, KubernetesApprovals
 from pgwarden.approvals.kubernetes import collection_path
 from pgwarden.embedded import free_port
+from pgwarden.k8s import client as kube
+from pgwarden.k8s.names import API_VERSION as PGW
 from pgwarden.operator import approvals as ar
-from pgwarden.operator import kube
 from pgwarden.operator.settings import WebhookSettings
 from pgwarden.subjects import Identity, SubjectRef
 
@@ -81,7 +82,7 @@ async def test_approval_loop_over_https(kmock: kmock.KubernetesEmulator, tmp_pat
     ca = tmp_path / "ca.pem"
     settings = replace(FAST, webhook=WebhookSettings(addr="127.0.0.1", host="127.0.0.1", port=free_port(),
                                                      cadump=str(ca), managed="pgwarden.dev"))
-    await k.create(kube.path(kube.PGW, "accesspolicies", NS), policy())
+    await k.create(kube.path(PGW, "accesspolicies", NS), policy())
     proxy = KubernetesApprovals(KubeClient(KubeApi(server=str(kmock.url).rstrip("/"), namespace=NS)), retry_delay=0.1)
     async with operator(kmock, settings):
         mutating = await eventually(lambda: _hooks(k, "mutatingwebhookconfigurations"), what="mutating webhook")

@@ -379,8 +379,8 @@ def test_workload_rights_only_with_the_carry_feature() -> None:
     # and the operator then registers no workload watch (it would be forbidden)
     import kopf
 
+    from pgwarden.k8s.client import ApiConfig, Kube
     from pgwarden.operator import main as operator_main
-    from pgwarden.operator.kube import ApiConfig, Kube
     from pgwarden.operator.runtime import Runtime
 
     for carry, expected in ((True, True), (False, False)):
@@ -424,8 +424,8 @@ def kopf_webhooks() -> dict[str, list[dict[str, Any]]]:
     from kopf._core.engines import admission
     from kopf._core.intents import causes
 
+    from pgwarden.k8s.client import ApiConfig, Kube
     from pgwarden.operator import main as operator_main
-    from pgwarden.operator.kube import ApiConfig, Kube
     from pgwarden.operator.runtime import Runtime
     from pgwarden.operator.settings import OperatorSettings
 

@@ -9,6 +9,8 @@ import jsonschema
 import pytest
 import yaml
 
+from pgwarden.k8s import names
+
 ROOT = Path(__file__).resolve().parent.parent
 CRD_DIR = ROOT / "crds"
 KINDS = {"DatabaseConnection", "AccessPolicy", "MaskingRule", "ApprovalRequest"}
@@ -46,6 +48,15 @@ def validate(kind: str, obj: dict[str, Any]) -> None:
 
 def test_four_crds() -> None:
     assert set(CRDS) == KINDS
+
+
+def test_code_names_the_crds_as_installed() -> None:
+    """The group, version, kinds and plurals the proxy and the operator use are the CRDs' own."""
+    assert set(names.KINDS) == set(CRDS)
+    for kind, crd in CRDS.items():
+        spec = crd["spec"]
+        assert (spec["group"], spec["names"]["plural"]) == (names.GROUP, names.PLURALS[kind])
+        assert [v["name"] for v in spec["versions"]] == [names.VERSION]
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))

@@ -16,13 +16,14 @@ import pg8000.native
 import pytest
 from fix_emulator import advertise, client_for, eventually
 
-from pgwarden.operator import credentials, kube
+from pgwarden.k8s import client as kube
+from pgwarden.k8s.names import API_VERSION as PGW
+from pgwarden.operator import credentials
 from pgwarden.operator.main import run
 from pgwarden.operator.runtime import Runtime
 from pgwarden.operator.settings import OperatorSettings, RotationSettings, WebhookSettings
 
 NS = "agents"
-PGW = kube.PGW
 pytestmark = pytest.mark.slow
 
 # rotationInterval 3m and gracePeriod 2m in the spec (valid for the CRD), scaled to 3s / 2s

@@ -25,7 +25,8 @@ import pytest
 from fix_emulator import advertise, client_for, eventually
 from test_operator_emulated import NS, PGW, admin_secret, can_login, connection, operator, read_secret
 
-from pgwarden.operator import database, kube, roles_sql
+from pgwarden.k8s import client as kube
+from pgwarden.operator import database, roles_sql
 from pgwarden.operator.handlers import connection as handler
 from pgwarden.operator.main import configure_kopf, settings_from_args
 from pgwarden.operator.runtime import Runtime

@@ -22,7 +22,9 @@ from fix_emulator import advertise, client_for, eventually
 from test_operator_emulated import FAST, NS, admin_secret, connection, operator
 
 from pgwarden.embedded import free_port
-from pgwarden.operator import injection, kube
+from pgwarden.k8s import client as kube
+from pgwarden.k8s.names import API_VERSION as PGW
+from pgwarden.operator import injection
 from pgwarden.operator.settings import WebhookSettings
 
 pytestmark = pytest.mark.slow
@@ -64,7 +66,7 @@ async def test_pod_admission_over_https(kmock: kmock.KubernetesEmulator, pg: Any
     settings = replace(FAST, webhook=WebhookSettings(addr="127.0.0.1", host="127.0.0.1", port=free_port(),
                                                      cadump=str(ca), managed="pgwarden.dev"))
     await k.create(kube.path("v1", "secrets", NS), admin_secret(pg))
-    await k.create(kube.path(kube.PGW, "databaseconnections", NS), connection(pg, name="orders-prod"))
+    await k.create(kube.path(PGW, "databaseconnections", NS), connection(pg, name="orders-prod"))
     async with operator(kmock, settings):
         # the operator registered itself with the API server, CA bundle included
         cfg_path = kube.path("admissionregistration.k8s.io/v1", "mutatingwebhookconfigurations", None, "pgwarden.dev")
@@ -216,13 +218,13 @@ async def test_a_standby_replica_answers_admission_from_the_api(kmock: kmock.Kub
     await k.create(kube.path("kopf.dev/v1", "clusterkopfpeerings"),
                    {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "pgwarden"},
                     "status": {"the-active-replica": {"priority": 2**31, "lifetime": 600, "lastseen": now}}})
-    conn = {"apiVersion": kube.PGW, "kind": "DatabaseConnection",
+    conn = {"apiVersion": PGW, "kind": "DatabaseConnection",
             "metadata": {"name": "orders-prod", "namespace": NS, "resourceVersion": "1", "generation": 1},
             "spec": {"host": "orders-db.prod.svc", "database": "orders", "adminSecretRef": {"name": "admin"},
                      "credentials": {"grantRoles": ["orders_reader"], "secretName": "orders-creds"}}}
-    await k.create(kube.path(kube.PGW, "databaseconnections", NS), conn)
-    await k.create(kube.path(kube.PGW, "accesspolicies", NS), {
-        "apiVersion": kube.PGW, "kind": "AccessPolicy", "metadata": {"name": "orders", "namespace": NS},
+    await k.create(kube.path(PGW, "databaseconnections", NS), conn)
+    await k.create(kube.path(PGW, "accesspolicies", NS), {
+        "apiVersion": PGW, "kind": "AccessPolicy", "metadata": {"name": "orders", "namespace": NS},
         "spec": {"connectionRef": {"name": "orders-prod"}, "subjects": [{"serviceAccount": "agents/cursor-agent"}],
                  "rules": [{"action": "review", "operations": ["delete"], "tables": ["public.orders"]}],
                  "approval": {"reviewers": [{"group": "dba"}]}}})
@@ -234,9 +236,9 @@ async def test_a_standby_replica_answers_admission_from_the_api(kmock: kmock.Kub
     async with operator(kmock, settings) as runtime:
         await asyncio.sleep(1.5)
         # paused: nothing reconciled, nothing remembered
-        stored = await k.get(kube.path(kube.PGW, "databaseconnections", NS, "orders-prod"))
+        stored = await k.get(kube.path(PGW, "databaseconnections", NS, "orders-prod"))
         assert stored is not None and not stored["metadata"].get("finalizers")
-        assert runtime.connections == {} and runtime.review_policies == {}
+        assert runtime.connections == {}
         ctx = ssl.create_default_context(cafile=str(ca))
         base = f"https://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as http:
@@ -298,7 +300,7 @@ async def test_api_lookups_are_reused_briefly() -> None:
 
     fake = FakeKube()
     runtime = Runtime(replace(FAST, lookup_cache_seconds=0.3), fake)  # type: ignore[arg-type]
-    path = kube.path(kube.PGW, "databaseconnections", NS, "orders-prod")
+    path = kube.path(PGW, "databaseconnections", NS, "orders-prod")
     assert await admission.connection_secret(runtime, NS, "orders-prod") is None
     fake.objects[path] = {"spec": {"credentials": {"secretName": "orders-creds"}}}
     for _ in range(5):

@@ -37,7 +37,8 @@ from fix_proxy import ProxyHandle
 from rawpg import RawConn
 from test_operator_emulated import NS, PGW, admin_secret, can_login, connection, operator, read_secret
 
-from pgwarden.operator import database, kube
+from pgwarden.k8s import client as kube
+from pgwarden.operator import database
 from pgwarden.operator.handlers import connection as handler
 from pgwarden.operator.settings import OperatorSettings, RotationSettings, WebhookSettings
 from pgwarden.proxy.config import UpstreamCredentials

@@ -9,14 +9,14 @@ Ephemeral containers of injected pods are checked by `validate_ephemeral`.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import kopf
 
+from pgwarden.k8s import names
 from pgwarden.operator import injection
-from pgwarden.operator.runtime import Runtime
+from pgwarden.operator.runtime import Runtime, add_to_patch
 
 
 def secret_name(connection: str, spec: Mapping[str, Any] | None) -> str:
@@ -35,7 +35,7 @@ async def connection_secret(runtime: Runtime, namespace: str, connection: str) -
     if secret is not None:
         return secret
     try:
-        obj = await runtime.read("databaseconnections", namespace, connection)
+        obj = await runtime.read(names.DATABASE_CONNECTIONS, namespace, connection)
     except Exception as e:  # API down or forbidden: say so, do not guess
         raise kopf.AdmissionError(
             f"pgwarden cannot look up DatabaseConnection {namespace}/{connection}: {e}; try again", code=503) from e
@@ -47,13 +47,13 @@ async def target_for(runtime: Runtime, namespace: str, connection: str) -> injec
     secret = await connection_secret(runtime, namespace, connection)
     if secret is None:
         raise kopf.AdmissionError(
-            f"pod annotation {injection.ANNOTATION_INJECT}={connection}: there is no DatabaseConnection {connection!r} "
+            f"pod annotation {names.ANNOTATION_INJECT}={connection}: there is no DatabaseConnection {connection!r} "
             f"in namespace {namespace}; create it there or fix the annotation", code=400)
     return injection.InjectionTarget.for_connection(connection, secret)
 
 
 async def mutate_pod(body: Mapping[str, Any], patch: MutableMapping[str, Any], runtime: Runtime,
-                     logger: logging.Logger | logging.LoggerAdapter) -> None:
+                     logger: kopf.Logger) -> None:
     meta, spec = body.get("metadata") or {}, body.get("spec") or {}
     connection = injection.wants_injection(meta)
     if connection is None or injection.is_injected(meta, spec):
@@ -85,12 +85,4 @@ def mutate_workload(body: Mapping[str, Any], patch: MutableMapping[str, Any]) ->
     immutable afterwards, so this is the only moment for them)."""
     carry = injection.carry_annotations_patch(body)
     if carry is not None:
-        _merge(patch, carry)
-
-
-def _merge(dst: MutableMapping[str, Any], src: Mapping[str, Any]) -> None:
-    for k, v in src.items():
-        if isinstance(v, Mapping):
-            _merge(dst.setdefault(k, {}), v)
-        else:
-            dst[k] = v
+        add_to_patch(patch, carry)

@@ -4,8 +4,8 @@ Thin kopf registrations over the pure rules in `pgwarden.operator.approvals`:
 - `pgwarden-approval-decide` (mutating) and `pgwarden-approval-check` (validating) on
   approvalrequests CREATE/UPDATE, failure policy Fail: without the operator nobody can decide,
   which fails closed (pending requests simply expire).
-- AccessPolicies' reviewers tracked from the watch stream, so the webhook answers from memory;
-  a policy missing there (a standby replica has no watch streams) is read from the API.
+- The AccessPolicy a request names is read from the API for every decision (`review_policy`),
+  never from memory that a paused replica could hold stale.
 - Every watch event and a periodic sweep reconcile the status (`next_status`): Pending ->
   Approved/Denied (decidedBy copied from the stamped annotation) -> Executed (the proxy's
   `<name>.executed` Event), Expired past expiresAt, deleted after the retention period.
@@ -16,7 +16,6 @@ Call `register(registry, runtime)` from `pgwarden.operator.main.register`.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
@@ -24,12 +23,14 @@ from typing import Any
 
 import kopf
 
-from pgwarden.operator import approvals, kube
-from pgwarden.operator.runtime import Runtime
+from pgwarden.approvals.model import iso
+from pgwarden.k8s import client as kube
+from pgwarden.k8s import names
+from pgwarden.operator import approvals
+from pgwarden.operator.runtime import Runtime, add_to_patch, for_events
 from pgwarden.resources import parse_duration
 
-APPROVAL_REQUESTS = ("pgwarden.dev", "v1alpha1", "approvalrequests")
-POLICIES = ("pgwarden.dev", "v1alpha1", "accesspolicies")
+APPROVAL_REQUESTS = (names.GROUP, names.VERSION, names.APPROVAL_REQUESTS)
 
 
 @dataclass(frozen=True)
@@ -70,19 +71,11 @@ async def review_policy(runtime: Runtime, obj: Mapping[str, Any] | None) -> appr
     if key is None:
         return None
     try:
-        raw = await runtime.read("accesspolicies", *key, fresh=True)
+        raw = await runtime.read(names.ACCESS_POLICIES, *key, fresh=True)
     except Exception as e:  # API down or forbidden: refuse (failurePolicy Fail), never guess
         raise kopf.AdmissionError(f"pgwarden cannot look up AccessPolicy {key[0]}/{key[1]}: {e}; try again",
                                   code=503) from e
     return approvals.review_policy_from_object(raw) if raw is not None else None
-
-
-def _merge(dst: MutableMapping[str, Any], src: Mapping[str, Any]) -> None:
-    for k, v in src.items():
-        if isinstance(v, Mapping):
-            _merge(dst.setdefault(k, {}), v)
-        else:
-            dst[k] = v
 
 
 async def admit(kind: str, operation: str, old: Any, new: Any, userinfo: Mapping[str, Any],
@@ -97,41 +90,41 @@ async def admit(kind: str, operation: str, old: Any, new: Any, userinfo: Mapping
         raise kopf.AdmissionError(res.message, code=res.code)
     warnings.extend(res.warnings)
     if res.patch:
-        _merge(patch, res.patch)
+        add_to_patch(patch, res.patch)
 
 
 async def reconcile(body: Mapping[str, Any], runtime: Runtime, settings: ApprovalSettings,
-                    logger: logging.Logger | logging.LoggerAdapter) -> None:
+                    logger: kopf.Logger) -> None:
     meta = body.get("metadata") or {}
     ns, name = meta.get("namespace") or "default", meta.get("name")
     if not name or meta.get("deletionTimestamp"):
         return
     executed_at = None
     if (body.get("status") or {}).get("phase") == "Approved":
-        ev = await runtime.kube.get(kube.path("v1", "events", ns, name + approvals.EXECUTED_EVENT_SUFFIX))
+        ev = await runtime.kube.get(kube.path("v1", "events", ns, name + names.EXECUTED_EVENT_SUFFIX))
         if ev is not None:
-            executed_at = ev.get("firstTimestamp") or ev.get("eventTime") or approvals.iso(runtime.clock())
+            executed_at = ev.get("firstTimestamp") or ev.get("eventTime") or iso(runtime.clock())
     change = approvals.next_status(dict(body), runtime.clock(), executed_at=executed_at, retention=settings.retention)
-    path = kube.path(kube.PGW, "approvalrequests", ns, name)
+    path = kube.path(names.API_VERSION, names.APPROVAL_REQUESTS, ns, name)
     if change.status:
         await runtime.kube.patch(path + "/status", {"status": dict(change.status)})
     for type_, reason, message in change.events:
-        kopf.event(kopf.Body(dict(body)), type=type_, reason=reason, message=message)
+        kopf.event(for_events(body), type=type_, reason=reason, message=message)
         logger.info(f"{reason}: {message}")
     if change.delete:
         logger.info(f"deleting {ns}/{name}: ended more than {settings.retention:g}s ago")
         await runtime.kube.delete(path)
 
 
-async def sweep(runtime: Runtime, settings: ApprovalSettings, logger: logging.Logger | logging.LoggerAdapter) -> None:
+async def sweep(runtime: Runtime, settings: ApprovalSettings, logger: kopf.Logger) -> None:
     """Expiry, execution and retention happen without any watch event: look at every request
     every `check_interval` (one list call per namespace watched)."""
-    namespaces = list(runtime.settings.namespaces) or [None]
+    namespaces: list[str | None] = [*runtime.settings.namespaces] or [None]
     while True:
         await asyncio.sleep(settings.check_interval)
         for ns in namespaces:
             try:
-                for obj in await runtime.kube.list(kube.path(kube.PGW, "approvalrequests", ns)):
+                for obj in await runtime.kube.list(kube.path(names.API_VERSION, names.APPROVAL_REQUESTS, ns)):
                     await reconcile(obj, runtime, settings, logger)
             except Exception as e:  # a failed sweep is retried at the next interval
                 logger.warning(f"approval sweep failed ({type(e).__name__}: {e}); retrying in {settings.check_interval:g}s")
@@ -140,34 +133,22 @@ async def sweep(runtime: Runtime, settings: ApprovalSettings, logger: logging.Lo
 def register(registry: kopf.OperatorRegistry, runtime: Runtime, settings: ApprovalSettings | None = None) -> None:
     ours = settings or ApprovalSettings.from_env()
 
-    # reviewers per AccessPolicy, fed by the watch stream (kopf does not pass its indexes to
-    # admission handlers); the webhook answers from memory, without an API call per decision,
-    # and reads from the API what it lacks (a standby replica watches nothing)
-    review_policies = runtime.review_policies
-
-    @kopf.on.event(*POLICIES, registry=registry)
-    def _track_reviewers(event: Mapping[str, Any], namespace: str, name: str, body: kopf.Body, **_: Any) -> None:
-        p = approvals.review_policy_from_object(dict(body))
-        if event.get("type") == "DELETED" or p is None:
-            review_policies.pop((namespace, name), None)
-        else:
-            review_policies[(namespace, name)] = p
-
     if runtime.settings.webhook.enabled:
         @kopf.on.mutate(*APPROVAL_REQUESTS, registry=registry, id="pgwarden-approval-decide",
                         operations=["CREATE", "UPDATE"], side_effects=False)
-        async def _decide(operation: str, old: Any, new: Any, userinfo: Mapping[str, Any], patch: kopf.Patch,
-                          warnings: list[str], **_: Any) -> None:
+        # kopf passes operation, old and new to admission handlers (its WebhookFn type omits them)
+        async def _decide(userinfo: kopf.UserInfo, patch: kopf.Patch, warnings: list[str],
+                          operation: str = "", old: Any = None, new: Any = None, **_: Any) -> None:
             await admit("mutate", operation, old, new, userinfo, patch, warnings, runtime)
 
         @kopf.on.validate(*APPROVAL_REQUESTS, registry=registry, id="pgwarden-approval-check",
                           operations=["CREATE", "UPDATE"], side_effects=False)
-        async def _check(operation: str, old: Any, new: Any, userinfo: Mapping[str, Any], patch: kopf.Patch,
-                         warnings: list[str], **_: Any) -> None:
+        async def _check(userinfo: kopf.UserInfo, patch: kopf.Patch, warnings: list[str],
+                         operation: str = "", old: Any = None, new: Any = None, **_: Any) -> None:
             await admit("validate", operation, old, new, userinfo, patch, warnings, runtime)
 
     @kopf.on.event(*APPROVAL_REQUESTS, registry=registry)
-    async def _approval_event(event: Mapping[str, Any], body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    async def _approval_event(event: kopf.RawEvent, body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
         if event.get("type") in ("ADDED", "MODIFIED", None):
             await reconcile(body, runtime, ours, logger)
 
@@ -176,7 +157,7 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime, settings: Approv
     sweeper: dict[str, asyncio.Task[None]] = {}
 
     @kopf.on.startup(registry=registry)
-    async def _start_sweep(logger: logging.Logger, **_: Any) -> None:
+    async def _start_sweep(logger: kopf.Logger, **_: Any) -> None:
         sweeper["task"] = asyncio.create_task(sweep(runtime, ours, logger))
 
     @kopf.on.cleanup(registry=registry)

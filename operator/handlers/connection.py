@@ -8,21 +8,22 @@ Events); a spec the operator can never act on is a PermanentError.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Coroutine, Mapping, MutableMapping
 from typing import Any, TypeVar
 
 import kopf
 
 from pgwarden.connection import DatabaseConnection, parse_connection
+from pgwarden.k8s import client as kube
+from pgwarden.k8s.names import ANNOTATION_SKIP_ROLE_CLEANUP
 from pgwarden.operator import bundle as bundle_mod
-from pgwarden.operator import credentials, database, kube, status
+from pgwarden.operator import credentials, database, injection, status
+from pgwarden.operator.handlers.admin import read_admin
 from pgwarden.operator.handlers.policies import rebuild_bundle
 from pgwarden.operator.rotation import Action, RotationSpec
-from pgwarden.operator.runtime import Runtime
+from pgwarden.operator.runtime import Runtime, for_events
 from pgwarden.resources import ResourceError, document_from_object
 
-ANNOTATION_SKIP_CLEANUP = "pgwarden.dev/skip-role-cleanup"
 API_TIMEOUT = 30.0  # seconds for one API call made while the rotation lock is held
 T = TypeVar("T")
 
@@ -45,20 +46,8 @@ def rotation_spec(conn: DatabaseConnection, runtime: Runtime) -> RotationSpec:
     return RotationSpec(interval=conn.credentials.rotation_interval * scale, grace=conn.credentials.grace_period * scale)
 
 
-async def read_admin(conn: DatabaseConnection, runtime: Runtime) -> database.AdminCredentials:
-    ref = conn.admin_secret_ref
-    assert ref is not None
-    ns = ref.namespace or conn.namespace
-    secret = await runtime.kube.get(kube.path("v1", "secrets", ns, ref.name))
-    try:
-        user, pw, ca = credentials.read_admin_secret(secret, f"{ns}/{ref.name}")
-    except ValueError as e:
-        raise database.DatabaseProblem("AdminSecretInvalid", str(e)) from e
-    return database.AdminCredentials(user, pw, ca)
-
-
 async def reconcile(
-    body: Mapping[str, Any], patch: MutableMapping[str, Any], runtime: Runtime, logger: logging.Logger | logging.LoggerAdapter,
+    body: Mapping[str, Any], patch: MutableMapping[str, Any], runtime: Runtime, logger: kopf.Logger,
 ) -> None:
     conn = parse(body)
     async with runtime.lock(conn.namespace, conn.name):
@@ -67,7 +56,7 @@ async def reconcile(
 
 async def _reconcile_locked(
     conn: DatabaseConnection, body: Mapping[str, Any], patch: MutableMapping[str, Any], runtime: Runtime,
-    logger: logging.Logger | logging.LoggerAdapter,
+    logger: kopf.Logger,
 ) -> None:
     generation = (body.get("metadata") or {}).get("generation")
     prev = (body.get("status") or {}).get("conditions")
@@ -111,13 +100,13 @@ async def _reconcile_locked(
         creds_cond = status.condition("CredentialsReady", False, e.reason, str(e), generation)
         reach = status.condition("Reachable", reachable, "Connected" if reachable else e.reason, str(e), generation)
         st["conditions"], st["phase"] = status.connection_conditions(prev, [reach, creds_cond], generation)
-        kopf.warn(dict(body), reason=e.reason, message=str(e))
+        kopf.warn(for_events(body), reason=e.reason, message=str(e))
         raise kopf.TemporaryError(str(e), delay=runtime.settings.rotation.retry_delay) from e
 
     plan = outcome.plan
     if plan.action is not Action.NONE:
         logger.info(f"credentials: {plan.action.value} ({plan.reason}); active role {plan.active}, version {plan.version}")
-        kopf.info(dict(body), reason=f"Credentials{plan.action.value.capitalize()}",
+        kopf.info(for_events(body), reason=f"Credentials{plan.action.value.capitalize()}",
                   message=f"{plan.reason}: active role {plan.active}, version {plan.version}"
                   + (f"; {plan.retire} disabled and its sessions terminated" if plan.retire else ""))
 
@@ -149,7 +138,7 @@ async def _reconcile_locked(
     if result is not None:
         conds.append(_bundle_condition(result, generation))
         if result.data is not None and result.published:
-            st["bundle"] = {"configMapName": bundle_mod.bundle_configmap_name(conn.name), "digest": result.digest,
+            st["bundle"] = {"configMapName": injection.bundle_configmap_name(conn.name), "digest": result.digest,
                             "updatedAt": status.iso(runtime.clock()),
                             "policies": sum(1 for k in result.reports if k[0] == "AccessPolicy"),
                             "maskingRules": sum(1 for k in result.reports if k[0] == "MaskingRule")}
@@ -162,7 +151,7 @@ def _bundle_condition(result: bundle_mod.BundleResult, generation: int | None) -
     return status.condition("BundleReady", True, "Published", f"bundle {result.digest}", generation)
 
 
-async def delete(body: Mapping[str, Any], runtime: Runtime, logger: logging.Logger | logging.LoggerAdapter) -> None:
+async def delete(body: Mapping[str, Any], runtime: Runtime, logger: kopf.Logger) -> None:
     """Finalizer: drop both login roles, then remove the Secret and the bundle ConfigMap."""
     try:
         conn = parse(body)
@@ -170,18 +159,18 @@ async def delete(body: Mapping[str, Any], runtime: Runtime, logger: logging.Logg
         return  # never had roles we could have created
     annotations = (body.get("metadata") or {}).get("annotations") or {}
     async with runtime.lock(conn.namespace, conn.name):
-        if annotations.get(ANNOTATION_SKIP_CLEANUP, "").lower() != "true":
+        if annotations.get(ANNOTATION_SKIP_ROLE_CLEANUP, "").lower() != "true":
             try:
                 admin = await read_admin(conn, runtime)
                 dropped = await asyncio.to_thread(database.drop_roles, conn, admin, timeout=runtime.settings.connect_timeout)
             except database.DatabaseProblem as e:
                 msg = (f"{e} — the login roles could not be dropped; fix it, or annotate the DatabaseConnection "
-                       f"{ANNOTATION_SKIP_CLEANUP}=true to delete it and leave the roles behind")
-                kopf.warn(dict(body), reason=e.reason, message=msg)
+                       f"{ANNOTATION_SKIP_ROLE_CLEANUP}=true to delete it and leave the roles behind")
+                kopf.warn(for_events(body), reason=e.reason, message=msg)
                 raise kopf.TemporaryError(msg, delay=runtime.settings.rotation.retry_delay) from e
             logger.info(f"dropped login roles: {', '.join(dropped) or 'none existed'}")
         for path in (kube.path("v1", "secrets", conn.namespace, conn.secret_name),
-                     kube.path("v1", "configmaps", conn.namespace, bundle_mod.bundle_configmap_name(conn.name))):
+                     kube.path("v1", "configmaps", conn.namespace, injection.bundle_configmap_name(conn.name))):
             foreign = credentials.not_ours(await runtime.kube.get(path), body)
             if foreign:
                 logger.warning(f"not deleting it: {foreign}")

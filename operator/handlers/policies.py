@@ -9,28 +9,32 @@ which tables/columns the live catalog does not know.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Mapping
 from typing import Any
 
+import kopf
+
 from pgwarden.connection import DatabaseConnection, parse_connection
+from pgwarden.k8s import client as kube
+from pgwarden.k8s import names
 from pgwarden.operator import bundle as bundle_mod
-from pgwarden.operator import credentials, database, kube, status
+from pgwarden.operator import credentials, database, injection, status
+from pgwarden.operator.handlers.admin import read_admin
 from pgwarden.operator.runtime import Runtime
 from pgwarden.resources import ResourceError, document_from_object
 
-PLURALS = {"AccessPolicy": "accesspolicies", "MaskingRule": "maskingrules"}
+PLURALS: dict[str, names.Plural] = {"AccessPolicy": names.ACCESS_POLICIES, "MaskingRule": names.MASKING_RULES}
 
 
 async def rebuild_bundle(
-    namespace: str, connection: str, runtime: Runtime, logger: logging.Logger | logging.LoggerAdapter, *,
+    namespace: str, connection: str, runtime: Runtime, logger: kopf.Logger, *,
     connection_body: Mapping[str, Any] | None = None, admin: database.AdminCredentials | None = None,
     exclude: tuple[str, str] | None = None,
 ) -> bundle_mod.BundleResult | None:
     """Recompile and publish the bundle of one connection; None when the connection does not exist."""
     k = runtime.kube
-    body = connection_body or await k.get(kube.path(kube.PGW, "databaseconnections", namespace, connection))
-    objects = [o for plural in PLURALS.values() for o in await k.list(kube.path(kube.PGW, plural, namespace))]
+    body = connection_body or await k.get(kube.path(names.API_VERSION, names.DATABASE_CONNECTIONS, namespace, connection))
+    objects = [o for plural in PLURALS.values() for o in await k.list(kube.path(names.API_VERSION, plural, namespace))]
     objects = [o for o in objects if bundle_mod.connection_of(o) == connection
                and (o.get("kind"), (o.get("metadata") or {}).get("name")) != exclude
                and not (o.get("metadata") or {}).get("deletionTimestamp")]
@@ -53,7 +57,7 @@ async def rebuild_bundle(
                                        operator_ca=runtime.operator_ca)
     published = False
     if result.data is not None:
-        cm_path = kube.path("v1", "configmaps", namespace, bundle_mod.bundle_configmap_name(connection))
+        cm_path = kube.path("v1", "configmaps", namespace, injection.bundle_configmap_name(connection))
         existing = await k.get(cm_path)
         desired = bundle_mod.bundle_configmap(conn, result, body)
         foreign = credentials.not_ours(existing, body)
@@ -72,7 +76,8 @@ async def rebuild_bundle(
         logger.warning(f"bundle of {connection} not updated: {result.problem}")
     for o in objects:
         meta = o.get("metadata") or {}
-        report = result.reports.get((o.get("kind"), meta.get("name")))
+        kind, name = o.get("kind"), meta.get("name")
+        report = result.reports.get((kind, name)) if isinstance(kind, str) and isinstance(name, str) else None
         if report is None:
             continue
         await _patch_status(runtime, o, status.compiled_status(
@@ -82,12 +87,10 @@ async def rebuild_bundle(
 
 
 async def _catalog(conn: DatabaseConnection, runtime: Runtime, admin: database.AdminCredentials | None,
-                   logger: logging.Logger | logging.LoggerAdapter) -> dict[str, set[str]] | None:
+                   logger: kopf.Logger) -> dict[str, set[str]] | None:
     """The live catalog for warnings; None (no warnings) when the database cannot be asked."""
     try:
         if admin is None:
-            from pgwarden.operator.handlers.connection import read_admin
-
             admin = await read_admin(conn, runtime)
         return await asyncio.to_thread(database.catalog_columns, conn, admin, timeout=runtime.settings.connect_timeout)
     except database.DatabaseProblem as e:
@@ -98,11 +101,11 @@ async def _catalog(conn: DatabaseConnection, runtime: Runtime, admin: database.A
 async def _patch_status(runtime: Runtime, obj: Mapping[str, Any], body: dict[str, Any]) -> None:
     meta = obj.get("metadata") or {}
     plural = PLURALS[str(obj.get("kind"))]
-    url = kube.path(kube.PGW, plural, meta.get("namespace"), meta.get("name"), "status")
+    url = kube.path(names.API_VERSION, plural, meta.get("namespace"), meta.get("name"), "status")
     await runtime.kube.patch(url, {"status": body})
 
 
-async def on_change(body: Mapping[str, Any], runtime: Runtime, logger: logging.Logger | logging.LoggerAdapter,
+async def on_change(body: Mapping[str, Any], runtime: Runtime, logger: kopf.Logger,
                     *, deleted: bool = False, old_connection: str | None = None) -> None:
     meta = body.get("metadata") or {}
     namespace = meta.get("namespace") or "default"

@@ -11,8 +11,8 @@ One-time use without update rights: executing an approval creates the Event
 `<request>.executed` (create is atomic — a second claimant gets 409 Conflict); the operator
 then moves the request to phase Executed, which outlives the Event's TTL.
 
-The HTTP layer is deliberately small (aiohttp; a base URL, a bearer token, a CA) so tests run it
-against kmock's KubernetesEmulator and a pod runs it with its service account.
+The HTTP layer is the shared client (`pgwarden.k8s.client`: a base URL, a bearer token, a CA), so
+tests run it against kmock's KubernetesEmulator and a pod runs it with its service account.
 """
 
 from __future__ import annotations
@@ -22,13 +22,11 @@ import json
 import logging
 import os
 import secrets
-import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 import aiohttp
 
@@ -45,22 +43,26 @@ from pgwarden.approvals.model import (
     parse_iso,
 )
 from pgwarden.approvals.notify import Notifier
+from pgwarden.k8s.client import IN_CLUSTER_DIR, ApiConfig, ApiError, Kube, in_cluster_namespace
+from pgwarden.k8s.names import (
+    ANNOTATION_DECIDED_BY,
+    API_VERSION,
+    APPROVAL_REQUESTS,
+    EXECUTED_EVENT_SUFFIX,
+    GROUP,
+    LABEL_CONNECTION,
+    LABEL_MANAGED_BY,
+    LABEL_STATEMENT_HASH,
+    MANAGED_BY_PROXY,
+    VERSION,
+    Kind,
+)
 
 log = logging.getLogger("pgwarden.approvals.kubernetes")
 
-GROUP, VERSION, PLURAL, KIND = "pgwarden.dev", "v1alpha1", "approvalrequests", "ApprovalRequest"
-API_VERSION = f"{GROUP}/{VERSION}"
-IN_CLUSTER_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-LABEL_HASH = "pgwarden.dev/statement-hash"
-LABEL_CONNECTION = "pgwarden.dev/connection"
-EXECUTED_SUFFIX = ".executed"
-DECIDED_BY = "pgwarden.dev/decided-by"  # stamped by the operator's webhook from userInfo
-
-
-class KubeError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"Kubernetes API {status}: {message}")
-        self.status = status
+PLURAL = APPROVAL_REQUESTS
+KIND: Kind = "ApprovalRequest"
+KubeError = ApiError  # what the API server answered; `status` is its HTTP code
 
 
 @dataclass(frozen=True)
@@ -78,9 +80,8 @@ class KubeApi:
     def from_section(cls, section: Mapping[str, Any]) -> KubeApi:
         """`approvals: {backend: kubernetes, namespace?, apiUrl?, tokenFile?, caFile?}`;
         without apiUrl, the pod's own service account (in-cluster)."""
-        ns_file = IN_CLUSTER_DIR / "namespace"
-        in_cluster_ns = ns_file.read_text().strip() if ns_file.exists() else ""
-        namespace = str(section.get("namespace") or os.environ.get("POD_NAMESPACE") or in_cluster_ns or "default")
+        namespace = str(section.get("namespace") or os.environ.get("POD_NAMESPACE") or in_cluster_namespace()
+                        or "default")
         url = section.get("apiUrl")
         if url:
             return cls(server=str(url).rstrip("/"), namespace=namespace, token_file=section.get("tokenFile"),
@@ -93,66 +94,17 @@ class KubeApi:
                    token_file=section.get("tokenFile") or str(IN_CLUSTER_DIR / "token"),
                    ca_file=section.get("caFile") or str(IN_CLUSTER_DIR / "ca.crt"))
 
+    def config(self) -> ApiConfig:
+        return ApiConfig(server=self.server, token=self.token, token_file=self.token_file, ca_file=self.ca_file,
+                         insecure=self.insecure, default_namespace=self.namespace)
 
-class KubeClient:
-    """GET / POST / DELETE / watch, JSON in and out; errors carry the API's status code."""
+
+class KubeClient(Kube):
+    """The shared client for one `KubeApi`; each request gives up after 30 s (watches run on)."""
 
     def __init__(self, api: KubeApi) -> None:
+        super().__init__(api.config(), timeout=30)
         self.api = api
-        self._session: aiohttp.ClientSession | None = None
-
-    def _ssl(self) -> ssl.SSLContext | bool:
-        if not self.api.server.startswith("https"):
-            return False
-        ctx = ssl.create_default_context(cafile=self.api.ca_file)
-        if self.api.insecure:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        return ctx
-
-    def _headers(self) -> dict[str, str]:
-        h = {"Accept": "application/json"}
-        token = Path(self.api.token_file).read_text().strip() if self.api.token_file else self.api.token
-        if token:
-            h["Authorization"] = f"Bearer {token}"
-        return h
-
-    def _sess(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl()))
-        return self._session
-
-    def url(self, path: str, params: Mapping[str, str] | None = None) -> str:
-        return self.api.server + path + ("?" + urlencode(params) if params else "")
-
-    async def request(self, method: str, path: str, body: Any = None,
-                      params: Mapping[str, str] | None = None) -> Any:
-        async with self._sess().request(method, self.url(path, params), json=body, headers=self._headers(),
-                                        timeout=aiohttp.ClientTimeout(total=30)) as resp:
-            try:
-                data = await resp.json(content_type=None)
-            except ValueError:
-                data = None
-            if resp.status >= 400:
-                msg = data.get("message") if isinstance(data, dict) else resp.reason
-                raise KubeError(resp.status, str(msg))
-            return data
-
-    async def watch(self, path: str, params: Mapping[str, str]) -> AsyncIterator[dict[str, Any]]:
-        """Watch events as dicts; ends when the server closes the stream."""
-        q = {**params, "watch": "true"}
-        async with self._sess().get(self.url(path, q), headers=self._headers(),
-                                    timeout=aiohttp.ClientTimeout(total=None, sock_read=None)) as resp:
-            if resp.status >= 400:
-                raise KubeError(resp.status, (await resp.text())[:500])
-            async for line in resp.content:
-                line = line.strip()
-                if line:
-                    yield json.loads(line)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
 
 
 def collection_path(namespace: str) -> str:
@@ -211,9 +163,9 @@ def build_request(spec: ApprovalSpec, name: str, namespace: str, now: float) -> 
             "name": name,
             "namespace": namespace,
             "labels": {
-                "app.kubernetes.io/managed-by": "pgwarden-proxy",
+                LABEL_MANAGED_BY: MANAGED_BY_PROXY,
                 LABEL_CONNECTION: spec.connection,
-                LABEL_HASH: spec.hash[:63],
+                LABEL_STATEMENT_HASH: spec.hash[:63],
             },
         },
         "spec": spec_out,
@@ -253,7 +205,7 @@ def outcome_of(obj: Mapping[str, Any]) -> Outcome | None:
     decided_by = by.get("username", "") if isinstance(by, Mapping) else str(by)
     if not decided_by:  # a denial can be read before the operator wrote status: the webhook's stamp
         try:
-            stamp = json.loads(((obj.get("metadata") or {}).get("annotations") or {}).get(DECIDED_BY) or "{}")
+            stamp = json.loads(((obj.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_DECIDED_BY) or "{}")
             decided_by = str(stamp.get("username", "")) if isinstance(stamp, dict) else ""
         except ValueError:
             decided_by = ""
@@ -381,7 +333,7 @@ class KubernetesApprovals:
     async def _claim(self, obj: Mapping[str, Any], message: str) -> bool:
         """Atomically mark an approval as used: only one creator of `<name>.executed` wins."""
         name = (obj.get("metadata") or {}).get("name", "")
-        event = build_event(obj, name + EXECUTED_SUFFIX, "Executed", message, self.reporter, self.clock())
+        event = build_event(obj, name + EXECUTED_EVENT_SUFFIX, "Executed", message, self.reporter, self.clock())
         try:
             await self.client.request("POST", events_path(self.namespace), event)
         except KubeError as e:
@@ -404,7 +356,7 @@ class KubernetesApprovals:
             self._objects.pop(ticket.name, None)
 
     async def consume(self, spec: ApprovalSpec) -> Ticket | None:
-        data = await self.client.request("GET", self._path(), params={"labelSelector": f"{LABEL_HASH}={spec.hash[:63]}"})
+        data = await self.client.request("GET", self._path(), params={"labelSelector": f"{LABEL_STATEMENT_HASH}={spec.hash[:63]}"})
         now = self.clock()
         for obj in (data or {}).get("items") or []:
             s = obj.get("spec") or {}

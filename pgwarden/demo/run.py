@@ -126,7 +126,7 @@ def _run_step(conn: pg8000.dbapi.Connection, step: Step, approve: Any) -> str:
         print(f"    ✗ {code}: {msg}")
         if info.get("H"):
             print(f"      hint: {info['H']}")
-        return code
+        return str(code)
 
 
 def _epilogue(workdir: Path) -> None:

@@ -59,9 +59,6 @@ class TokenAuthenticator:
             self._reviewer = reviewer or KubernetesTokenReviewer(review, session_factory=session_factory)
         self._review_cache = ReviewCache(review.cache_ttl, clock=clock)
 
-    def keys_of(self, issuer: str) -> JWKSCache:
-        return self._keys[issuer]
-
     async def close(self) -> None:
         for cache in self._keys.values():
             await cache.close()

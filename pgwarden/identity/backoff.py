@@ -51,7 +51,7 @@ class FailureBackoff:
         self.max_delay = max_delay
         self.forget_after = forget_after
         self.max_sources = max_sources
-        self._entries: BoundedCache[tuple[str, str | None], _Entry] = BoundedCache(max(1, self.max_sources))
+        self._entries: BoundedCache[tuple[str, str | None], _Entry] = BoundedCache(max_sources)
         # one lock per (source, user) with attempts running or waiting, and how many there are
         self._turns: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
 
@@ -144,4 +144,4 @@ class FailureBackoff:
         over = failures - self.free_failures
         if over < 0:
             return 0.0
-        return min(self.max_delay, self.base * (2 ** min(over, 30)))
+        return min(self.max_delay, self.base * (2.0 ** min(over, 30)))

@@ -90,7 +90,6 @@ class JWKSCache:
         self._clock = clock
         self._state = _Loaded()
         self._lock = asyncio.Lock()
-        self.fetches = 0  # for tests and metrics: how often the source was read
         self._last_error = ""
 
     async def close(self) -> None:
@@ -129,7 +128,6 @@ class JWKSCache:
             if now - self._state.attempted_at < self.config.refresh_min_interval:
                 return
             self._state.attempted_at = now
-            self.fetches += 1
             try:
                 keys = await self._fetch()
             except KeySetUnavailable as e:

@@ -3,29 +3,26 @@
 Used for tokens of issuers not listed under `identity.oidc` — typically service-account tokens
 in a cluster whose issuer JWKS the proxy cannot reach. The API server checks signature, expiry,
 audience and whether the bound pod or secret still exists (which a JWKS check cannot).
-`TokenReviewer` is the seam: the default talks HTTP to the API server with aiohttp, tests point
-it at kmock's Kubernetes emulator.
+`TokenReviewer` is the seam: the default talks HTTP to the API server with the shared client
+(`pgwarden.k8s.client`), tests point it at kmock's Kubernetes emulator.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import ssl
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
 
+from pgwarden.cache import BoundedCache
 from pgwarden.identity.config import TokenReviewConfig
 from pgwarden.identity.tokens import TokenRejected
+from pgwarden.k8s.client import IN_CLUSTER_DIR, ApiConfig, Kube, TokenUnreadable
 from pgwarden.subjects import Identity
 
-IN_CLUSTER_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 REVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 
 
@@ -53,7 +50,7 @@ def identity_from_review(status: Mapping[str, Any], audiences: tuple[str, ...]) 
         raise TokenRejected(f"the Kubernetes API server did not confirm the token's audience (no "
                             f"status.audiences in its TokenReview answer); this proxy needs a token for "
                             f"{', '.join(audiences)}")
-    if audiences and not {g for g in granted if isinstance(g, str)} & set(audiences):
+    if audiences and not {g for g in granted or () if isinstance(g, str)} & set(audiences):
         raise TokenRejected(f"the token is not meant for this proxy: its audience must include one of "
                             f"{', '.join(audiences)}")
     user = status.get("user") or {}
@@ -77,7 +74,7 @@ class KubernetesTokenReviewer:
                  session_factory: Callable[[], aiohttp.ClientSession] | None = None) -> None:
         self.config = config
         self._session_factory = session_factory
-        self._session: aiohttp.ClientSession | None = None
+        self._kube: Kube | None = None
 
     def _api_url(self) -> str:
         if self.config.api_url:
@@ -91,52 +88,38 @@ class KubernetesTokenReviewer:
             host = f"[{host}]"
         return f"https://{host}:{port}"
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            if self._session_factory is not None:
-                self._session = self._session_factory()
-            else:
-                ca = self.config.ca_file or (str(IN_CLUSTER_DIR / "ca.crt") if not self.config.api_url else "")
-                ctx = ssl.create_default_context(cafile=ca or None)
-                self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx),
-                                                      timeout=aiohttp.ClientTimeout(total=10))
-        return self._session
-
-    def _bearer(self) -> str:
-        path = self.config.token_file or (str(IN_CLUSTER_DIR / "token") if not self.config.api_url else "")
-        if not path:
-            return ""
-        try:
-            return Path(path).read_text().strip()
-        except OSError as e:
-            raise TokenReviewUnavailable(f"cannot read the proxy's own token {path}: {e.strerror}") from e
+    def _client(self) -> Kube:
+        """The API client, made on first use: outside a pod without apiUrl, only a review fails."""
+        if self._kube is None:
+            in_cluster = not self.config.api_url
+            api = ApiConfig(
+                server=self._api_url(),
+                token_file=self.config.token_file or (str(IN_CLUSTER_DIR / "token") if in_cluster else None),
+                ca_file=self.config.ca_file or (str(IN_CLUSTER_DIR / "ca.crt") if in_cluster else None),
+            )
+            self._kube = Kube(api, timeout=None if self._session_factory else 10,
+                              session_factory=self._session_factory)
+        return self._kube
 
     async def review(self, token: str, audiences: tuple[str, ...]) -> Mapping[str, Any]:
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
                 "spec": {"token": token, "audiences": list(audiences)}}
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        bearer = self._bearer()
-        if bearer:
-            headers["Authorization"] = f"Bearer {bearer}"
-        url = self._api_url() + REVIEW_PATH
         try:
-            async with self._client().post(url, data=json.dumps(body), headers=headers) as resp:
-                text = await resp.text()
-                if resp.status not in (200, 201):
-                    raise TokenReviewUnavailable(f"TokenReview answered HTTP {resp.status}; the proxy's service "
-                                                 f"account needs 'create' on tokenreviews.authentication.k8s.io")
+            answer = await self._client().send("POST", REVIEW_PATH, body)
+        except TokenUnreadable as e:
+            raise TokenReviewUnavailable(f"cannot read the proxy's own token {e.path}: {e.strerror}") from e
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             raise TokenReviewUnavailable(f"TokenReview request failed: {e or type(e).__name__}") from e
-        try:
-            status = json.loads(text).get("status") or {}
-        except (ValueError, AttributeError) as e:
-            raise TokenReviewUnavailable("TokenReview answer is not JSON") from e
-        return status
+        if answer.status not in (200, 201):
+            raise TokenReviewUnavailable(f"TokenReview answered HTTP {answer.status}; the proxy's service "
+                                         f"account needs 'create' on tokenreviews.authentication.k8s.io")
+        if not isinstance(answer.data, dict):
+            raise TokenReviewUnavailable("TokenReview answer is not JSON")
+        return answer.data.get("status") or {}
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._kube is not None:
+            await self._kube.close()
 
 
 class ReviewCache:
@@ -146,7 +129,7 @@ class ReviewCache:
         self.ttl = ttl
         self.size = size
         self._clock = clock
-        self._entries: OrderedDict[str, tuple[float, Identity]] = OrderedDict()
+        self._entries: BoundedCache[str, tuple[float, Identity]] = BoundedCache(size)
 
     @staticmethod
     def key(token: str) -> str:
@@ -158,12 +141,9 @@ class ReviewCache:
         if hit is None:
             return None
         if self._clock() - hit[0] > self.ttl:
-            del self._entries[k]
+            self._entries.pop(k)
             return None
         return hit[1]
 
     def put(self, token: str, identity: Identity) -> None:
-        self._entries[self.key(token)] = (self._clock(), identity)
-        self._entries.move_to_end(self.key(token))
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        self._entries.put(self.key(token), (self._clock(), identity))

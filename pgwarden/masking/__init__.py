@@ -18,7 +18,8 @@ from pgwarden.masking.rows import (
 )
 from pgwarden.masking.ruleset import MaskingSet, load_masking
 from pgwarden.masking.strategies import REDACTED, STRATEGIES
-from pgwarden.masking.subject import Field, MaskingSession, ResultPlan, StatementPlan, SubjectMasking
+from pgwarden.masking.subject import MaskingSession, ResultPlan, StatementPlan, SubjectMasking
+from pgwarden.pgwire import Field
 
 __all__ = [
     "BUILTIN_DETECTORS",

@@ -170,7 +170,7 @@ class Catalog:
             schema, name = qual.split(".")
             sql, cols2 = (v, ()) if isinstance(v, str) else (v[0], tuple(v[1]))
             rels[(schema, name)] = Relation(schema, name, "v", tuple(cols2), (), (), oids.get(qual, 0), sql)
-        ufs = frozenset(tuple(f.split(".")) for f in user_functions)  # type: ignore[misc]
+        ufs = frozenset(tuple(f.split(".")) for f in user_functions)
         return cls(
             relations=rels,
             builtin_functions=frozenset(builtin_functions) if builtin_functions is not None else None,

@@ -204,7 +204,7 @@ def _analyze(sql: str, search_path: tuple[str, ...], server_version: int = 0) ->
     except RecursionError:
         return Analysis(error="the statement is nested too deeply to analyse")
     key = (blind_tree(text), search_path, server_version)
-    hit = _BLIND_CACHE.get(key)
+    hit = _BLIND_CACHE.get(key, touch=True)
     if hit is not None:
         return hit
     reads_before = _CONSTANT_READS.count
@@ -397,7 +397,7 @@ def _is_true(arg: Any) -> bool:
     if "Boolean" in arg:
         return bool(arg["Boolean"].get("boolval", False))
     if "Integer" in arg:
-        return arg["Integer"].get("ival", 0) != 0
+        return bool(arg["Integer"].get("ival", 0) != 0)
     if "String" in arg:
         return arg["String"].get("sval", "").lower() not in ("false", "off", "0", "no", "of", "f", "n")
     return True  # unknown spelling: assume it runs (fail closed)

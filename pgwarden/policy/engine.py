@@ -26,7 +26,6 @@ from pgwarden.cache import BoundedCache
 from pgwarden.errors import AgentError, ApprovalRequired, PolicyDenied
 from pgwarden.policy import functions as fn
 from pgwarden.policy.analysis import (
-    ANY,
     CATALOG_SCHEMAS,
     SENSITIVE_CATALOG_RELATIONS,
     Access,
@@ -40,6 +39,7 @@ from pgwarden.policy.analysis import (
     display,
 )
 from pgwarden.policy.model import (
+    ANY,
     OPERATIONS,
     SEVERITY,
     AccessPolicy,
@@ -197,7 +197,7 @@ class SubjectPolicy:
         """
         key = (sql, session.search_path, session.server_version)
         if prepare_as is None:
-            cached = self._cache.get(key)
+            cached = self._cache.get(key, touch=True)
             if cached is not None:
                 return cached
         analysis = analyze(sql, session.search_path, session.server_version)

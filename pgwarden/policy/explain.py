@@ -16,7 +16,7 @@ from pgwarden.errors import UserError
 from pgwarden.policy.catalog_names import known_version
 from pgwarden.policy.engine import SessionState
 from pgwarden.policy.policyset import load_policies
-from pgwarden.resources import ResourceError, load_documents, of_kind
+from pgwarden.resources import Document, ResourceError, load_documents, of_kind
 from pgwarden.subjects import Identity
 from pgwarden.textsafe import json_dumps
 
@@ -48,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
     return EXIT_CODES[decision.action]
 
 
-def _only_connection(docs: list, from_policies: tuple[str, ...]) -> str:
+def _only_connection(docs: list[Document], from_policies: tuple[str, ...]) -> str:
     names = sorted({d.name for d in of_kind(docs, "DatabaseConnection")} | set(from_policies))
     if len(names) == 1:
         return names[0]

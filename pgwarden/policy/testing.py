@@ -84,7 +84,7 @@ class Outcome:
 
 
 def from_decision(d: Decision) -> Outcome:
-    return Outcome(d.action, d.enforce, d.rule, "; ".join(d.reasons))  # type: ignore[arg-type]
+    return Outcome(d.action, d.enforce, d.rule, "; ".join(d.reasons))
 
 
 @dataclass(frozen=True)

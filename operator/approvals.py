@@ -34,7 +34,6 @@ from pgwarden.approvals.model import (
     Preview,
     describe_reviewers,
     identity_from_username,
-    iso,
     kubectl_patch_command,
     parse_iso,
     same_principal,
@@ -42,6 +41,7 @@ from pgwarden.approvals.model import (
 from pgwarden.k8s.names import ANNOTATION_APPROVED_BY, ANNOTATION_CREATED_BY, ANNOTATION_DECIDED_BY
 from pgwarden.resources import Document, ResourceError
 from pgwarden.subjects import Identity, SubjectRef, parse_subjects
+from pgwarden.times import iso
 
 DECIDED_BY = ANNOTATION_DECIDED_BY
 APPROVALS = ANNOTATION_APPROVED_BY

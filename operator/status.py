@@ -9,9 +9,10 @@ Every kind has `Ready`, so `kubectl wait --for=condition=Ready` works on each.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
+
+from pgwarden.times import iso
 
 ConditionType = Literal["Reachable", "CredentialsReady", "BundleReady", "Valid", "Compiled", "Ready"]
 ConnectionPhase = Literal["Pending", "Ready", "Degraded", "Error"]
@@ -29,11 +30,6 @@ Reason = Literal[
     "Connected", "Rotated", "Current", "Published", "ApiError",
     "Validated", "ValidationFailed", "Invalid", "InBundle", "NotInBundle", "ConnectionNotFound",
 ]
-
-
-def iso(epoch: float | None = None) -> str:
-    t = dt.datetime.now(dt.UTC) if epoch is None else dt.datetime.fromtimestamp(epoch, dt.UTC)
-    return t.replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def condition(type_: ConditionType, ok: bool | None, reason: Reason, message: str = "", generation: int | None = None) -> dict[str, Any]:

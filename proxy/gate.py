@@ -36,6 +36,7 @@ from pgwarden.proxy.relay import GUARD_PREFIX, AffectedGuard, Verdict, stricter
 from pgwarden.proxy.session import PortalEntry, PreparedEntry, SessionNames
 from pgwarden.proxy.statements import rebinds, shown_sql, statement_changes
 from pgwarden.subjects import Identity, Workload
+from pgwarden.times import iso
 
 if TYPE_CHECKING:  # the composition root's parts, built by hooks.py (imported there, not here)
     from pgwarden.approvals.model import ApprovalBackend
@@ -478,7 +479,7 @@ class SessionGate:
         lk = breaker.refused(subject, limit.count, limit.window, limit.lockout, err.message)
         if lk is None:
             return err
-        until = records.iso(lk.until)
+        until = iso(lk.until)
         lift = f"pgwarden lockouts lift {subject!r} --state {breaker.path}" if breaker.path else "restart the proxy"
         if self.rt.audit is not None:
             rec = self.ainfo.base("lockout")

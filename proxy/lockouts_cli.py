@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from pgwarden.audit.records import iso
 from pgwarden.proxy.circuit import lift, read_book
 from pgwarden.textsafe import escape
+from pgwarden.times import iso
 
 DEFAULT_STATE = "pgwarden-data/lockouts.json"
 

@@ -36,6 +36,7 @@ from pgwarden.proxy.reload import ReloadStatus
 from pgwarden.proxy.sessioninfo import SessionHooks, SessionInfo
 from pgwarden.proxy.wire import ConnectionClosed, Endpoint
 from pgwarden.subjects import Workload
+from pgwarden.times import iso
 
 log = logging.getLogger("pgwarden.proxy")
 
@@ -441,15 +442,15 @@ async def _refuse_if_locked_out(rt: Any, ainfo: records.SessionInfo, subject: st
     for lk in breaker.take_lifts():
         if rt.audit is not None:
             rec = ainfo.base("lockout.end")
-            rec.update(lockout={"subject": lk.subject, "until": records.iso(lk.until),
-                                **({"liftedBy": lk.lifted_by, "liftedAt": records.iso(lk.lifted_at)}
+            rec.update(lockout={"subject": lk.subject, "until": iso(lk.until),
+                                **({"liftedBy": lk.lifted_by, "liftedAt": iso(lk.lifted_at)}
                                    if lk.lifted_by else {"expired": True})})
             rt.audit.emit(rec)
     lk = breaker.locked(subject)
     if lk is None:
         return
     err = LockedOut(
-        f"pgwarden refuses a session to {subject}: locked out of this proxy until {records.iso(lk.until)} "
+        f"pgwarden refuses a session to {subject}: locked out of this proxy until {iso(lk.until)} "
         f"after {lk.refused} refused statements (limits.maxDenials)",
         hint="Whoever runs this proxy can lift it early: pgwarden lockouts lift SUBJECT --state "
              f"{breaker.path} (in a cluster, from the pgwarden-proxy container).",

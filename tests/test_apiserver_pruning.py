@@ -22,6 +22,7 @@ from pgwarden.operator import injection as inj
 from pgwarden.operator.settings import InjectionSettings
 from pgwarden.resources import document_from_object
 from pgwarden.subjects import Identity, SubjectRef
+from pgwarden.times import iso
 
 CRDS = crds()
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())
@@ -208,7 +209,7 @@ class TestApprovalRequest:
         when = NOW + (10_000 if phase_path == "expired" else 2)
         for step in range(3):
             change = ar.next_status(
-                stored, when + step, executed_at=status.iso(when) if phase_path == "executed" else None
+                stored, when + step, executed_at=iso(when) if phase_path == "executed" else None
             )
             if not change.status:
                 break
@@ -481,7 +482,7 @@ class TestReadyConditions:
     def test_approval_request_is_ready_while_approved_and_unused(self) -> None:
         crd = CRDS["ApprovalRequest"]
         stored = TestCelRules().approved()
-        for executed in (None, status.iso(NOW + 3)):
+        for executed in (None, iso(NOW + 3)):
             change = ar.next_status(stored, NOW + 2, executed_at=executed)
             stored, dropped = patch_status(stored, {"status": dict(change.status)}, crd)
             assert dropped == []

@@ -12,9 +12,9 @@ from typing import Any
 import jsonpatch
 import pytest
 
-from pgwarden.approvals.model import iso
 from pgwarden.operator import approvals as ar
 from pgwarden.subjects import SubjectRef
+from pgwarden.times import iso
 
 NS = "agents"
 NOW = time.time()

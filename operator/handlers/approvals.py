@@ -23,12 +23,12 @@ from typing import Any
 
 import kopf
 
-from pgwarden.approvals.model import iso
 from pgwarden.k8s import client as kube
 from pgwarden.k8s import names
 from pgwarden.operator import approvals
 from pgwarden.operator.runtime import Runtime, add_to_patch, for_events
 from pgwarden.resources import parse_duration
+from pgwarden.times import iso
 
 APPROVAL_REQUESTS = (names.GROUP, names.VERSION, names.APPROVAL_REQUESTS)
 

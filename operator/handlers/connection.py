@@ -23,6 +23,7 @@ from pgwarden.operator.handlers.policies import rebuild_bundle
 from pgwarden.operator.rotation import Action, RotationSpec
 from pgwarden.operator.runtime import Runtime, for_events
 from pgwarden.resources import ResourceError, document_from_object
+from pgwarden.times import iso
 
 API_TIMEOUT = 30.0  # seconds for one API call made while the rotation lock is held
 T = TypeVar("T")
@@ -119,11 +120,11 @@ async def _reconcile_locked(
         "secretName": conn.secret_name,
         "activeRole": plan.active,
         "version": plan.version,
-        "nextRotationAt": status.iso(plan.next_rotation_at),
-        "graceEndsAt": status.iso(plan.grace_ends_at) if plan.grace_ends_at else None,
+        "nextRotationAt": iso(plan.next_rotation_at),
+        "graceEndsAt": iso(plan.grace_ends_at) if plan.grace_ends_at else None,
     }
     if plan.activated_at:
-        creds_status["rotatedAt"] = status.iso(plan.activated_at)
+        creds_status["rotatedAt"] = iso(plan.activated_at)
     if plan.action is not Action.NONE:
         creds_status["lastAction"] = plan.action.value
     st["serverVersion"] = outcome.server_version
@@ -139,7 +140,7 @@ async def _reconcile_locked(
         conds.append(_bundle_condition(result, generation))
         if result.data is not None and result.published:
             st["bundle"] = {"configMapName": injection.bundle_configmap_name(conn.name), "digest": result.digest,
-                            "updatedAt": status.iso(runtime.clock()),
+                            "updatedAt": iso(runtime.clock()),
                             "policies": sum(1 for k in result.reports if k[0] == "AccessPolicy"),
                             "maskingRules": sum(1 for k in result.reports if k[0] == "MaskingRule")}
     st["conditions"], st["phase"] = status.connection_conditions(prev, conds, generation)

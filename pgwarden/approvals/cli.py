@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 
 from pgwarden.approvals.local import DEV_WARNING, LocalApprovals, Row, default_db_path
-from pgwarden.approvals.model import APPROVED, DENIED, ApprovalError, Preview, iso
+from pgwarden.approvals.model import APPROVED, DENIED, ApprovalError, Preview
 from pgwarden.errors import UserError
 from pgwarden.textsafe import Escaper
+from pgwarden.times import iso
 
 
 def _age(seconds: float) -> str:

@@ -38,7 +38,6 @@ from pgwarden.approvals.model import (
     Outcome,
     Preview,
     Ticket,
-    iso,
     kubectl_patch_command,
     parse_iso,
 )
@@ -57,6 +56,7 @@ from pgwarden.k8s.names import (
     VERSION,
     Kind,
 )
+from pgwarden.times import iso
 
 log = logging.getLogger("pgwarden.approvals.kubernetes")
 

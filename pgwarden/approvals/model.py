@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
 from pgwarden.subjects import Identity, SubjectRef
+from pgwarden.times import iso
 
 Mode = Literal["wait", "defer"]
 State = Literal["approved", "denied", "expired"]
@@ -400,10 +401,6 @@ def decide(req: RequestView, approver: str, decision: str, now: float | None = N
                                           f"recorded; {left} more needed from other reviewers", tuple(notes))
     decided_by = ", ".join(v.approver for v in votes)
     return Change(APPROVED, votes, decided_by, f"request {req.id} approved by {decided_by}", tuple(notes))
-
-
-def iso(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
 def parse_iso(value: str) -> float:

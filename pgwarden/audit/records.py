@@ -22,7 +22,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
 
@@ -32,11 +31,6 @@ MaskText = Callable[[str], str]
 Param = str | bytes | bytearray | memoryview | None
 
 MAX_PARAM_CHARS = 4096
-
-
-def iso(epoch: float) -> str:
-    """An epoch time as the records write times (UTC, ISO 8601, Z)."""
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 _second: list[Any] = [-1, ""]  # the last whole second formatted, and its text up to the seconds

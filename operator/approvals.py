@@ -38,6 +38,7 @@ from pgwarden.approvals.model import (
     parse_iso,
     same_principal,
 )
+from pgwarden.k8s.merge import merge_into
 from pgwarden.k8s.names import ANNOTATION_APPROVED_BY, ANNOTATION_CREATED_BY, ANNOTATION_DECIDED_BY
 from pgwarden.resources import Document, ResourceError
 from pgwarden.subjects import Identity, SubjectRef, parse_subjects
@@ -91,7 +92,7 @@ class Admission:
     def json_patch(self, obj: Mapping[str, Any]) -> list[dict[str, Any]]:
         """The RFC 6902 patch the API server applies (as kopf builds it from a merge patch)."""
         after = copy.deepcopy(dict(obj))
-        _merge(after, self.patch)
+        merge_into(after, self.patch, none_deletes=True)
         return list(jsonpatch.JsonPatch.from_diff(dict(obj), after).patch)
 
 
@@ -111,19 +112,6 @@ def _spec(obj: Mapping[str, Any] | None) -> Mapping[str, Any]:
 
 def _name(obj: Mapping[str, Any] | None) -> str:
     return str(((obj or {}).get("metadata") or {}).get("name", "?"))
-
-
-def _merge(dst: dict[str, Any], src: Mapping[str, Any]) -> None:
-    for k, v in src.items():
-        if isinstance(v, Mapping):
-            node = dst.get(k)
-            if not isinstance(node, dict):
-                node = dst[k] = {}
-            _merge(node, v)
-        elif v is None:
-            dst.pop(k, None)
-        else:
-            dst[k] = v
 
 
 def userinfo_identity(userinfo: Mapping[str, Any]) -> Identity:

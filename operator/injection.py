@@ -27,6 +27,7 @@ from typing import Any
 
 import jsonpatch  # kopf's own dependency, used for its admission patches
 
+from pgwarden.k8s.merge import merge_into
 from pgwarden.k8s.names import (
     ANNOTATION_INJECT,
     ANNOTATION_INJECT_ENV,
@@ -458,7 +459,7 @@ def inject_manifest(obj: Mapping[str, Any], connection: str | None, targets: Map
             out.setdefault("metadata", {}).setdefault("annotations", {})[ANNOTATION_INJECT] = connection
         carry = carry_annotations_patch(out)
         if carry is not None:
-            _merge(out, carry)
+            merge_into(out, carry)
         template = _dig(out, path)
         if not isinstance(template, dict):
             return out
@@ -477,11 +478,3 @@ def inject_manifest(obj: Mapping[str, Any], connection: str | None, targets: Map
     return out
 
 
-def _merge(base: dict[str, Any], patch: Mapping[str, Any]) -> None:
-    for k, v in patch.items():
-        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
-        elif isinstance(v, Mapping):
-            base[k] = copy.deepcopy(dict(v))
-        else:
-            base[k] = v

@@ -14,6 +14,7 @@ import kopf
 from pgwarden.k8s import client as kube
 from pgwarden.k8s import names
 from pgwarden.k8s.client import Kube
+from pgwarden.k8s.merge import merge_into
 from pgwarden.operator.settings import OperatorSettings
 
 
@@ -65,8 +66,4 @@ def for_events(obj: Mapping[str, Any]) -> kopf.Body:
 def add_to_patch(patch: MutableMapping[str, Any], changes: Mapping[str, Any]) -> None:
     """Merge `changes` into the merge patch kopf sends for a handler (or an admission response):
     nested mappings merge key by key, anything else (None too: a merge patch's "remove") is set."""
-    for k, v in changes.items():
-        if isinstance(v, Mapping):
-            add_to_patch(patch.setdefault(k, {}), v)
-        else:
-            patch[k] = v
+    merge_into(patch, changes)

@@ -1,0 +1,28 @@
+"""The one deep merge the operator uses for injection, merge patches and kopf's patch."""
+
+from __future__ import annotations
+
+from pgwarden.k8s.merge import merge_into
+
+
+def test_nested_mappings_merge_and_other_values_replace() -> None:
+    dst = {"metadata": {"labels": {"a": "1"}, "name": "x"}, "spec": {"containers": [1]}}
+    merge_into(dst, {"metadata": {"labels": {"b": "2"}}, "spec": {"containers": [2]}})
+    assert dst == {"metadata": {"labels": {"a": "1", "b": "2"}, "name": "x"}, "spec": {"containers": [2]}}
+
+
+def test_a_merge_patch_deletes_on_none_and_a_patch_keeps_it() -> None:
+    obj = {"spec": {"decision": "approved", "reason": "ok"}}
+    merge_into(obj, {"spec": {"reason": None}}, none_deletes=True)
+    assert obj == {"spec": {"decision": "approved"}}
+    patch: dict[str, object] = {"metadata": {"annotations": {"a": "1"}}}
+    merge_into(patch, {"metadata": {"annotations": {"b": None}}})
+    assert patch == {"metadata": {"annotations": {"a": "1", "b": None}}}  # kopf's patch: "remove b"
+
+
+def test_the_result_shares_no_list_with_the_source() -> None:
+    src = {"spec": {"volumes": [{"name": "v"}]}}
+    dst: dict[str, object] = {}
+    merge_into(dst, src)
+    src["spec"]["volumes"].append({"name": "w"})
+    assert dst == {"spec": {"volumes": [{"name": "v"}]}}

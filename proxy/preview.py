@@ -28,7 +28,14 @@ from typing import Any
 from pgwarden.approvals.model import PREVIEW_SAMPLE_MAX, PREVIEW_VALUE_MAX, Preview
 from pgwarden.errors import AgentError
 from pgwarden.pgwire import Field
-from pgwarden.policy.preview import COUNT_COLUMN, NoPreview, PreviewPlan, plan_preview
+from pgwarden.policy.preview import (
+    COUNT_COLUMN,
+    NoPreview,
+    PreviewPlan,
+    effects_refusal,
+    effects_sql,
+    plan_preview,
+)
 from pgwarden.proxy import messages as m
 from pgwarden.proxy import upstream as up
 from pgwarden.proxy.config import ProxyConfig
@@ -58,6 +65,7 @@ class Result:
     rows: tuple[bytes, ...] = ()
     tag: str = ""
     error: Mapping[str, str] | None = None
+    unavailable: str = ""  # the write was not run: why (what it would run besides itself)
 
 
 # -- wire messages (frontend) -------------------------------------------------------------------
@@ -100,6 +108,8 @@ def _text(v: bytes | None) -> str | None:
 def preview_of(plan: PreviewPlan, result: Result, notes: Sequence[str] = ()) -> Preview:
     """The Preview for what the preview text returned. Pure."""
     reason = "; ".join(notes)
+    if result.unavailable:
+        return Preview("unavailable", reason=result.unavailable)
     if result.error is not None:
         code = result.error.get("C", "")
         msg = result.error.get("M", "")
@@ -205,6 +215,16 @@ async def _run(
     )
     if begin.error is not None:
         return Result(error={"C": begin.error.get("C", ""), "M": "could not start the preview transaction"})
+    if plan.target:
+        found = await _query(ep, effects_sql(plan.target))
+        if found.error is not None:
+            await _query(ep, "ROLLBACK")
+            return Result(error={"C": found.error.get("C", ""), "M": "could not look up what the write would run"})
+        values = m.parse_data_row(found.rows[0]) if found.rows else [None, None, None]
+        why = effects_refusal(*(None if v is None else v.decode("utf-8", "replace") for v in values[:3]))
+        if why:
+            await _query(ep, "ROLLBACK")
+            return Result(unavailable=why)
     ep.write(run_messages(plan.sql, params, formats))
     result = await _until_ready(ep, mask_rows, mask_error)
     await _query(ep, "ROLLBACK")

@@ -812,3 +812,55 @@ def test_approved_inside_an_open_transaction_grown_rolls_back_to_a_savepoint(pre
     # the transaction is still usable (not aborted), and the guarded DELETE left nothing behind in it
     assert box["status"] == psycopg.pq.TransactionStatus.INTRANS and box["after"] == (3,)
     assert direct_count(pg, "tx-del") == 3
+
+
+# -- writes that would run code besides themselves ------------------------------------------------------
+@pytest.mark.parametrize("how", ["trigger", "cascade"])
+def test_a_write_that_fires_triggers_gets_no_preview_and_is_never_run_for_one(
+    previewing: Any, pg: Any, how: str
+) -> None:
+    """A trigger's function may reach outside the transaction (dblink, an untrusted language), on
+    the table itself or on a table a foreign key cascades to: the write is not run before a human
+    has approved it, and the request says why."""
+    setup = {
+        "trigger": f"""
+            CREATE FUNCTION public.preview_note() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN OLD; END';
+            CREATE TRIGGER preview_outside BEFORE DELETE ON {TABLE} FOR EACH ROW EXECUTE FUNCTION public.preview_note();
+        """,
+        "cascade": f"""
+            CREATE FUNCTION public.preview_note() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN OLD; END';
+            CREATE TABLE public.preview_child (id serial PRIMARY KEY,
+                person int REFERENCES {TABLE} (id) ON DELETE CASCADE);
+            CREATE TRIGGER preview_outside BEFORE DELETE ON public.preview_child
+                FOR EACH ROW EXECUTE FUNCTION public.preview_note();
+        """,
+    }[how]
+    pg.psql(setup, dbname=SHOP_DB)
+    try:
+        proxy, db, _ = previewing()
+        seed(pg, f"trg-{how}", 2)
+        mark = pg.log_position()
+        t, box = in_background(lambda: proxy.psql("-c", f"DELETE FROM {TABLE} WHERE batch = 'trg-{how}'"))
+        req = wait_pending(db)
+        pv = req["preview"]
+        assert pv["state"] == "unavailable" and "preview_outside" in pv["reason"], pv
+        assert "pgwarden_preview" not in pg.log_since(mark)  # the write was never run for a preview
+        assert direct_count(pg, f"trg-{how}") == 2
+        assert cli(db, "deny", req["id"], "--as", "dba-alice").returncode == 0
+        t.join(30)
+        assert direct_count(pg, f"trg-{how}") == 2
+    finally:
+        pg.psql("DROP TABLE IF EXISTS public.preview_child; DROP TRIGGER IF EXISTS preview_outside ON "
+                f"{TABLE}; DROP FUNCTION IF EXISTS public.preview_note()", dbname=SHOP_DB)
+
+
+def test_the_effects_query_names_views_triggers_and_rules() -> None:
+    from pgwarden.policy.preview import NoPreview, effects_refusal, effects_sql, plan_preview
+
+    plan = plan_preview('DELETE FROM "Odd""Schema".t WHERE id = 1')
+    assert not isinstance(plan, NoPreview) and plan.target == '"Odd""Schema"."t"'
+    assert "'\"Odd\"\"Schema\".\"t\"'::regclass" in effects_sql(plan.target)
+    assert effects_refusal(None, None, None) is None
+    assert "v (v)" in (effects_refusal("v (v)", None, None) or "")
+    assert "trg on t" in (effects_refusal(None, "trg on t", None) or "")
+    assert "r on t" in (effects_refusal(None, None, "r on t") or "")

@@ -69,6 +69,48 @@ class PreviewPlan:
     # UPDATE: the target's rows as stored (`SELECT * FROM target`): masking plans the sample's
     # "before" columns by this text, whose lineage is the table's own columns in the same order
     before_sql: str = ""
+    # the written table, as an identifier text for ::regclass: what else the write would run
+    # (triggers, rules, cascades) is looked up in the preview's transaction before it runs
+    target: str = ""
+
+
+# What a write on `target` may run besides itself: the relations it reaches (inheritance children
+# and partitions, and the tables foreign keys cascade to) that are not plain tables, and their
+# user triggers and rules. Each runs code a rollback may not undo (dblink, an untrusted language).
+EFFECTS_SQL = """WITH RECURSIVE reached(oid) AS (
+    SELECT {target}::regclass::oid
+  UNION
+    SELECT x.oid FROM reached r CROSS JOIN LATERAL (
+        SELECT i.inhrelid AS oid FROM pg_catalog.pg_inherits i WHERE i.inhparent = r.oid
+      UNION ALL
+        SELECT c.conrelid FROM pg_catalog.pg_constraint c
+        WHERE c.confrelid = r.oid AND c.contype = 'f'
+          AND (c.confdeltype IN ('c', 'n', 'd') OR c.confupdtype IN ('c', 'n', 'd'))) x
+)
+SELECT (SELECT string_agg(DISTINCT format('%s (%s)', c.oid::regclass, c.relkind), ', ')
+          FROM reached r JOIN pg_catalog.pg_class c ON c.oid = r.oid WHERE c.relkind NOT IN ('r', 'p')),
+       (SELECT string_agg(DISTINCT format('%s on %s', t.tgname, t.tgrelid::regclass), ', ')
+          FROM reached r JOIN pg_catalog.pg_trigger t ON t.tgrelid = r.oid
+          WHERE NOT t.tgisinternal AND t.tgenabled <> 'D'),
+       (SELECT string_agg(DISTINCT format('%s on %s', w.rulename, w.ev_class::regclass), ', ')
+          FROM reached r JOIN pg_catalog.pg_rewrite w ON w.ev_class = r.oid WHERE w.rulename <> '_RETURN')"""
+
+
+def effects_sql(target: str) -> str:
+    """The EFFECTS_SQL query for `target` (an identifier text; quoted as a literal here). Pure."""
+    return EFFECTS_SQL.format(target="'" + target.replace("'", "''") + "'")
+
+
+def effects_refusal(not_tables: str | None, triggers: str | None, rules: str | None) -> str | None:
+    """Why the write is not run for a preview, given what EFFECTS_SQL found, or None. Pure."""
+    if not_tables:
+        return (f"it writes through {not_tables}, not a plain table (a view's or a foreign table's "
+                "writes run code or reach outside the database)")
+    if triggers:
+        return f"it fires triggers ({triggers}), whose functions may do what a rollback does not undo"
+    if rules:
+        return f"it fires rules ({rules}), which run further statements"
+    return None
 
 
 @dataclass(frozen=True)
@@ -200,10 +242,13 @@ def plan_preview(
     )
     stmt: Any = stmts[0].stmt
     kind = _KINDS[type(stmt).__name__]
+    rel = stmt.relation
+    target = ".".join(_quote(p) for p in (rel.catalogname, rel.schemaname, rel.relname) if p)
     if kind == "merge" and server_version and server_version < 17:
         return PreviewPlan(
             kind,
             RawStream()(stmt),
+            target=target,
             count_only=True,
             notes=(
                 *notes,
@@ -226,4 +271,4 @@ def plan_preview(
     # the statement's own WITH queries move up a level, beside it: a data-modifying CTE must be at the top
     outer.withClause.ctes = (*(with_clause.ctes if with_clause is not None else ()), cte)
     outer.withClause.recursive = bool(with_clause is not None and with_clause.recursive)
-    return PreviewPlan(kind, RawStream()(outer), notes=notes, before_sql=before_sql)
+    return PreviewPlan(kind, RawStream()(outer), notes=notes, before_sql=before_sql, target=target)

@@ -220,8 +220,8 @@ async def _run(
         if found.error is not None:
             await _query(ep, "ROLLBACK")
             return Result(error={"C": found.error.get("C", ""), "M": "could not look up what the write would run"})
-        values = m.parse_data_row(found.rows[0]) if found.rows else [None, None, None]
-        why = effects_refusal(*(None if v is None else v.decode("utf-8", "replace") for v in values[:3]))
+        values = m.parse_data_row(found.rows[0]) if found.rows else [None] * 4
+        why = effects_refusal(*(None if v is None else v.decode("utf-8", "replace") for v in values[:4]))
         if why:
             await _query(ep, "ROLLBACK")
             return Result(unavailable=why)

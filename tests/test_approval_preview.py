@@ -815,7 +815,7 @@ def test_approved_inside_an_open_transaction_grown_rolls_back_to_a_savepoint(pre
 
 
 # -- writes that would run code besides themselves ------------------------------------------------------
-@pytest.mark.parametrize("how", ["trigger", "cascade"])
+@pytest.mark.parametrize("how", ["trigger", "cascade", "default"])
 def test_a_write_that_fires_triggers_gets_no_preview_and_is_never_run_for_one(
     previewing: Any, pg: Any, how: str
 ) -> None:
@@ -834,6 +834,12 @@ def test_a_write_that_fires_triggers_gets_no_preview_and_is_never_run_for_one(
             CREATE TRIGGER preview_outside BEFORE DELETE ON public.preview_child
                 FOR EACH ROW EXECUTE FUNCTION public.preview_note();
         """,
+        # ON DELETE SET DEFAULT evaluates the child's default, which calls a function of its own
+        "default": f"""
+            CREATE FUNCTION public.preview_outside() RETURNS int LANGUAGE sql AS 'SELECT NULL::int';
+            CREATE TABLE public.preview_child (id serial PRIMARY KEY,
+                person int DEFAULT public.preview_outside() REFERENCES {TABLE} (id) ON DELETE SET DEFAULT);
+        """,
     }[how]
     pg.psql(setup, dbname=SHOP_DB)
     try:
@@ -851,7 +857,8 @@ def test_a_write_that_fires_triggers_gets_no_preview_and_is_never_run_for_one(
         assert direct_count(pg, f"trg-{how}") == 2
     finally:
         pg.psql("DROP TABLE IF EXISTS public.preview_child; DROP TRIGGER IF EXISTS preview_outside ON "
-                f"{TABLE}; DROP FUNCTION IF EXISTS public.preview_note()", dbname=SHOP_DB)
+                f"{TABLE}; DROP FUNCTION IF EXISTS public.preview_note(); "
+                "DROP FUNCTION IF EXISTS public.preview_outside()", dbname=SHOP_DB)
 
 
 def test_the_effects_query_names_views_triggers_and_rules() -> None:
@@ -864,3 +871,4 @@ def test_the_effects_query_names_views_triggers_and_rules() -> None:
     assert "v (v)" in (effects_refusal("v (v)", None, None) or "")
     assert "trg on t" in (effects_refusal(None, "trg on t", None) or "")
     assert "r on t" in (effects_refusal(None, None, "r on t") or "")
+    assert "f(integer)" in (effects_refusal(None, None, None, "f(integer)") or "")

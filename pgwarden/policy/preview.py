@@ -75,8 +75,10 @@ class PreviewPlan:
 
 
 # What a write on `target` may run besides itself: the relations it reaches (inheritance children
-# and partitions, and the tables foreign keys cascade to) that are not plain tables, and their
-# user triggers and rules. Each runs code a rollback may not undo (dblink, an untrusted language).
+# and partitions, and the tables foreign keys cascade to) that are not plain tables, their user
+# triggers and rules, and the functions outside pg_catalog their column defaults (generated columns
+# too) and check constraints call. Each runs code a rollback may not undo (dblink, an untrusted
+# language).
 EFFECTS_SQL = """WITH RECURSIVE reached(oid) AS (
     SELECT {target}::regclass::oid
   UNION
@@ -93,7 +95,16 @@ SELECT (SELECT string_agg(DISTINCT format('%s (%s)', c.oid::regclass, c.relkind)
           FROM reached r JOIN pg_catalog.pg_trigger t ON t.tgrelid = r.oid
           WHERE NOT t.tgisinternal AND t.tgenabled <> 'D'),
        (SELECT string_agg(DISTINCT format('%s on %s', w.rulename, w.ev_class::regclass), ', ')
-          FROM reached r JOIN pg_catalog.pg_rewrite w ON w.ev_class = r.oid WHERE w.rulename <> '_RETURN')"""
+          FROM reached r JOIN pg_catalog.pg_rewrite w ON w.ev_class = r.oid WHERE w.rulename <> '_RETURN'),
+       (SELECT string_agg(DISTINCT p.oid::regprocedure::text, ', ')
+          FROM reached r
+          JOIN pg_catalog.pg_depend d ON d.refclassid = 'pg_catalog.pg_proc'::regclass
+           AND ((d.classid = 'pg_catalog.pg_attrdef'::regclass
+                 AND d.objid IN (SELECT a.oid FROM pg_catalog.pg_attrdef a WHERE a.adrelid = r.oid))
+             OR (d.classid = 'pg_catalog.pg_constraint'::regclass
+                 AND d.objid IN (SELECT c.oid FROM pg_catalog.pg_constraint c WHERE c.conrelid = r.oid)))
+          JOIN pg_catalog.pg_proc p ON p.oid = d.refobjid
+          WHERE p.pronamespace <> 'pg_catalog'::regnamespace)"""
 
 
 def effects_sql(target: str) -> str:
@@ -101,7 +112,8 @@ def effects_sql(target: str) -> str:
     return EFFECTS_SQL.format(target="'" + target.replace("'", "''") + "'")
 
 
-def effects_refusal(not_tables: str | None, triggers: str | None, rules: str | None) -> str | None:
+def effects_refusal(not_tables: str | None, triggers: str | None, rules: str | None,
+                    functions: str | None = None) -> str | None:
     """Why the write is not run for a preview, given what EFFECTS_SQL found, or None. Pure."""
     if not_tables:
         return (f"it writes through {not_tables}, not a plain table (a view's or a foreign table's "
@@ -110,6 +122,9 @@ def effects_refusal(not_tables: str | None, triggers: str | None, rules: str | N
         return f"it fires triggers ({triggers}), whose functions may do what a rollback does not undo"
     if rules:
         return f"it fires rules ({rules}), which run further statements"
+    if functions:
+        return (f"a column default or check constraint it evaluates calls {functions}, which is not a "
+                "built-in: what it does outside the transaction could not be rolled back")
     return None
 
 

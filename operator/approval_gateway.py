@@ -35,6 +35,7 @@ from typing import Any
 
 from aiohttp import web
 
+from pgwarden.cache import BoundedCache
 from pgwarden.identity.tokenreview import REVIEW_PATH, identity_from_review
 from pgwarden.identity.tokens import TokenRejected
 from pgwarden.k8s import client as kube
@@ -236,7 +237,7 @@ class Gateway:
         self.audience = runtime.settings.injection.token_audience
         # sha256(token) -> (monotonic deadline, caller): one TokenReview per token per TTL
         self.review_ttl = runtime.settings.gateway.review_cache_seconds
-        self._reviews: dict[str, tuple[float, Caller]] = {}
+        self._reviews: BoundedCache[str, tuple[float, Caller]] = BoundedCache(4096)
 
     async def caller(self, request: web.Request) -> Caller:
         auth = request.headers.get("Authorization", "")
@@ -257,10 +258,7 @@ class Gateway:
         except kube.ApiError as e:
             raise Refused(503, f"the operator cannot review the token now ({e}); try again") from e
         caller = caller_from_review(review.get("status") or {}, self.audience)
-        if len(self._reviews) > 4096:
-            now = time.monotonic()
-            self._reviews = {k: v for k, v in self._reviews.items() if v[0] > now}
-        self._reviews[key] = (time.monotonic() + self.review_ttl, caller)
+        self._reviews.put(key, (time.monotonic() + self.review_ttl, caller))
         return caller
 
     async def webhook_problem(self) -> str:

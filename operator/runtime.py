@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import kopf
 
+from pgwarden.cache import BoundedCache
 from pgwarden.k8s import client as kube
 from pgwarden.k8s import names
 from pgwarden.k8s.client import Kube
@@ -36,7 +37,8 @@ class Runtime:
     # the CA (PEM) the sidecars trust for the approvals gateway, set when it starts
     operator_ca: str = ""
     # (plural, namespace, name) -> (monotonic deadline, object or None)
-    _reads: dict[tuple[str, str, str], tuple[float, dict[str, Any] | None]] = field(default_factory=dict)
+    _reads: BoundedCache[tuple[str, str, str], tuple[float, dict[str, Any] | None]] = field(
+        default_factory=lambda: BoundedCache(1024))
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         return self.locks[(namespace, name)]
@@ -51,9 +53,7 @@ class Runtime:
         if hit is not None and hit[0] > now and not fresh:
             return hit[1]
         obj = await self.kube.get(kube.path(names.API_VERSION, plural, namespace, name))
-        if len(self._reads) > 1024:  # short-lived entries; keep the dict from growing without bound
-            self._reads = {k: v for k, v in self._reads.items() if v[0] > now}
-        self._reads[key] = (now + self.settings.lookup_cache_seconds, obj)
+        self._reads.put(key, (now + self.settings.lookup_cache_seconds, obj))
         return obj
 
 

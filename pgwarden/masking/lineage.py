@@ -609,11 +609,12 @@ class Analyzer:
 
     def view_columns(self, rel: Relation) -> list[OutCol]:
         key = (self.catalog.version, rel.schema, rel.name)
-        hit = self.m.view_cache.get(key)
+        hit = self.m.view_cache.get(key, touch=True)
         if hit is not None:
+            cached, reads = hit
             # what the view's own clauses read (its WHERE may cast a masked column): its errors too
-            self.touched.update(self.m.view_reads.get(key, ()))
-            return list(hit)
+            self.touched.update(reads)
+            return list(cached)
         unknown = Taint(UNKNOWN, None, frozenset({rel.qualified}))
         if self.view_depth > 16:
             return [OutCol(c, unknown) for c in rel.columns] or spread(unknown)
@@ -634,8 +635,7 @@ class Analyzer:
         else:  # shapes disagree: every view column may be any output
             worst = derive(o.taint for o in outs)
             cols = [OutCol(n, worst) for n in rel.columns]
-        self.m.view_cache[key] = cols
-        self.m.view_reads[key] = frozenset(sub.touched)
+        self.m.view_cache.put(key, (cols, frozenset(sub.touched)))
         self.touched.update(sub.touched)
         return list(cols)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
+from pgwarden.cache import BoundedCache
 from pgwarden.masking.model import MaskingRule, parse_masking_rule
 from pgwarden.masking.subject import SubjectMasking
 from pgwarden.resources import Document, of_kind
@@ -17,7 +17,9 @@ class MaskingSet:
     """Every MaskingRule of the configuration."""
 
     rules: tuple[MaskingRule, ...] = ()
-    _cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    # by the set of rules that apply: one SubjectMasking per distinct set, whichever identity asks
+    _cache: BoundedCache[tuple[int, ...], SubjectMasking] = field(
+        default_factory=lambda: BoundedCache(256), repr=False, compare=False)
 
     def for_identity(self, identity: Identity, connection: str) -> SubjectMasking | None:
         """The caller's masking on `connection` (a DatabaseConnection name); None = see clear values."""
@@ -25,10 +27,10 @@ class MaskingSet:
         if not applying:
             return None
         key = tuple(id(r) for r in applying)
-        hit: SubjectMasking | None = self._cache.get(key)
+        hit = self._cache.get(key, touch=True)
         if hit is None:
             hit = SubjectMasking.merge(applying)
-            self._cache[key] = hit
+            self._cache.put(key, hit)
         return hit
 
 

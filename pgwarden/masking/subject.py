@@ -247,8 +247,9 @@ class SubjectMasking:
         self.hash_key = next((r.hash_key for r in rules if r.hash_key), None)
         self._fns = {s: strategy_function(s, self.hash_key) for s in
                      ("redact", "partial", "email", "last4", "hash", "null", "derived")}
-        self.view_cache: dict[Any, list[ln.OutCol]] = {}
-        self.view_reads: dict[Any, frozenset[str]] = {}  # masked columns a view's own clauses read
+        # a view's output columns and the masked columns its own clauses read, together, by
+        # (catalog version, schema, name): bounded, since every DDL makes a new catalog version
+        self.view_cache: BoundedCache[Any, tuple[list[ln.OutCol], frozenset[str]]] = BoundedCache(1024)
         self._plans: BoundedCache[Any, StatementPlan] = BoundedCache(2048)
 
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from pgwarden.cache import BoundedCache
 from pgwarden.masking.catalog import Relation
 from pgwarden.masking.detectors import DetectorSet
 
@@ -21,8 +22,9 @@ class MaskingView(Protocol):
     has_columns: bool
     detectors: DetectorSet
     allow_in_predicates: bool
-    view_cache: dict[Any, Any]  # a view's output columns by (schema, name, catalog version)
-    view_reads: dict[Any, frozenset[str]]  # masked columns a view's own clauses read
+    # a view's output columns and the masked columns its own clauses read, by (catalog version,
+    # schema, name): one entry, so the two are never evicted apart
+    view_cache: BoundedCache[Any, Any]
 
     def strategy(self, name: str) -> Callable[..., Any]: ...
 

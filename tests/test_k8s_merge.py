@@ -26,3 +26,10 @@ def test_the_result_shares_no_list_with_the_source() -> None:
     merge_into(dst, src)
     src["spec"]["volumes"].append({"name": "w"})
     assert dst == {"spec": {"volumes": [{"name": "v"}]}}
+
+
+def test_the_in_cluster_url_brackets_an_ipv6_service_host() -> None:
+    from pgwarden.k8s.client import in_cluster_server
+
+    assert in_cluster_server("10.96.0.1", "443") == "https://10.96.0.1:443"
+    assert in_cluster_server("fd00:10:96::1", "443") == "https://[fd00:10:96::1]:443"

@@ -20,7 +20,7 @@ import aiohttp
 from pgwarden.cache import BoundedCache
 from pgwarden.identity.config import TokenReviewConfig
 from pgwarden.identity.tokens import TokenRejected
-from pgwarden.k8s.client import IN_CLUSTER_DIR, ApiConfig, Kube, TokenUnreadable
+from pgwarden.k8s.client import IN_CLUSTER_DIR, ApiConfig, Kube, TokenUnreadable, in_cluster_server
 from pgwarden.subjects import Identity
 
 REVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
@@ -84,9 +84,7 @@ class KubernetesTokenReviewer:
         if not host:
             raise TokenReviewUnavailable("tokenReview.apiUrl is not set and this is not a pod "
                                          "(KUBERNETES_SERVICE_HOST is unset)")
-        if ":" in host:
-            host = f"[{host}]"
-        return f"https://{host}:{port}"
+        return in_cluster_server(host, port)
 
     def _client(self) -> Kube:
         """The API client, made on first use: outside a pod without apiUrl, only a review fails."""

@@ -98,12 +98,17 @@ def in_cluster_namespace() -> str:
     return ns_file.read_text().strip() if ns_file.exists() else ""
 
 
+def in_cluster_server(host: str, port: str = "443") -> str:
+    """The API server's URL from a pod's KUBERNETES_SERVICE_HOST / _PORT (an IPv6 address in brackets)."""
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+
+
 def load_api_config() -> ApiConfig:
     """In-cluster service account when running in a pod, else the current kubeconfig context."""
     host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
     if host and port and (IN_CLUSTER_DIR / "token").exists():
         return ApiConfig(
-            server=f"https://{host}:{port}",
+            server=in_cluster_server(host, port),
             token_file=str(IN_CLUSTER_DIR / "token"),
             ca_file=str(IN_CLUSTER_DIR / "ca.crt"),
             default_namespace=in_cluster_namespace() or "default",

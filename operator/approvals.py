@@ -48,7 +48,9 @@ DECIDED_BY = ANNOTATION_DECIDED_BY
 APPROVALS = ANNOTATION_APPROVED_BY
 CREATED_BY = ANNOTATION_CREATED_BY
 MANAGED_ANNOTATIONS = (DECIDED_BY, APPROVALS, CREATED_BY)
-MUTABLE_SPEC = ("decision", "reason")
+MUTABLE_SPEC = ("decision", "reason", "withoutPreview")
+# preview states that leave the reviewer without a count: approving then is an explicit choice
+UNMEASURED_PREVIEWS = ("failed", "timeout")
 DECISIONS = ("approved", "denied")
 
 
@@ -223,8 +225,10 @@ def _spec_without_decision(obj: Mapping[str, Any] | None) -> dict[str, Any]:
 # -- authorisation of one decision (shared by both webhooks) ----------------------------------
 
 def authorize(old: Mapping[str, Any], new_decision: str, userinfo: Mapping[str, Any],
-              policy: ReviewPolicy | None, now: float) -> Admission | None:
-    """None when `userinfo` may move the request from pending to `new_decision`; else the refusal."""
+              policy: ReviewPolicy | None, now: float, *, without_preview: bool = False) -> Admission | None:
+    """None when `userinfo` may move the request from pending to `new_decision`; else the refusal.
+    `without_preview`: the reviewer said (spec.withoutPreview) they approve a write whose preview
+    did not measure it."""
     name = _name(old)
     old_decision = _spec(old).get("decision") or "pending"
     if old_decision != "pending":
@@ -233,6 +237,16 @@ def authorize(old: Mapping[str, Any], new_decision: str, userinfo: Mapping[str, 
                     + "; a decision is final — the requester must run the statement again for a new request", 409)
     if new_decision not in DECISIONS:
         return deny(f"spec.decision must be approved or denied, not {new_decision!r}", 400)
+    preview = _spec(old).get("preview")
+    state = preview.get("state") if isinstance(preview, Mapping) else None
+    if new_decision == "approved" and state in UNMEASURED_PREVIEWS and not without_preview:
+        namespace = str((old.get("metadata") or {}).get("namespace", ""))
+        return deny(
+            f"the preview of ApprovalRequest {name} {'timed out' if state == 'timeout' else 'failed'}"
+            f" ({preview.get('reason') or 'no reason given'}): nobody knows how many rows it changes. Read the "
+            "statement, and approve with spec.withoutPreview if you accept that: kubectl patch approvalrequest "
+            f"{name} -n {namespace} --type merge -p "
+            "'{\"spec\":{\"decision\":\"approved\",\"withoutPreview\":true}}'", 400)
     who = userinfo_identity(userinfo)
     if not who.subject:
         return deny("the API server did not say who you are (no userInfo.username); refusing the decision")
@@ -294,8 +308,11 @@ def mutate(operation: str, old: Mapping[str, Any] | None, new: Mapping[str, Any]
     if new_decision == old_decision:
         if _spec(new).get("reason") != _spec(old).get("reason"):
             return deny("spec.reason is written together with the decision", 400)
+        if _spec(new).get("withoutPreview") != _spec(old).get("withoutPreview"):
+            return deny("spec.withoutPreview is written together with the decision", 400)
         return Admission(True)  # labels, kopf's bookkeeping annotations, finalizers, …
-    refusal = authorize(old, new_decision, userinfo, policy, now)
+    refusal = authorize(old, new_decision, userinfo, policy, now,
+                        without_preview=_spec(new).get("withoutPreview") is True)
     if refusal is not None:
         return refusal
     assert policy is not None
@@ -350,9 +367,12 @@ def validate(operation: str, old: Mapping[str, Any] | None, new: Mapping[str, An
     if not (votes_changed or decided_changed or new_decision != old_decision):
         if _spec(new).get("reason") != _spec(old).get("reason"):
             return deny("spec.reason is written together with the decision", 400)
+        if _spec(new).get("withoutPreview") != _spec(old).get("withoutPreview"):
+            return deny("spec.withoutPreview is written together with the decision", 400)
         return Admission(True)
     effective = new_decision if new_decision != "pending" else "approved"  # a partial approval
-    refusal = authorize(old, effective, userinfo, policy, now)
+    refusal = authorize(old, effective, userinfo, policy, now,
+                        without_preview=_spec(new).get("withoutPreview") is True)
     if refusal is not None:
         return refusal
     if votes_changed:

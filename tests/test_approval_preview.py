@@ -872,3 +872,40 @@ def test_the_effects_query_names_views_triggers_and_rules() -> None:
     assert "trg on t" in (effects_refusal(None, "trg on t", None) or "")
     assert "r on t" in (effects_refusal(None, None, "r on t") or "")
     assert "f(integer)" in (effects_refusal(None, None, None, "f(integer)") or "")
+
+
+# -- approving a request whose preview did not measure it, in a cluster -----------------------------------
+REVIEWER = {"username": "carol", "groups": ["dba"]}
+
+
+@pytest.mark.parametrize("state", ["failed", "timeout"])
+def test_kubectl_approval_of_an_unmeasured_preview_needs_without_preview(state: str) -> None:
+    """As `pgwarden approvals approve --without-preview`: the webhook and the CRD's own rule refuse a
+    plain `decision: approved` on a request whose preview failed or timed out, and say how to accept it."""
+    stored = stored_request(Preview(state, reason="it waited for a lock another transaction holds"))
+    crd = crds()["ApprovalRequest"]
+    plain = {"spec": {"decision": "approved"}}
+    refused = ar.mutate("UPDATE", stored, jsonpatch.apply_patch(stored, [
+        {"op": "replace", "path": "/spec/decision", "value": "approved"}]), REVIEWER, POLICY, NOW + 5)
+    assert not refused.allowed and "withoutPreview" in refused.message and "kubectl patch" in refused.message
+    with pytest.raises(Invalid, match="withoutPreview"):  # also when the webhook is not called
+        update(stored, plain, crd)
+
+    accepting = {"spec": {"decision": "approved", "withoutPreview": True}}
+    new = jsonpatch.apply_patch(stored, [{"op": "replace", "path": "/spec/decision", "value": "approved"},
+                                         {"op": "add", "path": "/spec/withoutPreview", "value": True}])
+    stamped = ar.mutate("UPDATE", stored, new, REVIEWER, POLICY, NOW + 5)
+    assert stamped.allowed, stamped.message
+    after = jsonpatch.apply_patch(new, stamped.json_patch(new))
+    assert ar.validate("UPDATE", stored, after, REVIEWER, POLICY, NOW + 5).allowed
+    decided, dropped = update(stored, accepting, crd)
+    assert decided["spec"]["withoutPreview"] is True and dropped == []
+
+
+def test_a_measured_preview_is_approved_without_the_flag_and_the_flag_goes_only_with_a_decision() -> None:
+    stored = stored_request()
+    new = jsonpatch.apply_patch(stored, [{"op": "replace", "path": "/spec/decision", "value": "approved"}])
+    assert ar.mutate("UPDATE", stored, new, REVIEWER, POLICY, NOW + 5).allowed
+    only_flag = jsonpatch.apply_patch(stored, [{"op": "add", "path": "/spec/withoutPreview", "value": True}])
+    refused = ar.mutate("UPDATE", stored, only_flag, REVIEWER, POLICY, NOW + 5)
+    assert not refused.allowed and "together with the decision" in refused.message

@@ -238,7 +238,8 @@ def authorize(old: Mapping[str, Any], new_decision: str, userinfo: Mapping[str, 
     if new_decision not in DECISIONS:
         return deny(f"spec.decision must be approved or denied, not {new_decision!r}", 400)
     preview = _spec(old).get("preview")
-    state = preview.get("state") if isinstance(preview, Mapping) else None
+    preview = preview if isinstance(preview, Mapping) else {}
+    state = preview.get("state")
     if new_decision == "approved" and state in UNMEASURED_PREVIEWS and not without_preview:
         namespace = str((old.get("metadata") or {}).get("namespace", ""))
         return deny(

@@ -628,6 +628,7 @@ class SessionGate:
         An UPDATE's "before" columns come from a snapshot of the target the lineage sees as one
         composite (all derived); they are masked as the target's own columns, in the same order."""
         from pgwarden.masking.rows import make_row_rewriter
+        from pgwarden.masking.subject import confirmed_by_server
 
         if self.masking is None:
             return None
@@ -658,11 +659,7 @@ class SessionGate:
                 actions = ["derived"] * len(fields)  # not the shape planned: mask every value
             else:
                 actions[start:start + half] = before.actions(half)
-                for i, f in enumerate(fields[start + half:], start + half):  # the server's word on a column
-                    rel = catalog.by_oid.get(f.table_oid) if f.table_oid else None
-                    col = rel.column_at(f.attnum) if rel is not None else None
-                    if actions[i] is None and rel is not None and col is not None:
-                        actions[i] = masking.column_strategy(rel, col)
+                actions = confirmed_by_server(actions, fields, catalog, masking)
             rewriter = make_row_rewriter(actions, fields, masking, catalog)
             return rewriter.rewrite if rewriter is not None else None
 

@@ -33,3 +33,10 @@ def test_the_in_cluster_url_brackets_an_ipv6_service_host() -> None:
 
     assert in_cluster_server("10.96.0.1", "443") == "https://10.96.0.1:443"
     assert in_cluster_server("fd00:10:96::1", "443") == "https://[fd00:10:96::1]:443"
+
+
+def test_a_name_is_one_path_segment() -> None:
+    from pgwarden.k8s.client import path
+
+    assert path("v1", "secrets", "ns", "a/../../b") == "/api/v1/namespaces/ns/secrets/a%2F..%2F..%2Fb"
+    assert path("pgwarden.dev/v1alpha1", "approvalrequests", "x/y") == "/apis/pgwarden.dev/v1alpha1/namespaces/x%2Fy/approvalrequests"

@@ -33,7 +33,9 @@ Param = str | bytes | bytearray | memoryview | None
 MAX_PARAM_CHARS = 4096
 
 
-_second: list[Any] = [-1, ""]  # the last whole second formatted, and its text up to the seconds
+# the last whole second formatted, and its text up to the seconds: replaced as one tuple, so the
+# writer thread (rotation markers) and the event loop never read a second with another's text
+_second: tuple[int, str] = (-1, "")
 
 
 def now_iso() -> str:
@@ -41,9 +43,12 @@ def now_iso() -> str:
     (every record carries a time, so this runs twice per statement)."""
     t = time.time()
     sec = int(t)
-    if sec != _second[0]:
-        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-    return f"{_second[1]}.{int((t - sec) * 1e6):06d}Z"
+    global _second
+    known, text = _second
+    if sec != known:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        _second = (sec, text)
+    return f"{text}.{int((t - sec) * 1e6):06d}Z"
 
 
 @dataclass(frozen=True)

@@ -131,11 +131,12 @@ def load_api_config() -> ApiConfig:
 def path(
     api: str, plural: str, namespace: str | None = None, name: str | None = None, sub: str | None = None
 ) -> str:
-    """/api/v1/... for core (`api="v1"`), /apis/GROUP/VERSION/... otherwise."""
+    """/api/v1/... for core (`api="v1"`), /apis/GROUP/VERSION/... otherwise. The namespace and the
+    name are one path segment each, whatever they hold (a "/" or ".." never reaches another path)."""
     base = "/api/v1" if api == "v1" else f"/apis/{api}"
-    out = base + (f"/namespaces/{quote(namespace)}" if namespace else "") + f"/{plural}"
+    out = base + (f"/namespaces/{quote(namespace, safe='')}" if namespace else "") + f"/{plural}"
     if name:
-        out += f"/{quote(name)}"
+        out += f"/{quote(name, safe='')}"
     if sub:
         out += f"/{sub}"
     return out

@@ -99,13 +99,7 @@ class ResultPlan:
         if formats:
             fmts = list(formats) * len(fs) if len(formats) == 1 else list(formats)
             fs = [f._replace(format=fmts[i] if i < len(fmts) else 0) for i, f in enumerate(fs)]
-        actions = self.actions(len(fs))
-        for i, f in enumerate(fs):  # the server's own word on a direct column confirms a mask
-            if actions[i] is None and f.table_oid:
-                rel = self.catalog.by_oid.get(f.table_oid)
-                col = rel.column_at(f.attnum) if rel else None
-                if rel is not None and col is not None:
-                    actions[i] = self.masking.column_strategy(rel, col)
+        actions = confirmed_by_server(self.actions(len(fs)), fs, self.catalog, self.masking)
         return make_row_rewriter(actions, fs, self.masking, self.catalog)
 
     def copy_rewriter(self, column_count: int | None = None) -> Any:
@@ -220,6 +214,19 @@ class StatementPlan:
 
 
 _BLIND = object()  # tags a plan cache key made of a constant-blind parse tree
+
+
+def confirmed_by_server(actions: list[str | None], fields: Sequence[Field], catalog: Catalog,
+                        masking: SubjectMasking) -> list[str | None]:
+    """`actions` with the server's own word added: a RowDescription field that names a table column
+    (table OID and attribute number) is masked as that column is, whatever the plan thought."""
+    for i, f in enumerate(fields):
+        if i < len(actions) and actions[i] is None and f.table_oid:
+            rel = catalog.by_oid.get(f.table_oid)
+            col = rel.column_at(f.attnum) if rel else None
+            if rel is not None and col is not None:
+                actions[i] = masking.column_strategy(rel, col)
+    return actions
 
 
 class SubjectMasking:

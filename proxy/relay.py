@@ -69,6 +69,7 @@ _ASYNC = frozenset((ord("A"), ord("S")))  # NotificationResponse, ParameterStatu
 # The guard's savepoint, prepared statement and portal; clients may not use names with this prefix.
 GUARD_PREFIX = "pgwarden_guard"
 _GUARD_REPLIES = 5  # ParseComplete, BindComplete, CommandComplete, CloseComplete (portal, statement)
+_GUARD_NOTICES = 100
 _COUNTED = frozenset(("INSERT", "UPDATE", "DELETE", "MERGE"))
 # CommandComplete tags of an Execute that change the transaction state inside an extended batch:
 # BEGIN opens a block; COMMIT / ROLLBACK may end it or, AND CHAIN, open the next one (unknown)
@@ -306,6 +307,7 @@ class _GuardRun:
     refusal: bytes | None = None  # ours, when the count is over the limit: the write is rolled back
     finish_failed: bool = False  # COMMIT / RELEASE / ROLLBACK failed: its error is the answer
     final_z: bytes = b""
+    notices: int = 0  # NoticeResponses held back (at most _GUARD_NOTICES: a RAISE per row must not fill memory)
 
 
 def _query(sql: str) -> bytes:
@@ -314,10 +316,13 @@ def _query(sql: str) -> bytes:
 
 def _injected(sql: str) -> bytes:
     """`sql` through the extended protocol under the reserved names, closed again at once: the
-    client's unnamed statement and portal are untouched, and no Sync ends its batch."""
+    client's unnamed statement and portal are untouched, and no Sync ends its batch. The statement
+    is closed before the Execute: should the Execute fail, the server skips what follows up to the
+    next Sync, and a statement left behind would make every later guard's Parse fail (42P05); the
+    portal ends with the transaction at the latest."""
     n = m.cstr(GUARD_PREFIX)
     return (m.message(b"P", n + m.cstr(sql) + b"\0\0") + m.message(b"B", n + n + b"\0" * 6)
-            + m.message(b"E", n + b"\0\0\0\0") + m.message(b"C", b"P" + n) + m.message(b"C", b"S" + n))
+            + m.message(b"C", b"S" + n) + m.message(b"E", n + b"\0\0\0\0") + m.message(b"C", b"P" + n))
 
 
 _SAVEPOINT = f"SAVEPOINT {GUARD_PREFIX}"
@@ -609,9 +614,9 @@ class Relay:
                     bind = m.parse_bind(buf[ps:end])
                     stmt = self.names.statement(bind.statement)
                     verdict = self._take_resolved()
-                    if verdict is None and self.gate is not None:
-                        if bind.portal.startswith(GUARD_PREFIX) or bind.statement.startswith(GUARD_PREFIX):
-                            verdict = Verdict(error=_reserved(bind.portal, bind.statement))
+                    if verdict is None and self.gate is not None and (
+                            err := _reserved(bind.portal, bind.statement)) is not None:
+                        verdict = Verdict(error=err)
                     if verdict is None and self.gate is not None:
                         verdict = self.gate.bind(bind, stmt)
                     if verdict is not None and verdict.wait is not None:
@@ -644,9 +649,8 @@ class Relay:
                     p = self.names.portal(portal_name)
                     entry = Pending(EXECUTE, name=portal_name)
                     verdict = self._take_resolved()
-                    if verdict is None and self.gate is not None:
-                        if portal_name.startswith(GUARD_PREFIX):
-                            verdict = Verdict(error=_reserved(portal_name))
+                    if verdict is None and self.gate is not None and (err := _reserved(portal_name)) is not None:
+                        verdict = Verdict(error=err)
                     own_tx: bool | None = None  # guarded: in its own transaction, or a savepoint
                     if verdict is None and p is not None and p.origin == "bind" and p.guard is not None:
                         if self.pending:  # the transaction state is known once all before it is answered
@@ -1129,8 +1133,11 @@ class Relay:
 
     def _guard_data(self, data: bytes) -> None:
         """Server bytes while a guarded statement is in flight (never on the hot path)."""
-        if self._sneed:
+        if self._sneed:  # a large message arriving in pieces is joined once, when whole
             self._sparts.append(data)
+            self._shave += len(data)
+            if self._shave < self._sneed:
+                return
             data = b"".join(self._sparts)
             self._sparts, self._shave, self._sneed = [], 0, 0
         buf = self._sbuf + data if self._sbuf else data
@@ -1152,7 +1159,12 @@ class Relay:
         except m.FrameError as e:
             raise ProtocolViolation(f"invalid message from the server: {e}") from e
         if pos < len(buf):
-            self._sbuf = buf[pos:]
+            rest = buf[pos:]
+            need = 1 + m.U32.unpack_from(rest, 1)[0] if len(rest) >= 5 else 0
+            if need - len(rest) > _GATHER_ABOVE:
+                self._sparts, self._shave, self._sneed = [rest], len(rest), need
+            else:
+                self._sbuf = rest
 
     def _guard_step(self, g: _GuardRun, t: int, frame: bytes) -> bool:
         """One server message of a guarded statement; True when the guard is over."""
@@ -1203,6 +1215,10 @@ class Relay:
                 else:
                     self._guard_finish(g)
                 return False
+            elif t == _NOTICE:
+                g.notices += 1
+                if g.notices > _GUARD_NOTICES:
+                    return False
             g.frames.append(frame)
             return False
         if g.phase == _FINISH:

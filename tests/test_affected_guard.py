@@ -237,6 +237,10 @@ def test_psycopg_commit_that_fails_gives_its_error(proxy: Any, pg: Any) -> None:
         with pytest.raises(psycopg.errors.ForeignKeyViolation):
             conn.execute("INSERT INTO guard_pairs VALUES (%s, %s)", (1, 99))
         assert conn.execute("SELECT count(*) FROM guard_pairs").fetchone() == (0,)
+        # the failed COMMIT left none of the proxy's own names behind: the next guarded write runs
+        ids = [r[0] for r in conn.execute("DELETE FROM guard_items WHERE id = %s RETURNING id", (1,))]
+        assert ids == [1]
+        assert conn.execute("SELECT count(*) FROM guard_items WHERE id = 1").fetchone() == (0,)
 
 
 def test_asyncpg_guarded_writes(proxy: Any, pg: Any) -> None:

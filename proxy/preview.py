@@ -216,12 +216,12 @@ async def _run(
     if begin.error is not None:
         return Result(error={"C": begin.error.get("C", ""), "M": "could not start the preview transaction"})
     if plan.target:
-        found = await _query(ep, effects_sql(plan.target))
+        found = await _query(ep, effects_sql(plan))
         if found.error is not None:
             await _query(ep, "ROLLBACK")
             return Result(error={"C": found.error.get("C", ""), "M": "could not look up what the write would run"})
-        values = m.parse_data_row(found.rows[0]) if found.rows else [None] * 4
-        why = effects_refusal(*(None if v is None else v.decode("utf-8", "replace") for v in values[:4]))
+        values = m.parse_data_row(found.rows[0]) if found.rows else [None] * 7
+        why = effects_refusal(*(None if v is None else v.decode("utf-8", "replace") for v in values[:7]))
         if why:
             await _query(ep, "ROLLBACK")
             return Result(unavailable=why)

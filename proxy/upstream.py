@@ -95,7 +95,7 @@ async def connect(cfg: ProxyConfig, client_params: Mapping[str, str]) -> Upstrea
             ep.write(m.build_startup(params))
             await _authenticate(ep, user, password)
             return await _read_until_ready(ep, user)
-    except UpstreamUnavailable:
+    except (UpstreamUnavailable, asyncio.CancelledError):  # cancelled: a caller's deadline (previews)
         if ep is not None:
             ep.close()
         raise

@@ -815,7 +815,7 @@ def test_approved_inside_an_open_transaction_grown_rolls_back_to_a_savepoint(pre
 
 
 # -- writes that would run code besides themselves ------------------------------------------------------
-@pytest.mark.parametrize("how", ["trigger", "cascade", "default"])
+@pytest.mark.parametrize("how", ["trigger", "cascade", "default", "index", "domain"])
 def test_a_write_that_fires_triggers_gets_no_preview_and_is_never_run_for_one(
     previewing: Any, pg: Any, how: str
 ) -> None:
@@ -840,6 +840,16 @@ def test_a_write_that_fires_triggers_gets_no_preview_and_is_never_run_for_one(
             CREATE TABLE public.preview_child (id serial PRIMARY KEY,
                 person int DEFAULT public.preview_outside() REFERENCES {TABLE} (id) ON DELETE SET DEFAULT);
         """,
+        # an index expression and a domain's CHECK are evaluated by writes, never named by them
+        "index": f"""
+            CREATE FUNCTION public.preview_outside(t text) RETURNS text LANGUAGE sql IMMUTABLE AS 'SELECT t';
+            CREATE INDEX preview_outside_idx ON {TABLE} (public.preview_outside(name));
+        """,
+        "domain": f"""
+            CREATE FUNCTION public.preview_outside(t text) RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT true';
+            CREATE DOMAIN public.preview_tag AS text CHECK (public.preview_outside(VALUE));
+            ALTER TABLE {TABLE} ADD COLUMN tag public.preview_tag;
+        """,
     }[how]
     pg.psql(setup, dbname=SHOP_DB)
     try:
@@ -858,7 +868,10 @@ def test_a_write_that_fires_triggers_gets_no_preview_and_is_never_run_for_one(
     finally:
         pg.psql("DROP TABLE IF EXISTS public.preview_child; DROP TRIGGER IF EXISTS preview_outside ON "
                 f"{TABLE}; DROP FUNCTION IF EXISTS public.preview_note(); "
-                "DROP FUNCTION IF EXISTS public.preview_outside()", dbname=SHOP_DB)
+                f"ALTER TABLE {TABLE} DROP COLUMN IF EXISTS tag; DROP DOMAIN IF EXISTS public.preview_tag; "
+                "DROP INDEX IF EXISTS public.preview_outside_idx; "
+                "DROP FUNCTION IF EXISTS public.preview_outside(); DROP FUNCTION IF EXISTS public.preview_outside(text)",
+                dbname=SHOP_DB)
 
 
 def test_the_effects_query_names_views_triggers_and_rules() -> None:
@@ -866,7 +879,7 @@ def test_the_effects_query_names_views_triggers_and_rules() -> None:
 
     plan = plan_preview('DELETE FROM "Odd""Schema".t WHERE id = 1')
     assert not isinstance(plan, NoPreview) and plan.target == '"Odd""Schema"."t"'
-    assert "'\"Odd\"\"Schema\".\"t\"'::regclass" in effects_sql(plan.target)
+    assert "'\"Odd\"\"Schema\".\"t\"'::regclass" in effects_sql(plan)
     assert effects_refusal(None, None, None) is None
     assert "v (v)" in (effects_refusal("v (v)", None, None) or "")
     assert "trg on t" in (effects_refusal(None, "trg on t", None) or "")
@@ -909,3 +922,39 @@ def test_a_measured_preview_is_approved_without_the_flag_and_the_flag_goes_only_
     only_flag = jsonpatch.apply_patch(stored, [{"op": "add", "path": "/spec/withoutPreview", "value": True}])
     refused = ar.mutate("UPDATE", stored, only_flag, REVIEWER, POLICY, NOW + 5)
     assert not refused.allowed and "together with the decision" in refused.message
+
+
+def test_an_overload_of_a_builtin_name_is_never_run_for_a_preview(previewing: Any, pg: Any) -> None:
+    """A function of the database's own that a built-in's name resolves to (upper(int) beside
+    upper(text)): not run before approval. The witness sequence would advance (a rollback does not
+    undo it) if the function ran."""
+    pg.psql(f"""
+        CREATE SEQUENCE public.preview_witness;
+        GRANT USAGE, SELECT, UPDATE ON SEQUENCE public.preview_witness TO {APP_USER};
+        CREATE FUNCTION public.upper(i int) RETURNS text LANGUAGE sql
+            AS 'SELECT nextval(''public.preview_witness'')::text';
+    """, dbname=SHOP_DB)
+    try:
+        proxy, db, _ = previewing(masking=False)  # (masking refuses an unknown function in WHERE itself)
+        seed(pg, "ovl", 2)
+        t, box = in_background(lambda: proxy.psql("-c", f"DELETE FROM {TABLE} WHERE batch = 'ovl' AND upper(1) > ''"))
+        req = wait_pending(db)
+        assert req["preview"]["state"] == "unavailable", req["preview"]
+        assert "upper(integer)" in req["preview"]["reason"]
+        assert cli(db, "deny", req["id"], "--as", "dba-alice").returncode == 0
+        t.join(30)
+        assert pg.psql("SELECT last_value, is_called FROM public.preview_witness", dbname=SHOP_DB).strip() == "1|f"
+        assert direct_count(pg, "ovl") == 2
+    finally:
+        pg.psql("DROP FUNCTION IF EXISTS public.upper(int); DROP SEQUENCE IF EXISTS public.preview_witness",
+                dbname=SHOP_DB)
+
+
+def test_a_delete_using_another_table_samples_the_deleted_rows_only() -> None:
+    from pgwarden.policy.preview import NoPreview, plan_preview
+
+    plan = plan_preview("DELETE FROM t AS x USING c WHERE c.flag AND x.id = c.id")
+    assert not isinstance(plan, NoPreview)
+    assert "RETURNING x.*" in plan.sql and plan.reads == ('"c"',)
+    merge = plan_preview("MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE", 17)
+    assert not isinstance(merge, NoPreview) and "RETURNING t.*" in merge.sql

@@ -26,7 +26,7 @@ gives that snapshot's columns next to the new ones. A MERGE on a server before P
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -69,16 +69,26 @@ class PreviewPlan:
     # UPDATE: the target's rows as stored (`SELECT * FROM target`): masking plans the sample's
     # "before" columns by this text, whose lineage is the table's own columns in the same order
     before_sql: str = ""
-    # the written table, as an identifier text for ::regclass: what else the write would run
-    # (triggers, rules, cascades) is looked up in the preview's transaction before it runs
+    # the written table, as an identifier text for ::regclass, and every relation the text names:
+    # what else the write would run is looked up in the preview's transaction before it runs
     target: str = ""
+    reads: tuple[str, ...] = ()
+    # the names the text calls: functions, operators, and whether it casts (EFFECTS_SQL column 7)
+    functions: tuple[str, ...] = ()
+    operators: tuple[str, ...] = ()
+    typecasts: bool = False
 
 
-# What a write on `target` may run besides itself: the relations it reaches (inheritance children
-# and partitions, and the tables foreign keys cascade to) that are not plain tables, their user
-# triggers and rules, and the functions outside pg_catalog their column defaults (generated columns
-# too) and check constraints call. Each runs code a rollback may not undo (dblink, an untrusted
-# language).
+# What a write may run besides itself, looked up in the preview's own transaction before it runs;
+# anything found means no preview (code of the database's own could reach outside the transaction:
+# dblink, an untrusted language). `reached`: the written table, its partitions and inheritance
+# children, and the tables its foreign keys cascade to; `read`: every other relation the text
+# names. Columns: (1) reached relations that are not plain tables, (2) their user triggers,
+# (3) their rules, (4) functions outside pg_catalog their defaults, generated columns, check
+# constraints, column domains' constraints and index expressions call, and non-built-in operator
+# classes of their indexes, (5) row-level security on any relation, (6) views and foreign tables
+# read, (7) functions, operators and casts outside pg_catalog the text's own names could resolve to
+# (an overload of upper(), a user `=`, an implicit cast).
 EFFECTS_SQL = """WITH RECURSIVE reached(oid) AS (
     SELECT {target}::regclass::oid
   UNION
@@ -88,6 +98,28 @@ EFFECTS_SQL = """WITH RECURSIVE reached(oid) AS (
         SELECT c.conrelid FROM pg_catalog.pg_constraint c
         WHERE c.confrelid = r.oid AND c.contype = 'f'
           AND (c.confdeltype IN ('c', 'n', 'd') OR c.confupdtype IN ('c', 'n', 'd'))) x
+),
+typed(oid) AS (
+    SELECT a.atttypid FROM reached r JOIN pg_catalog.pg_attribute a ON a.attrelid = r.oid
+    WHERE a.attnum > 0 AND NOT a.attisdropped
+  UNION
+    SELECT t.typbasetype FROM typed d JOIN pg_catalog.pg_type t ON t.oid = d.oid WHERE t.typtype = 'd'
+),
+read(oid) AS (
+    SELECT pg_catalog.to_regclass(n)::oid FROM pg_catalog.unnest({read}::text[]) AS n
+    WHERE pg_catalog.to_regclass(n) IS NOT NULL
+),
+code(classid, objid) AS (
+    SELECT 'pg_catalog.pg_attrdef'::regclass, a.oid FROM reached r JOIN pg_catalog.pg_attrdef a ON a.adrelid = r.oid
+  UNION ALL
+    SELECT 'pg_catalog.pg_constraint'::regclass, c.oid FROM reached r
+    JOIN pg_catalog.pg_constraint c ON c.conrelid = r.oid
+  UNION ALL
+    SELECT 'pg_catalog.pg_constraint'::regclass, c.oid FROM typed t
+    JOIN pg_catalog.pg_constraint c ON c.contypid = t.oid
+  UNION ALL
+    SELECT 'pg_catalog.pg_class'::regclass, i.indexrelid FROM reached r
+    JOIN pg_catalog.pg_index i ON i.indrelid = r.oid
 )
 SELECT (SELECT string_agg(DISTINCT format('%s (%s)', c.oid::regclass, c.relkind), ', ')
           FROM reached r JOIN pg_catalog.pg_class c ON c.oid = r.oid WHERE c.relkind NOT IN ('r', 'p')),
@@ -96,24 +128,58 @@ SELECT (SELECT string_agg(DISTINCT format('%s (%s)', c.oid::regclass, c.relkind)
           WHERE NOT t.tgisinternal AND t.tgenabled <> 'D'),
        (SELECT string_agg(DISTINCT format('%s on %s', w.rulename, w.ev_class::regclass), ', ')
           FROM reached r JOIN pg_catalog.pg_rewrite w ON w.ev_class = r.oid WHERE w.rulename <> '_RETURN'),
-       (SELECT string_agg(DISTINCT p.oid::regprocedure::text, ', ')
-          FROM reached r
-          JOIN pg_catalog.pg_depend d ON d.refclassid = 'pg_catalog.pg_proc'::regclass
-           AND ((d.classid = 'pg_catalog.pg_attrdef'::regclass
-                 AND d.objid IN (SELECT a.oid FROM pg_catalog.pg_attrdef a WHERE a.adrelid = r.oid))
-             OR (d.classid = 'pg_catalog.pg_constraint'::regclass
-                 AND d.objid IN (SELECT c.oid FROM pg_catalog.pg_constraint c WHERE c.conrelid = r.oid)))
-          JOIN pg_catalog.pg_proc p ON p.oid = d.refobjid
-          WHERE p.pronamespace <> 'pg_catalog'::regnamespace)"""
+       (SELECT string_agg(DISTINCT f, ', ') FROM (
+            SELECT p.oid::regprocedure::text AS f FROM code k
+            JOIN pg_catalog.pg_depend d ON d.classid = k.classid AND d.objid = k.objid
+             AND d.refclassid = 'pg_catalog.pg_proc'::regclass
+            JOIN pg_catalog.pg_proc p ON p.oid = d.refobjid
+            WHERE p.pronamespace <> 'pg_catalog'::regnamespace
+          UNION ALL
+            SELECT format('operator class %s', oc.opcname) FROM reached r
+            JOIN pg_catalog.pg_index i ON i.indrelid = r.oid
+            JOIN pg_catalog.pg_opclass oc ON oc.oid = ANY (i.indclass::oid[])
+            WHERE oc.opcnamespace <> 'pg_catalog'::regnamespace) fs),
+       (SELECT string_agg(DISTINCT c.oid::regclass::text, ', ')
+          FROM (SELECT oid FROM reached UNION SELECT oid FROM read) x
+          JOIN pg_catalog.pg_class c ON c.oid = x.oid WHERE c.relrowsecurity),
+       (SELECT string_agg(DISTINCT format('%s (%s)', c.oid::regclass, c.relkind), ', ')
+          FROM read x JOIN pg_catalog.pg_class c ON c.oid = x.oid WHERE c.relkind IN ('v', 'f')),
+       (SELECT string_agg(DISTINCT y, ', ') FROM (
+            SELECT p.oid::regprocedure::text AS y FROM pg_catalog.pg_proc p
+            WHERE p.pronamespace <> 'pg_catalog'::regnamespace AND p.proname = ANY ({functions}::text[])
+          UNION ALL
+            SELECT format('operator %s', o.oid::regoperator) FROM pg_catalog.pg_operator o
+            WHERE o.oprnamespace <> 'pg_catalog'::regnamespace AND o.oprname = ANY ({operators}::text[])
+          UNION ALL
+            SELECT format('cast %s', c.castfunc::regprocedure) FROM pg_catalog.pg_cast c
+            JOIN pg_catalog.pg_proc p ON p.oid = c.castfunc
+            WHERE p.pronamespace <> 'pg_catalog'::regnamespace AND (c.castcontext <> 'e' OR {typecasts})) ys)"""
+
+# comparisons a statement makes without naming an operator (BETWEEN, IN, ORDER BY, DISTINCT,
+# GROUP BY, joins USING): a user operator of these names is looked up as well
+IMPLICIT_OPERATORS = ("=", "<>", "<", ">", "<=", ">=")
 
 
-def effects_sql(target: str) -> str:
-    """The EFFECTS_SQL query for `target` (an identifier text; quoted as a literal here). Pure."""
-    return EFFECTS_SQL.format(target="'" + target.replace("'", "''") + "'")
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _array(items: Iterable[str]) -> str:
+    return "ARRAY[" + ", ".join(_literal(x) for x in sorted(set(items))) + "]::text[]"
+
+
+def effects_sql(plan: PreviewPlan) -> str:
+    """The EFFECTS_SQL query for `plan`'s target, relations and names (quoted as literals). Pure."""
+    return EFFECTS_SQL.format(
+        target=_literal(plan.target), read=_array(plan.reads), functions=_array(plan.functions),
+        operators=_array((*plan.operators, *IMPLICIT_OPERATORS)),
+        typecasts="true" if plan.typecasts else "false",
+    )
 
 
 def effects_refusal(not_tables: str | None, triggers: str | None, rules: str | None,
-                    functions: str | None = None) -> str | None:
+                    functions: str | None = None, row_security: str | None = None,
+                    read_code: str | None = None, same_names: str | None = None) -> str | None:
     """Why the write is not run for a preview, given what EFFECTS_SQL found, or None. Pure."""
     if not_tables:
         return (f"it writes through {not_tables}, not a plain table (a view's or a foreign table's "
@@ -123,8 +189,16 @@ def effects_refusal(not_tables: str | None, triggers: str | None, rules: str | N
     if rules:
         return f"it fires rules ({rules}), which run further statements"
     if functions:
-        return (f"a column default or check constraint it evaluates calls {functions}, which is not a "
-                "built-in: what it does outside the transaction could not be rolled back")
+        return (f"writing evaluates {functions} (a column default, generated column, constraint, domain "
+                "or index), which is not a built-in: what it does outside the transaction could not be "
+                "rolled back")
+    if row_security:
+        return f"row-level security on {row_security} runs its policies' expressions"
+    if read_code:
+        return f"it reads {read_code}, a view or foreign table (its definition runs code, or it reaches outside)"
+    if same_names:
+        return (f"the database has {same_names}, which the statement's own function, operator or cast "
+                "names could resolve to instead of a built-in")
     return None
 
 
@@ -190,6 +264,30 @@ def refusal(tree: dict[str, Any], server_version: int = 0) -> str | None:
         elif node_type in ("CallStmt", "DoStmt"):
             return "it runs code the policy engine cannot see"
     return None
+
+
+def _names_used(tree: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], bool]:
+    """(relations named, functions called, operators written, whether it casts) of a parsed
+    statement (JSON form): what EFFECTS_SQL checks against the database's own objects. Pure."""
+    rels: set[str] = set()
+    funcs: set[str] = set()
+    ops: set[str] = set()
+    casts = False
+    for node_type, fields in _walk(tree):
+        if node_type == "RangeVar":
+            parts = [fields.get(k) for k in ("catalogname", "schemaname", "relname")]
+            rels.add(".".join(_quote(p) for p in parts if p))
+        elif node_type == "FuncCall":
+            funcs.update(_names(fields.get("funcname"))[-1:])
+        elif node_type == "A_Expr":
+            ops.update(_names(fields.get("name"))[-1:])
+        elif node_type == "SubLink":
+            ops.update(_names(fields.get("operName"))[-1:])
+        elif node_type == "SortBy":
+            ops.update(_names(fields.get("useOp"))[-1:])
+        elif node_type == "TypeCast":
+            casts = True
+    return tuple(sorted(rels)), tuple(sorted(funcs)), tuple(sorted(ops)), casts
 
 
 def _uses_nextval(tree: dict[str, Any]) -> bool:
@@ -259,11 +357,12 @@ def plan_preview(
     kind = _KINDS[type(stmt).__name__]
     rel = stmt.relation
     target = ".".join(_quote(p) for p in (rel.catalogname, rel.schemaname, rel.relname) if p)
+    reads, funcs, ops, casts = _names_used(raw[0].get("stmt") or {})
     if kind == "merge" and server_version and server_version < 17:
         return PreviewPlan(
             kind,
             RawStream()(stmt),
-            target=target,
+            target=target, reads=reads, functions=funcs, operators=ops, typecasts=casts,
             count_only=True,
             notes=(
                 *notes,
@@ -275,8 +374,12 @@ def plan_preview(
     before_sql = ""
     if kind == "update":
         before_sql = _snapshot_join(stmt)
-    else:
+    elif kind == "insert":
         stmt.returningClause = ast.ReturningClause(exprs=(_star(),))
+    else:  # DELETE … USING, MERGE … USING: `*` would add the other relations' columns to the sample
+        ref = rel.alias.aliasname if rel.alias is not None else rel.relname
+        stmt.returningClause = ast.ReturningClause(
+            exprs=(ast.ResTarget(val=ast.ColumnRef(fields=(ast.String(sval=ref), ast.A_Star()))),))
     outer: Any = parse_sql(
         f"WITH {CTE_NAME} AS (SELECT) SELECT (SELECT count(*) FROM {CTE_NAME}) AS {COUNT_COLUMN}, * "
         f"FROM {CTE_NAME} LIMIT {int(sample_rows)}"
@@ -286,4 +389,5 @@ def plan_preview(
     # the statement's own WITH queries move up a level, beside it: a data-modifying CTE must be at the top
     outer.withClause.ctes = (*(with_clause.ctes if with_clause is not None else ()), cte)
     outer.withClause.recursive = bool(with_clause is not None and with_clause.recursive)
-    return PreviewPlan(kind, RawStream()(outer), notes=notes, before_sql=before_sql, target=target)
+    return PreviewPlan(kind, RawStream()(outer), notes=notes, before_sql=before_sql,
+                       target=target, reads=reads, functions=funcs, operators=ops, typecasts=casts)

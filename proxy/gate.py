@@ -215,6 +215,7 @@ class SessionGate:
         self._ids = itertools.count(1)
         self.statements = 0
         self._formats: list[int] = []
+        self._last_shown: tuple[Any, tuple[str, str, dict[str, Any]]] | None = None
 
     @property
     def catalog(self) -> CatalogCache:
@@ -520,20 +521,32 @@ class SessionGate:
             hint="Wait a few seconds and retry, or batch the work into fewer statements.",
         )
 
+    def _shown(self, d: Any) -> tuple[str, str, dict[str, Any]]:
+        """Decision `d`'s rule, reasons and policy summary as records show them. The last one is
+        kept: a session runs the same decision over and over (the engine hands back one object per
+        decision), and records are serialized, never changed, so they may share the summary."""
+        last = self._last_shown
+        if last is not None and last[0] is d:
+            return last[1]
+        shown: tuple[str, str, dict[str, Any]] = (
+            getattr(d, "rule", "") or "", "; ".join(getattr(d, "reasons", ()) or ()),
+            {} if d is None else {"policy": {"operations": list(d.operations), "tables": list(d.tables),
+                                             "mode": "enforce" if d.enforce else "audit"}},
+        )
+        self._last_shown = (d, shown)
+        return shown
+
     def _record(self, ctx: StatementContext, outcome: str, verdict: Verdict) -> dict[str, Any]:
-        d = ctx.decision
-        extra: dict[str, Any] = {}
-        if d is not None:
-            extra["policy"] = {"operations": list(d.operations), "tables": list(d.tables), "mode": "enforce" if d.enforce else "audit"}
+        rule, reason, extra = self._shown(ctx.decision)
         if verdict.error is not None:
-            extra["refusal"] = {"sqlstate": verdict.error.sqlstate, "message": verdict.error.message}
+            extra = {**extra, "refusal": {"sqlstate": verdict.error.sqlstate, "message": verdict.error.message}}
         return records.statement(
             self.ainfo,
             ctx.id,
             ctx.sql,
             decision=outcome,
-            rule=getattr(d, "rule", "") or "",
-            reason="; ".join(getattr(d, "reasons", ()) or ()),
+            rule=rule,
+            reason=reason,
             protocol="extended" if ctx.prepared else "simple",
             params=ctx.params,
             mask_text=self._scrub,

@@ -1410,6 +1410,8 @@ def _with_formats(fields: list[m.Field] | None, formats: tuple[int, ...]) -> lis
     if not formats:
         return fields
     if len(formats) == 1:
+        if all(f.format == formats[0] for f in fields):
+            return fields  # as described (every Execute of a prepared statement asks the same)
         return [m.Field(f.name, f.table_oid, f.attnum, f.type_oid, f.typlen, f.typmod, formats[0]) for f in fields]
     return [
         m.Field(f.name, f.table_oid, f.attnum, f.type_oid, f.typlen, f.typmod, formats[i] if i < len(formats) else 0)

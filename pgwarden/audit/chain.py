@@ -87,12 +87,24 @@ def digest(record_without_hash: Mapping[str, Any]) -> str:
 
 def seal(record: Mapping[str, Any], seq: int, prev: str) -> tuple[bytes, str]:
     """One JSON line for `record` at position `seq` after `prev`; returns (line, its hash)."""
-    body = {**record, "seq": seq, "prev": prev}
-    if "hash" in body:
-        del body["hash"]
-    data = canonical(body)
-    h = hashlib.sha256(data).hexdigest()
-    return data[:-1] + b',"hash":"' + h.encode() + b'"}\n', h  # == sealed_form(body, h) + newline
+    lines, prev = seal_all((record,), seq, prev)
+    return lines[0], prev
+
+
+def seal_all(records: Iterable[Mapping[str, Any]], seq: int, prev: str) -> tuple[list[bytes], str]:
+    """The lines of `records` chained from position `seq` after `prev`, and the last hash (the
+    audit log's hot path: two records per statement, one loop)."""
+    lines = []
+    sha256 = hashlib.sha256
+    for record in records:
+        body = {**record, "seq": seq, "prev": prev}
+        if "hash" in body:
+            del body["hash"]
+        data = canonical(body)
+        prev = sha256(data).hexdigest()
+        lines.append(b"".join((data[:-1], b',"hash":"', prev.encode(), b'"}\n')))  # sealed_form + newline
+        seq += 1
+    return lines, prev
 
 
 @dataclass(frozen=True)

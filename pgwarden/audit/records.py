@@ -69,10 +69,10 @@ class SessionInfo:
                            self.application_name, self.client, self.user)
 
     def base(self, event: str) -> dict[str, Any]:
-        return {"time": now_iso(), "event": event, **self._common}
+        return {"time": now_iso(), "event": event, **self.common}
 
     @cached_property
-    def _common(self) -> dict[str, Any]:
+    def common(self) -> dict[str, Any]:
         """What every record of the session repeats, built once (records are serialized, never
         mutated in place, so sharing the nested identity and workload dicts is safe)."""
         rec: dict[str, Any] = {"session": self.session_id}
@@ -150,9 +150,13 @@ def statement(
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The decision record, written (fail-closed) before the statement is forwarded."""
-    rec = info.base("statement")
-    rec.update(stmt=stmt_id, protocol=protocol, sql=sql,
-               decision={"action": decision, **({"rule": rule} if rule else {}), **({"reason": reason} if reason else {})})
+    shown: dict[str, Any] = {"action": decision}
+    if rule:
+        shown["rule"] = rule
+    if reason:
+        shown["reason"] = reason
+    rec = {"time": now_iso(), "event": "statement", **info.common, "stmt": stmt_id, "protocol": protocol, "sql": sql,
+           "decision": shown}
     if params is not None:
         rec["params"] = mask_params(params, mask_text)
     if approval_id:

@@ -55,7 +55,7 @@ if TYPE_CHECKING:  # the composition root's parts, built by hooks.py (imported t
 log = logging.getLogger("pgwarden.proxy.gate")
 
 
-@dataclass
+@dataclass(slots=True)
 class StatementContext:
     """What the relay hands back with a statement's outcome."""
 

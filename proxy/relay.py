@@ -103,7 +103,7 @@ class ResultPolicy(Protocol):
         ...
 
 
-@dataclass
+@dataclass(slots=True)
 class Verdict:
     """The gate's answer for one statement. `None` from the gate means: forward, nothing else."""
 

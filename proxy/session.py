@@ -40,7 +40,7 @@ PUT_STATEMENT, DROP_STATEMENT, PUT_PORTAL, DROP_PORTAL, DISCARD = range(5)
 Change = tuple[int, Any, Any]  # (kind, name — None: all named objects, entry)
 
 
-@dataclass
+@dataclass(slots=True)
 class PreparedEntry:
     """A prepared statement: protocol Parse (`origin` "parse") or SQL PREPARE ("prepare")."""
 
@@ -61,7 +61,7 @@ class PreparedEntry:
     rebind: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class PortalEntry:
     """A portal: protocol Bind (`origin` "bind") or SQL DECLARE ("declare"); one namespace."""
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from pglast import ast, parse_sql
@@ -188,11 +189,12 @@ class StatementPlan:
     def __len__(self) -> int:
         return len(self.results)
 
-    @property
+    @cached_property
     def masks_anything(self) -> bool:
         """False: nothing the server answers to this text (rows, errors, notices) can need
         rewriting, relay every byte untouched. A text that reads a masked column anywhere, also
-        only in a predicate, keeps its plan: its errors are masked with it."""
+        only in a predicate, keeps its plan: its errors are masked with it. (A plan is never
+        changed once made — plans are cached and shared — so this is worked out once.)"""
         if self.error is not None:
             return False
         if self.touches_masked or any(r.masks_anything for r in self.results):

@@ -21,7 +21,7 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 from pglast.parser import ParseError, parse_sql_json
@@ -160,9 +160,10 @@ class Analysis:
     # only in literals share it; masking caches its plans by it too (see blind_tree)
     blind: str = ""
 
-    @property
+    @cached_property
     def session_dependent(self) -> bool:
-        """True when the decision depends on the session's prepared statements (do not cache)."""
+        """True when the decision depends on the session's prepared statements (do not cache).
+        Asked twice per statement of a shape many statements share: worked out once."""
         return any(s.effects or s.executes for s in self.statements)
 
 

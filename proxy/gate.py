@@ -215,6 +215,8 @@ class SessionGate:
         self._ids = itertools.count(1)
         self.statements = 0
         self._formats: list[int] = []
+        # the last result shape: (fields, names, type OIDs, formats)
+        self._shape: tuple[list[m.Field], list[str], list[int], list[int]] | None = None
         self._last_shown: tuple[Any, tuple[str, str, dict[str, Any]]] | None = None
 
     @property
@@ -824,17 +826,25 @@ class SessionGate:
     def result_columns(self, context: Any, fields: list[m.Field]) -> bool:
         if self.recorder is None or not isinstance(context, StatementContext):
             return False
-        self.recorder.columns(context.id, [f.name for f in fields], [f.type_oid for f in fields])
-        self._formats = [f.format for f in fields]
+        shape = self._shape
+        if shape is None or shape[0] != fields:  # a session reads the same few shapes again and again
+            shape = self._shape = (fields, [f.name for f in fields], [f.type_oid for f in fields],
+                                   [f.format for f in fields])
+        self.recorder.columns(context.id, shape[1], shape[2])
+        self._formats = shape[3]
         return True
 
     def result_row(self, context: Any, payload: bytes) -> bool:
         assert self.recorder is not None
         values = m.parse_data_row(payload)
-        shown = [
-            None if v is None else (v.decode("utf-8", "replace") if i >= len(self._formats) or self._formats[i] == 0 else "\\x" + v.hex())
-            for i, v in enumerate(values)
-        ]
+        formats = self._formats
+        if not any(formats):  # every column in text (what nearly every client asks for)
+            shown = [None if v is None else v.decode("utf-8", "replace") for v in values]
+        else:
+            shown = [
+                None if v is None else (v.decode("utf-8", "replace") if i >= len(formats) or formats[i] == 0 else "\\x" + v.hex())
+                for i, v in enumerate(values)
+            ]
         return bool(self.recorder.row(context.id, shown))
 
     def session_end(self, reason: str) -> None:

@@ -95,12 +95,15 @@ def seal_all(records: Iterable[Mapping[str, Any]], seq: int, prev: str) -> tuple
     """The lines of `records` chained from position `seq` after `prev`, and the last hash (the
     audit log's hot path: two records per statement, one loop)."""
     lines = []
-    sha256 = hashlib.sha256
+    sha256, dumps = hashlib.sha256, orjson.dumps
     for record in records:
         body = {**record, "seq": seq, "prev": prev}
         if "hash" in body:
             del body["hash"]
-        data = canonical(body)
+        try:  # canonical(), inlined
+            data = dumps(body, default=str, option=_ORJSON_OPTIONS)
+        except orjson.JSONEncodeError:
+            data = legacy_canonical(body)
         prev = sha256(data).hexdigest()
         lines.append(b"".join((data[:-1], b',"hash":"', prev.encode(), b'"}\n')))  # sealed_form + newline
         seq += 1

@@ -74,11 +74,14 @@ class RotatingFile:
     def write(self, data: bytes) -> None:
         if self._fd is None:
             raise OSError("audit file is not open")
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-            self.size += n
+        n = os.write(self._fd, data)
+        self.size += n
+        if n < len(data):  # a short write (a full disk, a signal): the rest, as the kernel takes it
+            view = memoryview(data)[n:]
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+                self.size += n
 
     def sync(self) -> None:
         if self._fd is None:

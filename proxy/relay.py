@@ -627,10 +627,12 @@ class Relay:
                         span_start = end
                         pos = end
                         continue
-                    portal = PortalEntry(bind.portal, "bind", statement=stmt, formats=bind.result_formats)
                     if stmt is not None:
-                        portal.results, portal.context, portal.max_rows = stmt.results, stmt.context, stmt.max_rows
-                        portal.sql, portal.guard = stmt.sql, stmt.guard
+                        portal = PortalEntry(bind.portal, "bind", statement=stmt, results=stmt.results,
+                                             context=stmt.context, max_rows=stmt.max_rows, guard=stmt.guard,
+                                             formats=bind.result_formats, sql=stmt.sql)
+                    else:
+                        portal = PortalEntry(bind.portal, "bind", formats=bind.result_formats)
                     if verdict is not None:
                         if verdict.context is not None:
                             portal.context = verdict.context  # the approval this Bind runs under
@@ -638,7 +640,8 @@ class Relay:
                             portal.results = verdict.results
                         if verdict.max_rows is not None:
                             portal.max_rows = verdict.max_rows
-                        portal.guard = stricter(portal.guard, verdict.guard)
+                        if verdict.guard is not None:
+                            portal.guard = stricter(portal.guard, verdict.guard)
                     put = ((PUT_PORTAL, bind.portal, portal),)
                     self.names.stage(put)
                     self._push(Pending(BIND, changes=put, puts=True,

@@ -673,11 +673,11 @@ class Relay:
                         entry.context = p.context
                         entry.max_rows = p.max_rows
                         entry.fields = p.fields or _with_formats(prep.fields if prep is not None else None, p.formats)
+                        if entry.fields is None:  # a Describe in this batch: its columns, at the first row
+                            entry.portal = p
                         if p.results is not None:
                             entry.results = p.results
-                            if entry.fields is None:  # a Describe in this batch: bind at the first row
-                                entry.portal = p
-                            else:
+                            if entry.fields is not None:
                                 entry.rewriter = p.results.bind(0, entry.fields)
                         if prep is not None and prep.run_changes:
                             # a Parse of PREPARE / DECLARE / DEALLOCATE / CLOSE: its names change now
@@ -690,7 +690,7 @@ class Relay:
                             entry.fields = p.fields
                             if entry.results is not None:
                                 entry.rewriter = entry.results.bind(0, entry.fields)
-                        elif entry.results is not None:
+                        else:  # its columns come from a Describe in this batch, at the first row
                             entry.portal = p
                     self._push(entry)
                     if own_tx is not None and p is not None and p.guard is not None:
@@ -1374,13 +1374,14 @@ class Relay:
         self._exec_head = head
         if head.kind != EXECUTE:
             return
+        if head.fields is None and head.portal is not None:
+            head.fields = head.portal.fields  # described in the same batch, answered before its rows
         if head.portal is not None and head.rewriter is None and head.results is not None:
-            if head.portal.fields is None:
+            if head.fields is None:
                 raise ProtocolViolation(
                     "cannot tell which columns this portal returns, so masked values cannot be protected",
                     hint="Describe the statement or portal before executing it (every common driver does).",
                 )
-            head.fields = head.portal.fields
             head.rewriter = head.results.bind(0, head.fields)
         self._rewriter = head.rewriter
         if self._observe_rows and head.fields is not None:

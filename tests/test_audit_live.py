@@ -239,3 +239,31 @@ def test_a_recording_without_an_audit_log_still_shows_the_statements(make_proxy:
         time.sleep(0.05)
     assert "SELECT id, status FROM orders" in texts and "DROP TABLE orders" in texts
     assert "42501" in texts
+
+
+def test_recordings_show_text_and_binary_results_as_the_agent_received_them(make_proxy: Any, tmp_path: Path) -> None:
+    """The same rows asked for in text (psql) and in binary (psycopg's binary cursor, whose
+    Describe comes in the same batch as its Execute) are recorded as the agent got them: text as
+    text, binary columns as \\x hex."""
+    import psycopg
+
+    proxy = make_proxy(extra=[POLICY], proxy_spec={"recording": {"dir": str(tmp_path / "rec")}})
+    sql = "SELECT id, status FROM orders ORDER BY id LIMIT 2"
+    proxy.psql("-c", sql)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        got = conn.cursor(binary=True).execute(sql).fetchall()
+    deadline = time.monotonic() + 10
+    results: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        files = list((tmp_path / "rec").glob("*.jsonl"))
+        events = [json.loads(line) for p in files for line in p.read_text().splitlines() if line.strip()]
+        if sum(ev.get("k") == "end" for ev in events) == 2:
+            results = [ev for ev in events if ev.get("k") == "result" and ev.get("rows")]
+            break
+        time.sleep(0.05)
+    assert len(results) == 2, results
+    rows = sorted((ev["rows"] for ev in results), key=lambda r: r[0][0].startswith("\\x"))
+    text_rows, binary_rows = rows
+    assert text_rows == [[str(i), s] for i, s in got]
+    # binary results as the bytes on the wire: int4 is four big-endian bytes, text its UTF-8
+    assert binary_rows == [["\\x" + i.to_bytes(4, "big").hex(), "\\x" + s.encode().hex()] for i, s in got]

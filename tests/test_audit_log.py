@@ -212,6 +212,30 @@ async def test_write_mode_acknowledges_once_in_the_kernel_and_fsyncs_in_groups(t
     assert verify_path(path).ok
 
 
+async def test_write_mode_outcomes_share_the_next_statements_write_or_land_on_their_own(tmp_path: Path) -> None:
+    """An outcome rides along with the next statement's record (one write(2), in chain order);
+    with no statement after it, it reaches the file by itself within EMIT_DELAY."""
+    from pgwarden.audit.log import EMIT_DELAY
+
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(AuditConfig(path=str(path)))
+    await log.open()
+    info = SessionInfo("s")
+    log.write_now(records.statement(info, 1, "SELECT 1", decision="allow"))
+    log.emit(records.outcome(info, 1, duration_ms=0.2, tag="SELECT 1", rows=1))
+    batches = log.stats.batches
+    log.write_now(records.statement(info, 2, "SELECT 2", decision="allow"))
+    assert log.stats.batches == batches + 1  # the outcome and the next decision: one write
+    assert [(r["event"], r["stmt"]) for r in lines(path)] == [
+        ("statement", 1), ("statement.outcome", 1), ("statement", 2)]
+    log.emit(records.outcome(info, 2, duration_ms=0.2, tag="SELECT 1", rows=1))
+    assert len(lines(path)) == 3  # not yet: it waits for a statement that may follow
+    await asyncio.sleep(EMIT_DELAY * 4)
+    assert [(r["event"], r["stmt"]) for r in lines(path)][-1] == ("statement.outcome", 2)
+    await log.close()
+    assert verify_path(path).ok
+
+
 async def test_write_mode_fails_closed_after_a_failed_background_fsync(tmp_path: Path) -> None:
     fsync = CountingFsync()
     path = tmp_path / "audit.jsonl"

@@ -951,10 +951,12 @@ class Relay:
                         self._start_execute(head)
                     rw = self._rewriter
                     if rw is not None:
-                        row = rw.rewrite(buf[ps:end])
-                        out.append(buf[span_start:pos])
-                        out.append(m.message(b"D", row))
-                        span_start = end
+                        payload = buf[ps:end]
+                        row = rw.rewrite(payload)
+                        if row is not payload:  # rewritten: framed anew; else the bytes stay in the span
+                            out.append(buf[span_start:pos])
+                            out.append(m.message(b"D", row))
+                            span_start = end
                         if self._recording is not None and not self.observer.result_row(self._recording, row):  # type: ignore[union-attr]
                             self._recording = None
                     elif self._recording is not None and not self.observer.result_row(self._recording, buf[ps:end]):  # type: ignore[union-attr]

@@ -897,16 +897,34 @@ class Relay:
         else:
             self._relay_server(data)
 
-    def _relay_server(self, data: bytes) -> None:
+    def _server_bytes(self, data: bytes) -> bytes | None:
+        """`data` after what was kept of an incomplete message; None while a large message is
+        still arriving in pieces (joined once, when whole: joining at every read copies it over
+        and over)."""
         if self._sneed:
             self._sparts.append(data)
             self._shave += len(data)
             if self._shave < self._sneed:
-                return
+                return None
             data = b"".join(self._sparts)
             self._sparts, self._shave, self._sneed = [], 0, 0
         buf = self._sbuf + data if self._sbuf else data
         self._sbuf = b""
+        return buf
+
+    def _keep_server_rest(self, rest: bytes) -> None:
+        """An incomplete server message waits for its remaining bytes: small ones in _sbuf, large
+        ones gathered piece by piece (see _server_bytes)."""
+        need = 1 + m.U32.unpack_from(rest, 1)[0] if len(rest) >= 5 else 0
+        if need - len(rest) > _GATHER_ABOVE:
+            self._sparts, self._shave, self._sneed = [rest], len(rest), need
+        else:
+            self._sbuf = rest
+
+    def _relay_server(self, data: bytes) -> None:
+        buf = self._server_bytes(data)
+        if buf is None:
+            return
         out: list[bytes] = []
         span_start = 0
         pos = 0
@@ -1066,12 +1084,7 @@ class Relay:
         except m.FrameError as e:
             raise ProtocolViolation(f"invalid message from the server: {e}") from e
         if pos < len(buf):
-            rest = buf[pos:]
-            need = 1 + m.U32.unpack_from(rest, 1)[0] if len(rest) >= 5 else 0
-            if need - len(rest) > _GATHER_ABOVE:
-                self._sparts, self._shave, self._sneed = [rest], len(rest), need
-            else:
-                self._sbuf = rest
+            self._keep_server_rest(buf[pos:])
         if self._drain is not None and not pending:
             drain, self._drain = self._drain, None
             drain.release()
@@ -1138,15 +1151,9 @@ class Relay:
 
     def _guard_data(self, data: bytes) -> None:
         """Server bytes while a guarded statement is in flight (never on the hot path)."""
-        if self._sneed:  # a large message arriving in pieces is joined once, when whole
-            self._sparts.append(data)
-            self._shave += len(data)
-            if self._shave < self._sneed:
-                return
-            data = b"".join(self._sparts)
-            self._sparts, self._shave, self._sneed = [], 0, 0
-        buf = self._sbuf + data if self._sbuf else data
-        self._sbuf = b""
+        buf = self._server_bytes(data)
+        if buf is None:
+            return
         g = self._guard
         assert g is not None
         pos = 0
@@ -1164,12 +1171,7 @@ class Relay:
         except m.FrameError as e:
             raise ProtocolViolation(f"invalid message from the server: {e}") from e
         if pos < len(buf):
-            rest = buf[pos:]
-            need = 1 + m.U32.unpack_from(rest, 1)[0] if len(rest) >= 5 else 0
-            if need - len(rest) > _GATHER_ABOVE:
-                self._sparts, self._shave, self._sneed = [rest], len(rest), need
-            else:
-                self._sbuf = rest
+            self._keep_server_rest(buf[pos:])
 
     def _guard_step(self, g: _GuardRun, t: int, frame: bytes) -> bool:
         """One server message of a guarded statement; True when the guard is over."""

@@ -67,6 +67,13 @@ class ProxyHandle:
                  "password": self.password, "sslmode": "disable", **over}
         return " ".join(f"{k}={v}" for k, v in parts.items())
 
+    async def asyncpg(self) -> Any:
+        """An asyncpg connection through the proxy as this handle's user (no TLS)."""
+        import asyncpg
+
+        return await asyncpg.connect(host=self.host, port=self.port, user=self.user, password=self.password,
+                                     database=self.dbname, ssl=False)
+
     def env(self, **over: str) -> dict[str, str]:
         return {**os.environ, "PGHOST": self.host, "PGPORT": str(self.port), "PGUSER": self.user,
                 "PGPASSWORD": self.password, "PGDATABASE": self.dbname, "PGSSLMODE": "disable", **over}

@@ -34,6 +34,32 @@ def query(sql: str) -> bytes:
     return msg(b"Q", sql.encode() + b"\0")
 
 
+# -- the extended protocol, as an attacker writes it (text parameters, no declared types) -----------
+def parse(sql: str, name: str = "") -> bytes:
+    return msg(b"P", name.encode() + b"\0" + sql.encode() + b"\0" + b"\0\0")
+
+
+def bind(stmt: str = "", portal: str = "", params: tuple[bytes, ...] = ()) -> bytes:
+    body = portal.encode() + b"\0" + stmt.encode() + b"\0" + struct.pack("!h", 0)
+    body += struct.pack("!h", len(params)) + b"".join(struct.pack("!i", len(p)) + p for p in params)
+    return msg(b"B", body + struct.pack("!h", 0))
+
+
+def describe(kind: bytes, name: str = "") -> bytes:
+    return msg(b"D", kind + name.encode() + b"\0")
+
+
+def execute(portal: str = "", max_rows: int = 0) -> bytes:
+    return msg(b"E", portal.encode() + b"\0" + struct.pack("!i", max_rows))
+
+
+def close(kind: bytes, name: str) -> bytes:
+    return msg(b"C", kind + name.encode() + b"\0")
+
+
+SYNC = msg(b"S")
+
+
 def error_fields(payload: bytes) -> dict[str, str]:
     out: dict[str, str] = {}
     for part in payload.rstrip(b"\0").split(b"\0"):

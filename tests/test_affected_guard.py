@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import struct
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ import asyncpg
 import psycopg
 import pytest
 from fix_pg import APP_USER
-from rawpg import RawConn, data_row, error_fields, msg
+from rawpg import SYNC, RawConn, bind, close, data_row, describe, error_fields, execute, msg, parse
 
 API = "pgwarden.dev/v1alpha1"
 ROWS = "1|a|10\n2|a|20\n3|a|30\n4|b|40\n5|b|50"
@@ -245,14 +244,7 @@ def test_psycopg_commit_that_fails_gives_its_error(proxy: Any, pg: Any) -> None:
 
 def test_asyncpg_guarded_writes(proxy: Any, pg: Any) -> None:
     async def go() -> None:
-        conn = await asyncpg.connect(
-            host=proxy.host,
-            port=proxy.port,
-            user=proxy.user,
-            password=proxy.password,
-            database=proxy.dbname,
-            ssl=False,
-        )
+        conn = await proxy.asyncpg()
         try:
             with pytest.raises(asyncpg.PostgresError) as e:
                 await conn.execute("DELETE FROM guard_items WHERE grp = $1", "a")
@@ -327,29 +319,16 @@ def test_a_cancel_during_a_guarded_write_undoes_it(proxy: Any, pg: Any) -> None:
 
 
 # -- the raw wire: pipelined batches and reserved names ---------------------------------------
-def parse(sql: str, name: str = "") -> bytes:
-    return msg(b"P", name.encode() + b"\0" + sql.encode() + b"\0" + b"\0\0")
 
 
-def bind(stmt: str = "", portal: str = "", params: tuple[bytes, ...] = ()) -> bytes:
-    body = portal.encode() + b"\0" + stmt.encode() + b"\0" + struct.pack("!h", 0)
-    body += struct.pack("!h", len(params)) + b"".join(struct.pack("!i", len(p)) + p for p in params)
-    return msg(b"B", body + struct.pack("!h", 0))
 
 
-def execute(portal: str = "", max_rows: int = 0) -> bytes:
-    return msg(b"E", portal.encode() + b"\0" + struct.pack("!i", max_rows))
 
 
-def describe(kind: bytes, name: str = "") -> bytes:
-    return msg(b"D", kind + name.encode() + b"\0")
 
 
-def close(kind: bytes, name: str) -> bytes:
-    return msg(b"C", kind + name.encode() + b"\0")
 
 
-SYNC = msg(b"S")
 
 
 def run(sql: str, *params: str, name: str = "") -> bytes:

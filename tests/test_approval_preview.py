@@ -730,20 +730,12 @@ def test_binary_parameters_from_asyncpg_are_previewed(previewing: Any, pg: Any) 
     """asyncpg sends integers in binary: the preview binds the very bytes the agent sent."""
     import asyncio
 
-    import asyncpg
 
     proxy, db, _ = previewing()
     seed(pg, "apg", 3)
 
     async def run() -> str:
-        conn = await asyncpg.connect(
-            host=proxy.host,
-            port=proxy.port,
-            user=proxy.user,
-            password=proxy.password,
-            database=proxy.dbname,
-            ssl=False,
-        )
+        conn = await proxy.asyncpg()
         try:
             return str(await conn.execute(f"DELETE FROM {TABLE} WHERE batch = $1 AND score < $2", "apg", 1))
         finally:

@@ -181,19 +181,8 @@ def test_psycopg_binary_results(proxy: ProxyHandle) -> None:
 
 
 # -- asyncpg -------------------------------------------------------------------------------
-async def asyncpg_connect(proxy: ProxyHandle) -> asyncpg.Connection:
-    return await asyncpg.connect(
-        host=proxy.host,
-        port=proxy.port,
-        user=proxy.user,
-        password=proxy.password,
-        database=proxy.dbname,
-        ssl=False,
-    )
-
-
 async def test_asyncpg_prepared_statements_and_binary_types(proxy: ProxyHandle) -> None:
-    conn = await asyncpg_connect(proxy)
+    conn = await proxy.asyncpg()
     try:
         stmt = await conn.prepare(
             "SELECT id, name, created_at FROM customers WHERE id = ANY($1::int[]) ORDER BY id"
@@ -217,7 +206,7 @@ async def test_asyncpg_prepared_statements_and_binary_types(proxy: ProxyHandle) 
 
 
 async def test_asyncpg_copy_records_to_table(proxy: ProxyHandle) -> None:
-    conn = await asyncpg_connect(proxy)
+    conn = await proxy.asyncpg()
     try:
         await conn.execute("CREATE TEMP TABLE items (id int, label text, price numeric)")
         records = [(i, f"item {i}", i * 1.5) for i in range(5000)]
@@ -231,7 +220,7 @@ async def test_asyncpg_copy_records_to_table(proxy: ProxyHandle) -> None:
 
 async def test_asyncpg_timeout_cancels_the_query(proxy: ProxyHandle, pg: EmbeddedPostgres) -> None:
     marker = tag()
-    conn = await asyncpg_connect(proxy)
+    conn = await proxy.asyncpg()
     try:
         with pytest.raises(asyncio.TimeoutError):
             await conn.fetch(f"SELECT pg_sleep(10) /* {marker} */", timeout=0.5)

@@ -8,25 +8,18 @@ reaches the server's log but the proxy's own sentinel."""
 from __future__ import annotations
 
 import re
-import struct
 from typing import Any
 
 import pytest
 from fix_pg import SHOP_DB
 from fix_proxy import AGENT_PASSWORD, AGENT_USER
-from rawpg import RawConn, error_fields, msg
+from rawpg import SYNC, RawConn, bind, error_fields, execute, msg
 
 REFUSAL = "no AccessPolicy covers connection 'shop', so every statement is denied"
-SYNC = msg(b"S")
 
 
-def bind(stmt: str = "", portal: str = "") -> bytes:
-    body = portal.encode() + b"\0" + stmt.encode() + b"\0" + struct.pack("!hhh", 0, 0, 0)
-    return msg(b"B", body)
 
 
-def execute(portal: str = "") -> bytes:
-    return msg(b"E", portal.encode() + b"\0" + struct.pack("!i", 0))
 
 
 @pytest.fixture

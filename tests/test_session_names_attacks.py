@@ -10,7 +10,6 @@ reviewed write never runs unapproved, a masked value never comes back in clear.
 from __future__ import annotations
 
 import json
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,20 @@ from typing import Any
 
 import psycopg
 import pytest
-from rawpg import Closed, PgError, RawConn, data_row, error_fields, msg
+from rawpg import (
+    SYNC,
+    Closed,
+    PgError,
+    RawConn,
+    bind,
+    close,
+    data_row,
+    describe,
+    error_fields,
+    execute,
+    msg,
+    parse,
+)
 
 API = "pgwarden.dev/v1alpha1"
 SSNS = (b"123-45-6789", b"234-56-7890", b"345-67-8901")
@@ -43,29 +55,16 @@ MASKING = {
 
 
 # -- the extended protocol, as an attacker writes it -------------------------------------------
-def parse(sql: str, name: str = "") -> bytes:
-    return msg(b"P", name.encode() + b"\0" + sql.encode() + b"\0" + b"\0\0")
 
 
-def bind(stmt: str = "", portal: str = "", params: tuple[bytes, ...] = ()) -> bytes:
-    body = portal.encode() + b"\0" + stmt.encode() + b"\0" + struct.pack("!h", 0)
-    body += struct.pack("!h", len(params)) + b"".join(struct.pack("!i", len(p)) + p for p in params)
-    return msg(b"B", body + struct.pack("!h", 0))
 
 
-def describe(kind: bytes, name: str = "") -> bytes:
-    return msg(b"D", kind + name.encode() + b"\0")
 
 
-def execute(portal: str = "") -> bytes:
-    return msg(b"E", portal.encode() + b"\0" + struct.pack("!i", 0))
 
 
-def close(kind: bytes, name: str) -> bytes:
-    return msg(b"C", kind + name.encode() + b"\0")
 
 
-SYNC = msg(b"S")
 FAIL = parse("SELECT 1/0", "boom") + bind("boom") + execute()  # an error the server reports at Execute
 
 

@@ -52,8 +52,10 @@ class BoundedCache(Generic[K, V]):
     def put(self, key: K, value: V) -> None:
         """Store `value` as the newest entry, dropping the oldest past `size`."""
         entries = self._entries
+        # out and in again rather than move_to_end: another thread's eviction between the two
+        # could drop the key and make move_to_end raise
+        entries.pop(key, None)
         entries[key] = value
-        entries.move_to_end(key)
         while len(entries) > self.size:
             try:
                 entries.popitem(last=False)

@@ -236,6 +236,13 @@ def test_seal_writes_the_canonical_form_it_hashes_with_the_hash_last() -> None:
         assert line == canonical(body)[:-1] + b',"hash":"' + h.encode() + b'"}\n'  # hash appended last
         assert _json.loads(line)["hash"] == h
         prev = h
+    # the audit log seals a batch in one loop: the same lines, the same last hash
+    from pgwarden.audit.chain import seal_all
+
+    lines, last = seal_all(records, 0, "0" * 64)
+    assert last == prev
+    assert lines == [seal(rec, i, "0" * 64 if i == 0 else seal_all(records[:i], 0, "0" * 64)[1])[0]
+                     for i, rec in enumerate(records)]
 
 
 def test_the_writer_encodes_every_character_as_earlier_versions_did() -> None:

@@ -26,7 +26,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 
@@ -42,18 +41,24 @@ from pgwarden.approvals.model import (
     parse_iso,
 )
 from pgwarden.approvals.notify import Notifier
-from pgwarden.k8s.client import IN_CLUSTER_DIR, ApiConfig, ApiError, Kube, in_cluster_namespace
+from pgwarden.k8s.client import (
+    IN_CLUSTER_DIR,
+    ApiConfig,
+    ApiError,
+    Kube,
+    in_cluster_namespace,
+    in_cluster_server,
+    path,
+)
 from pgwarden.k8s.names import (
     ANNOTATION_DECIDED_BY,
     API_VERSION,
     APPROVAL_REQUESTS,
     EXECUTED_EVENT_SUFFIX,
-    GROUP,
     LABEL_CONNECTION,
     LABEL_MANAGED_BY,
     LABEL_STATEMENT_HASH,
     MANAGED_BY_PROXY,
-    VERSION,
     Kind,
 )
 from pgwarden.times import iso
@@ -90,7 +95,7 @@ class KubeApi:
         if not (host and port and (IN_CLUSTER_DIR / "token").exists()):
             raise ValueError("approvals.backend kubernetes: not running in a pod and no approvals.apiUrl given; "
                              "set apiUrl (and tokenFile), or use backend: local")
-        return cls(server=f"https://{host}:{port}", namespace=namespace,
+        return cls(server=in_cluster_server(host, port), namespace=namespace,
                    token_file=section.get("tokenFile") or str(IN_CLUSTER_DIR / "token"),
                    ca_file=section.get("caFile") or str(IN_CLUSTER_DIR / "ca.crt"))
 
@@ -108,11 +113,11 @@ class KubeClient(Kube):
 
 
 def collection_path(namespace: str) -> str:
-    return f"/apis/{GROUP}/{VERSION}/namespaces/{quote(namespace)}/{PLURAL}"
+    return path(API_VERSION, PLURAL, namespace)
 
 
 def events_path(namespace: str) -> str:
-    return f"/api/v1/namespaces/{quote(namespace)}/events"
+    return path("v1", "events", namespace)
 
 
 # -- pure builders / readers ------------------------------------------------------------------
@@ -257,7 +262,7 @@ class KubernetesApprovals:
         self._objects: dict[str, dict[str, Any]] = {}
 
     def _path(self, name: str = "") -> str:
-        return collection_path(self.namespace) + (f"/{quote(name)}" if name else "")
+        return path(API_VERSION, PLURAL, self.namespace, name or None)
 
     def _ticket(self, obj: Mapping[str, Any]) -> Ticket:
         meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}

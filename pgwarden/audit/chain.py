@@ -75,9 +75,10 @@ def canonical(record: Mapping[str, Any]) -> bytes:
 
 
 def legacy_canonical(record: Mapping[str, Any]) -> bytes:
-    """The canonical form of earlier versions (json.dumps). It differs from `canonical` only in how
-    floats in exponent notation are spelled (1e-05 / 0.00001, 1e+16 / 1e16), which no record the proxy
-    writes contains; `verify` accepts a line in either form."""
+    """The canonical form of earlier versions (json.dumps). It differs from `canonical` for values no
+    record the proxy writes contains: floats in exponent notation (1e-05 / 0.00001, 1e+16 / 1e16),
+    NaN and infinities (json: NaN, orjson: null), Enum members and float subclasses. `verify` accepts
+    a line in either form (it recomputes the hash from the line as written)."""
     return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
 
 
@@ -100,7 +101,7 @@ def seal_all(records: Iterable[Mapping[str, Any]], seq: int, prev: str) -> tuple
         body = {**record, "seq": seq, "prev": prev}
         if "hash" in body:
             del body["hash"]
-        try:  # canonical(), inlined
+        try:  # canonical(), inlined (tests/test_audit_chain.py holds the two to the same bytes)
             data = dumps(body, default=str, option=_ORJSON_OPTIONS)
         except orjson.JSONEncodeError:
             data = legacy_canonical(body)

@@ -272,7 +272,7 @@ class Kube:
             return await self.create(collection_path, obj)
         except Conflict:
             name = obj["metadata"]["name"]
-            patched = await self.patch(f"{collection_path}/{quote(name)}", obj)
+            patched = await self.patch(f"{collection_path}/{quote(name, safe='')}", obj)
             if patched is None:  # deleted between the two calls: try once more
                 return await self.create(collection_path, obj)
             return patched

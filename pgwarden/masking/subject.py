@@ -46,6 +46,9 @@ class MaskingSession:
     prepared: dict[str, list[ln.OutCol]] = field(default_factory=dict)
 
 
+_NO_REWRITER = object()  # a rewriter cache miss (a cached None means: pass rows untouched)
+
+
 @dataclass
 class ResultPlan:
     """What one statement returns, column by column; `kind` is rows, copy or none."""
@@ -60,7 +63,7 @@ class ResultPlan:
     names: tuple[tuple[str, str, Any], ...] = ()
     # row rewriters by the RowDescription they were made for: a RowRewriter keeps no state
     # between rows, and a cached plan meets the same fields statement after statement
-    _rewriters: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+    _rewriters: BoundedCache[Any, Any] = field(default_factory=lambda: BoundedCache(16), compare=False, repr=False)
 
     @property
     def masks_anything(self) -> bool:
@@ -81,18 +84,15 @@ class ResultPlan:
         """
         if self.kind == "copy":  # a CopyRewriter keeps partial lines: one per result
             return self.copy_rewriter(len(fields) or None)
+        key: Any = (tuple(fields), tuple(formats) if formats else ())
         try:
-            key: Any = (tuple(fields), tuple(formats) if formats else ())
-            return self._rewriters[key]
-        except KeyError:
-            pass
+            hit = self._rewriters.get(key, _NO_REWRITER)
         except TypeError:  # unhashable fields: made afresh
-            key = None
+            return self._make_rewriter(fields, formats)
+        if hit is not _NO_REWRITER:
+            return hit
         rewriter = self._make_rewriter(fields, formats)
-        if key is not None:
-            if len(self._rewriters) >= 16:
-                self._rewriters.clear()
-            self._rewriters[key] = rewriter
+        self._rewriters.put(key, rewriter)
         return rewriter
 
     def _make_rewriter(self, fields: Sequence[Sequence[Any]], formats: Sequence[int] | None) -> Any:

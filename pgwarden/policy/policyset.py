@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from pgwarden.cache import BoundedCache
 from pgwarden.policy.engine import SubjectPolicy
 from pgwarden.policy.model import AccessPolicy, parse_access_policy
 from pgwarden.resources import Document, of_kind
@@ -17,7 +18,8 @@ class PolicySet:
 
     policies: tuple[AccessPolicy, ...] = ()
     # One SubjectPolicy per (identity, connection), so all sessions of a caller share its decision cache.
-    _subjects: dict[tuple[Identity, str], SubjectPolicy] = field(default_factory=dict, compare=False, repr=False)
+    _subjects: BoundedCache[tuple[Identity, str], SubjectPolicy] = field(
+        default_factory=lambda: BoundedCache(256), compare=False, repr=False)
 
     def for_identity(self, identity: Identity, connection: str) -> SubjectPolicy:
         """The policies for `connection` whose subjects name the caller, combined.
@@ -32,9 +34,7 @@ class PolicySet:
         if cached is not None:
             return cached
         subject = self._select(identity, connection)
-        if len(self._subjects) >= 256:
-            self._subjects.clear()
-        self._subjects[key] = subject
+        self._subjects.put(key, subject)
         return subject
 
     def _select(self, identity: Identity, connection: str) -> SubjectPolicy:

@@ -215,16 +215,16 @@ async def _run(
     )
     if begin.error is not None:
         return Result(error={"C": begin.error.get("C", ""), "M": "could not start the preview transaction"})
-    if plan.target:
-        found = await _query(ep, effects_sql(plan))
-        if found.error is not None:
-            await _query(ep, "ROLLBACK")
-            return Result(error={"C": found.error.get("C", ""), "M": "could not look up what the write would run"})
-        values = m.parse_data_row(found.rows[0]) if found.rows else [None] * 7
-        why = effects_refusal(*(None if v is None else v.decode("utf-8", "replace") for v in values[:7]))
-        if why:
-            await _query(ep, "ROLLBACK")
-            return Result(unavailable=why)
+    found = await _query(ep, effects_sql(plan))
+    if found.error is not None or len(found.rows) != 1:  # no answer is no proof that nothing runs
+        await _query(ep, "ROLLBACK")
+        code = found.error.get("C", "") if found.error is not None else "XX000"
+        return Result(error={"C": code, "M": "could not look up what the write would run"})
+    values = m.parse_data_row(found.rows[0])
+    why = effects_refusal(*(None if v is None else v.decode("utf-8", "replace") for v in values[:7]))
+    if why:
+        await _query(ep, "ROLLBACK")
+        return Result(unavailable=why)
     ep.write(run_messages(plan.sql, params, formats))
     result = await _until_ready(ep, mask_rows, mask_error)
     await _query(ep, "ROLLBACK")

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -940,6 +941,53 @@ def test_an_overload_of_a_builtin_name_is_never_run_for_a_preview(previewing: An
     finally:
         pg.psql("DROP FUNCTION IF EXISTS public.upper(int); DROP SEQUENCE IF EXISTS public.preview_witness",
                 dbname=SHOP_DB)
+
+
+@pytest.mark.parametrize(
+    ("setup", "where", "named"),
+    [
+        # functional notation: p.pw_touch and (p).pw_touch both call pw_touch(p)
+        (f"CREATE FUNCTION public.pw_touch(r {TABLE}) RETURNS boolean LANGUAGE sql "
+         "AS 'SELECT nextval(''public.preview_witness'') > 0'", "p.pw_touch", "pw_touch"),
+        (f"CREATE FUNCTION public.pw_touch(r {TABLE}) RETURNS boolean LANGUAGE sql "
+         "AS 'SELECT nextval(''public.preview_witness'') > 0'", "(p).pw_touch", "pw_touch"),
+        # a cast to a domain runs its CHECK, also as a field of a composite type
+        ("CREATE FUNCTION public.pw_check(t text) RETURNS boolean LANGUAGE sql "
+         "AS 'SELECT nextval(''public.preview_witness'') > 0'; "
+         "CREATE DOMAIN public.pw_dom AS text CHECK (public.pw_check(VALUE))",
+         "p.batch::text = 'fnx'::public.pw_dom", "pw_check"),
+        ("CREATE FUNCTION public.pw_check(t text) RETURNS boolean LANGUAGE sql "
+         "AS 'SELECT nextval(''public.preview_witness'') > 0'; "
+         "CREATE DOMAIN public.pw_dom AS text CHECK (public.pw_check(VALUE)); "
+         "CREATE TYPE public.pw_pair AS (a public.pw_dom, b int)",
+         "(ROW('fnx', 1)::public.pw_pair).b = 1", "pw_check"),
+    ],
+    ids=["qualified-column", "field-selection", "domain-cast", "domain-in-composite"],
+)
+def test_code_the_statement_reaches_without_calling_it_is_never_run_for_a_preview(
+        previewing: Any, pg: Any, setup: str, where: str, named: str) -> None:
+    """Functions a statement runs without a call in its text — `t.f` is f(t) when t has no
+    column f, a cast to a domain runs the domain's CHECK — are not run before approval: the
+    witness sequence would advance (a rollback does not undo it) if they ran."""
+    pg.psql(f"CREATE SEQUENCE public.preview_witness; "
+            f"GRANT USAGE, SELECT, UPDATE ON SEQUENCE public.preview_witness TO {APP_USER}; {setup}",
+            dbname=SHOP_DB)
+    try:
+        proxy, db, _ = previewing(masking=False)
+        batch = f"fx{zlib.crc32(where.encode())}"  # one batch per case: the rows stay (none is deleted)
+        seed(pg, batch, 2)
+        t, box = in_background(lambda: proxy.psql("-c", f"DELETE FROM {TABLE} AS p WHERE p.batch = '{batch}' AND {where}"))
+        req = wait_pending(db)
+        assert req["preview"]["state"] == "unavailable", req["preview"]
+        assert named in req["preview"]["reason"]
+        assert cli(db, "deny", req["id"], "--as", "dba-alice").returncode == 0
+        t.join(30)
+        assert pg.psql("SELECT last_value, is_called FROM public.preview_witness", dbname=SHOP_DB).strip() == "1|f"
+        assert direct_count(pg, batch) == 2
+    finally:
+        pg.psql("DROP TYPE IF EXISTS public.pw_pair; DROP DOMAIN IF EXISTS public.pw_dom; "
+                f"DROP FUNCTION IF EXISTS public.pw_check(text); DROP FUNCTION IF EXISTS public.pw_touch({TABLE}); "
+                "DROP SEQUENCE IF EXISTS public.preview_witness", dbname=SHOP_DB)
 
 
 def test_a_delete_using_another_table_samples_the_deleted_rows_only() -> None:

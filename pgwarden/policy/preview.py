@@ -77,6 +77,9 @@ class PreviewPlan:
     functions: tuple[str, ...] = ()
     operators: tuple[str, ...] = ()
     typecasts: bool = False
+    # the types it casts to (quoted identifier texts): a domain's CHECK runs at the cast, also
+    # inside a composite or array type (the `typed` closure of EFFECTS_SQL)
+    types: tuple[str, ...] = ()
 
 
 # What a write may run besides itself, looked up in the preview's own transaction before it runs;
@@ -103,7 +106,16 @@ typed(oid) AS (
     SELECT a.atttypid FROM reached r JOIN pg_catalog.pg_attribute a ON a.attrelid = r.oid
     WHERE a.attnum > 0 AND NOT a.attisdropped
   UNION
-    SELECT t.typbasetype FROM typed d JOIN pg_catalog.pg_type t ON t.oid = d.oid WHERE t.typtype = 'd'
+    SELECT pg_catalog.to_regtype(n)::oid FROM pg_catalog.unnest({types}::text[]) AS n
+    WHERE pg_catalog.to_regtype(n) IS NOT NULL
+  UNION
+    SELECT x.oid FROM typed d JOIN pg_catalog.pg_type t ON t.oid = d.oid CROSS JOIN LATERAL (
+        SELECT t.typbasetype AS oid WHERE t.typtype = 'd'
+      UNION ALL
+        SELECT t.typelem WHERE t.typelem <> 0
+      UNION ALL
+        SELECT a.atttypid FROM pg_catalog.pg_attribute a
+        WHERE t.typtype = 'c' AND a.attrelid = t.typrelid AND a.attnum > 0 AND NOT a.attisdropped) x
 ),
 read(oid) AS (
     SELECT pg_catalog.to_regclass(n)::oid FROM pg_catalog.unnest({read}::text[]) AS n
@@ -173,7 +185,7 @@ def effects_sql(plan: PreviewPlan) -> str:
     return EFFECTS_SQL.format(
         target=_literal(plan.target), read=_array(plan.reads), functions=_array(plan.functions),
         operators=_array((*plan.operators, *IMPLICIT_OPERATORS)),
-        typecasts="true" if plan.typecasts else "false",
+        typecasts="true" if plan.typecasts else "false", types=_array(plan.types),
     )
 
 
@@ -266,12 +278,26 @@ def refusal(tree: dict[str, Any], server_version: int = 0) -> str | None:
     return None
 
 
-def _names_used(tree: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], bool]:
-    """(relations named, functions called, operators written, whether it casts) of a parsed
-    statement (JSON form): what EFFECTS_SQL checks against the database's own objects. Pure."""
+@dataclass(frozen=True)
+class NamesUsed:
+    """What a statement names that EFFECTS_SQL looks up among the database's own objects."""
+
+    relations: tuple[str, ...]
+    functions: tuple[str, ...]
+    operators: tuple[str, ...]
+    typecasts: bool
+    types: tuple[str, ...]
+
+
+def _names_used(tree: dict[str, Any]) -> NamesUsed:
+    """The relations, functions, operators and cast types a parsed statement (JSON form) names.
+    Functions include what PostgreSQL may read as functional notation: `t.f` and `(t).f` call
+    f(t) when t has no column f, so the last name of a qualified column reference and every
+    field selection count as function names too. Pure."""
     rels: set[str] = set()
     funcs: set[str] = set()
     ops: set[str] = set()
+    types: set[str] = set()
     casts = False
     for node_type, fields in _walk(tree):
         if node_type == "RangeVar":
@@ -279,6 +305,11 @@ def _names_used(tree: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...],
             rels.add(".".join(_quote(p) for p in parts if p))
         elif node_type == "FuncCall":
             funcs.update(_names(fields.get("funcname"))[-1:])
+        elif node_type == "ColumnRef":
+            names = [n for n in _names(fields.get("fields")) if n]
+            funcs.update(names[-1:] if len(names) >= 2 else ())
+        elif node_type == "A_Indirection":
+            funcs.update(n for n in _names(fields.get("indirection")) if n)
         elif node_type == "A_Expr":
             ops.update(_names(fields.get("name"))[-1:])
         elif node_type == "SubLink":
@@ -287,7 +318,10 @@ def _names_used(tree: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...],
             ops.update(_names(fields.get("useOp"))[-1:])
         elif node_type == "TypeCast":
             casts = True
-    return tuple(sorted(rels)), tuple(sorted(funcs)), tuple(sorted(ops)), casts
+            names = [n for n in _names((fields.get("typeName") or {}).get("names")) if n]
+            if names:
+                types.add(".".join(_quote(n) for n in names))
+    return NamesUsed(tuple(sorted(rels)), tuple(sorted(funcs)), tuple(sorted(ops)), casts, tuple(sorted(types)))
 
 
 def _uses_nextval(tree: dict[str, Any]) -> bool:
@@ -357,13 +391,13 @@ def plan_preview(
     kind = _KINDS[type(stmt).__name__]
     rel = stmt.relation
     target = ".".join(_quote(p) for p in (rel.catalogname, rel.schemaname, rel.relname) if p)
-    reads, funcs, ops, casts = _names_used(raw[0].get("stmt") or {})
+    used = _names_used(raw[0].get("stmt") or {})
     if kind == "merge" and server_version and server_version < 17:
         return PreviewPlan(
             kind,
             RawStream()(stmt),
-            target=target, reads=reads, functions=funcs, operators=ops, typecasts=casts,
-            count_only=True,
+            target=target, reads=used.relations, functions=used.functions, operators=used.operators,
+            typecasts=used.typecasts, types=used.types, count_only=True,
             notes=(
                 *notes,
                 f"MERGE returns no rows before PostgreSQL 17 (the server is {server_version}): count only",
@@ -390,4 +424,5 @@ def plan_preview(
     outer.withClause.ctes = (*(with_clause.ctes if with_clause is not None else ()), cte)
     outer.withClause.recursive = bool(with_clause is not None and with_clause.recursive)
     return PreviewPlan(kind, RawStream()(outer), notes=notes, before_sql=before_sql,
-                       target=target, reads=reads, functions=funcs, operators=ops, typecasts=casts)
+                       target=target, reads=used.relations, functions=used.functions,
+                       operators=used.operators, typecasts=used.typecasts, types=used.types)

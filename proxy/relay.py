@@ -121,6 +121,9 @@ class Verdict:
     entry: PreparedEntry | None = None
     # a write that is undone when it changes more rows than this allows (PW005)
     guard: AffectedGuard | None = None
+    # Bind of a text that looks names up when it runs: (kind "S"|"P", name, the entry it was decided
+    # with); its Execute is refused when one of them means something else by then
+    pins: tuple[tuple[str, str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -642,6 +645,7 @@ class Relay:
                             portal.max_rows = verdict.max_rows
                         if verdict.guard is not None:
                             portal.guard = stricter(portal.guard, verdict.guard)
+                        portal.pins = verdict.pins
                     put = ((PUT_PORTAL, bind.portal, portal),)
                     self.names.stage(put)
                     self._push(Pending(BIND, changes=put, puts=True,
@@ -653,6 +657,8 @@ class Relay:
                     entry = Pending(EXECUTE, name=portal_name)
                     verdict = self._take_resolved()
                     if verdict is None and self.gate is not None and (err := _reserved(portal_name)) is not None:
+                        verdict = Verdict(error=err)
+                    if verdict is None and p is not None and p.pins and (err := self._moved(p)) is not None:
                         verdict = Verdict(error=err)
                     own_tx: bool | None = None  # guarded: in its own transaction, or a savepoint
                     if verdict is None and p is not None and p.origin == "bind" and p.guard is not None:
@@ -819,6 +825,20 @@ class Relay:
                     if drops:
                         self.names.stage(drops)
         return False
+
+    def _moved(self, portal: PortalEntry) -> PolicyDenied | None:
+        """The refusal of an Execute whose portal was decided with names that mean something else
+        now (PREPARE p … EXECUTE p bound, then p deallocated and prepared again before Execute)."""
+        for kind, name, entry in portal.pins:
+            now = self.names.statement(name) if kind == "S" else self.names.portal(name)
+            if now is not entry:
+                what = "prepared statement" if kind == "S" else "cursor"
+                return PolicyDenied(
+                    f"pgwarden refuses to execute portal {portal.name!r}: the {what} {name!r} it names was "
+                    "replaced or removed after the portal was bound, and the portal was decided with the old one",
+                    hint="Send Sync, then bind the statement again.",
+                )
+        return None
 
     def _barrier_wait(self) -> Awaitable[Verdict]:
         self._barrier = _Barrier()
@@ -994,12 +1014,14 @@ class Relay:
                         continue
                     if head is not None:
                         head.rows = 0
+                        tag = bytes(buf[ps : end - 1]).decode() if t == _CC else ""
+                        # an Execute's BEGIN / COMMIT / ROLLBACK: the batch's transaction state,
+                        # which a guarded write later in the batch needs (with or without an observer)
+                        if head.kind == EXECUTE and tag in _TXN_TAGS:
+                            self._unit_txn = _TXN_TAGS[tag]
+                            if self._open_tx is not None:
+                                self._open_tx = _TXN_TAGS[tag]
                         if self.observer is not None:
-                            tag = bytes(buf[ps : end - 1]).decode() if t == _CC else ""
-                            if head.kind == EXECUTE and tag in _TXN_TAGS:
-                                self._unit_txn = _TXN_TAGS[tag]
-                                if self._open_tx is not None:
-                                    self._open_tx = _TXN_TAGS[tag]
                             self.observer.statement_done(head.context, tag, None)
                         self._command_done(head)
                 elif t == _Z:
@@ -1203,15 +1225,16 @@ class Relay:
                     g.frames.append(frame)
                     return self._guard_finish(g)
             elif t == _ER:
-                g.error = frame
-                if not g.simple:
-                    if not g.own_tx:
-                        return True  # the client's transaction is failed, as without the guard
-                    # end the skipped batch and our failed transaction (never by a Query: it would
-                    # drop the client's unnamed statement); the client's Sync follows
-                    self.to_server(_SYNC + _injected("ROLLBACK") + _SYNC)
-                    g.phase, g.replies = _CLEANUP, 2
+                g.error = frame  # replayed once, after the frames before it (see _guard_end)
+                if g.simple:
                     return False
+                if not g.own_tx:
+                    return True  # the client's transaction is failed, as without the guard
+                # end the skipped batch and our failed transaction (never by a Query: it would
+                # drop the client's unnamed statement); the client's Sync follows
+                self.to_server(_SYNC + _injected("ROLLBACK") + _SYNC)
+                g.phase, g.replies = _CLEANUP, 2
+                return False
             elif t == _Z:
                 if g.error is not None or g.broken:
                     if not g.own_tx:

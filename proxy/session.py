@@ -77,6 +77,7 @@ class PortalEntry:
     holdable: bool = False
     mask_outs: Any = None  # DECLARE: masking lineage of the cursor's rows
     sql: str = ""
+    pins: tuple[tuple[str, str, Any], ...] = ()  # see Verdict.pins (relay.py)
 
 
 def apply(statements: dict[str, PreparedEntry], portals: dict[str, PortalEntry], changes: Iterable[Change]) -> bool:

@@ -20,7 +20,7 @@ import asyncpg
 import psycopg
 import pytest
 from fix_pg import APP_USER
-from rawpg import SYNC, RawConn, bind, close, data_row, describe, error_fields, execute, msg, parse
+from rawpg import SYNC, RawConn, bind, close, data_row, describe, error_fields, execute, msg, parse, query
 
 API = "pgwarden.dev/v1alpha1"
 ROWS = "1|a|10\n2|a|20\n3|a|30\n4|b|40\n5|b|50"
@@ -359,6 +359,32 @@ def conn(proxy: Any) -> Any:
     c = RawConn.login(proxy.host, proxy.port, proxy.user, proxy.password, "shop")
     yield c
     c.close()
+
+
+def test_a_failing_guarded_query_reports_its_error_once(conn: RawConn, pg: Any) -> None:
+    """A guarded write that fails on its own (a CHECK constraint) in a simple Query: the client
+    gets that one error and ReadyForQuery, as without the proxy, and nothing changed."""
+    before = table(pg)
+    conn.send(query("UPDATE guard_items SET v = -1 WHERE id = 1"))
+    assert answers(conn) == [("error", "23514"), ("ready", "I")]
+    assert table(pg) == before
+
+
+def test_an_execute_whose_prepared_statement_was_replaced_after_bind_is_refused(conn: RawConn, pg: Any) -> None:
+    """Bind "EXECUTE p" while p is a SELECT, then DEALLOCATE p and PREPARE p AS DELETE in the same
+    batch, then Execute the portal: the server would run the new p, which nobody decided (and no
+    guard bounds). The Execute is refused and nothing is deleted."""
+    conn.simple("PREPARE p AS SELECT id FROM guard_items WHERE id = 1")
+    before = table(pg)
+    conn.send(
+        parse("EXECUTE p", "s1") + bind("s1", "x")
+        + parse("DEALLOCATE p") + bind() + execute()
+        + parse("PREPARE p AS DELETE FROM guard_items") + bind() + execute()
+        + execute("x") + SYNC
+    )
+    got = answers(conn)
+    assert ("error", "42501") in got and got[-1] == ("ready", "I")
+    assert table(pg) == before
 
 
 def test_pipelined_batch_with_a_guarded_execute_between_other_statements(conn: RawConn, pg: Any) -> None:

@@ -7,11 +7,17 @@ order, makes that drift hit all targets alike, so the *ratios* are trustworthy e
 absolute figures wander. Medians over rounds drop the odd outlier.
 
     python bench/run.py [--quick] [--duration S] [--clients N] [--scale N] [--rounds N]
-                        [--policy FILE ...] [--full] [--output PATH]
+                        [--policy FILE ...] [--full] [--compiled] [--output PATH]
 
 `--full` adds the configuration a user runs in production: "pgwarden+full" (AccessPolicy,
 MaskingRule with columns and detectors, audit log with `durability: write`, session
 recordings) and "pgwarden+full-fsync" (the same with `durability: fsync`).
+
+`--compiled` builds this checkout's wheel (setup.py: the hot modules compiled with mypyc) into a
+temporary folder and runs every pgwarden target from it; with `--full` it adds
+"pgwarden+full-pure", the same build and configuration with PGWARDEN_PURE_PYTHON=1, so both builds
+are measured in one run. Without it the proxies run the installed package (an editable checkout
+is pure Python).
 
 A throw-away PostgreSQL (pgwarden.embedded) is started unless PGWARDEN_BENCH_DSN names a
 server to use (a superuser libpq DSN, key=value or postgres:// URL). Everything started here
@@ -76,6 +82,7 @@ class Settings:
     quick: bool = False
     py_spy: Path | None = None
     full: bool = False
+    compiled: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -94,6 +101,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--full", action="store_true",
                    help="add pgwarden+full (policy, masking, audit durability write, recordings) and "
                         "pgwarden+full-fsync (the same with audit durability fsync)")
+    p.add_argument("--compiled", action="store_true",
+                   help="run the pgwarden targets from a compiled wheel of this checkout, built first (about two "
+                        "minutes); with --full also pgwarden+full-pure, that build with PGWARDEN_PURE_PYTHON=1")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON results (default {DEFAULT_OUTPUT})")
     p.add_argument("--py-spy", type=Path, metavar="FILE",
                    help="profile the pgwarden proxy (the +policy one when --policy is given) with py-spy for the "
@@ -114,6 +124,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         quick=q,
         py_spy=a.py_spy,
         full=a.full,
+        compiled=a.compiled,
     )
 
 
@@ -310,9 +321,40 @@ def proxy_documents(srv: Server, port: int, extra: list[Path], spec: dict[str, o
 
 
 @contextlib.contextmanager
-def pgwarden_proxy(srv: Server, name: str, extra: list[Path], durability: str | None = None) -> Iterator[Target]:
+def compiled_build() -> Iterator[Path]:
+    """This checkout's wheel, built with its hot modules compiled, installed into a temporary folder
+    (put first on the proxies' PYTHONPATH). Fails rather than measure a pure build by mistake."""
+    folder = Path(tempfile.mkdtemp(prefix="pgwarden-bench-build-"))
+    try:
+        print("building the compiled wheel (setup.py, mypyc) ...", flush=True)
+        for argv in ([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                      "-w", str(folder / "wheel"), str(BENCH_DIR.parent)],
+                     [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(folder / "site"),
+                      *map(str, (folder / "wheel").glob("pgwarden-*.whl"))]):
+            done = subprocess.run(argv, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise BenchError(f"{' '.join(argv[2:4])} failed: {done.stderr[-2000:]}")
+        if not list((folder / "site" / "pgwarden" / "proxy").glob("relay.*.so")):
+            raise BenchError("the wheel was built pure Python (no C compiler or mypyc?): see setup.py")
+        yield folder / "site"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def proxy_build(env: dict[str, str]) -> str:
+    """What the proxies started with `env` run: 'compiled (mypyc)' or 'pure Python'."""
+    probe = "from pgwarden.compiled import build_of; from pgwarden.proxy import relay; print(build_of(relay))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False,
+                          env={**os.environ, **env}, cwd=tempfile.gettempdir())
+    return done.stdout.strip() or f"unknown ({done.stderr.strip()[-200:]})"
+
+
+@contextlib.contextmanager
+def pgwarden_proxy(srv: Server, name: str, extra: list[Path], durability: str | None = None,
+                   env: dict[str, str] | None = None) -> Iterator[Target]:
     """`python -m pgwarden.cli proxy --config FILE` in its own process, as deployed (uvloop).
-    `durability`: fully loaded (audit with that durability, recordings)."""
+    `durability`: fully loaded (audit with that durability, recordings). `env`: added to its
+    environment (PYTHONPATH of a compiled build, PGWARDEN_PURE_PYTHON)."""
     workdir = Path(tempfile.mkdtemp(prefix="pgwarden-bench-proxy-"))
     proc: subprocess.Popen[bytes] | None = None
     try:
@@ -321,8 +363,10 @@ def pgwarden_proxy(srv: Server, name: str, extra: list[Path], durability: str | 
         cfg.write_text(proxy_documents(srv, port, extra, full_spec(workdir, durability) if durability else None))
         log = workdir / "proxy.log"
         out = open(log, "wb")
+        # cwd: `-m` puts it first on sys.path, where a checkout's pgwarden would shadow a build's
         proc = subprocess.Popen([sys.executable, "-m", "pgwarden.cli", "proxy", "--config", str(cfg)],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir,
+                                env={**os.environ, **(env or {})})
         out.close()
         wait_port(port, proc, log, name)
         yield Target(name, port, AGENT_USER, AGENT_PASSWORD, proc.pid)
@@ -561,7 +605,7 @@ def source_revision() -> str:
 
 
 def write_json(path: Path, s: Settings, srv: Server, runs: list[Run], notes: dict[str, str],
-               load_before: tuple[float, float, float]) -> dict[str, object]:
+               load_before: tuple[float, float, float], builds: dict[str, str] | None = None) -> dict[str, object]:
     summary = summarize(runs)
     doc: dict[str, object] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -571,6 +615,7 @@ def write_json(path: Path, s: Settings, srv: Server, runs: list[Run], notes: dic
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "versions": versions(srv),
+        "builds": builds or {},  # what the pgwarden targets ran: compiled (mypyc) or pure Python
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()
                      if k not in ("policy_files", "output")} | {"policy_files": [str(p) for p in s.policy_files]},
         "summary": summary,
@@ -603,20 +648,28 @@ def main(argv: list[str] | None = None) -> int:
             srv = stack.enter_context(postgres())
             print(f"PostgreSQL on 127.0.0.1:{srv.port}; pgbench -i -s {s.scale} ...", flush=True)
             prepare_database(srv, s.scale)
-            warden = stack.enter_context(pgwarden_proxy(srv, "pgwarden", []))
+            env: dict[str, str] = {}
+            if s.compiled:
+                site = stack.enter_context(compiled_build())
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+            warden = stack.enter_context(pgwarden_proxy(srv, "pgwarden", [], env=env))
             targets = [Target("direct", srv.port, BENCH_USER, BENCH_PASSWORD),
                        stack.enter_context(pgbouncer(srv)), warden]
             notes: dict[str, str] = {}
             if s.policy_files:
                 try:
-                    targets.append(stack.enter_context(pgwarden_proxy(srv, "pgwarden+policy", s.policy_files)))
+                    targets.append(stack.enter_context(pgwarden_proxy(srv, "pgwarden+policy", s.policy_files, env=env)))
                 except BenchError as e:  # the policy engine may not accept it yet; report, go on
                     notes["pgwarden+policy"] = str(e)
                     print(f"skipping pgwarden+policy: {e}", file=sys.stderr)
             if s.full:
-                for name, durability in (("pgwarden+full", "write"), ("pgwarden+full-fsync", "fsync")):
+                full = [("pgwarden+full", "write", env), ("pgwarden+full-fsync", "fsync", env)]
+                if s.compiled:
+                    full.insert(1, ("pgwarden+full-pure", "write", {**env, "PGWARDEN_PURE_PYTHON": "1"}))
+                for name, durability, target_env in full:
                     try:
-                        targets.append(stack.enter_context(pgwarden_proxy(srv, name, FULL_DOCUMENTS, durability)))
+                        targets.append(stack.enter_context(pgwarden_proxy(srv, name, FULL_DOCUMENTS, durability,
+                                                                          target_env)))
                     except BenchError as e:
                         notes[name] = str(e)
                         print(f"skipping {name}: {e}", file=sys.stderr)
@@ -628,7 +681,11 @@ def main(argv: list[str] | None = None) -> int:
             load_before = os.getloadavg()
             with py_spy(profiled.pid, s.py_spy):
                 runs = benchmark(targets, s)
-            doc = write_json(s.output, s, srv, runs, notes, load_before)
+            builds = {"pgwarden": proxy_build(env)}
+            if s.compiled and s.full:
+                builds["pgwarden+full-pure"] = proxy_build({**env, "PGWARDEN_PURE_PYTHON": "1"})
+            print(f"builds: {builds}", flush=True)
+            doc = write_json(s.output, s, srv, runs, notes, load_before, builds)
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 1

@@ -30,6 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pgwarden.errors import AgentError, PolicyDenied, ProtocolViolation, TooManyRowsAffected
+
+try:  # mypyc reads the class decorator when compiling; at run time it does nothing
+    from mypy_extensions import mypyc_attr
+except ImportError:  # not installed (the images): the same no-op
+    from pgwarden.compiled import mypyc_attr  # type: ignore[assignment]
 from pgwarden.proxy import messages as m
 from pgwarden.proxy.analysis_budget import statement_too_large
 from pgwarden.proxy.session import (
@@ -175,6 +180,7 @@ class Gate(Protocol):
         ...
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # DenyAll and the tests' gates are not compiled
 class ForwardingGate:
     """A gate that decides nothing (every message is forwarded): the base of gates that decide
     only some messages, so each member of the Gate protocol has a plain default."""

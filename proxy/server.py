@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pgwarden.audit import records
+from pgwarden.compiled import build_of
 from pgwarden.errors import (
     AgentError,
     AuthenticationFailed,
@@ -28,6 +29,7 @@ from pgwarden.errors import (
 )
 from pgwarden.identity.workload import is_loopback
 from pgwarden.proxy import messages as m
+from pgwarden.proxy import relay as relay_module
 from pgwarden.proxy import upstream as up
 from pgwarden.proxy.auth import TokenAuthenticator, authenticate, pod_identity
 from pgwarden.proxy.config import FORWARDED_STARTUP_PARAMS, ProxyConfig
@@ -87,7 +89,8 @@ class ProxyServer:
         self._server = await loop.create_server(
             self._make_endpoint, self.config.listen_host, self.config.listen_port, reuse_address=True
         )
-        log.info("pgwarden proxy listening on %s:%s", self.config.listen_host, self.port)
+        log.info("pgwarden proxy listening on %s:%s (hot path: %s)", self.config.listen_host, self.port,
+                 build_of(relay_module))
 
     def _make_endpoint(self) -> Endpoint:
         ep = Endpoint()

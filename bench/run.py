@@ -320,6 +320,13 @@ def proxy_documents(srv: Server, port: int, extra: list[Path], spec: dict[str, o
     return text
 
 
+def pip(command: str, *args: str) -> None:
+    argv = [sys.executable, "-m", "pip", command, "-q", "--no-deps", *args]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"pip {command} failed: {done.stderr[-2000:]}")
+
+
 @contextlib.contextmanager
 def compiled_build() -> Iterator[Path]:
     """This checkout's wheel, built with its hot modules compiled, installed into a temporary folder
@@ -327,13 +334,8 @@ def compiled_build() -> Iterator[Path]:
     folder = Path(tempfile.mkdtemp(prefix="pgwarden-bench-build-"))
     try:
         print("building the compiled wheel (setup.py, mypyc) ...", flush=True)
-        for argv in ([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                      "-w", str(folder / "wheel"), str(BENCH_DIR.parent)],
-                     [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(folder / "site"),
-                      *map(str, (folder / "wheel").glob("pgwarden-*.whl"))]):
-            done = subprocess.run(argv, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                raise BenchError(f"{' '.join(argv[2:4])} failed: {done.stderr[-2000:]}")
+        pip("wheel", "--no-build-isolation", "-w", str(folder / "wheel"), str(BENCH_DIR.parent))
+        pip("install", "--target", str(folder / "site"), *map(str, (folder / "wheel").glob("pgwarden-*.whl")))
         if not list((folder / "site" / "pgwarden" / "proxy").glob("relay.*.so")):
             raise BenchError("the wheel was built pure Python (no C compiler or mypyc?): see setup.py")
         yield folder / "site"

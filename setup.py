@@ -1,15 +1,18 @@
 """Build hook: the proxy's per-statement modules compiled to C extensions with mypyc.
 
 Everything else about the package is in pyproject.toml. The modules in `COMPILED` run for every
-message and every statement the proxy relays; compiled, the fully loaded proxy spends less CPU per
-statement (docs/benchmarks.md has the figures for both builds). The `.py` files ship beside the
-extensions, and the package works without them:
+message and every statement the proxy relays; compiled, they cost 9-12 % less CPU in-process
+(docs/benchmarks.md has the figures for both builds). The `.py` files ship beside the extensions,
+and the package works without them. `PGWARDEN_COMPILE` decides:
 
-- no C compiler, no mypyc, or a compile error: the wheel is built pure Python, with a warning;
-- `PGWARDEN_COMPILE=0 pip install .`: pure Python on purpose;
-- an editable install (`pip install -e .`) is never compiled, so an edited `.py` file is what runs;
-- `PGWARDEN_PURE_PYTHON=1` at run time: an installed compiled build runs its `.py` files instead
-  (pgwarden/compiled.py), to compare the two or to rule the compiled code out.
+- unset or `auto`: compiled when mypyc and a C compiler work; otherwise pure Python, with a
+  warning (shown by `pip -v`);
+- `require`: compiled, or the build fails (the proxy image, CI, `bench/run.py --compiled`);
+- `0`: pure Python on purpose (the operator image); mypy is then not even fetched (build_backend.py).
+
+An editable install (`pip install -e .`) is never compiled, so an edited `.py` file is what runs.
+`PGWARDEN_PURE_PYTHON=1` at run time makes a compiled install run its `.py` files
+(pgwarden/compiled.py), to compare the two builds or to rule the compiled code out.
 """
 
 from __future__ import annotations
@@ -23,54 +26,78 @@ from typing import Any
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
+HERE = Path(__file__).resolve().parent
 # The per-message and per-statement path, listed in pgwarden/compiled.py (read, not imported:
 # nothing is installed yet)
-COMPILED = list(runpy.run_path(str(Path(__file__).parent / "pgwarden" / "compiled.py"))["HOT_MODULES"])
+COMPILED = list(runpy.run_path(str(HERE / "pgwarden" / "compiled.py"))["HOT_MODULES"])
+GROUP = "pgwarden_hot"  # mypyc's shared library: pgwarden_hot__mypyc.<abi>.so
+MODE = os.environ.get("PGWARDEN_COMPILE", "auto").strip().lower() or "auto"
+if MODE not in ("auto", "require", "0"):
+    sys.exit(f"PGWARDEN_COMPILE={MODE!r}: use auto (the default), require or 0")
 
 
-def _warn(message: str) -> None:
-    print(f"pgwarden: {message}; installing pure Python (slower proxy, same behaviour)", file=sys.stderr)
+class CompileError(RuntimeError):
+    """PGWARDEN_COMPILE=require and the hot modules could not be compiled."""
 
 
-class OptionalBuildExt(build_ext):
-    """Translates and compiles the hot modules when a wheel is built, and only then (the metadata
-    steps and editable installs never run mypyc); any failure leaves the pure-Python package."""
-
-    def run(self) -> None:
-        if not self.extensions:
-            return  # PGWARDEN_COMPILE=0
-        if getattr(self, "editable_mode", False) or self.inplace:
-            self.extensions = []  # an editable install runs the source files, never a stale extension
-            return
-        self.extensions = _mypycify()
-        if not self.extensions:
-            return
-        try:
-            super().run()
-        except Exception as e:  # noqa: BLE001 - any compiler failure means the pure-Python fallback
-            _warn(f"could not compile the proxy's hot modules ({e})")
-            self.extensions = []
-
-    def get_outputs(self) -> list[str]:
-        return super().get_outputs() if self.extensions else []
+def _fallback(message: str) -> None:
+    if MODE == "require":
+        raise CompileError(f"{message} (PGWARDEN_COMPILE=require: not falling back to pure Python)")
+    print(f"pgwarden: {message}; building pure Python (slower proxy, same behaviour)", file=sys.stderr)
 
 
 def _mypycify() -> list[Any]:
     try:
         from mypyc.build import mypycify
     except ImportError:
-        _warn("mypyc is not installed")
+        _fallback("mypyc is not installed")
         return []
     try:
         # the package's mypy settings apply; only the unused-section note would end the build
-        return list(mypycify(["--no-warn-unused-configs", *COMPILED], opt_level="3", group_name="pgwarden_hot"))
+        return list(mypycify(["--no-warn-unused-configs", *COMPILED], opt_level="3", group_name=GROUP))
     except (Exception, SystemExit) as e:  # noqa: BLE001 - mypyc refuses a module (it exits): fall back
-        _warn(f"mypyc could not translate the proxy's hot modules ({e})")
+        _fallback(f"mypyc could not translate the proxy's hot modules ({e})")
         return []
 
 
-# A stand-in until build_ext runs: it makes the wheel platform-specific; build_ext replaces it with
-# mypyc's extensions (or none)
-PLACEHOLDER = [Extension("pgwarden_hot__mypyc", sources=[])]
-setup(ext_modules=[] if os.environ.get("PGWARDEN_COMPILE", "1") == "0" else PLACEHOLDER,
-      cmdclass={"build_ext": OptionalBuildExt})
+class OptionalBuildExt(build_ext):
+    """Translates and compiles the hot modules when a wheel is built, and only then (the metadata
+    steps and editable installs never run mypyc). A wheel holds all of them or none: a failure
+    removes what was built, so no stale or partial extension can shadow a `.py` file."""
+
+    def finalize_options(self) -> None:
+        # mypyc's extensions replace the stand-in before setuptools prepares each extension
+        # (its names, stubs and file names are set here)
+        if self.distribution.ext_modules == PLACEHOLDER:
+            building = not (getattr(self, "editable_mode", False) or self.inplace)
+            self.distribution.ext_modules = _mypycify() if building else []
+        super().finalize_options()
+
+    def run(self) -> None:
+        self._remove_built()  # whatever an earlier build left in build/lib*
+        if not self.extensions:
+            return
+        try:
+            super().run()
+        except Exception as e:  # noqa: BLE001 - any compiler failure means the pure-Python fallback
+            self._remove_built()
+            self.extensions = []
+            _fallback(f"could not compile the proxy's hot modules ({e})")
+
+    def get_outputs(self) -> list[str]:
+        return super().get_outputs() if self.extensions else []
+
+    def _remove_built(self) -> None:
+        lib = Path(self.build_lib)
+        stems = [GROUP + "__mypyc"] + [p.removesuffix(".py") for p in COMPILED]
+        for stem in stems:
+            folder, name = (lib / stem).parent, (lib / stem).name
+            if folder.is_dir():
+                for built in folder.glob(name + ".*.so"):
+                    built.unlink()
+
+
+# A stand-in until build_ext is finalized: it makes the wheel platform-specific; build_ext puts
+# mypyc's extensions (or none) in its place
+PLACEHOLDER = [Extension(GROUP + "__mypyc", sources=[])]
+setup(ext_modules=[] if MODE == "0" else PLACEHOLDER, cmdclass={"build_ext": OptionalBuildExt})

@@ -249,6 +249,7 @@ class Target:
     user: str
     password: str
     pid: int | None = None
+    build: str = ""  # a pgwarden proxy's: compiled (mypyc) or pure Python
 
 
 def pgbouncer_config(workdir: Path, srv: Server, port: int) -> Path:
@@ -320,9 +321,9 @@ def proxy_documents(srv: Server, port: int, extra: list[Path], spec: dict[str, o
     return text
 
 
-def pip(command: str, *args: str) -> None:
+def pip(command: str, *args: str, env: dict[str, str] | None = None) -> None:
     argv = [sys.executable, "-m", "pip", command, "-q", "--no-deps", *args]
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, env={**os.environ, **(env or {})})
     if done.returncode != 0:
         raise BenchError(f"pip {command} failed: {done.stderr[-2000:]}")
 
@@ -334,21 +335,22 @@ def compiled_build() -> Iterator[Path]:
     folder = Path(tempfile.mkdtemp(prefix="pgwarden-bench-build-"))
     try:
         print("building the compiled wheel (setup.py, mypyc) ...", flush=True)
-        pip("wheel", "--no-build-isolation", "-w", str(folder / "wheel"), str(BENCH_DIR.parent))
+        pip("wheel", "--no-build-isolation", "-w", str(folder / "wheel"), str(BENCH_DIR.parent),
+            env={"PGWARDEN_COMPILE": "require"})  # fails rather than build pure Python
         pip("install", "--target", str(folder / "site"), *map(str, (folder / "wheel").glob("pgwarden-*.whl")))
-        if not list((folder / "site" / "pgwarden" / "proxy").glob("relay.*.so")):
-            raise BenchError("the wheel was built pure Python (no C compiler or mypyc?): see setup.py")
         yield folder / "site"
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def proxy_build(env: dict[str, str]) -> str:
-    """What the proxies started with `env` run: 'compiled (mypyc)' or 'pure Python'."""
-    probe = "from pgwarden.compiled import build_of; from pgwarden.proxy import relay; print(build_of(relay))"
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False,
-                          env={**os.environ, **env}, cwd=tempfile.gettempdir())
-    return done.stdout.strip() or f"unknown ({done.stderr.strip()[-200:]})"
+def proxy_build(log: Path, timeout: float = 10) -> str:
+    """What a started proxy says it runs ('compiled (mypyc)' or 'pure Python'), from its log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = re.search(r"\(hot path: (.+)\)$", log.read_text(errors="replace"), re.M)
+        if m or time.monotonic() > deadline:
+            return m.group(1) if m else "unknown (no start-up line in the proxy's log)"
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager
@@ -371,7 +373,7 @@ def pgwarden_proxy(srv: Server, name: str, extra: list[Path], durability: str | 
                                 env={**os.environ, **(env or {})})
         out.close()
         wait_port(port, proc, log, name)
-        yield Target(name, port, AGENT_USER, AGENT_PASSWORD, proc.pid)
+        yield Target(name, port, AGENT_USER, AGENT_PASSWORD, proc.pid, proxy_build(log))
     finally:
         stop_process(proc)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -683,9 +685,7 @@ def main(argv: list[str] | None = None) -> int:
             load_before = os.getloadavg()
             with py_spy(profiled.pid, s.py_spy):
                 runs = benchmark(targets, s)
-            builds = {"pgwarden": proxy_build(env)}
-            if s.compiled and s.full:
-                builds["pgwarden+full-pure"] = proxy_build({**env, "PGWARDEN_PURE_PYTHON": "1"})
+            builds = {t.name: t.build for t in targets if t.build}
             print(f"builds: {builds}", flush=True)
             doc = write_json(s.output, s, srv, runs, notes, load_before, builds)
     except BenchError as e:

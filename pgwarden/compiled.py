@@ -53,7 +53,19 @@ def module_names() -> list[str]:
 
 
 def is_compiled(module: ModuleType) -> bool:
-    return not str(getattr(module, "__file__", "") or "").endswith(".py")
+    """True when `module` was loaded from an extension module (`….cpython-311-….so`)."""
+    file = str(getattr(module, "__file__", None) or "")
+    return file.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+
+
+def check_compiled() -> None:
+    """Exit with a message unless every hot module runs compiled (the proxy image's build step)."""
+    import importlib
+
+    pure = [n for n in module_names() if not is_compiled(importlib.import_module(n))]
+    if pure:
+        raise SystemExit(f"pgwarden: not compiled: {', '.join(pure)} (see setup.py; PGWARDEN_PURE_PYTHON="
+                         f"{os.environ.get(PURE_ENV, '')!r})")
 
 
 def build_of(module: ModuleType) -> str:
@@ -80,7 +92,11 @@ class _SourceFirst:
         return None
 
 
+def pure_requested() -> bool:
+    return os.environ.get(PURE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def install_switch() -> None:
     """Called by pgwarden/__init__.py: with PGWARDEN_PURE_PYTHON=1, hot modules load from source."""
-    if os.environ.get(PURE_ENV, "") not in ("", "0") and _SourceFirst not in sys.meta_path:
+    if pure_requested() and _SourceFirst not in sys.meta_path:
         sys.meta_path.insert(0, _SourceFirst)

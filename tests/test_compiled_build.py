@@ -8,11 +8,13 @@ install and the proxy families again on a compiled wheel, with PGWARDEN_EXPECT_B
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import json
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -31,7 +33,7 @@ def checkout_copy(dest: Path) -> Path:
     """What the images' build context holds (.dockerignore), copied: a build of its own, without
     the checkout's build/ folder."""
     dest.mkdir()
-    for name in ("pyproject.toml", "setup.py", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "build_backend.py", "README.md"):
         shutil.copy2(ROOT / name, dest / name)
     for name in ("pgwarden", "proxy", "operator"):
         shutil.copytree(ROOT / name, dest / name, symlinks=True,
@@ -84,32 +86,71 @@ def test_the_proxy_says_which_build_it_runs(make_proxy, caplog: pytest.LogCaptur
     assert started and started[-1].endswith(f"(hot path: {compiled.build_of(relay)})"), started
 
 
-@pytest.mark.slow
-def test_a_wheel_built_without_a_c_compiler_is_pure_python_and_says_so(tmp_path: Path) -> None:
-    """The fallback: no working compiler means a pure-Python wheel and a warning, not a failed install."""
-    pytest.importorskip("mypyc")
-    env = {**os.environ, "CC": "/bin/false", "LDSHARED": "/bin/false"}
-    source = checkout_copy(tmp_path / "src")  # no build/ left by an earlier build: the compiler must run
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v", "-w", str(tmp_path),
+def build_wheel(source: Path, out: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`pip wheel` of `source` as a user or the image runs it, with `env` added (no build isolation:
+    the test environment's setuptools and mypy)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v", "-w", str(out),
          str(source)],
-        capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
+        capture_output=True, text=True, timeout=1200, env={**os.environ, **env}, cwd=out,
     )
+
+
+def extensions_in(wheel: Path) -> set[str]:
+    """The extension modules a wheel holds, as module names."""
+    return {n.split(".")[0].replace("/", ".") for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".so")}
+
+
+def stale_extension(source: Path) -> Path:
+    """A relay extension left in build/ by an earlier build, as a rebuilt checkout may hold."""
+    lib = source / "build" / f"lib.{sysconfig.get_platform()}-{sys.implementation.cache_tag}" / "pgwarden" / "proxy"
+    lib.mkdir(parents=True)
+    stale = lib / f"relay{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    stale.write_bytes(b"not an extension")
+    return stale
+
+
+@pytest.mark.slow
+def test_a_clean_checkout_builds_a_wheel_with_every_hot_module_compiled(tmp_path: Path) -> None:
+    pytest.importorskip("mypyc")
+    done = build_wheel(checkout_copy(tmp_path / "src"), tmp_path, PGWARDEN_COMPILE="require")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "installing pure Python" in done.stdout + done.stderr
     (wheel,) = tmp_path.glob("pgwarden-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
-    assert "pgwarden/proxy/relay.py" in names
-    assert not [n for n in names if n.endswith(".so")], names
+    assert extensions_in(wheel) == {*compiled.module_names(), "pgwarden_hot__mypyc"}
+    assert {f"{p}" for p in compiled.HOT_MODULES} <= set(zipfile.ZipFile(wheel).namelist()), "the .py files ship too"
 
 
-def test_an_opted_out_build_is_pure_python(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-         str(checkout_copy(tmp_path / "src"))],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PGWARDEN_COMPILE": "0"}, cwd=tmp_path,
-    )
+@pytest.mark.slow
+def test_without_a_c_compiler_the_wheel_is_pure_python_and_nothing_stale_ships(tmp_path: Path) -> None:
+    """The fallback: no working compiler means a pure-Python wheel and a warning, not a failed
+    install, and no extension an earlier build left in build/ rides along."""
+    pytest.importorskip("mypyc")
+    source = checkout_copy(tmp_path / "src")
+    stale_extension(source)
+    done = build_wheel(source, tmp_path, CC="/bin/false", LDSHARED="/bin/false")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "building pure Python" in done.stdout + done.stderr
+    (wheel,) = tmp_path.glob("pgwarden-*.whl")
+    assert "pgwarden/proxy/relay.py" in zipfile.ZipFile(wheel).namelist()
+    assert extensions_in(wheel) == set()
+
+
+@pytest.mark.slow
+def test_a_required_compile_that_fails_fails_the_build(tmp_path: Path) -> None:
+    """PGWARDEN_COMPILE=require (the proxy image, CI): no silent pure-Python image."""
+    pytest.importorskip("mypyc")
+    done = build_wheel(checkout_copy(tmp_path / "src"), tmp_path, PGWARDEN_COMPILE="require", CC="/bin/false",
+                       LDSHARED="/bin/false")
+    assert done.returncode != 0
+    assert "PGWARDEN_COMPILE=require: not falling back to pure Python" in done.stdout + done.stderr
+    assert not list(tmp_path.glob("pgwarden-*.whl"))
+
+
+def test_an_opted_out_build_is_pure_python_even_over_a_stale_build(tmp_path: Path) -> None:
+    source = checkout_copy(tmp_path / "src")
+    stale_extension(source)
+    done = build_wheel(source, tmp_path, PGWARDEN_COMPILE="0")
     assert done.returncode == 0, done.stderr[-3000:]
     (wheel,) = tmp_path.glob("pgwarden-*.whl")
     assert wheel.name.endswith("-py3-none-any.whl")
-    assert not [n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".so")]
+    assert extensions_in(wheel) == set()

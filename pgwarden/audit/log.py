@@ -33,7 +33,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from pgwarden.audit.chain import GENESIS, rotation_marker, seal_all
@@ -66,7 +66,7 @@ class AuditStats:
     largest_batch: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
+        return asdict(self)  # not __dict__: compiled (mypyc), the class has none
 
 
 def _unavailable(path: str, why: str) -> AuditUnavailable:

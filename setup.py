@@ -30,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 # The per-message and per-statement path, listed in pgwarden/compiled.py (read, not imported:
 # nothing is installed yet)
 COMPILED = list(runpy.run_path(str(HERE / "pgwarden" / "compiled.py"))["HOT_MODULES"])
+BUILD_COMMANDS = {"bdist_wheel", "build", "build_ext", "install"}  # not egg_info, dist_info, sdist, editable_wheel
 GROUP = "pgwarden_hot"  # mypyc's shared library: pgwarden_hot__mypyc.<abi>.so
 MODE = os.environ.get("PGWARDEN_COMPILE", "auto").strip().lower() or "auto"
 if MODE not in ("auto", "require", "0"):
@@ -66,10 +67,12 @@ class OptionalBuildExt(build_ext):
     removes what was built, so no stale or partial extension can shadow a `.py` file."""
 
     def finalize_options(self) -> None:
-        # mypyc's extensions replace the stand-in before setuptools prepares each extension
-        # (its names, stubs and file names are set here)
+        # mypyc's extensions replace the stand-in before setuptools prepares each extension (its
+        # names, stubs and file names are set here). The metadata steps finalize this command too
+        # (egg_info lists the extensions' sources): mypyc runs only for a build.
         if self.distribution.ext_modules == PLACEHOLDER:
-            building = not (getattr(self, "editable_mode", False) or self.inplace)
+            editable = getattr(self, "editable_mode", False) or self.inplace
+            building = bool(BUILD_COMMANDS & set(self.distribution.commands)) and not editable
             self.distribution.ext_modules = _mypycify() if building else []
         super().finalize_options()
 

@@ -16,9 +16,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-import pglast
-import pglast.ast
-
 from pgwarden.audit import records
 from pgwarden.errors import (
     AgentError,
@@ -432,20 +429,15 @@ class SessionGate:
         if prepared_name is not None:
             return _with(verdict, entry=entry)
         if bind is not None:  # what running it changes was captured at Parse (run_changes)
-            return _with(verdict, pins=self._pins(sql, analysis))
+            return _with(verdict, pins=self._pins(analysis))
         return _with(verdict, changes=changes) if any(changes) else verdict
 
-    def _pins(self, sql: str, analysis: Any) -> tuple[tuple[str, str, Any], ...]:
+    def _pins(self, analysis: Any) -> tuple[tuple[str, str, Any], ...]:
         """The names a text decided at Bind looks up when it runs (EXECUTE's statements, FETCH's
         and MOVE's cursors), with what each meant now: the relay refuses the Execute when one
         means something else by then (a DEALLOCATE and PREPARE in between)."""
-        pins: list[tuple[str, str, Any]] = [
-            ("S", ex.name, self.names.statement(ex.name)) for st in analysis.statements for ex in st.executes]
-        if any(st.kind == "FetchStmt" for st in analysis.statements):
-            for raw in pglast.parse_sql(sql):
-                if isinstance(raw.stmt, pglast.ast.FetchStmt) and raw.stmt.portalname is not None:
-                    pins.append(("P", raw.stmt.portalname, self.names.portal(raw.stmt.portalname)))
-        return tuple(pins)
+        return (*(("S", ex.name, self.names.statement(ex.name)) for st in analysis.statements for ex in st.executes),
+                *(("P", name, self.names.portal(name)) for st in analysis.statements for name in st.fetches))
 
     def _limit_guard(self, decision: Any, analysis: Any) -> AffectedGuard | None:
         """The guard of limits.maxAffectedRows for a text that writes rows; PolicyDenied when the

@@ -457,6 +457,25 @@ def test_a_parsed_fetch_is_masked_as_the_cursor_it_reads_at_bind(conn: RawConn) 
     conn.simple("ROLLBACK")
 
 
+def test_a_fetch_portal_whose_cursor_was_redeclared_after_bind_is_refused(conn: RawConn) -> None:
+    """Bind "FETCH ALL FROM fc" while fc reads a clear value, then CLOSE fc and DECLARE fc over the
+    masked column in the same batch, then Execute the portal: it was decided (and its rows planned)
+    for the old cursor, so its Execute is refused, and no SSN comes back."""
+    conn.simple("BEGIN")
+    conn.simple("DECLARE fc CURSOR FOR SELECT 'clear'::text AS v FROM generate_series(1, 5)")
+    conn.send(
+        parse("FETCH ALL FROM fc", "fetch_fc") + bind("fetch_fc", "fx")
+        + parse("CLOSE fc") + bind() + execute()
+        + parse("DECLARE fc CURSOR FOR SELECT ssn AS v FROM customers ORDER BY id") + bind() + execute()
+        + describe(b"P", "fx") + execute("fx") + SYNC
+    )
+    rows, errors, raw = answers(conn)
+    assert [e["C"] for e in errors] == ["42501"] and "cursor 'fc'" in errors[0]["M"]
+    assert rows == []
+    no_ssn(raw)
+    conn.simple("ROLLBACK")
+
+
 def test_a_reviewer_sees_the_body_a_text_prepares_before_executing_it(gated: Any, conn: RawConn, pg: Any) -> None:
     rid = scratch(pg, "in-text")
     conn.simple(f"PREPARE it AS SELECT {rid}")

@@ -150,6 +150,7 @@ class StatementAnalysis:
     settings: tuple[SettingChange, ...] = ()
     notes: tuple[str, ...] = ()
     cursors: tuple[CursorChange, ...] = ()
+    fetches: tuple[str, ...] = ()  # FETCH / MOVE: the cursor each reads, looked up when it runs
 
 
 @dataclass(frozen=True)
@@ -488,6 +489,7 @@ class _Walker:
     settings: list[SettingChange] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     cursors: list[CursorChange] = field(default_factory=list)
+    fetches: list[str] = field(default_factory=list)
 
     def result(self, kind: str) -> StatementAnalysis:
         return StatementAnalysis(
@@ -500,6 +502,7 @@ class _Walker:
             settings=tuple(self.settings),
             notes=tuple(dict.fromkeys(self.notes)),
             cursors=tuple(self.cursors),
+            fetches=tuple(self.fetches),
         )
 
     # -- generic walk --------------------------------------------------------------------------
@@ -832,6 +835,10 @@ class _Walker:
 
     def n_ClosePortalStmt(self, n: dict[str, Any], ctes: frozenset[str]) -> None:
         self.cursors.append(CursorChange("close", n.get("portalname") or None))
+
+    def n_FetchStmt(self, n: dict[str, Any], ctes: frozenset[str]) -> None:
+        if n.get("portalname"):
+            self.fetches.append(n["portalname"])
 
     def n_ExplainStmt(self, n: dict[str, Any], ctes: frozenset[str]) -> None:
         analyze_opt = False

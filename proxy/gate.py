@@ -355,11 +355,14 @@ class SessionGate:
         if analysed is not None and analysed.error is not None:
             return self._refuse(ctx, analysed.error)
         try:
+            analysis = analyze(sql, self.rt.search_path, self.state.server_version)
             if analysed is not None:
                 decision = analysed.decision
-            else:
-                decision = self.policy.decide(sql, self.state, prepare_as=prepared_name) if self.policy is not None else None
-            analysis = analyze(sql, self.rt.search_path, self.state.server_version)
+            elif self.policy is None:
+                decision = None
+            else:  # one analysis for the decision and the masking plan (the same search_path)
+                decision = self.policy.decide(sql, self.state, prepare_as=prepared_name, analysis=(
+                    analysis if self.state.search_path == self.rt.search_path else None))
         except Exception as e:  # the engine failing must never let a statement through
             log.exception("policy engine failed")
             return self._refuse(ctx, PolicyDenied(f"pgwarden could not decide this statement ({type(e).__name__})"))

@@ -33,6 +33,26 @@ def test_statement_record_masks_params_and_names_everything() -> None:
     assert rec["time"].endswith("Z")
 
 
+def test_what_every_record_of_a_session_repeats_is_built_once_per_session() -> None:
+    """Two records per statement repeat the session's identity, workload and client: worked out
+    when the session starts, not per record (also compiled, where a cached_property recomputed)."""
+    info = SessionInfo("s-3", Identity("bob", ("ai-agents",)), client="10.0.0.9:4000")
+    assert info.common is info.common
+    first = records.statement(info, 1, "SELECT 1", decision="allow")
+    second = records.outcome(info, 1, duration_ms=0.5, tag="SELECT 1", rows=1)
+    third = records.statement(info, 2, "SELECT 2", decision="allow")
+    assert first["identity"] is third["identity"] and first["identity"] == {"subject": "bob", "groups": ["ai-agents"],
+                                                                           "method": "static"}
+    assert second["session"] == "s-3" and "identity" not in second
+    other = info.with_identity(Identity("carol", ()))
+    assert other.common["identity"]["subject"] == "carol" and info.common["identity"]["subject"] == "bob"
+
+
+def test_record_times_are_utc_with_microseconds() -> None:
+    stamp = records.now_iso()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp), stamp
+
+
 @pytest.mark.parametrize("decision", ["allow", "deny", "review", "mask"])
 def test_every_decision_has_a_record_and_an_outcome(decision: str) -> None:
     rec = records.statement(INFO, 1, "SELECT * FROM customers", decision=decision, masked_columns=["customers.email"])

@@ -66,3 +66,18 @@ def test_custom_detector():
     assert not d.may_match(b"badge EMP-12 ok")
     # a pattern with lookarounds cannot be prefiltered safely: every value is decoded
     assert DetectorSet([custom("x", r"(?<!\d)42")]).may_match(b"nothing")
+
+
+@pytest.mark.parametrize(
+    "detectors, text, kind",
+    [
+        (ALL, "caf\u00e9 grace@example.org 123-45-6789", "us_ssn"),  # non-ASCII: no prefilter over text
+        (ALL, "caf\u00e9 grace@example.org", "email"),
+        (DetectorSet([custom("answer", r"(?<!\d)42(?!\d)")]), "the answer is 42.", "answer"),  # not prefiltered
+        (DetectorSet([custom("employee_id", r"EMP-[0-9]{6}"), builtin("email")]), "EMP-123456", "employee_id"),
+    ],
+)
+def test_scrub_finds_what_the_detectors_find_past_its_prefilter(detectors, text, kind):
+    """scrub() (audit parameters, error text) first asks one combined search whether any detector
+    could match; a value it lets through must still be scrubbed by every detector."""
+    assert f"[redacted:{kind}]" in detectors.scrub(text)

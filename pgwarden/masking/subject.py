@@ -293,10 +293,13 @@ class SubjectMasking:
 
     def _plan(self, sql: str, catalog: Catalog, search_path: Sequence[str],
               session: MaskingSession | None, blind: str = "") -> StatementPlan:
-        key = (sql, catalog.version, tuple(search_path))
+        path = tuple(search_path)
+        if blind:  # first: texts that differ only in literals (pgbench, inlined values) hit here
+            hit = self._plans.get((_BLIND, blind, catalog.version, path), touch=True)
+            if hit is not None:
+                return hit
+        key = (sql, catalog.version, path)
         hit = self._plans.get(key, touch=True)
-        if hit is None and blind:
-            hit = self._plans.get((_BLIND, blind, catalog.version, key[2]), touch=True)
         if hit is not None:
             return hit
         reads_before = ln.LITERAL_READS.count

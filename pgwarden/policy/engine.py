@@ -187,20 +187,27 @@ class SubjectPolicy:
 
     # -- public --------------------------------------------------------------------------------
 
-    def decide(self, sql: str, session: SessionState, *, prepare_as: str | None = None) -> Decision:
+    def decide(self, sql: str, session: SessionState, *, prepare_as: str | None = None,
+               analysis: Analysis | None = None) -> Decision:
         """Decide a simple-protocol Query text or an extended-protocol Parse text as a whole.
 
         `prepare_as` is the statement name of a named Parse: the decision then carries the
         effect that registers it, so a later SQL `EXECUTE name` is decided as its body.
         The session is not changed here: the proxy's registry records the effects statement by
         statement as the server confirms them; offline callers use `session.apply(decision)`.
+
+        `analysis`: `analyze(sql, session.search_path, session.server_version)`, when the caller
+        made it already (the proxy: one analysis feeds the decision and the masking plan). The
+        decision is then found by the analysis alone: texts that differ only in literals share
+        it, so a cache by text would only churn.
         """
-        key = (sql, session.search_path, session.server_version)
-        if prepare_as is None:
+        key = (sql, session.search_path, session.server_version) if analysis is None else None
+        if prepare_as is None and key is not None:
             cached = self._cache.get(key, touch=True)
             if cached is not None:
                 return cached
-        analysis = analyze(sql, session.search_path, session.server_version)
+        if analysis is None:
+            analysis = analyze(sql, session.search_path, session.server_version)
         if prepare_as is None and not analysis.session_dependent:
             # the analysis object is shared by texts that differ only in literals (see
             # analysis.blind_tree); the identity check guards against a recycled id()
@@ -210,7 +217,7 @@ class SubjectPolicy:
         decision = self._decide(analysis, session, prepare_as)
         if prepare_as is None and not analysis.session_dependent:
             self._by_analysis.put(id(analysis), (analysis, decision))
-        if prepare_as is None and not analysis.session_dependent and len(sql) <= MAX_CACHED_TEXT:
+        if key is not None and prepare_as is None and not analysis.session_dependent and len(sql) <= MAX_CACHED_TEXT:
             self._cache.put(key, decision)
         return decision
 

@@ -289,13 +289,19 @@ def parse_text_span(buf: bytes, ps: int, end: int) -> tuple[int, int]:
     return (n1 + 1, n2 - n1 - 1) if n2 >= 0 else (ps, end - ps)
 
 
-@dataclass(frozen=True)
 class BindMsg:
-    portal: str
-    statement: str
-    param_formats: tuple[int, ...]
-    params: tuple[bytes | None, ...]
-    result_formats: tuple[int, ...]
+    """A Bind message, as read (never changed once made). A plain class, not a frozen dataclass:
+    compiled (mypyc), a dataclass's generated __init__ stays interpreted, and every Bind makes one."""
+
+    __slots__ = ("portal", "statement", "param_formats", "params", "result_formats")
+
+    def __init__(self, portal: str, statement: str, param_formats: tuple[int, ...], params: tuple[bytes | None, ...],
+                 result_formats: tuple[int, ...]) -> None:
+        self.portal = portal
+        self.statement = statement
+        self.param_formats = param_formats
+        self.params = params
+        self.result_formats = result_formats
 
 
 def parse_bind(payload: bytes | memoryview) -> BindMsg:

@@ -108,27 +108,34 @@ class ResultPolicy(Protocol):
         ...
 
 
-@dataclass(slots=True)
 class Verdict:
     """The gate's answer for one statement. `None` from the gate means: forward, nothing else."""
 
-    error: AgentError | None = None
-    # hold the statement until this resolves to a final Verdict (approvals, durable audit)
-    wait: Awaitable[Verdict] | None = None
-    results: ResultPolicy | None = None
-    # stop relaying rows beyond this many per result, cancel the query and fail it (policy limits)
-    max_rows: int | None = None
-    # opaque to the relay; handed back in outcome events (audit ids, timings)
-    context: Any = None
-    # Query: for each statement of the text, what it does to the session's names when it runs
-    changes: tuple[tuple[Change, ...], ...] = ()
-    # Parse: the statement as the gate decided it (kept in the session registry once confirmed)
-    entry: PreparedEntry | None = None
-    # a write that is undone when it changes more rows than this allows (PW005)
-    guard: AffectedGuard | None = None
-    # Bind of a text that looks names up when it runs: (kind "S"|"P", name, the entry it was decided
-    # with); its Execute is refused when one of them means something else by then
-    pins: tuple[tuple[str, str, Any], ...] = ()
+    # A plain class, not a dataclass: compiled (mypyc), a dataclass's generated __init__ stays
+    # interpreted Python (about 0.3 µs), and one or more of these is made for every statement.
+    __slots__ = ("error", "wait", "results", "max_rows", "context", "changes", "entry", "guard", "pins")
+
+    def __init__(self, error: AgentError | None = None, wait: Awaitable[Verdict] | None = None,
+                 results: ResultPolicy | None = None, max_rows: int | None = None, context: Any = None,
+                 changes: tuple[tuple[Change, ...], ...] = (), entry: PreparedEntry | None = None,
+                 guard: AffectedGuard | None = None, pins: tuple[tuple[str, str, Any], ...] = ()) -> None:
+        self.error = error
+        # hold the statement until this resolves to a final Verdict (approvals, durable audit)
+        self.wait = wait
+        self.results = results
+        # stop relaying rows beyond this many per result, cancel the query and fail it (policy limits)
+        self.max_rows = max_rows
+        # opaque to the relay; handed back in outcome events (audit ids, timings)
+        self.context = context
+        # Query: for each statement of the text, what it does to the session's names when it runs
+        self.changes = changes
+        # Parse: the statement as the gate decided it (kept in the session registry once confirmed)
+        self.entry = entry
+        # a write that is undone when it changes more rows than this allows (PW005)
+        self.guard = guard
+        # Bind of a text that looks names up when it runs: (kind "S"|"P", name, the entry it was
+        # decided with); its Execute is refused when one of them means something else by then
+        self.pins = pins
 
 
 @dataclass(frozen=True)
@@ -229,34 +236,47 @@ class Observer(Protocol):
         ...
 
 
-@dataclass(slots=True)
 class Pending:
-    kind: int
-    replace_error: bytes | None = None
-    results: ResultPolicy | None = None
-    context: Any = None
-    # QUERY: index of the statement whose results are flowing; EXECUTE: portal name
-    index: int = 0
-    name: str = ""
-    target: str = ""
-    rewriter: RowRewriter | None = None
-    fields: list[m.Field] | None = None
-    max_rows: int | None = None
-    rows: int = 0
-    limit_hit: bool = False
-    swallow: bool = False  # the proxy's own statement: nothing of its answer reaches the client
-    # EXECUTE / DESCRIBE of a portal: the portal as bound when the message was sent
-    portal: Any = None
-    # DESCRIBE of a statement: the statement the name meant when the message was sent
-    prep: Any = None
-    # session names: made when the server confirms this message (ParseComplete, BindComplete,
-    # CloseComplete, an Execute's CommandComplete), or when it fails (`fail_changes`)
-    changes: tuple[Change, ...] = ()
-    fail_changes: tuple[Change, ...] = ()
-    # QUERY: per statement of the text, confirmed by that statement's CommandComplete
-    qchanges: tuple[tuple[Change, ...], ...] = ()
-    puts: bool = False  # makes a name: later units wait for the server's word on it
-    settle: bool = False  # SYNC: ends the batch whose implicit transaction a guard made explicit
+    """A message sent to the server whose answer has not come back yet (one unit of the queue)."""
+
+    # A plain class, not a dataclass: compiled (mypyc), a dataclass's generated __init__ stays
+    # interpreted Python (about 0.3 µs), and one or more of these is made for every statement.
+    __slots__ = ("kind", "replace_error", "results", "context", "index", "name", "target", "rewriter", "fields",
+                 "max_rows", "rows", "limit_hit", "swallow", "portal", "prep", "changes", "fail_changes", "qchanges",
+                 "puts", "settle")
+
+    def __init__(self, kind: int, replace_error: bytes | None = None, results: ResultPolicy | None = None,
+                 context: Any = None, index: int = 0, name: str = "", target: str = "",
+                 rewriter: RowRewriter | None = None, fields: list[m.Field] | None = None, max_rows: int | None = None,
+                 rows: int = 0, limit_hit: bool = False, swallow: bool = False, portal: Any = None, prep: Any = None,
+                 changes: tuple[Change, ...] = (), fail_changes: tuple[Change, ...] = (),
+                 qchanges: tuple[tuple[Change, ...], ...] = (), puts: bool = False, settle: bool = False) -> None:
+        self.kind = kind
+        self.replace_error = replace_error
+        self.results = results
+        self.context = context
+        # QUERY: index of the statement whose results are flowing; EXECUTE: portal name
+        self.index = index
+        self.name = name
+        self.target = target
+        self.rewriter = rewriter
+        self.fields = fields
+        self.max_rows = max_rows
+        self.rows = rows
+        self.limit_hit = limit_hit
+        self.swallow = swallow  # the proxy's own statement: nothing of its answer reaches the client
+        # EXECUTE / DESCRIBE of a portal: the portal as bound when the message was sent
+        self.portal = portal
+        # DESCRIBE of a statement: the statement the name meant when the message was sent
+        self.prep = prep
+        # session names: made when the server confirms this message (ParseComplete, BindComplete,
+        # CloseComplete, an Execute's CommandComplete), or when it fails (`fail_changes`)
+        self.changes = changes
+        self.fail_changes = fail_changes
+        # QUERY: per statement of the text, confirmed by that statement's CommandComplete
+        self.qchanges = qchanges
+        self.puts = puts  # makes a name: later units wait for the server's word on it
+        self.settle = settle  # SYNC: ends the batch whose implicit transaction a guard made explicit
 
 
 # A Query runs as if through the unnamed statement and portal: PostgreSQL drops both first.

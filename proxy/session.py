@@ -40,44 +40,60 @@ PUT_STATEMENT, DROP_STATEMENT, PUT_PORTAL, DROP_PORTAL, DISCARD = range(5)
 Change = tuple[int, Any, Any]  # (kind, name — None: all named objects, entry)
 
 
-@dataclass(slots=True)
 class PreparedEntry:
     """A prepared statement: protocol Parse (`origin` "parse") or SQL PREPARE ("prepare")."""
 
-    name: str
-    sql: str  # what a reviewer and the audit are shown for it
-    origin: str
-    policy_body: Any = None  # pgwarden.policy StatementAnalysis: SQL EXECUTE is decided as this
-    mask_outs: Any = None  # masking lineage of its result; None: unknown (fully masked)
-    results: Any = None  # the relay's ResultPolicy for its rows (protocol)
-    context: Any = None  # the gate's StatementContext of the Parse
-    max_rows: int | None = None
-    guard: Any = None  # the relay's AffectedGuard: a run changing more rows is undone
-    reviewed: Any = None  # (decision, results): every Bind needs its own approval
-    fields: list[Any] | None = None  # RowDescription from a Describe of the statement
-    # what running it does to the registry (a Parse of "DECLARE c …"): staged at Execute
-    run_changes: tuple[Change, ...] = ()
-    # it names a statement or cursor looked up when it runs (EXECUTE, FETCH): decided at each Bind
-    rebind: bool = False
+    # A plain class, not a dataclass: compiled (mypyc), a dataclass's generated __init__ stays
+    # interpreted Python (about 0.3 µs), and one or more of these is made for every statement.
+    __slots__ = ("name", "sql", "origin", "policy_body", "mask_outs", "results", "context", "max_rows", "guard",
+                 "reviewed", "fields", "run_changes", "rebind")
+
+    def __init__(self, name: str, sql: str, origin: str, policy_body: Any = None, mask_outs: Any = None,
+                 results: Any = None, context: Any = None, max_rows: int | None = None, guard: Any = None,
+                 reviewed: Any = None, fields: list[Any] | None = None, run_changes: tuple[Change, ...] = (),
+                 rebind: bool = False) -> None:
+        self.name = name
+        self.sql = sql  # what a reviewer and the audit are shown for it
+        self.origin = origin
+        self.policy_body = policy_body  # pgwarden.policy StatementAnalysis: SQL EXECUTE is decided as this
+        self.mask_outs = mask_outs  # masking lineage of its result; None: unknown (fully masked)
+        self.results = results  # the relay's ResultPolicy for its rows (protocol)
+        self.context = context  # the gate's StatementContext of the Parse
+        self.max_rows = max_rows
+        self.guard = guard  # the relay's AffectedGuard: a run changing more rows is undone
+        self.reviewed = reviewed  # (decision, results): every Bind needs its own approval
+        self.fields = fields  # RowDescription from a Describe of the statement
+        # what running it does to the registry (a Parse of "DECLARE c …"): staged at Execute
+        self.run_changes = run_changes
+        # it names a statement or cursor looked up when it runs (EXECUTE, FETCH): decided at each Bind
+        self.rebind = rebind
 
 
-@dataclass(slots=True)
 class PortalEntry:
     """A portal: protocol Bind (`origin` "bind") or SQL DECLARE ("declare"); one namespace."""
 
-    name: str
-    origin: str
-    statement: PreparedEntry | None = None  # the statement it was bound from, as it was then
-    results: Any = None
-    context: Any = None
-    max_rows: int | None = None
-    guard: Any = None  # the relay's AffectedGuard of its statement or its approval
-    formats: tuple[int, ...] = ()
-    fields: list[Any] | None = None
-    holdable: bool = False
-    mask_outs: Any = None  # DECLARE: masking lineage of the cursor's rows
-    sql: str = ""
-    pins: tuple[tuple[str, str, Any], ...] = ()  # see Verdict.pins (relay.py)
+    # A plain class, not a dataclass: compiled (mypyc), a dataclass's generated __init__ stays
+    # interpreted Python (about 0.3 µs), and one or more of these is made for every statement.
+    __slots__ = ("name", "origin", "statement", "results", "context", "max_rows", "guard", "formats", "fields",
+                 "holdable", "mask_outs", "sql", "pins")
+
+    def __init__(self, name: str, origin: str, statement: PreparedEntry | None = None, results: Any = None,
+                 context: Any = None, max_rows: int | None = None, guard: Any = None, formats: tuple[int, ...] = (),
+                 fields: list[Any] | None = None, holdable: bool = False, mask_outs: Any = None, sql: str = "",
+                 pins: tuple[tuple[str, str, Any], ...] = ()) -> None:
+        self.name = name
+        self.origin = origin
+        self.statement = statement  # the statement it was bound from, as it was then
+        self.results = results
+        self.context = context
+        self.max_rows = max_rows
+        self.guard = guard  # the relay's AffectedGuard of its statement or its approval
+        self.formats = formats
+        self.fields = fields
+        self.holdable = holdable
+        self.mask_outs = mask_outs  # DECLARE: masking lineage of the cursor's rows
+        self.sql = sql
+        self.pins = pins  # see Verdict.pins (relay.py)
 
 
 def apply(statements: dict[str, PreparedEntry], portals: dict[str, PortalEntry], changes: Iterable[Change]) -> bool:

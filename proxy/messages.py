@@ -310,28 +310,32 @@ def parse_bind(payload: bytes | memoryview) -> BindMsg:
         n1 = data.index(b"\0")
         n2 = data.index(b"\0", n1 + 1)
         pos = n2 + 1
-        (nf,) = U16.unpack_from(data, pos)
+        # counts and lengths read byte by byte: compiled (mypyc) that is native code, where
+        # Struct.unpack_from is a call and a tuple per field (every Bind of every statement)
+        nf = data[pos] << 8 | data[pos + 1]
         pos += 2
         fmts = struct.unpack_from(f"!{nf}h", data, pos) if nf else ()
         pos += 2 * nf
-        (np_,) = U16.unpack_from(data, pos)
+        np_ = data[pos] << 8 | data[pos + 1]
         pos += 2
         params: list[bytes | None] = []
         for _ in range(np_):
-            (ln,) = I32.unpack_from(data, pos)
+            if pos + 4 > len(data):
+                raise FrameError("malformed Bind parameter")
+            ln = data[pos] << 24 | data[pos + 1] << 16 | data[pos + 2] << 8 | data[pos + 3]
             pos += 4
-            if ln == -1:
+            if ln == 0xFFFFFFFF:  # -1: NULL
                 params.append(None)
             else:
-                if ln < 0 or pos + ln > len(data):
+                if ln >= 0x80000000 or pos + ln > len(data):
                     raise FrameError("malformed Bind parameter")
                 params.append(data[pos : pos + ln])
                 pos += ln
-        (nr,) = U16.unpack_from(data, pos)
+        nr = data[pos] << 8 | data[pos + 1]
         pos += 2
         rfmts = struct.unpack_from(f"!{nr}h", data, pos) if nr else ()
         pos += 2 * nr
-    except (ValueError, struct.error) as e:
+    except (ValueError, IndexError, struct.error) as e:
         raise FrameError(f"malformed Bind message: {e}") from e
     if pos != len(data):
         raise FrameError("malformed Bind message")

@@ -202,6 +202,29 @@ class TestFrontendMessages:
         with pytest.raises(m.FrameError):
             m.parse_bind(b"\0\0" + struct.pack("!hhi", 0, 1, 1000) + b"x")
 
+    @pytest.mark.parametrize("payload", [
+        b"\0\0" + struct.pack("!hhi", 0, 1, -2) + struct.pack("!h", 0),  # a negative length other than -1
+        b"\0\0" + struct.pack("!hh", 0, 1) + b"\0\0",  # a parameter length cut short
+        b"\0\0" + struct.pack("!hh", 0, 2) + struct.pack("!i", 1) + b"x",  # a second parameter missing
+        b"\0\0" + struct.pack("!h", 0) + b"\0",  # the parameter count cut short
+        b"\0\0" + struct.pack("!hh", 0, 0),  # no result format count
+        b"\0\0\0",  # no format count
+        b"p\0s",  # no statement name terminator
+        b"\0\0" + struct.pack("!hhh", 0, 0, 0) + b"extra",  # bytes after the last field
+    ])
+    def test_malformed_bind_is_a_frame_error(self, payload: bytes) -> None:
+        """A Bind the server would reject never reaches the gate half-read: every way of cutting or
+        stretching it is a FrameError (the proxy then ends the session with a protocol violation)."""
+        with pytest.raises(m.FrameError):
+            m.parse_bind(payload)
+
+    def test_bind_reads_binary_parameters_and_formats(self) -> None:
+        payload = b"p1\0s1\0" + struct.pack("!hhh", 2, 0, 1) + struct.pack("!h", 3) + struct.pack("!i", 0) \
+            + struct.pack("!i", 4) + b"\x00\x00\x01\x00" + struct.pack("!i", -1) + struct.pack("!hh", 1, 1)
+        bind = m.parse_bind(payload)
+        assert (bind.portal, bind.statement, bind.param_formats) == ("p1", "s1", (0, 1))
+        assert bind.params == (b"", b"\x00\x00\x01\x00", None) and bind.result_formats == (1,)
+
     def test_describe_close_execute(self) -> None:
         assert m.parse_target(b"Sname\0") == ("S", "name")
         with pytest.raises(m.FrameError):

@@ -11,6 +11,9 @@ the chain stays intact. A failed background fsync fails every later write until 
 restarts: records the kernel may have lost are never followed by statements forwarded as if they
 were kept (a later fsync's success says nothing about pages the kernel dropped after a failure).
 
+A record handed to `write` or `emit` is the log's from then on: it is sealed in place (`seq` and
+`prev` are set in it), so build a new one for every call.
+
 `emit(record)` joins the same chain and order but nobody waits for it: outcome and session-end
 records, where failing the client would help no one. Lost emits are counted.
 
@@ -322,7 +325,7 @@ class AuditLog:
                 log.exception("audit sink %s failed", type(sink).__name__)
 
     def _seal(self, records: list[dict[str, Any]]) -> tuple[list[bytes], int, str]:
-        lines, prev = seal_all(records, self._seq, self._prev)
+        lines, prev = seal_all(records, self._seq, self._prev, owned=True)  # write()/emit() hand them over
         return lines, self._seq + len(records), prev
 
     @contextlib.contextmanager

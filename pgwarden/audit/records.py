@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from pgwarden.subjects import Identity, Workload
 
@@ -35,6 +35,7 @@ MAX_PARAM_CHARS = 4096
 # the last whole second formatted, and its text up to the seconds: replaced as one tuple, so the
 # writer thread (rotation markers) and the event loop never read a second with another's text
 _second: tuple[int, str] = (-1, "")
+_DIGITS3: Final = tuple(f"{i:03d}" for i in range(1000))
 
 
 def now_iso() -> str:
@@ -45,9 +46,11 @@ def now_iso() -> str:
     global _second
     known, text = _second
     if sec != known:
-        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + "."
         _second = (sec, text)
-    return "%s.%06dZ" % (text, us - sec * 1_000_000)  # noqa: UP031 (compiled, cheaper than an f-string spec)
+    frac = us - sec * 1_000_000
+    # two table lookups: formatting an integer (f-string or %) costs more than the rest together
+    return text + _DIGITS3[frac // 1000] + _DIGITS3[frac % 1000] + "Z"
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ HOT_MODULES = (
     "pgwarden/audit/chain.py",
     "pgwarden/audit/records.py",
     "pgwarden/audit/log.py",
+    "pgwarden/audit/filesink.py",
     "pgwarden/audit/recording.py",
 )
 PURE_ENV = "PGWARDEN_PURE_PYTHON"

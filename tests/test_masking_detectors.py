@@ -81,3 +81,33 @@ def test_scrub_finds_what_the_detectors_find_past_its_prefilter(detectors, text,
     """scrub() (audit parameters, error text) first asks one combined search whether any detector
     could match; a value it lets through must still be scrubbed by every detector."""
     assert f"[redacted:{kind}]" in detectors.scrub(text)
+
+
+# A custom pattern that means something else inside the combined prefilter `(?:a)|(?:b)|…`, after
+# another detector's groups or over a whole row's bytes, must not gate anything: each is found
+# in a value sent in a row with other columns around it, and scrubbed where the audit scrubs.
+@pytest.mark.parametrize(
+    "pattern, value",
+    [
+        (r"PIN([0-9])\1\1\1", "PIN7777"),  # \1 would name the earlier detector's group
+        (r"(['\"])tok_[A-Za-z0-9]{12}\1", "'tok_ABCDEFGHIJKL'"),
+        (r"(?P<d>[0-9])(?P=d)-SECRET", "44-SECRET"),  # named group and backreference
+        (r"(?P<x>EMP)-[0-9]{6}", "EMP-123456"),  # the same group name in two detectors
+        (r"(?i)badge-[0-9]{4}", "BADGE-1234"),  # inline flags compile only at the start
+        (r"\Aacct-[0-9]{5}\Z", "acct-12345"),  # anchored to the value, not to the row
+    ],
+)
+def test_custom_patterns_that_change_meaning_in_the_prefilter_are_not_prefiltered(pattern, value):
+    others = [custom("stripe_key", r"(sk|pk)_live_[A-Za-z0-9]{16}"), custom("employee", r"(?P<x>EMP)-[0-9]{7}"),
+              builtin("email")]
+    detectors = DetectorSet([*others, custom("secret", pattern)])
+    assert detectors.scrub(value) == "[redacted:secret]"
+    row = b"\x00\x02\x00\x00\x00\x02ok" + len(value).to_bytes(4, "big") + value.encode()
+    assert detectors.may_match(row), "the row prefilter must let this row through to the detectors"
+
+
+def test_plain_custom_patterns_are_still_prefiltered():
+    detectors = DetectorSet([custom("stripe_key", r"(sk|pk)_live_[A-Za-z0-9]{16}"), custom("order", r"ORD-[0-9]{6}")])
+    assert not detectors.may_match(b"\x00\x01\x00\x00\x00\x05hello")
+    assert detectors.may_match(b"\x00\x01\x00\x00\x00\x0aORD-123456")
+    assert detectors.scrub("ship ORD-123456 today") == "ship [redacted:order] today"

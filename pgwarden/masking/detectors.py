@@ -114,13 +114,22 @@ def builtin(name: str) -> Detector:
     return _BUILTINS[name]
 
 
+# what makes a custom pattern mean something else inside the combined prefilter (see custom())
+_UNSAFE_IN_PREFILTER = re.compile(r"\(\?(?!:)|\\[bBAZ1-9]|\^|\$")
+
+
 def custom(name: str, pattern: str) -> Detector:
     """A MaskingRule's own regex; raises re.error when it does not compile."""
     full = re.compile(pattern, re.ASCII)
     re.compile(pattern.encode("ascii"), re.ASCII)  # must also work over bytes for the prefilter
-    # the prefilter must not be narrower than the full pattern: lookarounds in the user's pattern
-    # could be defeated by the length bytes around a value, so wrap it as-is only when it has none
-    core = pattern if not re.search(r"\(\?<?[=!]|\\b|\\B|\^|\$", pattern) else ""
+    # The prefilter must never be narrower than the full pattern, so the pattern is used as-is
+    # only when it means the same inside `(?:a)|(?:b)|…` over a whole row's bytes. Not with:
+    # lookarounds and anchors (\b \B ^ $ \A \Z: the length bytes around a value, or another
+    # column, would decide them); numbered backreferences (another detector's groups come first
+    # in the combined pattern: `\1` would name one of those, unset, and the branch never matches);
+    # any other `(?…)` than `(?:` (named groups and backreferences, conditionals, inline flags:
+    # they renumber, clash or do not compile there). Such a pattern is not prefiltered at all.
+    core = pattern if not _UNSAFE_IN_PREFILTER.search(pattern) else ""
     return Detector(name, full, core)
 
 

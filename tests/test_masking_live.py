@@ -435,6 +435,37 @@ def test_a_refused_redeclaration_does_not_unmask_the_cursor_it_left_in_place(pg:
         h.stop()
 
 
+TOKENS_TABLE = "public.masking_live_tokens"
+TOKEN = "'tok_ABCDEFGHIJKL'"
+
+
+@pytest.mark.parametrize("client", list(CLIENTS))
+def test_a_custom_detector_with_a_backreference_masks_what_it_finds(pg: EmbeddedPostgres, proxy_thread: ProxyThread,
+                                                                    client: str) -> None:
+    """A custom regex that refers to its own group (`\\1`), after a detector with groups of its own.
+    Inside the combined row prefilter `\\1` named the other detector's group, the branch never
+    matched, and the row was relayed as it came: the token reached the agent."""
+    with superuser(pg, "shop") as c:
+        c.execute(f"DROP TABLE IF EXISTS {TOKENS_TABLE}")
+        c.execute(f"CREATE TABLE {TOKENS_TABLE} (id int PRIMARY KEY, body text)")
+        c.execute(f"INSERT INTO {TOKENS_TABLE} VALUES (1, %s), (2, 'no token here')", (f"key {TOKEN} here",))
+        c.execute(f"GRANT SELECT ON {TOKENS_TABLE} TO shop_reader")
+    docs = live_documents()
+    docs[1]["spec"]["detectors"] = ["email", {"name": "api_key", "regex": "(sk|pk)_live_[A-Za-z0-9]{16}"},
+                                    {"name": "quoted_token", "regex": "(['\"])tok_[A-Za-z0-9]{12}\\1"}]
+    docs[0]["spec"]["rules"][0]["tables"].append(TOKENS_TABLE)
+    users = [{"name": AGENT_USER, "password": AGENT_PASSWORD, "groups": ["ai-agents"]}]
+    text = proxy_documents(pg, extra=docs, proxy_spec={"users": users})
+    h = ProxyHandle(running=proxy_thread.call(start_proxy(parse_documents(text))), runner=proxy_thread, pg=pg)
+    try:
+        got = CLIENTS[client](h, f"SELECT id, body FROM {TOKENS_TABLE} ORDER BY id")
+        assert not got.error, got.error
+        assert got.rows == [("1", "key [redacted:quoted_token] here"), ("2", "no token here")]
+        assert b"tok_ABCDEFGHIJKL" not in got.wire and "tok_ABCDEFGHIJKL" not in got.shown
+    finally:
+        h.stop()
+
+
 def test_binary_cursor_rows_are_masked(live: ProxyHandle) -> None:
     got = run_psql(live, "BEGIN; DECLARE b BINARY CURSOR FOR SELECT id, email, ssn, phone FROM customers; "
                          "FETCH ALL FROM b; COMMIT")

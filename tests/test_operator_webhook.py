@@ -9,6 +9,7 @@ import base64
 import copy
 import json
 import ssl
+import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +27,7 @@ from pgwarden.k8s import client as kube
 from pgwarden.k8s.names import API_VERSION as PGW
 from pgwarden.operator import injection
 from pgwarden.operator.settings import WebhookSettings
+from pgwarden.times import iso
 
 pytestmark = pytest.mark.slow
 
@@ -258,7 +260,9 @@ async def test_a_standby_replica_answers_admission_from_the_api(kmock: kmock.Kub
             assert r["allowed"] is False and "no DatabaseConnection 'nope'" in r["status"]["message"]
 
             # a reviewer of the policy approves; someone else cannot
-            old = request_obj()
+            # expiring from now: this runs against the operator's real clock, and the module's NOW was
+            # taken when test_approvals_webhook was imported, possibly more than ten minutes ago
+            old = request_obj(expiresAt=iso(time.time() + 600))
             new = copy.deepcopy(old)
             new["spec"]["decision"] = "approved"
             r = await call("/pgwarden-approval-decide", approval_review("UPDATE", new, old, ALICE))
@@ -271,7 +275,7 @@ async def test_a_standby_replica_answers_admission_from_the_api(kmock: kmock.Kub
             assert r["allowed"] is False, r
 
             # a policy that does not exist is not guessed: nobody can decide
-            orphan_old = request_obj(policy="gone")
+            orphan_old = request_obj(policy="gone", expiresAt=iso(time.time() + 600))
             orphan_new = copy.deepcopy(orphan_old)
             orphan_new["spec"]["decision"] = "approved"
             r = await call("/pgwarden-approval-decide", approval_review("UPDATE", orphan_new, orphan_old, ALICE))

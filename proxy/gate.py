@@ -58,8 +58,7 @@ log = logging.getLogger("pgwarden.proxy.gate")
 class StatementContext:
     """What the relay hands back with a statement's outcome."""
 
-    # A plain class, not a dataclass: compiled (mypyc), a dataclass's generated __init__ stays
-    # interpreted Python (about 0.3 µs), and one or more of these is made for every statement.
+    # a plain class, not a dataclass: made per statement (see pgwarden/compiled.py)
     __slots__ = ("id", "sql", "started", "decision", "prepared", "approval_id", "approver", "ticket",
                  "masked_columns", "ddl", "params")
 
@@ -225,8 +224,6 @@ class SessionGate:
         # the last result shape: (fields, names, type OIDs, formats)
         self._shape: tuple[list[m.Field], list[str], list[int], list[int]] | None = None
         self._last_shown: tuple[Any, tuple[str, str, dict[str, Any]]] | None = None
-        # (analysis, decision, policy): the last text decided by its analysis alone (see _check)
-        self._last_decided: tuple[Any, Any, Any] | None = None
 
     @property
     def catalog(self) -> CatalogCache:
@@ -369,17 +366,10 @@ class SessionGate:
                 decision = analysed.decision
             elif self.policy is None:
                 decision = None
-            elif (prepared_name is None and (last := self._last_decided) is not None and last[0] is analysis
-                  and last[2] is self.policy):
-                decision = last[1]  # the shape of the statement before: the engine would answer the same
             else:  # one analysis for the decision and the masking plan (the same search_path)
                 same_path = self.state.search_path == self.rt.search_path
                 decision = self.policy.decide(sql, self.state, prepare_as=prepared_name,
                                               analysis=analysis if same_path else None)
-                if same_path and prepared_name is None and not analysis.session_dependent:
-                    # the engine decides such a text by its analysis alone (texts that differ only in
-                    # literals share one): kept for the next statement, a session's usual case
-                    self._last_decided = (analysis, decision, self.policy)
         except Exception as e:  # the engine failing must never let a statement through
             log.exception("policy engine failed")
             return self._refuse(ctx, PolicyDenied(f"pgwarden could not decide this statement ({type(e).__name__})"))

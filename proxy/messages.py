@@ -291,7 +291,7 @@ def parse_text_span(buf: bytes, ps: int, end: int) -> tuple[int, int]:
 
 class BindMsg:
     """A Bind message, as read (never changed once made). A plain class, not a frozen dataclass:
-    compiled (mypyc), a dataclass's generated __init__ stays interpreted, and every Bind makes one."""
+    every Bind makes one (see pgwarden/compiled.py)."""
 
     __slots__ = ("portal", "statement", "param_formats", "params", "result_formats")
 

@@ -111,8 +111,7 @@ class ResultPolicy(Protocol):
 class Verdict:
     """The gate's answer for one statement. `None` from the gate means: forward, nothing else."""
 
-    # A plain class, not a dataclass: compiled (mypyc), a dataclass's generated __init__ stays
-    # interpreted Python (about 0.3 µs), and one or more of these is made for every statement.
+    # a plain class, not a dataclass: made per statement (see pgwarden/compiled.py)
     __slots__ = ("error", "wait", "results", "max_rows", "context", "changes", "entry", "guard", "pins")
 
     def __init__(self, error: AgentError | None = None, wait: Awaitable[Verdict] | None = None,
@@ -239,8 +238,7 @@ class Observer(Protocol):
 class Pending:
     """A message sent to the server whose answer has not come back yet (one unit of the queue)."""
 
-    # A plain class, not a dataclass: compiled (mypyc), a dataclass's generated __init__ stays
-    # interpreted Python (about 0.3 µs), and one or more of these is made for every statement.
+    # a plain class, not a dataclass: made per statement (see pgwarden/compiled.py)
     __slots__ = ("kind", "replace_error", "results", "context", "index", "name", "target", "rewriter", "fields",
                  "max_rows", "rows", "limit_hit", "swallow", "portal", "prep", "changes", "fail_changes", "qchanges",
                  "puts", "settle")

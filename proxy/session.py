@@ -43,8 +43,7 @@ Change = tuple[int, Any, Any]  # (kind, name — None: all named objects, entry)
 class PreparedEntry:
     """A prepared statement: protocol Parse (`origin` "parse") or SQL PREPARE ("prepare")."""
 
-    # A plain class, not a dataclass: compiled (mypyc), a dataclass's generated __init__ stays
-    # interpreted Python (about 0.3 µs), and one or more of these is made for every statement.
+    # a plain class, not a dataclass: made per statement (see pgwarden/compiled.py)
     __slots__ = ("name", "sql", "origin", "policy_body", "mask_outs", "results", "context", "max_rows", "guard",
                  "reviewed", "fields", "run_changes", "rebind")
 
@@ -72,8 +71,7 @@ class PreparedEntry:
 class PortalEntry:
     """A portal: protocol Bind (`origin` "bind") or SQL DECLARE ("declare"); one namespace."""
 
-    # A plain class, not a dataclass: compiled (mypyc), a dataclass's generated __init__ stays
-    # interpreted Python (about 0.3 µs), and one or more of these is made for every statement.
+    # a plain class, not a dataclass: made per statement (see pgwarden/compiled.py)
     __slots__ = ("name", "origin", "statement", "results", "context", "max_rows", "guard", "formats", "fields",
                  "holdable", "mask_outs", "sql", "pins")
 

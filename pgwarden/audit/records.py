@@ -65,9 +65,8 @@ class SessionInfo:
     application_name: str = ""
     client: str = ""            # peer address of the agent
     user: str = ""              # user name from the startup message
-    # what every record of the session repeats, built once (__post_init__). A field, not a
-    # cached_property: compiled (mypyc), the class has no __dict__ and the property would be
-    # worked out again for every record
+    # what every record of the session repeats, built once (__post_init__); a field, not a
+    # cached_property (see pgwarden/compiled.py)
     common: dict[str, Any] = field(init=False, repr=False, compare=False, hash=False, default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -149,11 +149,11 @@ class DetectorSet:
             self._pre: re.Pattern[bytes] | None = None
             self._always = False
         elif all(cores):
-            unique = list(dict.fromkeys(cores))
-            self._pre = re.compile("|".join(f"(?:{c})" for c in unique).encode("ascii"), re.ASCII)
+            either = "|".join(f"(?:{c})" for c in dict.fromkeys(cores))
+            self._pre = re.compile(either.encode("ascii"), re.ASCII)
             # the same over text, for scrub(): one search instead of every detector's finditer
             # (the audit scrubs each parameter of every extended-protocol statement)
-            self._pre_text = re.compile("|".join(f"(?:{c})" for c in unique), re.ASCII)
+            self._pre_text = re.compile(either, re.ASCII)
             self._always = False
         else:  # a custom pattern we cannot safely prefilter: decode every value
             self._pre = None

@@ -89,14 +89,15 @@ class UpstreamCredentials:
         return self.username, self.password
 
 
-def read_credentials_dir(d: Path, attempts: int = 5) -> tuple[str, str]:
+def read_credentials_dir(d: Path, attempts: int = 20) -> tuple[str, str]:
     """`username` and `password` from one version of a mounted Secret.
 
     kubelet updates a Secret volume by writing a new timestamped folder, swapping the `..data`
     symlink to it and deleting the old folder; each key is a symlink through `..data`. Reading
     the two keys one after the other through `..data` can pair the new username with the old
     password, or find the old folder gone: resolve `..data` once, read both keys from that
-    folder, and start again if it was deleted meanwhile.
+    folder, and start again if it was deleted meanwhile (kubelet swaps about once a minute, so
+    more than one retry means the folder is broken, not busy; 20 covers a loaded machine).
     """
     data = d / "..data"
     for attempt in range(attempts):

@@ -14,7 +14,7 @@ import kmock
 import pg8000.exceptions
 import pg8000.native
 import pytest
-from fix_emulator import advertise, client_for, eventually
+from fix_emulator import advertise, client_for, eventually, watches_subscribed
 
 from pgwarden.k8s import client as kube
 from pgwarden.k8s.names import API_VERSION as PGW
@@ -35,12 +35,17 @@ FAST = OperatorSettings(
 
 
 @contextlib.asynccontextmanager
-async def operator(emulator: kmock.KubernetesEmulator, settings: OperatorSettings = FAST) -> AsyncIterator[Runtime]:
+async def operator(emulator: kmock.KubernetesEmulator, settings: OperatorSettings = FAST, *,
+                   standby: bool = False) -> AsyncIterator[Runtime]:
+    """The operator running until the block ends; once its watches are subscribed unless it
+    starts as a paused peer (`standby`), which watches nothing."""
     runtime = Runtime(settings, client_for(emulator))
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(run(runtime, stop_flag=stop, ready_flag=ready))
     await asyncio.wait_for(ready.wait(), 15)
     try:
+        if not standby:
+            await watches_subscribed(emulator)
         yield runtime
     finally:
         stop.set()
@@ -188,6 +193,39 @@ async def test_missing_and_wrong_admin_secret_are_reported(kmock: kmock.Kubernet
                        for e in posted)
 
         assert await eventually(posted_event, what="a warning Event about the missing Secret")
+    await k.close()
+
+
+async def test_each_connection_keeps_its_own_status(kmock: kmock.KubernetesEmulator, pg: Any) -> None:
+    """Two broken connections side by side, their rotation timers firing every half second: each
+    status keeps saying what is wrong with that connection's own admin Secret (kopf tells objects
+    apart by the uid the API server assigns; a timer of one must never patch the other)."""
+    advertise(kmock)
+    k = client_for(kmock)
+    await k.create(kube.path("v1", "secrets", NS), admin_secret(pg, name="wrong", password="not-it"))
+    async with operator(kmock):
+        await k.create(kube.path(PGW, "databaseconnections", NS), connection(pg, name="nosecret", admin="absent"))
+        await k.create(kube.path(PGW, "databaseconnections", NS), connection(pg, name="wrongpw", admin="wrong"))
+        uids = {(await k.get(kube.path(PGW, "databaseconnections", NS, n)))["metadata"]["uid"]
+                for n in ("nosecret", "wrongpw")}
+        assert len(uids) == 2
+
+        async def reasons() -> dict[str, str] | None:
+            out = {}
+            for name in ("nosecret", "wrongpw"):
+                obj = await k.get(kube.path(PGW, "databaseconnections", NS, name))
+                c = {c["type"]: c for c in ((obj or {}).get("status") or {}).get("conditions") or []}
+                if "CredentialsReady" not in c:
+                    return None
+                out[name] = c["CredentialsReady"]["reason"]
+            return out
+
+        await eventually(reasons, what="both conditions")
+        seen = []
+        for _ in range(15):  # several timer rounds of both connections
+            seen.append(await reasons())
+            await asyncio.sleep(0.2)
+        assert all(r == {"nosecret": "AdminSecretInvalid", "wrongpw": "AuthenticationFailed"} for r in seen), seen
     await k.close()
 
 

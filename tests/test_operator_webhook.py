@@ -235,7 +235,7 @@ async def test_a_standby_replica_answers_admission_from_the_api(kmock: kmock.Kub
     settings = replace(FAST, peering_name="pgwarden", peering_priority=1,
                        webhook=WebhookSettings(addr="127.0.0.1", host="127.0.0.1", port=port, cadump=str(ca),
                                                managed=None))
-    async with operator(kmock, settings) as runtime:
+    async with operator(kmock, settings, standby=True) as runtime:
         await asyncio.sleep(1.5)
         # paused: nothing reconciled, nothing remembered
         stored = await k.get(kube.path(PGW, "databaseconnections", NS, "orders-prod"))

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,7 @@ def test_credentials_read_never_mixes_two_versions(tmp_path: Path) -> None:
         while not stop.is_set():
             n += 1
             materialise(target, pairs[n % 2], str(n))
+            time.sleep(0.001)  # a thousand swaps a second (kubelet: about one a minute)
 
     t = threading.Thread(target=swap)
     t.start()

@@ -32,7 +32,6 @@ SHAPING = [
     "CREATE TABLE p1 PARTITION OF p FOR VALUES WITH (MODULUS 4, REMAINDER 1)",
     "VACUUM (PARALLEL 2) orders",
     "ALTER ROLE agent CONNECTION LIMIT 3",
-    "SELECT 5abc",
 ]
 # integers that are only literal values
 PLAIN = [
@@ -48,6 +47,7 @@ PLAIN = [
     "SELECT x::numeric(10,2), y::varchar(20), z::timestamp(3) FROM orders",
     "UPDATE orders SET total_cents = total_cents - 5 WHERE id = -3",
     "SELECT * FROM orders WHERE id IN (1, 2, 3) AND total_cents BETWEEN 10 AND 20",
+    "SELECT * FROM orders WHERE id = ANY (ARRAY[1, 2]) AND customer_id NOT IN (5, 6)",
 ]
 
 
@@ -91,6 +91,13 @@ def test_a_text_differing_only_in_integers_gets_what_a_fresh_analysis_says(sql: 
 def test_an_integer_that_shapes_the_statement_is_never_blanked(sql: str) -> None:
     an.analyze(sql, PATH)
     assert an._FRONT_CACHE.get((an.front_key(sql), PATH, 0)) in (None, False)
+
+
+def test_an_in_list_with_longer_numbers_shares_the_analysis() -> None:
+    """PostgreSQL 18 records where an IN list and an ARRAY[...] begin and end: positions, blanked."""
+    a = an.analyze("SELECT * FROM orders WHERE id IN (1, 2) AND customer_id = ANY (ARRAY[3, 4])", PATH)
+    b = an.analyze("SELECT * FROM orders WHERE id IN (100, 2000) AND customer_id = ANY (ARRAY[30000, 4])", PATH)
+    assert a is b
 
 
 def test_a_new_number_needs_no_parser(monkeypatch: pytest.MonkeyPatch) -> None:

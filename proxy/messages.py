@@ -84,17 +84,18 @@ class FrameError(Exception):
     """The peer sent bytes that are not a valid message stream."""
 
 
-def frames(buf: bytes | bytearray | memoryview, start: int, max_len: int) -> Iterator[tuple[int, int, int]]:
+def frames(buf: bytes, start: int, max_len: int) -> Iterator[tuple[int, int, int]]:
     """Yield (type byte, payload start, message end) for each complete message from `start`.
 
     Stops at the first incomplete message; the caller keeps the bytes from the last `end`.
     Raises FrameError for a length below 4 or above `max_len` (a huge length prefix must not
-    make the proxy buffer gigabytes before noticing).
+    make the proxy buffer gigabytes before noticing). `bytes` only, and the length read byte by
+    byte: indexing bytes is native code when compiled, a struct call is not (every message).
     """
     n = len(buf)
     pos = start
     while n - pos >= 5:
-        length = _unpack_len(buf, pos + 1)[0]
+        length = (buf[pos + 1] << 24) | (buf[pos + 2] << 16) | (buf[pos + 3] << 8) | buf[pos + 4]
         if length < 4 or length > max_len:
             raise FrameError(f"message length {length} out of range (limit {max_len} bytes)")
         end = pos + 1 + length

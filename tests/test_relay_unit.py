@@ -142,6 +142,14 @@ class TestFraming:
         with pytest.raises(m.FrameError, match="limit"):
             list(m.frames(b"Q\x7f\xff\xff\xff", 0, 1 << 20))
 
+    def test_a_length_is_read_big_endian_with_every_byte_in_play(self) -> None:
+        payload = bytes(range(256)) * 258  # 66,048 bytes: length 0x00010204 uses three of four bytes
+        data = b"d" + struct.pack("!I", len(payload) + 4) + payload + SYNC
+        got = list(m.frames(data, 0, 1 << 20))
+        assert [(chr(t), ps, end) for t, ps, end in got] == [("d", 5, 5 + len(payload)), ("S", 10 + len(payload), len(data))]
+        with pytest.raises(m.FrameError, match="limit"):  # 0x80000000: past any limit, never negative
+            list(m.frames(b"d\x80\0\0\0", 0, 1 << 20))
+
     def test_message_builder_matches_the_wire_format(self) -> None:
         assert m.message(b"Q", b"x\0") == b"Q\0\0\0\x06x\0"
         assert m.ready_for_query(b"T") == b"Z\0\0\0\x05T"

@@ -21,6 +21,7 @@ a pool whose maximum connection lifetime is below gracePeriod in production) nev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import re
@@ -197,7 +198,12 @@ async def test_pgbench_through_the_proxy_across_rotations(
             assert await asyncio.to_thread(current_user, fresh) == kubelet.seen[-1]["username"]
             fresh.close()
     finally:
+        # awaited, not only cancelled: the checks below use the same API client
         feeder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feeder
+    await k.close()
+    k = client_for(kmock)  # a fresh client for the checks: nothing of the feeder's is left in it
 
     # pgbench: every run, with and without a connection per transaction, without a failure
     for name, reports in (("-C", reports_c), ("sessions", reports_s)):

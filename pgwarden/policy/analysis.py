@@ -187,14 +187,20 @@ def analyze(sql: str, search_path: tuple[str, ...] = ("public",), server_version
     for text, path, version, provided in _PROVIDED:
         if text is sql and path == search_path and version == server_version:
             return provided
-    if len(sql) <= MAX_CACHED_TEXT:
-        front = front_key(sql)
-        if front is not None:
-            hit = _FRONT_CACHE.get((front, search_path, server_version), touch=True)
-            if isinstance(hit, Analysis):
-                return hit
+    if len(sql) > MAX_CACHED_TEXT:
+        return _analyze(sql, search_path, server_version)
+    front = front_key(sql)
+    if front is None:
         return _analyze_cached(sql, search_path, server_version)
-    return _analyze(sql, search_path, server_version)
+    key = (front, search_path, server_version)
+    filed = _FRONT_CACHE.get(key, touch=True)
+    if isinstance(filed, Analysis):
+        return filed
+    analysis = _analyze_cached(sql, search_path, server_version)
+    # a new shape: filed when the constant-blind cache holds its analysis (the walk read no literal)
+    if filed is None and _BLIND_CACHE.get((analysis.blind, search_path, server_version)) is analysis:
+        _FRONT_CACHE.put(key, analysis if _probes_agree(sql, analysis.blind) else False)
+    return analysis
 
 
 @lru_cache(maxsize=1024)
@@ -214,7 +220,6 @@ def _analyze(sql: str, search_path: tuple[str, ...], server_version: int = 0) ->
     key = (blind_tree(text), search_path, server_version)
     hit = _BLIND_CACHE.get(key, touch=True)
     if hit is not None:
-        _file_front(sql, hit, search_path, server_version)
         return hit
     reads_before = _CONSTANT_READS.count
     tree = json.loads(text)
@@ -226,7 +231,6 @@ def _analyze(sql: str, search_path: tuple[str, ...], server_version: int = 0) ->
         # The walk never looked at a literal's value, so the analysis is a function of the tree
         # with its literal values blanked: statements that differ only in literals share it.
         _BLIND_CACHE.put(key, analysis)
-        _file_front(sql, analysis, search_path, server_version)
     return analysis
 
 
@@ -307,16 +311,6 @@ def front_key(sql: str) -> str | None:
             or "/*" in sql or "\x00" in sql):  # eight checks in C: a third of one regex search
         return None
     return _INTEGER_RUN.sub("\x00", sql)  # NUL: not in a text in the domain, so never a collision
-
-
-def _file_front(sql: str, analysis: Analysis, search_path: tuple[str, ...], server_version: int) -> None:
-    front = front_key(sql) if len(sql) <= MAX_CACHED_TEXT else None
-    if front is None:
-        return
-    key = (front, search_path, server_version)
-    if _FRONT_CACHE.get(key) is not None:
-        return
-    _FRONT_CACHE.put(key, analysis if _probes_agree(sql, analysis.blind) else False)
 
 
 def _probes_agree(sql: str, blind: str) -> bool:

@@ -90,3 +90,10 @@ def test_recording_config() -> None:
     cfg = parse_recording_config({"recording": {"dir": "/rec", "maxRowsPerResult": 10, "maxBytesPerResult": "1Ki"}})
     assert (cfg.enabled, cfg.dir, cfg.max_rows_per_result, cfg.max_bytes_per_result) == (True, "/rec", 10, 1024)
     assert not parse_recording_config({"recording": {"enabled": False}}).enabled
+
+
+@pytest.mark.parametrize(("took", "shown"), [(2.25, 2.25), (0.1234567, 0.123), (0.0125, 0.012), (0.0004, 0.0),
+                                               (86_400_000.1236, 86_400_000.124), (-0.0016, -0.002)])
+def test_an_outcome_shows_its_duration_to_the_microsecond(took: float, shown: float) -> None:
+    out = records.outcome(INFO, 1, duration_ms=took, tag="SELECT 1")
+    assert out["durationMs"] == shown

@@ -275,3 +275,15 @@ def test_a_volume_filling_session_leaves_others_working_and_the_audit_writable(m
     ok = subprocess.run([sys.executable, "-m", "pgwarden.cli", "audit", "verify", str(audit)],
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
+
+
+def test_line_times_are_whole_microseconds_in_order(tmp_path: Path) -> None:
+    """Every line's `t` (seconds into the session) and a result's `ms` are whole microseconds, as
+    a replay prints them, and `t` never runs backwards."""
+    events = load_events(record_session(tmp_path))
+    times = [e["t"] for e in events if "t" in e]
+    assert times == sorted(times) and len(times) == len(events) - 1  # all but the header
+    for e in events:
+        for key, scale in (("t", 1e6), ("ms", 1e3)):
+            if key in e:
+                assert isinstance(e[key], float) and abs(e[key] * scale - round(e[key] * scale)) < 1e-6, e

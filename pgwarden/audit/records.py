@@ -98,6 +98,12 @@ class SessionInfo:
         return rec
 
 
+def to_microsecond(duration_ms: float) -> float:
+    """Milliseconds to three decimals: `round(x * 1000) / 1000` rounds to an integer, where
+    `round(x, 3)` goes through a decimal conversion (a microsecond per statement, measured)."""
+    return round(duration_ms * 1000.0) / 1000.0
+
+
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + f"…[{len(text) - limit} more chars]"
 
@@ -193,7 +199,7 @@ def outcome(
     `undone`: it ran and was rolled back by the proxy (more rows changed than allowed, PW005);
     `tag` and `rows` are then what the server reported before the rollback."""
     rec: dict[str, Any] = {"time": now_iso(), "event": "statement.outcome", "session": info.session_id,
-                           "stmt": stmt_id, "durationMs": round(duration_ms, 3)}
+                           "stmt": stmt_id, "durationMs": to_microsecond(duration_ms)}
     if decision:
         rec["decision"] = decision
     if tag:
@@ -224,3 +230,4 @@ def approval(info: SessionInfo, stmt_id: str | int, *, approval_id: str, event: 
     if preview is not None:
         rec["approval"]["preview"] = preview
     return rec
+

@@ -29,10 +29,11 @@ class Field(NamedTuple):
     format: int
 
 
-def parse_row_description(payload: bytes | memoryview) -> list[Field]:
-    # a session sends the same few result shapes again and again: parse each once (small ones)
+def parse_row_description(payload: bytes | memoryview) -> tuple[Field, ...]:
+    # a session sends the same few result shapes again and again: parse each once (small ones),
+    # and hand out the same tuple each time (the masking plan binds its row rewriter to it by identity)
     data = bytes(payload)
-    return list(_parse_cached(data) if len(data) <= 4096 else _parse_row_description(data))
+    return _parse_cached(data) if len(data) <= 4096 else _parse_row_description(data)
 
 
 @lru_cache(maxsize=512)

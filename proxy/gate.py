@@ -222,7 +222,7 @@ class SessionGate:
         self.statements = 0
         self._formats: list[int] = []
         # the last result shape: (fields, names, type OIDs, formats)
-        self._shape: tuple[list[m.Field], list[str], list[int], list[int]] | None = None
+        self._shape: tuple[tuple[m.Field, ...], list[str], list[int], list[int]] | None = None
         self._last_shown: tuple[Any, tuple[str, str, dict[str, Any]]] | None = None
 
     @property
@@ -840,11 +840,11 @@ class SessionGate:
         if self.recorder is not None:
             self.recorder.error("-", fields)
 
-    def result_columns(self, context: Any, fields: list[m.Field]) -> bool:
+    def result_columns(self, context: Any, fields: tuple[m.Field, ...]) -> bool:
         if self.recorder is None or not isinstance(context, StatementContext):
             return False
         shape = self._shape
-        if shape is None or shape[0] != fields:  # a session reads the same few shapes again and again
+        if shape is None or (shape[0] is not fields and shape[0] != fields):  # the same few shapes again and again
             shape = self._shape = (fields, [f.name for f in fields], [f.type_oid for f in fields],
                                    [f.format for f in fields])
         self.recorder.columns(context.id, shape[1], shape[2])

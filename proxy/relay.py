@@ -103,7 +103,7 @@ class RowRewriter(Protocol):
 class ResultPolicy(Protocol):
     """What a statement's results must go through; produced by the gate with its verdict."""
 
-    def bind(self, index: int, fields: list[m.Field]) -> RowRewriter | None:
+    def bind(self, index: int, fields: tuple[m.Field, ...]) -> RowRewriter | None:
         """A rewriter for result set `index` of the statement, or None to pass rows as they are."""
         ...
 
@@ -222,7 +222,7 @@ class Observer(Protocol):
 
     def server_error(self, fields: dict[str, str]) -> None: ...
 
-    def result_columns(self, context: Any, fields: list[m.Field]) -> bool:
+    def result_columns(self, context: Any, fields: tuple[m.Field, ...]) -> bool:
         """A result set starts; return True to be handed its rows (as the client receives them)."""
         ...
 
@@ -245,7 +245,7 @@ class Pending:
 
     def __init__(self, kind: int, replace_error: bytes | None = None, results: ResultPolicy | None = None,
                  context: Any = None, index: int = 0, name: str = "", target: str = "",
-                 rewriter: RowRewriter | None = None, fields: list[m.Field] | None = None, max_rows: int | None = None,
+                 rewriter: RowRewriter | None = None, fields: tuple[m.Field, ...] | None = None, max_rows: int | None = None,
                  rows: int = 0, limit_hit: bool = False, swallow: bool = False, portal: Any = None, prep: Any = None,
                  changes: tuple[Change, ...] = (), fail_changes: tuple[Change, ...] = (),
                  qchanges: tuple[tuple[Change, ...], ...] = (), puts: bool = False, settle: bool = False) -> None:
@@ -1125,7 +1125,7 @@ class Relay:
                 elif t == _COPYOUT:
                     head = pending[0] if pending else None
                     if head is not None and head.results is not None:
-                        self._rewriter = head.results.bind(head.index, [])
+                        self._rewriter = head.results.bind(head.index, ())
                 pos = end
         except m.FrameError as e:
             raise ProtocolViolation(f"invalid message from the server: {e}") from e
@@ -1448,7 +1448,7 @@ class Relay:
             return portal is not None and portal.results is not None
         return False
 
-    def _remember_fields(self, head: Pending, fields: list[m.Field] | None) -> None:
+    def _remember_fields(self, head: Pending, fields: tuple[m.Field, ...] | None) -> None:
         if fields is None:
             return
         if head.target == "S":
@@ -1458,7 +1458,7 @@ class Relay:
             head.portal.fields = fields
 
 
-def _with_formats(fields: list[m.Field] | None, formats: tuple[int, ...]) -> list[m.Field] | None:
+def _with_formats(fields: tuple[m.Field, ...] | None, formats: tuple[int, ...]) -> tuple[m.Field, ...] | None:
     """A statement's fields (described with format 0) with the result formats a Bind chose."""
     if fields is None:
         return None
@@ -1467,8 +1467,8 @@ def _with_formats(fields: list[m.Field] | None, formats: tuple[int, ...]) -> lis
     if len(formats) == 1:
         if all(f.format == formats[0] for f in fields):
             return fields  # as described (every Execute of a prepared statement asks the same)
-        return [m.Field(f.name, f.table_oid, f.attnum, f.type_oid, f.typlen, f.typmod, formats[0]) for f in fields]
-    return [
+        return tuple([m.Field(f.name, f.table_oid, f.attnum, f.type_oid, f.typlen, f.typmod, formats[0]) for f in fields])
+    return tuple([
         m.Field(f.name, f.table_oid, f.attnum, f.type_oid, f.typlen, f.typmod, formats[i] if i < len(formats) else 0)
         for i, f in enumerate(fields)
-    ]
+    ])

@@ -49,7 +49,7 @@ class PreparedEntry:
 
     def __init__(self, name: str, sql: str, origin: str, policy_body: Any = None, mask_outs: Any = None,
                  results: Any = None, context: Any = None, max_rows: int | None = None, guard: Any = None,
-                 reviewed: Any = None, fields: list[Any] | None = None, run_changes: tuple[Change, ...] = (),
+                 reviewed: Any = None, fields: tuple[Any, ...] | None = None, run_changes: tuple[Change, ...] = (),
                  rebind: bool = False) -> None:
         self.name = name
         self.sql = sql  # what a reviewer and the audit are shown for it
@@ -77,7 +77,7 @@ class PortalEntry:
 
     def __init__(self, name: str, origin: str, statement: PreparedEntry | None = None, results: Any = None,
                  context: Any = None, max_rows: int | None = None, guard: Any = None, formats: tuple[int, ...] = (),
-                 fields: list[Any] | None = None, holdable: bool = False, mask_outs: Any = None, sql: str = "",
+                 fields: tuple[Any, ...] | None = None, holdable: bool = False, mask_outs: Any = None, sql: str = "",
                  pins: tuple[tuple[str, str, Any], ...] = ()) -> None:
         self.name = name
         self.origin = origin

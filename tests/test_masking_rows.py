@@ -95,7 +95,7 @@ def test_unknown_shape_masks_everything():
 
 def test_row_description_round_trip():
     fields = [f("id", 23, 1, 16390, 1), f("email", 25, 0, 16390, 3)]
-    assert parse_row_description(build_row_description(fields)) == fields
+    assert parse_row_description(build_row_description(fields)) == tuple(fields)
 
 
 def test_copy_text_format():
@@ -153,3 +153,22 @@ def test_error_fields_after_a_statement_that_touched_masked_data():
     assert SM.mask_error_fields(fields, plan, CAT)["M"] == (
         'some message quoting "[redacted]" and relation "customers" (pgwarden redacted the values in this '
         'error: the statement reads public.customers.email, which the masking rule hides)')
+
+
+def test_one_plan_bound_to_shapes_in_turn_masks_each_as_the_server_described_it():
+    """A cached plan keeps the rewriter it bound last (by the fields object): rebinding to another
+    RowDescription, or to an equal one parsed again, never reuses a rewriter made for other columns."""
+    plan = SM.plan("SELECT 1", CAT)  # the server's table OID and column number decide
+    ssn_first = parse_row_description(build_row_description(
+        [f("x", 25, 0, table_oid=16390, attnum=4), f("y")]))
+    ssn_second = parse_row_description(build_row_description(
+        [f("x"), f("y", 25, 0, table_oid=16390, attnum=4)]))
+    row = build_data_row([b"Ada Lovelace", b"Ada Lovelace"])
+    for _ in range(2):
+        for fields, shown in ((ssn_first, [b"[redacted]", b"Ada Lovelace"]),
+                              (ssn_second, [b"Ada Lovelace", b"[redacted]"]),
+                              (list(ssn_second), [b"Ada Lovelace", b"[redacted]"])):
+            rw = plan.bind(0, fields)
+            assert parse_data_row(rw.rewrite(row)) == shown
+    assert plan.bind(0, ssn_first) is plan.bind(0, ssn_first)
+    assert parse_row_description(build_row_description(list(ssn_first))) is ssn_first  # parsed once, shared

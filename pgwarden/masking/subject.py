@@ -64,6 +64,8 @@ class ResultPlan:
     # row rewriters by the RowDescription they were made for: a RowRewriter keeps no state
     # between rows, and a cached plan meets the same fields statement after statement
     _rewriters: BoundedCache[Any, Any] = field(default_factory=lambda: BoundedCache(16), compare=False, repr=False)
+    # the last (fields, formats, rewriter) bound, by identity
+    _last: tuple[Any, Any, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def masks_anything(self) -> bool:
@@ -84,16 +86,21 @@ class ResultPlan:
         """
         if self.kind == "copy":  # a CopyRewriter keeps partial lines: one per result
             return self.copy_rewriter(len(fields) or None)
+        # the same fields object again (a prepared statement's Describe, Bind after Bind): no key to
+        # build and hash. Field lists are never changed once parsed (a Bind's formats make new ones)
+        last = self._last
+        if last is not None and last[0] is fields and last[1] is formats:
+            return last[2]
         key: Any = (tuple(fields), tuple(formats) if formats else ())
         try:
             hit = self._rewriters.get(key, _NO_REWRITER)
         except TypeError:  # unhashable fields: made afresh
             return self._make_rewriter(fields, formats)
-        if hit is not _NO_REWRITER:
-            return hit
-        rewriter = self._make_rewriter(fields, formats)
-        self._rewriters.put(key, rewriter)
-        return rewriter
+        if hit is _NO_REWRITER:
+            hit = self._make_rewriter(fields, formats)
+            self._rewriters.put(key, hit)
+        self._last = (fields, formats, hit)
+        return hit
 
     def _make_rewriter(self, fields: Sequence[Sequence[Any]], formats: Sequence[int] | None) -> Any:
         fs = [_field(f) for f in fields]

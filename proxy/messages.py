@@ -341,7 +341,7 @@ def parse_bind(payload: bytes | memoryview) -> BindMsg:
     if pos != len(data):
         raise FrameError("malformed Bind message")
     return BindMsg(
-        data[:n1].decode("utf-8", "replace"), data[n1 + 1 : n2].decode("utf-8", "replace"),
+        _text(data, 0, n1), _text(data, n1 + 1, n2),
         tuple(fmts), tuple(params), tuple(rfmts),
     )
 
@@ -355,11 +355,20 @@ def parse_target(payload: bytes | memoryview) -> tuple[str, str]:
 
 
 def parse_execute(payload: bytes | memoryview) -> tuple[str, int]:
+    """(portal name, maximum rows: 0 for all). The row limit read byte by byte, as in parse_bind."""
     data = bytes(payload)
     n = data.find(b"\0")
     if n < 0 or len(data) != n + 5:
         raise FrameError("malformed Execute message")
-    return data[:n].decode("utf-8", "replace"), I32.unpack_from(data, n + 1)[0]
+    rows = data[n + 1] << 24 | data[n + 2] << 16 | data[n + 3] << 8 | data[n + 4]
+    if rows >= 0x80000000:  # an Int32: negative (the server treats it as no limit)
+        rows -= 0x100000000
+    return _text(data, 0, n), rows
+
+
+def _text(data: bytes, start: int, end: int) -> str:
+    """A name from a message (the unnamed statement or portal, most often: no decode)."""
+    return data[start:end].decode("utf-8", "replace") if end > start else ""
 
 
 # -- backend messages the proxy reads ------------------------------------------------------

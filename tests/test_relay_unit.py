@@ -238,6 +238,10 @@ class TestFrontendMessages:
         with pytest.raises(m.FrameError):
             m.parse_target(b"Xname\0")
         assert m.parse_execute(b"p\0" + struct.pack("!i", 10)) == ("p", 10)
+        # the row limit is a signed Int32 read byte by byte: every byte in play, and the sign
+        for rows in (0, 1, 0x01020304, 2**31 - 1, -1, -(2**31)):
+            assert m.parse_execute(b"\0" + struct.pack("!i", rows)) == ("", rows)
+        assert m.parse_execute("pörtal".encode() + b"\0" + struct.pack("!i", 5)) == ("pörtal", 5)
         with pytest.raises(m.FrameError):
             m.parse_execute(b"p\0\0")
 

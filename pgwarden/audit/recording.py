@@ -36,7 +36,7 @@ from pgwarden.audit.records import now_iso
 log = logging.getLogger(__name__)
 
 FORMAT = "pgwarden.recording/v1"
-FLUSH_EVERY_S = 1.0
+FLUSH_EVERY_NS = 1_000_000_000  # a second
 # ErrorResponse / NoticeResponse field codes -> names (PostgreSQL protocol, "Error and Notice Message Fields")
 FIELD_NAMES = {"S": "severity", "V": "severity", "C": "code", "M": "message", "D": "detail", "H": "hint",
                "P": "position", "p": "internalPosition", "q": "internalQuery", "W": "where", "s": "schema",
@@ -85,7 +85,7 @@ class SessionRecorder:
         self.max_session_bytes = max_session_bytes  # 0: no cap
         self.store = store
         self._t0 = time.monotonic_ns()
-        self._last_flush = time.monotonic()
+        self._last_flush = self._t0
         self._results: dict[Any, _Result] = {}
         self._fh: IO[bytes] | None = None
         self.failed = False
@@ -114,7 +114,7 @@ class SessionRecorder:
         ev: dict[str, Any] = {"k": "query", "s": stmt_id, "t": (now - self._t0) // 1000 / 1e6, "sql": sql}
         if params is not None:
             ev["params"] = list(params)
-        self._put(ev)
+        self._put(ev, now)
 
     def columns(self, stmt_id: Any, names: Sequence[str], type_oids: Sequence[int] = ()) -> None:
         r = self._result(stmt_id)
@@ -144,17 +144,19 @@ class SessionRecorder:
 
     def complete(self, stmt_id: Any, tag: str, rows: int | None = None) -> None:
         """CommandComplete: the tag and, if known, how many rows the agent received in total."""
-        ev = self._finish(stmt_id, "result")
+        now = time.monotonic_ns()
+        ev = self._finish(stmt_id, "result", now)
         ev["tag"] = tag
         if rows is not None:
             ev["rowCount"] = rows
-        self._put(ev)
+        self._put(ev, now)
 
     def error(self, stmt_id: Any, fields: Mapping[str, Any]) -> None:
         """An ErrorResponse the agent received (from the server or from pgwarden itself)."""
-        ev = self._finish(stmt_id, "error")
+        now = time.monotonic_ns()
+        ev = self._finish(stmt_id, "error", now)
         ev["error"] = named_fields(fields)
-        self._put(ev)
+        self._put(ev, now)
 
     def notice(self, stmt_id: Any, fields: Mapping[str, Any]) -> None:
         self._put({"k": "notice", "s": stmt_id, "t": self._since_start(),
@@ -162,7 +164,7 @@ class SessionRecorder:
 
     def close(self, reason: str = "") -> None:
         for stmt_id in list(self._results):  # statements cut off by the end of the session
-            cut = self._finish(stmt_id, "result")
+            cut = self._finish(stmt_id, "result", time.monotonic_ns())
             cut["incomplete"] = True
             self._put(cut)
         ev: dict[str, Any] = {"k": "end", "t": self._since_start(), "ended": now_iso(),
@@ -194,8 +196,7 @@ class SessionRecorder:
             r = self._results[stmt_id] = _Result(started=time.monotonic_ns())
         return r
 
-    def _finish(self, stmt_id: Any, kind: str) -> dict[str, Any]:
-        now = time.monotonic_ns()
+    def _finish(self, stmt_id: Any, kind: str, now: int) -> dict[str, Any]:
         r = self._results.pop(stmt_id, None) or _Result(started=now)
         # whole microseconds as floats: integer steps, where round(x, 6) converts through decimal
         # text (three times per statement, a microsecond in all)
@@ -210,7 +211,8 @@ class SessionRecorder:
             ev["truncated"] = {"recordedRows": len(r.rows), "reason": r.capped}
         return ev
 
-    def _put(self, ev: dict[str, Any]) -> None:
+    def _put(self, ev: dict[str, Any], now: int = 0) -> None:
+        """Write `ev`; `now`: time.monotonic_ns() if the caller has it (0: read the clock)."""
         if self._fh is None:
             return
         try:
@@ -221,8 +223,9 @@ class SessionRecorder:
                 return
             self._fh.write(line)
             self.written += len(line)
-            now = time.monotonic()
-            if now - self._last_flush > FLUSH_EVERY_S:
+            if not now:
+                now = time.monotonic_ns()
+            if now - self._last_flush > FLUSH_EVERY_NS:
                 self._fh.flush()
                 self._last_flush = now
         except (OSError, ValueError) as e:

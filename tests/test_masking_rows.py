@@ -172,3 +172,8 @@ def test_one_plan_bound_to_shapes_in_turn_masks_each_as_the_server_described_it(
             assert parse_data_row(rw.rewrite(row)) == shown
     assert plan.bind(0, ssn_first) is plan.bind(0, ssn_first)
     assert parse_row_description(build_row_description(list(ssn_first))) is ssn_first  # parsed once, shared
+    # a list may change after it was bound: it is never taken for the shape it had
+    fields = list(ssn_first)
+    assert parse_data_row(plan.bind(0, fields).rewrite(row)) == [b"[redacted]", b"Ada Lovelace"]
+    fields[:] = ssn_second
+    assert parse_data_row(plan.bind(0, fields).rewrite(row)) == [b"Ada Lovelace", b"[redacted]"]

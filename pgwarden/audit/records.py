@@ -230,4 +230,3 @@ def approval(info: SessionInfo, stmt_id: str | int, *, approval_id: str, event: 
     if preview is not None:
         rec["approval"]["preview"] = preview
     return rec
-

@@ -87,7 +87,7 @@ class ResultPlan:
         if self.kind == "copy":  # a CopyRewriter keeps partial lines: one per result
             return self.copy_rewriter(len(fields) or None)
         # the same fields object again (a prepared statement's Describe, Bind after Bind): no key to
-        # build and hash. Field lists are never changed once parsed (a Bind's formats make new ones)
+        # build and hash. Kept only for tuples, which nobody can change after the rewriter was made
         last = self._last
         if last is not None and last[0] is fields and last[1] is formats:
             return last[2]
@@ -99,7 +99,8 @@ class ResultPlan:
         if hit is _NO_REWRITER:
             hit = self._make_rewriter(fields, formats)
             self._rewriters.put(key, hit)
-        self._last = (fields, formats, hit)
+        if type(fields) is tuple and (formats is None or type(formats) is tuple):
+            self._last = (fields, formats, hit)
         return hit
 
     def _make_rewriter(self, fields: Sequence[Sequence[Any]], formats: Sequence[int] | None) -> Any:

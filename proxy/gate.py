@@ -670,7 +670,7 @@ class SessionGate:
         result = plan.results[0]
         if not preview.before_sql:
             def masker(fields: Any) -> Any:
-                rewriter = result.bind(list(fields))
+                rewriter = result.bind(fields)
                 return rewriter.rewrite if rewriter is not None else None
 
             return masker

@@ -304,6 +304,10 @@ class BindMsg:
         self.params = params
         self.result_formats = result_formats
 
+def _text(data: bytes, start: int, end: int) -> str:
+    """A name from a message (the unnamed statement or portal, most often: no decode)."""
+    return data[start:end].decode("utf-8", "replace") if end > start else ""
+
 
 def parse_bind(payload: bytes | memoryview) -> BindMsg:
     data = bytes(payload)
@@ -365,10 +369,6 @@ def parse_execute(payload: bytes | memoryview) -> tuple[str, int]:
         rows -= 0x100000000
     return _text(data, 0, n), rows
 
-
-def _text(data: bytes, start: int, end: int) -> str:
-    """A name from a message (the unnamed statement or portal, most often: no decode)."""
-    return data[start:end].decode("utf-8", "replace") if end > start else ""
 
 
 # -- backend messages the proxy reads ------------------------------------------------------

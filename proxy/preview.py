@@ -175,7 +175,7 @@ async def _until_ready(
     while True:
         kind, payload = await ep.read_message(MAX_MESSAGE)
         if kind == m.B_ROW_DESCRIPTION:
-            fields = tuple(m.parse_row_description(payload))
+            fields = m.parse_row_description(payload)
             rewrite = mask_rows(fields) if mask_rows is not None else None
         elif kind == m.B_DATA_ROW:
             if len(rows) < PREVIEW_SAMPLE_MAX:  # the rest are never decoded nor kept

@@ -111,7 +111,7 @@ class SessionRecorder:
         now = time.monotonic_ns()
         self.statements += 1
         self._results[stmt_id] = _Result(started=now)
-        ev: dict[str, Any] = {"k": "query", "s": stmt_id, "t": (now - self._t0) // 1000 / 1e6, "sql": sql}
+        ev: dict[str, Any] = {"k": "query", "s": stmt_id, "t": self._since_start(now), "sql": sql}
         if params is not None:
             ev["params"] = list(params)
         self._put(ev, now)
@@ -186,9 +186,11 @@ class SessionRecorder:
 
     # --- internals ---------------------------------------------------------------------------
 
-    def _since_start(self) -> float:
-        """Seconds since the recording started, to the microsecond (every line's `t`)."""
-        return (time.monotonic_ns() - self._t0) // 1000 / 1e6
+    def _since_start(self, now: int = 0) -> float:
+        """Seconds from the recording's start to `now` (time.monotonic_ns(); 0: the clock), to the
+        microsecond: every line's `t`. Integer steps, where round(x, 6) converts through decimal
+        text (three times per statement, a microsecond in all)."""
+        return ((now or time.monotonic_ns()) - self._t0) // 1000 / 1e6
 
     def _result(self, stmt_id: Any) -> _Result:
         r = self._results.get(stmt_id)
@@ -198,10 +200,8 @@ class SessionRecorder:
 
     def _finish(self, stmt_id: Any, kind: str, now: int) -> dict[str, Any]:
         r = self._results.pop(stmt_id, None) or _Result(started=now)
-        # whole microseconds as floats: integer steps, where round(x, 6) converts through decimal
-        # text (three times per statement, a microsecond in all)
-        ev: dict[str, Any] = {"k": kind, "s": stmt_id, "t": (now - self._t0) // 1000 / 1e6,
-                              "ms": (now - r.started) // 1000 / 1e3}
+        ev: dict[str, Any] = {"k": kind, "s": stmt_id, "t": self._since_start(now),
+                              "ms": (now - r.started) // 1000 / 1e3}  # whole microseconds too
         if r.columns:
             ev["columns"] = r.columns
             ev["types"] = r.types

@@ -129,7 +129,7 @@ def session_start(info: SessionInfo, *, tls: bool = False) -> dict[str, Any]:
 
 def session_end(info: SessionInfo, *, duration_ms: float, statements: int, reason: str = "") -> dict[str, Any]:
     rec = info.base("session.end")
-    rec.update(durationMs=round(duration_ms, 3), statements=statements)
+    rec.update(durationMs=to_microsecond(duration_ms), statements=statements)
     if reason:
         rec["reason"] = reason
     return rec

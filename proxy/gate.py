@@ -296,12 +296,18 @@ class SessionGate:
             return self._check(statement.sql, None, bind=bind)
         if statement.reviewed is None:
             parsed = statement.context
-            if self.rt.audit is None or not isinstance(parsed, StatementContext):
+            audit, recorder = self.rt.audit, self.recorder
+            if (audit is None and recorder is None) or not isinstance(parsed, StatementContext):
+                return None
+            params = bind_params(bind)
+            if recorder is not None:  # each run with its values (the Parse recorded no run, _note)
+                recorder.statement(parsed.id, parsed.sql, params)
+            if audit is None:
                 return None
             # every execution's parameter values go into the audit trail (detector-scrubbed) first
             record = records.statement(
                 self.ainfo, parsed.id, parsed.sql, decision="allow", protocol="extended",
-                params=bind_params(bind), mask_text=self._scrub, extra={"phase": "bind"},
+                params=params, mask_text=self._scrub, extra={"phase": "bind"},
             )
             return self._written(record, Verdict(context=parsed))
         decision, results = statement.reviewed
@@ -419,8 +425,9 @@ class SessionGate:
                 run_changes=changes[0] if len(changes) == 1 else (), rebind=rebinds(analysis),
             )
             changes = ()
+        runs = prepared_name is None  # a Parse runs nothing: the recording shows each Bind's run
         if decision is None:  # no AccessPolicy (defaultAction allow): masking still applies
-            verdict = self._audited(ctx, Verdict(results=results, context=ctx), "allow")
+            verdict = self._audited(ctx, Verdict(results=results, context=ctx), "allow", runs=runs)
         elif decision.action == "review" and decision.enforce:
             if bind is not None:
                 verdict = Verdict(wait=self._review(ctx, decision, results, params=ctx.params or (), bind=bind,
@@ -430,12 +437,13 @@ class SessionGate:
                 # Parsing is harmless; the human decides at Bind, when the parameters are known.
                 entry.reviewed = (decision, results)
                 verdict = self._audited(ctx, Verdict(results=results, context=ctx, max_rows=max_rows),
-                                        "review-at-bind")
+                                        "review-at-bind", runs=False)
             else:
                 verdict = Verdict(wait=self._review(ctx, decision, results, guard=guard), context=ctx)
         else:
             verdict = self._audited(ctx, Verdict(results=results, context=ctx, max_rows=max_rows, guard=guard),
-                                    "allow" if decision.action == "allow" else f"{decision.action}-audit-only")
+                                    "allow" if decision.action == "allow" else f"{decision.action}-audit-only",
+                                    runs=runs)
         if prepared_name is not None:
             return _with(verdict, entry=entry)
         if bind is not None:  # what running it changes was captured at Parse (run_changes)
@@ -575,15 +583,17 @@ class SessionGate:
             extra=extra,
         )
 
-    def _audited(self, ctx: StatementContext, verdict: Verdict, outcome: str) -> Verdict:
-        """Hold the statement until its audit record is durable (PW004 if it cannot be)."""
+    def _audited(self, ctx: StatementContext, verdict: Verdict, outcome: str, *, runs: bool = True) -> Verdict:
+        """Hold the statement until its audit record is durable (PW004 if it cannot be).
+        `runs`: False for a Parse that was let through: the recording shows a run (with its
+        values) at each Bind, not the Parse."""
         if self.rt.audit is None:
-            self._note(ctx, verdict)
+            self._note(ctx, verdict, runs)
             return verdict
         if self.rt.audit.inline:  # durability: write — in the kernel now, no hold
-            self._note(ctx, verdict)
+            self._note(ctx, verdict, runs)
             return self._written(self._record(ctx, outcome, verdict), verdict)
-        return Verdict(wait=self._durable(ctx, verdict, outcome), context=ctx)
+        return Verdict(wait=self._durable(ctx, verdict, outcome, runs), context=ctx)
 
     def _written(self, record: dict[str, Any], verdict: Verdict) -> Verdict:
         """`verdict` once `record` is written (durability: write, on this thread), else held
@@ -599,9 +609,9 @@ class SessionGate:
             return _unwritten(e, verdict)
         return verdict
 
-    def _note(self, ctx: StatementContext, verdict: Verdict) -> None:
-        """The session recording sees every decided statement, and its refusal if any."""
-        if self.recorder is not None:
+    def _note(self, ctx: StatementContext, verdict: Verdict, runs: bool = True) -> None:
+        """The session recording sees every decided run of a statement, and every refusal."""
+        if self.recorder is not None and (runs or verdict.error is not None):
             self.recorder.statement(ctx.id, ctx.sql, ctx.params)
             if verdict.error is not None:
                 self.recorder.error(ctx.id, {"C": verdict.error.sqlstate, "M": verdict.error.message})
@@ -616,8 +626,8 @@ class SessionGate:
             return _unwritten(e, verdict)
         return verdict
 
-    async def _durable(self, ctx: StatementContext, verdict: Verdict, outcome: str) -> Verdict:
-        self._note(ctx, verdict)
+    async def _durable(self, ctx: StatementContext, verdict: Verdict, outcome: str, runs: bool = True) -> Verdict:
+        self._note(ctx, verdict, runs)
         if self.rt.audit is None:
             return verdict
         return await self._write(self._record(ctx, outcome, verdict), verdict)

@@ -267,3 +267,48 @@ def test_recordings_show_text_and_binary_results_as_the_agent_received_them(make
     assert text_rows == [[str(i), s] for i, s in got]
     # binary results as the bytes on the wire: int4 is four big-endian bytes, text its UTF-8
     assert binary_rows == [["\\x" + i.to_bytes(4, "big").hex(), "\\x" + s.encode().hex()] for i, s in got]
+
+
+def _recorded(directory: Path, sessions: int) -> list[dict[str, Any]]:
+    """Every event of `sessions` closed recordings in `directory` (waits for their end lines)."""
+    deadline = time.monotonic() + 10
+    while True:
+        events = [json.loads(line) for p in sorted(directory.glob("*.jsonl"))
+                  for line in p.read_text().splitlines() if line.strip()]
+        if sum(ev.get("k") == "end" for ev in events) >= sessions or time.monotonic() > deadline:
+            return events
+        time.sleep(0.05)
+
+
+def test_replay_shows_the_values_of_every_execution_of_a_prepared_statement(make_proxy: Any, tmp_path: Path) -> None:
+    """An agent that prepares `... WHERE id = $1` once and runs it with many values: the replay
+    shows which value each run had and what it returned, not the text once and results without
+    their values (the auditor asks "which rows did it read?")."""
+    import psycopg
+
+    proxy = make_proxy(extra=[POLICY], proxy_spec={"recording": {"dir": str(tmp_path / "rec")}})
+    sql = "SELECT id, status FROM orders WHERE id = %s"
+    with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0) as conn:
+        for wanted in ("1", "2", 3):  # Parse once, then Bind/Execute with each value
+            conn.execute(sql, (wanted,), prepare=True).fetchall()
+    conn2 = pg8000.native.Connection(proxy.user, host=proxy.host, port=proxy.port, database="shop",
+                                     password=proxy.password)
+    conn2.run("SELECT id FROM orders WHERE id = :v", v=2)  # unnamed: Parse and Bind every time
+    conn2.close()
+    events = _recorded(tmp_path / "rec", 2)
+    runs = [(ev.get("sql"), ev.get("params")) for ev in events if ev.get("k") == "query"]
+    assert ("SELECT id, status FROM orders WHERE id = $1", ["1"]) in runs, runs
+    assert ("SELECT id, status FROM orders WHERE id = $1", ["2"]) in runs, runs
+    # psycopg sends an int in binary: shown as the bytes, as the audit log shows it
+    assert ("SELECT id, status FROM orders WHERE id = $1", ["\\x0003"]) in runs, runs
+    assert ("SELECT id FROM orders WHERE id = $1", ["2"]) in runs, runs
+    # in each session every run's query line comes right before its own result: the Parse is no run
+    for path in (tmp_path / "rec").glob("*.jsonl"):
+        kinds = [ev["k"] for ev in map(json.loads, path.read_text().splitlines()) if ev["k"] in ("query", "result")]
+        assert kinds and kinds == ["query", "result"] * (len(kinds) // 2), kinds
+    texts = [pgwarden("replay", ev["session"], "--dir", str(tmp_path / "rec")) for ev in events if ev.get("k") == "session"]
+    assert all(t.returncode == 0 for t in texts), [t.stderr for t in texts]
+    timeline = "".join(t.stdout for t in texts)
+    assert timeline.count("SELECT id, status FROM orders WHERE id = $1") == 3, timeline
+    for value in ("1", "2", "\\\\x0003"):
+        assert f'params: ["{value}"]' in timeline, timeline

@@ -222,7 +222,7 @@ class SessionGate:
         self.statements = 0
         self._formats: list[int] = []
         # the last result shape: (fields, names, type OIDs, formats)
-        self._shape: tuple[tuple[m.Field, ...], list[str], list[int], list[int]] | None = None
+        self._shape: tuple[tuple[m.Field, ...], tuple[str, ...], tuple[int, ...], list[int]] | None = None
         self._last_shown: tuple[Any, tuple[str, str, dict[str, Any]]] | None = None
 
     @property
@@ -855,7 +855,7 @@ class SessionGate:
             return False
         shape = self._shape
         if shape is None or (shape[0] is not fields and shape[0] != fields):  # the same few shapes again and again
-            shape = self._shape = (fields, [f.name for f in fields], [f.type_oid for f in fields],
+            shape = self._shape = (fields, tuple([f.name for f in fields]), tuple([f.type_oid for f in fields]),
                                    [f.format for f in fields])
         self.recorder.columns(context.id, shape[1], shape[2])
         self._formats = shape[3]

@@ -287,3 +287,25 @@ def test_line_times_are_whole_microseconds_in_order(tmp_path: Path) -> None:
         for key, scale in (("t", 1e6), ("ms", 1e3)):
             if key in e:
                 assert isinstance(e[key], float) and abs(e[key] * scale - round(e[key] * scale)) < 1e-6, e
+
+
+def test_a_recording_keeps_what_it_was_given_when_the_caller_changes_its_lists(tmp_path: Path) -> None:
+    """Tuples are kept as they are (they cannot change); lists of names, types and values are
+    copied, so a caller reusing its list for the next statement cannot rewrite a recorded one."""
+    rec = SessionRecorder(tmp_path, "s")
+    names, types, params = ["id", "email"], [23, 25], ["7"]
+    rec.statement(1, "SELECT id, email FROM customers WHERE id = $1", params)
+    rec.columns(1, names, types)
+    params[0], names[1], types[1] = "8", "password", 0
+    rec.row(1, ("7", "c7***@example.com"))
+    rec.complete(1, "SELECT 1", rows=1)
+    rec.statement(2, "SELECT id FROM customers WHERE id = $1", ("9",))
+    rec.columns(2, ("id",), (23,))
+    rec.row(2, ["9"])
+    rec.complete(2, "SELECT 1", rows=1)
+    rec.close()
+    events = load_events(tmp_path / "s.jsonl")
+    assert events[1]["params"] == ["7"]
+    assert events[2]["columns"] == ["id", "email"] and events[2]["types"] == [23, 25]
+    assert events[2]["rows"] == [["7", "c7***@example.com"]]
+    assert events[3]["params"] == ["9"] and events[4]["columns"] == ["id"] and events[4]["rows"] == [["9"]]

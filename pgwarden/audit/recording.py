@@ -65,9 +65,10 @@ class _Result:
 
     def __init__(self, started: int) -> None:
         self.started = started  # time.monotonic_ns()
-        self.columns: list[str] = []
-        self.types: list[int] = []
-        self.rows: list[list[str | None]] = []
+        # what columns() was given (kept, not copied: the proxy hands over tuples it never changes)
+        self.columns: Sequence[str] = ()
+        self.types: Sequence[int] = ()
+        self.rows: list[Sequence[str | None]] = []
         self.bytes = 0
         self.capped = ""
 
@@ -113,16 +114,17 @@ class SessionRecorder:
         self._results[stmt_id] = _Result(started=now)
         ev: dict[str, Any] = {"k": "query", "s": stmt_id, "t": self._since_start(now), "sql": sql}
         if params is not None:
-            ev["params"] = list(params)
+            ev["params"] = _kept(params)
         self._put(ev, now)
 
     def columns(self, stmt_id: Any, names: Sequence[str], type_oids: Sequence[int] = ()) -> None:
         r = self._result(stmt_id)
-        r.columns = list(names)
-        r.types = list(type_oids)
+        r.columns = _kept(names)
+        r.types = _kept(type_oids)
 
     def row(self, stmt_id: Any, values: Sequence[str | None]) -> bool:
-        """Record one row as the agent saw it; False once this result reached its cap."""
+        """Record one row as the agent saw it; False once this result reached its cap. A list is
+        kept as it is (the proxy builds a new one per row): do not change it afterwards."""
         if self._fh is None:  # stopped or failed: the proxy need not hand over more rows
             return False
         r = self._result(stmt_id)
@@ -138,7 +140,7 @@ class SessionRecorder:
         if r.bytes + size > self.max_bytes:
             r.capped = f"maxBytesPerResult {self.max_bytes}"
             return False
-        r.rows.append(list(values))
+        r.rows.append(values if isinstance(values, (list, tuple)) else list(values))
         r.bytes += size
         return True
 
@@ -269,6 +271,11 @@ class SessionRecorder:
             self._fh = None
         if self.store is not None:
             self.store.closed(self)
+
+
+def _kept(values: Sequence[Any]) -> Sequence[Any]:
+    """`values` to keep until its line is written: a tuple as it is (it cannot change), else a copy."""
+    return values if isinstance(values, tuple) else list(values)
 
 
 def _line(ev: dict[str, Any]) -> bytes:

@@ -77,6 +77,12 @@ class StatementContext:
         self.ddl = ddl
         self.params = params  # Bind values, for statements approved per Bind
 
+    def run(self, started: float, params: tuple[str | None, ...]) -> StatementContext:
+        """One run (Bind) of this prepared statement: the same statement id, decision and text,
+        its own start and values (an approval's ticket stays with the run it was granted for)."""
+        return StatementContext(self.id, self.sql, started, self.decision, True, masked_columns=self.masked_columns,
+                                ddl=self.ddl, params=params)
+
 
 @dataclass
 class Runtime:
@@ -300,16 +306,17 @@ class SessionGate:
             if (audit is None and recorder is None) or not isinstance(parsed, StatementContext):
                 return None
             params = bind_params(bind)
+            run = parsed.run(time.time(), params)  # its outcome is timed from this Bind, not the Parse
             if recorder is not None:  # each run with its values (the Parse recorded no run, _note)
-                recorder.statement(parsed.id, parsed.sql, params)
+                recorder.statement(run.id, run.sql, params)
             if audit is None:
-                return None
+                return Verdict(context=run)
             # every execution's parameter values go into the audit trail (detector-scrubbed) first
             record = records.statement(
-                self.ainfo, parsed.id, parsed.sql, decision="allow", protocol="extended",
+                self.ainfo, run.id, run.sql, decision="allow", protocol="extended",
                 params=params, mask_text=self._scrub, extra={"phase": "bind"},
             )
-            return self._written(record, Verdict(context=parsed))
+            return self._written(record, Verdict(context=run))
         decision, results = statement.reviewed
         ctx = StatementContext(id=str(next(self._ids)), sql=statement.sql, started=time.time(), prepared=True,
                                decision=decision, params=bind_params(bind))

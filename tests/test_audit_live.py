@@ -312,3 +312,24 @@ def test_replay_shows_the_values_of_every_execution_of_a_prepared_statement(make
     assert timeline.count("SELECT id, status FROM orders WHERE id = $1") == 3, timeline
     for value in ("1", "2", "\\\\x0003"):
         assert f'params: ["{value}"]' in timeline, timeline
+
+
+def test_each_run_of_a_prepared_statement_is_timed_from_its_own_bind(audited: Any, tmp_path: Path) -> None:
+    """A prepared statement run now and again later: each run's outcome (the audit's durationMs,
+    the recording's ms) is the time that run took, not the time since the statement was parsed
+    (an auditor looking for slow statements would find every later run of a fast one)."""
+    import psycopg
+
+    with psycopg.connect(audited.dsn(), autocommit=True, prepare_threshold=0) as conn:
+        for wanted in ("1", "2", "3"):
+            conn.execute("SELECT id, status FROM orders WHERE id = %s", (wanted,), prepare=True).fetchall()
+            time.sleep(0.6)
+    recs = read_records(tmp_path / "audit.jsonl")
+    runs = [r for r in recs if r["event"] == "statement" and r.get("phase") == "bind"]
+    assert [r["params"] for r in runs] == [["1"], ["2"], ["3"]]
+    outcomes = [r for r in recs if r["event"] == "statement.outcome" and r["stmt"] == runs[0]["stmt"]]
+    assert len(outcomes) == 3 and all(o["tag"] == "SELECT 1" for o in outcomes)
+    # the third run started 1.2 s after the Parse; it took milliseconds
+    assert all(o["durationMs"] < 500 for o in outcomes), [o["durationMs"] for o in outcomes]
+    results = [ev for ev in _recorded(tmp_path / "rec", 1) if ev.get("k") == "result" and ev.get("tag") == "SELECT 1"]
+    assert len(results) == 3 and all(ev["ms"] < 500 for ev in results), results

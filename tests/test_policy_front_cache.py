@@ -136,3 +136,19 @@ def test_a_float_precision_past_the_limit_is_refused_after_a_valid_one() -> None
     assert decide("SELECT 1::float(10)") == "allow"
     refused = agent().decide("SELECT 1::float(99)", SessionState())
     assert refused.action == "deny" and "does not parse" in " ".join(refused.reasons)
+
+
+def test_the_integer_runs_blanked_are_those_the_plain_pattern_finds() -> None:
+    """The front's pattern starts at a digit (fast) and looks back from there; it blanks exactly
+    the runs of the pattern written plainly: 1-9 digits, no name character or dot either side."""
+    import random
+    import re
+
+    plain = re.compile(r"(?<![A-Za-z0-9_.])[0-9]{1,9}(?![A-Za-z0-9_.])")
+    edges = ["7", "t1", "1t", "x_1", "1.5", ".5", "5.", "1e5", "123456789", "1234567890", "a 12 b", "(3)",
+             "9,8", "=42;", "-1", "+1", "_9", "9_", "12345678901 2", "0x1F"]
+    rng = random.Random(14)
+    alphabet = "0123456789" * 3 + "abzAEZ_. ,()=+-*<>;\n\t"
+    texts = edges + ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(20000)]
+    for text in texts:
+        assert an._INTEGER_RUN.sub("\x00", text) == plain.sub("\x00", text), text

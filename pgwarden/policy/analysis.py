@@ -300,7 +300,10 @@ def _blank_literal(m: re.Match[str]) -> str:
 # remembered as such (one probe per shape).
 FRONT_CACHE_SIZE = 1024
 _FRONT_CACHE: BoundedCache[tuple[str, tuple[str, ...], int], Analysis | bool] = BoundedCache(FRONT_CACHE_SIZE)
-_INTEGER_RUN = re.compile(r"(?<![A-Za-z0-9_.])[0-9]{1,9}(?![A-Za-z0-9_.])")
+# a run of 1-9 digits with no name character or dot either side. Written to start with its first
+# digit (the lookbehind then checks the character before it), so the engine can skip to digits
+# instead of testing the lookbehind at every position: 0.55 µs for a pgbench text, not 0.95
+_INTEGER_RUN = re.compile(r"[0-9](?<![A-Za-z0-9_.][0-9])[0-9]{0,8}(?![A-Za-z0-9_.])")
 
 
 def front_key(sql: str) -> str | None:

@@ -230,6 +230,9 @@ class SessionGate:
         # the last result shape: (fields, names, type OIDs, formats)
         self._shape: tuple[tuple[m.Field, ...], tuple[str, ...], tuple[int, ...], list[int]] | None = None
         self._last_shown: tuple[Any, tuple[str, str, dict[str, Any]]] | None = None
+        # the last (analysis, policy, decision) of a text that depends on no session state: the
+        # texts of one shape share the analysis object, and the engine's decision for it with it
+        self._decided: tuple[Any, Any, Any] | None = None
 
     @property
     def catalog(self) -> CatalogCache:
@@ -381,8 +384,15 @@ class SessionGate:
                 decision = None
             else:  # one analysis for the decision and the masking plan (the same search_path)
                 same_path = self.state.search_path == self.rt.search_path
-                decision = self.policy.decide(sql, self.state, prepare_as=prepared_name,
-                                              analysis=analysis if same_path else None)
+                last = self._decided
+                if (last is not None and last[0] is analysis and last[1] is self.policy and same_path
+                        and prepared_name is None):
+                    decision = last[2]  # what the engine's cache by analysis would answer
+                else:
+                    decision = self.policy.decide(sql, self.state, prepare_as=prepared_name,
+                                                  analysis=analysis if same_path else None)
+                    if same_path and prepared_name is None and not analysis.session_dependent:
+                        self._decided = (analysis, self.policy, decision)
         except Exception as e:  # the engine failing must never let a statement through
             log.exception("policy engine failed")
             return self._refuse(ctx, PolicyDenied(f"pgwarden could not decide this statement ({type(e).__name__})"))

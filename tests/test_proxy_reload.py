@@ -74,6 +74,23 @@ def test_a_new_bundle_applies_to_open_sessions_and_a_broken_one_is_refused(bundl
     conn.close()
 
 
+def test_a_statement_shape_decided_before_a_reload_is_decided_again_after_it(bundle: Any) -> None:
+    """Texts that differ only in literals share one analysis, and the session keeps the decision
+    for it: a reload that revokes the table denies the next text of the same shape in the same
+    session (simple protocol, the path pgbench and psql take)."""
+    import psycopg
+
+    folder, proxy = bundle
+    with psycopg.connect(proxy.dsn(), autocommit=True, cursor_factory=psycopg.ClientCursor) as conn:
+        for n in (1, 2):  # the second run finds the session's kept decision
+            assert conn.execute(f"SELECT count(*) FROM orders WHERE id = {n}").fetchone() is not None
+        (folder / "policy.yaml").write_text(policy(["public.customers"]))  # orders revoked
+        wait_for(lambda: proxy.server.reload_status.generation == 1, "the reload")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT count(*) FROM orders WHERE id = 3")
+        assert conn.execute("SELECT count(*) FROM customers WHERE id = 3").fetchone() is not None
+
+
 def test_sessions_without_policy_are_closed_when_policy_arrives(bundle: Any) -> None:
     folder, proxy = bundle
     (folder / "policy.yaml").unlink()  # no policy: defaultAction allow, the lean relay

@@ -233,6 +233,9 @@ class SessionGate:
         # the last (analysis, policy, decision) of a text that depends on no session state: the
         # texts of one shape share the analysis object, and the engine's decision for it with it
         self._decided: tuple[Any, Any, Any] | None = None
+        # the last masking plan filed by shape, with the (blind tree, catalog snapshot, masking,
+        # search_path) it was planned under
+        self._planned: tuple[str, Any, Any, tuple[str, ...], Any] | None = None
 
     @property
     def catalog(self) -> CatalogCache:
@@ -424,9 +427,17 @@ class SessionGate:
                 # the planner changes the session it is given only for texts that make or drop
                 # names; those get a scratch copy (the registry is the one that changes)
                 names_change = any(st.effects or st.cursors for st in analysis.statements)
-                plan = self.masking.plan(sql, catalog.current(), self.rt.search_path,
-                                         session=self._scratch_session() if names_change else self.msession,
-                                         blind=analysis.blind)
+                snapshot = catalog.current()
+                kept = self._planned
+                if (kept is not None and kept[0] is analysis.blind and kept[1] is snapshot and kept[2] is self.masking
+                        and kept[3] is self.rt.search_path and not names_change):
+                    plan = kept[4]  # the plan the masking's cache by shape holds for this text
+                else:
+                    plan = self.masking.plan(sql, snapshot, self.rt.search_path,
+                                             session=self._scratch_session() if names_change else self.msession,
+                                             blind=analysis.blind)
+                    if plan.by_shape and not names_change:
+                        self._planned = (analysis.blind, snapshot, self.masking, self.rt.search_path, plan)
             if plan.error is not None:
                 return self._refuse(ctx, plan.error)
             if plan.ddl:

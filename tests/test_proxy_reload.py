@@ -91,6 +91,33 @@ def test_a_statement_shape_decided_before_a_reload_is_decided_again_after_it(bun
         assert conn.execute("SELECT count(*) FROM customers WHERE id = 3").fetchone() is not None
 
 
+def masking_rule(columns: list[str]) -> str:
+    doc = {"apiVersion": API, "kind": "MaskingRule", "metadata": {"name": "pii"},
+           "spec": {"connectionRef": {"name": "shop"},
+                    "columns": [{"table": "public.customers", "column": c, "strategy": "redact"} for c in columns]}}
+    return yaml.safe_dump(doc)
+
+
+def test_a_shape_planned_before_a_masking_reload_is_planned_again_after_it(bundle: Any) -> None:
+    """The session keeps the masking plan of the last statement shape; a MaskingRule that starts
+    masking a column masks it in the next text of that shape, in the same session."""
+    import psycopg
+
+    folder, proxy = bundle
+    (folder / "policy.yaml").write_text(policy(["public.customers"]))
+    (folder / "masking.yaml").write_text(masking_rule(["ssn"]))
+    wait_for(lambda: proxy.server.reload_status.generation == 1, "the reload")
+    with psycopg.connect(proxy.dsn(), autocommit=True, cursor_factory=psycopg.ClientCursor) as conn:
+        for n in (1, 2):  # the second text of the shape finds the session's kept plan
+            row = conn.execute(f"SELECT ssn, name FROM customers WHERE id = {n}").fetchone()
+            assert row is not None and row[1] and "-" not in row[0], row  # ssn masked, name clear
+        (folder / "masking.yaml").write_text(masking_rule(["ssn", "name"]))
+        wait_for(lambda: proxy.server.reload_status.generation == 2, "the second reload")
+        clear = proxy.pg.psql("SELECT name FROM customers WHERE id = 3", dbname="shop").strip()
+        row = conn.execute("SELECT ssn, name FROM customers WHERE id = 3").fetchone()
+        assert row is not None and row[1] != clear, row  # the name is masked now
+
+
 def test_sessions_without_policy_are_closed_when_policy_arrives(bundle: Any) -> None:
     folder, proxy = bundle
     (folder / "policy.yaml").unlink()  # no policy: defaultAction allow, the lean relay

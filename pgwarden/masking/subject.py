@@ -190,6 +190,9 @@ class StatementPlan:
     masking: SubjectMasking | None = None
     catalog: Catalog | None = None
     masked_sources: frozenset[str] = frozenset()  # what `touches_masked` read, for error messages
+    # filed by its literal-blind tree: every text of that tree gets this plan (under this catalog
+    # snapshot and search_path), so a caller may keep it for the next text of the same shape
+    by_shape: bool = False
 
     def __getitem__(self, i: int) -> ResultPlan:
         return self.results[i]
@@ -361,11 +364,12 @@ class SubjectMasking:
         touches = touches or (self.has_columns and bool(analyzer.touched))
         sources = frozenset(analyzer.touched) | frozenset(
             s for r in results for c in r.columns for s in c.source.split(", ") if s)
+        by_shape = cacheable and bool(blind) and ln.LITERAL_READS.count == reads_before
         plan = StatementPlan(tuple(results), ddl, touches, None, self, catalog,
-                             sources if touches else frozenset())
+                             sources if touches else frozenset(), by_shape)
         if cacheable:
             self._plans.put(key, plan)
-            if blind and ln.LITERAL_READS.count == reads_before:
+            if by_shape:
                 self._plans.put((_BLIND, blind, catalog.version, key[2]), plan)
         return plan
 

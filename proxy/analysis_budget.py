@@ -255,14 +255,17 @@ class AnalysisOffload:
     def _work(self, gate: Any, sql: str, prepared_name: str | None) -> Callable[[], Analysed]:
         """The blocking part, run on the worker thread: everything it reads is taken now, on the loop."""
         from pgwarden.masking import MaskingSession
+        from pgwarden.masking.catalog import UNKNOWN
         from pgwarden.policy.analysis import provide
 
-        gate._sync_views()  # the session registry's view, as the gate decides with it
+        # the catalog the gate plans with now (UNKNOWN if the schema changed since it was read:
+        # fail closed) and the session registry's view with it, as the gate decides
+        catalog = (gate._snapshot() or UNKNOWN) if gate.masking is not None else None
+        gate._sync_views(catalog)
         policy, masking, state = gate.policy, gate.masking, gate.state
         msession = gate.msession
         search_path = state.search_path if policy is not None else gate.rt.search_path
         version = state.server_version
-        catalog = gate.rt.catalog.current() if masking is not None else None
         mask_path = gate.rt.search_path
         # a scratch copy: the plan may change it for later statements of the text; the session's
         # own names change only when the server confirms them (proxy/session.py)

@@ -28,11 +28,12 @@ from pgwarden.errors import (
     RateLimited,
     StatementLimit,
 )
+from pgwarden.masking.catalog import UNKNOWN, Catalog
 from pgwarden.policy import analyze
 from pgwarden.proxy import messages as m
 from pgwarden.proxy.analysis_budget import Analysed, AnalysisOffload
 from pgwarden.proxy.circuit import CircuitBreaker
-from pgwarden.proxy.relay import GUARD_PREFIX, AffectedGuard, Verdict, stricter
+from pgwarden.proxy.relay import BARRIER, GUARD_PREFIX, AffectedGuard, Verdict, stricter
 from pgwarden.proxy.session import PortalEntry, PreparedEntry, SessionNames
 from pgwarden.proxy.statements import rebinds, shown_sql, statement_changes
 from pgwarden.subjects import Identity, Workload
@@ -105,6 +106,9 @@ class Runtime:
     identity_config: IdentityConfig | None = None
     # bumped by a hot reload: sessions re-resolve their policy and masking at the next statement
     generation: int = 0
+    # sessions with a schema change (DDL) not yet committed or rolled back: while any has one,
+    # every session plans masking as if no relation were known (the catalog cannot show it)
+    schema_unsettled: int = 0
     offload: AnalysisOffload | None = None  # analysis of long statements off the event loop
     breaker: CircuitBreaker | None = None  # limits.maxDenials / maxStatementsPerMinute (proxy/circuit.py)
     # background work (approval bookkeeping) that must finish before the audit log closes
@@ -207,6 +211,20 @@ def refresh_catalog(catalog: Any) -> None:
     asyncio.get_running_loop().run_in_executor(None, run)
 
 
+_reloading: dict[int, asyncio.Future[Any]] = {}
+RELOAD_TIMEOUT = 10.0  # seconds a statement waits for the catalog after a schema change
+
+
+async def reload_catalog(catalog: Any) -> None:
+    """Read the catalog again now (on a worker thread) and wait for it: one read shared by every
+    statement waiting for it. Raises what the read raised, or TimeoutError."""
+    key = id(catalog)
+    fut = _reloading.get(key)
+    if fut is None or fut.done():
+        fut = _reloading[key] = asyncio.get_running_loop().run_in_executor(None, catalog.refresh)
+    await asyncio.wait_for(asyncio.shield(fut), RELOAD_TIMEOUT)
+
+
 class SessionGate:
     def __init__(self, rt: Runtime, info: Any, notify_client: Callable[[bytes], None] | None = None) -> None:
         from pgwarden.masking import MaskingSession
@@ -236,6 +254,10 @@ class SessionGate:
         # the last masking plan filed by shape, with the (blind tree, catalog snapshot, masking,
         # search_path) it was planned under
         self._planned: tuple[str, Any, Any, tuple[str, ...], Any] | None = None
+        self._unsettled = False  # this session counts in rt.schema_unsettled
+        self._snap: Catalog | None = None  # the catalog snapshot, as of the cache's `changes`
+        self._snap_changes = -1
+        self._views_catalog: Catalog | None = None
 
     @property
     def catalog(self) -> CatalogCache:
@@ -248,7 +270,102 @@ class SessionGate:
     def attach(self, names: SessionNames) -> None:
         """The relay's registry of the server session's names: the one copy, read here."""
         self.names = names
+        names.on_settled = self._schema_settled
         self._views_version = -1
+
+    # -- schema changes ---------------------------------------------------------------------------
+    def _schema_unsettle(self) -> None:
+        """A statement with DDL is let through: until its transaction ends (the relay's registry
+        says when), every session plans against UNKNOWN; then the catalog is read again."""
+        self.names.ddl_watch = True
+        if not self._unsettled:
+            self._unsettled = True
+            self.rt.schema_unsettled += 1
+
+    def _schema_settled(self) -> None:
+        if self._unsettled:
+            self._unsettled = False
+            self.rt.schema_unsettled -= 1
+            if self.rt.catalog is not None:
+                self.rt.catalog.mark_stale()  # plans wait for the catalog as the change left it
+
+    def _snapshot(self) -> Catalog | None:
+        """The catalog to plan masking with now; None: the schema changed since it was read, so
+        a plan must wait for the next read (`_after_reload`). Cheap when nothing changed (every
+        Bind of a prepared statement asks)."""
+        if self.rt.schema_unsettled:
+            return UNKNOWN
+        cache = self.catalog
+        if cache.changes == self._snap_changes and self._snap is not None:
+            return self._snap
+        if cache.changed:
+            return None
+        self._snap, self._snap_changes = cache.current(), cache.changes
+        return self._snap
+
+    async def _after_reload(self, sql: str, prepared: bool) -> Verdict:
+        """Wait for the catalog to be read again after a schema change, then have the held message
+        decided again (BARRIER); refused (fail closed) if it cannot be read."""
+        try:
+            await reload_catalog(self.catalog)
+        except Exception as e:  # the side connection failing must not let a stale plan through
+            log.warning("catalog reload after a schema change failed: %s", e)
+            ctx = StatementContext(id=str(next(self._ids)), sql=sql, started=time.time(), prepared=prepared)
+            verdict = self._refuse(ctx, PolicyDenied(
+                f"pgwarden cannot mask this statement: the schema changed and the catalog could not be read again "
+                f"({type(e).__name__})",
+                hint="Retry in a moment; if this persists, the proxy cannot reach the database catalog (see its log).",
+            ))
+            return await verdict.wait if verdict.wait is not None else verdict
+        return BARRIER
+
+    def _redecided(self, statement: PreparedEntry) -> Verdict | None:
+        """A statement Parsed under another configuration (a reload since), decided again by the
+        policy as it is now: refused if it now denies it, reviewed per Bind if it now asks for
+        review (PostgreSQL checks privileges at every run of a prepared statement too)."""
+        statement.decided_in = self.generation
+        decision = None
+        guard = None
+        try:
+            if self.policy is not None:
+                decision = self.policy.decide(statement.sql, self.state, prepare_as=statement.name)
+            analysis = analyze(statement.sql, self.rt.search_path, self.state.server_version)
+            guard = None if rebinds(analysis) else self._limit_guard(decision, analysis)
+        except AgentError as e:
+            err: AgentError = e
+        except Exception as e:  # the engine failing must never let a statement through
+            log.exception("policy engine failed")
+            err = PolicyDenied(f"pgwarden could not decide this statement ({type(e).__name__})")
+        else:
+            if decision is None or decision.action != "deny" or not decision.enforce:
+                statement.guard = guard
+                statement.max_rows = decision.limits.max_rows if decision is not None else None
+                review = decision is not None and decision.action == "review" and decision.enforce
+                statement.reviewed = (decision, statement.results) if review else None
+                if isinstance(statement.context, StatementContext):
+                    statement.context.decision = decision
+                return None
+            err = decision.as_error()
+        statement.decided_in = -1  # refused: decided again at its next Bind
+        ctx = StatementContext(id=str(next(self._ids)), sql=statement.sql, started=time.time(), prepared=True,
+                               decision=decision)
+        return self._refuse(ctx, err)
+
+    def _replanned(self, statement: PreparedEntry, snapshot: Catalog) -> Verdict | None:
+        """A statement Parsed under another masking or catalog, planned again for them as they are
+        now (PostgreSQL plans it again for the schema as it is too); a refusal if it now must be."""
+        assert self.masking is not None
+        self._sync_views(snapshot)
+        plan = self.masking.plan(statement.sql, snapshot, self.rt.search_path, session=self._scratch_session())
+        if plan.error is not None:
+            ctx = StatementContext(id=str(next(self._ids)), sql=statement.sql, started=time.time(), prepared=True)
+            return self._refuse(ctx, plan.error)
+        results = plan if plan.masks_anything else None
+        statement.results = results
+        if statement.reviewed is not None:
+            statement.reviewed = (statement.reviewed[0], results)
+        statement.planned_with = (self.masking, snapshot)
+        return None
 
     def _resolve(self) -> None:
         """This caller's policy and masking under the runtime's current configuration."""
@@ -260,14 +377,20 @@ class SessionGate:
         detectors = self.masking.detectors if self.masking is not None else None
         self._scrub = detectors.scrub if detectors else None
 
-    def _sync_views(self) -> None:
+    def _sync_views(self, snapshot: Catalog | None = None) -> None:
+        """`snapshot`: the catalog masking plans with now. A SQL-prepared statement whose result
+        lineage was worked out with another one is left out of the masking view (its rows are
+        fully masked): the server plans it again for the schema as it is now."""
         n = self.names
-        if self._views_version == n.version:
+        if self._views_version == n.version and self._views_catalog is snapshot:
             return
         self._views_version = n.version
+        self._views_catalog = snapshot
         stmts, portals = n.spec_statements, n.spec_portals
         self.state.prepared = {k: e.policy_body for k, e in stmts.items() if k and e.policy_body is not None}
-        self.msession.prepared = {k: e.mask_outs for k, e in stmts.items() if k and e.mask_outs is not None}
+        masking = self.masking
+        self.msession.prepared = {k: e.mask_outs for k, e in stmts.items() if k and e.mask_outs is not None
+                                  and (pw := e.planned_with) is not None and pw[0] is masking and pw[1] is snapshot}
         self.msession.cursors = {k: p.mask_outs for k, p in portals.items()
                                  if p.origin == "declare" and p.mask_outs is not None}
 
@@ -294,6 +417,21 @@ class SessionGate:
                 "through the extended protocol on this connection",
                 hint="Run SQL-prepared statements with EXECUTE, or Parse the statement before binding it.",
             ))
+        if self.generation != self.rt.generation:
+            self._resolve()  # a reload: this session's policy and masking as they are now
+        if statement.decided_in != self.generation and not statement.rebind:
+            refused = self._redecided(statement)
+            if refused is not None:
+                return refused
+        if self.masking is not None and not statement.rebind:
+            snapshot = self._snapshot()
+            if snapshot is None:  # the schema changed: this Bind waits for the catalog
+                return Verdict(wait=self._after_reload(statement.sql, True))
+            pw = statement.planned_with
+            if pw is None or pw[0] is not self.masking or pw[1] is not snapshot:
+                refused = self._replanned(statement, snapshot)
+                if refused is not None:
+                    return refused
         if not statement.rebind and (limited := self._rate_limited()) is not None:
             return Verdict(error=limited)  # every run of a prepared statement counts towards the rate
         if statement.rebind:  # EXECUTE / FETCH by name: decided as the name is now, with these values
@@ -343,8 +481,9 @@ class SessionGate:
         ctx.sql = f"FETCH FORWARD ALL FROM {_quote_ident(name)} -- protocol Execute of cursor, declared as: {portal.sql}"
         results = None
         if self.masking is not None:
-            self._sync_views()
-            plan = self.masking.plan(f"FETCH FORWARD ALL FROM {_quote_ident(name)}", self.catalog.current(),
+            snapshot = self._snapshot() or UNKNOWN  # the schema changed since the catalog was read: fail closed
+            self._sync_views(snapshot)
+            plan = self.masking.plan(f"FETCH FORWARD ALL FROM {_quote_ident(name)}", snapshot,
                                      self.rt.search_path, session=self._scratch_session())
             if plan.error is not None:
                 return self._refuse(ctx, plan.error)
@@ -365,7 +504,12 @@ class SessionGate:
         policy decision and masking plan of a long text, made off the event loop."""
         if self.generation != self.rt.generation:
             self._resolve()
-        self._sync_views()
+        snapshot = self._snapshot() if self.masking is not None else None
+        if snapshot is None and self.masking is not None:
+            return Verdict(wait=self._after_reload(sql, prepared_name is not None or bind is not None))
+        if snapshot is not None and self.catalog.stale:
+            refresh_catalog(self.catalog)  # only old: read again in the background meanwhile
+        self._sync_views(snapshot)
         ctx = StatementContext(id=str(next(self._ids)), sql=sql, started=time.time(),
                                prepared=prepared_name is not None or bind is not None,
                                params=bind_params(bind) if bind is not None else None)
@@ -417,17 +561,13 @@ class SessionGate:
             return self._refuse(ctx, e)
         results = None
         plan = None
-        if self.masking is not None:
-            catalog = self.catalog
-            if catalog.stale:
-                refresh_catalog(catalog)
+        if self.masking is not None and snapshot is not None:
             if analysed is not None and analysed.plan is not None:
                 plan = analysed.plan
             else:
                 # the planner changes the session it is given only for texts that make or drop
                 # names; those get a scratch copy (the registry is the one that changes)
                 names_change = any(st.effects or st.cursors for st in analysis.statements)
-                snapshot = catalog.current()
                 kept = self._planned
                 if (kept is not None and kept[0] is analysis.blind and kept[1] is snapshot and kept[2] is self.masking
                         and kept[3] is self.rt.search_path and not names_change):
@@ -442,12 +582,14 @@ class SessionGate:
                 return self._refuse(ctx, plan.error)
             if plan.ddl:
                 ctx.ddl = True
+                self._schema_unsettle()
             results = plan if plan.masks_anything else None
         max_rows = decision.limits.max_rows if decision is not None else None
         changes = statement_changes(sql, analysis, plan, max_rows)
         if prepared_name is not None:
             entry = PreparedEntry(
                 prepared_name, sql, "parse", results=results, context=ctx, max_rows=max_rows,
+                planned_with=(self.masking, snapshot) if self.masking is not None else None, decided_in=self.generation,
                 guard=None if rebinds(analysis) else guard,  # EXECUTE / FETCH: decided at every Bind
                 policy_body=analysis.statements[0] if len(analysis.statements) == 1 else None,
                 run_changes=changes[0] if len(changes) == 1 else (), rebind=rebinds(analysis),
@@ -903,6 +1045,7 @@ class SessionGate:
         return bool(self.recorder.row(context.id, shown))
 
     def session_end(self, reason: str) -> None:
+        self._schema_settled()  # a change left open is rolled back with the session
         if self.recorder is not None:
             self.recorder.close(reason)
         if self.rt.audit is not None:

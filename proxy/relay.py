@@ -241,7 +241,7 @@ class Pending:
     # a plain class, not a dataclass: made per statement (see pgwarden/compiled.py)
     __slots__ = ("kind", "replace_error", "results", "context", "index", "name", "target", "rewriter", "fields",
                  "max_rows", "rows", "limit_hit", "swallow", "portal", "prep", "changes", "fail_changes", "qchanges",
-                 "puts", "settle")
+                 "puts", "settle", "ddl")
 
     def __init__(self, kind: int, replace_error: bytes | None = None, results: ResultPolicy | None = None,
                  context: Any = None, index: int = 0, name: str = "", target: str = "",
@@ -275,6 +275,7 @@ class Pending:
         self.qchanges = qchanges
         self.puts = puts  # makes a name: later units wait for the server's word on it
         self.settle = settle  # SYNC: ends the batch whose implicit transaction a guard made explicit
+        self.ddl = False  # runs a schema change: counted in SessionNames.ddl_in_flight until answered
 
 
 # A Query runs as if through the unnamed statement and portal: PostgreSQL drops both first.
@@ -823,9 +824,15 @@ class Relay:
         self.pending.append(entry)
         if entry.puts:
             self._puts_in_flight += 1
+        names = self.names
+        if names.ddl_watch and getattr(entry.context, "ddl", False) is True and (entry.kind == QUERY or entry.kind == EXECUTE):
+            entry.ddl = True  # the gate let a schema change through: its answer settles it
+            names.ddl_in_flight += 1
 
     def _pop(self) -> Pending:
         head = self.pending.popleft()
+        if head.ddl:
+            self.names.ddl_in_flight -= 1
         if head.puts:
             self._puts_in_flight -= 1
             if not self._puts_in_flight and self._barrier is not None:

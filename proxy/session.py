@@ -30,7 +30,7 @@ of EXECUTE shows and binds the body) and audit.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,12 +45,12 @@ class PreparedEntry:
 
     # a plain class, not a dataclass: made per statement (see pgwarden/compiled.py)
     __slots__ = ("name", "sql", "origin", "policy_body", "mask_outs", "results", "context", "max_rows", "guard",
-                 "reviewed", "fields", "run_changes", "rebind")
+                 "reviewed", "fields", "run_changes", "rebind", "planned_with", "decided_in")
 
     def __init__(self, name: str, sql: str, origin: str, policy_body: Any = None, mask_outs: Any = None,
                  results: Any = None, context: Any = None, max_rows: int | None = None, guard: Any = None,
                  reviewed: Any = None, fields: tuple[Any, ...] | None = None, run_changes: tuple[Change, ...] = (),
-                 rebind: bool = False) -> None:
+                 rebind: bool = False, planned_with: tuple[Any, Any] | None = None, decided_in: int = 0) -> None:
         self.name = name
         self.sql = sql  # what a reviewer and the audit are shown for it
         self.origin = origin
@@ -66,6 +66,11 @@ class PreparedEntry:
         self.run_changes = run_changes
         # it names a statement or cursor looked up when it runs (EXECUTE, FETCH): decided at each Bind
         self.rebind = rebind
+        # (masking, catalog snapshot) `mask_outs` / `results` were planned with (None: no masking):
+        # planned again (Parse) or taken as unknown (SQL PREPARE) under another masking or catalog,
+        # as the server plans it again for the schema as it is now
+        self.planned_with = planned_with
+        self.decided_in = decided_in  # the gate's configuration generation it was decided under (Parse)
 
 
 class PortalEntry:
@@ -138,6 +143,12 @@ class SessionNames:
     # views of it then
     version: int = 0
     _spec_differs: bool = False
+    # schema changes (DDL) of this session: the gate sets `ddl_watch` when it lets one through;
+    # the relay counts those sent and not yet answered or skipped; at the first ReadyForQuery
+    # 'I' with none in flight the change is committed or rolled back, and `on_settled` runs
+    ddl_watch: bool = False
+    ddl_in_flight: int = 0
+    on_settled: Callable[[], None] | None = None
 
     # -- deciding (speculative) ----------------------------------------------------------------
     def statement(self, name: str) -> PreparedEntry | None:
@@ -173,6 +184,8 @@ class SessionNames:
             for n in gone:
                 del self.portals[n]
             self._spec_differs = True
+        if self.ddl_watch and not self.ddl_in_flight:
+            self._settle()
 
     def reset(self) -> None:
         """The server session was replaced: nothing exists any more."""
@@ -180,3 +193,11 @@ class SessionNames:
         self.portals.clear()
         self._spec_differs = True
         self.begin_unit()
+        self.ddl_in_flight = 0
+        if self.ddl_watch:  # its transaction went with it
+            self._settle()
+
+    def _settle(self) -> None:
+        self.ddl_watch = False
+        if self.on_settled is not None:
+            self.on_settled()

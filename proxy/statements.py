@@ -49,7 +49,8 @@ def statement_changes(sql: str, analysis: Analysis, plan: Any, max_rows: int | N
         for e in st.effects:
             if isinstance(e, Prepare):
                 entry = PreparedEntry(e.name, texts[i], "prepare", policy_body=e.body,
-                                      mask_outs=outs.get(("prepare", e.name)))
+                                      mask_outs=outs.get(("prepare", e.name)),
+                                      planned_with=(plan.masking, plan.catalog) if plan is not None else None)
                 changes.append((PUT_STATEMENT, e.name, entry))
             else:
                 changes.append((DROP_STATEMENT, e.name, None))

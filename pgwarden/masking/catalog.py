@@ -256,6 +256,11 @@ def load_catalog(conn: Any) -> Catalog:
                    set_returning_functions=srf)
 
 
+# every relation unknown, so every column they give is masked: the catalog before the first load,
+# and what a session plans against while a schema change of any session is not yet settled
+UNKNOWN = Catalog(builtin_functions=frozenset())
+
+
 class CatalogCache:
     """The proxy's cached catalog for one database, refreshed on DDL or after `max_age` seconds.
 
@@ -269,7 +274,12 @@ class CatalogCache:
         self._catalog: Catalog | None = None
         self._dirty = True
         self._lock = threading.Lock()
-        self._empty = Catalog(builtin_functions=frozenset())
+        self._empty = UNKNOWN
+        # DDL marks, and the marks a completed read covers: the snapshot is out of date (`changed`)
+        # from a mark until a read that started after it completes; `changes` moves with both
+        self._marks = 0
+        self._read_marks = 0
+        self.changes = 0
 
     @property
     def catalog(self) -> Catalog | None:
@@ -288,13 +298,23 @@ class CatalogCache:
         c = self._catalog
         return self._dirty or c is None or time.monotonic() - c.loaded_at > self.max_age
 
+    @property
+    def changed(self) -> bool:
+        """DDL was seen after the read that made the snapshot began: a plan made with it now could
+        miss what the schema change did, so plans wait for a read that began after the change
+        (also while one is under way: it may have read the catalog before the change committed)."""
+        return self._catalog is not None and self._read_marks != self._marks
+
     def mark_stale(self) -> None:
         """Called when a statement plan says DDL ran (`StatementPlan.ddl`)."""
         self._dirty = True
+        self._marks += 1
+        self.changes += 1
 
     def refresh(self) -> Catalog:
         with self._lock:
             self._dirty = False
+            marks = self._marks  # what this read covers: a mark from now on needs another
             conn = self._connect()
             try:
                 cat = load_catalog(conn)
@@ -307,4 +327,6 @@ class CatalogCache:
                 except Exception:  # noqa: BLE001 - closing a broken side connection
                     pass
             self._catalog = cat
+            self._read_marks = marks
+            self.changes += 1
             return cat

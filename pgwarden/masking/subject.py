@@ -26,7 +26,7 @@ from pglast.parser import ParseError
 from pgwarden.cache import BoundedCache
 from pgwarden.errors import PolicyDenied
 from pgwarden.masking import lineage as ln
-from pgwarden.masking.catalog import Catalog, Relation
+from pgwarden.masking.catalog import UNKNOWN, Catalog, Relation
 from pgwarden.masking.copy import make_copy_rewriter
 from pgwarden.masking.detectors import Detector, DetectorSet
 from pgwarden.masking.errors_text import mask_error_fields as _mask_error_fields
@@ -324,10 +324,17 @@ class SubjectMasking:
         touches = False
         cacheable = True
         analyzer = ln.Analyzer(self, catalog, search_path)
+        touched: set[Any] = set()
         for raw in stmts:
             stmt = raw.stmt
             kind, outs, extra = analyzer.statement(stmt, session)
-            ddl = ddl or type(stmt).__name__.startswith(_DDL_PREFIXES)
+            if type(stmt).__name__.startswith(_DDL_PREFIXES) and not ddl:
+                ddl = True
+                # the statements after it in this text run against the schema it makes, which the
+                # catalog snapshot does not show (a view redefined to read a masked column under a
+                # clear name): they are planned as if no relation were known, every column masked
+                touched |= analyzer.touched
+                analyzer = ln.Analyzer(self, UNKNOWN, search_path)
             if isinstance(stmt, ln._SESSION_STMTS):
                 cacheable = False
             if kind == "fetch":
@@ -361,8 +368,9 @@ class SubjectMasking:
             touches = touches or (self.has_columns and kind_was_session(extra))
             made = tuple((k, extra[k], extra["outs"]) for k in ("declare", "prepare") if k in extra)
             results.append(ResultPlan(kind, cols, self, catalog, extra.get("options", {}), made))
-        touches = touches or (self.has_columns and bool(analyzer.touched))
-        sources = frozenset(analyzer.touched) | frozenset(
+        touched |= analyzer.touched
+        touches = touches or (self.has_columns and bool(touched))
+        sources = frozenset(touched) | frozenset(
             s for r in results for c in r.columns for s in c.source.split(", ") if s)
         by_shape = cacheable and bool(blind) and ln.LITERAL_READS.count == reads_before
         plan = StatementPlan(tuple(results), ddl, touches, None, self, catalog,

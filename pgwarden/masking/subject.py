@@ -35,7 +35,9 @@ from pgwarden.masking.rows import make_row_rewriter
 from pgwarden.masking.strategies import strategy_function
 from pgwarden.pgwire import Field
 
-_DDL_PREFIXES = ("Create", "Alter", "Drop", "Rename", "View", "Index", "Comment", "Grant", "Refresh")
+# statements that change what a relation or column is (catalog read again after them); RuleStmt: a
+# rule can make a relation read from another, ImportForeignSchema makes foreign tables
+_DDL_PREFIXES = ("Create", "Alter", "Drop", "Rename", "View", "Index", "Comment", "Grant", "Refresh", "Rule", "Import")
 
 
 @dataclass

@@ -29,6 +29,7 @@ from pgwarden.errors import (
     StatementLimit,
 )
 from pgwarden.masking.catalog import UNKNOWN, Catalog
+from pgwarden.masking.subject import changes_schema
 from pgwarden.policy import analyze
 from pgwarden.proxy import messages as m
 from pgwarden.proxy.analysis_budget import Analysed, AnalysisOffload
@@ -580,10 +581,13 @@ class SessionGate:
                         self._planned = (analysis.blind, snapshot, self.masking, self.rt.search_path, plan)
             if plan.error is not None:
                 return self._refuse(ctx, plan.error)
-            if plan.ddl:
-                ctx.ddl = True
-                self._schema_unsettle()
             results = plan if plan.masks_anything else None
+        if self.rt.catalog is not None and (plan.ddl if plan is not None else
+                                            any(changes_schema(st.kind) for st in analysis.statements)):
+            # also from a session nothing is masked for (an exempt subject): the sessions that are
+            # masked read the relations it changes
+            ctx.ddl = True
+            self._schema_unsettle()
         max_rows = decision.limits.max_rows if decision is not None else None
         changes = statement_changes(sql, analysis, plan, max_rows)
         if prepared_name is not None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from fix_proxy import ProxyHandle
+from fix_proxy import AGENT_PASSWORD, AGENT_USER, ProxyHandle
 
 API = "pgwarden.dev/v1alpha1"
 VIEW = "public.people"
@@ -21,21 +21,27 @@ CLEAR = f"CREATE OR REPLACE VIEW {VIEW} AS SELECT id, name FROM public.customers
 LEAKY = f"CREATE OR REPLACE VIEW {VIEW} AS SELECT id, ssn AS name FROM public.customers"
 
 
+OFFICER = {"name": "officer", "password": "officer-pw", "groups": ["privacy-officers"]}
+
+
 def documents() -> list[dict[str, Any]]:
     policy = {"apiVersion": API, "kind": "AccessPolicy", "metadata": {"name": "agents"},
-              "spec": {"connectionRef": {"name": "shop"}, "subjects": [{"group": "ai-agents"}],
+              "spec": {"connectionRef": {"name": "shop"},
+                       "subjects": [{"group": "ai-agents"}, {"group": "privacy-officers"}],
                        "rules": [{"action": "allow", "operations": ["select", "ddl"],
                                   "tables": ["public.customers", VIEW]}]}}
     rule = {"apiVersion": API, "kind": "MaskingRule", "metadata": {"name": "pii"},
             "spec": {"connectionRef": {"name": "shop"},
-                     "columns": [{"table": "public.customers", "column": "ssn", "strategy": "redact"}]}}
+                     "columns": [{"table": "public.customers", "column": "ssn", "strategy": "redact"}],
+                     "exemptSubjects": [{"group": "privacy-officers"}]}}
     return [policy, rule]
 
 
 @pytest.fixture
 def shop(make_proxy: Callable[..., ProxyHandle]) -> Iterator[tuple[ProxyHandle, list[str]]]:
     """A proxy whose catalog knows `people` as a view of clear names; and every SSN in clear."""
-    proxy = make_proxy(extra=documents())
+    agent = {"name": AGENT_USER, "password": AGENT_PASSWORD, "groups": ["ai-agents"]}
+    proxy = make_proxy(extra=documents(), proxy_spec={"users": [agent, OFFICER]})
     proxy.pg.psql(f"DROP VIEW IF EXISTS {VIEW}", dbname="shop")
     with connect(proxy) as conn:
         conn.execute(CLEAR)
@@ -160,3 +166,15 @@ def test_the_view_back_to_clear_names_reads_in_clear_again(shop: Any) -> None:
         conn.execute(CLEAR)
         names = proxy.pg.psql("SELECT name FROM customers ORDER BY id", dbname="shop").splitlines()
         assert [r[0] for r in settled(conn, "SELECT name FROM people ORDER BY id")] == names
+
+
+def test_a_change_by_a_subject_nothing_is_masked_for(shop: Any) -> None:
+    """An exempt subject (a privacy officer) redefines the view through the proxy: the agents'
+    sessions, which are masked, read through the change masked."""
+    proxy, ssns = shop
+    with connect(proxy, cursor_factory=psycopg.ClientCursor) as agent:
+        assert agent.execute("SELECT name FROM people WHERE id = 1").fetchall()
+        with psycopg.connect(proxy.dsn(user=OFFICER["name"], password=OFFICER["password"]), autocommit=True) as officer:
+            officer.execute(LEAKY)
+            assert set(ssns) & {r[0] for r in officer.execute("SELECT name FROM people").fetchall()}  # clear for them
+        assert_no_ssn(agent.execute("SELECT name FROM people").fetchall(), ssns)

@@ -40,6 +40,12 @@ from pgwarden.pgwire import Field
 _DDL_PREFIXES = ("Create", "Alter", "Drop", "Rename", "View", "Index", "Comment", "Grant", "Refresh", "Rule", "Import")
 
 
+def changes_schema(node_name: str) -> bool:
+    """A statement of this parse-node type (`ViewStmt`, `AlterTableStmt`, …) changes what a
+    relation or column is: masking plans made before it may not hold after it."""
+    return node_name.startswith(_DDL_PREFIXES)
+
+
 @dataclass
 class MaskingSession:
     """Per-connection state for SQL-level cursors and prepared statements (DECLARE, PREPARE)."""
@@ -330,7 +336,7 @@ class SubjectMasking:
         for raw in stmts:
             stmt = raw.stmt
             kind, outs, extra = analyzer.statement(stmt, session)
-            if type(stmt).__name__.startswith(_DDL_PREFIXES) and not ddl:
+            if changes_schema(type(stmt).__name__) and not ddl:
                 ddl = True
                 # the statements after it in this text run against the schema it makes, which the
                 # catalog snapshot does not show (a view redefined to read a masked column under a

@@ -445,6 +445,8 @@ class SessionGate:
                     hint="Send it as a simple query, or shorten it.",
                 ))
             return self._check(statement.sql, None, bind=bind)
+        if isinstance(statement.context, StatementContext) and statement.context.ddl:
+            self._schema_unsettle()  # a prepared schema change runs again: settled after this run
         if statement.reviewed is None:
             parsed = statement.context
             audit, recorder = self.rt.audit, self.recorder

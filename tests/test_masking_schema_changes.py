@@ -178,3 +178,19 @@ def test_a_change_by_a_subject_nothing_is_masked_for(shop: Any) -> None:
             officer.execute(LEAKY)
             assert set(ssns) & {r[0] for r in officer.execute("SELECT name FROM people").fetchall()}  # clear for them
         assert_no_ssn(agent.execute("SELECT name FROM people").fetchall(), ssns)
+
+
+def test_a_prepared_schema_change_run_again_in_a_transaction(shop: Any) -> None:
+    """The change itself prepared, settled once, and run again (Bind/Execute only) inside a
+    transaction: the rest of that transaction is planned as if no relation were known."""
+    proxy, ssns = shop
+    with connect(proxy, prepare_threshold=0) as conn:
+        conn.execute(LEAKY, prepare=True)
+        conn.execute(CLEAR)
+        settled(conn, "SELECT name FROM people WHERE id = 1")
+        conn.execute("BEGIN")
+        conn.execute(LEAKY, prepare=True)
+        # masked at once (not left to wait for a catalog read that the open change blocks)
+        assert_no_ssn(conn.execute("SELECT name FROM people").fetchall(), ssns)
+        conn.execute("COMMIT")
+        assert_no_ssn(conn.execute("SELECT name FROM people").fetchall(), ssns)

@@ -36,8 +36,10 @@ from pgwarden.masking.strategies import strategy_function
 from pgwarden.pgwire import Field
 
 # statements that change what a relation or column is (catalog read again after them); RuleStmt: a
-# rule can make a relation read from another, ImportForeignSchema makes foreign tables
-_DDL_PREFIXES = ("Create", "Alter", "Drop", "Rename", "View", "Index", "Comment", "Grant", "Refresh", "Rule", "Import")
+# rule can make a relation read from another, ImportForeignSchema makes foreign tables; DO and
+# CALL run code that may do any of it
+_DDL_PREFIXES = ("Create", "Alter", "Drop", "Rename", "View", "Index", "Comment", "Grant", "Refresh", "Rule", "Import",
+                 "Do", "Call")
 
 
 def changes_schema(node_name: str) -> bool:

@@ -272,6 +272,7 @@ class SessionGate:
         """The relay's registry of the server session's names: the one copy, read here."""
         self.names = names
         names.on_settled = self._schema_settled
+        names.on_unsettled = self._schema_unsettle
         self._views_version = -1
 
     # -- schema changes ---------------------------------------------------------------------------

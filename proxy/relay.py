@@ -824,10 +824,12 @@ class Relay:
         self.pending.append(entry)
         if entry.puts:
             self._puts_in_flight += 1
-        names = self.names
-        if names.ddl_watch and getattr(entry.context, "ddl", False) is True and (entry.kind == QUERY or entry.kind == EXECUTE):
-            entry.ddl = True  # the gate let a schema change through: its answer settles it
-            names.ddl_in_flight += 1
+        ctx = entry.context
+        if ctx is not None and (entry.kind == QUERY or entry.kind == EXECUTE) and getattr(ctx, "ddl", False) is True:
+            # a schema change goes to the server (also one held for approval first): watched
+            # from now until the transaction it runs in ends
+            entry.ddl = True
+            self.names.schema_change_sent()
 
     def _pop(self) -> Pending:
         head = self.pending.popleft()

@@ -148,6 +148,7 @@ class SessionNames:
     # 'I' with none in flight the change is committed or rolled back, and `on_settled` runs
     ddl_watch: bool = False
     ddl_in_flight: int = 0
+    on_unsettled: Callable[[], None] | None = None
     on_settled: Callable[[], None] | None = None
 
     # -- deciding (speculative) ----------------------------------------------------------------
@@ -196,6 +197,14 @@ class SessionNames:
         self.ddl_in_flight = 0
         if self.ddl_watch:  # its transaction went with it
             self._settle()
+
+    def schema_change_sent(self) -> None:
+        """The relay sent a statement with a schema change: in flight until answered or skipped."""
+        self.ddl_in_flight += 1
+        if not self.ddl_watch:
+            self.ddl_watch = True
+            if self.on_unsettled is not None:
+                self.on_unsettled()
 
     def _settle(self) -> None:
         self.ddl_watch = False

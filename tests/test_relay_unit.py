@@ -442,3 +442,67 @@ class TestBadInput:
         w = Wires()
         w.relay.client_data(msg(b"X"))
         assert w.relay.terminated
+
+
+class TestSchemaChangeWatch:
+    """The session registry watches a schema change from the moment the relay sends it until the
+    transaction it ran in ends (masking plans against no relation meanwhile, docs/masking.md)."""
+
+    class Ctx:
+        def __init__(self, ddl: bool) -> None:
+            self.ddl = ddl
+
+    class HoldingGate(MarkerGate):
+        """Holds the DDL text (as an approval in wait mode would) and lets everything else through."""
+
+        def query(self, sql: str) -> Verdict | None:
+            if sql.startswith("CREATE"):
+                async def approval() -> Verdict:
+                    return Verdict()
+                return Verdict(wait=approval())
+            return None
+
+    def test_a_held_change_is_watched_from_when_it_is_sent_not_settled_by_an_earlier_answer(self) -> None:
+        w = Wires(self.HoldingGate())
+        events: list[str] = []
+        names = w.relay.names
+        names.on_unsettled = lambda: events.append("unsettled")
+        names.on_settled = lambda: events.append("settled")
+        held = w.relay.client_data(Q("SELECT 1") + Q("CREATE VIEW v AS SELECT 1"))
+        assert held is not None
+        held.close()  # type: ignore[attr-defined]
+        # the earlier statement's ReadyForQuery 'I' arrives while the change is held: nothing to settle
+        w.relay.server_data(row_description("a") + data_row(b"1") + complete("SELECT 1") + ready(b"I"))
+        assert events == [] and not names.ddl_watch
+        # approved: sent now, inside a transaction the client opened
+        assert w.relay.resume(Verdict(context=self.Ctx(ddl=True))) is None
+        assert events == ["unsettled"] and names.ddl_in_flight == 1
+        w.relay.server_data(complete("CREATE VIEW") + ready(b"T"))
+        assert events == ["unsettled"] and names.ddl_in_flight == 0  # answered, its transaction open
+        w.relay.client_data(Q("COMMIT"))
+        w.relay.server_data(complete("COMMIT") + ready(b"I"))
+        assert events == ["unsettled", "settled"] and not names.ddl_watch
+
+    class ChangeGate(MarkerGate):
+        """Lets everything through; a Parse of CREATE carries a context that says it changes the schema."""
+
+        def parse(self, name: str, sql: str) -> Verdict | None:
+            if sql.startswith("CREATE"):
+                from pgwarden.proxy.session import PreparedEntry
+
+                ctx = TestSchemaChangeWatch.Ctx(ddl=True)
+                return Verdict(context=ctx, entry=PreparedEntry(name, sql, "parse", context=ctx))
+            return None
+
+    def test_a_change_the_server_skips_after_an_error_is_settled_at_the_next_idle(self) -> None:
+        w = Wires(self.ChangeGate())
+        events: list[str] = []
+        names = w.relay.names
+        names.on_unsettled = lambda: events.append("unsettled")
+        names.on_settled = lambda: events.append("settled")
+        w.relay.client_data(P("select 1/0") + B() + E() + P("CREATE VIEW v AS SELECT 1", "ddl") + B("", "ddl") + E()
+                            + SYNC)
+        assert events == ["unsettled"] and names.ddl_in_flight == 1  # sent with the batch
+        # the first Execute fails: the server skips the rest up to Sync, the change never runs
+        w.relay.server_data(msg(b"1") + msg(b"2") + server_error("22012", "division by zero") + ready(b"I"))
+        assert events == ["unsettled", "settled"] and names.ddl_in_flight == 0 and not names.ddl_watch

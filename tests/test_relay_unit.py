@@ -462,12 +462,17 @@ class TestSchemaChangeWatch:
                 return Verdict(wait=approval())
             return None
 
+    @staticmethod
+    def watched(w: Wires) -> list[str]:
+        """What the session registry reports to the gate, in order."""
+        events: list[str] = []
+        w.relay.names.on_unsettled = lambda: events.append("unsettled")
+        w.relay.names.on_settled = lambda: events.append("settled")
+        return events
+
     def test_a_held_change_is_watched_from_when_it_is_sent_not_settled_by_an_earlier_answer(self) -> None:
         w = Wires(self.HoldingGate())
-        events: list[str] = []
-        names = w.relay.names
-        names.on_unsettled = lambda: events.append("unsettled")
-        names.on_settled = lambda: events.append("settled")
+        names, events = w.relay.names, self.watched(w)
         held = w.relay.client_data(Q("SELECT 1") + Q("CREATE VIEW v AS SELECT 1"))
         assert held is not None
         held.close()  # type: ignore[attr-defined]
@@ -496,10 +501,7 @@ class TestSchemaChangeWatch:
 
     def test_a_change_the_server_skips_after_an_error_is_settled_at_the_next_idle(self) -> None:
         w = Wires(self.ChangeGate())
-        events: list[str] = []
-        names = w.relay.names
-        names.on_unsettled = lambda: events.append("unsettled")
-        names.on_settled = lambda: events.append("settled")
+        names, events = w.relay.names, self.watched(w)
         w.relay.client_data(P("select 1/0") + B() + E() + P("CREATE VIEW v AS SELECT 1", "ddl") + B("", "ddl") + E()
                             + SYNC)
         assert events == ["unsettled"] and names.ddl_in_flight == 1  # sent with the batch

@@ -239,6 +239,7 @@ class SessionGate:
         self.state = SessionState(search_path=rt.search_path)
         self.msession = MaskingSession()
         self.names = SessionNames()
+        self.attach(self.names)  # its own registry until the relay attaches its one: changes count in either
         self._views_version = 0
         self._resolve()
         self.ainfo: records.SessionInfo = info.audit
@@ -255,7 +256,6 @@ class SessionGate:
         # the last masking plan filed by shape, with the (blind tree, catalog snapshot, masking,
         # search_path) it was planned under
         self._planned: tuple[str, Any, Any, tuple[str, ...], Any] | None = None
-        self._unsettled = False  # this session counts in rt.schema_unsettled
         self._snap: Catalog | None = None  # the catalog snapshot, as of the cache's `changes`
         self._snap_changes = -1
         self._views_catalog: Catalog | None = None
@@ -271,25 +271,19 @@ class SessionGate:
     def attach(self, names: SessionNames) -> None:
         """The relay's registry of the server session's names: the one copy, read here."""
         self.names = names
+        names.on_unsettled = self._schema_unsettled
         names.on_settled = self._schema_settled
-        names.on_unsettled = self._schema_unsettle
         self._views_version = -1
 
-    # -- schema changes ---------------------------------------------------------------------------
-    def _schema_unsettle(self) -> None:
-        """A statement with DDL is let through: until its transaction ends (the relay's registry
-        says when), every session plans against UNKNOWN; then the catalog is read again."""
-        self.names.ddl_watch = True
-        if not self._unsettled:
-            self._unsettled = True
-            self.rt.schema_unsettled += 1
+    # -- schema changes (the registry says when one starts and when its transaction ends) ----------
+    def _schema_unsettled(self) -> None:
+        """Until this session's change is settled, every session plans against UNKNOWN."""
+        self.rt.schema_unsettled += 1
 
     def _schema_settled(self) -> None:
-        if self._unsettled:
-            self._unsettled = False
-            self.rt.schema_unsettled -= 1
-            if self.rt.catalog is not None:
-                self.rt.catalog.mark_stale()  # plans wait for the catalog as the change left it
+        self.rt.schema_unsettled -= 1
+        if self.rt.catalog is not None:
+            self.rt.catalog.mark_stale()  # plans wait for the catalog as the change left it
 
     def _snapshot(self) -> Catalog | None:
         """The catalog to plan masking with now; None: the schema changed since it was read, so
@@ -447,7 +441,7 @@ class SessionGate:
                 ))
             return self._check(statement.sql, None, bind=bind)
         if isinstance(statement.context, StatementContext) and statement.context.ddl:
-            self._schema_unsettle()  # a prepared schema change runs again: settled after this run
+            self.names.watch_schema()  # a prepared schema change runs again: settled after this run
         if statement.reviewed is None:
             parsed = statement.context
             audit, recorder = self.rt.audit, self.recorder
@@ -511,7 +505,7 @@ class SessionGate:
         snapshot = self._snapshot() if self.masking is not None else None
         if snapshot is None and self.masking is not None:
             return Verdict(wait=self._after_reload(sql, prepared_name is not None or bind is not None))
-        if snapshot is not None and self.catalog.stale:
+        if snapshot is not None and not self.rt.schema_unsettled and self.catalog.stale:
             refresh_catalog(self.catalog)  # only old: read again in the background meanwhile
         self._sync_views(snapshot)
         ctx = StatementContext(id=str(next(self._ids)), sql=sql, started=time.time(),
@@ -590,7 +584,7 @@ class SessionGate:
             # also from a session nothing is masked for (an exempt subject): the sessions that are
             # masked read the relations it changes
             ctx.ddl = True
-            self._schema_unsettle()
+            self.names.watch_schema()
         max_rows = decision.limits.max_rows if decision is not None else None
         changes = statement_changes(sql, analysis, plan, max_rows)
         if prepared_name is not None:
@@ -1052,7 +1046,7 @@ class SessionGate:
         return bool(self.recorder.row(context.id, shown))
 
     def session_end(self, reason: str) -> None:
-        self._schema_settled()  # a change left open is rolled back with the session
+        self.names.settle_schema()  # a change left open is rolled back with the session
         if self.recorder is not None:
             self.recorder.close(reason)
         if self.rt.audit is not None:

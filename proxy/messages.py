@@ -304,6 +304,7 @@ class BindMsg:
         self.params = params
         self.result_formats = result_formats
 
+
 def _text(data: bytes, start: int, end: int) -> str:
     """A name from a message (the unnamed statement or portal, most often: no decode)."""
     return data[start:end].decode("utf-8", "replace") if end > start else ""
@@ -368,7 +369,6 @@ def parse_execute(payload: bytes | memoryview) -> tuple[str, int]:
     if rows >= 0x80000000:  # an Int32: negative (the server treats it as no limit)
         rows -= 0x100000000
     return _text(data, 0, n), rows
-
 
 
 # -- backend messages the proxy reads ------------------------------------------------------

@@ -143,9 +143,10 @@ class SessionNames:
     # views of it then
     version: int = 0
     _spec_differs: bool = False
-    # schema changes (DDL) of this session: the gate sets `ddl_watch` when it lets one through;
-    # the relay counts those sent and not yet answered or skipped; at the first ReadyForQuery
-    # 'I' with none in flight the change is committed or rolled back, and `on_settled` runs
+    # schema changes (DDL) of this session, watched from when the gate lets one through or the
+    # relay sends one (`watch_schema`, then `on_unsettled`) until the first ReadyForQuery 'I' with
+    # none in flight (the relay counts those sent and not yet answered or skipped): the change is
+    # committed or rolled back then, and `on_settled` runs
     ddl_watch: bool = False
     ddl_in_flight: int = 0
     on_unsettled: Callable[[], None] | None = None
@@ -185,8 +186,8 @@ class SessionNames:
             for n in gone:
                 del self.portals[n]
             self._spec_differs = True
-        if self.ddl_watch and not self.ddl_in_flight:
-            self._settle()
+        if not self.ddl_in_flight:
+            self.settle_schema()
 
     def reset(self) -> None:
         """The server session was replaced: nothing exists any more."""
@@ -195,18 +196,23 @@ class SessionNames:
         self._spec_differs = True
         self.begin_unit()
         self.ddl_in_flight = 0
-        if self.ddl_watch:  # its transaction went with it
-            self._settle()
+        self.settle_schema()  # its transaction went with it
 
-    def schema_change_sent(self) -> None:
-        """The relay sent a statement with a schema change: in flight until answered or skipped."""
-        self.ddl_in_flight += 1
+    def watch_schema(self) -> None:
+        """A schema change is let through or sent: watched until its transaction ends."""
         if not self.ddl_watch:
             self.ddl_watch = True
             if self.on_unsettled is not None:
                 self.on_unsettled()
 
-    def _settle(self) -> None:
-        self.ddl_watch = False
-        if self.on_settled is not None:
-            self.on_settled()
+    def schema_change_sent(self) -> None:
+        """The relay sent a statement with a schema change: in flight until answered or skipped."""
+        self.ddl_in_flight += 1
+        self.watch_schema()
+
+    def settle_schema(self) -> None:
+        """The watched change is committed or rolled back (or the session is gone)."""
+        if self.ddl_watch:
+            self.ddl_watch = False
+            if self.on_settled is not None:
+                self.on_settled()

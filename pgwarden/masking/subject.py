@@ -334,7 +334,7 @@ class SubjectMasking:
         touches = False
         cacheable = True
         analyzer = ln.Analyzer(self, catalog, search_path)
-        touched: set[Any] = set()
+        touched: set[str] = set()
         for raw in stmts:
             stmt = raw.stmt
             kind, outs, extra = analyzer.statement(stmt, session)

@@ -7,11 +7,15 @@ order, makes that drift hit all targets alike, so the *ratios* are trustworthy e
 absolute figures wander. Medians over rounds drop the odd outlier.
 
     python bench/run.py [--quick] [--duration S] [--clients N] [--scale N] [--rounds N]
-                        [--policy FILE ...] [--full] [--compiled] [--output PATH]
+                        [--policy FILE ...] [--full [--parts]] [--compiled] [--output PATH]
 
 `--full` adds the configuration a user runs in production: "pgwarden+full" (AccessPolicy,
 MaskingRule with columns and detectors, audit log with `durability: write`, session
 recordings) and "pgwarden+full-fsync" (the same with `durability: fsync`).
+
+`--parts` (with `--full`) adds the fully loaded target without each part in turn:
+"pgwarden+full-no-audit", "-no-recording" and "-no-masking", interleaved with the rest, so what
+each part costs end to end is measured in the same run as the whole.
 
 `--compiled` builds this checkout's wheel (setup.py: the hot modules compiled with mypyc) into a
 temporary folder and runs every pgwarden target from it; with `--full` it adds
@@ -83,6 +87,7 @@ class Settings:
     py_spy: Path | None = None
     full: bool = False
     compiled: bool = False
+    parts: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -104,12 +109,17 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--compiled", action="store_true",
                    help="run the pgwarden targets from a compiled wheel of this checkout, built first (about two "
                         "minutes); with --full also pgwarden+full-pure, that build with PGWARDEN_PURE_PYTHON=1")
+    p.add_argument("--parts", action="store_true",
+                   help="with --full: also pgwarden+full without each part in turn (pgwarden+full-no-audit, "
+                        "-no-recording, -no-masking), interleaved with the rest: what each part costs end to end")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON results (default {DEFAULT_OUTPUT})")
     p.add_argument("--py-spy", type=Path, metavar="FILE",
                    help="profile the pgwarden proxy (the +policy one when --policy is given) with py-spy for the "
                         "whole run: FILE.svg = flame graph, "
                         "FILE.txt = collapsed stacks, FILE.json = speedscope")
     a = p.parse_args(argv)
+    if a.parts and not a.full:
+        p.error("--parts takes the fully loaded target apart: give --full with it")
     q = a.quick
     return Settings(
         duration=a.duration or (2 if q else 10),
@@ -125,6 +135,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         py_spy=a.py_spy,
         full=a.full,
         compiled=a.compiled,
+        parts=a.parts,
     )
 
 
@@ -297,10 +308,45 @@ def pgbouncer(srv: Server) -> Iterator[Target]:
 FULL_DOCUMENTS = [BENCH_DIR / "policy-select.yaml", BENCH_DIR / "masking-full.yaml"]
 
 
-def full_spec(workdir: Path, durability: str) -> dict[str, object]:
-    """ProxyConfig settings of the fully loaded targets: audit log and session recordings on."""
-    return {"audit": {"path": str(workdir / "audit.jsonl"), "durability": durability},
-            "recording": {"enabled": True, "dir": str(workdir / "recordings")}}
+PARTS = ("audit", "recording", "masking")  # what --parts leaves out of the fully loaded target, one at a time
+
+
+def full_spec(workdir: Path, durability: str, without: tuple[str, ...] = ()) -> dict[str, object]:
+    """ProxyConfig settings of the fully loaded targets: audit log and session recordings on
+    (less the parts in `without`)."""
+    spec: dict[str, object] = {"audit": {"path": str(workdir / "audit.jsonl"), "durability": durability},
+                               "recording": {"enabled": True, "dir": str(workdir / "recordings")}}
+    return {k: v for k, v in spec.items() if k not in without}
+
+
+def full_documents(without: tuple[str, ...] = ()) -> list[Path]:
+    """The AccessPolicy and MaskingRule of the fully loaded targets (less the MaskingRule if
+    `without` names masking)."""
+    return [f for f in FULL_DOCUMENTS if not ("masking" in without and f.name == "masking-full.yaml")]
+
+
+@dataclass(frozen=True)
+class FullTarget:
+    """One fully loaded proxy the run starts: its name, audit durability, the parts it goes
+    without, and what its environment adds (PYTHONPATH of a compiled build, PGWARDEN_PURE_PYTHON)."""
+
+    name: str
+    durability: str
+    without: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def full_targets(s: Settings, env: dict[str, str]) -> list[FullTarget]:
+    """The fully loaded targets `s` asks for, in the order they are started."""
+    if not s.full:
+        return []
+    targets = [FullTarget("pgwarden+full", "write", env=env)]
+    if s.compiled:
+        targets.append(FullTarget("pgwarden+full-pure", "write", env={**env, "PGWARDEN_PURE_PYTHON": "1"}))
+    targets.append(FullTarget("pgwarden+full-fsync", "fsync", env=env))
+    if s.parts:
+        targets += [FullTarget(f"pgwarden+full-no-{part}", "write", (part,), env) for part in PARTS]
+    return targets
 
 
 def proxy_documents(srv: Server, port: int, extra: list[Path], spec: dict[str, object] | None = None) -> str:
@@ -355,16 +401,16 @@ def proxy_build(log: Path, timeout: float = 10) -> str:
 
 @contextlib.contextmanager
 def pgwarden_proxy(srv: Server, name: str, extra: list[Path], durability: str | None = None,
-                   env: dict[str, str] | None = None) -> Iterator[Target]:
+                   env: dict[str, str] | None = None, without: tuple[str, ...] = ()) -> Iterator[Target]:
     """`python -m pgwarden.cli proxy --config FILE` in its own process, as deployed (uvloop).
-    `durability`: fully loaded (audit with that durability, recordings). `env`: added to its
-    environment (PYTHONPATH of a compiled build, PGWARDEN_PURE_PYTHON)."""
+    `durability`: fully loaded (audit with that durability, recordings, less the parts in
+    `without`). `env`: added to its environment (PYTHONPATH of a compiled build, PGWARDEN_PURE_PYTHON)."""
     workdir = Path(tempfile.mkdtemp(prefix="pgwarden-bench-proxy-"))
     proc: subprocess.Popen[bytes] | None = None
     try:
         port = free_port()
         cfg = workdir / "proxy.yaml"
-        cfg.write_text(proxy_documents(srv, port, extra, full_spec(workdir, durability) if durability else None))
+        cfg.write_text(proxy_documents(srv, port, extra, full_spec(workdir, durability, without) if durability else None))
         log = workdir / "proxy.log"
         out = open(log, "wb")
         # cwd: `-m` puts it first on sys.path, where a checkout's pgwarden would shadow a build's
@@ -566,8 +612,21 @@ def ratios(summary: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[st
     return out
 
 
+def round_ratios(runs: list[Run]) -> dict[str, dict[str, list[float]]]:
+    """Each pgwarden target's TPS over PgBouncer's in the same round, round by round: the spread
+    the medians hide (a round on a busy host moves every target, so its ratio still counts)."""
+    bouncer = {(r.mode, r.round): r.tps for r in runs if r.target == "pgbouncer"}
+    out: dict[str, dict[str, list[float]]] = {}
+    for r in sorted(runs, key=lambda r: r.round):
+        b = bouncer.get((r.mode, r.round))
+        if r.target.startswith("pgwarden") and b:
+            out.setdefault(r.target, {}).setdefault(r.mode, []).append(round(r.tps / b, 3))
+    return out
+
+
 def table(summary: dict[str, dict[str, dict[str, float]]], rat: dict[str, dict[str, dict[str, float]]]) -> str:
-    lines = [f"{'target':16} {'mode':9} {'TPS':>9} {'p50 ms':>8} {'p99 ms':>8} {'/pgbouncer':>11} {'/direct':>8} "
+    w = max([16, *map(len, summary)])
+    lines = [f"{'target':{w}} {'mode':9} {'TPS':>9} {'p50 ms':>8} {'p99 ms':>8} {'/pgbouncer':>11} {'/direct':>8} "
              f"{'CPU us/tx':>10}"]
     for target, modes in summary.items():
         for mode, v in modes.items():
@@ -575,7 +634,7 @@ def table(summary: dict[str, dict[str, dict[str, float]]], rat: dict[str, dict[s
             vb = f"{r['vs_pgbouncer']:.2f}x" if "vs_pgbouncer" in r else ""
             vd = f"{r['vs_direct']:.2f}x" if "vs_direct" in r else ""
             cpu = f"{v['cpu_us_per_tx']:.1f}" if "cpu_us_per_tx" in v else ""
-            lines.append(f"{target:16} {mode:9} {v['tps']:9.0f} {v['p50_ms']:8.3f} {v['p99_ms']:8.3f} {vb:>11} {vd:>8} "
+            lines.append(f"{target:{w}} {mode:9} {v['tps']:9.0f} {v['p50_ms']:8.3f} {v['p99_ms']:8.3f} {vb:>11} {vd:>8} "
                          f"{cpu:>10}")
     return "\n".join(lines)
 
@@ -624,6 +683,7 @@ def write_json(path: Path, s: Settings, srv: Server, runs: list[Run], notes: dic
                      if k not in ("policy_files", "output")} | {"policy_files": [str(p) for p in s.policy_files]},
         "summary": summary,
         "ratios": ratios(summary),
+        "round_ratios": round_ratios(runs),
         "notes": notes,
         "runs": [asdict(r) for r in runs],
     }
@@ -666,17 +726,13 @@ def main(argv: list[str] | None = None) -> int:
                 except BenchError as e:  # the policy engine may not accept it yet; report, go on
                     notes["pgwarden+policy"] = str(e)
                     print(f"skipping pgwarden+policy: {e}", file=sys.stderr)
-            if s.full:
-                full = [("pgwarden+full", "write", env), ("pgwarden+full-fsync", "fsync", env)]
-                if s.compiled:
-                    full.insert(1, ("pgwarden+full-pure", "write", {**env, "PGWARDEN_PURE_PYTHON": "1"}))
-                for name, durability, target_env in full:
-                    try:
-                        targets.append(stack.enter_context(pgwarden_proxy(srv, name, FULL_DOCUMENTS, durability,
-                                                                          target_env)))
-                    except BenchError as e:
-                        notes[name] = str(e)
-                        print(f"skipping {name}: {e}", file=sys.stderr)
+            for full in full_targets(s, env):
+                try:
+                    targets.append(stack.enter_context(pgwarden_proxy(
+                        srv, full.name, full_documents(full.without), full.durability, full.env, full.without)))
+                except BenchError as e:
+                    notes[full.name] = str(e)
+                    print(f"skipping {full.name}: {e}", file=sys.stderr)
             print(f"targets: {', '.join(f'{t.name}:{t.port}' for t in targets)}; pgbench -S -c {s.clients} "
                   f"-j {s.jobs} -T {s.duration}, {s.rounds} round(s), modes {', '.join(s.modes)}", flush=True)
             # the most loaded proxy is the one to look into
@@ -693,6 +749,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print()
     print(table(doc["summary"], doc["ratios"]))  # type: ignore[arg-type]
+    by_round: dict[str, dict[str, list[float]]] = doc["round_ratios"]  # type: ignore[assignment]
+    for target, modes in by_round.items():
+        for mode, values in modes.items():
+            print(f"{target} {mode}: round by round {', '.join(f'{v:.2f}x' for v in values)} PgBouncer's TPS")
     print(f"\nresults: {s.output}")
     return 0
 

@@ -7,12 +7,14 @@ runnable; it says nothing about speed.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -40,3 +42,52 @@ def test_bench_quick_run(tmp_path: Path) -> None:
             assert doc["summary"][target][mode]["p99_ms"] > 0, (target, mode)
     assert set(doc["ratios"]["pgwarden"]["simple"]) == {"vs_pgbouncer", "vs_direct"}
     assert "pgwarden" in res.stdout and "/pgbouncer" in res.stdout
+
+
+def load_runner() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_run"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_parts_takes_the_fully_loaded_target_apart_one_part_at_a_time(tmp_path: Path) -> None:
+    """`--full --parts`: the whole, and the whole without each part, in one interleaved run; each
+    target's configuration lacks exactly the part its name says and keeps the others."""
+    run = load_runner()
+    with pytest.raises(SystemExit):
+        run.parse_args(["--parts"])  # nothing to take apart without --full
+    s = run.parse_args(["--full", "--parts", "--compiled"])
+    targets = {t.name: t for t in run.full_targets(s, {"PYTHONPATH": "/build"})}
+    assert list(targets) == ["pgwarden+full", "pgwarden+full-pure", "pgwarden+full-fsync", "pgwarden+full-no-audit",
+                             "pgwarden+full-no-recording", "pgwarden+full-no-masking"]
+    assert all(t.env["PYTHONPATH"] == "/build" for t in targets.values())
+    assert targets["pgwarden+full-pure"].env["PGWARDEN_PURE_PYTHON"] == "1"
+    assert "PGWARDEN_PURE_PYTHON" not in targets["pgwarden+full-no-audit"].env
+    for name, kept in (("pgwarden+full", {"audit", "recording", "masking"}),
+                       ("pgwarden+full-no-audit", {"recording", "masking"}),
+                       ("pgwarden+full-no-recording", {"audit", "masking"}),
+                       ("pgwarden+full-no-masking", {"audit", "recording"})):
+        t = targets[name]
+        spec = run.full_spec(tmp_path, t.durability, t.without)
+        docs = [p.name for p in run.full_documents(t.without)]
+        has = {part for part in ("audit", "recording") if part in spec}
+        has |= {"masking"} if "masking-full.yaml" in docs else set()
+        assert has == kept, name
+        assert "policy-select.yaml" in docs, name  # the AccessPolicy stays in every one
+    assert run.full_targets(run.parse_args(["--full"]), {})[-1].name == "pgwarden+full-fsync"
+    assert run.full_targets(run.parse_args([]), {}) == []
+
+
+def test_round_ratios_pair_each_run_with_pgbouncers_run_of_the_same_round_and_mode() -> None:
+    run = load_runner()
+
+    def r(target: str, mode: str, rnd: int, tps: float) -> object:
+        return run.Run(target, mode, rnd, tps, 0.1, 0.1, 0.2, int(tps), 0)
+
+    runs = [r("pgbouncer", "simple", 2, 200.0), r("pgwarden+full", "simple", 2, 120.0),
+            r("pgbouncer", "simple", 1, 100.0), r("pgwarden+full", "simple", 1, 58.0),
+            r("pgwarden+full", "prepared", 1, 50.0), r("direct", "simple", 1, 300.0)]
+    assert run.round_ratios(runs) == {"pgwarden+full": {"simple": [0.58, 0.6]}}  # prepared: no PgBouncer run

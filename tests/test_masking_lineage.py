@@ -188,6 +188,12 @@ def test_copy_gets_the_same_lineage():
         ("CREATE FUNCTION f() RETURNS text LANGUAGE sql AS 'SELECT ssn FROM customers LIMIT 1'",
          "CreateFunction"),
         ("ALTER TABLE customers RENAME COLUMN ssn TO x", "Rename"),
+        # a masking rule names its tables: a masked table under another name is out of it
+        ("ALTER TABLE customers RENAME TO clients", "Rename"),
+        ("ALTER TABLE public.customers SET SCHEMA scratch", "AlterObjectSchema"),
+        ("ALTER VIEW customers SET SCHEMA scratch", "AlterObjectSchema"),
+        ("ALTER SCHEMA public RENAME TO p2", "renaming schema public"),
+        ("ALTER TABLE orders ATTACH PARTITION customers FOR VALUES IN (1)", "AlterTable"),
         ("ALTER TABLE customers ADD COLUMN s2 text GENERATED ALWAYS AS (ssn) STORED", "AlterTable"),
         ("SELECT 1; SELECT 2 FROM customers WHERE ssn = 'x'", "WHERE"),
         ("SELEC nonsense", "parsed"),
@@ -198,6 +204,18 @@ def test_denied(sql, words):
     assert words in err.message
     assert "shop-pii" in err.message or "parsed" in err.message
     assert err.hint
+
+
+@pytest.mark.parametrize("sql", [
+    "ALTER TABLE orders SET SCHEMA scratch",
+    "ALTER TABLE orders RENAME TO purchases",
+    "ALTER SCHEMA scratch RENAME TO scratch2",
+    "CREATE TABLE p (id int) PARTITION BY LIST (id)",
+])
+def test_ddl_that_moves_no_masked_relation_is_not_refused(sql):
+    """The refusal of moves is about masked relations: the others move freely."""
+    plan = SM.plan(sql, CAT)
+    assert plan.error is None, plan.error
 
 
 def test_deny_message_names_the_column_and_the_way_out():

@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from fix_proxy import AGENT_PASSWORD, AGENT_USER, ProxyHandle
+from fix_proxy import AGENT_PASSWORD, AGENT_USER, APP_USER, ProxyHandle
 
 API = "pgwarden.dev/v1alpha1"
 VIEW = "public.people"
@@ -194,3 +194,38 @@ def test_a_prepared_schema_change_run_again_in_a_transaction(shop: Any) -> None:
         assert_no_ssn(conn.execute("SELECT name FROM people").fetchall(), ssns)
         conn.execute("COMMIT")
         assert_no_ssn(conn.execute("SELECT name FROM people").fetchall(), ssns)
+
+
+MOVES = [
+    "ALTER TABLE public.customers SET SCHEMA scratch",
+    "ALTER TABLE public.customers RENAME TO clients",
+]
+
+
+@pytest.mark.parametrize("move", MOVES)
+def test_a_masked_table_cannot_be_moved_out_of_its_rule(make_proxy: Callable[..., ProxyHandle], move: str) -> None:
+    """A MaskingRule names its tables. An agent allowed DDL and reads everywhere (`*.*`), whose
+    database role owns the table, moves it to another name, then reads the SSNs there: the move
+    is refused (42501, naming the rule) and never reaches the database."""
+    wide = {"apiVersion": API, "kind": "AccessPolicy", "metadata": {"name": "agents"},
+            "spec": {"connectionRef": {"name": "shop"}, "subjects": [{"group": "ai-agents"}],
+                     "rules": [{"action": "allow", "operations": ["select", "ddl"], "tables": ["*.*"]}]}}
+    agent = {"name": AGENT_USER, "password": AGENT_PASSWORD, "groups": ["ai-agents"]}
+    proxy = make_proxy(extra=[wide, documents()[1]], proxy_spec={"users": [agent]})
+    owner = proxy.pg.psql("SELECT tableowner FROM pg_tables WHERE schemaname = 'public' AND tablename = 'customers'",
+                          dbname="shop").strip()
+    proxy.pg.psql(f"CREATE SCHEMA IF NOT EXISTS scratch; GRANT ALL ON SCHEMA scratch TO PUBLIC; "
+                  f"ALTER TABLE public.customers OWNER TO {APP_USER}", dbname="shop")
+    ssns = proxy.pg.psql("SELECT ssn FROM customers", dbname="shop").split()
+    try:
+        with connect(proxy) as conn:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="masking rule .*pii"):
+                conn.execute(move)
+            where = proxy.pg.psql("SELECT schemaname || '.' || tablename FROM pg_tables WHERE tablename IN "
+                                  "('customers', 'clients')", dbname="shop").split()
+            assert where == ["public.customers"]  # nothing reached the database
+            assert_no_ssn(conn.execute("SELECT ssn FROM public.customers").fetchall(), ssns)
+    finally:
+        proxy.pg.psql("ALTER TABLE IF EXISTS scratch.customers SET SCHEMA public; "
+                      "ALTER TABLE IF EXISTS public.clients RENAME TO customers", dbname="shop")
+        proxy.pg.psql(f"ALTER TABLE public.customers OWNER TO {owner}", dbname="shop")

@@ -19,7 +19,8 @@ LIMIT (an oracle: `WHERE ssn LIKE '1%'`) unless `allowInPredicates`; writes that
 value elsewhere (INSERT … SELECT, UPDATE … SET, CREATE TABLE AS, SELECT INTO, COPY to a file);
 functions that run SQL given as text or keep a value as a side effect (`set_config`, `setval`,
 `pg_notify`, `pg_sleep` over masked data); code the analysis cannot see into (DO, CREATE
-FUNCTION / TRIGGER / RULE, CALL); and DDL that would rename or copy a masked column away.
+FUNCTION / TRIGGER / RULE, CALL); and DDL that would rename or copy a masked column away (a
+RENAME, SET SCHEMA, a renamed schema, ATTACH PARTITION of a masked table).
 """
 
 from __future__ import annotations
@@ -313,7 +314,7 @@ class Analyzer:
                 f"{type(stmt).__name__.replace('Stmt', '')} runs code the masking analysis cannot "
                 "see into, so it could move masked values", None,
                 hint="Ask an administrator to run it, or for an exemption (MaskingRule exemptSubjects).")
-        if isinstance(stmt, (ast.AlterTableStmt, ast.RenameStmt)):
+        if isinstance(stmt, (ast.AlterTableStmt, ast.RenameStmt, ast.AlterObjectSchemaStmt)):
             self.check_alter(stmt)
             return "none", None, {}
         if isinstance(stmt, ast.DeclareCursorStmt):
@@ -344,15 +345,28 @@ class Analyzer:
                                           "an exemption (MaskingRule exemptSubjects).")
 
     def check_alter(self, stmt: Any) -> None:
-        rv = getattr(stmt, "relation", None)
-        if not isinstance(rv, ast.RangeVar):
+        """A masking rule names its tables: DDL that gives a masked relation another name (RENAME,
+        SET SCHEMA, a renamed schema) or lets its rows be read under another one (ATTACH
+        PARTITION to a parent) would take its columns out of the rule."""
+        if isinstance(stmt, ast.RenameStmt) and stmt.renameType == enums.ObjectType.OBJECT_SCHEMA:
+            moved = sorted(f"{schema}.{table}" for schema, table in self.m.columns if schema == stmt.subname)
+            if moved:
+                raise self.deny(f"renaming schema {stmt.subname} would take {', '.join(moved)} out of the "
+                                "masking rule", None, hint="Ask an administrator to change this schema.")
             return
-        rel = self.relation(rv, Scope())
-        t = rel.whole_row()
-        if t.tainted:
-            raise self.deny(f"{type(stmt).__name__.replace('Stmt', '')} on a relation with masked columns "
-                            "could rename or copy them out of the masking rule", t,
-                            hint="Ask an administrator to change this table.")
+        targets = [getattr(stmt, "relation", None)]
+        for cmd in getattr(stmt, "cmds", None) or ():
+            part = getattr(cmd, "def_", None)
+            if isinstance(part, ast.PartitionCmd):  # its rows are read through the parent from then on
+                targets.append(part.name)
+        for rv in targets:
+            if not isinstance(rv, ast.RangeVar):
+                continue
+            t = self.relation(rv, Scope()).whole_row()
+            if t.tainted:
+                raise self.deny(f"{type(stmt).__name__.replace('Stmt', '')} on a relation with masked columns "
+                                "could rename or copy them out of the masking rule", t,
+                                hint="Ask an administrator to change this table.")
 
     # -- SELECT --------------------------------------------------------------------------------
 

@@ -255,6 +255,19 @@ def test_partition_of_a_masked_table_is_masked():
     assert actions("SELECT ssn FROM customers_2024", SM, cat) == [["redact"]]
 
 
+def test_the_parent_of_a_masked_table_is_masked_where_the_child_is():
+    """Reading a parent returns its children's rows: a rule on a child (a partition, an inheriting
+    table) masks the parent's column of that name, and `*` of the parent, at every level."""
+    cat = Catalog.from_dicts({"public.people": ["id", "ssn", "note"], "public.customers": ["id", "ssn", "note"],
+                              "public.all_parties": ["id", "ssn"]},
+                             parents={"public.customers": ["public.people", "public.all_parties"],
+                                      "public.people": ["public.all_parties"]})
+    assert actions("SELECT ssn, note FROM people", SM, cat) == [["redact", None]]
+    assert actions("SELECT * FROM all_parties", SM, cat) == [[None, "redact"]]
+    assert actions("SELECT ssn FROM ONLY people", SM, cat) == [["redact"]]  # conservative: same plan
+    denied("SELECT id FROM people WHERE ssn = 'x'", SM, cat)
+
+
 def test_user_functions_are_opaque():
     cat = Catalog.from_dicts({"public.customers": ["id", "ssn"]}, builtin_functions={"upper", "count"},
                              user_functions={"public.lookup"})

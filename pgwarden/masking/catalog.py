@@ -20,7 +20,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 # Types whose values are text on the wire in both formats (binary send of these is the text).
@@ -51,6 +51,9 @@ class Relation:
     view_sql: str | None = None
     # ancestors (inheritance, partitioning): a rule on a parent also covers its children
     parents: tuple[tuple[str, str], ...] = ()
+    # descendants: reading a parent returns its children's rows too, so a rule on a child also
+    # covers the parent's column of that name (with_descendants fills it in)
+    children: tuple[tuple[str, str], ...] = ()
 
     @property
     def qualified(self) -> str:
@@ -172,7 +175,7 @@ class Catalog:
             rels[(schema, name)] = Relation(schema, name, "v", tuple(cols2), (), (), oids.get(qual, 0), sql)
         ufs = frozenset(tuple(f.split(".")) for f in user_functions)
         return cls(
-            relations=rels,
+            relations=with_descendants(rels),
             builtin_functions=frozenset(builtin_functions) if builtin_functions is not None else None,
             user_functions=ufs,  # type: ignore[arg-type]
         )
@@ -252,8 +255,18 @@ def load_catalog(conn: Any) -> Catalog:
     user = frozenset((s, n) for s, n, _ in fn_rows if s not in ("pg_catalog", "information_schema"))
     srf = SET_RETURNING | frozenset(n for _, n, retset in fn_rows if retset)
     text_types = TEXT_TYPE_OIDS | frozenset(r[0] for r in type_rows)
-    return Catalog(relations=rels, builtin_functions=builtin, user_functions=user, text_type_oids=text_types,
-                   set_returning_functions=srf)
+    return Catalog(relations=with_descendants(rels), builtin_functions=builtin, user_functions=user,
+                   text_type_oids=text_types, set_returning_functions=srf)
+
+
+def with_descendants(rels: dict[tuple[str, str], Relation]) -> dict[tuple[str, str], Relation]:
+    """`rels` with each relation's descendants (every relation that lists it among its
+    ancestors) in `children`."""
+    below: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for key, rel in rels.items():
+        for parent in rel.parents:
+            below.setdefault(parent, []).append(key)
+    return {key: replace(rel, children=tuple(below[key])) if key in below else rel for key, rel in rels.items()}
 
 
 # every relation unknown, so every column they give is masked: the catalog before the first load,

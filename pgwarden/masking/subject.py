@@ -290,10 +290,11 @@ class SubjectMasking:
         return self._fns[name]
 
     def column_strategy(self, rel: Relation, column: str) -> str | None:
-        """The strategy for rel.column, also when a parent table (inheritance, partitions) has it."""
+        """The strategy for rel.column, also when a parent table (inheritance, partitions) has it,
+        or a child: reading the parent returns the child's rows, and their values, too."""
         strat = self.columns.get((rel.schema, rel.name), {}).get(column)
-        for parent in rel.parents:
-            p = self.columns.get(parent, {}).get(column)
+        for kin in (*rel.parents, *rel.children):
+            p = self.columns.get(kin, {}).get(column)
             if p is not None:
                 strat = p if strat is None else strongest(strat, p)
         return strat

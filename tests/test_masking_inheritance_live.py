@@ -1,6 +1,9 @@
-"""A MaskingRule names a table that inherits from, or is a partition of, another: PostgreSQL returns
-the child's rows when the parent is read, so the parent's column of that name carries the masked
-values. The agent reads the parent it is allowed (`*.*`) by every route: masked, never in clear."""
+"""Tables in a hierarchy (inheritance, partitions), where a MaskingRule names one of them.
+
+PostgreSQL returns a child's rows when the parent is read, so the parent's column of that name
+carries the masked values: the agent reads the parent it is allowed (`*.*`) by every route, and
+gets them masked. And its errors name the partition a row is in, not the table the rule names:
+the agent provokes a not-null violation on a masked row, and the failing row is redacted."""
 
 from __future__ import annotations
 
@@ -57,3 +60,40 @@ def test_a_filter_on_the_parents_masked_column_is_refused(parent: Any) -> None:
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn, \
             pytest.raises(psycopg.errors.InsufficientPrivilege, match="masked"):
         conn.execute("SELECT count(*) FROM parties WHERE ssn LIKE %s", (ssns[0][:3] + "%",))
+
+
+EVENTS_RULE = {"apiVersion": API, "kind": "MaskingRule", "metadata": {"name": "pii"},
+               "spec": {"connectionRef": {"name": "shop"},
+                        "columns": [{"table": "public.events", "column": "ssn", "strategy": "redact"}]}}
+WRITER = {"apiVersion": API, "kind": "AccessPolicy", "metadata": {"name": "agents"},
+          "spec": {"connectionRef": {"name": "shop"}, "subjects": [{"group": "ai-agents"}],
+                   "rules": [{"action": "allow", "operations": ["select", "update", "insert"], "tables": ["*.*"]}]}}
+SSN = "111-22-3333"
+
+
+@pytest.fixture
+def events(pg: EmbeddedPostgres, make_proxy: Callable[..., ProxyHandle]) -> Iterator[ProxyHandle]:
+    """public.events, partitioned, its ssn masked by a rule on the parent; a row in events_1."""
+    pg.psql("CREATE TABLE public.events (id int NOT NULL, ssn text, note text NOT NULL DEFAULT 'x') "
+            "PARTITION BY LIST (id); CREATE TABLE public.events_1 PARTITION OF public.events FOR VALUES IN (1, 2); "
+            f"INSERT INTO public.events VALUES (1, '{SSN}', 'n'); CREATE UNIQUE INDEX ON public.events_1 (ssn); "
+            "GRANT ALL ON public.events, public.events_1 TO PUBLIC", dbname="shop")
+    try:
+        agent = {"name": AGENT_USER, "password": AGENT_PASSWORD, "groups": ["ai-agents"]}
+        yield make_proxy(extra=[WRITER, EVENTS_RULE], proxy_spec={"users": [agent]})
+    finally:
+        pg.psql("DROP TABLE public.events", dbname="shop")
+
+
+@pytest.mark.parametrize("sql", [
+    "UPDATE events SET note = NULL WHERE id = 1",     # PostgreSQL names the partition, events_1
+    "UPDATE events_1 SET note = NULL WHERE id = 1",
+    f"INSERT INTO events (id, ssn) VALUES (2, '{SSN}')",  # the unique key's value
+])
+def test_an_error_about_a_row_of_a_partition_does_not_show_its_masked_values(events: ProxyHandle, sql: str) -> None:
+    with psycopg.connect(events.dsn(), autocommit=True) as conn, pytest.raises(psycopg.Error) as failed:
+        conn.execute(sql)
+    diag = failed.value.diag
+    shown = " ".join(filter(None, (diag.message_primary, diag.message_detail, diag.message_hint, diag.context)))
+    assert "[redacted]" in shown and SSN not in shown, shown
+    assert diag.table_name == "events_1"  # the error still says where

@@ -5,6 +5,7 @@ import json
 from masking_helpers import masking, shop_catalog
 
 from pgwarden.masking import (
+    Catalog,
     Field,
     build_data_row,
     build_row_description,
@@ -142,6 +143,29 @@ def test_error_fields():
     assert SM.mask_error_fields(other, catalog=CAT)["D"] == other["D"]
     notice = {"M": "hello grace@example.org 4111111111111111"}
     assert SM.mask_error_fields(notice)["M"] == "hello [redacted:email] [redacted:credit_card]"
+
+
+def test_a_failing_row_in_a_partition_of_a_masked_table_is_redacted():
+    """PostgreSQL names the partition a failing row is in (`events_1`), not the table the rule names
+    (`events`): the row's values are redacted all the same, also when a rule names the child and
+    the error the parent, and when the catalog does not know the table. A table the catalog knows
+    to hold no masked column keeps its row; so does a partition key without a masked column."""
+    cat = Catalog.from_dicts({"public.customers": ["id", "name", "email", "ssn"],
+                              "public.customers_1": ["id", "name", "email", "ssn"],
+                              "public.orders": ["id", "status"]},
+                             parents={"public.customers_1": ["public.customers"]})
+    detail = "Failing row contains (1, null, ada@example.com, 111-22-3333)."
+    for table in ("customers_1", "customers", "unknown_table"):
+        out = SM.mask_error_fields({"M": "null value", "D": detail, "s": "public", "t": table}, catalog=cat)
+        assert out["D"] == "Failing row contains ([redacted]).", table
+    plain = {"M": "null value", "D": "Failing row contains (7, null).", "s": "public", "t": "orders"}
+    assert SM.mask_error_fields(plain, catalog=cat)["D"] == plain["D"]
+    moved = {"M": 'no partition of relation "customers" found for row', "s": "public", "t": "customers",
+             "D": "Partition key of the failing row contains (id, ssn) = (-1, 111-22-3333)."}
+    assert SM.mask_error_fields(moved, catalog=cat)["D"] == \
+        "Partition key of the failing row contains (id, ssn) = ([redacted])."
+    by_id = {**moved, "D": "Partition key of the failing row contains (id) = (-1)."}
+    assert SM.mask_error_fields(by_id, catalog=cat)["D"] == by_id["D"]
 
 
 def test_error_fields_after_a_statement_that_touched_masked_data():

@@ -15,7 +15,8 @@ up with every parser, so the rule depends on what the statement read:
   full. The SQLSTATE, the names of the schema, table, column and constraint stay, and the
   message says that the text was redacted and why;
 * a plan that reads no masked column: `Key (cols)=(values)` is redacted when a key column is
-  masked, `Failing row contains (…)` unless the error names a table without masked columns,
+  masked, `Failing row contains (…)` unless the error names a table the catalog knows to hold
+  no masked column (itself, its parents and its children: the error names the partition),
   the quoted value of value-printing messages (invalid input syntax, out of range…);
 * no plan at all: as above, and every quoted string that is not a catalog name is redacted too;
 * detectors run over every text field as the safety net, always.
@@ -35,7 +36,10 @@ if TYPE_CHECKING:
 
 TEXT_FIELDS = ("M", "D", "H", "W", "q")
 
-_KEY = re.compile(r"Key \((?P<cols>.*?)\)=\((?P<vals>.*)\)(?P<rest>[^()]*)$", re.DOTALL)
+_KEY = re.compile(r"(?P<head>Key \()(?P<cols>.*?)(?P<eq>\)=\()(?P<vals>.*)\)(?P<rest>[^()]*)$", re.DOTALL)
+# a row that fits no partition: the partition key's values of the row (also an existing row's, on UPDATE)
+_PARTITION_KEY = re.compile(r"(?P<head>Partition key of the failing row contains \()(?P<cols>.*?)(?P<eq>\) = \()"
+                            r"(?P<vals>.*)\)(?P<rest>[^()]*)$", re.DOTALL)
 _FAILING = re.compile(r"(Failing row contains \()(.*)(\)\.?)$", re.DOTALL)
 _VALUE_MSG = re.compile(
     r"(?P<head>(?:invalid input syntax for(?: type)? [^:\"]+|invalid input value for [^:]+|"
@@ -70,7 +74,7 @@ def mask_error_fields(fields: Mapping[str, str], masking: MaskingView,
         if not text:
             continue
         new = _key_detail(text, masking, schema, table)
-        new = _failing_row(new, masking, schema, table)
+        new = _failing_row(new, masking, schema, table, catalog)
         if masking.has_columns:
             new = _VALUE_MSG.sub(lambda m: f"{m.group('head')}\"{REDACTED}\"", new)
             new = _VALUE_IS.sub(lambda m: f"{m.group(1)} \"{REDACTED}\"", new)
@@ -124,7 +128,7 @@ def _is_name(s: str, names: set[str], catalog: Catalog | None) -> bool:
 
 
 def _key_detail(text: str, masking: MaskingView, schema: str, table: str) -> str:
-    m = _KEY.search(text)
+    m = _KEY.search(text) or _PARTITION_KEY.search(text)
     if not m:
         return text
     cols = set(re.findall(r"[A-Za-z_][A-Za-z0-9_$]*", m.group("cols").lower()))
@@ -136,13 +140,25 @@ def _key_detail(text: str, masking: MaskingView, schema: str, table: str) -> str
         return text
     if not masked:
         return text
-    return f"{text[:m.start()]}Key ({m.group('cols')})=({REDACTED}){m.group('rest')}"
+    return f"{text[:m.start()]}{m.group('head')}{m.group('cols')}{m.group('eq')}{REDACTED}){m.group('rest')}"
 
 
-def _failing_row(text: str, masking: MaskingView, schema: str, table: str) -> str:
+def _failing_row(text: str, masking: MaskingView, schema: str, table: str, catalog: Catalog | None) -> str:
     m = _FAILING.search(text)
     if not m or not masking.has_columns:
         return text
-    if table and schema and (schema, table) not in masking.columns:
+    if table and schema and not _holds_masked(masking, catalog, schema, table):
         return text
     return f"{text[:m.start()]}{m.group(1)}{REDACTED}{m.group(3)}"
+
+
+def _holds_masked(masking: MaskingView, catalog: Catalog | None, schema: str, table: str) -> bool:
+    """Whether a row of schema.table can hold a masked value: a rule names it, or its parent or a
+    child (PostgreSQL names the partition a failing row is in, not the table the rule names).
+    True when the catalog cannot tell (none, or the table is not in it): fail closed."""
+    if (schema, table) in masking.columns:
+        return True
+    rel = catalog.relations.get((schema, table)) if catalog is not None else None
+    if rel is None:
+        return True
+    return any(masking.column_strategy(rel, column) is not None for column in rel.columns)

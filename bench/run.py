@@ -305,7 +305,9 @@ def pgbouncer(srv: Server) -> Iterator[Target]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-FULL_DOCUMENTS = [BENCH_DIR / "policy-select.yaml", BENCH_DIR / "masking-full.yaml"]
+POLICY_DOCUMENT = BENCH_DIR / "policy-select.yaml"
+MASKING_DOCUMENT = BENCH_DIR / "masking-full.yaml"
+FULL_DOCUMENTS = [POLICY_DOCUMENT, MASKING_DOCUMENT]
 
 
 PARTS = ("audit", "recording", "masking")  # what --parts leaves out of the fully loaded target, one at a time
@@ -322,7 +324,7 @@ def full_spec(workdir: Path, durability: str, without: tuple[str, ...] = ()) -> 
 def full_documents(without: tuple[str, ...] = ()) -> list[Path]:
     """The AccessPolicy and MaskingRule of the fully loaded targets (less the MaskingRule if
     `without` names masking)."""
-    return [f for f in FULL_DOCUMENTS if not ("masking" in without and f.name == "masking-full.yaml")]
+    return [f for f in FULL_DOCUMENTS if not ("masking" in without and f == MASKING_DOCUMENT)]
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ HOT_MODULES = (
     "pgwarden/proxy/statements.py",
     "pgwarden/proxy/session.py",
     "pgwarden/proxy/relay.py",
+    "pgwarden/proxy/pump.py",
     "pgwarden/proxy/gate.py",
     "pgwarden/audit/chain.py",
     "pgwarden/audit/records.py",

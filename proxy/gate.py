@@ -371,7 +371,8 @@ class SessionGate:
         self.policy = rt.policies.for_identity(self.info.identity, rt.connection) if rt.policies is not None else None
         self.masking = rt.masking.for_identity(self.info.identity, rt.connection) if rt.masking is not None else None
         detectors = self.masking.detectors if self.masking is not None else None
-        self._scrub = detectors.scrub if detectors else None
+        # the prefilter runs compiled; a candidate goes to the detectors
+        self._scrub = records.PrefilteredText(detectors.scrub, detectors.prefilter_text) if detectors else None
 
     def _sync_views(self, snapshot: Catalog | None = None) -> None:
         """`snapshot`: the catalog masking plans with now. A SQL-prepared statement whose result

@@ -13,7 +13,7 @@ import logging
 import secrets
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ from pgwarden.proxy import relay as relay_module
 from pgwarden.proxy import upstream as up
 from pgwarden.proxy.auth import TokenAuthenticator, authenticate, pod_identity
 from pgwarden.proxy.config import FORWARDED_STARTUP_PARAMS, ProxyConfig
+from pgwarden.proxy.pump import Pump
 from pgwarden.proxy.relay import Relay, Verdict
 from pgwarden.proxy.reload import ReloadStatus
 from pgwarden.proxy.sessioninfo import SessionHooks, SessionInfo
@@ -330,22 +331,11 @@ class ProxyServer:
         def fail(e: Exception) -> None:
             _end_session(ep, finish, e)
 
-        def on_client(data: bytes) -> None:
-            try:
-                waiting = relay.client_data(data)
-            except Exception as e:
-                fail(e)
-                return
-            if waiting is not None:
-                self._hold(relay, waiting, ep, finish, self._live.get(key))
-            if relay.terminated:
-                finish("terminate")
+        def hold(waiting: Awaitable[Verdict]) -> None:
+            self._hold(relay, waiting, ep, finish, self._live.get(key))
 
-        def on_server(data: bytes) -> None:
-            try:
-                relay.server_data(data)
-            except Exception as e:
-                fail(e)
+        pump = Pump(relay, hold, fail, finish)  # compiled: every chunk goes through it
+        on_client, on_server = pump.client, pump.server
 
         # back-pressure: a slow client stops us reading the server, and vice versa
         ep.on_pause_writing = lambda: uep.transport.pause_reading() if uep.transport else None

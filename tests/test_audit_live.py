@@ -333,3 +333,27 @@ def test_each_run_of_a_prepared_statement_is_timed_from_its_own_bind(audited: An
     assert all(o["durationMs"] < 500 for o in outcomes), [o["durationMs"] for o in outcomes]
     results = [ev for ev in _recorded(tmp_path / "rec", 1) if ev.get("k") == "result" and ev.get("tag") == "SELECT 1"]
     assert len(results) == 3 and all(ev["ms"] < 500 for ev in results), results
+
+
+def test_bound_values_are_scrubbed_by_the_detectors_before_they_are_audited(make_proxy: Any, tmp_path: Path) -> None:
+    """An agent that binds a secret as a parameter value (an SSN to look a customer up, an email
+    in a note): the audit record of that run shows what kind of value it was, never the value;
+    ordinary values (ids, words, numbers too short to be anything) are kept as sent, since the
+    auditor needs exactly what ran."""
+    from masking_live_helpers import live_documents
+
+    proxy = make_proxy(extra=live_documents(), proxy_spec={"audit": {"path": str(tmp_path / "audit.jsonl")}})
+    conn = pg8000.native.Connection(proxy.user, host=proxy.host, port=proxy.port, database="shop",
+                                    password=proxy.password)
+    sent = ["123-45-6789", "write to ada@example.com", "42", "ssn 987-65-4321 and 4111111111111111", "plain words"]
+    for value in sent:
+        conn.run("SELECT count(*) FROM customers WHERE name = :v", v=value)
+    conn.close()
+    runs = [r for r in read_records(tmp_path / "audit.jsonl")
+            if r["event"] == "statement" and "customers WHERE name" in r["sql"] and "params" in r]
+    assert [r["params"] for r in runs] == [
+        ["[redacted:us_ssn]"], ["write to [redacted:email]"], ["42"],
+        ["ssn [redacted:us_ssn] and [redacted:credit_card]"], ["plain words"],
+    ]
+    text = (tmp_path / "audit.jsonl").read_text()
+    assert "123-45-6789" not in text and "ada@example.com" not in text and "4111111111111111" not in text

@@ -97,3 +97,21 @@ def test_recording_config() -> None:
 def test_an_outcome_shows_its_duration_to_the_microsecond(took: float, shown: float) -> None:
     out = records.outcome(INFO, 1, duration_ms=took, tag="SELECT 1")
     assert out["durationMs"] == shown
+
+
+def test_a_prefiltered_scrubber_sends_only_candidates_to_the_detectors() -> None:
+    """The audit's parameter scrubber runs the detectors' prefilter itself: a value without a
+    candidate comes back as it is, without the detectors being asked; any other value (a
+    candidate, non-ASCII text, or every value when there is no prefilter) goes to them."""
+    asked: list[str] = []
+
+    def detectors(text: str) -> str:
+        asked.append(text)
+        return text.replace("123-45-6789", "[redacted:us_ssn]")
+
+    scrub = records.PrefilteredText(detectors, re.compile(r"[0-9][0-9 .()-]{6,}[0-9]"))
+    assert records.mask_params(["42", "ssn 123-45-6789", "ünïcode 1", None, b"\x00\x01"], scrub) == [
+        "42", "ssn [redacted:us_ssn]", "ünïcode 1", None, "<binary 2 bytes>"]
+    assert asked == ["ssn 123-45-6789", "ünïcode 1"]
+    every = records.PrefilteredText(detectors, None)
+    assert every("42") == "42" and asked[-1] == "42"

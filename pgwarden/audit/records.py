@@ -19,6 +19,7 @@ proxy's `limits.maxStatementBytes` (512 KiB by default), not by clipping here.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -106,6 +107,23 @@ def to_microsecond(duration_ms: float) -> float:
 
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + f"…[{len(text) - limit} more chars]"
+
+
+class PrefilteredText:
+    """A content scrubber with its prefilter run here, in compiled code (pgwarden/compiled.py):
+    most parameter values hold no candidate, and the scrubber's own module is interpreted.
+    `prefilter`: a pattern that finds a superset of what `scrub` changes in ASCII text (None:
+    `scrub` runs on every value)."""
+
+    def __init__(self, scrub: MaskText, prefilter: re.Pattern[str] | None) -> None:
+        self.scrub = scrub
+        self.prefilter = prefilter
+
+    def __call__(self, text: str) -> str:
+        pre = self.prefilter
+        if pre is not None and text.isascii() and pre.search(text) is None:
+            return text
+        return self.scrub(text)
 
 
 def mask_params(params: Sequence[Param], mask_text: MaskText | None) -> list[str | None]:

@@ -162,6 +162,12 @@ class DetectorSet:
     def __bool__(self) -> bool:
         return bool(self.detectors)
 
+    @property
+    def prefilter_text(self) -> re.Pattern[str] | None:
+        """What `scrub` runs first over ASCII text: no match, nothing to replace (None: no such
+        shortcut, `scrub` looks at every value)."""
+        return self._pre_text
+
     def may_match(self, payload: bytes) -> bool:
         """Cheap test over raw bytes: False means no detector can match any value inside."""
         if self._always:

@@ -72,6 +72,9 @@ def check_compiled() -> None:
     import importlib
 
     pure = [n for n in module_names() if not is_compiled(importlib.import_module(n))]
+    # the audit chain's sealing step in C (setup.py builds it with the hot modules)
+    if getattr(importlib.import_module("pgwarden.audit.chain"), "_native_seal", None) is None:
+        pure.append("pgwarden.audit._seal (or no SHA-256 in the interpreter's libcrypto)")
     if pure:
         raise SystemExit(f"pgwarden: not compiled: {', '.join(pure)} (see setup.py; PGWARDEN_PURE_PYTHON="
                          f"{os.environ.get(PURE_ENV, '')!r})")

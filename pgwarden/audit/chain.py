@@ -38,6 +38,20 @@ from typing import Any
 
 import orjson
 
+from pgwarden.compiled import pure_requested
+
+# The sealing step in C (pgwarden/audit/_seal.c), built with the wheel: the same bytes as the
+# orjson path below for every record it writes, None for the rest. Not in a pure-Python run.
+_native_seal: Any = None
+if not pure_requested():
+    try:
+        from pgwarden.audit import _seal  # type: ignore[attr-defined, unused-ignore]
+
+        if _seal.available:
+            _native_seal = _seal.seal
+    except ImportError:  # an editable install, or a build without a C compiler
+        pass
+
 GENESIS = "0" * 64
 ROTATION_EVENT = "audit.rotation"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -99,7 +113,7 @@ def seal_all(records: Iterable[Mapping[str, Any]], seq: int, prev: str, *,
     caller's to change (the audit log's, built for it): `seq` and `prev` are set in them rather
     than in a copy."""
     lines = []
-    sha256, dumps = hashlib.sha256, orjson.dumps
+    sha256, dumps, native = hashlib.sha256, orjson.dumps, _native_seal
     for record in records:
         if owned and isinstance(record, dict) and "hash" not in record:
             body = record
@@ -109,6 +123,13 @@ def seal_all(records: Iterable[Mapping[str, Any]], seq: int, prev: str, *,
             body = {**record, "seq": seq, "prev": prev}
             if "hash" in body:
                 del body["hash"]
+        if native is not None:
+            sealed = native(body)  # (line, hash), or None: a record only the path below writes
+            if sealed is not None:
+                lines.append(sealed[0])
+                prev = sealed[1]
+                seq += 1
+                continue
         try:  # canonical(), inlined (tests/test_audit_chain.py holds the two to the same bytes)
             data = dumps(body, default=str, option=_ORJSON_OPTIONS)
         except orjson.JSONEncodeError:

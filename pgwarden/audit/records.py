@@ -49,7 +49,7 @@ def now_iso() -> str:
     if sec != known:
         text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + "."
         _second = (sec, text)
-    frac = us - sec * 1_000_000
+    frac = us % 1_000_000  # compiled, a native remainder; `us - sec * 1_000_000` multiplied boxed integers
     # two table lookups: formatting an integer (f-string or %) costs more than the rest together;
     # one f-string of strings is one allocation where `+` makes three
     return f"{text}{_DIGITS3[frac // 1000]}{_DIGITS3[frac % 1000]}Z"
@@ -70,9 +70,18 @@ class SessionInfo:
     # what every record of the session repeats, built once (__post_init__); a field, not a
     # cached_property (see pgwarden/compiled.py)
     common: dict[str, Any] = field(init=False, repr=False, compare=False, hash=False, default_factory=dict)
+    # the statement and outcome records' members, every key present: a record starts as a copy
+    # (one allocation of the right size; building it member by member resized it twice)
+    statement_base: dict[str, Any] = field(init=False, repr=False, compare=False, hash=False, default_factory=dict)
+    outcome_base: dict[str, Any] = field(init=False, repr=False, compare=False, hash=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "common", self._common())
+        common = self._common()
+        object.__setattr__(self, "common", common)
+        object.__setattr__(self, "statement_base", {"time": "", "event": "statement", **common, "stmt": "",
+                                                    "protocol": "", "sql": "", "decision": None})
+        object.__setattr__(self, "outcome_base", {"time": "", "event": "statement.outcome",
+                                                  "session": self.session_id, "stmt": "", "durationMs": 0.0})
 
     def with_identity(self, identity: Identity) -> SessionInfo:
         return SessionInfo(self.session_id, identity, self.workload, self.connection, self.database,
@@ -187,8 +196,12 @@ def statement(
         shown["rule"] = rule
     if reason:
         shown["reason"] = reason
-    rec = {"time": now_iso(), "event": "statement", **info.common, "stmt": stmt_id, "protocol": protocol, "sql": sql,
-           "decision": shown}
+    rec = info.statement_base.copy()
+    rec["time"] = now_iso()
+    rec["stmt"] = stmt_id
+    rec["protocol"] = protocol
+    rec["sql"] = sql
+    rec["decision"] = shown
     if params is not None:
         rec["params"] = mask_params(params, mask_text)
     if approval_id:
@@ -216,8 +229,10 @@ def outcome(
     """What happened once forwarded (or refused): command tag, rows, SQLSTATE, duration.
     `undone`: it ran and was rolled back by the proxy (more rows changed than allowed, PW005);
     `tag` and `rows` are then what the server reported before the rollback."""
-    rec: dict[str, Any] = {"time": now_iso(), "event": "statement.outcome", "session": info.session_id,
-                           "stmt": stmt_id, "durationMs": to_microsecond(duration_ms)}
+    rec = info.outcome_base.copy()
+    rec["time"] = now_iso()
+    rec["stmt"] = stmt_id
+    rec["durationMs"] = to_microsecond(duration_ms)
     if decision:
         rec["decision"] = decision
     if tag:

@@ -452,6 +452,10 @@ class Relay:
         self._recording: Any = None
         self._observe_rows = observer is not None
         self._exec_head: Pending | None = None
+        # the last portal result rewriter: (plan, fields, rewriter), for a plan that hands out one
+        # rewriter per fields object (its `shares_rewriters`); a prepared statement run again gets
+        # the same plan and fields objects, and the plan (interpreted code) is not asked again
+        self._bound: tuple[object, object, RowRewriter | None] | None = None
         # masks values printed in ErrorResponse / NoticeResponse text (a failed cast shows its input)
         # called once when a result passes its row limit: the shell cancels the query upstream
         self.on_limit: Callable[[], None] | None = None
@@ -1442,7 +1446,13 @@ class Relay:
                     "cannot tell which columns this portal returns, so masked values cannot be protected",
                     hint="Describe the statement or portal before executing it (every common driver does).",
                 )
-            head.rewriter = head.results.bind(0, head.fields)
+            results, fields, bound = head.results, head.fields, self._bound
+            if bound is not None and bound[0] is results and bound[1] is fields:
+                head.rewriter = bound[2]
+            else:
+                head.rewriter = results.bind(0, fields)
+                if type(fields) is tuple and getattr(results, "shares_rewriters", False):  # a tuple cannot change
+                    self._bound = (results, fields, head.rewriter)
         self._rewriter = head.rewriter
         if self._observe_rows and head.fields is not None:
             self._recording = head.context if self.observer.result_columns(head.context, head.fields) else None  # type: ignore[union-attr]

@@ -185,3 +185,26 @@ def test_a_statement_prepared_before_a_reload_is_decided_again_at_its_next_bind(
         (folder / "policy.yaml").write_text(policy(["public.orders"]))  # granted again
         wait_for(lambda: proxy.server.reload_status.generation == 2, "the second reload")
         assert conn.execute(sql, (0,), prepare=True).fetchone() is not None
+
+
+def test_a_prepared_statement_run_again_is_masked_by_the_rule_of_the_moment(bundle: Any) -> None:
+    """A prepared statement run over and over keeps its result's rewriter between runs (the relay
+    holds the last one for the same plan and columns); a MaskingRule reload replans the statement
+    at its next Bind, and that run is masked by the new rule, not by the kept rewriter."""
+    import psycopg
+
+    folder, proxy = bundle
+    (folder / "policy.yaml").write_text(policy(["public.customers"]))
+    (folder / "masking.yaml").write_text(masking_rule(["ssn"]))
+    wait_for(lambda: proxy.server.reload_status.generation == 1, "the reload")
+    names = dict(line.split("|", 1) for line in proxy.pg.psql("SELECT id, name FROM customers WHERE id <= 3",
+                                                               dbname="shop").splitlines())
+    sql = "SELECT ssn, name FROM customers WHERE id = %s"
+    with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0) as conn:
+        for n in (1, 2, 1):  # Bind/Execute of one prepared statement: the same plan and columns
+            row = conn.execute(sql, (n,), prepare=True).fetchone()
+            assert row is not None and "-" not in row[0] and row[1] == names[str(n)], row
+        (folder / "masking.yaml").write_text(masking_rule(["ssn", "name"]))
+        wait_for(lambda: proxy.server.reload_status.generation == 2, "the second reload")
+        row = conn.execute(sql, (3,), prepare=True).fetchone()
+        assert row is not None and "-" not in row[0] and row[1] != names["3"], row  # the name is masked now

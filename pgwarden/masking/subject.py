@@ -223,6 +223,13 @@ class StatementPlan:
         m = self.masking
         return m is not None and bool(m.detectors) and any(r.kind in ("rows", "copy") for r in self.results)
 
+    @cached_property
+    def shares_rewriters(self) -> bool:
+        """`bind(0, fields)` returns the same rewriter for the same fields object every time (the
+        first result's plan keeps it), so a caller may keep it: false for a COPY, whose rewriter
+        holds a partial line, and for a text with no result planned."""
+        return bool(self.results) and self.results[0].kind != "copy"
+
     def bind(self, index: int, fields: Sequence[Any], formats: Sequence[int] | None = None) -> Any:
         """The rewriter for the `index`-th result of the text (RowDescription fields, or [] at a
         CopyOutResponse); None to pass its rows untouched. Has `rewrite` and `copy_data`."""

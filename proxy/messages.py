@@ -310,6 +310,19 @@ def _text(data: bytes, start: int, end: int) -> str:
     return data[start:end].decode("utf-8", "replace") if end > start else ""
 
 
+def _int16s(data: bytes, pos: int, n: int) -> tuple[int, ...]:
+    """`n` format codes (Int16) from `pos`: none or one (what drivers send: all text, or one code
+    for all) read byte by byte, compiled native code; more with one struct call."""
+    if n == 0:
+        return ()
+    if n == 1:
+        if pos + 2 > len(data):
+            raise FrameError("malformed Bind message: format codes cut off")
+        v = data[pos] << 8 | data[pos + 1]
+        return (v - 0x10000 if v >= 0x8000 else v,)
+    return struct.unpack_from(f"!{n}h", data, pos)
+
+
 def parse_bind(payload: bytes | memoryview) -> BindMsg:
     data = bytes(payload)
     try:
@@ -320,7 +333,7 @@ def parse_bind(payload: bytes | memoryview) -> BindMsg:
         # Struct.unpack_from is a call and a tuple per field (every Bind of every statement)
         nf = data[pos] << 8 | data[pos + 1]
         pos += 2
-        fmts = struct.unpack_from(f"!{nf}h", data, pos) if nf else ()
+        fmts = _int16s(data, pos, nf)
         pos += 2 * nf
         np_ = data[pos] << 8 | data[pos + 1]
         pos += 2
@@ -339,7 +352,7 @@ def parse_bind(payload: bytes | memoryview) -> BindMsg:
                 pos += ln
         nr = data[pos] << 8 | data[pos + 1]
         pos += 2
-        rfmts = struct.unpack_from(f"!{nr}h", data, pos) if nr else ()
+        rfmts = _int16s(data, pos, nr)
         pos += 2 * nr
     except (ValueError, IndexError, struct.error) as e:
         raise FrameError(f"malformed Bind message: {e}") from e

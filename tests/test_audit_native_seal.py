@@ -178,6 +178,22 @@ def test_deep_nesting_is_left_to_the_orjson_path(native: ModuleType) -> None:
     for _ in range(300):
         deep = [deep]
     assert native.seal({"deep": deep}) is None
+    shallow: Any = "leaf"
+    for _ in range(30):
+        shallow = {"k": [shallow]}
+    record = {"deep": shallow, "seq": 0, "prev": GENESIS}
+    assert native.seal(record) == python_line(record)
+
+
+def test_a_statement_of_megabytes_with_escapes_throughout_comes_out_the_same(native: ModuleType) -> None:
+    """The largest texts an agent may send (the proxy's maxStatementBytes) and every escape in
+    them: the buffer grows as the escapes come, and the bytes are orjson's."""
+    rng = random.Random(3)
+    sql = "".join(rng.choice(["a", "\n", '"', "\\", "\x01", "é", "😀", " ", "x" * 50]) for _ in range(120_000))
+    record = {"event": "statement", "sql": sql, "seq": 1, "prev": GENESIS}
+    assert native.seal(record) == python_line(record)
+    record = {"event": "statement", "sql": "\x00" * 300_000, "seq": 2, "prev": GENESIS}
+    assert native.seal(record) == python_line(record)
 
 
 def test_a_chain_sealed_natively_is_the_chain_the_orjson_path_writes_and_it_verifies(

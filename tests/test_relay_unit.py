@@ -210,6 +210,17 @@ class TestFrontendMessages:
         with pytest.raises(m.FrameError):
             m.parse_bind(b"\0\0" + struct.pack("!hhi", 0, 1, 1000) + b"x")
 
+    def test_bind_format_codes_are_read_as_signed_int16_however_many_there_are(self) -> None:
+        """One code (the common case) is read byte by byte; each count gives what the server reads."""
+        for codes in [(), (0,), (1,), (-1,), (-32768,), (32767,), (0, 1), (1, 0, -2)]:
+            for results in [(), (1,), (-5,), (0, 1, 1)]:
+                payload = (b"p\0s\0" + struct.pack(f"!h{len(codes)}h", len(codes), *codes) + struct.pack("!h", 0)
+                           + struct.pack(f"!h{len(results)}h", len(results), *results))
+                bind = m.parse_bind(payload)
+                assert (bind.param_formats, bind.result_formats) == (codes, results)
+        with pytest.raises(m.FrameError):  # one format code announced, one byte of it sent
+            m.parse_bind(b"\0\0" + struct.pack("!h", 1) + b"\0")
+
     @pytest.mark.parametrize("payload", [
         b"\0\0" + struct.pack("!hhi", 0, 1, -2) + struct.pack("!h", 0),  # a negative length other than -1
         b"\0\0" + struct.pack("!hh", 0, 1) + b"\0\0",  # a parameter length cut short

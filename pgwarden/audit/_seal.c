@@ -10,7 +10,7 @@
  * control characters as \b \t \n \f \r or \u00xx), for the types it knows: dict with str keys,
  * list, tuple, str, int within 64 bits, bool, None, and floats in the range where orjson and
  * Python's repr() agree. For anything else (another type, a lone surrogate, a float outside
- * that range, nesting past 200) seal() returns None and the caller seals the record with
+ * that range, nesting past 64) seal() returns None and the caller seals the record with
  * orjson as before, so the bytes never depend on which path ran: tests/test_audit_native_seal.py
  * holds the two to the same bytes.
  *
@@ -40,7 +40,7 @@ static int sha256_oneshot(const char *d, Py_ssize_t n, unsigned char md[32]) {
     return sha256_init(ctx) == 1 && sha256_update(ctx, d, (size_t)n) == 1 && sha256_final(md, ctx) == 1;
 }
 
-#define MAX_DEPTH 200
+#define MAX_DEPTH 64  /* records are shallow; deeper ones go the orjson way (C stack: a frame per level) */
 
 typedef struct {
     char *p;
@@ -116,7 +116,9 @@ static inline int word_needs_escape(uint64_t w) {
 /* A JSON string as orjson writes it: `"` and `\` escaped, control characters as short escapes
  * or \u00xx (lowercase hex), everything else (DEL, non-ASCII) as the UTF-8 bytes themselves. */
 static int put_string(Buf *b, const char *s, Py_ssize_t n) {
-    if (buf_reserve(b, n * 6 + 2) < 0)  /* the worst case: every byte \u00xx */
+    /* room for the text as it is; an escape makes room for itself (a statement may be megabytes:
+     * reserving the worst case, six bytes per byte, would ask for several times that) */
+    if (buf_reserve(b, n + 2) < 0)
         return -1;
     char *o = b->p + b->len;
     *o++ = '"';
@@ -141,6 +143,11 @@ static int put_string(Buf *b, const char *s, Py_ssize_t n) {
         o += i - start;
         if (i >= n)
             break;
+        /* an escape: up to 6 bytes where the text had 1, and the rest and the closing quote after */
+        b->len = o - b->p;
+        if (buf_reserve(b, 6 + (n - i - 1) + 1) < 0)
+            return -1;
+        o = b->p + b->len;
         unsigned char c = (unsigned char)s[i++];
         *o++ = '\\';
         switch (c) {

@@ -32,10 +32,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 # change kinds
-PUT_STATEMENT, DROP_STATEMENT, PUT_PORTAL, DROP_PORTAL, DISCARD = range(5)
+# kinds of Change; Final literals are constants in the compiled code (see relay.py)
+PUT_STATEMENT: Final = 0
+DROP_STATEMENT: Final = 1
+PUT_PORTAL: Final = 2
+DROP_PORTAL: Final = 3
+DISCARD: Final = 4
 
 Change = tuple[int, Any, Any]  # (kind, name — None: all named objects, entry)
 

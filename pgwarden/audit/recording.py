@@ -27,7 +27,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -36,7 +36,7 @@ from pgwarden.audit.records import now_iso
 log = logging.getLogger(__name__)
 
 FORMAT = "pgwarden.recording/v1"
-FLUSH_EVERY_NS = 1_000_000_000  # a second
+FLUSH_EVERY_NS: Final = 1_000_000_000  # a second
 # ErrorResponse / NoticeResponse field codes -> names (PostgreSQL protocol, "Error and Notice Message Fields")
 FIELD_NAMES = {"S": "severity", "V": "severity", "C": "code", "M": "message", "D": "detail", "H": "hint",
                "P": "position", "p": "internalPosition", "q": "internalQuery", "W": "where", "s": "schema",
@@ -44,7 +44,7 @@ FIELD_NAMES = {"S": "severity", "V": "severity", "C": "code", "M": "message", "D
                "R": "routine"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 # room kept in every budget for the `stopped` line that says why recording stopped
-STOP_RESERVE = 512
+STOP_RESERVE: Final = 512
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 
@@ -73,7 +73,7 @@ class _Result:
         self.capped = ""
 
 
-BLOCK_BYTES = 64 * 1024
+BLOCK_BYTES: Final = 65536
 
 
 class _Lines:
@@ -324,7 +324,7 @@ def _line(ev: dict[str, Any]) -> bytes:
         return json.dumps(ev, ensure_ascii=False, separators=(",", ":"), default=str).encode() + b"\n"
 
 
-_PASSTHROUGH = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+_PASSTHROUGH: Final = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
 
 
 def private_dir(path: Path) -> None:

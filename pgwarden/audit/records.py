@@ -30,7 +30,7 @@ from pgwarden.subjects import Identity, Workload
 MaskText = Callable[[str], str]
 Param = str | bytes | bytearray | memoryview | None
 
-MAX_PARAM_CHARS = 4096
+MAX_PARAM_CHARS: Final = 4096
 
 
 # the last whole second formatted, and its text up to the seconds: replaced as one tuple, so the

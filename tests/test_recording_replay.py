@@ -309,3 +309,18 @@ def test_a_recording_keeps_what_it_was_given_when_the_caller_changes_its_lists(t
     assert events[2]["columns"] == ["id", "email"] and events[2]["types"] == [23, 25]
     assert events[2]["rows"] == [["7", "c7***@example.com"]]
     assert events[3]["params"] == ["9"] and events[4]["columns"] == ["id"] and events[4]["rows"] == [["9"]]
+
+
+def test_a_recording_holds_each_line_once_however_its_blocks_are_written(tmp_path: Path) -> None:
+    """Lines gather and go to the file a block at a time (at the block size, once a second, at
+    the end): every line is in the file exactly once and in order, also across blocks."""
+    from pgwarden.audit import recording
+
+    rec = recording.SessionRecorder(tmp_path, "s-blocks")
+    for i in range(3000):  # several blocks of BLOCK_BYTES
+        rec.statement(i, f"SELECT {i} /* {'x' * 40} */")
+        rec.complete(i, "SELECT 1", 1)
+    rec.close("client")
+    events = [json.loads(line) for line in (tmp_path / "s-blocks.jsonl").read_text().splitlines()]
+    assert [ev["k"] for ev in events] == ["session"] + ["query", "result"] * 3000 + ["end"]
+    assert [ev["s"] for ev in events if ev["k"] == "query"] == list(range(3000))

@@ -100,9 +100,9 @@ class _Lines:
         data = b"".join(self.parts)
         self.parts = []
         self.size = 0
-        view = memoryview(data)
-        while view:  # a short write (a signal, a nearly full disk): the rest, as the kernel takes it
-            view = view[os.write(self.fd, view):]
+        done = os.write(self.fd, data)
+        while done < len(data):  # a short write (a signal, a nearly full disk): the rest, as the kernel takes it
+            done += os.write(self.fd, memoryview(data)[done:])
 
     def close(self) -> None:
         try:

@@ -91,3 +91,14 @@ def test_round_ratios_pair_each_run_with_pgbouncers_run_of_the_same_round_and_mo
             r("pgbouncer", "simple", 1, 100.0), r("pgwarden+full", "simple", 1, 58.0),
             r("pgwarden+full", "prepared", 1, 50.0), r("direct", "simple", 1, 300.0)]
     assert run.round_ratios(runs) == {"pgwarden+full": {"simple": [0.58, 0.6]}}  # prepared: no PgBouncer run
+
+
+def test_the_instruction_counter_drives_the_fully_loaded_session() -> None:
+    """bench/instructions.py runs its round trips under valgrind; the driver it runs there must
+    keep working (the session's configuration, the audit log and recordings open and close)."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "instructions.py"), "--child", "prepared", "30"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    helped = subprocess.run([sys.executable, str(ROOT / "bench" / "instructions.py"), "--help"],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert helped.returncode == 0 and "callgrind" in helped.stdout

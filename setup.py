@@ -74,7 +74,9 @@ class OptionalBuildExt(build_ext):
         if self.distribution.ext_modules == PLACEHOLDER:
             editable = getattr(self, "editable_mode", False) or self.inplace
             building = bool(BUILD_COMMANDS & set(self.distribution.commands)) and not editable
-            self.distribution.ext_modules = [*_mypycify(), SEAL] if building else []
+            compiled = _mypycify() if building else []
+            # all or none: the sealing step only beside the mypyc modules
+            self.distribution.ext_modules = [*compiled, SEAL] if compiled else []
         super().finalize_options()
 
     def run(self) -> None:

@@ -324,3 +324,29 @@ def test_a_recording_holds_each_line_once_however_its_blocks_are_written(tmp_pat
     events = [json.loads(line) for line in (tmp_path / "s-blocks.jsonl").read_text().splitlines()]
     assert [ev["k"] for ev in events] == ["session"] + ["query", "result"] * 3000 + ["end"]
     assert [ev["s"] for ev in events if ev["k"] == "query"] == list(range(3000))
+
+
+def test_a_recording_whose_last_write_fails_closes_its_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk at the end of a session: the recorder gives up quietly, and its file is closed
+    exactly once (closing the fd number a second time could close a file another session or the
+    audit log opened since)."""
+    from pgwarden.audit import recording
+
+    rec = recording.SessionRecorder(tmp_path, "s-full")
+    rec.statement(1, "SELECT 1")
+    fd = rec._fh.fd if rec._fh is not None else -1
+    closed: list[int] = []
+    real_close = os.close
+
+    def full(fd_: int, data: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    def counting_close(fd_: int) -> None:
+        closed.append(fd_)
+        real_close(fd_)
+
+    monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(os, "close", counting_close)
+    rec.close("client")
+    assert rec.failed
+    assert closed.count(fd) == 1, closed

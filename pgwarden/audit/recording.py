@@ -105,10 +105,15 @@ class _Lines:
             done += os.write(self.fd, memoryview(data)[done:])
 
     def close(self) -> None:
+        """Flush and close, once: a second call (the recorder's failure path after a failed
+        flush) must not close the fd number again, which another file may hold by then."""
+        if self.fd < 0:
+            return
         try:
             self.flush()
         finally:
-            os.close(self.fd)
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
 
 class SessionRecorder:

@@ -34,6 +34,7 @@ T = TypeVar("T")
 HOT_MODULES = (
     "pgwarden/pgwire.py",
     "pgwarden/cache.py",
+    "pgwarden/policy/front.py",
     "pgwarden/proxy/messages.py",
     "pgwarden/proxy/wire.py",
     "pgwarden/proxy/statements.py",

@@ -211,16 +211,14 @@ class AnalysisOffload:
     """One per proxy: analyses of texts longer than `above_bytes`, off the event loop."""
 
     def __init__(self, above_bytes: int, timeout: float) -> None:
+        # a text longer than this many characters goes off the loop (the gate compares, compiled,
+        # without a call). Characters <= bytes: a text with fewer characters than the threshold may
+        # still pass it in UTF-8 bytes, but only by a factor of at most 4; close enough for a cost bound
         self.above_bytes = above_bytes
         self.timeout = timeout
         self.worker = _Worker()
         # one statement at a time: the memory of one long analysis is the most the proxy holds
         self._threads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgwarden-analysis")
-
-    def wants(self, sql: str) -> bool:
-        # characters <= bytes: a text with fewer characters than the threshold may still pass
-        # it in UTF-8 bytes, but only by a factor of at most 4; close enough for a cost bound
-        return len(sql) > self.above_bytes
 
     async def check(self, gate: Any, sql: str, prepared_name: str | None) -> Any:
         """The gate's verdict for `sql`, analysed off the loop; a refusal past the time budget."""

@@ -31,6 +31,7 @@ from pgwarden.errors import (
 from pgwarden.masking.catalog import UNKNOWN, Catalog
 from pgwarden.masking.subject import changes_schema
 from pgwarden.policy import analyze
+from pgwarden.policy.front import filed
 from pgwarden.proxy import messages as m
 from pgwarden.proxy.analysis_budget import Analysed, AnalysisOffload
 from pgwarden.proxy.circuit import CircuitBreaker
@@ -432,7 +433,7 @@ class SessionGate:
         if not statement.rebind and (limited := self._rate_limited()) is not None:
             return Verdict(error=limited)  # every run of a prepared statement counts towards the rate
         if statement.rebind:  # EXECUTE / FETCH by name: decided as the name is now, with these values
-            if self.rt.offload is not None and self.rt.offload.wants(statement.sql):
+            if self.rt.offload is not None and len(statement.sql) > self.rt.offload.above_bytes:
                 # deciding it again at every Bind would analyse a long text on the event loop
                 return Verdict(error=StatementLimit(
                     f"pgwarden refuses to bind a {len(statement.sql):,}-character statement that names a prepared "
@@ -517,13 +518,15 @@ class SessionGate:
         if analysed is None and prepared_name is None and (limited := self._rate_limited()) is not None:
             return self._audited(ctx, Verdict(error=limited, context=ctx), "deny")  # not a denial that counts
         offload = self.rt.offload
-        if analysed is None and bind is None and offload is not None and offload.wants(sql):
+        if analysed is None and bind is None and offload is not None and len(sql) > offload.above_bytes:
             # a long text is analysed off the event loop within a time budget; this runs again with the result
             return Verdict(wait=offload.check(self, sql, prepared_name))
         if analysed is not None and analysed.error is not None:
             return self._refuse(ctx, analysed.error)
         try:
-            analysis = analyze(sql, self.rt.search_path, self.state.server_version)
+            # the shape's analysis from the lexical front (compiled) when filed, else the full path
+            known = filed(sql, self.rt.search_path, self.state.server_version) if analysed is None else None
+            analysis = known if known is not None else analyze(sql, self.rt.search_path, self.state.server_version)
             if analysed is not None:
                 decision = analysed.decision
             elif self.policy is None:

@@ -482,9 +482,7 @@ class Relay:
         self._recording: Any = None
         self._observe_rows = observer is not None
         self._exec_head: Pending | None = None
-        # the last portal result rewriter: (plan, fields, rewriter), for a plan that hands out one
-        # rewriter per fields object (its `shares_rewriters`); a prepared statement run again gets
-        # the same plan and fields objects, and the plan (interpreted code) is not asked again
+        # the last first-result rewriter: (plan, fields, rewriter); see _bind
         self._bound: tuple[object, object, RowRewriter | None] | None = None
         # masks values printed in ErrorResponse / NoticeResponse text (a failed cast shows its input)
         # called once when a result passes its row limit: the shell cancels the query upstream
@@ -743,7 +741,7 @@ class Relay:
                         if p.results is not None:
                             entry.results = p.results
                             if entry.fields is not None:
-                                entry.rewriter = p.results.bind(0, entry.fields)
+                                entry.rewriter = self._bind(p.results, 0, entry.fields)
                         if prep is not None and prep.run_changes:
                             # a Parse of PREPARE / DECLARE / DEALLOCATE / CLOSE: its names change now
                             entry.changes = prep.run_changes
@@ -754,7 +752,7 @@ class Relay:
                         if p is not None and p.fields is not None:
                             entry.fields = p.fields
                             if entry.results is not None:
-                                entry.rewriter = entry.results.bind(0, entry.fields)
+                                entry.rewriter = self._bind(entry.results, 0, entry.fields)
                         else:  # its columns come from a Describe in this batch, at the first row
                             entry.portal = p
                     self._push(entry)
@@ -1116,7 +1114,7 @@ class Relay:
                         if self._observe_rows and fields is not None and head.kind == QUERY:
                             self._recording = head.context if self.observer.result_columns(head.context, fields) else None  # type: ignore[union-attr]
                         if head.kind == QUERY:
-                            self._rewriter = head.results.bind(head.index, fields) if head.results and fields is not None else None
+                            self._rewriter = self._bind(head.results, head.index, fields) if head.results and fields is not None else None
                         elif head.kind == DESCRIBE:
                             self._remember_fields(head, fields)
                             self._pop()
@@ -1476,16 +1474,24 @@ class Relay:
                     "cannot tell which columns this portal returns, so masked values cannot be protected",
                     hint="Describe the statement or portal before executing it (every common driver does).",
                 )
-            results, fields, bound = head.results, head.fields, self._bound
-            if bound is not None and bound[0] is results and bound[1] is fields:
-                head.rewriter = bound[2]
-            else:
-                head.rewriter = results.bind(0, fields)
-                if type(fields) is tuple and getattr(results, "shares_rewriters", False):  # a tuple cannot change
-                    self._bound = (results, fields, head.rewriter)
+            head.rewriter = self._bind(head.results, 0, head.fields)
         self._rewriter = head.rewriter
         if self._observe_rows and head.fields is not None:
             self._recording = head.context if self.observer.result_columns(head.context, head.fields) else None  # type: ignore[union-attr]
+
+    def _bind(self, results: ResultPolicy, index: int, fields: tuple[m.Field, ...]) -> RowRewriter | None:
+        """`results.bind(index, fields)`, remembered for the first result: a statement run again (a
+        Query of the same shape, an Execute of the same prepared statement) brings the same plan
+        and, parsed once per RowDescription's bytes, the same fields tuple, and the plan
+        (interpreted code) is not asked again. Only for a plan that hands out one rewriter per
+        fields object (its `shares_rewriters`: not a COPY, whose rewriter keeps a partial line)."""
+        bound = self._bound
+        if index == 0 and bound is not None and bound[0] is results and bound[1] is fields:
+            return bound[2]
+        rewriter = results.bind(index, fields)
+        if index == 0 and type(fields) is tuple and getattr(results, "shares_rewriters", False):  # a tuple cannot change
+            self._bound = (results, fields, rewriter)
+        return rewriter
 
     def _wants_fields(self, head: Pending) -> bool:
         if head.kind == QUERY:

@@ -208,3 +208,29 @@ def test_a_prepared_statement_run_again_is_masked_by_the_rule_of_the_moment(bund
         wait_for(lambda: proxy.server.reload_status.generation == 2, "the second reload")
         row = conn.execute(sql, (3,), prepare=True).fetchone()
         assert row is not None and "-" not in row[0] and row[1] != names["3"], row  # the name is masked now
+
+
+@pytest.mark.parametrize("prepared", [False, True], ids=["simple", "prepared"])
+def test_two_statements_with_the_same_columns_keep_their_own_masking(bundle: Any, prepared: bool) -> None:
+    """The relay keeps the last result's rewriter for the same plan and the same (parsed once)
+    columns. Two texts whose RowDescriptions are byte for byte the same (columns `v` and `w` of type
+    text, no table behind them), the SSN in the first column of one and in the second of the
+    other, run in turn: each is masked as its own plan says, never by the other's kept rewriter."""
+    import psycopg
+
+    folder, proxy = bundle
+    (folder / "policy.yaml").write_text(policy(["public.customers"]))
+    (folder / "masking.yaml").write_text(masking_rule(["ssn"]))
+    wait_for(lambda: proxy.server.reload_status.generation == 1, "the reload")
+    clear = {n: tuple(proxy.pg.psql(f"SELECT upper(ssn), upper(name) FROM customers WHERE id = {n}",
+                                    dbname="shop").strip().split("|")) for n in (1, 2, 3)}
+    kwargs: dict[str, Any] = {"prepare_threshold": 0} if prepared else {"cursor_factory": psycopg.ClientCursor}
+    with psycopg.connect(proxy.dsn(), autocommit=True, **kwargs) as conn:
+        for n in (1, 2, 3, 1):
+            ssn, name = clear[n]
+            row = conn.execute("SELECT upper(ssn) AS v, upper(name) AS w FROM customers WHERE id = %s", (n,),
+                               prepare=prepared).fetchone()
+            assert row is not None and row[0] != ssn and "-" not in row[0] and row[1] == name, row
+            row = conn.execute("SELECT upper(name) AS v, upper(ssn) AS w FROM customers WHERE id = %s", (n,),
+                               prepare=prepared).fetchone()
+            assert row is not None and row[0] == name and row[1] != ssn and "-" not in row[1], row

@@ -36,6 +36,9 @@ from pgwarden.policy.catalog_names import (
     catalog_relations,
     newer_syntax,
 )
+from pgwarden.policy.front import FRONT_CACHE as _FRONT_CACHE
+from pgwarden.policy.front import INTEGER_RUN as _INTEGER_RUN
+from pgwarden.policy.front import MAX_FRONT_TEXT, front_key
 from pgwarden.policy.model import ANY
 
 Obj = tuple[str, str]
@@ -68,7 +71,7 @@ SENSITIVE_CATALOG_RELATIONS = frozenset({
 # searches pg_catalog before the search_path. Other pg_* names are checked both as pg_catalog.X
 # and against the search_path.
 CATALOG_RELATIONS = catalog_relations()
-MAX_CACHED_TEXT = 4096
+MAX_CACHED_TEXT = MAX_FRONT_TEXT
 
 
 @dataclass(frozen=True)
@@ -193,14 +196,15 @@ def analyze(sql: str, search_path: tuple[str, ...] = ("public",), server_version
     if front is None:
         return _analyze_cached(sql, search_path, server_version)
     key = (front, search_path, server_version)
-    filed = _FRONT_CACHE.get(key, touch=True)
-    if isinstance(filed, Analysis):
-        return filed
+    known = _FRONT_CACHE.get(key, touch=True)
+    if isinstance(known, Analysis):
+        return known
     analysis = _analyze_cached(sql, search_path, server_version)
     # a new shape: filed when the constant-blind cache holds its analysis (the walk read no literal)
-    if filed is None and _BLIND_CACHE.get((analysis.blind, search_path, server_version)) is analysis:
+    if known is None and _BLIND_CACHE.get((analysis.blind, search_path, server_version)) is analysis:
         _FRONT_CACHE.put(key, analysis if _probes_agree(sql, analysis.blind) else False)
     return analysis
+
 
 
 @lru_cache(maxsize=1024)
@@ -284,37 +288,8 @@ def _blank_literal(m: re.Match[str]) -> str:
     return m.group(1) + "{}"
 
 
-# -- the lexical front of the constant-blind cache ------------------------------------------------
-# The constant-blind key still costs a parse and a pass over the tree's JSON (about 6 us of the
-# proxy's per-statement work), and an agent's traffic is mostly a few shapes with a new number in
-# each (pgbench: `... WHERE aid = 12345;`). In a plain ASCII text (no quotes of either kind, no
-# dollar signs, backslashes or comments) a run of one to nine digits with no letter, digit,
-# underscore or dot on either side can only be an integer constant token (or the exponent of a
-# numeric one, 1e-5, which is a literal value all the same); the digits of a name stay in the
-# key. Blanking those runs gives a key two texts share when they are the same text but for them.
-# An analysis is filed under that key only when the constant-blind cache filed it (the walk read
-# no literal) and two probes, the runs replaced by 1, 2, 3, … and by 999999999, 999999998, …,
-# parse to the same blinded tree as the text itself: the integers then become only literal
-# values, not a FETCH count, a storage parameter, an array bound or float(p)'s choice of type,
-# where a different number makes a different statement. A shape that fails the probes is
-# remembered as such (one probe per shape).
-FRONT_CACHE_SIZE = 1024
-_FRONT_CACHE: BoundedCache[tuple[str, tuple[str, ...], int], Analysis | bool] = BoundedCache(FRONT_CACHE_SIZE)
-# a run of 1-9 digits with no name character or dot either side. Written to start with its first
-# digit (the lookbehind then checks the character before it), so the engine can skip to digits
-# instead of testing the lookbehind at every position: 0.55 µs for a pgbench text, not 0.95
-_INTEGER_RUN = re.compile(r"[0-9](?<![A-Za-z0-9_.][0-9])[0-9]{0,8}(?![A-Za-z0-9_.])")
-
-
-def front_key(sql: str) -> str | None:
-    """`sql` with its integer constants blanked, or None outside the plain lexical domain (where a
-    digit run could be part of a string, a quoted or non-ASCII name, a comment or a parameter,
-    and a NUL, refused by the analysis, could pass for a blanked digit)."""
-    if (not sql.isascii() or "'" in sql or '"' in sql or "$" in sql or "\\" in sql or "--" in sql
-            or "/*" in sql or "\x00" in sql):  # eight checks in C: a third of one regex search
-        return None
-    return _INTEGER_RUN.sub("\x00", sql)  # NUL: not in a text in the domain, so never a collision
-
+# -- the lexical front of the constant-blind cache (pgwarden/policy/front.py) ---------------------
+# A shape is filed there only when both probes below agree with the text's own tree.
 
 def _probes_agree(sql: str, blind: str) -> bool:
     """The text with its integers replaced by 1, 2, 3, … and by 999999999, 999999998, … parses

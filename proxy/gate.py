@@ -1017,7 +1017,8 @@ class SessionGate:
             self.rt.audit.emit(
                 records.outcome(
                     self.ainfo, context.id, duration_ms=(time.time() - context.started) * 1000, tag=tag, rows=rows,
-                    sqlstate=(error or {}).get("C", ""), message=(error or {}).get("M", ""), undone=undone,
+                    sqlstate=error.get("C", "") if error else "", message=error.get("M", "") if error else "",
+                    undone=undone,
                 )
             )
 

@@ -387,7 +387,7 @@ def parse_execute(payload: bytes | memoryview) -> tuple[str, int]:
 # -- backend messages the proxy reads ------------------------------------------------------
 def command_tag_rows(tag: str) -> int | None:
     """Row count from a CommandComplete tag ('SELECT 5', 'INSERT 0 3', 'UPDATE 2')."""
-    parts = tag.split()
-    if len(parts) >= 2 and parts[-1].isdigit():
-        return int(parts[-1])
+    head, _, last = tag.rpartition(" ")  # per statement: no list of parts
+    if head and last.isascii() and last.isdigit():
+        return int(last)
     return None

@@ -152,3 +152,33 @@ def test_the_integer_runs_blanked_are_those_the_plain_pattern_finds() -> None:
     texts = edges + ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(20000)]
     for text in texts:
         assert an._INTEGER_RUN.sub("\x00", text) == plain.sub("\x00", text), text
+
+
+@pytest.mark.parametrize("sql", CASES)
+def test_the_gates_compiled_lookup_answers_as_the_analysis_does(sql: str) -> None:
+    """The proxy's gate asks `front.filed` first (compiled, no parse) and `analyze` only when it
+    has no answer: whatever it answers for a variant is what a fresh analysis of that variant says,
+    and a shape an integer shapes is never answered there."""
+    from pgwarden.policy.front import filed
+
+    an.analyze(sql, PATH)
+    for v in variants(sql):
+        known = filed(v, PATH, 0)
+        if sql in SHAPING:
+            assert known is None, v
+        elif known is not None:
+            assert known is an.analyze(v, PATH) and same(known, fresh(v)), v
+
+
+def test_the_compiled_lookup_leaves_what_it_does_not_know_to_the_analysis() -> None:
+    from pgwarden.policy.front import MAX_FRONT_TEXT, filed
+
+    an.analyze("SELECT total_cents FROM orders WHERE id = 41", PATH)
+    assert filed("SELECT total_cents FROM orders WHERE id = 42", PATH, 0) is not None
+    assert filed("SELECT total_cents FROM orders WHERE id = 42", ("other",), 0) is None  # another search_path
+    assert filed("SELECT total_cents FROM orders WHERE id = 42", PATH, 17) is None  # another server version
+    assert filed("SELECT total_cents FROM orders WHERE id = '42'", PATH, 0) is None  # a quote: outside the domain
+    assert filed("SELECT total_cents FROM orders WHERE id = 42 -- x", PATH, 0) is None  # a comment
+    long = "SELECT total_cents FROM orders WHERE id = 42" + " " * MAX_FRONT_TEXT
+    an.analyze(long, PATH)
+    assert filed(long, PATH, 0) is None  # too long to be cached at all

@@ -206,7 +206,6 @@ def analyze(sql: str, search_path: tuple[str, ...] = ("public",), server_version
     return analysis
 
 
-
 @lru_cache(maxsize=1024)
 def _analyze_cached(sql: str, search_path: tuple[str, ...], server_version: int) -> Analysis:
     return _analyze(sql, search_path, server_version)

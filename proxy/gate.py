@@ -323,9 +323,14 @@ class SessionGate:
         statement.decided_in = self.generation
         decision = None
         guard = None
+        state = self.state
+        if statement.name in state.prepared:
+            # its own name, registered since its Parse, is no conflict for deciding that Parse again
+            # ("already prepared": every statement but the newest was refused after a reload)
+            state = replace(state, prepared={k: v for k, v in state.prepared.items() if k != statement.name})
         try:
             if self.policy is not None:
-                decision = self.policy.decide(statement.sql, self.state, prepare_as=statement.name)
+                decision = self.policy.decide(statement.sql, state, prepare_as=statement.name)
             analysis = analyze(statement.sql, self.rt.search_path, self.state.server_version)
             guard = None if rebinds(analysis) else self._limit_guard(decision, analysis)
         except AgentError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,21 @@ def wait_for(cond: Any, what: str, timeout: float = 15.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def clear_names(proxy: ProxyHandle, ids: tuple[int, ...] = (1, 2, 3)) -> dict[int, tuple[str, str]]:
+    """(upper(ssn), upper(name)) of these customers, read directly from the server."""
+    out: dict[int, tuple[str, str]] = {}
+    for n in ids:
+        ssn, name = proxy.pg.psql(f"SELECT upper(ssn), upper(name) FROM customers WHERE id = {n}", dbname="shop").strip().split("|")
+        out[n] = (ssn, name)
+    return out
+
+
+def catalog_read(read_name: Any, name: str) -> None:
+    """Until the proxy has read the catalog, every column counts as masked (fail closed): wait
+    until `read_name()` (a customer's upper(name) through the proxy) comes back as `name`."""
+    wait_for(lambda: read_name() == name, "the catalog's first read")
 
 
 @pytest.fixture
@@ -222,10 +238,11 @@ def test_two_statements_with_the_same_columns_keep_their_own_masking(bundle: Any
     (folder / "policy.yaml").write_text(policy(["public.customers"]))
     (folder / "masking.yaml").write_text(masking_rule(["ssn"]))
     wait_for(lambda: proxy.server.reload_status.generation == 1, "the reload")
-    clear = {n: tuple(proxy.pg.psql(f"SELECT upper(ssn), upper(name) FROM customers WHERE id = {n}",
-                                    dbname="shop").strip().split("|")) for n in (1, 2, 3)}
+    clear = clear_names(proxy)
     kwargs: dict[str, Any] = {"prepare_threshold": 0} if prepared else {"cursor_factory": psycopg.ClientCursor}
     with psycopg.connect(proxy.dsn(), autocommit=True, **kwargs) as conn:
+        catalog_read(lambda: (conn.execute("SELECT upper(name) FROM customers WHERE id = 1").fetchone() or [""])[0],
+                     clear[1][1])
         for n in (1, 2, 3, 1):
             ssn, name = clear[n]
             row = conn.execute("SELECT upper(ssn) AS v, upper(name) AS w FROM customers WHERE id = %s", (n,),
@@ -234,3 +251,48 @@ def test_two_statements_with_the_same_columns_keep_their_own_masking(bundle: Any
             row = conn.execute("SELECT upper(name) AS v, upper(ssn) AS w FROM customers WHERE id = %s", (n,),
                                prepare=prepared).fetchone()
             assert row is not None and row[0] == name and row[1] != ssn and "-" not in row[1], row
+
+
+def test_prepared_statements_run_on_after_a_reload_with_binary_results_masked(bundle: Any) -> None:
+    """asyncpg prepares statements once per connection (named, described) and asks for binary
+    results at every Bind. After a MaskingRule reload each statement is decided again at its next
+    Bind: every one of them runs on (the older ones were refused as "already prepared": deciding
+    their Parse again met their own names), and each masks the newly ruled column. The proxy keeps
+    a statement's fields with the Bind's formats between runs, and with them the row rewriter:
+    two statements with the same columns, the SSN in a different one of each, stay masked by
+    their own plans run after run."""
+    import asyncpg
+
+    folder, proxy = bundle
+    (folder / "policy.yaml").write_text(policy(["public.customers"]))
+    (folder / "masking.yaml").write_text(masking_rule(["ssn"]))
+    wait_for(lambda: proxy.server.reload_status.generation == 1, "the reload")
+    clear = clear_names(proxy)
+
+    async def go() -> None:
+        conn = await asyncpg.connect(host=proxy.host, port=proxy.port, user=proxy.user, password=proxy.password,
+                                     database="shop", ssl=False)
+        try:
+            name_of = await conn.prepare("SELECT upper(name) FROM customers WHERE id = 1")
+            for _ in range(300):  # the catalog's first read (until then every column counts as masked)
+                if await name_of.fetchval() == clear[1][1]:
+                    break
+                await asyncio.sleep(0.05)
+            ssn_first = await conn.prepare("SELECT upper(ssn) AS v, upper(name) AS w FROM customers WHERE id = $1")
+            ssn_second = await conn.prepare("SELECT upper(name) AS v, upper(ssn) AS w FROM customers WHERE id = $1")
+            for n in (1, 2, 3, 1):
+                ssn, name = clear[n]
+                a, b = await ssn_first.fetchrow(n), await ssn_second.fetchrow(n)
+                assert a is not None and a["v"] != ssn and "-" not in a["v"] and a["w"] == name, a
+                assert b is not None and b["v"] == name and b["w"] != ssn and "-" not in b["w"], b
+            (folder / "masking.yaml").write_text(masking_rule(["ssn", "name"]))
+            await asyncio.to_thread(wait_for, lambda: proxy.server.reload_status.generation == 2, "the second reload")
+            ssn, name = clear[2]
+            a, b = await ssn_first.fetchrow(2), await ssn_second.fetchrow(2)
+            assert a is not None and a["v"] != ssn and a["w"] != name, a  # the name is masked now
+            assert b is not None and b["v"] != name and b["w"] != ssn, b
+            assert await name_of.fetchval() != clear[1][1]  # the oldest statement runs on, masked
+        finally:
+            await conn.close()
+
+    asyncio.run(go())

@@ -735,7 +735,7 @@ class Relay:
                         prep = p.statement
                         entry.context = p.context
                         entry.max_rows = p.max_rows
-                        entry.fields = p.fields or _with_formats(prep.fields if prep is not None else None, p.formats)
+                        entry.fields = p.fields or (_formatted(prep, p.formats) if prep is not None else None)
                         if entry.fields is None:  # a Describe in this batch: its columns, at the first row
                             entry.portal = p
                         if p.results is not None:
@@ -1511,6 +1511,22 @@ class Relay:
                 head.prep.fields = fields
         elif head.portal is not None:
             head.portal.fields = fields
+
+
+def _formatted(prep: PreparedEntry, formats: tuple[int, ...]) -> tuple[m.Field, ...] | None:
+    """The statement's described fields with a Bind's result formats, the same tuple for every Bind
+    that asks the formats the last one asked (binary results: asyncpg, pg8000's binary codecs), so
+    the kept rewriter (Relay._bind) serves their Executes as it does text results."""
+    fields = prep.fields
+    if fields is None or not formats:
+        return fields
+    kept = prep.formatted
+    if kept is not None and kept[0] is fields and kept[1] == formats:
+        return kept[2]
+    out = _with_formats(fields, formats)
+    if out is not None:
+        prep.formatted = (fields, formats, out)
+    return out
 
 
 def _with_formats(fields: tuple[m.Field, ...] | None, formats: tuple[int, ...]) -> tuple[m.Field, ...] | None:

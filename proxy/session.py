@@ -50,7 +50,7 @@ class PreparedEntry:
 
     # a plain class, not a dataclass: made per statement (see pgwarden/compiled.py)
     __slots__ = ("name", "sql", "origin", "policy_body", "mask_outs", "results", "context", "max_rows", "guard",
-                 "reviewed", "fields", "run_changes", "rebind", "planned_with", "decided_in")
+                 "reviewed", "fields", "run_changes", "rebind", "planned_with", "decided_in", "formatted")
 
     def __init__(self, name: str, sql: str, origin: str, policy_body: Any = None, mask_outs: Any = None,
                  results: Any = None, context: Any = None, max_rows: int | None = None, guard: Any = None,
@@ -76,6 +76,9 @@ class PreparedEntry:
         # as the server plans it again for the schema as it is now
         self.planned_with = planned_with
         self.decided_in = decided_in  # the gate's configuration generation it was decided under (Parse)
+        # (fields, a Bind's result formats, the fields with those formats): the last Bind's, kept for
+        # the next (a driver asks the same formats at every run); the relay's, see relay._formatted
+        self.formatted: tuple[object, tuple[int, ...], tuple[Any, ...]] | None = None
 
 
 class PortalEntry:

@@ -1523,9 +1523,8 @@ def _formatted(prep: PreparedEntry, formats: tuple[int, ...]) -> tuple[m.Field, 
     kept = prep.formatted
     if kept is not None and kept[0] is fields and kept[1] == formats:
         return kept[2]
-    out = _with_formats(fields, formats)
-    if out is not None:
-        prep.formatted = (fields, formats, out)
+    out = _with_formats(fields, formats) or fields  # (never None: `fields` is not)
+    prep.formatted = (fields, formats, out)
     return out
 
 

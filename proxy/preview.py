@@ -5,6 +5,8 @@ the reviewer may see). One preview is one short-lived upstream connection, with 
 upstream login and the session settings the agent's own connection was opened with:
 
     BEGIN; SET LOCAL statement_timeout = …; SET LOCAL lock_timeout = …
+    the lookup of what the write would run (functions, triggers, rules)
+    SET LOCAL statement_timeout = …; SET LOCAL lock_timeout = …   -- what is left, from now
     Parse / Bind (the agent's parameters) / Describe / Execute / Sync   -- the preview text
     ROLLBACK; Terminate
 
@@ -164,6 +166,14 @@ def _ms(seconds: float) -> str:
     return f"{max(1, int(seconds * 1000))}ms"
 
 
+def _timeouts(deadline: float) -> str:
+    """The server's own limits for what is left until `deadline` (time.monotonic()), less the
+    margin: a lock wait ends first (reported as such), then the statement."""
+    rest = max(0.0, deadline - time.monotonic())
+    left = rest - SERVER_MARGIN * rest
+    return f"SET LOCAL statement_timeout = '{_ms(left)}'; SET LOCAL lock_timeout = '{_ms(left * LOCK_SHARE)}'"
+
+
 async def _until_ready(
     ep: Any, mask_rows: RowMasker | None, mask_error: Callable[[dict[str, str]], dict[str, str]]
 ) -> Result:
@@ -207,12 +217,7 @@ async def _run(
     conn = await up.connect(cfg, settings)
     session.append(conn)
     ep = conn.endpoint
-    left = deadline - time.monotonic() - SERVER_MARGIN * max(0.0, deadline - time.monotonic())
-    begin = await _query(
-        ep,
-        f"BEGIN; SET LOCAL statement_timeout = '{_ms(left)}'; "
-        f"SET LOCAL lock_timeout = '{_ms(left * LOCK_SHARE)}'",
-    )
+    begin = await _query(ep, "BEGIN; " + _timeouts(deadline))
     if begin.error is not None:
         return Result(error={"C": begin.error.get("C", ""), "M": "could not start the preview transaction"})
     found = await _query(ep, effects_sql(plan))
@@ -225,6 +230,13 @@ async def _run(
     if why:
         await _query(ep, "ROLLBACK")
         return Result(unavailable=why)
+    # the server's timeouts again, from what is left now: set at BEGIN they would count the
+    # connect and the lookup too, and a loaded server's lock wait could outlast the deadline
+    # (then reported as no answer rather than as the lock it waited for)
+    again = await _query(ep, _timeouts(deadline))
+    if again.error is not None:
+        await _query(ep, "ROLLBACK")
+        return Result(error={"C": again.error.get("C", ""), "M": "could not start the preview run"})
     ep.write(run_messages(plan.sql, params, formats))
     result = await _until_ready(ep, mask_rows, mask_error)
     await _query(ep, "ROLLBACK")

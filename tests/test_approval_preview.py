@@ -11,6 +11,7 @@ validation, and `kubectl get` shows its row count.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -393,6 +394,29 @@ def test_preview_waiting_on_a_lock_times_out_within_its_bound(
     assert "DELETE 2" in box["result"].stdout
     assert direct_count(pg, "locked") == 0
     assert guards == [None]  # no measured preview: no row bound
+
+
+def test_preview_sets_the_servers_timeouts_again_when_the_write_runs(previewing: Any, pg: Any) -> None:
+    """The server's own limits count from the moment the previewed write starts: set only at BEGIN
+    they would also count the connection and the lookup, and on a loaded server a lock wait could
+    outlast the preview's deadline (reported as no answer instead of as the lock it waited for)."""
+    proxy, db, _ = previewing(preview_timeout="2s")
+    seed(pg, "timeouts", 1)
+    mark = pg.log_position()
+    t, box = in_background(lambda: proxy.psql("-c", f"DELETE FROM {TABLE} WHERE batch = 'timeouts'"))
+    req = wait_pending(db)
+    assert req["preview"]["state"] == "measured" and req["preview"]["affectedRows"] == 1
+    log = pg.log_since(mark)
+    locks = [(mt.start(), int(mt.group(1))) for mt in re.finditer(r"lock_timeout = '(\d+)ms'", log)]
+    assert len(locks) == 2, log[-3000:]
+    (at_begin, first), (before_run, second) = locks
+    assert second <= first < 2000 * 0.85  # from what was left later, within the deadline's share
+    assert "statement: BEGIN; " in log[log.rfind("\n", 0, at_begin) + 1 : at_begin]  # the first, with BEGIN
+    run = log.index("WHERE batch = 'timeouts'", before_run)  # the previewed write, after the second
+    assert run > before_run and log.rfind("lock_timeout", 0, run) == before_run
+    assert cli(db, "deny", req["id"], "--as", "dba-alice").returncode == 0
+    t.join(30)
+    assert direct_count(pg, "timeouts") == 1
 
 
 def test_statement_calling_a_function_gets_no_preview_and_is_never_run_for_one(

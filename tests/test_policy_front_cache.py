@@ -13,7 +13,8 @@ from pglast.parser import ParseError, parse_sql_json
 from test_policy_corpus import CORPUS
 from test_policy_helpers import agent
 
-from pgwarden.policy import SessionState
+from pgwarden import compiled
+from pgwarden.policy import SessionState, front
 from pgwarden.policy import analysis as an
 
 PATH = ("public",)
@@ -63,9 +64,9 @@ def fresh(sql: str) -> an.Analysis:
 
 def variants(sql: str) -> list[str]:
     """`sql` with its integer runs replaced: all by one value, and each by a different one."""
-    out = [an._INTEGER_RUN.sub(v, sql) for v in ("0", "2", "7", "24", "25", "53", "54", "999999999")]
+    out = [front.INTEGER_RUN.sub(v, sql) for v in ("0", "2", "7", "24", "25", "53", "54", "999999999")]
     counter = itertools.count(3)
-    out.append(an._INTEGER_RUN.sub(lambda _: str(next(counter)), sql))
+    out.append(front.INTEGER_RUN.sub(lambda _: str(next(counter)), sql))
     return [v for v in out if v != sql]
 
 
@@ -151,7 +152,12 @@ def test_the_integer_runs_blanked_are_those_the_plain_pattern_finds() -> None:
     alphabet = "0123456789" * 3 + "abzAEZ_. ,()=+-*<>;\n\t"
     texts = edges + ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(20000)]
     for text in texts:
-        assert an._INTEGER_RUN.sub("\x00", text) == plain.sub("\x00", text), text
+        assert front.INTEGER_RUN.sub("\x00", text) == plain.sub("\x00", text), text
+        # the scanner the compiled front uses finds exactly the pattern's runs
+        runs = front.integer_runs(text)
+        assert runs == [i for m in plain.finditer(text) for i in m.span()], text
+        assert front.split_runs_at(text, runs) == plain.split(text), text
+    assert front.COMPILED == compiled.is_compiled(front)  # the compiled build scans; run as Python, the pattern
 
 
 @pytest.mark.parametrize("sql", CASES)

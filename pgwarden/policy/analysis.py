@@ -37,8 +37,7 @@ from pgwarden.policy.catalog_names import (
     newer_syntax,
 )
 from pgwarden.policy.front import FRONT_CACHE as _FRONT_CACHE
-from pgwarden.policy.front import INTEGER_RUN as _INTEGER_RUN
-from pgwarden.policy.front import MAX_FRONT_TEXT, front_key
+from pgwarden.policy.front import MAX_FRONT_TEXT, front_key, split_runs
 from pgwarden.policy.model import ANY
 
 Obj = tuple[str, str]
@@ -296,7 +295,7 @@ def _probes_agree(sql: str, blind: str) -> bool:
     shows up too)."""
     for first, step in ((1, 1), (999_999_999, -1)):
         values = map(str, itertools.count(first, step))
-        parts = _INTEGER_RUN.split(sql)  # text, number, text, … (no groups: the runs are dropped)
+        parts = split_runs(sql)  # text, number, text, … (the runs front_key blanks, left out)
         text = "".join(part + next(values) for part in parts[:-1]) + parts[-1]
         try:
             probe = parse_sql_json(text)

@@ -115,3 +115,15 @@ def test_a_prefiltered_scrubber_sends_only_candidates_to_the_detectors() -> None
     assert asked == ["ssn 123-45-6789", "ünïcode 1"]
     every = records.PrefilteredText(detectors, None)
     assert every("42") == "42" and asked[-1] == "42"
+
+
+def test_the_duration_rounds_as_round_does_ties_included() -> None:
+    """The compiled rounding (floor and comparisons) gives what `round(x * 1000) / 1000` gives:
+    random durations, negative ones (a clock stepped back), and every tie to even."""
+    import random
+
+    rng = random.Random(7)
+    took = ([rng.uniform(-1e3, 1e3) for _ in range(20000)] + [k / 2000 for k in range(-4000, 4000)]
+            + [rng.uniform(0, 1e9) for _ in range(5000)])
+    for x in took:
+        assert records.to_microsecond(x) == round(x * 1000.0) / 1000.0, x

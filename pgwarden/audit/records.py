@@ -19,6 +19,7 @@ proxy's `limits.maxStatementBytes` (512 KiB by default), not by clipping here.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -109,9 +110,16 @@ class SessionInfo:
 
 
 def to_microsecond(duration_ms: float) -> float:
-    """Milliseconds to three decimals: `round(x * 1000) / 1000` rounds to an integer, where
-    `round(x, 3)` goes through a decimal conversion (a microsecond per statement, measured)."""
-    return round(duration_ms * 1000.0) / 1000.0
+    """Milliseconds to three decimals, as `round(x * 1000) / 1000` rounds (a tie to even). Not
+    `round(x, 3)`, which goes through a decimal conversion (a microsecond per statement); and
+    compiled, `round()` is a call that makes a Python integer (0.2 µs) where `math.floor` and
+    the comparisons are native (0.04 µs)."""
+    x = duration_ms * 1000.0
+    whole = math.floor(x)
+    rest = x - whole
+    if rest > 0.5 or (rest == 0.5 and whole % 2 == 1):
+        whole += 1
+    return whole / 1000.0
 
 
 def _clip(text: str, limit: int) -> str:

@@ -64,8 +64,8 @@ def integer_runs(sql: str) -> list[int]:
     return runs
 
 
-# compiled (mypyc), a function is no Python code object: the scan above is the fast way; run as
-# Python (PGWARDEN_PURE_PYTHON=1, or a build without a compiler) the regular expression engine is
+# compiled (mypyc), a function has no Python code object and the scan above is the faster way;
+# run as Python (PGWARDEN_PURE_PYTHON=1, or a build without a compiler) the pattern is faster
 COMPILED: Final = not hasattr(_name_char, "__code__")
 
 

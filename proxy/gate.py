@@ -87,6 +87,48 @@ class StatementContext:
                                 ddl=self.ddl, params=params)
 
 
+class _Facts:
+    """What the check reads of one analysis and its decision, read once per pair of objects (and
+    of its masking plan, once per plan: `plan_facts`). All are frozen and shared by every
+    statement of a shape (the front's cache and the gate's `_decided` / `_planned` memos hand out
+    the same objects), and each read of an interpreted object's attribute from here is a
+    dictionary lookup: about twenty per statement of a known shape before this."""
+
+    __slots__ = ("analysis", "decision", "blind", "statements", "session_dependent", "reserved",
+                 "names_change", "schema_change", "action", "enforce", "max_rows", "max_affected_rows",
+                 "plan", "plan_error", "masks_anything", "plan_ddl")
+
+    def __init__(self, analysis: Any, decision: Any) -> None:
+        self.analysis = analysis
+        self.decision = decision
+        self.blind: str = analysis.blind
+        self.statements: tuple[Any, ...] = analysis.statements
+        self.session_dependent: bool = analysis.session_dependent
+        # names as the parser read them (U& escapes decoded; unquoted ones folded): a quoted
+        # name in other case is another name, never the proxy's
+        self.reserved = GUARD_PREFIX in self.blind
+        # the planner changes the session it is given only for texts that make or drop names
+        self.names_change = any(st.effects or st.cursors for st in self.statements)
+        self.schema_change = any(changes_schema(st.kind) for st in self.statements)
+        self.action: str = decision.action if decision is not None else ""
+        self.enforce: bool = decision.enforce if decision is not None else False
+        limits = decision.limits if decision is not None else None
+        self.max_rows: int | None = limits.max_rows if limits is not None else None
+        self.max_affected_rows: int | None = limits.max_affected_rows if limits is not None else None
+        self.plan: Any = None
+        self.plan_error: Any = None
+        self.masks_anything = False
+        self.plan_ddl = False
+
+    def plan_facts(self, plan: Any) -> None:
+        """Read `plan`'s answers, unless they are this plan's already."""
+        if plan is not self.plan:
+            self.plan = plan
+            self.plan_error = plan.error
+            self.masks_anything = bool(plan.masks_anything)
+            self.plan_ddl = bool(plan.ddl)
+
+
 @dataclass
 class Runtime:
     """Everything built once per proxy from the configuration documents (see hooks.py)."""
@@ -257,6 +299,7 @@ class SessionGate:
         # the last masking plan filed by shape, with the (blind tree, catalog snapshot, masking,
         # search_path) it was planned under
         self._planned: tuple[str, Any, Any, tuple[str, ...], Any] | None = None
+        self._facts: _Facts | None = None  # the last statement's, see _Facts
         self._snap: Catalog | None = None  # the catalog snapshot, as of the cache's `changes`
         self._snap_changes = -1
         self._views_catalog: Catalog | None = None
@@ -551,19 +594,20 @@ class SessionGate:
             log.exception("policy engine failed")
             return self._refuse(ctx, PolicyDenied(f"pgwarden could not decide this statement ({type(e).__name__})"))
         ctx.decision = decision
-        if analysis.session_dependent:
+        facts = self._facts
+        if facts is None or facts.analysis is not analysis or facts.decision is not decision:
+            facts = self._facts = _Facts(analysis, decision)
+        if facts.session_dependent:
             ctx.sql = shown_sql(sql, analysis, self.names)  # what EXECUTE runs, for reviewers and audit
-        if decision is not None and decision.action == "deny" and decision.enforce:
+        if decision is not None and facts.action == "deny" and facts.enforce:
             return self._refuse(ctx, decision.as_error())
-        # names as the parser read them (U& escapes decoded; unquoted ones folded): a quoted
-        # name in other case is another name, never the proxy's
-        if GUARD_PREFIX in analysis.blind:
+        if facts.reserved:  # a name of the proxy's own (see _Facts)
             return self._refuse(ctx, PolicyDenied(
                 f"pgwarden reserves names starting with {GUARD_PREFIX} (its own savepoint, statement and portal)",
                 hint="Choose another name for the savepoint, prepared statement, cursor or object.",
             ))
         try:
-            guard = self._limit_guard(decision, analysis)
+            guard = self._limit_guard(decision, analysis) if facts.max_affected_rows is not None else None
         except AgentError as e:
             return self._refuse(ctx, e)
         results = None
@@ -574,28 +618,29 @@ class SessionGate:
             else:
                 # the planner changes the session it is given only for texts that make or drop
                 # names; those get a scratch copy (the registry is the one that changes)
-                names_change = any(st.effects or st.cursors for st in analysis.statements)
+                names_change = facts.names_change
                 kept = self._planned
-                if (kept is not None and kept[0] is analysis.blind and kept[1] is snapshot and kept[2] is self.masking
+                if (kept is not None and kept[0] is facts.blind and kept[1] is snapshot and kept[2] is self.masking
                         and kept[3] is self.rt.search_path and not names_change):
                     plan = kept[4]  # the plan the masking's cache by shape holds for this text
                 else:
                     plan = self.masking.plan(sql, snapshot, self.rt.search_path,
                                              session=self._scratch_session() if names_change else self.msession,
-                                             blind=analysis.blind)
+                                             blind=facts.blind)
                     if plan.by_shape and not names_change:
-                        self._planned = (analysis.blind, snapshot, self.masking, self.rt.search_path, plan)
-            if plan.error is not None:
-                return self._refuse(ctx, plan.error)
-            results = plan if plan.masks_anything else None
-        if self.rt.catalog is not None and (plan.ddl if plan is not None else
-                                            any(changes_schema(st.kind) for st in analysis.statements)):
+                        self._planned = (facts.blind, snapshot, self.masking, self.rt.search_path, plan)
+            facts.plan_facts(plan)
+            if facts.plan_error is not None:
+                return self._refuse(ctx, facts.plan_error)
+            results = plan if facts.masks_anything else None
+        if self.rt.catalog is not None and (facts.plan_ddl if plan is not None else facts.schema_change):
             # also from a session nothing is masked for (an exempt subject): the sessions that are
             # masked read the relations it changes
             ctx.ddl = True
             self.names.watch_schema()
-        max_rows = decision.limits.max_rows if decision is not None else None
-        changes = statement_changes(sql, analysis, plan, max_rows)
+        max_rows = facts.max_rows
+        # () unless the text makes or drops names (what statement_changes answers first itself)
+        changes = statement_changes(sql, analysis, plan, max_rows) if facts.names_change else ()
         if prepared_name is not None:
             entry = PreparedEntry(
                 prepared_name, sql, "parse", results=results, context=ctx, max_rows=max_rows,
@@ -608,7 +653,7 @@ class SessionGate:
         runs = prepared_name is None  # a Parse runs nothing: the recording shows each Bind's run
         if decision is None:  # no AccessPolicy (defaultAction allow): masking still applies
             verdict = self._audited(ctx, Verdict(results=results, context=ctx), "allow", runs=runs)
-        elif decision.action == "review" and decision.enforce:
+        elif facts.action == "review" and facts.enforce:
             if bind is not None:
                 verdict = Verdict(wait=self._review(ctx, decision, results, params=ctx.params or (), bind=bind,
                                                     guard=guard),
@@ -622,7 +667,7 @@ class SessionGate:
                 verdict = Verdict(wait=self._review(ctx, decision, results, guard=guard), context=ctx)
         else:
             verdict = self._audited(ctx, Verdict(results=results, context=ctx, max_rows=max_rows, guard=guard),
-                                    "allow" if decision.action == "allow" else f"{decision.action}-audit-only",
+                                    "allow" if facts.action == "allow" else f"{facts.action}-audit-only",
                                     runs=runs)
         if prepared_name is not None:
             return _with(verdict, entry=entry)

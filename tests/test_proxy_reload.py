@@ -107,6 +107,27 @@ def test_a_statement_shape_decided_before_a_reload_is_decided_again_after_it(bun
         assert conn.execute("SELECT count(*) FROM customers WHERE id = 3").fetchone() is not None
 
 
+def test_alternating_shapes_each_get_their_own_answer_from_the_session(bundle: Any) -> None:
+    """The gate keeps what it read of the last statement's analysis, decision and plan (one set,
+    for the next text of that shape): texts of three shapes in turn, the same session, each
+    answered as its own, round after round (allowed and masked, denied, allowed unmasked)."""
+    import psycopg
+
+    folder, proxy = bundle
+    (folder / "policy.yaml").write_text(policy(["public.customers", "public.orders"]))
+    (folder / "masking.yaml").write_text(masking_rule(["ssn"]))
+    wait_for(lambda: proxy.server.reload_status.generation == 1, "the reload")
+    clear = clear_names(proxy)
+    with psycopg.connect(proxy.dsn(), autocommit=True, cursor_factory=psycopg.ClientCursor) as conn:
+        catalog_read(lambda: conn.execute("SELECT upper(name) FROM customers WHERE id = 1").fetchone()[0], clear[1][1])
+        for n in (1, 2, 3, 1, 2, 3):
+            row = conn.execute(f"SELECT upper(ssn), upper(name) FROM customers WHERE id = {n}").fetchone()
+            assert row is not None and row[0] != clear[n][0] and row[1] == clear[n][1], row  # ssn masked only
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(f"DELETE FROM orders WHERE id = {n + 1000}")  # only SELECT is allowed
+            assert conn.execute(f"SELECT count(*) FROM orders WHERE id = {n}").fetchone() is not None
+
+
 def masking_rule(columns: list[str]) -> str:
     doc = {"apiVersion": API, "kind": "MaskingRule", "metadata": {"name": "pii"},
            "spec": {"connectionRef": {"name": "shop"},

@@ -89,9 +89,10 @@ class StatementContext:
 
 class _Facts:
     """What the check reads of one analysis and its decision, read once per pair of objects (and
-    of its masking plan, once per plan: `plan_facts`). All are frozen and shared by every
-    statement of a shape (the front's cache and the gate's `_decided` / `_planned` memos hand out
-    the same objects), and each read of an interpreted object's attribute from here is a
+    of its masking plan, once per plan: `plan_facts`). None of them changes once made (the
+    analysis and the decision are frozen; plans are cached and shared, never changed) and every
+    statement of a shape gets the same ones (the front's cache and the gate's `_decided` /
+    `_planned` memos), and each read of an interpreted object's attribute from here is a
     dictionary lookup: about twenty per statement of a known shape before this."""
 
     __slots__ = ("analysis", "decision", "blind", "statements", "session_dependent", "reserved",

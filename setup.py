@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import runpy
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,28 @@ GROUP = "pgwarden_hot"  # mypyc's shared library: pgwarden_hot__mypyc.<abi>.so
 MODE = os.environ.get("PGWARDEN_COMPILE", "auto").strip().lower() or "auto"
 if MODE not in ("auto", "require", "0"):
     sys.exit(f"PGWARDEN_COMPILE={MODE!r}: use auto (the default), require or 0")
+
+
+# mypy's settings for the translation, over the package's strict ones (pyproject.toml). A build
+# environment holds only what the build asks for (build_backend.py: mypy, and orjson and pglast,
+# whose types the compiled modules' own code uses); the image's builder stage has nothing else. So
+# a third-party package missing here is Any (called as Python calls it, the same behaviour), errors
+# are reported only in the compiled modules themselves, and what depends on a package being there
+# (an ignore comment, a value typed Any) is no error. The strict check of the whole package, with
+# everything installed, is `mypy` in .ci/run. Without these the wheel built only where the
+# developer's packages happened to be installed (the unused-section note would end the build too).
+TRANSLATION_OPTIONS = ("--no-warn-unused-configs", "--ignore-missing-imports", "--follow-imports=silent",
+                       "--no-warn-unused-ignores", "--no-warn-return-any", "--allow-subclassing-any")
+
+# Compiler flags for the extensions, each used where the compiler takes it (probed; a compiler that
+# does not builds without it). The compiled modules' functions call one another and mypyc's runtime
+# helpers, all in one shared object, thousands of times per statement. Exported from a shared
+# object, every such call went through the PLT and none could be inlined: another library might
+# interpose the function. Nothing does (the modules reach each other through capsules; only their
+# PyInit_* functions are looked up by name, and PyMODINIT_FUNC keeps those exported), so the
+# compiler may call and inline them directly and keep them out of the dynamic symbol table.
+# CPython builds its own library with -fno-semantic-interposition for the same reason.
+DIRECT_CALLS = ("-fno-semantic-interposition", "-fvisibility=hidden")
 
 
 class CompileError(RuntimeError):
@@ -55,8 +78,8 @@ def _mypycify() -> list[Any]:
         _fallback("mypyc is not installed")
         return []
     try:
-        # the package's mypy settings apply; only the unused-section note would end the build
-        return list(mypycify(["--no-warn-unused-configs", *COMPILED], opt_level="3", group_name=GROUP))
+        # the package's mypy settings, eased where the build environment differs (TRANSLATION_OPTIONS)
+        return list(mypycify([*TRANSLATION_OPTIONS, *COMPILED], opt_level="3", group_name=GROUP))
     except (Exception, SystemExit) as e:  # noqa: BLE001 - mypyc refuses a module (it exits): fall back
         _fallback(f"mypyc could not translate the proxy's hot modules ({e})")
         return []
@@ -89,6 +112,25 @@ class OptionalBuildExt(build_ext):
             self._remove_built()
             self.extensions = []
             _fallback(f"could not compile the proxy's hot modules ({e})")
+
+    def build_extensions(self) -> None:
+        flags = [flag for flag in DIRECT_CALLS if self._takes(flag)]
+        for ext in self.extensions:
+            ext.extra_compile_args = [*(ext.extra_compile_args or []), *flags]
+        super().build_extensions()
+
+    def _takes(self, flag: str) -> bool:
+        """Whether the C compiler builds with `flag` (-Werror: clang only warns of one it does not know)."""
+        if self.compiler.compiler_type != "unix":
+            return False
+        with tempfile.TemporaryDirectory() as tmp:
+            probe = Path(tmp) / "probe.c"
+            probe.write_text("int probe(void) { return 0; }\n")
+            try:
+                self.compiler.compile([str(probe)], output_dir=tmp, extra_postargs=[flag, "-Werror"])
+            except Exception:  # noqa: BLE001 - any failure: build without the flag
+                return False
+        return True
 
     def get_outputs(self) -> list[str]:
         return super().get_outputs() if self.extensions else []

@@ -7,7 +7,8 @@ order, makes that drift hit all targets alike, so the *ratios* are trustworthy e
 absolute figures wander. Medians over rounds drop the odd outlier.
 
     python bench/run.py [--quick] [--duration S] [--clients N] [--scale N] [--rounds N]
-                        [--policy FILE ...] [--full [--parts]] [--compiled] [--output PATH]
+                        [--policy FILE ...] [--full [--parts]] [--compiled] [--proxy-python PATH]
+                        [--output PATH]
 
 `--full` adds the configuration a user runs in production: "pgwarden+full" (AccessPolicy,
 MaskingRule with columns and detectors, audit log with `durability: write`, session
@@ -22,6 +23,15 @@ temporary folder and runs every pgwarden target from it; with `--full` it adds
 "pgwarden+full-pure", the same build and configuration with PGWARDEN_PURE_PYTHON=1, so both builds
 are measured in one run. Without it the proxies run the installed package (an editable checkout
 is pure Python).
+
+`--proxy-python PATH` runs the pgwarden targets on another interpreter, in a virtual
+environment made for it as the proxy image makes its own (requirements/install-venv.sh: the pins
+of requirements/proxy.lock, then this checkout's wheel, built by that interpreter; compiled with
+`--compiled`). The interpreter's build counts: the image's (the official python image) is built
+with profile-guided and link-time optimization, a pyenv or plain `./configure` build is not, and
+the same proxy costs measurably more CPU on the latter (docs/benchmarks.md). With `--full` the
+run adds "pgwarden+full-bench-python", the fully loaded proxy on the bench's own interpreter, so
+both are measured in one run. The results name each interpreter and how it was built.
 
 A throw-away PostgreSQL (pgwarden.embedded) is started unless PGWARDEN_BENCH_DSN names a
 server to use (a superuser libpq DSN, key=value or postgres:// URL). Everything started here
@@ -88,6 +98,7 @@ class Settings:
     full: bool = False
     compiled: bool = False
     parts: bool = False
+    proxy_python: Path | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -112,6 +123,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--parts", action="store_true",
                    help="with --full: also pgwarden+full without each part in turn (pgwarden+full-no-audit, "
                         "-no-recording, -no-masking), interleaved with the rest: what each part costs end to end")
+    p.add_argument("--proxy-python", type=Path, metavar="PATH",
+                   help="run the pgwarden targets on this interpreter (e.g. /usr/bin/python3.11), in a virtual "
+                        "environment made as the proxy image makes its own; with --full also pgwarden+full on the "
+                        "bench's own interpreter (pgwarden+full-bench-python)")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON results (default {DEFAULT_OUTPUT})")
     p.add_argument("--py-spy", type=Path, metavar="FILE",
                    help="profile the pgwarden proxy (the +policy one when --policy is given) with py-spy for the "
@@ -136,6 +151,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         full=a.full,
         compiled=a.compiled,
         parts=a.parts,
+        proxy_python=a.proxy_python,
     )
 
 
@@ -336,18 +352,25 @@ class FullTarget:
     durability: str
     without: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    python: str = sys.executable  # the interpreter it runs on
 
 
-def full_targets(s: Settings, env: dict[str, str]) -> list[FullTarget]:
-    """The fully loaded targets `s` asks for, in the order they are started."""
+def full_targets(s: Settings, env: dict[str, str], python: str = sys.executable,
+                 bench_env: dict[str, str] | None = None) -> list[FullTarget]:
+    """The fully loaded targets `s` asks for, in the order they are started. `python` and `env`:
+    the proxies' interpreter and environment; `bench_env`: the bench's own interpreter's (for
+    pgwarden+full-bench-python, with --proxy-python)."""
     if not s.full:
         return []
-    targets = [FullTarget("pgwarden+full", "write", env=env)]
+    targets = [FullTarget("pgwarden+full", "write", env=env, python=python)]
+    if s.proxy_python is not None:
+        targets.append(FullTarget("pgwarden+full-bench-python", "write", env=bench_env or {}))
     if s.compiled:
-        targets.append(FullTarget("pgwarden+full-pure", "write", env={**env, "PGWARDEN_PURE_PYTHON": "1"}))
-    targets.append(FullTarget("pgwarden+full-fsync", "fsync", env=env))
+        targets.append(FullTarget("pgwarden+full-pure", "write", env={**env, "PGWARDEN_PURE_PYTHON": "1"},
+                                  python=python))
+    targets.append(FullTarget("pgwarden+full-fsync", "fsync", env=env, python=python))
     if s.parts:
-        targets += [FullTarget(f"pgwarden+full-no-{part}", "write", (part,), env) for part in PARTS]
+        targets += [FullTarget(f"pgwarden+full-no-{part}", "write", (part,), env, python) for part in PARTS]
     return targets
 
 
@@ -369,8 +392,9 @@ def proxy_documents(srv: Server, port: int, extra: list[Path], spec: dict[str, o
     return text
 
 
-def pip(command: str, *args: str, env: dict[str, str] | None = None) -> None:
-    argv = [sys.executable, "-m", "pip", command, "-q", "--no-deps", *args]
+def pip(command: str, *args: str, env: dict[str, str] | None = None, python: str = "") -> None:
+    """`pip COMMAND -q --no-deps ARGS`, run by this interpreter's pip for `python` (default: this one)."""
+    argv = [sys.executable, "-m", "pip", *(("--python", python) if python else ()), command, "-q", "--no-deps", *args]
     done = subprocess.run(argv, capture_output=True, text=True, check=False, env={**os.environ, **(env or {})})
     if done.returncode != 0:
         raise BenchError(f"pip {command} failed: {done.stderr[-2000:]}")
@@ -391,6 +415,50 @@ def compiled_build() -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def proxy_environment(python: Path, compiled: bool) -> Iterator[str]:
+    """A virtual environment on `python` made as the proxy image makes its own
+    (requirements/install-venv.sh): requirements/proxy.lock's pins, then this checkout's wheel
+    built by that interpreter (with its hot modules compiled if `compiled`; build isolation, as
+    the image's builder stage builds). Yields the environment's interpreter."""
+    if not os.access(python, os.X_OK):
+        raise BenchError(f"--proxy-python {python}: not an executable interpreter")
+    folder = Path(tempfile.mkdtemp(prefix="pgwarden-bench-python-"))
+    try:
+        venv = folder / "venv"
+        done = subprocess.run([str(python), "-m", "venv", "--without-pip", str(venv)], capture_output=True,
+                              text=True, check=False)
+        if done.returncode != 0:
+            raise BenchError(f"--proxy-python {python}: cannot make a virtual environment "
+                             f"(Debian: apt-get install python3-venv): {done.stderr.strip()[-500:]}")
+        py = str(venv / "bin" / "python")
+        print(f"a virtual environment on {python} (requirements/proxy.lock, this checkout's wheel) ...", flush=True)
+        pip("install", "--only-binary=:all:", "-r", str(BENCH_DIR.parent / "requirements" / "proxy.lock"),
+            python=py)
+        pip("wheel", "-w", str(folder / "wheel"), str(BENCH_DIR.parent),
+            env={"PGWARDEN_COMPILE": "require" if compiled else "0"}, python=py)  # fails rather than build pure Python
+        pip("install", *map(str, (folder / "wheel").glob("pgwarden-*.whl")), python=py)
+        yield py
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def interpreter(python: str) -> dict[str, object]:
+    """What an interpreter is and how it was built: its version, whether it runs from a shared
+    libpython (read from the process's own mappings: Debian builds one but links its executable
+    statically), and the optimizations its configure line asked for (a distribution may build with
+    them without saying so there: Debian's python3.11 is built with PGO and LTO, its changelog says)."""
+    probe = ("import json, os, platform, sys, sysconfig; args = sysconfig.get_config_var('CONFIG_ARGS') or ''; "
+             "maps = '/proc/self/maps'; shared = 'libpython' in open(maps).read() if os.path.exists(maps) else None; "
+             "print(json.dumps({'version': platform.python_version(), 'base': sys.base_prefix, "
+             "'shared_libpython': shared, "
+             "'configure_pgo': '--enable-optimizations' in args, 'configure_lto': '--with-lto' in args}))")
+    done = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"{python} does not run: {done.stderr.strip()[-500:]}")
+    return {"path": python, **json.loads(done.stdout)}
+
+
 def proxy_build(log: Path, timeout: float = 10) -> str:
     """What a started proxy says it runs ('compiled (mypyc)' or 'pure Python'), from its log."""
     deadline = time.monotonic() + timeout
@@ -403,9 +471,10 @@ def proxy_build(log: Path, timeout: float = 10) -> str:
 
 @contextlib.contextmanager
 def pgwarden_proxy(srv: Server, name: str, extra: list[Path], durability: str | None = None,
-                   env: dict[str, str] | None = None, without: tuple[str, ...] = ()) -> Iterator[Target]:
-    """`python -m pgwarden.cli proxy --config FILE` in its own process, as deployed (uvloop).
-    `durability`: fully loaded (audit with that durability, recordings, less the parts in
+                   env: dict[str, str] | None = None, without: tuple[str, ...] = (),
+                   python: str = sys.executable) -> Iterator[Target]:
+    """`python -m pgwarden.cli proxy --config FILE` in its own process, as deployed (uvloop), on
+    `python`. `durability`: fully loaded (audit with that durability, recordings, less the parts in
     `without`). `env`: added to its environment (PYTHONPATH of a compiled build, PGWARDEN_PURE_PYTHON)."""
     workdir = Path(tempfile.mkdtemp(prefix="pgwarden-bench-proxy-"))
     proc: subprocess.Popen[bytes] | None = None
@@ -416,7 +485,7 @@ def pgwarden_proxy(srv: Server, name: str, extra: list[Path], durability: str | 
         log = workdir / "proxy.log"
         out = open(log, "wb")
         # cwd: `-m` puts it first on sys.path, where a checkout's pgwarden would shadow a build's
-        proc = subprocess.Popen([sys.executable, "-m", "pgwarden.cli", "proxy", "--config", str(cfg)],
+        proc = subprocess.Popen([python, "-m", "pgwarden.cli", "proxy", "--config", str(cfg)],
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir,
                                 env={**os.environ, **(env or {})})
         out.close()
@@ -670,7 +739,8 @@ def source_revision() -> str:
 
 
 def write_json(path: Path, s: Settings, srv: Server, runs: list[Run], notes: dict[str, str],
-               load_before: tuple[float, float, float], builds: dict[str, str] | None = None) -> dict[str, object]:
+               load_before: tuple[float, float, float], builds: dict[str, str] | None = None,
+               interpreters: dict[str, dict[str, object]] | None = None) -> dict[str, object]:
     summary = summarize(runs)
     doc: dict[str, object] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -681,6 +751,9 @@ def write_json(path: Path, s: Settings, srv: Server, runs: list[Run], notes: dic
                     "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "versions": versions(srv),
         "builds": builds or {},  # what the pgwarden targets ran: compiled (mypyc) or pure Python
+        # the interpreters they ran on, and how each was built: "proxies" (all pgwarden targets
+        # but -bench-python) and "bench" (this script's, and pgwarden+full-bench-python's)
+        "interpreters": interpreters or {},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()
                      if k not in ("policy_files", "output")} | {"policy_files": [str(p) for p in s.policy_files]},
         "summary": summary,
@@ -715,23 +788,31 @@ def main(argv: list[str] | None = None) -> int:
             print(f"PostgreSQL on 127.0.0.1:{srv.port}; pgbench -i -s {s.scale} ...", flush=True)
             prepare_database(srv, s.scale)
             env: dict[str, str] = {}
-            if s.compiled:
+            if s.compiled and (s.proxy_python is None or s.full):  # the bench's interpreter runs a proxy
                 site = stack.enter_context(compiled_build())
                 env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
-            warden = stack.enter_context(pgwarden_proxy(srv, "pgwarden", [], env=env))
+            bench_env, python = env, sys.executable
+            if s.proxy_python is not None:
+                python = stack.enter_context(proxy_environment(s.proxy_python, s.compiled))
+                env = {}  # its own environment holds this checkout's build
+            interpreters = {"proxies": interpreter(python), "bench": interpreter(sys.executable)}
+            print(f"the proxies' interpreter: {interpreters['proxies']}", flush=True)
+            warden = stack.enter_context(pgwarden_proxy(srv, "pgwarden", [], env=env, python=python))
             targets = [Target("direct", srv.port, BENCH_USER, BENCH_PASSWORD),
                        stack.enter_context(pgbouncer(srv)), warden]
             notes: dict[str, str] = {}
             if s.policy_files:
                 try:
-                    targets.append(stack.enter_context(pgwarden_proxy(srv, "pgwarden+policy", s.policy_files, env=env)))
+                    targets.append(stack.enter_context(pgwarden_proxy(srv, "pgwarden+policy", s.policy_files, env=env,
+                                                                      python=python)))
                 except BenchError as e:  # the policy engine may not accept it yet; report, go on
                     notes["pgwarden+policy"] = str(e)
                     print(f"skipping pgwarden+policy: {e}", file=sys.stderr)
-            for full in full_targets(s, env):
+            for full in full_targets(s, env, python, bench_env):
                 try:
                     targets.append(stack.enter_context(pgwarden_proxy(
-                        srv, full.name, full_documents(full.without), full.durability, full.env, full.without)))
+                        srv, full.name, full_documents(full.without), full.durability, full.env, full.without,
+                        full.python)))
                 except BenchError as e:
                     notes[full.name] = str(e)
                     print(f"skipping {full.name}: {e}", file=sys.stderr)
@@ -745,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs = benchmark(targets, s)
             builds = {t.name: t.build for t in targets if t.build}
             print(f"builds: {builds}", flush=True)
-            doc = write_json(s.output, s, srv, runs, notes, load_before, builds)
+            doc = write_json(s.output, s, srv, runs, notes, load_before, builds, interpreters)
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 1

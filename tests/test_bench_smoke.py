@@ -102,3 +102,51 @@ def test_the_instruction_counter_drives_the_fully_loaded_session() -> None:
     helped = subprocess.run([sys.executable, str(ROOT / "bench" / "instructions.py"), "--help"],
                             capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert helped.returncode == 0 and "callgrind" in helped.stdout
+
+
+def test_proxy_python_runs_the_proxies_on_that_interpreter_and_the_full_one_on_both() -> None:
+    """`--proxy-python`: every pgwarden target on the given interpreter (its own environment holds
+    the build), and the fully loaded one also on the bench's own, in the same run."""
+    run = load_runner()
+    s = run.parse_args(["--full", "--compiled", "--parts", "--proxy-python", "/opt/py/bin/python3.11"])
+    targets = {t.name: t for t in run.full_targets(s, {}, "/tmp/venv/bin/python", {"PYTHONPATH": "/build"})}
+    assert list(targets)[:2] == ["pgwarden+full", "pgwarden+full-bench-python"]
+    bench = targets.pop("pgwarden+full-bench-python")
+    assert bench.python == sys.executable and bench.env == {"PYTHONPATH": "/build"}
+    assert (bench.durability, bench.without) == ("write", ())  # the same configuration as pgwarden+full
+    assert all(t.python == "/tmp/venv/bin/python" and "PYTHONPATH" not in t.env for t in targets.values())
+    without = run.full_targets(run.parse_args(["--full"]), {"PYTHONPATH": "/build"})
+    assert all(t.python == sys.executable for t in without)
+    assert "pgwarden+full-bench-python" not in {t.name for t in without}
+
+
+def test_the_results_say_how_each_interpreter_was_built() -> None:
+    run = load_runner()
+    me = run.interpreter(sys.executable)
+    assert me["path"] == sys.executable and me["version"] == ".".join(map(str, sys.version_info[:3]))
+    assert {type(me[k]) for k in ("shared_libpython", "configure_pgo", "configure_lto")} == {bool}
+    # the tests' interpreter runs from a shared libpython exactly when its process maps one
+    assert me["shared_libpython"] == ("libpython" in Path("/proc/self/maps").read_text())
+    with pytest.raises(run.BenchError, match="not an executable interpreter"):
+        with run.proxy_environment(Path("/nonexistent/python3"), compiled=False):
+            pass
+
+
+@pytest.mark.slow
+def test_a_proxy_runs_from_the_environment_made_for_another_interpreter(tmp_path: Path) -> None:
+    """The environment `--proxy-python` makes (requirements/proxy.lock, this checkout's wheel)
+    starts a proxy that serves pgbench: the same path the fully loaded run takes, built pure here
+    to keep the test short (the compiled build is the image's, tests/test_images_build.py)."""
+    if shutil.which("pgbench") is None:
+        pytest.skip("pgbench is not installed (apt-get install postgresql-contrib)")
+    run = load_runner()
+    with run.proxy_environment(Path(sys.executable), compiled=False) as py, run.postgres() as srv:
+        assert Path(py).parent.parent != Path(sys.prefix)
+        run.prepare_database(srv, 1)
+        with run.pgwarden_proxy(srv, "pgwarden+full", run.full_documents(), "write", python=py) as target:
+            assert target.build == "pure Python"
+            s = run.parse_args(["--quick", "--duration", "1"])
+            done = subprocess.run(run.pgbench_argv(target, "prepared", s, 1, None), capture_output=True, text=True,
+                                  env=srv.env(target.user, target.password), timeout=60, check=False)
+            assert done.returncode == 0, done.stderr[-2000:]
+            assert "number of transactions actually processed" in done.stdout

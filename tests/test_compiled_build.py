@@ -7,6 +7,7 @@ install and the proxy families again on a compiled wheel, with PGWARDEN_EXPECT_B
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import importlib.machinery
 import json
@@ -119,6 +120,13 @@ def test_a_clean_checkout_builds_a_wheel_with_every_hot_module_compiled(tmp_path
     # and the audit chain's sealing step in C (pgwarden/audit/_seal.c)
     assert extensions_in(wheel) == {*compiled.module_names(), "pgwarden_hot__mypyc", "pgwarden.audit._seal"}
     assert {f"{p}" for p in compiled.HOT_MODULES} <= set(zipfile.ZipFile(wheel).namelist()), "the .py files ship too"
+    # built for direct calls (setup.py, DIRECT_CALLS): the compiled functions are not exported, so
+    # the compiler called and inlined them directly; the module's init function still is
+    (group,) = [n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("pgwarden_hot__mypyc")]
+    zipfile.ZipFile(wheel).extract(group, tmp_path / "unpacked")
+    library = ctypes.CDLL(str(tmp_path / "unpacked" / group))
+    assert hasattr(library, "PyInit_pgwarden_hot__mypyc")
+    assert not hasattr(library, "CPyDef_relay___Relay____process_client")
 
 
 @pytest.mark.slow

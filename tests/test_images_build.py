@@ -162,11 +162,17 @@ def test_the_two_locks_agree_and_the_sidecar_adds_only_the_mcp_server() -> None:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel the proxy's builder stage builds: `pip wheel --no-deps .` with build isolation and
-    PGWARDEN_COMPILE=require (the hot modules compiled, setup.py)"""
+    PGWARDEN_COMPILE=require (the hot modules compiled, setup.py), by an interpreter with nothing
+    installed, as the builder image's is: the build has only what it asks for (build_backend.py).
+    Built by the tests' own interpreter, the translation also found the developer's packages (type
+    stubs, kubernetes), and a build that failed without them passed here."""
     dist = tmp_path_factory.mktemp("dist")
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-cache-dir", "--no-deps", "--wheel-dir",
-                           str(dist), str(ROOT)], capture_output=True, text=True, timeout=1200,
-                          env={**os.environ, "PGWARDEN_COMPILE": "require"})
+    builder = tmp_path_factory.mktemp("builder") / "python"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(builder)], check=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(builder / "bin" / "python"), "wheel",
+                           "--no-cache-dir", "--no-deps", "--wheel-dir", str(dist), str(ROOT)],
+                          capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "PGWARDEN_COMPILE": "require", "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (built,) = dist.glob("pgwarden-*.whl")
     return built

@@ -537,6 +537,13 @@ class Run:
     # CPU the middle process (PgBouncer, the proxy) spent per transaction: immune to the
     # machine's noise in a way TPS is not, and the figure to compare Python with C by.
     cpu_us_per_tx: float | None = None
+    # how much of one core the middle process used (CPU seconds over wall seconds): a single event
+    # loop cannot pass 1.0, and a middle near it while the machine idles is the bottleneck itself
+    middle_cores: float | None = None
+    # the whole machine during the run (/proc/stat, every CPU): the share busy, and the share the
+    # hypervisor ran something else while a vCPU wanted to run (steal: a noisy host, in figures)
+    machine_busy: float | None = None
+    machine_steal: float | None = None
 
 
 TPS_RE = re.compile(r"tps = ([\d.]+) \((?:without|excluding) initial connection")
@@ -598,11 +605,40 @@ def group_cpu_seconds(pgid: int | None) -> float | None:
     return total / tick
 
 
+def proc_stat_cpu(text: str) -> tuple[int, int, int] | None:
+    """(busy, steal, total) clock ticks of all CPUs from /proc/stat's aggregate `cpu` line (user
+    nice system idle iowait irq softirq steal; guest time is already inside user)."""
+    first = text.split("\n", 1)[0].split()
+    if len(first) < 5 or first[0] != "cpu":
+        return None
+    v = [int(x) for x in first[1:9]]
+    idle = v[3] + v[4]
+    steal = v[7] if len(v) > 7 else 0
+    total = sum(v)
+    return total - idle - steal, steal, total
+
+
+def machine_shares(before: tuple[int, int, int] | None,
+                   after: tuple[int, int, int] | None) -> tuple[float | None, float | None]:
+    """The machine's busy and stolen shares of all CPU time between two `proc_stat_cpu` readings."""
+    if before is None or after is None or after[2] <= before[2]:
+        return None, None
+    total = after[2] - before[2]
+    return round((after[0] - before[0]) / total, 3), round((after[1] - before[1]) / total, 3)
+
+
+def machine_cpu() -> tuple[int, int, int] | None:
+    try:
+        return proc_stat_cpu(Path("/proc/stat").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def measure(t: Target, mode: str, rnd: int, s: Settings, logdir: Path) -> Run:
     prefix = logdir / f"{t.name}-{mode}-{rnd}".replace("+", "_")
-    cpu0 = group_cpu_seconds(t.pid)
+    cpu0, machine0, wall0 = group_cpu_seconds(t.pid), machine_cpu(), time.monotonic()
     out = run_pgbench(t, mode, s, s.duration, prefix)
-    cpu1 = group_cpu_seconds(t.pid)
+    cpu1, machine1, wall = group_cpu_seconds(t.pid), machine_cpu(), time.monotonic() - wall0
     lat = sorted(latencies_us(prefix))
 
     def grab(rx: re.Pattern[str], default: str = "0") -> str:
@@ -611,10 +647,13 @@ def measure(t: Target, mode: str, rnd: int, s: Settings, logdir: Path) -> Run:
 
     tx = int(grab(TX_RE))
     cpu = round((cpu1 - cpu0) * 1e6 / tx, 1) if cpu0 is not None and cpu1 is not None and tx else None
+    cores = round((cpu1 - cpu0) / wall, 3) if cpu0 is not None and cpu1 is not None and wall > 0 else None
+    busy, steal = machine_shares(machine0, machine1)
     return Run(
         target=t.name, mode=mode, round=rnd, tps=float(grab(TPS_RE)), latency_avg_ms=float(grab(LAT_RE)),
         p50_ms=percentile(lat, 0.50) / 1000, p99_ms=percentile(lat, 0.99) / 1000,
-        transactions=tx, failed=int(grab(FAIL_RE)), cpu_us_per_tx=cpu,
+        transactions=tx, failed=int(grab(FAIL_RE)), cpu_us_per_tx=cpu, middle_cores=cores,
+        machine_busy=busy, machine_steal=steal,
     )
 
 
@@ -663,9 +702,10 @@ def summarize(runs: list[Run]) -> dict[str, dict[str, dict[str, float]]]:
                 "latency_avg_ms": statistics.median(r.latency_avg_ms for r in rs),
                 "rounds": len(rs),
             }
-            cpus = [r.cpu_us_per_tx for r in rs if r.cpu_us_per_tx is not None]
-            if cpus:
-                modes[mode]["cpu_us_per_tx"] = statistics.median(cpus)
+            for key in ("cpu_us_per_tx", "middle_cores", "machine_busy", "machine_steal"):
+                values = [v for v in (getattr(r, key) for r in rs) if v is not None]
+                if values:
+                    modes[mode][key] = statistics.median(values)
     return out
 
 
@@ -698,15 +738,17 @@ def round_ratios(runs: list[Run]) -> dict[str, dict[str, list[float]]]:
 def table(summary: dict[str, dict[str, dict[str, float]]], rat: dict[str, dict[str, dict[str, float]]]) -> str:
     w = max([16, *map(len, summary)])
     lines = [f"{'target':{w}} {'mode':9} {'TPS':>9} {'p50 ms':>8} {'p99 ms':>8} {'/pgbouncer':>11} {'/direct':>8} "
-             f"{'CPU us/tx':>10}"]
+             f"{'CPU us/tx':>10} {'cores':>6} {'machine':>8}"]
     for target, modes in summary.items():
         for mode, v in modes.items():
             r = rat.get(target, {}).get(mode, {})
             vb = f"{r['vs_pgbouncer']:.2f}x" if "vs_pgbouncer" in r else ""
             vd = f"{r['vs_direct']:.2f}x" if "vs_direct" in r else ""
             cpu = f"{v['cpu_us_per_tx']:.1f}" if "cpu_us_per_tx" in v else ""
+            cores = f"{v['middle_cores']:.2f}" if "middle_cores" in v else ""
+            machine = f"{100 * v['machine_busy']:.0f}%" if "machine_busy" in v else ""
             lines.append(f"{target:{w}} {mode:9} {v['tps']:9.0f} {v['p50_ms']:8.3f} {v['p99_ms']:8.3f} {vb:>11} {vd:>8} "
-                         f"{cpu:>10}")
+                         f"{cpu:>10} {cores:>6} {machine:>8}")
     return "\n".join(lines)
 
 

@@ -42,6 +42,12 @@ def test_bench_quick_run(tmp_path: Path) -> None:
             assert doc["summary"][target][mode]["p99_ms"] > 0, (target, mode)
     assert set(doc["ratios"]["pgwarden"]["simple"]) == {"vs_pgbouncer", "vs_direct"}
     assert "pgwarden" in res.stdout and "/pgbouncer" in res.stdout
+    # how loaded the middle process and the machine were, for every run that has a middle
+    for target in ("pgbouncer", "pgwarden"):
+        v = doc["summary"][target]["simple"]
+        assert 0 < v["middle_cores"] <= 1.2, v  # one event loop: at most one core (and tick rounding)
+        assert 0 < v["machine_busy"] <= 1 and 0 <= v["machine_steal"] < 1, v
+    assert "cores" in res.stdout and "machine" in res.stdout
 
 
 def load_runner() -> ModuleType:
@@ -91,6 +97,19 @@ def test_round_ratios_pair_each_run_with_pgbouncers_run_of_the_same_round_and_mo
             r("pgbouncer", "simple", 1, 100.0), r("pgwarden+full", "simple", 1, 58.0),
             r("pgwarden+full", "prepared", 1, 50.0), r("direct", "simple", 1, 300.0)]
     assert run.round_ratios(runs) == {"pgwarden+full": {"simple": [0.58, 0.6]}}  # prepared: no PgBouncer run
+
+
+def test_the_machine_share_is_read_from_proc_stat_as_the_kernel_counts_it() -> None:
+    run = load_runner()
+    # user nice system idle iowait irq softirq steal guest guest_nice (proc(5)); guest is in user
+    before = run.proc_stat_cpu("cpu  1000 0 500 8000 100 0 50 200 40 0\ncpu0 500 0 250 4000 50 0 25 100 20 0\n")
+    after = run.proc_stat_cpu("cpu  1600 0 800 8500 100 0 100 400 90 0\n")
+    assert before == (1550, 200, 9850)
+    # 1650 ticks passed: 950 busy (user 600, system 300, softirq 50), 500 idle, 200 stolen
+    assert run.machine_shares(before, after) == (round(950 / 1650, 3), round(200 / 1650, 3))
+    assert run.machine_shares(None, after) == (None, None)
+    assert run.proc_stat_cpu("intr 1 2 3") is None
+    assert run.proc_stat_cpu(Path("/proc/stat").read_text()) is not None  # this machine's, parsed
 
 
 def test_the_instruction_counter_drives_the_fully_loaded_session() -> None:

@@ -609,7 +609,7 @@ def proc_stat_cpu(text: str) -> tuple[int, int, int] | None:
     """(busy, steal, total) clock ticks of all CPUs from /proc/stat's aggregate `cpu` line (user
     nice system idle iowait irq softirq steal; guest time is already inside user)."""
     first = text.split("\n", 1)[0].split()
-    if len(first) < 5 or first[0] != "cpu":
+    if len(first) < 6 or first[0] != "cpu":  # user nice system idle iowait at least (Linux 2.6 on)
         return None
     v = [int(x) for x in first[1:9]]
     idle = v[3] + v[4]

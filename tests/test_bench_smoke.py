@@ -108,7 +108,7 @@ def test_the_machine_share_is_read_from_proc_stat_as_the_kernel_counts_it() -> N
     # 1650 ticks passed: 950 busy (user 600, system 300, softirq 50), 500 idle, 200 stolen
     assert run.machine_shares(before, after) == (round(950 / 1650, 3), round(200 / 1650, 3))
     assert run.machine_shares(None, after) == (None, None)
-    assert run.proc_stat_cpu("intr 1 2 3") is None
+    assert run.proc_stat_cpu("intr 1 2 3") is None and run.proc_stat_cpu("cpu 1 2 3 4") is None
     assert run.proc_stat_cpu(Path("/proc/stat").read_text()) is not None  # this machine's, parsed
 
 

@@ -537,8 +537,9 @@ class Run:
     # CPU the middle process (PgBouncer, the proxy) spent per transaction: immune to the
     # machine's noise in a way TPS is not, and the figure to compare Python with C by.
     cpu_us_per_tx: float | None = None
-    # how much of one core the middle process used (CPU seconds over wall seconds): a single event
-    # loop cannot pass 1.0, and a middle near it while the machine idles is the bottleneck itself
+    # how much of one core the middle process group used (CPU seconds over wall seconds): its event
+    # loop is one thread, so only its helper threads (such as the audit log's fsync and the analysis
+    # of long statements) take it past 1.0; a middle near 1.0 while the machine idles is the bottleneck
     middle_cores: float | None = None
     # the whole machine during the run (/proc/stat, every CPU): the share busy, and the share the
     # hypervisor ran something else while a vCPU wanted to run (steal: a noisy host, in figures)

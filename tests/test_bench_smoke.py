@@ -60,22 +60,25 @@ def load_runner() -> ModuleType:
 
 
 def test_parts_takes_the_fully_loaded_target_apart_one_part_at_a_time(tmp_path: Path) -> None:
-    """`--full --parts`: the whole, and the whole without each part, in one interleaved run; each
-    target's configuration lacks exactly the part its name says and keeps the others."""
+    """`--full --parts`: the whole, the whole without each part, and without both records, in one
+    interleaved run; each target's configuration lacks exactly the parts its name says and keeps
+    the others."""
     run = load_runner()
     with pytest.raises(SystemExit):
         run.parse_args(["--parts"])  # nothing to take apart without --full
     s = run.parse_args(["--full", "--parts", "--compiled"])
     targets = {t.name: t for t in run.full_targets(s, {"PYTHONPATH": "/build"})}
     assert list(targets) == ["pgwarden+full", "pgwarden+full-pure", "pgwarden+full-fsync", "pgwarden+full-no-audit",
-                             "pgwarden+full-no-recording", "pgwarden+full-no-masking"]
+                             "pgwarden+full-no-recording", "pgwarden+full-no-masking",
+                             "pgwarden+full-no-audit-no-recording"]
     assert all(t.env["PYTHONPATH"] == "/build" for t in targets.values())
     assert targets["pgwarden+full-pure"].env["PGWARDEN_PURE_PYTHON"] == "1"
     assert "PGWARDEN_PURE_PYTHON" not in targets["pgwarden+full-no-audit"].env
     for name, kept in (("pgwarden+full", {"audit", "recording", "masking"}),
                        ("pgwarden+full-no-audit", {"recording", "masking"}),
                        ("pgwarden+full-no-recording", {"audit", "masking"}),
-                       ("pgwarden+full-no-masking", {"audit", "recording"})):
+                       ("pgwarden+full-no-masking", {"audit", "recording"}),
+                       ("pgwarden+full-no-audit-no-recording", {"masking"})):
         t = targets[name]
         spec = run.full_spec(tmp_path, t.durability, t.without)
         docs = [p.name for p in run.full_documents(t.without)]

@@ -1,5 +1,6 @@
 """Build hook: the proxy's per-statement modules compiled to C extensions with mypyc, and the
-audit chain's sealing step (pgwarden/audit/_seal.c).
+audit's steps in C (pgwarden/audit/_seal.c, the chain's sealing step; pgwarden/audit/_recording.c,
+a session recording's lines).
 
 Everything else about the package is in pyproject.toml. The modules in `COMPILED` run for every
 message and every statement the proxy relays; compiled, they cost 9-12 % less CPU in-process
@@ -98,8 +99,8 @@ class OptionalBuildExt(build_ext):
             editable = getattr(self, "editable_mode", False) or self.inplace
             building = bool(BUILD_COMMANDS & set(self.distribution.commands)) and not editable
             compiled = _mypycify() if building else []
-            # all or none: the sealing step only beside the mypyc modules
-            self.distribution.ext_modules = [*compiled, SEAL] if compiled else []
+            # all or none: the audit's C steps only beside the mypyc modules
+            self.distribution.ext_modules = [*compiled, *NATIVE] if compiled else []
         super().finalize_options()
 
     def run(self) -> None:
@@ -137,7 +138,8 @@ class OptionalBuildExt(build_ext):
 
     def _remove_built(self) -> None:
         lib = Path(self.build_lib)
-        stems = [GROUP + "__mypyc", SEAL_STEM] + [p.removesuffix(".py") for p in COMPILED]
+        stems = [GROUP + "__mypyc", *(ext.sources[0].removesuffix(".c") for ext in NATIVE)] + \
+            [p.removesuffix(".py") for p in COMPILED]
         for stem in stems:
             folder, name = (lib / stem).parent, (lib / stem).name
             if folder.is_dir():
@@ -145,11 +147,16 @@ class OptionalBuildExt(build_ext):
                     built.unlink()
 
 
-# The audit chain's sealing step in C (pgwarden/audit/_seal.c: canonical JSON and SHA-256 in one
-# call); built and left out with the mypyc modules, and chain.py runs without it
-SEAL_STEM = "pgwarden/audit/_seal"
-SEAL = Extension("pgwarden.audit._seal", sources=[SEAL_STEM + ".c"], extra_compile_args=["-O2"],
-                 libraries=["dl"] if sys.platform.startswith("linux") else [])
+# The audit's steps in C, built and left out with the mypyc modules (the package runs without
+# them): the chain's sealing step (canonical JSON and SHA-256 in one call) and a session
+# recording's lines; both write JSON with pgwarden/audit/_json.h
+JSON_WRITER = "pgwarden/audit/_json.h"
+NATIVE = [
+    Extension("pgwarden.audit._seal", sources=["pgwarden/audit/_seal.c"], depends=[JSON_WRITER],
+              extra_compile_args=["-O2"], libraries=["dl"] if sys.platform.startswith("linux") else []),
+    Extension("pgwarden.audit._recording", sources=["pgwarden/audit/_recording.c"], depends=[JSON_WRITER],
+              extra_compile_args=["-O2"]),
+]
 
 # A stand-in until build_ext is finalized: it makes the wheel platform-specific; build_ext puts
 # mypyc's extensions (or none) in its place

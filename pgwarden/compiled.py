@@ -73,9 +73,11 @@ def check_compiled() -> None:
     import importlib
 
     pure = [n for n in module_names() if not is_compiled(importlib.import_module(n))]
-    # the audit chain's sealing step in C (setup.py builds it with the hot modules)
+    # the audit's steps in C (setup.py builds them with the hot modules)
     if getattr(importlib.import_module("pgwarden.audit.chain"), "_native_seal", None) is None:
         pure.append("pgwarden.audit._seal (or no SHA-256 in the interpreter's libcrypto)")
+    if getattr(importlib.import_module("pgwarden.audit.recording"), "_native", None) is None:
+        pure.append("pgwarden.audit._recording")
     if pure:
         raise SystemExit(f"pgwarden: not compiled: {', '.join(pure)} (see setup.py; PGWARDEN_PURE_PYTHON="
                          f"{os.environ.get(PURE_ENV, '')!r})")
@@ -107,6 +109,24 @@ class _SourceFirst:
 
 def pure_requested() -> bool:
     return os.environ.get(PURE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# The audit's steps in C (setup.py builds them with the hot modules): the chain's sealing step and
+# a session recording's lines. The Python paths beside them write the same bytes.
+NATIVE_MODULES = ("pgwarden.audit._seal", "pgwarden.audit._recording")
+
+
+def native_module(name: str) -> ModuleType | None:
+    """The C extension `name` (one of NATIVE_MODULES), or None: not built (an editable install, no C
+    compiler) or a pure-Python run (PGWARDEN_PURE_PYTHON=1)."""
+    if pure_requested():
+        return None
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
 
 
 def install_switch() -> None:

@@ -1090,16 +1090,7 @@ class SessionGate:
 
     def result_row(self, context: Any, payload: bytes) -> bool:
         assert self.recorder is not None
-        values = m.parse_data_row(payload)
-        formats = self._formats
-        if not any(formats):  # every column in text (what nearly every client asks for)
-            shown = [None if v is None else v.decode("utf-8", "replace") for v in values]
-        else:
-            shown = [
-                None if v is None else (v.decode("utf-8", "replace") if i >= len(formats) or formats[i] == 0 else "\\x" + v.hex())
-                for i, v in enumerate(values)
-            ]
-        return bool(self.recorder.row(context.id, shown))
+        return self.recorder.row_payload(context.id, payload, self._formats)
 
     def session_end(self, reason: str) -> None:
         self.names.settle_schema()  # a change left open is rolled back with the session

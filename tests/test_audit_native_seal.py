@@ -11,52 +11,23 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.util
 import os
 import random
 import sys
-import sysconfig
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from native_helpers import native_extension
 
 from pgwarden.audit import chain, records
 from pgwarden.audit.chain import GENESIS, Location, verify_lines
 from pgwarden.subjects import Identity, Workload
 
-ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "pgwarden" / "audit" / "_seal.c"
-
-
-def _compile(folder: Path) -> ModuleType:
-    """The extension from its source, with setuptools and the machine's C compiler."""
-    from setuptools import Distribution, Extension
-    from setuptools.command.build_ext import build_ext
-
-    dist = Distribution({"ext_modules": [Extension("_seal", [str(SOURCE)], libraries=["dl"])]})
-    cmd = build_ext(dist)
-    cmd.build_lib = str(folder)
-    cmd.build_temp = str(folder / "tmp")
-    cmd.ensure_finalized()
-    cmd.run()
-    built = next(folder.glob("_seal*" + sysconfig.get_config_var("EXT_SUFFIX")))
-    spec = importlib.util.spec_from_file_location("_seal", built)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
 def native(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
-    try:
-        from pgwarden.audit import _seal  # type: ignore[attr-defined, unused-ignore]
-
-        module: ModuleType = _seal
-    except ImportError:
-        module = _compile(tmp_path_factory.mktemp("seal"))
+    module = native_extension("_seal", tmp_path_factory.mktemp("seal"))
     assert module.available, "no SHA-256 from the interpreter's libcrypto"
     return module
 

@@ -117,8 +117,8 @@ def test_a_clean_checkout_builds_a_wheel_with_every_hot_module_compiled(tmp_path
     done = build_wheel(checkout_copy(tmp_path / "src"), tmp_path, PGWARDEN_COMPILE="require")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (wheel,) = tmp_path.glob("pgwarden-*.whl")
-    # and the audit chain's sealing step in C (pgwarden/audit/_seal.c)
-    assert extensions_in(wheel) == {*compiled.module_names(), "pgwarden_hot__mypyc", "pgwarden.audit._seal"}
+    # and the audit's steps in C (pgwarden/audit/_seal.c, pgwarden/audit/_recording.c)
+    assert extensions_in(wheel) == {*compiled.module_names(), "pgwarden_hot__mypyc", *compiled.NATIVE_MODULES}
     assert {f"{p}" for p in compiled.HOT_MODULES} <= set(zipfile.ZipFile(wheel).namelist()), "the .py files ship too"
     # built for direct calls (setup.py, DIRECT_CALLS): the compiled functions are not exported, so
     # the compiler called and inlined them directly; the module's init function still is

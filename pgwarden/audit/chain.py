@@ -38,19 +38,12 @@ from typing import Any, Final
 
 import orjson
 
-from pgwarden.compiled import pure_requested
+from pgwarden.compiled import native_module
 
 # The sealing step in C (pgwarden/audit/_seal.c), built with the wheel: the same bytes as the
 # orjson path below for every record it writes, None for the rest. Not in a pure-Python run.
-_native_seal: Any = None
-if not pure_requested():
-    try:
-        from pgwarden.audit import _seal  # type: ignore[attr-defined, unused-ignore]
-
-        if _seal.available:
-            _native_seal = _seal.seal
-    except ImportError:  # an editable install, or a build without a C compiler
-        pass
+_seal: Any = native_module("pgwarden.audit._seal")
+_native_seal: Any = _seal.seal if _seal is not None and _seal.available else None
 
 GENESIS = "0" * 64
 ROTATION_EVENT = "audit.rotation"

@@ -32,8 +32,15 @@ from typing import Any, Final
 import orjson
 
 from pgwarden.audit.records import now_iso
+from pgwarden.compiled import native_module
+from pgwarden.pgwire import parse_data_row
 
 log = logging.getLogger(__name__)
+
+# A query line, a result's rows and its line in C (pgwarden/audit/_recording.c), built with the
+# wheel: the bytes of the orjson path below, from one call per statement and one per row (a
+# DataRow's payload straight into the result's JSON). None in a pure-Python run.
+_native: Any = native_module("pgwarden.audit._recording")
 
 FORMAT = "pgwarden.recording/v1"
 FLUSH_EVERY_NS: Final = 1_000_000_000  # a second
@@ -130,7 +137,7 @@ class SessionRecorder:
         self.store = store
         self._t0 = time.monotonic_ns()
         self._last_flush = self._t0
-        self._results: dict[Any, _Result] = {}
+        self._results: dict[Any, Any] = {}  # stmt id -> _Result, or _recording.Result where built
         self._fh: _Lines | None = None
         self.failed = False
         self.stopped = ""  # why recording stopped early (a cap), "" while recording
@@ -154,7 +161,14 @@ class SessionRecorder:
         """A query as the agent sent it (Query, or Parse/Bind with the text parameter values)."""
         now = time.monotonic_ns()
         self.statements += 1
-        self._results[stmt_id] = _Result(started=now)
+        self._results[stmt_id] = self._new_result(now)
+        if self._fh is None:
+            return
+        if _native is not None:
+            line: bytes | None = _native.query_line(stmt_id, (now - self._t0) // 1000, sql, params)
+            if line is not None:
+                self._write(line, now)
+                return
         ev: dict[str, Any] = {"k": "query", "s": stmt_id, "t": self._since_start(now), "sql": sql}
         if params is not None:
             ev["params"] = _kept(params)
@@ -171,6 +185,12 @@ class SessionRecorder:
         if self._fh is None:  # stopped or failed: the proxy need not hand over more rows
             return False
         r = self._result(stmt_id)
+        if not isinstance(r, _Result):
+            try:
+                return bool(r.add(values))
+            except ValueError as e:  # a value no line can hold (a lone surrogate): as a failed write
+                self._fail(e)
+                return False
         if r.capped:
             return False
         size = 0
@@ -187,10 +207,40 @@ class SessionRecorder:
         r.bytes += size
         return True
 
+    def row_payload(self, stmt_id: Any, payload: bytes, formats: Sequence[int]) -> bool:
+        """Record one DataRow (its payload, as the agent received it) with the result's column
+        format codes (0 or none: text, shown decoded; else binary, shown as \\x and hex); False
+        once this result reached its cap."""
+        if self._fh is None:
+            return False
+        r = self._result(stmt_id)
+        if not isinstance(r, _Result):
+            return bool(r.add_payload(payload, formats))
+        values = parse_data_row(payload)
+        if not any(formats):  # every column in text (what nearly every client asks for)
+            shown = [None if v is None else v.decode("utf-8", "replace") for v in values]
+        else:
+            shown = [
+                None if v is None else (v.decode("utf-8", "replace") if i >= len(formats) or formats[i] == 0
+                                        else "\\x" + v.hex())
+                for i, v in enumerate(values)
+            ]
+        return self.row(stmt_id, shown)
+
     def complete(self, stmt_id: Any, tag: str, rows: int | None = None) -> None:
         """CommandComplete: the tag and, if known, how many rows the agent received in total."""
         now = time.monotonic_ns()
-        ev = self._finish(stmt_id, "result", now)
+        if self._fh is None:
+            self._results.pop(stmt_id, None)
+            return
+        r = self._results.pop(stmt_id, None) or self._new_result(now)
+        if not isinstance(r, _Result):
+            line: bytes | None = r.complete_line(stmt_id, (now - self._t0) // 1000, (now - r.started) // 1000,
+                                                 tag, rows)
+            if line is not None:
+                self._write(line, now)
+                return
+        ev = self._event(r, stmt_id, "result", now)
         ev["tag"] = tag
         if rows is not None:
             ev["rowCount"] = rows
@@ -237,23 +287,33 @@ class SessionRecorder:
         text (three times per statement, a microsecond in all)."""
         return ((now or time.monotonic_ns()) - self._t0) // 1000 / 1e6
 
-    def _result(self, stmt_id: Any) -> _Result:
+    def _new_result(self, started: int) -> Any:
+        """A statement's result, recorded natively (`_recording.Result`) where it is built."""
+        if _native is not None:
+            return _native.Result(started, self.max_rows, self.max_bytes)
+        return _Result(started)
+
+    def _result(self, stmt_id: Any) -> Any:
         r = self._results.get(stmt_id)
         if r is None:
-            r = self._results[stmt_id] = _Result(started=time.monotonic_ns())
+            r = self._results[stmt_id] = self._new_result(time.monotonic_ns())
         return r
 
     def _finish(self, stmt_id: Any, kind: str, now: int) -> dict[str, Any]:
-        r = self._results.pop(stmt_id, None) or _Result(started=now)
+        return self._event(self._results.pop(stmt_id, None) or self._new_result(now), stmt_id, kind, now)
+
+    def _event(self, r: Any, stmt_id: Any, kind: str, now: int) -> dict[str, Any]:
+        """The line of result `r` (a `_Result` or a native one) as a dict, for the orjson path."""
+        rows: list[Any] = r.rows if isinstance(r, _Result) else orjson.loads(r.rows_json())
         ev: dict[str, Any] = {"k": kind, "s": stmt_id, "t": self._since_start(now),
                               "ms": (now - r.started) // 1000 / 1e3}  # whole microseconds too
         if r.columns:
             ev["columns"] = r.columns
             ev["types"] = r.types
-        if r.rows or r.columns:
-            ev["rows"] = r.rows
+        if rows or r.columns:
+            ev["rows"] = rows
         if r.capped:
-            ev["truncated"] = {"recordedRows": len(r.rows), "reason": r.capped}
+            ev["truncated"] = {"recordedRows": len(rows), "reason": r.capped}
         return ev
 
     def _put(self, ev: dict[str, Any], now: int = 0) -> None:
@@ -262,6 +322,16 @@ class SessionRecorder:
             return
         try:
             line = _line(ev)
+        except (OSError, ValueError) as e:
+            self._fail(e)
+            return
+        self._write(line, now)
+
+    def _write(self, line: bytes, now: int = 0) -> None:
+        """Write one line, within the session's and the folder's budgets."""
+        if self._fh is None:
+            return
+        try:
             why = self._over_budget(len(line))
             if why:
                 self._stop(why)

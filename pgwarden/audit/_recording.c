@@ -18,9 +18,36 @@
 #include "_json.h"
 #include <structmember.h>
 
-/* `n` as seconds (t_us / 1e6) or milliseconds (ms_us / 1e3), as Python divides the integer */
-static int put_scaled(Buf *b, long long n, double scale) {
-    return put_double(b, (double)n / scale);
+#define KEY(literal) literal, (Py_ssize_t)(sizeof literal - 1)
+
+/* `head` (",\"key\":") and the value after it. 1: written; 0: a value only orjson writes (the
+ * line is declined); -1: a Python error. */
+static int put_member(Buf *b, const char *head, Py_ssize_t n, PyObject *v) {
+    return buf_put(b, head, n) < 0 ? -1 : put_value(b, v, 1, 0);
+}
+
+/* `head` and `x` as seconds (x / 1e6) or milliseconds (x / 1e3), as Python divides the integer */
+static int put_member_scaled(Buf *b, const char *head, Py_ssize_t n, long long x, double scale) {
+    return buf_put(b, head, n) < 0 ? -1 : put_double(b, (double)x / scale);
+}
+
+/* A line's first members, the same in every line of a statement: {"k":KIND,"s":stmt,"t":t_us/1e6
+ * (`head` holds {"k":KIND,"s":) */
+static int put_line_head(Buf *b, const char *head, Py_ssize_t n, PyObject *stmt, long long t_us) {
+    int rc = put_member(b, head, n, stmt);
+    return rc == 1 ? put_member_scaled(b, KEY(",\"t\":"), t_us, 1e6) : rc;
+}
+
+/* The line a writer left in `b` as it came out (`rc`): bytes with "}\n" (written), None
+ * (declined) or NULL (a Python error); `b` is freed. */
+static PyObject *finish_line(Buf *b, int rc) {
+    PyObject *result = NULL;
+    if (rc == 1 && buf_put(b, KEY("}\n")) == 0)
+        result = PyBytes_FromStringAndSize(b->p, b->len);
+    else if (rc == 0)
+        result = Py_NewRef(Py_None);
+    buf_free(b);
+    return result;
 }
 
 /* query_line(stmt, t_us, sql, params) -> bytes | None:
@@ -36,36 +63,12 @@ static PyObject *query_line(PyObject *Py_UNUSED(self), PyObject *const *args, Py
     char room[BUF_ROOM];
     Buf b;
     buf_init(&b, room, sizeof room);
-    PyObject *result = NULL;
-    int rc;
-    if (buf_put(&b, "{\"k\":\"query\",\"s\":", 17) < 0)
-        goto done;
-    if ((rc = put_value(&b, args[0], 1, 0)) != 1)
-        goto declined;
-    if (buf_put(&b, ",\"t\":", 5) < 0)
-        goto done;
-    if ((rc = put_scaled(&b, t_us, 1e6)) != 1)
-        goto declined;
-    if (buf_put(&b, ",\"sql\":", 7) < 0)
-        goto done;
-    if ((rc = put_value(&b, args[2], 1, 0)) != 1)
-        goto declined;
-    if (args[3] != Py_None) {
-        if (buf_put(&b, ",\"params\":", 10) < 0)
-            goto done;
-        if ((rc = put_value(&b, args[3], 1, 0)) != 1)
-            goto declined;
-    }
-    if (buf_put(&b, "}\n", 2) < 0)
-        goto done;
-    result = PyBytes_FromStringAndSize(b.p, b.len);
-    goto done;
-declined:
-    if (rc == 0)
-        result = Py_NewRef(Py_None);
-done:
-    buf_free(&b);
-    return result;
+    int rc = put_line_head(&b, KEY("{\"k\":\"query\",\"s\":"), args[0], t_us);
+    if (rc == 1)
+        rc = put_member(&b, KEY(",\"sql\":"), args[2]);
+    if (rc == 1 && args[3] != Py_None)
+        rc = put_member(&b, KEY(",\"params\":"), args[3]);
+    return finish_line(&b, rc);
 }
 
 /* -- Result ------------------------------------------------------------------------------------- */
@@ -145,6 +148,25 @@ static int result_admit(ResultObject *self, Py_ssize_t size) {
     if (why == NULL)
         return -1;
     Py_SETREF(self->capped, why);
+    return 0;
+}
+
+/* Start keeping a row of `size` characters: 1 (its "[" written), 0 (not kept: the result is
+ * capped), -1 (a Python error) */
+static int row_begin(ResultObject *self, Py_ssize_t size) {
+    int admitted = result_admit(self, size);
+    if (admitted != 1)
+        return admitted;
+    Buf *b = &self->rows;
+    return ((self->count && buf_char(b, ',') < 0) || buf_char(b, '[') < 0) ? -1 : 1;
+}
+
+/* The row begun is complete: 0, or -1 (a Python error) */
+static int row_end(ResultObject *self, Py_ssize_t size) {
+    if (buf_char(&self->rows, ']') < 0)
+        return -1;
+    self->count++;
+    self->size += size;
     return 0;
 }
 
@@ -290,23 +312,18 @@ static PyObject *result_add_payload(ResultObject *self, PyObject *const *args, P
         }
         size += v->chars;
     }
-    int admitted = result_admit(self, size);
-    if (admitted < 0)
+    int begun = row_begin(self, size);
+    if (begun < 0)
         goto done;
-    if (!admitted) {
+    if (!begun) {
         result = Py_NewRef(Py_False);
         goto done;
     }
-    Buf *b = &self->rows;
-    if ((self->count && buf_char(b, ',') < 0) || buf_char(b, '[') < 0)
-        goto done;
     for (Py_ssize_t i = 0; i < count; i++)
-        if ((i && buf_char(b, ',') < 0) || put_shown(b, &vs[i]) < 0)
+        if ((i && buf_char(&self->rows, ',') < 0) || put_shown(&self->rows, &vs[i]) < 0)
             goto done;
-    if (buf_char(b, ']') < 0)
+    if (row_end(self, size) < 0)
         goto done;
-    self->count++;
-    self->size += size;
     result = Py_NewRef(Py_True);
     goto done;
 malformed:
@@ -341,17 +358,15 @@ static PyObject *result_add(ResultObject *self, PyObject *values) {
         }
         size += PyUnicode_GET_LENGTH(items[i]);
     }
-    int admitted = result_admit(self, size);
-    if (admitted < 0)
+    Buf *b = &self->rows;
+    Py_ssize_t mark = b->len;
+    int begun = row_begin(self, size);
+    if (begun < 0)
         goto done;
-    if (!admitted) {
+    if (!begun) {
         result = Py_NewRef(Py_False);
         goto done;
     }
-    Buf *b = &self->rows;
-    Py_ssize_t mark = b->len;
-    if ((self->count && buf_char(b, ',') < 0) || buf_char(b, '[') < 0)
-        goto done;
     for (Py_ssize_t i = 0; i < n; i++) {
         if (i && buf_char(b, ',') < 0)
             goto done;
@@ -364,10 +379,8 @@ static PyObject *result_add(ResultObject *self, PyObject *values) {
             goto done;
         }
     }
-    if (buf_char(b, ']') < 0)
+    if (row_end(self, size) < 0)
         goto done;
-    self->count++;
-    self->size += size;
     result = Py_NewRef(Py_True);
 done:
     Py_DECREF(row);
@@ -381,7 +394,8 @@ static PyObject *result_rows_json(ResultObject *self, PyObject *Py_UNUSED(ignore
         return NULL;
     char *o = PyBytes_AS_STRING(out);
     o[0] = '[';
-    memcpy(o + 1, self->rows.p, (size_t)self->rows.len);
+    if (self->rows.len)  /* no row yet: no buffer either */
+        memcpy(o + 1, self->rows.p, (size_t)self->rows.len);
     o[self->rows.len + 1] = ']';
     return out;
 }
@@ -406,64 +420,32 @@ static PyObject *result_complete_line(ResultObject *self, PyObject *const *args,
     char room[BUF_ROOM];
     Buf b;
     buf_init(&b, room, sizeof room);
-    PyObject *result = NULL;
-    int rc;
-    if (buf_put(&b, "{\"k\":\"result\",\"s\":", 18) < 0)
-        goto done;
-    if ((rc = put_value(&b, args[0], 1, 0)) != 1)
-        goto declined;
-    if (buf_put(&b, ",\"t\":", 5) < 0)
-        goto done;
-    if ((rc = put_scaled(&b, t_us, 1e6)) != 1)
-        goto declined;
-    if (buf_put(&b, ",\"ms\":", 6) < 0)
-        goto done;
-    if ((rc = put_scaled(&b, ms_us, 1e3)) != 1)
-        goto declined;
-    if (has_columns) {
-        if (buf_put(&b, ",\"columns\":", 11) < 0)
-            goto done;
-        if ((rc = put_value(&b, self->columns, 1, 0)) != 1)
-            goto declined;
-        if (buf_put(&b, ",\"types\":", 9) < 0)
-            goto done;
-        if ((rc = put_value(&b, self->types, 1, 0)) != 1)
-            goto declined;
+    int rc = put_line_head(&b, KEY("{\"k\":\"result\",\"s\":"), args[0], t_us);
+    if (rc == 1)
+        rc = put_member_scaled(&b, KEY(",\"ms\":"), ms_us, 1e3);
+    if (rc == 1 && has_columns) {
+        rc = put_member(&b, KEY(",\"columns\":"), self->columns);
+        if (rc == 1)
+            rc = put_member(&b, KEY(",\"types\":"), self->types);
     }
-    if (self->count || has_columns) {
-        if (buf_put(&b, ",\"rows\":[", 9) < 0 || buf_put(&b, self->rows.p, self->rows.len) < 0 ||
+    if (rc == 1 && (self->count || has_columns)) {
+        if (buf_put(&b, KEY(",\"rows\":[")) < 0 || (self->rows.len && buf_put(&b, self->rows.p, self->rows.len) < 0) ||
             buf_char(&b, ']') < 0)
-            goto done;
+            rc = -1;
     }
-    if (PyUnicode_GET_LENGTH(self->capped)) {
-        if (buf_put(&b, ",\"truncated\":{\"recordedRows\":", 29) < 0 || put_int(&b, self->count) < 0 ||
-            buf_put(&b, ",\"reason\":", 10) < 0)
-            goto done;
-        if ((rc = put_value(&b, self->capped, 1, 0)) != 1)
-            goto declined;
-        if (buf_char(&b, '}') < 0)
-            goto done;
+    if (rc == 1 && PyUnicode_GET_LENGTH(self->capped)) {
+        if (buf_put(&b, KEY(",\"truncated\":{\"recordedRows\":")) < 0 || put_int(&b, self->count) < 0)
+            rc = -1;
+        else
+            rc = put_member(&b, KEY(",\"reason\":"), self->capped);
+        if (rc == 1 && buf_char(&b, '}') < 0)
+            rc = -1;
     }
-    if (buf_put(&b, ",\"tag\":", 7) < 0)
-        goto done;
-    if ((rc = put_value(&b, args[3], 1, 0)) != 1)
-        goto declined;
-    if (args[4] != Py_None) {
-        if (buf_put(&b, ",\"rowCount\":", 12) < 0)
-            goto done;
-        if ((rc = put_value(&b, args[4], 1, 0)) != 1)
-            goto declined;
-    }
-    if (buf_put(&b, "}\n", 2) < 0)
-        goto done;
-    result = PyBytes_FromStringAndSize(b.p, b.len);
-    goto done;
-declined:
-    if (rc == 0)
-        result = Py_NewRef(Py_None);
-done:
-    buf_free(&b);
-    return result;
+    if (rc == 1)
+        rc = put_member(&b, KEY(",\"tag\":"), args[3]);
+    if (rc == 1 && args[4] != Py_None)
+        rc = put_member(&b, KEY(",\"rowCount\":"), args[4]);
+    return finish_line(&b, rc);
 }
 
 static PyObject *result_get_rows(ResultObject *self, void *Py_UNUSED(closure)) {

@@ -6,13 +6,10 @@
  * hashlib object looked up by name and torn down again, a hex digest, a slice and a join, for
  * two records per statement. This does the same in one call and one buffer.
  *
- * It writes exactly the bytes orjson writes (OPT_SORT_KEYS, no whitespace, UTF-8 unescaped,
- * control characters as \b \t \n \f \r or \u00xx), for the types it knows: dict with str keys,
- * list, tuple, str, int within 64 bits, bool, None, and floats in the range where orjson and
- * Python's repr() agree. For anything else (another type, a lone surrogate, a float outside
- * that range, nesting past 64) seal() returns None and the caller seals the record with
- * orjson as before, so the bytes never depend on which path ran: tests/test_audit_native_seal.py
- * holds the two to the same bytes.
+ * It writes exactly the bytes orjson writes with OPT_SORT_KEYS (the writer in _json.h, shared with
+ * the session recordings' lines), for the types it knows. For anything else seal() returns None
+ * and the caller seals the record with orjson as before, so the bytes never depend on which path
+ * ran: tests/test_audit_native_seal.py holds the two to the same bytes.
  *
  * SHA-256 is OpenSSL's SHA256_Init/Update/Final, from the libcrypto the interpreter's hashlib already
  * loaded (looked up at import; no headers needed to build). Without it seal() returns None.

@@ -6,10 +6,12 @@ holds a value the agent did not see. Results are capped per statement (rows and 
 cap `row()` returns False so the proxy stops handing rows over, and the result line carries a
 `truncated` marker.
 
-The recorder sits on the proxy's hot path, so its methods only append to in-memory lists and a
-buffered file; rows are serialised once per result, not per row. Recording is best effort: an
-I/O error disables the recorder for the session (logged once) and never fails a statement — the
-audit log is the fail-closed record.
+The recorder sits on the proxy's hot path, so its methods only append to memory and a buffered
+file. Built as the proxy image builds it, a result's rows go from the DataRow's payload straight
+into the result's JSON text and each line is one call into C (pgwarden/audit/_recording.c); the
+Python path beside it writes the same bytes. Recording is best effort: an I/O error disables the
+recorder for the session (logged once) and never fails a statement — the audit log is the
+fail-closed record.
 
 Recordings hold what the agent saw and sent: the folder is 0700 and each file 0600. They are
 bounded, so one agent's large statements cannot fill the volume: a session past

@@ -159,6 +159,23 @@ def test_the_replayer_reads_a_native_recording_as_it_reads_the_python_one(
     assert render(load_events(c_path)) == render(load_events(py_path))
 
 
+def test_the_c_steps_write_a_statements_lines_themselves(native: ModuleType) -> None:
+    """What the session tests compare is written by C, not declined to orjson: a query line and a
+    result line with columns, rows and a cap come out of the C steps, as the orjson path writes them."""
+    r = native.Result(1_000, 3, 10_000)
+    r.columns, r.types = ("id", "note"), (23, 25)
+    kept = [r.add_payload(data_row(row), []) for row in ([b"1", b"caf\xc3\xa9"], [b"2", None], [b"3", b"x"], [b"4", b"y"])]
+    assert kept == [True, True, True, False]
+    line = r.complete_line("7", 2_500_000, 1_234, "SELECT 4", 4)
+    assert line is not None and line == recording._line(
+        {"k": "result", "s": "7", "t": 2.5, "ms": 1.234, "columns": ("id", "note"), "types": (23, 25),
+         "rows": [["1", "café"], ["2", None], ["3", "x"]],
+         "truncated": {"recordedRows": 3, "reason": "maxRowsPerResult 3"}, "tag": "SELECT 4", "rowCount": 4})
+    query = native.query_line("7", 2_400_001, "SELECT $1", ["x", None])
+    assert query is not None and query == recording._line(
+        {"k": "query", "s": "7", "t": 2.400001, "sql": "SELECT $1", "params": ["x", None]})
+
+
 def test_a_datarow_is_shown_as_the_agent_saw_it(native: ModuleType) -> None:
     """Text as UTF-8 (bad bytes replaced), binary columns as \\x and hex, NULL as null; the
     size counted in characters, as the Python path counts `len(str)`."""

@@ -152,7 +152,8 @@ class OptionalBuildExt(build_ext):
 # recording's lines; both write JSON with pgwarden/audit/_json.h
 JSON_WRITER = "pgwarden/audit/_json.h"
 NATIVE = [
-    Extension("pgwarden.audit._seal", sources=["pgwarden/audit/_seal.c"], depends=[JSON_WRITER],
+    Extension("pgwarden.audit._seal", sources=["pgwarden/audit/_seal.c"],
+              depends=[JSON_WRITER, "pgwarden/audit/_records.h"],
               extra_compile_args=["-O2"], libraries=["dl"] if sys.platform.startswith("linux") else []),
     Extension("pgwarden.audit._recording", sources=["pgwarden/audit/_recording.c"], depends=[JSON_WRITER],
               extra_compile_args=["-O2"]),

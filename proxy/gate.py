@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from pgwarden.audit import records
 from pgwarden.errors import (
@@ -189,6 +189,8 @@ def bind_params(bind: m.BindMsg) -> tuple[str | None, ...]:
     return tuple(out)
 
 
+# what a Bind's record adds (records are serialized, never changed: one dict serves them all)
+_BIND_PHASE: Final = {"phase": "bind"}
 _DML_KINDS = frozenset(("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"))
 _DML_KEYS = tuple(f'"{k}":{{' for k in sorted(_DML_KINDS))
 _UNCOUNTED_KEYS = ('"TruncateStmt":{', '"is_from":true')
@@ -505,9 +507,9 @@ class SessionGate:
             if audit is None:
                 return Verdict(context=run)
             # every execution's parameter values go into the audit trail (detector-scrubbed) first
-            record = records.statement(
+            record = records.statement_record(
                 self.ainfo, run.id, run.sql, decision="allow", protocol="extended",
-                params=params, mask_text=self._scrub, extra={"phase": "bind"},
+                params=params, mask_text=self._scrub, extra=_BIND_PHASE,
             )
             return self._written(record, Verdict(context=run))
         decision, results = statement.reviewed
@@ -789,11 +791,11 @@ class SessionGate:
         self._last_shown = (d, shown)
         return shown
 
-    def _record(self, ctx: StatementContext, outcome: str, verdict: Verdict) -> dict[str, Any]:
+    def _record(self, ctx: StatementContext, outcome: str, verdict: Verdict) -> records.Record:
         rule, reason, extra = self._shown(ctx.decision)
         if verdict.error is not None:
             extra = {**extra, "refusal": {"sqlstate": verdict.error.sqlstate, "message": verdict.error.message}}
-        return records.statement(
+        return records.statement_record(
             self.ainfo,
             ctx.id,
             ctx.sql,
@@ -821,7 +823,7 @@ class SessionGate:
             return self._written(self._record(ctx, outcome, verdict), verdict)
         return Verdict(wait=self._durable(ctx, verdict, outcome, runs), context=ctx)
 
-    def _written(self, record: dict[str, Any], verdict: Verdict) -> Verdict:
+    def _written(self, record: records.Record, verdict: Verdict) -> Verdict:
         """`verdict` once `record` is written (durability: write, on this thread), else held
         until it is durable; PW004 (nothing forwarded) if it cannot be."""
         audit = self.rt.audit
@@ -842,7 +844,7 @@ class SessionGate:
             if verdict.error is not None:
                 self.recorder.error(ctx.id, {"C": verdict.error.sqlstate, "M": verdict.error.message})
 
-    async def _write(self, record: dict[str, Any], verdict: Verdict) -> Verdict:
+    async def _write(self, record: records.Record, verdict: Verdict) -> Verdict:
         """`verdict` once `record` is durable; PW004 (nothing forwarded) if it cannot be."""
         if self.rt.audit is None:
             return verdict
@@ -1066,8 +1068,8 @@ class SessionGate:
                 self.recorder.complete(context.id, tag, rows)
         if self.rt.audit is not None:
             self.rt.audit.emit(
-                records.outcome(
-                    self.ainfo, context.id, duration_ms=(time.time() - context.started) * 1000, tag=tag, rows=rows,
+                records.outcome_record(
+                    self.ainfo, context.id, started=context.started, tag=tag, rows=rows,
                     sqlstate=error.get("C", "") if error else "", message=error.get("M", "") if error else "",
                     undone=undone,
                 )

@@ -20,7 +20,7 @@ def compile_extension(name: str, folder: Path) -> ModuleType:
 
     source = AUDIT / f"{name}.c"
     dist = Distribution({"ext_modules": [Extension(name, [str(source)], libraries=["dl"],
-                                                   depends=[str(AUDIT / "_json.h")])]})
+                                                   depends=[str(AUDIT / "_json.h"), str(AUDIT / "_records.h")])]})
     cmd = build_ext(dist)
     cmd.build_lib = str(folder)
     cmd.build_temp = str(folder / "tmp")

@@ -39,10 +39,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from pgwarden.audit.chain import GENESIS, rotation_marker, seal_all
+from pgwarden.audit.chain import GENESIS, body_record, rotation_marker, seal_all, seal_block
 from pgwarden.audit.config import AuditConfig
 from pgwarden.audit.filesink import RotatingFile
-from pgwarden.audit.records import now_iso
+from pgwarden.audit.records import Record, now_iso
 from pgwarden.errors import AuditUnavailable
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,12 @@ class AuditStats:
         return asdict(self)  # not __dict__: compiled (mypyc), the class has none
 
 
+def _sealed_record(line: bytes) -> dict[str, Any]:
+    record = body_record((line, 0, 0))
+    record.pop("hash", None)
+    return record
+
+
 def _unavailable(path: str, why: str) -> AuditUnavailable:
     return AuditUnavailable(
         f"the audit log {path} cannot be written ({why}); the statement was not forwarded",
@@ -88,7 +94,7 @@ class AuditLog:
         self.sinks = list(sinks)
         self.file = RotatingFile(config.path, rotate_bytes=config.rotate_bytes, keep=config.keep, fsync=fsync)
         self.stats = AuditStats()
-        self._pending: list[tuple[dict[str, Any], asyncio.Future[None] | None]] = []
+        self._pending: list[tuple[Record, asyncio.Future[None] | None]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgwarden-audit")
         self._seq = 0
@@ -102,7 +108,7 @@ class AuditLog:
         # durability: write — records are written on the loop; emits wait here for the next write
         # or the next loop iteration; the lock keeps a rotation or close off an fd being fsynced
         self.inline = self._group_sync
-        self._emits: list[dict[str, Any]] = []
+        self._emits: list[Record] = []
         self._emit_scheduled = False
         self._io_lock = threading.Lock()
 
@@ -143,7 +149,7 @@ class AuditLog:
                 # acknowledged before it. A restart re-reads the file's tail and chains from what is there.
                 self._sync_error = self.last_error = why
 
-    def write_now(self, record: dict[str, Any]) -> None:
+    def write_now(self, record: Record) -> None:
         """durability: write — seal and write `record` now, on the calling (event loop) thread;
         it is in the kernel when this returns. Raises AuditUnavailable (PW004) if it cannot be."""
         if self._closed:
@@ -158,7 +164,7 @@ class AuditLog:
             self._failed(batch[:-1], e)
             raise _unavailable(self.config.path, self.last_error) from e
 
-    def _failed(self, emits: list[dict[str, Any]], e: Exception) -> None:
+    def _failed(self, emits: list[Record], e: Exception) -> None:
         self.stats.failed_batches += 1
         self.stats.lost_emits += len(emits)
         why = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
@@ -179,7 +185,7 @@ class AuditLog:
             self._failed(batch[:-1], e)
             self.stats.lost_emits += 1
 
-    async def write(self, record: dict[str, Any]) -> None:
+    async def write(self, record: Record) -> None:
         """Durably append `record`; raises AuditUnavailable (PW004) if it cannot be."""
         if self.inline:
             self.write_now(record)
@@ -202,7 +208,7 @@ class AuditLog:
         if not fut.done():
             fut.set_exception(_unavailable(self.config.path, f"no fsync within {self.config.write_timeout:g}s"))
 
-    def emit(self, record: dict[str, Any]) -> None:
+    def emit(self, record: Record) -> None:
         """Append `record` in order without waiting; never raises."""
         if self._closed:
             self.stats.lost_emits += 1
@@ -236,8 +242,8 @@ class AuditLog:
     # --- event loop side ---------------------------------------------------------------------
 
     @staticmethod
-    def _stamp(record: dict[str, Any]) -> dict[str, Any]:
-        if "time" not in record:
+    def _stamp(record: Record) -> Record:
+        if isinstance(record, dict) and "time" not in record:  # a native body has its time
             record = {"time": now_iso(), **record}
         return record
 
@@ -278,17 +284,16 @@ class AuditLog:
         if link is not None:
             self._seq, self._prev = link[0] + 1, link[1]
 
-    def _append(self, records: list[dict[str, Any]]) -> None:
+    def _append(self, records: list[Record]) -> None:
         """durability: write — seal and write on the calling thread; no fsync (the syncer's)."""
         self._commit_sync(records)
 
-    def _commit_sync(self, records: list[dict[str, Any]]) -> None:
+    def _commit_sync(self, records: list[Record]) -> None:
         # opening, rotating and closing take the lock: never under the syncer's fsync of that fd
         if not self.file.is_open:
             with self._file_lock():
                 self._open_sync()
-        lines, seq, prev = self._seal(records)
-        data = b"".join(lines)
+        data, lines, prev = self._seal(records)
         if self.file.size and self.file.size + len(data) > self.file.rotate_bytes:
             with self._file_lock():
                 self.file.make_room(len(data))
@@ -297,8 +302,8 @@ class AuditLog:
             # the records before it (also after a crash between rotating and writing)
             marker = rotation_marker(now_iso(), rotated_files=self.file.rotated_files(), keep=self.file.keep)
             records = [marker, *records]
-            lines, seq, prev = self._seal(records)
-            data = b"".join(lines)
+            data, lines, prev = self._seal(records)
+        seq = self._seq + len(records)
         start = self.file.size
         try:
             self.file.write(data)
@@ -318,15 +323,26 @@ class AuditLog:
         self.stats.records += len(records)
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(records))
+        if not self.sinks:
+            return
+        # the sinks read records: a native body's is its line, parsed (`seq` and `prev` included,
+        # as sealing set them in a dict record)
+        dicts = [r if isinstance(r, dict) else _sealed_record(line) for r, line in zip(records, lines, strict=True)]
         for sink in self.sinks:
             try:
-                sink.publish(lines, records)
+                sink.publish(lines, dicts)
             except Exception:
                 log.exception("audit sink %s failed", type(sink).__name__)
 
-    def _seal(self, records: list[dict[str, Any]]) -> tuple[list[bytes], int, str]:
+    def _seal(self, records: list[Record]) -> tuple[bytes, list[bytes], str]:
+        """The records' lines as one block, the lines one by one (for the sinks; empty when
+        sealed as a block, which only happens without sinks), and the last hash."""
+        if not self.sinks:
+            block = seal_block(records, self._seq, self._prev)
+            if block is not None:
+                return block[0], [], block[1]
         lines, prev = seal_all(records, self._seq, self._prev, owned=True)  # write()/emit() hand them over
-        return lines, self._seq + len(records), prev
+        return b"".join(lines), lines, prev
 
     @contextlib.contextmanager
     def _file_lock(self) -> Iterator[None]:

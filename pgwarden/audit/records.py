@@ -26,10 +26,25 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from pgwarden.compiled import native_module
 from pgwarden.subjects import Identity, Workload
 
 MaskText = Callable[[str], str]
 Param = str | bytes | bytearray | memoryview | None
+# A statement's record as the C step builds it (pgwarden/audit/_records.h): its canonical JSON
+# without `prev` and `seq`, and where they go, (text, prev_at, seq_at); sealed in chain order by
+# chain.seal_all. Typed as a tuple of any length: compiled, a fixed-length tuple type would be
+# unpacked into a native struct and boxed again into a new tuple on the way back
+NativeBody = tuple[Any, ...]
+# What the audit log takes: a record dict, or a native body of one
+Record = dict[str, Any] | NativeBody
+
+# The statement and outcome records built in C, the bytes of the dicts below once sealed; not in
+# a pure-Python run (then the dicts are built, as before)
+_seal: Any = native_module("pgwarden.audit._seal")
+_native_members: Any = _seal.members if _seal is not None and _seal.available else None
+_native_statement: Any = _seal.statement_body if _seal is not None and _seal.available else None
+_native_outcome: Any = _seal.outcome_body if _seal is not None and _seal.available else None
 
 MAX_PARAM_CHARS: Final = 4096
 
@@ -75,10 +90,15 @@ class SessionInfo:
     # (one allocation of the right size; building it member by member resized it twice)
     statement_base: dict[str, Any] = field(init=False, repr=False, compare=False, hash=False, default_factory=dict)
     outcome_base: dict[str, Any] = field(init=False, repr=False, compare=False, hash=False, default_factory=dict)
+    # `common` rendered once by the C step for the statement records (None: a pure-Python run, or
+    # members it does not write; the records are then built as dicts)
+    native_members: Any = field(init=False, repr=False, compare=False, hash=False, default=None)
 
     def __post_init__(self) -> None:
         common = self._common()
         object.__setattr__(self, "common", common)
+        if _native_members is not None:
+            object.__setattr__(self, "native_members", _native_members(common))
         object.__setattr__(self, "statement_base", {"time": "", "event": "statement", **common, "stmt": "",
                                                     "protocol": "", "sql": "", "decision": None})
         object.__setattr__(self, "outcome_base", {"time": "", "event": "statement.outcome",
@@ -219,6 +239,61 @@ def statement(
     if extra:
         rec.update(extra)
     return rec
+
+
+def statement_record(
+    info: SessionInfo,
+    stmt_id: str | int,
+    sql: str,
+    *,
+    decision: str,
+    rule: str = "",
+    reason: str = "",
+    params: Sequence[Param] | None = None,
+    mask_text: MaskText | None = None,
+    protocol: str = "simple",
+    approval_id: str = "",
+    approver: str = "",
+    masked_columns: Sequence[str] = (),
+    extra: Mapping[str, Any] | None = None,
+) -> Record:
+    """`statement`'s record for the audit log: built in C where the extension is, else the dict.
+    Either way the sealed line is the same (tests/test_audit_native_records.py)."""
+    native, members = _native_statement, info.native_members
+    if native is not None and members is not None:
+        body = native(members, None, stmt_id, protocol, sql, decision, rule, reason, params, mask_text,
+                      approval_id, approver, masked_columns, extra)
+        if body is not None:
+            return body  # type: ignore[no-any-return]
+    return statement(info, stmt_id, sql, decision=decision, rule=rule, reason=reason, params=params,
+                     mask_text=mask_text, protocol=protocol, approval_id=approval_id, approver=approver,
+                     masked_columns=masked_columns, extra=extra)
+
+
+def outcome_record(
+    info: SessionInfo,
+    stmt_id: str | int,
+    *,
+    started: float,
+    tag: str = "",
+    rows: int | None = None,
+    sqlstate: str = "",
+    message: str = "",
+    masked_values: int = 0,
+    decision: str = "",
+    undone: bool = False,
+) -> Record:
+    """`outcome`'s record for the audit log, timed from `started` (time.time()) to now: built in C
+    where the extension is, else the dict."""
+    native = _native_outcome
+    if native is not None:
+        body = native(info.session_id, None, stmt_id, started, tag, rows, sqlstate, message, masked_values,
+                      decision, undone)
+        if body is not None:
+            return body  # type: ignore[no-any-return]
+    return outcome(info, stmt_id, duration_ms=(time.time() - started) * 1000, tag=tag, rows=rows,
+                   sqlstate=sqlstate, message=message, masked_values=masked_values, decision=decision,
+                   undone=undone)
 
 
 def outcome(

@@ -285,19 +285,20 @@ static inline int nonempty(PyObject *s) {
 static int put_params(Buf *b, PyObject *params, PyObject *mask_text) {
     if (!PyList_CheckExact(params) && !PyTuple_CheckExact(params))
         return 0;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(params);
-    PyObject **items = PySequence_Fast_ITEMS(params);
     if (buf_char(b, '[') < 0)
         return -1;
-    for (Py_ssize_t i = 0; i < n; i++) {
+    /* the size and items read again each time: mask_text is Python code */
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(params); i++) {
         if (i && buf_char(b, ',') < 0)
             return -1;
-        PyObject *p = items[i];
+        PyObject *p = PySequence_Fast_GET_ITEM(params, i);
         int rc;
         if (p == Py_None) {
             rc = buf_put(b, "null", 4) < 0 ? -1 : 1;
         } else if (PyUnicode_CheckExact(p)) {
+            Py_INCREF(p);
             PyObject *shown = mask_text == Py_None ? Py_NewRef(p) : PyObject_CallOneArg(mask_text, p);
+            Py_DECREF(p);
             if (shown == NULL)
                 return -1;
             rc = PyUnicode_CheckExact(shown) && PyUnicode_GET_LENGTH(shown) <= MAX_PARAM_CHARS

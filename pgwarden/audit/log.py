@@ -12,7 +12,9 @@ restarts: records the kernel may have lost are never followed by statements forw
 were kept (a later fsync's success says nothing about pages the kernel dropped after a failure).
 
 A record handed to `write` or `emit` is the log's from then on: it is sealed in place (`seq` and
-`prev` are set in it), so build a new one for every call.
+`prev` are set in it), so build a new one for every call. A record is a dict, or the native body
+of one (records.statement_record / outcome_record: its canonical JSON, built in C), which the
+sealing step puts in the chain the same way and the sinks get back as a dict.
 
 `emit(record)` joins the same chain and order but nobody waits for it: outcome and session-end
 records, where failing the client would help no one. Lost emits are counted.
@@ -39,7 +41,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from pgwarden.audit.chain import GENESIS, body_record, rotation_marker, seal_all, seal_block
+import orjson
+
+from pgwarden.audit.chain import GENESIS, rotation_marker, seal_all, seal_block
 from pgwarden.audit.config import AuditConfig
 from pgwarden.audit.filesink import RotatingFile
 from pgwarden.audit.records import Record, now_iso
@@ -73,7 +77,8 @@ class AuditStats:
 
 
 def _sealed_record(line: bytes) -> dict[str, Any]:
-    record = body_record((line, 0, 0))
+    """The record a sealed line holds, as the sinks got it before it was sealed: without `hash`."""
+    record: dict[str, Any] = orjson.loads(line)
     record.pop("hash", None)
     return record
 

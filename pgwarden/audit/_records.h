@@ -322,12 +322,12 @@ static int put_params(Buf *b, PyObject *params, PyObject *mask_text) {
 
 /* The body of `fs` (sorted) into `b`; 1, 0 (declined) or -1 (a Python error). Notes where the
  * chain's members go. */
-static int put_fields(Buf *b, Fields *fs, long long now_us, Py_ssize_t *prev_at, Py_ssize_t *seq_at) {
+static int put_fields(Buf *b, const Field *fs, int n, long long now_us, Py_ssize_t *prev_at, Py_ssize_t *seq_at) {
     if (buf_char(b, '{') < 0)
         return -1;
     int first = 1;
-    for (int i = 0; i < fs->n; i++) {
-        Field *f = &fs->f[i];
+    for (int i = 0; i < n; i++) {
+        const Field *f = &fs[i];
         if (f->kind == F_PREV || f->kind == F_SEQ) {
             if (first)
                 return 0;  /* nothing before it to follow: not a record these builders make */
@@ -428,16 +428,23 @@ static long long floor_div(long long a, long long b) {
     return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
 }
 
-/* The body tuple, or None when `rc` declined */
-static PyObject *body_of(Buf *b, int rc, Py_ssize_t prev_at, Py_ssize_t seq_at) {
-    if (rc < 0)
-        return NULL;
-    if (rc == 0 || prev_at < 0 || seq_at < prev_at)
-        Py_RETURN_NONE;
-    PyObject *text = PyBytes_FromStringAndSize(b->p, b->len);
-    if (text == NULL)
-        return NULL;
-    PyObject *out = Py_BuildValue("(Nnn)", text, prev_at, seq_at);
+/* The body of the sorted fields `f` at `ns` (the record's time): the tuple (text, prev_at,
+ * seq_at), None when a field declined, or NULL (a Python error) */
+static PyObject *body(const Field *f, int n, long long ns) {
+    char room[BUF_ROOM];
+    Buf b;
+    buf_init(&b, room, sizeof room);
+    Py_ssize_t prev_at = -1, seq_at = -1;
+    int rc = put_fields(&b, f, n, floor_div(ns, 1000), &prev_at, &seq_at);
+    PyObject *out = NULL;
+    if (rc == 0 || (rc == 1 && (prev_at < 0 || seq_at < prev_at))) {
+        out = Py_NewRef(Py_None);
+    } else if (rc == 1) {
+        PyObject *text = PyBytes_FromStringAndSize(b.p, b.len);
+        if (text != NULL)
+            out = Py_BuildValue("(Nnn)", text, prev_at, seq_at);
+    }
+    buf_free(&b);
     return out;
 }
 
@@ -502,28 +509,17 @@ static PyObject *statement_body(PyObject *Py_UNUSED(self), PyObject *const *args
     int n = merge_fields(own.f, own.n, session, members->n, merged);
     if (n < 0)
         Py_RETURN_NONE;
-    Fields fs;
-    fs.n = 0;
-    if (extra != Py_None && PyDict_GET_SIZE(extra) > 0) {
-        if (PyDict_GET_SIZE(extra) > MAX_FIELDS - n || add_members(&fs, extra) < 0)
-            Py_RETURN_NONE;
-        sort_fields(fs.f, fs.n);
-        n = merge_fields(merged, n, fs.f, fs.n, all);
-        if (n < 0)
-            Py_RETURN_NONE;
-        memcpy(fs.f, all, sizeof(Field) * (size_t)n);
-    } else {
-        memcpy(fs.f, merged, sizeof(Field) * (size_t)n);
-    }
-    fs.n = n;
-    char room[BUF_ROOM];
-    Buf b;
-    buf_init(&b, room, sizeof room);
-    Py_ssize_t prev_at = -1, seq_at = -1;
-    int rc = put_fields(&b, &fs, floor_div(ns, 1000), &prev_at, &seq_at);
-    PyObject *out = body_of(&b, rc, prev_at, seq_at);
-    buf_free(&b);
-    return out;
+    if (extra == Py_None || PyDict_GET_SIZE(extra) == 0)
+        return body(merged, n, ns);
+    Fields more;
+    more.n = 0;
+    if (PyDict_GET_SIZE(extra) > MAX_FIELDS - n || add_members(&more, extra) < 0)
+        Py_RETURN_NONE;
+    sort_fields(more.f, more.n);
+    n = merge_fields(merged, n, more.f, more.n, all);
+    if (n < 0)
+        Py_RETURN_NONE;
+    return body(all, n, ns);
 }
 
 #define OUTCOME_ARGS 11
@@ -594,14 +590,7 @@ static PyObject *outcome_body(PyObject *Py_UNUSED(self), PyObject *const *args, 
         add(&fs, "undone", F_RAW);
         fs.f[fs.n - 1].raw = "true";
     }
-    char room[BUF_ROOM];
-    Buf b;
-    buf_init(&b, room, sizeof room);
-    Py_ssize_t prev_at = -1, seq_at = -1;
-    int rc = put_fields(&b, &fs, floor_div(ns, 1000), &prev_at, &seq_at);
-    PyObject *out = body_of(&b, rc, prev_at, seq_at);
-    buf_free(&b);
-    return out;
+    return body(fs.f, fs.n, ns);
 }
 
 #endif

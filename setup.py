@@ -1,6 +1,6 @@
 """Build hook: the proxy's per-statement modules compiled to C extensions with mypyc, and the
-audit's steps in C (pgwarden/audit/_seal.c, the chain's sealing step; pgwarden/audit/_recording.c,
-a session recording's lines).
+audit's steps in C (pgwarden/audit/_seal.c, the chain's sealing step and a statement's records;
+pgwarden/audit/_recording.c, a session recording's lines).
 
 Everything else about the package is in pyproject.toml. The modules in `COMPILED` run for every
 message and every statement the proxy relays; compiled, they cost 9-12 % less CPU in-process
@@ -148,8 +148,9 @@ class OptionalBuildExt(build_ext):
 
 
 # The audit's steps in C, built and left out with the mypyc modules (the package runs without
-# them): the chain's sealing step (canonical JSON and SHA-256 in one call) and a session
-# recording's lines; both write JSON with pgwarden/audit/_json.h
+# them): the chain's sealing step (canonical JSON and SHA-256 in one call) with a statement's
+# decision and outcome records (_records.h), and a session recording's lines; both write JSON
+# with pgwarden/audit/_json.h
 JSON_WRITER = "pgwarden/audit/_json.h"
 NATIVE = [
     Extension("pgwarden.audit._seal", sources=["pgwarden/audit/_seal.c"],

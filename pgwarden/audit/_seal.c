@@ -11,6 +11,10 @@
  * and the caller seals the record with orjson as before, so the bytes never depend on which path
  * ran: tests/test_audit_native_seal.py holds the two to the same bytes.
  *
+ * A statement's decision and outcome records are built here too, without a dict (_records.h:
+ * statement_body, outcome_body); seal_body() and seal_block() put them in the chain, the latter a
+ * whole batch of bodies and dicts as one block of lines (tests/test_audit_native_records.py).
+ *
  * SHA-256 is OpenSSL's SHA256_Init/Update/Final, from the libcrypto the interpreter's hashlib already
  * loaded (looked up at import; no headers needed to build). Without it seal() returns None.
  */

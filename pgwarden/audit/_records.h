@@ -4,7 +4,8 @@
  * members, a decision dict, a list of scrubbed parameters, the time formatted in Python, then the
  * sealing step sorts the keys again and writes it. Here the same members go straight into the
  * canonical JSON (keys sorted, as orjson's OPT_SORT_KEYS writes them), with `prev` and `seq` left
- * out and their places noted: the body is sealed later, in chain order, by seal_body().
+ * out and their places noted: the body is sealed later, in chain order, by seal_body() or
+ * seal_block() (_seal.c).
  *
  * A body is a tuple (text, prev_at, seq_at): `text` is the canonical JSON without the two chain
  * members, and `,"prev":"<hash>"` and `,"seq":<n>` go in at those offsets (each follows a member:
